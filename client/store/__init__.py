@@ -1,0 +1,21 @@
+"""Store selection: a directory is the embedded store, an http(s) URL is a registry server."""
+
+from __future__ import annotations
+
+from .base import CollectionRecord, CommitRequest, RunRecord, Store, VersionRecord
+
+__all__ = ["CollectionRecord", "CommitRequest", "RunRecord", "Store", "VersionRecord", "open_store"]
+
+
+def open_store(location: str | None = None, api_key: str | None = None) -> Store:
+    """Open the store named by ``location`` (default: ARTIFACTFS_STORE)."""
+    from .. import settings
+
+    location = location or settings.store_location()
+    if location.startswith(("http://", "https://")):
+        from .http import HttpStore
+
+        return HttpStore(location, api_key=api_key or settings.api_key())
+    from .local import LocalStore
+
+    return LocalStore(location)

@@ -1,0 +1,184 @@
+"""The Store protocol: the one seam between the SDK/mount and where artifacts live.
+
+Two implementations exist: :class:`client.store.local.LocalStore` (embedded: SQLite + a blob
+directory, no server) and :class:`client.store.http.HttpStore` (a registry server).  Both put
+the same registry rules behind this protocol because both delegate to one core,
+:class:`client.registry.core.Registry` (the server is a thin HTTP shell over it).
+
+Content addressing: a file's *digest* is the W&B entry digest, base64 of its md5.  Blobs are
+keyed by the hex form of that md5 (path- and URL-safe) and scoped per entity, so dedupe never
+reveals whether another entity holds some content.
+
+A version's manifest is itself stored as a blob (W&B manifest v1 JSON, written one entry per
+line by :mod:`client.manifest`), referenced from the version by its md5 hex.  That keeps
+million-entry manifests out of the metadata database and lets the mount fetch and index them
+like any other content.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Protocol, runtime_checkable
+
+
+@dataclass(frozen=True)
+class VersionRecord:
+    """One committed version of a collection, as the registry knows it."""
+
+    id: str  #: opaque, globally unique version id
+    entity: str
+    project: str
+    collection: str
+    index: int  #: N of ``vN``
+    type: str
+    digest: str  #: W&B artifact digest (md5 hex over the manifest entries)
+    manifest_md5: str  #: md5 hex of the manifest blob (key in the entity's blob space)
+    size: int
+    file_count: int
+    description: str | None
+    metadata: dict[str, Any]
+    aliases: tuple[str, ...]
+    tags: tuple[str, ...]
+    created_at: _dt.datetime
+    updated_at: _dt.datetime
+    ttl_seconds: float | None = None  #: None: no TTL
+    state: str = "COMMITTED"
+    logged_by_run: str | None = None  #: run id (``entity/project/run_id``) or None
+    #: For a linked version (a member of a portfolio/registry collection), where it came from.
+    source_entity: str | None = None
+    source_project: str | None = None
+    source_collection: str | None = None
+    source_index: int | None = None
+
+    @property
+    def version(self) -> str:
+        return f"v{self.index}"
+
+    @property
+    def qualified_name(self) -> str:
+        return f"{self.entity}/{self.project}/{self.collection}:v{self.index}"
+
+
+@dataclass(frozen=True)
+class CollectionRecord:
+    entity: str
+    project: str
+    name: str
+    type: str
+    description: str | None
+    created_at: _dt.datetime
+    tags: tuple[str, ...] = ()
+    version_count: int = 0
+    #: alias -> version index, e.g. {"latest": 3, "best": 1}
+    aliases: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    entity: str
+    project: str
+    id: str
+    name: str | None
+    job_type: str | None
+    config: dict[str, Any]
+    state: str  #: "running" | "finished" | "crashed"
+    created_at: _dt.datetime
+
+    @property
+    def path(self) -> str:
+        return f"{self.entity}/{self.project}/{self.id}"
+
+
+@dataclass(frozen=True)
+class CommitRequest:
+    """Everything needed to create a version.  The manifest blob must already be uploaded.
+
+    The registry reads the manifest blob, validates every path, checks that every non-reference
+    entry's content is present in the entity's blob space, computes digest/size/file_count
+    itself (never trusting the client for them), and then creates the next version
+    atomically.  If ``digest`` equals the latest version's digest, no version is created: the
+    latest is returned with the new aliases/tags added (the W&B no-op rule).
+    """
+
+    entity: str
+    project: str
+    collection: str
+    type: str
+    manifest_md5: str
+    aliases: tuple[str, ...] = ()
+    tags: tuple[str, ...] = ()
+    description: str | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+    ttl_seconds: float | None = None
+    run_id: str | None = None  #: logging run (same entity/project)
+
+
+@runtime_checkable
+class Store(Protocol):
+    """Where artifacts live.  Every method may raise :class:`client.errors.ArtifactFSError`."""
+
+    #: A stable string naming this store (directory path or URL); part of cache keys.
+    location: str
+
+    # -- namespace -----------------------------------------------------------------------
+    def list_entities(self) -> list[str]: ...
+    def list_projects(self, entity: str) -> list[str]: ...
+    def list_collections(self, entity: str, project: str, type: str | None = None) -> list[CollectionRecord]: ...
+    def get_collection(self, entity: str, project: str, collection: str) -> CollectionRecord: ...
+    def list_versions(self, entity: str, project: str, collection: str) -> list[VersionRecord]: ...
+    def list_types(self, entity: str, project: str) -> list[str]: ...
+
+    # -- versions ------------------------------------------------------------------------
+    def resolve(self, entity: str, project: str, collection: str, selector: str) -> VersionRecord:
+        """``selector`` is ``vN``, an alias (``latest``) or a digest; NotFoundError if none."""
+        ...
+
+    def get_version(self, version_id: str) -> VersionRecord: ...
+    def commit(self, request: CommitRequest) -> tuple[VersionRecord, bool]:
+        """Create the next version; returns (version, created).  See CommitRequest."""
+        ...
+
+    def update_version(
+        self,
+        version_id: str,
+        *,
+        aliases: Iterable[str] | None = None,
+        tags: Iterable[str] | None = None,
+        metadata: dict[str, Any] | None = None,
+        description: str | None = None,
+        ttl_seconds: float | None | str = "keep",
+    ) -> VersionRecord:
+        """Replace the given fields (None = unchanged; ttl 'keep' = unchanged)."""
+        ...
+
+    def delete_version(self, version_id: str, delete_aliases: bool = False) -> None: ...
+
+    # -- runs and lineage ----------------------------------------------------------------
+    def create_run(
+        self, entity: str, project: str, run_id: str | None = None, *, name: str | None = None,
+        job_type: str | None = None, config: dict[str, Any] | None = None,
+    ) -> RunRecord: ...
+    def get_run(self, entity: str, project: str, run_id: str) -> RunRecord: ...
+    def finish_run(self, entity: str, project: str, run_id: str, state: str = "finished") -> None: ...
+    def record_use(self, entity: str, project: str, run_id: str, version_id: str, use_as: str | None = None) -> None: ...
+    def versions_logged_by(self, entity: str, project: str, run_id: str) -> list[VersionRecord]: ...
+    def versions_used_by(self, entity: str, project: str, run_id: str) -> list[VersionRecord]: ...
+    def runs_using(self, version_id: str) -> list[RunRecord]: ...
+
+    # -- blobs (content-addressed by md5 hex, scoped per entity) -------------------------
+    def missing_blobs(self, entity: str, md5_hexes: Iterable[str]) -> set[str]: ...
+    def put_blob(self, entity: str, md5_hex: str, src: Path, size: int) -> None:
+        """Upload ``src``; the store verifies its md5 before anything may reference it."""
+        ...
+
+    def read_blob(self, entity: str, md5_hex: str, start: int = 0, length: int | None = None) -> bytes:
+        """Bytes ``[start, start+length)`` of a blob (to its end if length is None)."""
+        ...
+
+    def download_blob(self, entity: str, md5_hex: str, dest: Path) -> None:
+        """Write the whole blob to ``dest`` (the caller verifies and renames)."""
+        ...
+
+    def close(self) -> None: ...
