@@ -1,0 +1,59 @@
+"""md5 digests in the two spellings W&B uses: base64 in manifests, hex for blob keys."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+from pathlib import Path
+
+CHUNK = 1 << 20
+
+
+def md5_file(path: str | os.PathLike[str]) -> str:
+    """md5 hex of a file, read in 1 MiB chunks (hashlib releases the GIL, so threads scale)."""
+    h = hashlib.md5(usedforsecurity=False)
+    with open(path, "rb", buffering=0) as f:
+        buf = bytearray(CHUNK)
+        view = memoryview(buf)
+        while n := f.readinto(buf):
+            h.update(view[:n])
+    return h.hexdigest()
+
+
+def md5_bytes(data: bytes) -> str:
+    return hashlib.md5(data, usedforsecurity=False).hexdigest()
+
+
+def hex_to_b64(md5_hex: str) -> str:
+    return base64.b64encode(bytes.fromhex(md5_hex)).decode("ascii")
+
+
+def b64_to_hex(md5_b64: str) -> str:
+    raw = base64.b64decode(md5_b64, validate=True)
+    if len(raw) != 16:
+        raise ValueError(f"{md5_b64!r} is not a base64 md5 digest")
+    return raw.hex()
+
+
+def is_md5_hex(text: str) -> bool:
+    return len(text) == 32 and all(c in "0123456789abcdef" for c in text)
+
+
+class Md5Writer:
+    """Hash while writing, so a large file is never read twice."""
+
+    def __init__(self) -> None:
+        self._h = hashlib.md5(usedforsecurity=False)
+        self.size = 0
+
+    def update(self, data: bytes | memoryview) -> None:
+        self._h.update(data)
+        self.size += len(data)
+
+    def hexdigest(self) -> str:
+        return self._h.hexdigest()
+
+
+def file_size(path: Path) -> int:
+    return os.stat(path).st_size

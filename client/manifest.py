@@ -1,0 +1,211 @@
+"""Artifact manifests in the W&B v1 format, and the artifact digest the W&B SDK computes.
+
+Format (what `wandb` writes as ``wandb_manifest.json``)::
+
+    {"version": 1, "storagePolicy": "wandb-storage-policy-v1",
+     "storagePolicyConfig": {"storageLayout": "V2"},
+     "contents": {"<path>": {"digest": "<base64 md5>", "size": N, "ref"?: uri, "extra"?: {...},
+                              "birthArtifactID"?: id}, ...}}
+
+Artifact digest (W&B ``ArtifactManifestV1.digest``): md5 hex over the line
+``wandb-artifact-manifest-v1\\n`` followed by ``<path>:<entry digest>\\n`` for every entry in
+path order.  Two trees with the same files therefore get the same digest here and in W&B.
+
+We serialise with one entry per line.  The result is ordinary JSON, but a reader that knows
+the layout (``iter_entries``) can stream a million-entry manifest without holding it as one
+object; anything else (e.g. a manifest written by W&B) falls back to ``json.load``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from dataclasses import dataclass, field
+from typing import IO, Any, Iterable, Iterator
+
+from .errors import ManifestError
+from .names import validate_entry_path
+
+STORAGE_POLICY = "wandb-storage-policy-v1"
+STORAGE_POLICY_CONFIG: dict[str, Any] = {"storageLayout": "V2"}
+_DIGEST_PREFIX = b"wandb-artifact-manifest-v1\n"
+
+
+@dataclass
+class ManifestEntry:
+    """One file (or reference) of an artifact."""
+
+    path: str
+    digest: str  #: base64 md5 for files; for references what the seed prescribes (ETag, ...)
+    size: int | None = None
+    ref: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+    birth_artifact_id: str | None = None
+    #: Where the bytes are on this machine before upload (never serialised).
+    local_path: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"digest": self.digest}
+        if self.birth_artifact_id:
+            out["birthArtifactID"] = self.birth_artifact_id
+        if self.ref:
+            out["ref"] = self.ref
+        if self.extra:
+            out["extra"] = self.extra
+        if self.size is not None:
+            out["size"] = self.size
+        return out
+
+    @classmethod
+    def from_json(cls, path: str, data: Any) -> "ManifestEntry":
+        if not isinstance(data, dict) or not isinstance(data.get("digest"), str):
+            raise ManifestError(f"manifest entry {path!r} has no string 'digest'")
+        size = data.get("size")
+        if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size < 0):
+            raise ManifestError(f"manifest entry {path!r} has an invalid size {size!r}")
+        ref = data.get("ref")
+        if ref is not None and not isinstance(ref, str):
+            raise ManifestError(f"manifest entry {path!r} has a non-string ref")
+        extra = data.get("extra") or {}
+        if not isinstance(extra, dict):
+            raise ManifestError(f"manifest entry {path!r} has a non-object 'extra'")
+        try:
+            validate_entry_path(path)
+        except ValueError as exc:
+            raise ManifestError(f"manifest refused: {exc}") from None
+        return cls(path=path, digest=data["digest"], size=size, ref=ref, extra=extra,
+                   birth_artifact_id=data.get("birthArtifactID"))
+
+    @property
+    def is_reference(self) -> bool:
+        return self.ref is not None
+
+
+def compute_digest(items: Iterable[tuple[str, str]]) -> str:
+    """The W&B artifact digest of (path, entry digest) pairs (sorted here)."""
+    h = hashlib.md5(_DIGEST_PREFIX, usedforsecurity=False)
+    for path, digest in sorted(items):
+        h.update(f"{path}:{digest}\n".encode())
+    return h.hexdigest()
+
+
+class Manifest:
+    """An in-memory manifest: fine for the SDK; the mount indexes manifests on disk instead."""
+
+    def __init__(self, entries: Iterable[ManifestEntry] = (), storage_policy: str = STORAGE_POLICY,
+                 storage_policy_config: dict[str, Any] | None = None) -> None:
+        self.storage_policy = storage_policy
+        self.storage_policy_config = dict(storage_policy_config or STORAGE_POLICY_CONFIG)
+        self.entries: dict[str, ManifestEntry] = {}
+        for e in entries:
+            self.entries[e.path] = e
+
+    def add(self, entry: ManifestEntry) -> None:
+        validate_entry_path(entry.path)
+        self.entries[entry.path] = entry
+
+    def remove(self, path: str) -> None:
+        del self.entries[path]
+
+    def digest(self) -> str:
+        return compute_digest((p, e.digest) for p, e in self.entries.items())
+
+    @property
+    def size(self) -> int:
+        return sum(e.size or 0 for e in self.entries.values())
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __contains__(self, path: object) -> bool:
+        return path in self.entries
+
+    def __iter__(self) -> Iterator[ManifestEntry]:
+        return iter(sorted(self.entries.values(), key=lambda e: e.path))
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "version": 1,
+            "storagePolicy": self.storage_policy,
+            "storagePolicyConfig": self.storage_policy_config,
+            "contents": {e.path: e.to_json() for e in self},
+        }
+
+    def to_bytes(self) -> bytes:
+        buf = io.StringIO()
+        write_manifest(buf, self, storage_policy=self.storage_policy,
+                       storage_policy_config=self.storage_policy_config)
+        return buf.getvalue().encode("utf-8")
+
+    @classmethod
+    def from_bytes(cls, data: bytes | str) -> "Manifest":
+        stream = io.StringIO(data.decode("utf-8") if isinstance(data, bytes) else data)
+        policy, config, entries = read_manifest(stream)
+        return cls(entries, policy, config)
+
+
+def _header(policy: str, config: dict[str, Any]) -> str:
+    return ('{"version": 1, "storagePolicy": %s, "storagePolicyConfig": %s, "contents": {\n'
+            % (json.dumps(policy), json.dumps(config, sort_keys=True)))
+
+
+def write_manifest(out: IO[str], entries: Iterable[ManifestEntry], *, storage_policy: str = STORAGE_POLICY,
+                   storage_policy_config: dict[str, Any] | None = None) -> None:
+    """Write entries (already in path order) one per line; the output is valid JSON."""
+    out.write(_header(storage_policy, storage_policy_config or STORAGE_POLICY_CONFIG))
+    first = True
+    for e in entries:
+        if not first:
+            out.write(",\n")
+        out.write(json.dumps(e.path, ensure_ascii=False))
+        out.write(": ")
+        out.write(json.dumps(e.to_json(), ensure_ascii=False, sort_keys=True))
+        first = False
+    out.write("\n}}\n")
+
+
+def read_manifest(stream: IO[str]) -> tuple[str, dict[str, Any], list[ManifestEntry]]:
+    """Parse and validate a whole manifest (any valid W&B v1 JSON)."""
+    try:
+        data = json.load(stream)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ManifestError(f"manifest is not valid JSON: {exc}") from None
+    if not isinstance(data, dict) or data.get("version") != 1:
+        raise ManifestError("manifest is not a W&B v1 manifest (expected \"version\": 1)")
+    contents = data.get("contents")
+    if not isinstance(contents, dict):
+        raise ManifestError("manifest has no 'contents' object")
+    entries = [ManifestEntry.from_json(p, v) for p, v in contents.items()]
+    return (data.get("storagePolicy") or STORAGE_POLICY,
+            data.get("storagePolicyConfig") or {}, entries)
+
+
+def iter_entries(stream: IO[bytes]) -> Iterator[ManifestEntry]:
+    """Stream a manifest's entries with flat memory when it uses our one-per-line layout.
+
+    Falls back to a full parse for other layouts.  Every path is validated either way.
+    """
+    first = stream.readline()
+    try:
+        head = json.loads(first.decode("utf-8") + "}}")
+        ours = isinstance(head, dict) and head.get("version") == 1 and head.get("contents") == {}
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        ours = False
+    if not ours:
+        rest = first + stream.read()
+        yield from read_manifest(io.StringIO(rest.decode("utf-8", "replace")))[2]
+        return
+    for raw in stream:
+        line = raw.decode("utf-8").rstrip("\n")
+        if line == "}}":
+            return
+        if line.endswith(","):
+            line = line[:-1]
+        try:
+            obj = json.loads("{" + line + "}")
+        except json.JSONDecodeError as exc:
+            raise ManifestError(f"corrupt manifest line: {exc}") from None
+        for path, value in obj.items():
+            yield ManifestEntry.from_json(path, value)
+    raise ManifestError("manifest is truncated (no closing '}}')")

@@ -1,0 +1,183 @@
+"""Validation and parsing of every name a user types: entities, projects, collections,
+aliases, tags, types, version selectors and entry paths.
+
+Why strict: each of these becomes a path segment on the mount (``<collection>:<alias>``), a
+URL segment on the server and a key in the database, so a ``/``, ``:`` or NUL in the wrong
+place would alias two different things or escape a directory.  Errors say what is allowed.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import PurePosixPath
+
+from .errors import InvalidNameError, InvalidPathError
+
+MAX_NAME = 128
+MAX_PATH = 4096
+MAX_SEGMENT_BYTES = 255  # NAME_MAX on Linux: a longer segment could never be shown on the mount
+MAX_METADATA_KEYS = 100
+
+_NAME_RE = re.compile(r"[A-Za-z0-9_\-.]+")
+_VERSION_RE = re.compile(r"v(0|[1-9][0-9]*)")
+_TAG_RE = re.compile(r"[-\w]+( +[-\w]+)*")
+RESERVED_ALIASES = frozenset({"latest"})
+
+
+def _check_simple(kind: str, value: object, *, allow_dot_start: bool = False) -> str:
+    if not isinstance(value, str) or not value:
+        raise InvalidNameError(f"{kind} must be a non-empty string, got {value!r}")
+    if len(value) > MAX_NAME:
+        raise InvalidNameError(f"{kind} {value[:40]!r}… is {len(value)} characters; the limit is {MAX_NAME}")
+    if not _NAME_RE.fullmatch(value):
+        raise InvalidNameError(
+            f"invalid {kind} {value!r}: use only letters, digits, '-', '_' and '.'"
+        )
+    if not allow_dot_start and value.startswith("."):
+        raise InvalidNameError(f"invalid {kind} {value!r}: it must not start with '.'")
+    return value
+
+
+def validate_entity(name: str) -> str:
+    return _check_simple("entity name", name)
+
+
+def validate_project(name: str) -> str:
+    return _check_simple("project name", name)
+
+
+def validate_collection(name: str) -> str:
+    """Artifact (collection) names: letters, digits, '-', '_', '.' (the W&B rule)."""
+    return _check_simple("artifact name", name)
+
+
+def validate_type(name: str) -> str:
+    return _check_simple("artifact type", name)
+
+
+def is_version_selector(selector: str) -> bool:
+    return bool(_VERSION_RE.fullmatch(selector))
+
+
+def validate_alias(alias: str) -> str:
+    """Aliases are movable per-collection names; ``vN`` is reserved for version indices.
+
+    ``latest`` is accepted here (a user may pass it to log_artifact) but the registry always
+    moves it to the newest version itself.
+    """
+    if not isinstance(alias, str) or not alias:
+        raise InvalidNameError(f"alias must be a non-empty string, got {alias!r}")
+    if len(alias) > MAX_NAME:
+        raise InvalidNameError(f"alias {alias[:40]!r}… is too long; the limit is {MAX_NAME} characters")
+    if not _NAME_RE.fullmatch(alias) or alias.startswith("."):
+        raise InvalidNameError(
+            f"invalid alias {alias!r}: use letters, digits, '-', '_' and '.' (no '/', ':' or spaces)"
+        )
+    if is_version_selector(alias):
+        raise InvalidNameError(f"invalid alias {alias!r}: names of the form vN are reserved for versions")
+    return alias
+
+
+def validate_tag(tag: str) -> str:
+    """Tags follow W&B: words of letters, digits, '_' and '-', separated by single spaces."""
+    if not isinstance(tag, str) or not tag or len(tag) > MAX_NAME or not _TAG_RE.fullmatch(tag):
+        raise InvalidNameError(
+            f"invalid tag {tag!r}: use letters, digits, '-' and '_' (words may be separated by spaces), "
+            f"at most {MAX_NAME} characters"
+        )
+    return tag
+
+
+def validate_metadata(metadata: object) -> dict:
+    if metadata is None:
+        return {}
+    if not isinstance(metadata, dict):
+        raise InvalidNameError(f"metadata must be a dict, got {type(metadata).__name__}")
+    if len(metadata) > MAX_METADATA_KEYS:
+        raise InvalidNameError(
+            f"metadata has {len(metadata)} keys; the limit is {MAX_METADATA_KEYS} (nest values to group them)"
+        )
+    for key in metadata:
+        if not isinstance(key, str):
+            raise InvalidNameError(f"metadata keys must be strings, got {key!r}")
+    return metadata
+
+
+def validate_entry_path(path: object) -> str:
+    """Normalise and check a path inside an artifact.
+
+    Refused: absolute paths, ``.``/``..`` segments, empty segments (``a//b``), NUL, and segments
+    longer than NAME_MAX.  A manifest read from a store goes through this too, so a malicious
+    manifest cannot make ``download`` or the mount write or show anything outside the root.
+    """
+    if not isinstance(path, str) or not path:
+        raise InvalidPathError(f"entry path must be a non-empty string, got {path!r}")
+    if "\x00" in path:
+        raise InvalidPathError(f"entry path {path!r} contains a NUL byte")
+    if path.startswith("/"):
+        raise InvalidPathError(f"entry path {path!r} is absolute; give a path relative to the artifact root")
+    if len(path) > MAX_PATH:
+        raise InvalidPathError(f"entry path is {len(path)} characters; the limit is {MAX_PATH}")
+    parts = path.split("/")
+    for seg in parts:
+        if seg in ("", ".", ".."):
+            raise InvalidPathError(
+                f"entry path {path!r} has an empty, '.' or '..' segment; paths may not climb out of the artifact"
+            )
+        if len(seg.encode("utf-8", "surrogateescape")) > MAX_SEGMENT_BYTES:
+            raise InvalidPathError(f"entry path {path!r} has a segment longer than {MAX_SEGMENT_BYTES} bytes")
+    return path
+
+
+def entry_path_from_local(relpath: str) -> str:
+    """Turn a local relative path (possibly with OS separators) into an entry path."""
+    return validate_entry_path(PurePosixPath(*PurePosixPath(relpath.replace("\\", "/")).parts).as_posix())
+
+
+@dataclass(frozen=True)
+class ArtifactPath:
+    """A parsed ``[entity/][project/]collection[:selector]``."""
+
+    entity: str
+    project: str
+    collection: str
+    selector: str | None = None  #: ``vN``, an alias, or None (no version given)
+
+    def __str__(self) -> str:
+        base = f"{self.entity}/{self.project}/{self.collection}"
+        return f"{base}:{self.selector}" if self.selector else base
+
+
+def parse_artifact_path(
+    name: str, *, default_entity: str, default_project: str, require_selector: bool = False
+) -> ArtifactPath:
+    """Parse a W&B artifact name: ``name:version``, ``name:alias``, with optional
+    ``project/`` or ``entity/project/`` prefixes.  ValueError (InvalidNameError) otherwise."""
+    if not isinstance(name, str) or not name.strip():
+        raise InvalidNameError("an artifact name is required, e.g. 'entity/project/dataset:latest'")
+    path, sep, selector = name.partition(":")
+    if sep and not selector:
+        raise InvalidNameError(f"artifact name {name!r} ends with ':'; give a version (v0) or an alias (latest)")
+    if ":" in selector:
+        raise InvalidNameError(f"artifact name {name!r} has more than one ':'")
+    parts = path.split("/")
+    if len(parts) == 1:
+        entity, project, collection = default_entity, default_project, parts[0]
+    elif len(parts) == 2:
+        entity, (project, collection) = default_entity, parts
+    elif len(parts) == 3:
+        entity, project, collection = parts
+    else:
+        raise InvalidNameError(
+            f"artifact name {name!r} has too many '/': use collection, project/collection or entity/project/collection"
+        )
+    validate_entity(entity)
+    validate_project(project)
+    validate_collection(collection)
+    if selector:
+        if not is_version_selector(selector):
+            _check_simple("alias or version", selector)
+    elif require_selector:
+        raise InvalidNameError(f"artifact name {name!r} needs a version or alias, e.g. {name}:latest")
+    return ArtifactPath(entity, project, collection, selector or None)
