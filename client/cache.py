@@ -1,0 +1,441 @@
+"""Content-addressed local cache shared by SDK processes and the mount daemon.
+
+Layout (everything under one root, default ``~/.cache/artifactfs``)::
+
+    root/
+      objects/ab/cdef0123...   complete objects, named by md5 hex, read-only (0o444)
+      tmp/                     in-flight writes (``*.incomplete``), renamed into objects/ when done
+      locks/ab/cdef0123...     per-key lock files, present only while someone holds the key
+      partial/                 reserved for the mount's sparse, partially fetched objects
+
+Why it is built this way:
+
+* Content addressing makes entries immutable: an object's name *is* its md5, so a reader never
+  needs invalidation, and the same bytes fetched by the SDK are reused by the mount.
+* Every object enters through a temp file that is fsynced, verified against its md5 and then
+  renamed; a crash leaves at most a stray temp file, never a truncated object under a real name.
+* Several processes share the directory.  :meth:`Cache.fetch` takes a per-key ``fcntl`` lock so
+  concurrent readers of one key download it once; :meth:`Cache.evict` only removes objects whose
+  key lock it can take without waiting, so an object being fetched is never evicted.
+* LRU is tracked with the object's mtime (``lookup`` touches it); scanning the directory is the
+  source of truth, so there is no index to corrupt.  A corrupt object (wrong size, failed
+  verify) is dropped and treated as a miss.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import hashlib
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any, BinaryIO
+
+from . import settings
+from .errors import DigestMismatchError, InvalidNameError
+
+log = logging.getLogger(__name__)
+
+_CHUNK = 1 << 20
+#: lookup() refreshes an object's LRU stamp only when it is older than this (saves a syscall
+#: per read on hot objects; LRU precision of a few seconds is plenty).
+_TOUCH_GRANULARITY = 5.0
+#: prune() removes temp files left by crashed writers once they are this old.
+_STALE_TMP_SECONDS = 3600.0
+_HEX = frozenset("0123456789abcdef")
+
+
+def _check_key(md5_hex: str) -> str:
+    """Keys become path components: accept exactly 32 lowercase hex digits."""
+    if len(md5_hex) != 32 or not _HEX.issuperset(md5_hex):
+        raise InvalidNameError(f"cache key must be an md5 hex digest (32 lowercase hex digits), got {md5_hex!r}")
+    return md5_hex
+
+
+def _md5_path(path: Path) -> str:
+    h = hashlib.md5(usedforsecurity=False)
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class CacheInfo:
+    """A snapshot of the cache's occupancy."""
+
+    entries: int
+    bytes: int
+    max_bytes: int
+    root: Path
+
+
+class _HashingFile:
+    """A binary file wrapper that hashes sequential writes as they happen.
+
+    If the writer seeks (e.g. fills ranges out of order) the running hash is abandoned and the
+    file is re-hashed once at the end, so correctness never depends on the write pattern.
+    """
+
+    def __init__(self, raw: BinaryIO) -> None:
+        self._raw = raw
+        self._md5 = hashlib.md5(usedforsecurity=False)
+        self._pos = 0
+        self.sequential = True
+        self.written = 0
+
+    def write(self, data: Any) -> int:
+        n = self._raw.write(data)
+        if self.sequential:
+            self._md5.update(memoryview(data)[:n] if n is not None else data)
+            self._pos += n
+        self.written += n
+        return n
+
+    def writelines(self, lines: Any) -> None:
+        for line in lines:
+            self.write(line)
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        pos = self._raw.seek(offset, whence)
+        if pos != self._pos:
+            self.sequential = False
+        return pos
+
+    def truncate(self, size: int | None = None) -> int:
+        self.sequential = False
+        return self._raw.truncate(size)
+
+    def digest(self) -> str | None:
+        return self._md5.hexdigest() if self.sequential else None
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._raw, name)
+
+    def __enter__(self) -> _HashingFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+class _KeyLock:
+    """An exclusive per-key lock on ``locks/ab/cdef...`` that survives lock-file removal.
+
+    The lock file is unlinked by its holder on release so the directory does not grow without
+    bound.  A waiter that was blocked on the old (now unlinked) inode notices the path no
+    longer names its inode and retries on the new file, so exclusion holds.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.fd: int | None = None
+
+    def acquire(self, blocking: bool = True) -> bool:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+            except BlockingIOError:
+                os.close(fd)
+                return False
+            except BaseException:
+                os.close(fd)
+                raise
+            try:
+                same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                self.fd = fd
+                return True
+            os.close(fd)  # the holder removed the file while we waited: lock the new one
+
+    def release(self) -> None:
+        if self.fd is None:
+            return
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+        os.close(self.fd)  # closing drops the flock
+        self.fd = None
+
+
+class Cache:
+    """The content-addressed cache; see the module docstring for layout and guarantees."""
+
+    def __init__(self, root: Path | str | None = None, max_bytes: int | None = None) -> None:
+        self.root = Path(root) if root is not None else settings.cache_dir()
+        self.max_bytes = max_bytes if max_bytes is not None else settings.cache_size()
+        self.objects_dir = self.root / "objects"
+        self.tmp_dir = self.root / "tmp"
+        self.locks_dir = self.root / "locks"
+        self.partial_dir = self.root / "partial"
+        for d in (self.objects_dir, self.tmp_dir, self.locks_dir, self.partial_dir):
+            d.mkdir(parents=True, exist_ok=True)
+
+    # -- addressing ------------------------------------------------------------------------
+    def path(self, md5_hex: str) -> Path:
+        """Where the complete object for ``md5_hex`` lives (it may not exist)."""
+        _check_key(md5_hex)
+        return self.objects_dir / md5_hex[:2] / md5_hex[2:]
+
+    def _lock(self, md5_hex: str) -> _KeyLock:
+        return _KeyLock(self.locks_dir / md5_hex[:2] / md5_hex[2:])
+
+    def _tmp(self, md5_hex: str) -> Path:
+        fd, name = tempfile.mkstemp(prefix=f"{md5_hex}.", suffix=".incomplete", dir=self.tmp_dir)
+        os.close(fd)
+        return Path(name)
+
+    # -- reading ---------------------------------------------------------------------------
+    def lookup(self, md5_hex: str, size: int | None = None) -> Path | None:
+        """The object's path if present (and of ``size`` bytes when given), else None.
+
+        A present object of the wrong size is corrupt: it is dropped and reported as a miss.
+        A hit refreshes the LRU stamp.
+        """
+        p = self.path(md5_hex)
+        try:
+            st = p.stat()
+        except FileNotFoundError:
+            return None
+        if size is not None and st.st_size != size:
+            log.warning("cache object %s has %d bytes, expected %d: dropping it", md5_hex, st.st_size, size)
+            self.drop(md5_hex)
+            return None
+        now = time.time()
+        if now - st.st_mtime > _TOUCH_GRANULARITY:
+            with contextlib.suppress(OSError):
+                os.utime(p, (now, now))
+        return p
+
+    def verify(self, md5_hex: str) -> bool:
+        """Re-hash the object; a corrupt one is dropped.  False when absent or corrupt."""
+        p = self.path(md5_hex)
+        try:
+            actual = _md5_path(p)
+        except FileNotFoundError:
+            return False
+        if actual != md5_hex:
+            log.warning("cache object %s hashes to %s: dropping it", md5_hex, actual)
+            self.drop(md5_hex)
+            return False
+        return True
+
+    # -- writing ---------------------------------------------------------------------------
+    def _install(self, md5_hex: str, tmp: Path) -> Path:
+        """Make a verified, fsynced temp file read-only and rename it into place."""
+        dest = self.path(md5_hex)
+        os.chmod(tmp, 0o444)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(tmp, dest)
+        now = time.time()
+        with contextlib.suppress(OSError):
+            os.utime(dest, (now, now))
+        return dest
+
+    def _finish(self, md5_hex: str, tmp: Path, hf: _HashingFile, size: int | None) -> Path:
+        hf.flush()
+        os.fsync(hf.fileno())
+        actual = hf.digest() or _md5_path(tmp)
+        if actual != md5_hex:
+            raise DigestMismatchError(f"content written for {md5_hex} hashes to {actual}; nothing was cached")
+        if size is not None and tmp.stat().st_size != size:
+            raise DigestMismatchError(f"content written for {md5_hex} has {tmp.stat().st_size} bytes, expected {size}")
+        return self._install(md5_hex, tmp)
+
+    @contextlib.contextmanager
+    def writer(self, md5_hex: str) -> Iterator[BinaryIO]:
+        """Write an object's bytes; on exit they are verified, fsynced and renamed into place.
+
+        On a digest mismatch (or any exception in the block) nothing is left behind and
+        :class:`DigestMismatchError` (or the block's exception) propagates.
+        """
+        _check_key(md5_hex)
+        tmp = self._tmp(md5_hex)
+        try:
+            with open(tmp, "wb") as raw:
+                hf = _HashingFile(raw)
+                yield hf  # type: ignore[misc]
+                self._finish(md5_hex, tmp, hf, None)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+
+    def add_file(self, md5_hex: str, src: Path | str, *, move: bool = False) -> Path:
+        """Copy (or move) ``src`` into the cache after checking it hashes to ``md5_hex``.
+
+        With ``move=True`` the source is renamed when it is on the same filesystem (no copy);
+        it is gone afterwards in every successful case.  A mismatch raises
+        :class:`DigestMismatchError` and leaves ``src`` where it was.
+        """
+        _check_key(md5_hex)
+        src = Path(src)
+        if (hit := self.lookup(md5_hex)) is not None:
+            if move:
+                src.unlink()
+            return hit
+        tmp = self._tmp(md5_hex)
+        try:
+            if move:
+                try:
+                    os.replace(src, tmp)
+                except OSError as e:
+                    if e.errno != errno.EXDEV:
+                        raise
+                else:
+                    try:
+                        if (actual := _md5_path(tmp)) != md5_hex:
+                            raise DigestMismatchError(f"{src} hashes to {actual}, not {md5_hex}")
+                    except BaseException:
+                        os.replace(tmp, src)  # give the caller its file back
+                        raise
+                    with open(tmp, "rb") as f:
+                        os.fsync(f.fileno())
+                    return self._install(md5_hex, tmp)
+            with open(src, "rb") as fin, open(tmp, "wb") as raw:
+                hf = _HashingFile(raw)
+                shutil.copyfileobj(fin, hf, _CHUNK)  # type: ignore[arg-type]
+                dest = self._finish(md5_hex, tmp, hf, None)
+            if move:
+                src.unlink()
+            return dest
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+
+    def adopt(self, md5_hex: str, path: Path | str) -> Path:
+        """Move a file the caller already verified into place (atomic rename, no re-hash).
+
+        Use it when the bytes were hashed while being downloaded; falls back to a verified
+        copy when ``path`` is on another filesystem.
+        """
+        _check_key(md5_hex)
+        path = Path(path)
+        try:
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+            return self._install(md5_hex, path)
+        except OSError as e:
+            if e.errno != errno.EXDEV:
+                raise
+            return self.add_file(md5_hex, path, move=True)
+
+    def fetch(self, md5_hex: str, size: int, fill: Callable[[BinaryIO], None]) -> Path:
+        """Return the object, calling ``fill(file)`` to produce it on a miss.
+
+        The miss path runs under the key's lock, so when several processes ask for the same
+        missing object at once, one fills it and the others find it present.  Space for
+        ``size`` bytes is made first (LRU eviction).  What ``fill`` wrote is verified.
+        """
+        if (hit := self.lookup(md5_hex, size)) is not None:
+            return hit
+        lock = self._lock(md5_hex)
+        lock.acquire()
+        try:
+            if (hit := self.lookup(md5_hex, size)) is not None:
+                return hit
+            self.evict(size)
+            tmp = self._tmp(md5_hex)
+            try:
+                with open(tmp, "wb") as raw:
+                    hf = _HashingFile(raw)
+                    fill(hf)  # type: ignore[arg-type]
+                    return self._finish(md5_hex, tmp, hf, size)
+            finally:
+                with contextlib.suppress(FileNotFoundError):
+                    tmp.unlink()
+        finally:
+            lock.release()
+
+    # -- removal ---------------------------------------------------------------------------
+    def drop(self, md5_hex: str) -> None:
+        """Remove an object if present (readers holding it open keep their bytes)."""
+        with contextlib.suppress(FileNotFoundError):
+            self.path(md5_hex).unlink()
+
+    def _scan(self) -> list[tuple[float, int, str]]:
+        """(mtime, size, key) of every complete object."""
+        out: list[tuple[float, int, str]] = []
+        try:
+            shards = list(os.scandir(self.objects_dir))
+        except FileNotFoundError:
+            return out
+        for shard in shards:
+            if not shard.is_dir(follow_symlinks=False):
+                continue
+            with contextlib.suppress(FileNotFoundError), os.scandir(shard.path) as it:
+                for e in it:
+                    try:
+                        st = e.stat(follow_symlinks=False)
+                    except FileNotFoundError:
+                        continue
+                    out.append((st.st_mtime, st.st_size, shard.name + e.name))
+        return out
+
+    def evict(self, needed: int = 0, max_bytes: int | None = None) -> int:
+        """Drop least recently used objects until ``total + needed <= max_bytes``.
+
+        Objects whose key is locked (being fetched) are skipped.  Returns the bytes freed.
+        """
+        limit = self.max_bytes if max_bytes is None else max_bytes
+        entries = self._scan()
+        total = sum(size for _, size, _ in entries)
+        if total + needed <= limit:
+            return 0
+        freed = 0
+        for _, size, key in sorted(entries):
+            if total + needed <= limit:
+                break
+            lock = self._lock(key)
+            if not lock.acquire(blocking=False):
+                continue
+            try:
+                try:
+                    self.path(key).unlink()
+                except FileNotFoundError:
+                    pass
+                else:
+                    freed += size
+                total -= size
+            finally:
+                lock.release()
+        return freed
+
+    def prune(self, max_bytes: int | None = None) -> int:
+        """Shrink the cache to ``max_bytes`` (default: the configured bound); returns bytes freed.
+
+        Also removes temp files abandoned by crashed writers.
+        """
+        freed = 0
+        cutoff = time.time() - _STALE_TMP_SECONDS
+        with contextlib.suppress(FileNotFoundError), os.scandir(self.tmp_dir) as it:
+            for e in it:
+                with contextlib.suppress(FileNotFoundError):
+                    st = e.stat(follow_symlinks=False)
+                    if st.st_mtime < cutoff:
+                        os.unlink(e.path)
+                        freed += st.st_size
+        return freed + self.evict(0, max_bytes=max_bytes)
+
+    def info(self) -> CacheInfo:
+        entries = self._scan()
+        return CacheInfo(entries=len(entries), bytes=sum(s for _, s, _ in entries), max_bytes=self.max_bytes, root=self.root)
+
+    def open(self, md5_hex: str) -> IO[bytes] | None:
+        """Open a present object for reading (None on a miss); convenient for the mount."""
+        p = self.lookup(md5_hex)
+        if p is None:
+            return None
+        try:
+            return open(p, "rb")
+        except FileNotFoundError:
+            return None

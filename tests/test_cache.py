@@ -1,0 +1,213 @@
+"""The content-addressed cache: addressing, atomic verified writes, LRU, locking, corruption."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from client.cache import Cache
+from client.errors import DigestMismatchError, InvalidNameError
+try:
+    from _sdk_fixtures import md5hex
+except ImportError:  # tests/ became a package
+    from tests._sdk_fixtures import md5hex
+
+DATA = b"hello cache\n" * 100
+KEY = md5hex(DATA)
+
+
+@pytest.fixture
+def cache(tmp_path: Path) -> Cache:
+    return Cache(tmp_path / "c", max_bytes=10_000)
+
+
+def test_defaults_come_from_settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ARTIFACTFS_CACHE_DIR", str(tmp_path / "envcache"))
+    monkeypatch.setenv("ARTIFACTFS_CACHE_SIZE", "3M")
+    c = Cache()
+    assert c.root == tmp_path / "envcache"
+    assert c.max_bytes == 3 << 20
+    assert c.partial_dir == c.root / "partial" and c.partial_dir.is_dir()
+
+
+def test_path_layout_and_key_validation(cache: Cache) -> None:
+    assert cache.path(KEY) == cache.root / "objects" / KEY[:2] / KEY[2:]
+    for bad in ("../" + "a" * 29, "A" * 32, "abc", "g" * 32):
+        with pytest.raises(InvalidNameError):
+            cache.path(bad)
+
+
+def test_add_file_copies_verifies_and_is_read_only(cache: Cache, tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.write_bytes(DATA)
+    p = cache.add_file(KEY, src)
+    assert p == cache.path(KEY) and p.read_bytes() == DATA
+    assert stat.S_IMODE(p.stat().st_mode) == 0o444
+    assert src.exists()
+    assert cache.lookup(KEY) == p
+    assert cache.lookup(KEY, size=len(DATA)) == p
+    assert list((cache.root / "tmp").iterdir()) == []
+
+
+def test_add_file_move_removes_source(cache: Cache, tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.write_bytes(DATA)
+    p = cache.add_file(KEY, src, move=True)
+    assert not src.exists() and p.read_bytes() == DATA
+
+
+def test_add_file_mismatch_leaves_nothing_and_keeps_source(cache: Cache, tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.write_bytes(b"other bytes")
+    for move in (False, True):
+        with pytest.raises(DigestMismatchError):
+            cache.add_file(KEY, src, move=move)
+        assert src.read_bytes() == b"other bytes"
+        assert cache.lookup(KEY) is None
+        assert list((cache.root / "tmp").iterdir()) == []
+
+
+def test_writer_verifies_on_exit(cache: Cache) -> None:
+    with cache.writer(KEY) as f:
+        f.write(DATA[:500])
+        f.write(DATA[500:])
+    assert cache.path(KEY).read_bytes() == DATA
+    other = md5hex(b"x")
+    with pytest.raises(DigestMismatchError):
+        with cache.writer(other) as f:
+            f.write(b"not x")
+    assert cache.lookup(other) is None
+    assert list((cache.root / "tmp").iterdir()) == []
+
+
+def test_writer_out_of_order_writes_are_rehashed(cache: Cache) -> None:
+    with cache.writer(KEY) as f:
+        f.seek(600)
+        f.write(DATA[600:])
+        f.seek(0)
+        f.write(DATA[:600])
+    assert cache.path(KEY).read_bytes() == DATA
+
+
+def test_writer_exception_in_block_leaves_nothing(cache: Cache) -> None:
+    with pytest.raises(RuntimeError):
+        with cache.writer(KEY) as f:
+            f.write(DATA)
+            raise RuntimeError("download failed")
+    assert cache.lookup(KEY) is None and list((cache.root / "tmp").iterdir()) == []
+
+
+def test_adopt_renames_without_copy(cache: Cache, tmp_path: Path) -> None:
+    src = cache.root / "tmp" / "verified"
+    src.write_bytes(DATA)
+    ino = src.stat().st_ino
+    p = cache.adopt(KEY, src)
+    assert not src.exists() and p.stat().st_ino == ino and p.read_bytes() == DATA
+
+
+def test_fetch_fills_on_miss_only(cache: Cache) -> None:
+    calls: list[int] = []
+
+    def fill(f) -> None:  # type: ignore[no-untyped-def]
+        calls.append(1)
+        f.write(DATA)
+
+    p1 = cache.fetch(KEY, len(DATA), fill)
+    p2 = cache.fetch(KEY, len(DATA), fill)
+    assert p1 == p2 and p1.read_bytes() == DATA and calls == [1]
+    with pytest.raises(DigestMismatchError):
+        cache.fetch(md5hex(b"zzz"), 3, lambda f: f.write(b"yyy"))
+    assert list((cache.root / "locks").rglob("*")) == [] or all(p.is_dir() for p in (cache.root / "locks").rglob("*"))
+
+
+def test_wrong_size_object_is_dropped_and_refetched(cache: Cache, tmp_path: Path) -> None:
+    p = cache.path(KEY)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_bytes(b"truncated")
+    assert cache.lookup(KEY, size=len(DATA)) is None
+    assert not p.exists()
+    assert cache.fetch(KEY, len(DATA), lambda f: f.write(DATA)).read_bytes() == DATA
+
+
+def test_verify_drops_corrupt_object(cache: Cache) -> None:
+    p = cache.path(KEY)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_bytes(b"X" * len(DATA))  # right size, wrong bytes
+    assert cache.lookup(KEY, size=len(DATA)) == p
+    assert cache.verify(KEY) is False
+    assert not p.exists()
+    cache.fetch(KEY, len(DATA), lambda f: f.write(DATA))
+    assert cache.verify(KEY) is True
+    assert cache.verify(md5hex(b"absent")) is False
+
+
+def _put(cache: Cache, data: bytes, mtime: float) -> str:
+    key = md5hex(data)
+    with cache.writer(key) as f:
+        f.write(data)
+    os.utime(cache.path(key), (mtime, mtime))
+    return key
+
+
+def test_evict_is_lru_and_lookup_refreshes(cache: Cache) -> None:
+    keys = [_put(cache, bytes([i]) * 3000, 1_000_000 + i) for i in range(3)]  # 9000 bytes
+    assert cache.info().bytes == 9000 and cache.info().entries == 3
+    cache.lookup(keys[0])  # now the most recently used
+    freed = cache.evict(needed=2000)  # 9000 + 2000 > 10000: one must go, the oldest is keys[1]
+    assert freed == 3000
+    assert cache.lookup(keys[1]) is None
+    assert cache.lookup(keys[0]) is not None and cache.lookup(keys[2]) is not None
+    assert cache.evict(0) == 0
+
+
+def test_evict_skips_locked_keys(cache: Cache) -> None:
+    keys = [_put(cache, bytes([i]) * 3000, 1_000_000 + i) for i in range(3)]
+    lock = cache._lock(keys[0])
+    assert lock.acquire()
+    try:
+        cache.evict(needed=cache.max_bytes - 3000)  # wants all but 3000 bytes gone
+        assert cache.lookup(keys[0]) is not None
+        assert cache.lookup(keys[1]) is None and cache.lookup(keys[2]) is None
+    finally:
+        lock.release()
+
+
+def test_prune_and_info(cache: Cache) -> None:
+    for i in range(4):
+        _put(cache, bytes([i]) * 1000, 1_000_000 + i)
+    stale = cache.root / "tmp" / "dead.incomplete"
+    stale.write_bytes(b"x" * 10)
+    os.utime(stale, (1, 1))
+    info = cache.info()
+    assert (info.entries, info.bytes, info.max_bytes, info.root) == (4, 4000, 10_000, cache.root)
+    freed = cache.prune(max_bytes=2500)
+    assert freed == 2010 and not stale.exists()
+    assert cache.info().entries == 2
+
+
+def _fetch_worker(root: str, key: str, data: bytes, counter: str) -> str:
+    c = Cache(Path(root), max_bytes=1 << 30)
+
+    def fill(f) -> None:  # type: ignore[no-untyped-def]
+        with open(counter, "a") as log:
+            log.write("x")
+        f.write(data)
+
+    return str(c.fetch(key, len(data), fill))
+
+
+def test_concurrent_processes_fetch_once(tmp_path: Path) -> None:
+    data = os.urandom(1 << 20)
+    key = md5hex(data)
+    counter = tmp_path / "fills"
+    counter.write_text("")
+    ctx = mp.get_context("spawn")
+    with ctx.Pool(6) as pool:
+        paths = pool.starmap(_fetch_worker, [(str(tmp_path / "c"), key, data, str(counter))] * 6)
+    assert len(set(paths)) == 1
+    assert Path(paths[0]).read_bytes() == data
+    assert counter.read_text() == "x"
