@@ -1,0 +1,6 @@
+"""The registry core shared by the embedded store and the server."""
+
+from .blobs import BlobBackend, LocalBlobBackend
+from .core import Registry
+
+__all__ = ["BlobBackend", "LocalBlobBackend", "Registry"]

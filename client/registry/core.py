@@ -1,0 +1,510 @@
+"""The registry core: every rule about entities, collections, versions, aliases, tags, runs
+and lineage, in one place, over SQLAlchemy Core.
+
+Both stores use it: the embedded store (``client/store/local.py``) calls it in-process on a
+SQLite file; the server (``server/``) is an HTTP shell over the very same class on SQLite or
+PostgreSQL.  Nothing about the rules lives anywhere else.
+
+Concurrency: a commit is one transaction that locks the collection row, takes
+``next_index``, bumps it and inserts the version, so versions are gapless and atomic under any
+number of writers, on any number of machines sharing the database.  SQLite gets
+``BEGIN IMMEDIATE`` for writes (one writer at a time, readers unblocked thanks to WAL).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import uuid
+from contextlib import contextmanager
+from typing import Any, Iterable, Iterator
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+
+from .. import names
+from ..errors import ConflictError, InvalidNameError, MissingBlobError, NotFoundError
+from ..hashing import b64_to_hex, is_md5_hex
+from ..manifest import compute_digest, iter_entries
+from ..store.base import CollectionRecord, CommitRequest, RunRecord, VersionRecord
+from . import schema as t
+from .blobs import BlobBackend
+
+log = logging.getLogger(__name__)
+
+KEEP = "keep"
+_BLOB_BATCH = 500
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+def _aware(value: dt.datetime) -> dt.datetime:
+    return value if value.tzinfo else value.replace(tzinfo=dt.timezone.utc)
+
+
+def make_engine(db_url: str) -> Engine:
+    """An engine with the per-dialect settings the rules rely on."""
+    if db_url.startswith("postgresql://"):
+        db_url = "postgresql+psycopg://" + db_url[len("postgresql://"):]
+    if db_url.startswith("sqlite"):
+        engine = sa.create_engine(db_url, connect_args={"timeout": 60, "check_same_thread": False})
+
+        @sa.event.listens_for(engine, "connect")
+        def _on_connect(dbapi_conn: Any, _rec: Any) -> None:
+            dbapi_conn.isolation_level = None  # we issue BEGIN ourselves
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA synchronous=NORMAL")
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.execute("PRAGMA busy_timeout=60000")
+            cur.close()
+
+        @sa.event.listens_for(engine, "begin")
+        def _on_begin(conn: Connection) -> None:
+            immediate = conn.get_execution_options().get("immediate", False)
+            conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+
+        return engine
+    return sa.create_engine(db_url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+
+
+class Registry:
+    """All registry rules.  ``blobs`` is where manifest bytes are read from at commit time."""
+
+    def __init__(self, db_url: str, blobs: BlobBackend) -> None:
+        self.db_url = db_url
+        self.engine = make_engine(db_url)
+        self.blobs = blobs
+        self._pg = self.engine.dialect.name == "postgresql"
+        with self._write() as c:
+            t.metadata.create_all(c)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # -- transactions ---------------------------------------------------------------------
+    @contextmanager
+    def _write(self) -> Iterator[Connection]:
+        with self.engine.connect() as conn:
+            conn = conn.execution_options(immediate=True)
+            with conn.begin():
+                yield conn
+
+    @contextmanager
+    def _read(self) -> Iterator[Connection]:
+        with self.engine.connect() as conn:
+            with conn.begin():
+                yield conn
+
+    def _insert_ignore(self, conn: Connection, table: sa.Table, **values: Any) -> None:
+        if self._pg:
+            from sqlalchemy.dialects.postgresql import insert
+        else:
+            from sqlalchemy.dialects.sqlite import insert
+        conn.execute(insert(table).values(**values).on_conflict_do_nothing())
+
+    # -- id lookups ---------------------------------------------------------------------------
+    def _entity_id(self, conn: Connection, entity: str, create: bool = False) -> int:
+        if create:
+            names.validate_entity(entity)
+            self._insert_ignore(conn, t.entities, name=entity, created_at=utcnow())
+        row = conn.execute(sa.select(t.entities.c.id).where(t.entities.c.name == entity)).first()
+        if row is None:
+            raise NotFoundError(f"entity {entity!r} not found")
+        return row[0]
+
+    def _project_id(self, conn: Connection, entity: str, project: str, create: bool = False) -> int:
+        eid = self._entity_id(conn, entity, create)
+        if create:
+            names.validate_project(project)
+            self._insert_ignore(conn, t.projects, entity_id=eid, name=project, created_at=utcnow())
+        row = conn.execute(sa.select(t.projects.c.id).where(
+            t.projects.c.entity_id == eid, t.projects.c.name == project)).first()
+        if row is None:
+            raise NotFoundError(f"project {entity}/{project} not found")
+        return row[0]
+
+    def _collection_row(self, conn: Connection, entity: str, project: str, collection: str,
+                        lock: bool = False) -> sa.Row:
+        pid = self._project_id(conn, entity, project)
+        q = sa.select(t.collections).where(t.collections.c.project_id == pid, t.collections.c.name == collection)
+        if lock and self._pg:
+            q = q.with_for_update()
+        row = conn.execute(q).first()
+        if row is None:
+            raise NotFoundError(f"artifact collection {entity}/{project}/{collection} not found")
+        return row
+
+    # -- records ------------------------------------------------------------------------------
+    _VERSION_COLS = (
+        t.versions, t.collections.c.name.label("c_name"), t.collections.c.type.label("c_type"),
+        t.projects.c.name.label("p_name"), t.entities.c.name.label("e_name"),
+    )
+
+    def _version_query(self) -> sa.Select:
+        return (sa.select(*self._VERSION_COLS)
+                .join(t.collections, t.versions.c.collection_id == t.collections.c.id)
+                .join(t.projects, t.collections.c.project_id == t.projects.c.id)
+                .join(t.entities, t.projects.c.entity_id == t.entities.c.id))
+
+    def _records(self, conn: Connection, rows: list[sa.Row]) -> list[VersionRecord]:
+        if not rows:
+            return []
+        ids = [r.id for r in rows]
+        alias_map: dict[str, list[str]] = {i: [] for i in ids}
+        tag_map: dict[str, list[str]] = {i: [] for i in ids}
+        for i in range(0, len(ids), _BLOB_BATCH):
+            chunk = ids[i:i + _BLOB_BATCH]
+            for vid, alias in conn.execute(sa.select(t.aliases.c.version_id, t.aliases.c.alias)
+                                           .where(t.aliases.c.version_id.in_(chunk))):
+                alias_map[vid].append(alias)
+            for vid, tag in conn.execute(sa.select(t.version_tags.c.version_id, t.version_tags.c.tag)
+                                         .where(t.version_tags.c.version_id.in_(chunk))):
+                tag_map[vid].append(tag)
+        run_paths: dict[int, str] = {}
+        run_pks = {r.run_pk for r in rows if r.run_pk is not None}
+        if run_pks:
+            q = (sa.select(t.runs.c.pk, t.runs.c.run_id, t.projects.c.name, t.entities.c.name)
+                 .join(t.projects, t.runs.c.project_id == t.projects.c.id)
+                 .join(t.entities, t.projects.c.entity_id == t.entities.c.id)
+                 .where(t.runs.c.pk.in_(run_pks)))
+            run_paths = {pk: f"{e}/{p}/{rid}" for pk, rid, p, e in conn.execute(q)}
+        sources: dict[str, sa.Row] = {}
+        src_ids = {r.source_id for r in rows if r.source_id}
+        if src_ids:
+            sources = {s.id: s for s in conn.execute(self._version_query().where(t.versions.c.id.in_(src_ids)))}
+        out = []
+        for r in rows:
+            src = sources.get(r.source_id) if r.source_id else None
+            out.append(VersionRecord(
+                id=r.id, entity=r.e_name, project=r.p_name, collection=r.c_name, index=r.idx,
+                type=src.c_type if src is not None else r.c_type, digest=r.digest, manifest_md5=r.manifest_md5,
+                size=r.size, file_count=r.file_count, description=r.description, metadata=dict(r.meta or {}),
+                aliases=tuple(sorted(alias_map[r.id], key=lambda a: (a != "latest", a))),
+                tags=tuple(sorted(tag_map[r.id])), created_at=_aware(r.created_at),
+                updated_at=_aware(r.updated_at), ttl_seconds=r.ttl_seconds, state=r.state,
+                logged_by_run=run_paths.get(r.run_pk) if r.run_pk is not None else None,
+                source_entity=src.e_name if src is not None else None,
+                source_project=src.p_name if src is not None else None,
+                source_collection=src.c_name if src is not None else None,
+                source_index=src.idx if src is not None else None,
+            ))
+        return out
+
+    def _record(self, conn: Connection, version_id: str) -> VersionRecord:
+        rows = conn.execute(self._version_query().where(t.versions.c.id == version_id)).all()
+        if not rows:
+            raise NotFoundError(f"artifact version {version_id!r} not found")
+        return self._records(conn, rows)[0]
+
+    # -- namespace ------------------------------------------------------------------------------
+    def list_entities(self) -> list[str]:
+        with self._read() as c:
+            return [r[0] for r in c.execute(sa.select(t.entities.c.name).order_by(t.entities.c.name))]
+
+    def list_projects(self, entity: str) -> list[str]:
+        with self._read() as c:
+            eid = self._entity_id(c, entity)
+            q = sa.select(t.projects.c.name).where(t.projects.c.entity_id == eid).order_by(t.projects.c.name)
+            return [r[0] for r in c.execute(q)]
+
+    def _collection_records(self, c: Connection, rows: Iterable[sa.Row], entity: str, project: str) -> list[CollectionRecord]:
+        out = []
+        for row in rows:
+            alias_q = (sa.select(t.aliases.c.alias, t.versions.c.idx)
+                       .join(t.versions, t.aliases.c.version_id == t.versions.c.id)
+                       .where(t.aliases.c.collection_id == row.id))
+            count_q = sa.select(sa.func.count()).select_from(t.versions).where(
+                t.versions.c.collection_id == row.id, t.versions.c.state == "COMMITTED")
+            tags = [r[0] for r in c.execute(sa.select(t.collection_tags.c.tag).where(
+                t.collection_tags.c.collection_id == row.id).order_by(t.collection_tags.c.tag))]
+            out.append(CollectionRecord(
+                entity=entity, project=project, name=row.name, type=row.type, description=row.description,
+                created_at=_aware(row.created_at), tags=tuple(tags), version_count=c.execute(count_q).scalar_one(),
+                aliases={a: i for a, i in c.execute(alias_q)},
+            ))
+        return out
+
+    def list_collections(self, entity: str, project: str, type: str | None = None) -> list[CollectionRecord]:
+        with self._read() as c:
+            pid = self._project_id(c, entity, project)
+            q = sa.select(t.collections).where(t.collections.c.project_id == pid)
+            if type is not None:
+                q = q.where(t.collections.c.type == type)
+            return self._collection_records(c, c.execute(q.order_by(t.collections.c.name)).all(), entity, project)
+
+    def get_collection(self, entity: str, project: str, collection: str) -> CollectionRecord:
+        with self._read() as c:
+            row = self._collection_row(c, entity, project, collection)
+            return self._collection_records(c, [row], entity, project)[0]
+
+    def list_types(self, entity: str, project: str) -> list[str]:
+        with self._read() as c:
+            pid = self._project_id(c, entity, project)
+            q = sa.select(t.collections.c.type).where(t.collections.c.project_id == pid).distinct()
+            return sorted(r[0] for r in c.execute(q))
+
+    def list_versions(self, entity: str, project: str, collection: str) -> list[VersionRecord]:
+        with self._read() as c:
+            row = self._collection_row(c, entity, project, collection)
+            q = self._version_query().where(t.versions.c.collection_id == row.id,
+                                            t.versions.c.state == "COMMITTED").order_by(t.versions.c.idx)
+            return self._records(c, c.execute(q).all())
+
+    # -- versions -------------------------------------------------------------------------------
+    def resolve(self, entity: str, project: str, collection: str, selector: str) -> VersionRecord:
+        with self._read() as c:
+            row = self._collection_row(c, entity, project, collection)
+            q = self._version_query().where(t.versions.c.collection_id == row.id,
+                                            t.versions.c.state == "COMMITTED")
+            if names.is_version_selector(selector):
+                q = q.where(t.versions.c.idx == int(selector[1:]))
+            elif is_md5_hex(selector):
+                q = q.where(t.versions.c.digest == selector).order_by(t.versions.c.idx.desc()).limit(1)
+            else:
+                q = q.join(t.aliases, (t.aliases.c.version_id == t.versions.c.id)).where(
+                    t.aliases.c.collection_id == row.id, t.aliases.c.alias == selector)
+            rows = c.execute(q).all()
+            if not rows:
+                raise NotFoundError(f"artifact {entity}/{project}/{collection}:{selector} not found")
+            return self._records(c, rows)[0]
+
+    def get_version(self, version_id: str) -> VersionRecord:
+        with self._read() as c:
+            return self._record(c, version_id)
+
+    def _manifest_summary(self, entity: str, manifest_md5: str) -> tuple[str, int, int, list[str]]:
+        """Validate a manifest blob; return (digest, size, file_count, content md5s)."""
+        pairs: list[tuple[str, str]] = []
+        size = 0
+        content: list[str] = []
+        with self.blobs.open(entity, manifest_md5) as f:
+            for e in iter_entries(f):
+                pairs.append((e.path, e.digest))
+                size += e.size or 0
+                if e.ref is None:
+                    try:
+                        content.append(b64_to_hex(e.digest))
+                    except ValueError:
+                        raise MissingBlobError(f"entry {e.path!r} has digest {e.digest!r}, not a base64 md5") from None
+        if len({p for p, _ in pairs}) != len(pairs):
+            raise InvalidNameError("manifest lists a path more than once")
+        return compute_digest(pairs), size, len(pairs), content
+
+    def commit(self, req: CommitRequest) -> tuple[VersionRecord, bool]:
+        names.validate_entity(req.entity)
+        names.validate_project(req.project)
+        names.validate_collection(req.collection)
+        names.validate_type(req.type)
+        user_aliases = [names.validate_alias(a) for a in req.aliases if a != "latest"]
+        tags = [names.validate_tag(x) for x in req.tags]
+        meta = names.validate_metadata(req.metadata)
+        if not is_md5_hex(req.manifest_md5):
+            raise InvalidNameError("manifest_md5 must be an md5 hex digest")
+        digest, size, file_count, content = self._manifest_summary(req.entity, req.manifest_md5)
+        now = utcnow()
+        with self._write() as c:
+            pid = self._project_id(c, req.entity, req.project, create=True)
+            eid = self._entity_id(c, req.entity)
+            missing = self._missing(c, eid, content + [req.manifest_md5])
+            if missing:
+                raise MissingBlobError(
+                    f"{len(missing)} blob(s) referenced by the manifest were never uploaded "
+                    f"(e.g. {sorted(missing)[0]}); upload them before committing")
+            self._insert_ignore(c, t.collections, project_id=pid, name=req.collection, type=req.type,
+                                description=None, created_at=now, next_index=0, kind="sequence")
+            col = self._collection_row(c, req.entity, req.project, req.collection, lock=True)
+            if col.type != req.type:
+                raise ConflictError(
+                    f"artifact {req.collection!r} already exists with type {col.type!r}; "
+                    f"log it as type {col.type!r} or choose another name")
+            run_pk = self._run_pk(c, pid, req.run_id) if req.run_id else None
+            latest = c.execute(sa.select(t.versions.c.id, t.versions.c.digest)
+                               .join(t.aliases, t.aliases.c.version_id == t.versions.c.id)
+                               .where(t.aliases.c.collection_id == col.id, t.aliases.c.alias == "latest")).first()
+            if latest is not None and latest.digest == digest:
+                self._add_aliases(c, col.id, latest.id, user_aliases)
+                for tag in tags:
+                    self._insert_ignore(c, t.version_tags, version_id=latest.id, tag=tag)
+                if run_pk is not None:
+                    self._insert_ignore(c, t.usages, run_pk=run_pk, version_id=latest.id, use_as=None)
+                return self._record(c, latest.id), False
+            idx = col.next_index
+            c.execute(t.collections.update().where(t.collections.c.id == col.id).values(next_index=idx + 1))
+            vid = uuid.uuid4().hex
+            ttl = req.ttl_seconds
+            c.execute(t.versions.insert().values(
+                id=vid, collection_id=col.id, idx=idx, digest=digest, manifest_md5=req.manifest_md5,
+                size=size, file_count=file_count, description=req.description, meta=meta,
+                created_at=now, updated_at=now, ttl_seconds=ttl, state="COMMITTED", run_pk=run_pk,
+                source_id=None))
+            self._add_aliases(c, col.id, vid, ["latest", *user_aliases])
+            for tag in tags:
+                self._insert_ignore(c, t.version_tags, version_id=vid, tag=tag)
+            return self._record(c, vid), True
+
+    def _add_aliases(self, c: Connection, collection_id: int, version_id: str, alias_list: Iterable[str]) -> None:
+        """Point each alias at the version, taking it from whichever version held it."""
+        for alias in dict.fromkeys(alias_list):
+            c.execute(t.aliases.delete().where(t.aliases.c.collection_id == collection_id, t.aliases.c.alias == alias))
+            c.execute(t.aliases.insert().values(collection_id=collection_id, alias=alias, version_id=version_id))
+
+    def update_version(self, version_id: str, *, aliases: Iterable[str] | None = None,
+                       tags: Iterable[str] | None = None, metadata: dict[str, Any] | None = None,
+                       description: str | None = None, ttl_seconds: float | None | str = KEEP) -> VersionRecord:
+        """Replace aliases/tags/metadata/description/ttl of a version (None: unchanged).
+
+        ``latest`` is managed by the registry: it cannot be added or removed by hand.
+        """
+        new_aliases = None if aliases is None else [names.validate_alias(a) for a in aliases if a != "latest"]
+        new_tags = None if tags is None else [names.validate_tag(x) for x in tags]
+        meta = None if metadata is None else names.validate_metadata(metadata)
+        with self._write() as c:
+            row = c.execute(sa.select(t.versions).where(t.versions.c.id == version_id)).first()
+            if row is None or row.state != "COMMITTED":
+                raise NotFoundError(f"artifact version {version_id!r} not found")
+            values: dict[str, Any] = {"updated_at": utcnow()}
+            if meta is not None:
+                values["meta"] = meta
+            if description is not None:
+                values["description"] = description
+            if ttl_seconds != KEEP:
+                values["ttl_seconds"] = ttl_seconds
+            c.execute(t.versions.update().where(t.versions.c.id == version_id).values(**values))
+            if new_aliases is not None:
+                c.execute(t.aliases.delete().where(t.aliases.c.version_id == version_id,
+                                                   t.aliases.c.alias != "latest"))
+                self._add_aliases(c, row.collection_id, version_id, new_aliases)
+            if new_tags is not None:
+                c.execute(t.version_tags.delete().where(t.version_tags.c.version_id == version_id))
+                for tag in dict.fromkeys(new_tags):
+                    c.execute(t.version_tags.insert().values(version_id=version_id, tag=tag))
+            return self._record(c, version_id)
+
+    def delete_version(self, version_id: str, delete_aliases: bool = False) -> None:
+        """Mark a version DELETED.  Refused while it has user aliases unless delete_aliases."""
+        with self._write() as c:
+            row = c.execute(sa.select(t.versions).where(t.versions.c.id == version_id)).first()
+            if row is None or row.state != "COMMITTED":
+                raise NotFoundError(f"artifact version {version_id!r} not found")
+            held = [a for (a,) in c.execute(sa.select(t.aliases.c.alias).where(t.aliases.c.version_id == version_id))]
+            if [a for a in held if a != "latest"] and not delete_aliases:
+                raise ConflictError(
+                    f"version has aliases {sorted(held)}; remove them first or pass delete_aliases=True")
+            c.execute(t.aliases.delete().where(t.aliases.c.version_id == version_id))
+            c.execute(t.versions.update().where(t.versions.c.id == version_id)
+                      .values(state="DELETED", updated_at=utcnow()))
+            # links into portfolios die with their source
+            c.execute(t.versions.update().where(t.versions.c.source_id == version_id).values(state="DELETED"))
+            c.execute(t.aliases.delete().where(t.aliases.c.version_id.in_(
+                sa.select(t.versions.c.id).where(t.versions.c.source_id == version_id))))
+            if "latest" in held:
+                newest = c.execute(sa.select(t.versions.c.id).where(
+                    t.versions.c.collection_id == row.collection_id, t.versions.c.state == "COMMITTED")
+                    .order_by(t.versions.c.idx.desc()).limit(1)).first()
+                if newest is not None:
+                    self._add_aliases(c, row.collection_id, newest.id, ["latest"])
+
+    # -- runs and lineage -----------------------------------------------------------------------
+    def _run_pk(self, c: Connection, project_id: int, run_id: str) -> int:
+        row = c.execute(sa.select(t.runs.c.pk).where(t.runs.c.project_id == project_id,
+                                                     t.runs.c.run_id == run_id)).first()
+        if row is None:
+            raise NotFoundError(f"run {run_id!r} not found")
+        return row[0]
+
+    def _run_record(self, row: sa.Row, entity: str, project: str) -> RunRecord:
+        return RunRecord(entity=entity, project=project, id=row.run_id, name=row.name, job_type=row.job_type,
+                         config=dict(row.config or {}), state=row.state, created_at=_aware(row.created_at))
+
+    def create_run(self, entity: str, project: str, run_id: str | None = None, *, name: str | None = None,
+                   job_type: str | None = None, config: dict[str, Any] | None = None) -> RunRecord:
+        run_id = run_id or uuid.uuid4().hex[:8]
+        names._check_simple("run id", run_id)
+        with self._write() as c:
+            pid = self._project_id(c, entity, project, create=True)
+            self._insert_ignore(c, t.runs, project_id=pid, run_id=run_id, name=name or run_id, job_type=job_type,
+                                config=config or {}, state="running", created_at=utcnow())
+            row = c.execute(sa.select(t.runs).where(t.runs.c.project_id == pid, t.runs.c.run_id == run_id)).one()
+            return self._run_record(row, entity, project)
+
+    def get_run(self, entity: str, project: str, run_id: str) -> RunRecord:
+        with self._read() as c:
+            pid = self._project_id(c, entity, project)
+            row = c.execute(sa.select(t.runs).where(t.runs.c.project_id == pid, t.runs.c.run_id == run_id)).first()
+            if row is None:
+                raise NotFoundError(f"run {entity}/{project}/{run_id} not found")
+            return self._run_record(row, entity, project)
+
+    def list_runs(self, entity: str, project: str) -> list[RunRecord]:
+        with self._read() as c:
+            pid = self._project_id(c, entity, project)
+            rows = c.execute(sa.select(t.runs).where(t.runs.c.project_id == pid).order_by(t.runs.c.created_at))
+            return [self._run_record(r, entity, project) for r in rows]
+
+    def finish_run(self, entity: str, project: str, run_id: str, state: str = "finished") -> None:
+        with self._write() as c:
+            pk = self._run_pk(c, self._project_id(c, entity, project), run_id)
+            c.execute(t.runs.update().where(t.runs.c.pk == pk).values(state=state))
+
+    def record_use(self, entity: str, project: str, run_id: str, version_id: str, use_as: str | None = None) -> None:
+        with self._write() as c:
+            pk = self._run_pk(c, self._project_id(c, entity, project), run_id)
+            self._record(c, version_id)
+            self._insert_ignore(c, t.usages, run_pk=pk, version_id=version_id, use_as=use_as)
+
+    def versions_logged_by(self, entity: str, project: str, run_id: str) -> list[VersionRecord]:
+        with self._read() as c:
+            pk = self._run_pk(c, self._project_id(c, entity, project), run_id)
+            q = self._version_query().where(t.versions.c.run_pk == pk).order_by(t.versions.c.created_at)
+            return self._records(c, c.execute(q).all())
+
+    def versions_used_by(self, entity: str, project: str, run_id: str) -> list[VersionRecord]:
+        with self._read() as c:
+            pk = self._run_pk(c, self._project_id(c, entity, project), run_id)
+            q = (self._version_query().join(t.usages, t.usages.c.version_id == t.versions.c.id)
+                 .where(t.usages.c.run_pk == pk).order_by(t.versions.c.created_at))
+            return self._records(c, c.execute(q).all())
+
+    def runs_using(self, version_id: str) -> list[RunRecord]:
+        with self._read() as c:
+            q = (sa.select(t.runs, t.projects.c.name.label("p_name"), t.entities.c.name.label("e_name"))
+                 .join(t.usages, t.usages.c.run_pk == t.runs.c.pk)
+                 .join(t.projects, t.runs.c.project_id == t.projects.c.id)
+                 .join(t.entities, t.projects.c.entity_id == t.entities.c.id)
+                 .where(t.usages.c.version_id == version_id).order_by(t.runs.c.created_at))
+            return [self._run_record(r, r.e_name, r.p_name) for r in c.execute(q)]
+
+    # -- blobs ------------------------------------------------------------------------------------
+    def _missing(self, c: Connection, entity_id: int, md5s: list[str]) -> set[str]:
+        wanted = set(md5s)
+        have: set[str] = set()
+        ordered = sorted(wanted)
+        for i in range(0, len(ordered), _BLOB_BATCH):
+            chunk = ordered[i:i + _BLOB_BATCH]
+            have.update(r[0] for r in c.execute(sa.select(t.blobs.c.md5).where(
+                t.blobs.c.entity_id == entity_id, t.blobs.c.md5.in_(chunk))))
+        return wanted - have
+
+    def missing_blobs(self, entity: str, md5_hexes: Iterable[str]) -> set[str]:
+        """Which of these blobs the entity does not hold (never looks at other entities)."""
+        md5s = list(md5_hexes)
+        for m in md5s:
+            if not is_md5_hex(m):
+                raise InvalidNameError(f"{m!r} is not an md5 hex digest")
+        with self._read() as c:
+            try:
+                eid = self._entity_id(c, entity)
+            except NotFoundError:
+                return set(md5s)
+            return self._missing(c, eid, md5s)
+
+    def register_blob(self, entity: str, md5_hex: str, size: int) -> None:
+        """Record a blob whose bytes the backend has verified against ``md5_hex``."""
+        if not is_md5_hex(md5_hex):
+            raise InvalidNameError(f"{md5_hex!r} is not an md5 hex digest")
+        with self._write() as c:
+            eid = self._entity_id(c, entity, create=True)
+            self._insert_ignore(c, t.blobs, entity_id=eid, md5=md5_hex, size=size, created_at=utcnow())
