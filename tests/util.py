@@ -1,0 +1,26 @@
+"""Helpers for tests that talk to a Store directly (below the SDK)."""
+
+from __future__ import annotations
+
+from client.hashing import hex_to_b64, md5_bytes
+from client.manifest import Manifest, ManifestEntry
+from client.store.base import CommitRequest, Store, VersionRecord
+
+
+def upload_bytes(store: Store, entity: str, data: bytes, tmp_dir) -> str:
+    md5 = md5_bytes(data)
+    src = tmp_dir / f"upload-{md5}"
+    src.write_bytes(data)
+    store.put_blob(entity, md5, src, len(data))
+    return md5
+
+
+def commit_files(store: Store, tmp_dir, files: dict[str, bytes], *, entity: str = "ent", project: str = "proj",
+                 collection: str = "ds", type: str = "dataset", **kw) -> tuple[VersionRecord, bool]:
+    """Upload ``files`` and their manifest, then commit: the path the SDK takes, by hand."""
+    entries = []
+    for path, data in files.items():
+        md5 = upload_bytes(store, entity, data, tmp_dir)
+        entries.append(ManifestEntry(path, hex_to_b64(md5), len(data)))
+    manifest_md5 = upload_bytes(store, entity, Manifest(entries).to_bytes(), tmp_dir)
+    return store.commit(CommitRequest(entity, project, collection, type, manifest_md5, **kw))
