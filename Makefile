@@ -1,0 +1,65 @@
+# artifactfs: two commands on a fresh Debian machine, as root:
+#   make run    install everything, log a demo artifact, mount the drive at $(MOUNT) and list it
+#   make test   install everything, run the whole test suite
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+MOUNT ?= /tmp/artifactfs
+APT_PACKAGES := fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv rsync postgresql procps psmisc
+
+.PHONY: run test deps system-deps venv demo mount umount bench clean help
+
+help:
+	@echo "make run    - set up, log a demo artifact into the embedded store, mount it at $(MOUNT)"
+	@echo "make test   - set up, run all tests"
+	@echo "make umount - unmount $(MOUNT)"
+	@echo "make bench  - run the benchmarks in bench/ (ratio tables)"
+
+system-deps:
+	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing system packages:$$missing"; \
+	  if [ "$$(id -u)" != 0 ]; then echo "run as root (or install:$$missing)"; exit 1; fi; \
+	  export DEBIAN_FRONTEND=noninteractive; apt-get update -qq && apt-get install -y -qq $$missing >/dev/null; \
+	fi
+	@[ -e /dev/fuse ] || echo "warning: /dev/fuse is missing; mount tests will be skipped"
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e '.[test]'
+	touch $@
+
+venv: $(VENV)/.installed
+
+deps: system-deps venv
+
+demo: deps
+	$(BIN)/python -m client.demo
+	$(BIN)/artifactfs ls
+	$(BIN)/artifactfs ls "$$($(BIN)/python -c 'import client.settings as s; print(s.default_entity())')/demo/mnist-mini"
+
+mount: deps
+	@if mountpoint -q $(MOUNT); then echo "$(MOUNT) is already mounted"; else \
+	  mkdir -p $(MOUNT) && $(BIN)/artifactfs mount $(MOUNT); fi
+
+run: demo mount
+	@echo; echo "== the demo artifact through the drive at $(MOUNT) =="
+	ls -l $(MOUNT)/*/demo/
+	ls -lR "$$(ls -d $(MOUNT)/*/demo/mnist-mini:latest)" | head -20
+	@echo; echo "The drive stays mounted. Unmount with: make umount   (or: $(BIN)/artifactfs umount $(MOUNT))"
+
+umount:
+	$(BIN)/artifactfs umount $(MOUNT)
+
+test: deps
+	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+bench: deps
+	for b in bench/hash_dir bench/mount_read bench/draft_commit bench/remote; do [ -x $$b ] && $(BIN)/python $$b || true; done
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache
