@@ -168,3 +168,47 @@ def test_concurrent_writers_get_gapless_versions(tmp_path):
     assert [v.index for v in versions] == list(range(8))
     assert store.resolve("ent", "proj", "ds", "latest").index == 7
     assert sorted(a for v in versions for a in v.aliases if a != "latest") == sorted(f"w{i}" for i in range(8))
+
+
+def test_link_into_a_registry_portfolio_and_unlink(local_store, tmp_path):
+    v0, _ = commit_files(local_store, tmp_path, {"w.pt": b"weights"}, collection="model", type="model")
+    link = local_store.link_version(v0.id, "ent", "wandb-registry-model", "resnet", aliases=["production"])
+    assert (link.project, link.collection, link.index) == ("wandb-registry-model", "resnet", 0)
+    assert link.manifest_md5 == v0.manifest_md5 and link.digest == v0.digest and link.type == "model"
+    assert (link.source_collection, link.source_index) == ("model", 0)
+    assert set(link.aliases) == {"latest", "production"}
+    again = local_store.link_version(v0.id, "ent", "wandb-registry-model", "resnet", aliases=["canary"])
+    assert again.id == link.id and "canary" in again.aliases  # linking twice only adds aliases
+    resolved = local_store.resolve("ent", "wandb-registry-model", "resnet", "production")
+    assert resolved.id == link.id
+    with pytest.raises(ConflictError):
+        local_store.unlink_version(v0.id)  # not a link
+    local_store.unlink_version(link.id)
+    with pytest.raises(NotFoundError):
+        local_store.resolve("ent", "wandb-registry-model", "resnet", "production")
+    assert local_store.resolve("ent", "proj", "model", "v0").id == v0.id  # source untouched
+
+
+def test_deleting_a_source_removes_its_links(local_store, tmp_path):
+    v0, _ = commit_files(local_store, tmp_path, {"w.pt": b"w"}, collection="model", type="model")
+    local_store.link_version(v0.id, "ent", "reg", "m", aliases=["prod"])
+    local_store.delete_version(v0.id)
+    with pytest.raises(NotFoundError):
+        local_store.resolve("ent", "reg", "m", "prod")
+
+
+def test_ttl_inherits_the_entity_default_and_gc_removes_expired(local_store, tmp_path):
+    import datetime as dt
+
+    local_store.set_entity_default_ttl("ent", 60.0)
+    inherited, _ = commit_files(local_store, tmp_path, {"a": b"1"})
+    assert inherited.ttl_seconds == 60.0
+    disabled, _ = commit_files(local_store, tmp_path, {"a": b"2"}, ttl_seconds=None)
+    assert disabled.ttl_seconds is None
+    short, _ = commit_files(local_store, tmp_path, {"a": b"3"}, collection="tmp", ttl_seconds=5.0)
+    assert local_store.registry.gc_expired(now=short.created_at + dt.timedelta(seconds=1)) == []
+    gone = local_store.registry.gc_expired(now=short.created_at + dt.timedelta(seconds=61))
+    assert {g.id for g in gone} == {inherited.id, short.id}
+    with pytest.raises(NotFoundError):
+        local_store.resolve("ent", "proj", "tmp", "latest")
+    assert local_store.resolve("ent", "proj", "ds", "latest").id == disabled.id

@@ -33,6 +33,7 @@ from .blobs import BlobBackend
 log = logging.getLogger(__name__)
 
 KEEP = "keep"
+INHERIT = "inherit"
 _BLOB_BATCH = 500
 
 
@@ -335,6 +336,8 @@ class Registry:
             c.execute(t.collections.update().where(t.collections.c.id == col.id).values(next_index=idx + 1))
             vid = uuid.uuid4().hex
             ttl = req.ttl_seconds
+            if ttl == INHERIT:
+                ttl = c.execute(sa.select(t.entities.c.default_ttl_seconds).where(t.entities.c.id == eid)).scalar()
             c.execute(t.versions.insert().values(
                 id=vid, collection_id=col.id, idx=idx, digest=digest, manifest_md5=req.manifest_md5,
                 size=size, file_count=file_count, description=req.description, meta=meta,
@@ -390,7 +393,7 @@ class Registry:
             if row is None or row.state != "COMMITTED":
                 raise NotFoundError(f"artifact version {version_id!r} not found")
             held = [a for (a,) in c.execute(sa.select(t.aliases.c.alias).where(t.aliases.c.version_id == version_id))]
-            if [a for a in held if a != "latest"] and not delete_aliases:
+            if [a for a in held if a != "latest"] and not delete_aliases and row.source_id is None:
                 raise ConflictError(
                     f"version has aliases {sorted(held)}; remove them first or pass delete_aliases=True")
             c.execute(t.aliases.delete().where(t.aliases.c.version_id == version_id))
@@ -508,3 +511,71 @@ class Registry:
         with self._write() as c:
             eid = self._entity_id(c, entity, create=True)
             self._insert_ignore(c, t.blobs, entity_id=eid, md5=md5_hex, size=size, created_at=utcnow())
+
+    # -- links (portfolios / registries), TTL ---------------------------------------------------
+    def link_version(self, version_id: str, entity: str, project: str, collection: str,
+                     aliases: Iterable[str] = ()) -> VersionRecord:
+        """Link a version into a portfolio collection (e.g. ``wandb-registry-model/<name>``).
+
+        The link is a version of the portfolio with its own index and aliases that shares the
+        source's manifest.  Linking the same source again only adds aliases.
+        """
+        names.validate_collection(collection)
+        user_aliases = [names.validate_alias(a) for a in aliases if a != "latest"]
+        now = utcnow()
+        with self._write() as c:
+            src = c.execute(sa.select(t.versions).where(t.versions.c.id == version_id)).first()
+            if src is None or src.state != "COMMITTED":
+                raise NotFoundError(f"artifact version {version_id!r} not found")
+            if src.source_id is not None:  # link the original, not a link of it
+                src = c.execute(sa.select(t.versions).where(t.versions.c.id == src.source_id)).one()
+            src_type = c.execute(sa.select(t.collections.c.type).where(t.collections.c.id == src.collection_id)).scalar_one()
+            pid = self._project_id(c, entity, project, create=True)
+            self._insert_ignore(c, t.collections, project_id=pid, name=collection, type=src_type,
+                                description=None, created_at=now, next_index=0, kind="portfolio")
+            col = self._collection_row(c, entity, project, collection, lock=True)
+            if col.kind != "portfolio":
+                raise ConflictError(f"{entity}/{project}/{collection} holds logged versions; link into a portfolio")
+            existing = c.execute(sa.select(t.versions.c.id).where(
+                t.versions.c.collection_id == col.id, t.versions.c.source_id == src.id,
+                t.versions.c.state == "COMMITTED")).first()
+            if existing is not None:
+                self._add_aliases(c, col.id, existing.id, user_aliases)
+                return self._record(c, existing.id)
+            idx = col.next_index
+            c.execute(t.collections.update().where(t.collections.c.id == col.id).values(next_index=idx + 1))
+            vid = uuid.uuid4().hex
+            c.execute(t.versions.insert().values(
+                id=vid, collection_id=col.id, idx=idx, digest=src.digest, manifest_md5=src.manifest_md5,
+                size=src.size, file_count=src.file_count, description=src.description, meta=src.meta,
+                created_at=now, updated_at=now, ttl_seconds=None, state="COMMITTED", run_pk=src.run_pk,
+                source_id=src.id))
+            self._add_aliases(c, col.id, vid, ["latest", *user_aliases])
+            return self._record(c, vid)
+
+    def unlink_version(self, version_id: str) -> None:
+        """Remove a link (a portfolio member); the source version is untouched."""
+        rec = self.get_version(version_id)
+        if rec.source_entity is None:
+            raise ConflictError("this version is not linked into a portfolio; use delete() to delete it")
+        self.delete_version(version_id, delete_aliases=True)
+
+    def set_entity_default_ttl(self, entity: str, ttl_seconds: float | None) -> None:
+        with self._write() as c:
+            eid = self._entity_id(c, entity, create=True)
+            c.execute(t.entities.update().where(t.entities.c.id == eid).values(default_ttl_seconds=ttl_seconds))
+
+    def gc_expired(self, now: dt.datetime | None = None) -> list[VersionRecord]:
+        """Delete every version whose TTL has run out (aliases go with it); returns them."""
+        now = now or utcnow()
+        with self._read() as c:
+            rows = c.execute(self._version_query().where(t.versions.c.ttl_seconds.is_not(None),
+                                                         t.versions.c.state == "COMMITTED")).all()
+            expired = [r for r in self._records(c, rows)
+                       if r.ttl_seconds is not None and r.created_at + dt.timedelta(seconds=r.ttl_seconds) <= now]
+        for rec in expired:
+            try:
+                self.delete_version(rec.id, delete_aliases=True)
+            except NotFoundError:
+                pass  # deleted concurrently
+        return expired

@@ -76,6 +76,19 @@ class LocalStore:
     def delete_version(self, version_id: str, delete_aliases: bool = False) -> None:
         self.registry.delete_version(version_id, delete_aliases)
 
+    def link_version(self, version_id: str, entity: str, project: str, collection: str,
+                     aliases: Iterable[str] = ()) -> VersionRecord:
+        return self.registry.link_version(version_id, entity, project, collection, aliases)
+
+    def unlink_version(self, version_id: str) -> None:
+        self.registry.unlink_version(version_id)
+
+    def set_entity_default_ttl(self, entity: str, ttl_seconds: float | None) -> None:
+        self.registry.set_entity_default_ttl(entity, ttl_seconds)
+
+    def gc_expired(self) -> list[VersionRecord]:
+        return self.registry.gc_expired()
+
     # runs
     def create_run(self, entity: str, project: str, run_id: str | None = None, *, name: str | None = None,
                    job_type: str | None = None, config: dict[str, Any] | None = None) -> RunRecord:
