@@ -1,0 +1,420 @@
+"""The registry server: a thin HTTP shell over :class:`client.registry.Registry`.
+
+Every registry rule (version numbering, aliases, digest no-op, validation, lineage) lives in
+the core; this module only (1) authenticates the API key and checks that its user is a member
+of the entity a call names, (2) converts JSON to core calls and records back to JSON, and
+(3) hands out blob upload/download plans (presigned S3 URLs, or URLs it signs for its own
+``/blobdata`` routes with the local-directory backend).
+
+The server keeps no state of its own between requests (keys, memberships and the URL-signing
+secret are in the database), so several processes behind a load balancer serve one registry.
+``create_app()`` reads its configuration from the environment so uvicorn workers can build it
+(``ARTIFACTFS_SERVER_DB``, ``ARTIFACTFS_SERVER_BLOBS``, ``ARTIFACTFS_S3_ENDPOINT_URL``,
+``ARTIFACTFS_URL_TTL``).  OpenAPI: ``/openapi.json``, docs at ``/docs``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any, Iterator
+
+import anyio.from_thread
+from fastapi import Depends, FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, Response
+from pydantic import BaseModel, Field
+
+from client.errors import (ArtifactFSError, DigestMismatchError, InvalidNameError, NotFoundError, error_code)
+from client.hashing import is_md5_hex
+from client.names import validate_entity
+from client.registry import LocalBlobBackend, Registry
+from client.store.base import CommitRequest, VersionRecord
+from client.store.http import record_to_json
+
+from .auth import AuthDB, Principal, normalise_db_url
+from .blobs import S3BlobBackend, open_backend
+
+log = logging.getLogger(__name__)
+
+DEFAULT_URL_TTL = 300
+
+
+# -- request bodies (they also make the OpenAPI description) -----------------------------------
+class CommitBody(BaseModel):
+    entity: str
+    project: str
+    collection: str
+    type: str
+    manifest_md5: str
+    aliases: list[str] = []
+    tags: list[str] = []
+    description: str | None = None
+    metadata: dict[str, Any] = {}
+    ttl_seconds: float | None | str = Field(default="inherit", description='seconds, null (no TTL) or "inherit"')
+    run_id: str | None = None
+
+
+class UpdateBody(BaseModel):
+    aliases: list[str] | None = None
+    tags: list[str] | None = None
+    metadata: dict[str, Any] | None = None
+    description: str | None = None
+    ttl_seconds: float | None = Field(default=None, description="absent: unchanged; null: no TTL")
+
+
+class LinkBody(BaseModel):
+    entity: str
+    project: str
+    collection: str
+    aliases: list[str] = []
+
+
+class TTLBody(BaseModel):
+    ttl_seconds: float | None = None
+
+
+class RunBody(BaseModel):
+    run_id: str | None = None
+    name: str | None = None
+    job_type: str | None = None
+    config: dict[str, Any] = {}
+
+
+class FinishBody(BaseModel):
+    state: str = "finished"
+
+
+class UseBody(BaseModel):
+    version_id: str
+    use_as: str | None = None
+
+
+class MissingBody(BaseModel):
+    md5s: list[str]
+
+
+class UploadBody(BaseModel):
+    size: int = Field(ge=0)
+    part_md5s: list[str] | None = None
+
+
+class CompleteBody(BaseModel):
+    size: int = Field(ge=0)
+    upload: dict[str, Any] | None = None
+    etags: list[str] | None = None
+
+
+# -- the application ----------------------------------------------------------------------------
+class Server:
+    """What the routes share: the registry core, the blob backend and the auth database."""
+
+    def __init__(self, db_url: str, blobs_url: str, s3_endpoint_url: str | None = None,
+                 url_ttl: int = DEFAULT_URL_TTL) -> None:
+        self.blobs = open_backend(blobs_url, s3_endpoint_url)
+        if isinstance(self.blobs, S3BlobBackend):
+            self.blobs.ensure_bucket()
+        self.registry = Registry(normalise_db_url(db_url), self.blobs)
+        self.auth = AuthDB(self.registry.engine)
+        self.url_ttl = url_ttl
+
+    def close(self) -> None:
+        self.registry.close()
+
+
+def _error_response(exc: ArtifactFSError) -> JSONResponse:
+    return JSONResponse({"error": {"code": error_code(exc), "message": str(exc)}}, status_code=exc.http_status)
+
+
+def create_app(server: Server | None = None) -> FastAPI:
+    """The FastAPI app; without ``server`` it is configured from the environment (uvicorn workers)."""
+    if server is None:
+        server = Server(
+            os.environ.get("ARTIFACTFS_SERVER_DB", "sqlite:///artifactfs-server.db"),
+            os.environ.get("ARTIFACTFS_SERVER_BLOBS", "./artifactfs-blobs"),
+            os.environ.get("ARTIFACTFS_S3_ENDPOINT_URL") or None,
+            int(os.environ.get("ARTIFACTFS_URL_TTL", DEFAULT_URL_TTL)),
+        )
+    app = FastAPI(title="artifactfs registry", version="1",
+                  description="Versioned artifacts (entity/project/collection:vN) shared by many machines.")
+    app.state.server = server
+    reg, auth = server.registry, server.auth
+
+    @app.exception_handler(ArtifactFSError)
+    async def _ours(_: Request, exc: ArtifactFSError) -> JSONResponse:
+        return _error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _bad_request(_: Request, exc: RequestValidationError) -> JSONResponse:
+        return _error_response(InvalidNameError(f"invalid request: {exc.errors()}"))
+
+    def principal(request: Request) -> Principal:
+        header = request.headers.get("authorization", "")
+        key = header[7:].strip() if header.lower().startswith("bearer ") else None
+        return auth.authenticate(key)
+
+    def readable(p: Principal, versions: list[VersionRecord]) -> list[dict[str, Any]]:
+        return [record_to_json(v) for v in versions if p.role_in(v.entity)]
+
+    # -- health and identity -----------------------------------------------------------------
+    @app.get("/healthz", tags=["meta"])
+    def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/api/v1/whoami", tags=["meta"])
+    def whoami(p: Principal = Depends(principal)) -> dict[str, Any]:
+        return {"user": p.user, "key_id": p.key_id, "teams": [{"name": t, "role": r} for t, r in p.roles]}
+
+    # -- namespace ----------------------------------------------------------------------------
+    @app.get("/api/v1/entities", tags=["namespace"])
+    def list_entities(p: Principal = Depends(principal)) -> list[str]:
+        return p.teams
+
+    @app.get("/api/v1/entities/{entity}/projects", tags=["namespace"])
+    def list_projects(entity: str, p: Principal = Depends(principal)) -> list[str]:
+        p.require(entity)
+        try:
+            return reg.list_projects(entity)
+        except NotFoundError:
+            return []  # a team that has logged nothing yet
+
+    @app.get("/api/v1/entities/{entity}/projects/{project}/collections", tags=["namespace"])
+    def list_collections(entity: str, project: str, type: str | None = None,
+                         p: Principal = Depends(principal)) -> list[dict[str, Any]]:
+        p.require(entity)
+        return [record_to_json(c) for c in reg.list_collections(entity, project, type)]
+
+    @app.get("/api/v1/entities/{entity}/projects/{project}/types", tags=["namespace"])
+    def list_types(entity: str, project: str, p: Principal = Depends(principal)) -> list[str]:
+        p.require(entity)
+        return reg.list_types(entity, project)
+
+    @app.get("/api/v1/entities/{entity}/projects/{project}/collections/{collection}", tags=["namespace"])
+    def get_collection(entity: str, project: str, collection: str, p: Principal = Depends(principal)) -> dict[str, Any]:
+        p.require(entity)
+        return record_to_json(reg.get_collection(entity, project, collection))
+
+    @app.get("/api/v1/entities/{entity}/projects/{project}/collections/{collection}/versions", tags=["versions"])
+    def list_versions(entity: str, project: str, collection: str, p: Principal = Depends(principal)) -> list[dict[str, Any]]:
+        p.require(entity)
+        return [record_to_json(v) for v in reg.list_versions(entity, project, collection)]
+
+    @app.get("/api/v1/entities/{entity}/projects/{project}/collections/{collection}/resolve/{selector}",
+             tags=["versions"])
+    def resolve(entity: str, project: str, collection: str, selector: str,
+                p: Principal = Depends(principal)) -> dict[str, Any]:
+        p.require(entity)
+        return record_to_json(reg.resolve(entity, project, collection, selector))
+
+    # -- versions -------------------------------------------------------------------------------
+    def version_for(p: Principal, version_id: str, write: bool = False) -> VersionRecord:
+        rec = reg.get_version(version_id)
+        p.require(rec.entity, write=write)
+        return rec
+
+    @app.get("/api/v1/versions/{version_id}", tags=["versions"])
+    def get_version(version_id: str, p: Principal = Depends(principal)) -> dict[str, Any]:
+        return record_to_json(version_for(p, version_id))
+
+    @app.post("/api/v1/commit", tags=["versions"])
+    def commit(body: CommitBody, p: Principal = Depends(principal)) -> dict[str, Any]:
+        p.require(body.entity, write=True)
+        req = CommitRequest(**{**body.model_dump(), "aliases": tuple(body.aliases), "tags": tuple(body.tags)})
+        version, created = reg.commit(req)
+        return {"version": record_to_json(version), "created": created}
+
+    @app.patch("/api/v1/versions/{version_id}", tags=["versions"])
+    def update_version(version_id: str, body: UpdateBody, p: Principal = Depends(principal)) -> dict[str, Any]:
+        version_for(p, version_id, write=True)
+        ttl: Any = body.ttl_seconds if "ttl_seconds" in body.model_fields_set else "keep"
+        return record_to_json(reg.update_version(version_id, aliases=body.aliases, tags=body.tags,
+                                                 metadata=body.metadata, description=body.description,
+                                                 ttl_seconds=ttl))
+
+    @app.delete("/api/v1/versions/{version_id}", tags=["versions"], status_code=204)
+    def delete_version(version_id: str, delete_aliases: bool = False, p: Principal = Depends(principal)) -> Response:
+        version_for(p, version_id, write=True)
+        reg.delete_version(version_id, delete_aliases)
+        return Response(status_code=204)
+
+    @app.post("/api/v1/versions/{version_id}/link", tags=["versions"])
+    def link_version(version_id: str, body: LinkBody, p: Principal = Depends(principal)) -> dict[str, Any]:
+        version_for(p, version_id)
+        p.require(body.entity, write=True)
+        return record_to_json(reg.link_version(version_id, body.entity, body.project, body.collection, body.aliases))
+
+    @app.post("/api/v1/versions/{version_id}/unlink", tags=["versions"], status_code=204)
+    def unlink_version(version_id: str, p: Principal = Depends(principal)) -> Response:
+        version_for(p, version_id, write=True)
+        reg.unlink_version(version_id)
+        return Response(status_code=204)
+
+    @app.put("/api/v1/entities/{entity}/default-ttl", tags=["versions"], status_code=204)
+    def set_entity_default_ttl(entity: str, body: TTLBody, p: Principal = Depends(principal)) -> Response:
+        p.require(entity, write=True)
+        reg.set_entity_default_ttl(entity, body.ttl_seconds)
+        return Response(status_code=204)
+
+    @app.post("/api/v1/gc", tags=["versions"])
+    def gc_expired(p: Principal = Depends(principal)) -> list[dict[str, Any]]:
+        """Delete versions whose TTL ran out (any caller may trigger it: they are expired anyway)."""
+        return readable(p, reg.gc_expired())
+
+    @app.get("/api/v1/versions/{version_id}/runs", tags=["lineage"])
+    def runs_using(version_id: str, p: Principal = Depends(principal)) -> list[dict[str, Any]]:
+        version_for(p, version_id)
+        return [record_to_json(r) for r in reg.runs_using(version_id) if p.role_in(r.entity)]
+
+    # -- runs -----------------------------------------------------------------------------------
+    runs_path = "/api/v1/entities/{entity}/projects/{project}/runs"
+
+    @app.post(runs_path, tags=["lineage"])
+    def create_run(entity: str, project: str, body: RunBody, p: Principal = Depends(principal)) -> dict[str, Any]:
+        p.require(entity, write=True)
+        return record_to_json(reg.create_run(entity, project, body.run_id, name=body.name,
+                                             job_type=body.job_type, config=body.config))
+
+    @app.get(runs_path, tags=["lineage"])
+    def list_runs(entity: str, project: str, p: Principal = Depends(principal)) -> list[dict[str, Any]]:
+        p.require(entity)
+        return [record_to_json(r) for r in reg.list_runs(entity, project)]
+
+    @app.get(runs_path + "/{run_id}", tags=["lineage"])
+    def get_run(entity: str, project: str, run_id: str, p: Principal = Depends(principal)) -> dict[str, Any]:
+        p.require(entity)
+        return record_to_json(reg.get_run(entity, project, run_id))
+
+    @app.post(runs_path + "/{run_id}/finish", tags=["lineage"], status_code=204)
+    def finish_run(entity: str, project: str, run_id: str, body: FinishBody,
+                   p: Principal = Depends(principal)) -> Response:
+        p.require(entity, write=True)
+        reg.finish_run(entity, project, run_id, body.state)
+        return Response(status_code=204)
+
+    @app.post(runs_path + "/{run_id}/use", tags=["lineage"], status_code=204)
+    def record_use(entity: str, project: str, run_id: str, body: UseBody, p: Principal = Depends(principal)) -> Response:
+        p.require(entity, write=True)
+        version_for(p, body.version_id)  # using an artifact needs read access to it
+        reg.record_use(entity, project, run_id, body.version_id, body.use_as)
+        return Response(status_code=204)
+
+    @app.get(runs_path + "/{run_id}/logged", tags=["lineage"])
+    def versions_logged_by(entity: str, project: str, run_id: str, p: Principal = Depends(principal)) -> list[dict[str, Any]]:
+        p.require(entity)
+        return readable(p, reg.versions_logged_by(entity, project, run_id))
+
+    @app.get(runs_path + "/{run_id}/used", tags=["lineage"])
+    def versions_used_by(entity: str, project: str, run_id: str, p: Principal = Depends(principal)) -> list[dict[str, Any]]:
+        p.require(entity)
+        return readable(p, reg.versions_used_by(entity, project, run_id))
+
+    # -- blobs ----------------------------------------------------------------------------------
+    blob_path = "/api/v1/entities/{entity}/blobs/{md5}"
+
+    def blob_key(p: Principal, entity: str, md5: str, write: bool = False) -> None:
+        p.require(entity, write=write)
+        if not is_md5_hex(md5):
+            raise InvalidNameError(f"{md5!r} is not an md5 hex digest")
+
+    def signed(op: str, entity: str, md5: str) -> str:
+        expires = int(time.time()) + server.url_ttl
+        return f"/blobdata/{entity}/{md5}?op={op}&expires={expires}&sig={auth.sign(op, entity, md5, expires)}"
+
+    @app.post("/api/v1/entities/{entity}/blobs/missing", tags=["blobs"])
+    def missing_blobs(entity: str, body: MissingBody, p: Principal = Depends(principal)) -> dict[str, list[str]]:
+        p.require(entity)
+        return {"missing": sorted(reg.missing_blobs(entity, body.md5s))}
+
+    @app.post(blob_path + "/uploads", tags=["blobs"])
+    def plan_upload(entity: str, md5: str, body: UploadBody, p: Principal = Depends(principal)) -> dict[str, Any]:
+        """How to upload this blob: ``exists`` (nothing to do), ``put`` (one URL) or ``multipart``."""
+        blob_key(p, entity, md5, write=True)
+        if not reg.missing_blobs(entity, [md5]):
+            return {"method": "exists"}
+        if isinstance(server.blobs, S3BlobBackend):
+            return server.blobs.plan_upload(entity, md5, body.size, server.url_ttl, body.part_md5s)
+        return {"method": "put", "url": signed("put", entity, md5), "headers": {}}
+
+    @app.post(blob_path + "/complete", tags=["blobs"], status_code=204)
+    def complete_upload(entity: str, md5: str, body: CompleteBody, p: Principal = Depends(principal)) -> Response:
+        """Verify an uploaded blob against its md5 and register it, so versions may reference it."""
+        blob_key(p, entity, md5, write=True)
+        if isinstance(server.blobs, S3BlobBackend):
+            if reg.missing_blobs(entity, [md5]) or body.upload:
+                server.blobs.complete_upload(entity, md5, body.size, body.upload, body.etags)
+                reg.register_blob(entity, md5, body.size)
+        elif reg.missing_blobs(entity, [md5]):
+            raise DigestMismatchError(f"blob {md5} was not uploaded (or did not match its md5); upload it again")
+        return Response(status_code=204)
+
+    @app.get(blob_path + "/url", tags=["blobs"])
+    def download_url(entity: str, md5: str, p: Principal = Depends(principal)) -> dict[str, Any]:
+        """A short-lived URL for the blob (send Range on it) and the blob's size."""
+        blob_key(p, entity, md5)
+        if reg.missing_blobs(entity, [md5]):
+            raise NotFoundError(f"blob {md5} not found in {entity}")
+        size = server.blobs.size(entity, md5)
+        if isinstance(server.blobs, S3BlobBackend):
+            url = server.blobs.presign_get(entity, md5, server.url_ttl)
+        else:
+            url = signed("get", entity, md5)
+        return {"url": url, "expires_in": server.url_ttl, "size": size}
+
+    # -- blob bytes through the server (local-directory backend only) ---------------------------
+    def check_signed(op: str, entity: str, md5: str, expires: int, sig: str) -> LocalBlobBackend:
+        auth.check_signature(op, entity, md5, expires, sig)
+        if not isinstance(server.blobs, LocalBlobBackend):
+            raise NotFoundError("this server keeps blobs in S3; ask /url for a presigned URL")
+        return server.blobs
+
+    @app.get("/blobdata/{entity}/{md5}", tags=["blobs"])
+    def get_blob_bytes(entity: str, md5: str, expires: int = Query(...), sig: str = Query(...),
+                       op: str = Query("get")) -> FileResponse:
+        """The blob's bytes with Range support (HTTP 206), for a URL from ``/url``."""
+        backend = check_signed("get", entity, md5, expires, sig)
+        path = backend.path(entity, md5)
+        if not path.is_file():
+            raise NotFoundError(f"blob {md5} not found in {entity}")
+        return FileResponse(path, media_type="application/octet-stream")
+
+    @app.put("/blobdata/{entity}/{md5}", tags=["blobs"], status_code=204)
+    def put_blob_bytes(entity: str, md5: str, request: Request, expires: int = Query(...), sig: str = Query(...),
+                       op: str = Query("put")) -> Response:
+        """Upload for a URL from ``/uploads``: streamed to disk, hashed, refused unless it matches."""
+        backend = check_signed("put", entity, md5, expires, sig)
+        validate_entity(entity)
+        size = backend.put_stream(entity, md5, _BodyReader(request))
+        reg.register_blob(entity, md5, size)
+        return Response(status_code=204)
+
+    return app
+
+
+class _BodyReader:
+    """The request body as a blocking file object, for a sync route running in a worker thread."""
+
+    def __init__(self, request: Request) -> None:
+        self._chunks: Iterator[bytes] | None = None
+        self._stream = request.stream()
+        self._buf = b""
+        self._done = False
+
+    def _next(self) -> bytes | None:
+        try:
+            return anyio.from_thread.run(self._stream.__anext__)
+        except StopAsyncIteration:
+            return None
+
+    def read(self, n: int = -1) -> bytes:
+        while not self._done and (n < 0 or len(self._buf) < n):
+            chunk = self._next()
+            if chunk is None:
+                self._done = True
+            else:
+                self._buf += chunk
+        if n < 0:
+            out, self._buf = self._buf, b""
+        else:
+            out, self._buf = self._buf[:n], self._buf[n:]
+        return out

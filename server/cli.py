@@ -1,0 +1,173 @@
+"""``artifactfs server`` (run the registry server) and ``artifactfs admin`` (users, teams, keys).
+
+The lead's CLI imports this module lazily and adds :data:`server_command` and
+:data:`admin_command`; ``python -m server.cli`` runs both on their own (tests use that).
+Admin commands talk to the database directly, as server operators do, and need no API key.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+import click
+
+DB_HELP = "sqlite:///path (one machine) or postgresql://user@host/db"
+DEFAULT_DB = "sqlite:///artifactfs-server.db"
+
+
+@click.command("server")
+@click.option("--db", "db_url", default=DEFAULT_DB, show_default=True, envvar="ARTIFACTFS_SERVER_DB", help=DB_HELP)
+@click.option("--blobs", "blobs_url", default="./artifactfs-blobs", show_default=True, envvar="ARTIFACTFS_SERVER_BLOBS",
+              help="a local directory, or s3://bucket/prefix")
+@click.option("--s3-endpoint-url", default=None, envvar="ARTIFACTFS_S3_ENDPOINT_URL",
+              help="endpoint of an S3-compatible store (MinIO, Ceph, moto …)")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8600, show_default=True, type=int)
+@click.option("--workers", default=1, show_default=True, type=int, help="server processes (stateless, share the DB)")
+@click.option("--url-ttl", default=300, show_default=True, type=int, help="lifetime of blob URLs, seconds")
+@click.option("--log-level", default="info", show_default=True)
+def server_command(db_url: str, blobs_url: str, s3_endpoint_url: str | None, host: str, port: int, workers: int,
+                   url_ttl: int, log_level: str) -> None:
+    """Run the registry server (HTTP API; OpenAPI at /openapi.json)."""
+    import uvicorn
+
+    os.environ["ARTIFACTFS_SERVER_DB"] = db_url
+    os.environ["ARTIFACTFS_SERVER_BLOBS"] = blobs_url
+    os.environ["ARTIFACTFS_URL_TTL"] = str(url_ttl)
+    if s3_endpoint_url:
+        os.environ["ARTIFACTFS_S3_ENDPOINT_URL"] = s3_endpoint_url
+    # Fail fast on a bad --db/--blobs before uvicorn forks workers.
+    from .app import Server
+
+    Server(db_url, blobs_url, s3_endpoint_url, url_ttl).close()
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    uvicorn.run("server.app:create_app", factory=True, host=host, port=port, workers=workers,
+                log_level=log_level, access_log=log_level == "debug", timeout_keep_alive=30)
+
+
+@click.group("admin")
+@click.option("--db", "db_url", default=DEFAULT_DB, show_default=True, envvar="ARTIFACTFS_SERVER_DB", help=DB_HELP)
+@click.pass_context
+def admin_command(ctx: click.Context, db_url: str) -> None:
+    """Manage users, teams (entities), memberships and API keys of a registry server."""
+    from client.registry.core import make_engine
+
+    from .auth import AuthDB, normalise_db_url
+
+    ctx.obj = AuthDB(make_engine(normalise_db_url(db_url)))
+
+
+def _fail(exc: Exception) -> None:
+    raise click.ClickException(str(exc))
+
+
+@admin_command.command("create-user")
+@click.argument("name")
+@click.option("--key/--no-key", default=True, show_default=True, help="also create and print an API key")
+@click.pass_obj
+def create_user(auth, name: str, key: bool) -> None:  # type: ignore[no-untyped-def]
+    """Create a user (and its personal entity of the same name)."""
+    from client.errors import ArtifactFSError
+
+    try:
+        auth.create_user(name)
+        if key:
+            click.echo(auth.create_key(name))
+    except ArtifactFSError as exc:
+        _fail(exc)
+
+
+@admin_command.command("create-team")
+@click.argument("name")
+@click.option("--member", "members", multiple=True, help="user to add as a member (repeatable)")
+@click.pass_obj
+def create_team(auth, name: str, members: tuple[str, ...]) -> None:  # type: ignore[no-untyped-def]
+    """Create a team: an entity several users share."""
+    from client.errors import ArtifactFSError
+
+    try:
+        auth.create_team(name)
+        for user in members:
+            auth.add_member(name, user)
+    except ArtifactFSError as exc:
+        _fail(exc)
+
+
+@admin_command.command("add-member")
+@click.argument("team")
+@click.argument("user")
+@click.option("--role", type=click.Choice(["member", "viewer"]), default="member", show_default=True)
+@click.pass_obj
+def add_member(auth, team: str, user: str, role: str) -> None:  # type: ignore[no-untyped-def]
+    """Give USER a role in TEAM (member: read+write, viewer: read)."""
+    from client.errors import ArtifactFSError
+
+    try:
+        auth.add_member(team, user, role)
+    except ArtifactFSError as exc:
+        _fail(exc)
+
+
+@admin_command.command("remove-member")
+@click.argument("team")
+@click.argument("user")
+@click.pass_obj
+def remove_member(auth, team: str, user: str) -> None:  # type: ignore[no-untyped-def]
+    auth.remove_member(team, user)
+
+
+@admin_command.command("create-key")
+@click.argument("user")
+@click.option("--description", default=None)
+@click.pass_obj
+def create_key(auth, user: str, description: str | None) -> None:  # type: ignore[no-untyped-def]
+    """Print a new API key for USER (shown once; only its hash is stored)."""
+    from client.errors import ArtifactFSError
+
+    try:
+        click.echo(auth.create_key(user, description))
+    except ArtifactFSError as exc:
+        _fail(exc)
+
+
+@admin_command.command("revoke-key")
+@click.argument("key_id")
+@click.pass_obj
+def revoke_key(auth, key_id: str) -> None:  # type: ignore[no-untyped-def]
+    """Revoke a key by its id (the 8 hex digits after ``afs_``)."""
+    from client.errors import ArtifactFSError
+
+    try:
+        auth.revoke_key(key_id)
+    except ArtifactFSError as exc:
+        _fail(exc)
+
+
+@admin_command.command("list-users")
+@click.pass_obj
+def list_users(auth) -> None:  # type: ignore[no-untyped-def]
+    for user, roles in auth.list_users():
+        click.echo(f"{user}\t" + ", ".join(f"{t}:{r}" for t, r in roles))
+
+
+@admin_command.command("list-keys")
+@click.option("--user", default=None)
+@click.pass_obj
+def list_keys(auth, user: str | None) -> None:  # type: ignore[no-untyped-def]
+    for k in auth.list_keys(user):
+        state = "revoked" if k["revoked"] else "active"
+        click.echo(f"{k['key_id']}\t{k['user']}\t{state}\t{k['created_at']}\t{k['description'] or ''}")
+
+
+@click.group()
+def main() -> None:
+    """Standalone entry point: ``python -m server.cli server|admin …``."""
+
+
+main.add_command(server_command)
+main.add_command(admin_command)
+
+if __name__ == "__main__":
+    sys.exit(main())
