@@ -1,0 +1,368 @@
+"""``Api``: the W&B public API (read and manage what is in a store), over the Store protocol.
+
+Name rules (from the W&B reference): an artifact is ``name:version`` or ``name:alias``,
+optionally prefixed by ``project/`` or ``entity/project/``; the entity defaults to
+``overrides["entity"]`` or the configured default entity, the project to
+``overrides["project"]`` or "uncategorized".  ``overrides["base_url"]`` (or ``"store"``)
+selects the store like ARTIFACTFS_STORE.
+
+Collections returned by list methods are *paginated views*: iterating fetches pages of
+``per_page`` items; ``len()`` and indexing work too.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+from . import names, settings
+from .errors import InvalidNameError, NotFoundError
+from .store.base import CollectionRecord, RunRecord, Store
+from .transfer import get_store
+
+if TYPE_CHECKING:
+    from .artifact import Artifact
+
+__all__ = ["Api", "ArtifactCollection", "ArtifactType", "Paginator", "Project", "Run"]
+
+T = TypeVar("T")
+
+
+class Paginator(Sequence[T], Generic[T]):
+    """A lazily fetched list, iterated in pages of ``per_page``."""
+
+    def __init__(self, fetch: Callable[[], list[T]], per_page: int | None = 50) -> None:
+        self._fetch = fetch
+        self.per_page = max(1, per_page or 50)
+        self._items: list[T] | None = None
+
+    def _all(self) -> list[T]:
+        if self._items is None:
+            self._items = self._fetch()
+        return self._items
+
+    def pages(self) -> Iterator[list[T]]:
+        items = self._all()
+        for i in range(0, len(items), self.per_page):
+            yield items[i:i + self.per_page]
+
+    def __iter__(self) -> Iterator[T]:
+        for page in self.pages():
+            yield from page
+
+    def __len__(self) -> int:
+        return len(self._all())
+
+    def __getitem__(self, i):  # type: ignore[no-untyped-def,override]
+        return self._all()[i]
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} of {len(self)}>"
+
+
+class Artifacts(Paginator["Artifact"]):
+    """Versions of one collection, newest first (W&B order)."""
+
+
+class ArtifactCollections(Paginator["ArtifactCollection"]):
+    pass
+
+
+class ArtifactTypes(Paginator["ArtifactType"]):
+    pass
+
+
+class Projects(Paginator["Project"]):
+    pass
+
+
+class Runs(Paginator["Run"]):
+    pass
+
+
+def _artifacts(store: Store, records: list[Any]) -> list[Artifact]:
+    from .artifact import Artifact
+
+    return [Artifact._from_record(store, r) for r in records]
+
+
+class Run:
+    """A run as the public API sees it (``Api().run(path)``), with its lineage."""
+
+    def __init__(self, store: Store, record: RunRecord) -> None:
+        self._store = store
+        self._record = record
+
+    @classmethod
+    def _from_record(cls, store: Store, record: RunRecord) -> Run:
+        return cls(store, record)
+
+    id = property(lambda self: self._record.id)
+    entity = property(lambda self: self._record.entity)
+    project = property(lambda self: self._record.project)
+    name = property(lambda self: self._record.name)
+    job_type = property(lambda self: self._record.job_type)
+    config = property(lambda self: dict(self._record.config))
+    created_at = property(lambda self: self._record.created_at)
+    path = property(lambda self: self._record.path)
+
+    @property
+    def state(self) -> str:
+        """Re-read from the store: another process may have finished the run."""
+        return self._store.get_run(self.entity, self.project, self.id).state
+
+    def logged_artifacts(self, per_page: int = 100) -> Paginator[Artifact]:
+        return Paginator(lambda: _artifacts(self._store, self._store.versions_logged_by(
+            self.entity, self.project, self.id)), per_page)
+
+    def used_artifacts(self, per_page: int = 100) -> Paginator[Artifact]:
+        return Paginator(lambda: _artifacts(self._store, self._store.versions_used_by(
+            self.entity, self.project, self.id)), per_page)
+
+    def log_artifact(self, artifact: Artifact, aliases: Sequence[str] | None = None,
+                     tags: Sequence[str] | None = None) -> Artifact:
+        """Declare ``artifact`` an output of this run (a draft is logged)."""
+        return artifact._log(self._store, self.entity, self.project, self.id, aliases, tags)
+
+    def use_artifact(self, artifact: Artifact, use_as: str | None = None) -> Artifact:
+        """Declare a logged ``artifact`` an input of this run."""
+        rec = artifact._ensure_logged("use_artifact")
+        self._store.record_use(self.entity, self.project, self.id, rec.id, use_as)
+        return artifact
+
+    def __repr__(self) -> str:
+        return f"<Run {self.path} ({self._record.state})>"
+
+
+class ArtifactCollection:
+    """A named sequence of versions (``entity/project/name``) of one type."""
+
+    def __init__(self, store: Store, record: CollectionRecord) -> None:
+        self._store = store
+        self._record = record
+
+    @classmethod
+    def _load(cls, store: Store, entity: str, project: str, name: str) -> ArtifactCollection:
+        return cls(store, store.get_collection(entity, project, name))
+
+    name = property(lambda self: self._record.name)
+    type = property(lambda self: self._record.type)
+    entity = property(lambda self: self._record.entity)
+    project = property(lambda self: self._record.project)
+    description = property(lambda self: self._record.description)
+    tags = property(lambda self: list(self._record.tags))
+    created_at = property(lambda self: self._record.created_at)
+
+    @property
+    def aliases(self) -> list[str]:
+        """Every alias held by some version of the collection."""
+        return sorted(self._record.aliases)
+
+    @property
+    def is_sequence(self) -> bool:
+        """True: collections logged to are sequences (portfolios arrive with links, issue 7)."""
+        return True
+
+    def versions(self, per_page: int = 50) -> Artifacts:
+        r = self._record
+        return Artifacts(lambda: _artifacts(self._store, list(reversed(
+            self._store.list_versions(r.entity, r.project, r.name)))), per_page)
+
+    artifacts = versions
+
+    def __repr__(self) -> str:
+        return f"<ArtifactCollection {self.entity}/{self.project}/{self.name} ({self.type})>"
+
+
+class ArtifactType:
+    """An artifact type within a project, and the collections of that type."""
+
+    def __init__(self, store: Store, entity: str, project: str, name: str) -> None:
+        self._store = store
+        self.entity, self.project, self.name = entity, project, name
+
+    def collections(self, per_page: int = 50) -> ArtifactCollections:
+        return ArtifactCollections(lambda: [ArtifactCollection(self._store, c) for c in self._store.list_collections(
+            self.entity, self.project, self.name)], per_page)
+
+    def collection(self, name: str) -> ArtifactCollection:
+        col = ArtifactCollection._load(self._store, self.entity, self.project, name)
+        if col.type != self.name:
+            raise NotFoundError(f"no {self.name!r} collection named {name!r} in {self.entity}/{self.project}")
+        return col
+
+    def __repr__(self) -> str:
+        return f"<ArtifactType {self.name} in {self.entity}/{self.project}>"
+
+
+class Project:
+    def __init__(self, store: Store, entity: str, name: str) -> None:
+        self._store = store
+        self.entity, self.name = entity, name
+
+    @property
+    def path(self) -> list[str]:
+        return [self.entity, self.name]
+
+    def artifacts_types(self, per_page: int = 50) -> ArtifactTypes:
+        return ArtifactTypes(lambda: [ArtifactType(self._store, self.entity, self.name, t)
+                                      for t in self._store.list_types(self.entity, self.name)], per_page)
+
+    def __repr__(self) -> str:
+        return f"<Project {self.entity}/{self.name}>"
+
+
+class Api:
+    """Query and manage artifacts in a store (the W&B ``wandb.Api``)."""
+
+    def __init__(self, overrides: dict[str, Any] | None = None, timeout: int | None = None,
+                 api_key: str | None = None) -> None:
+        self.settings: dict[str, Any] = dict(overrides or {})
+        self.timeout = timeout
+        location = self.settings.get("store") or self.settings.get("base_url")
+        self._store = get_store(location, api_key=api_key)
+
+    @property
+    def default_entity(self) -> str:
+        return self.settings.get("entity") or settings.default_entity()
+
+    @property
+    def default_project(self) -> str:
+        return self.settings.get("project") or names_default_project()
+
+    def flush(self) -> None:
+        """Nothing is cached between calls; kept for W&B compatibility."""
+
+    # -- name parsing ----------------------------------------------------------------------
+    def _path(self, name: str, *, selector: bool) -> names.ArtifactPath:
+        if not name or not isinstance(name, str):
+            raise InvalidNameError("an artifact name is required, e.g. 'entity/project/dataset:latest'")
+        path = names.parse_artifact_path(name, default_entity=self.default_entity,
+                                         default_project=self.default_project)
+        if not selector and path.selector:
+            raise InvalidNameError(f"{name!r} names a version; give the collection name without ':'")
+        return path
+
+    def _project_path(self, project: str | None) -> tuple[str, str]:
+        if not project:
+            return self.default_entity, self.default_project
+        parts = project.split("/")
+        if len(parts) == 1:
+            return self.default_entity, names.validate_project(parts[0])
+        if len(parts) == 2:
+            return names.validate_entity(parts[0]), names.validate_project(parts[1])
+        raise InvalidNameError(f"project path {project!r} must be 'project' or 'entity/project'")
+
+    # -- artifacts -------------------------------------------------------------------------------
+    def artifact(self, name: str, type: str | None = None) -> Artifact:
+        """One version: ``[entity/][project/]name[:version|:alias]`` (``latest`` if none)."""
+        from .artifact import Artifact
+
+        path = self._path(name, selector=True)
+        record = self._store.resolve(path.entity, path.project, path.collection, path.selector or "latest")
+        if type is not None and record.type != type:
+            raise InvalidNameError(f"artifact {path} has type {record.type!r}, but type {type!r} was requested")
+        return Artifact._from_record(self._store, record)
+
+    def artifact_exists(self, name: str, type: str | None = None) -> bool:
+        try:
+            self.artifact(name, type)
+        except (NotFoundError, ValueError):
+            return False
+        return True
+
+    def artifact_collection(self, type_name: str, name: str) -> ArtifactCollection:
+        path = self._path(name, selector=False)
+        col = ArtifactCollection._load(self._store, path.entity, path.project, path.collection)
+        if col.type != type_name:
+            raise NotFoundError(f"no {type_name!r} collection {path}: it has type {col.type!r}")
+        return col
+
+    def artifact_collection_exists(self, name: str, type: str) -> bool:
+        try:
+            self.artifact_collection(type, name)
+        except (NotFoundError, ValueError):
+            return False
+        return True
+
+    def artifact_collections(self, project_name: str, type_name: str, per_page: int | None = 50) -> ArtifactCollections:
+        entity, project = self._project_path(project_name)
+        return ArtifactCollections(lambda: [ArtifactCollection(self._store, c) for c in
+                                            self._store.list_collections(entity, project, type_name)], per_page)
+
+    def artifact_type(self, type_name: str, project: str | None = None) -> ArtifactType:
+        entity, proj = self._project_path(project)
+        if type_name not in self._store.list_types(entity, proj):
+            raise NotFoundError(f"no artifacts of type {type_name!r} in {entity}/{proj}")
+        return ArtifactType(self._store, entity, proj, type_name)
+
+    def artifact_types(self, project: str | None = None) -> ArtifactTypes:
+        entity, proj = self._project_path(project)
+        return ArtifactTypes(lambda: [ArtifactType(self._store, entity, proj, t)
+                                      for t in self._store.list_types(entity, proj)])
+
+    def artifacts(self, type_name: str, name: str, per_page: int | None = 50,
+                  tags: list[str] | None = None) -> Artifacts:
+        """Versions of collection ``name`` (newest first), only those carrying all ``tags``."""
+        col = self.artifact_collection(type_name, name)
+        wanted = set(tags or [])
+        return Artifacts(lambda: [a for a in col.versions() if wanted.issubset(a.tags)], per_page)
+
+    def artifact_versions(self, type_name: str, name: str, per_page: int | None = 50) -> Artifacts:
+        """Deprecated alias of :meth:`artifacts`."""
+        warnings.warn("Api.artifact_versions is deprecated; use Api.artifacts", DeprecationWarning, stacklevel=2)
+        return self.artifacts(type_name, name, per_page)
+
+    # -- projects and runs ------------------------------------------------------------------------
+    def project(self, name: str, entity: str | None = None) -> Project:
+        entity = names.validate_entity(entity or self.default_entity)
+        if names.validate_project(name) not in self._store.list_projects(entity):
+            raise NotFoundError(f"project {entity}/{name} not found")
+        return Project(self._store, entity, name)
+
+    def projects(self, entity: str | None = None, per_page: int | None = 200) -> Projects:
+        entity = names.validate_entity(entity or self.default_entity)
+
+        def fetch() -> list[Project]:
+            try:
+                return [Project(self._store, entity, p) for p in self._store.list_projects(entity)]
+            except NotFoundError:
+                return []
+
+        return Projects(fetch, per_page)
+
+    def run(self, path: str = "") -> Run:
+        """``entity/project/run_id``, ``project/run_id`` or ``run_id`` (defaults fill the rest)."""
+        parts = [p for p in path.split("/") if p]
+        if "runs" in parts:
+            parts.remove("runs")  # W&B URLs: entity/project/runs/id
+        if not parts or len(parts) > 3:
+            raise InvalidNameError(f"run path {path!r} must be 'entity/project/run_id' (or shorter with defaults)")
+        run_id = parts[-1]
+        entity, project = self._project_path("/".join(parts[:-1]) or None)
+        return Run(self._store, self._store.get_run(entity, project, run_id))
+
+    def runs(self, path: str | None = None, filters: dict[str, Any] | None = None, order: str = "+created_at",
+             per_page: int = 50, include_sweeps: bool = True) -> Runs:
+        """Runs of a project, oldest first (``order="-created_at"`` reverses); ``filters`` may
+        match ``job_type``/``jobType``, ``state``, ``name``/``display_name`` exactly."""
+        entity, project = self._project_path(path)
+        lister = getattr(self._store, "list_runs", None)
+        if lister is None:
+            raise NotImplementedError("this store cannot list runs")
+        keys = {"jobType": "job_type", "displayName": "name", "display_name": "name"}
+        flt = {keys.get(k, k): v for k, v in (filters or {}).items()}
+
+        def fetch() -> list[Run]:
+            out = [Run(self._store, r) for r in lister(entity, project)
+                   if all(getattr(r, k, None) == v for k, v in flt.items())]
+            out.sort(key=lambda r: r.created_at or dt.datetime.min, reverse=order.startswith("-"))
+            return out
+
+        return Runs(fetch, per_page)
+
+
+def names_default_project() -> str:
+    return settings.default_project()

@@ -1,0 +1,171 @@
+"""``init()`` and the SDK ``Run``: the unit of lineage.
+
+A run logs artifacts (outputs) and uses artifacts (inputs); the store records both, which is
+what ``Artifact.logged_by()``/``used_by()`` and ``Run.logged_artifacts()``/``used_artifacts()``
+read back.  Like W&B there is one *current* run per process (``init`` sets it, ``finish``
+clears it); ``Artifact.save()`` without one creates a short run of job type "auto".
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import uuid
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Sequence
+
+from . import names, settings
+from .api import Run as PublicRun
+from .artifact import Artifact
+from .errors import ArtifactFSError, InvalidNameError
+from .store import Store
+from .transfer import close_stores, get_store
+
+__all__ = ["Run", "current_run", "init", "log_artifact", "use_artifact"]
+
+_current: Run | None = None
+_current_lock = threading.Lock()
+
+
+class Run(PublicRun):
+    """A live run: adds finishing and the context-manager protocol to the public Run."""
+
+    def __init__(self, store: Store, record: Any) -> None:
+        super().__init__(store, record)
+        self._finished = False
+
+    def log_artifact(self, artifact_or_path: Artifact | str | os.PathLike[str], name: str | None = None,
+                     type: str | None = None, aliases: Sequence[str] | None = None,
+                     tags: Sequence[str] | None = None) -> Artifact:
+        """Log an artifact (or a file/directory path, wrapped in a new artifact) as an output.
+
+        A path becomes an artifact named ``name`` (default ``run-<id>-<basename>``) of type
+        ``type`` (default "unspecified").  Logging content equal to ``latest`` is a no-op that
+        returns that version, with the new aliases and tags added.
+        """
+        self._check_live()
+        if isinstance(artifact_or_path, Artifact):
+            artifact = artifact_or_path
+        else:
+            path = Path(artifact_or_path)
+            artifact = Artifact(name or f"run-{self.id}-{path.name}", type or "unspecified")
+            if path.is_dir():
+                artifact.add_dir(path)
+            elif path.is_file():
+                artifact.add_file(path)
+            else:
+                raise FileNotFoundError(f"nothing to log at {path}")
+        return artifact._log(self._store, self.entity, self.project, self.id, aliases, tags)
+
+    def use_artifact(self, artifact_or_name: Artifact | str, type: str | None = None,
+                     aliases: Sequence[str] | None = None, use_as: str | None = None) -> Artifact:
+        """Declare an artifact as an input of this run and return it (logged).
+
+        A name is resolved like ``Api.artifact`` within the run's entity/project (``latest``
+        when no version is given).  A draft artifact is first logged (without this run as its
+        producer), with ``aliases``.
+        """
+        self._check_live()
+        if isinstance(artifact_or_name, str):
+            path = names.parse_artifact_path(artifact_or_name, default_entity=self.entity,
+                                             default_project=self.project)
+            record = self._store.resolve(path.entity, path.project, path.collection, path.selector or "latest")
+            if type is not None and record.type != type:
+                raise InvalidNameError(f"artifact {path} has type {record.type!r}, not {type!r}")
+            artifact = Artifact._from_record(self._store, record)
+        else:
+            artifact = artifact_or_name
+            if type is not None and artifact.type != type:
+                raise InvalidNameError(f"artifact {artifact.name!r} has type {artifact.type!r}, not {type!r}")
+            if artifact.is_draft():
+                artifact._log(self._store, self.entity, self.project, None, aliases)
+        artifact._use_as = use_as or artifact._use_as
+        assert artifact.id is not None
+        self._store.record_use(self.entity, self.project, self.id, artifact.id, use_as)
+        return artifact
+
+    def finish(self, exit_code: int | None = None) -> None:
+        """Mark the run finished (crashed for a non-zero exit code) and stop being current."""
+        global _current
+        if self._finished:
+            return
+        self._finished = True
+        self._store.finish_run(self.entity, self.project, self.id, "finished" if not exit_code else "crashed")
+        with _current_lock:
+            if _current is self:
+                _current = None
+
+    def _check_live(self) -> None:
+        if self._finished:
+            raise ArtifactFSError(f"run {self.path} is finished; start a new one with client.init()")
+
+    def __enter__(self) -> Run:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.finish(exit_code=1 if exc_type is not None else 0)
+
+
+def current_run() -> Run | None:
+    return _current
+
+
+def init(entity: str | None = None, project: str | None = None, job_type: str | None = None,
+         name: str | None = None, config: dict[str, Any] | None = None, id: str | None = None,
+         reinit: bool | str = False, store: str | None = None, **_ignored: Any) -> Run:
+    """Start a run and make it the current one.
+
+    ``reinit``: False returns the current run if one is active (W&B's script behaviour);
+    True / "finish_previous" finishes it first; "create_new" starts another alongside.
+    ``store`` overrides ARTIFACTFS_STORE for this run.  Other W&B keyword arguments are
+    accepted and ignored so W&B scripts run unchanged.
+    """
+    global _current
+    with _current_lock:
+        previous = _current
+    if previous is not None and not previous._finished:
+        if reinit is False or reinit == "return_previous":
+            return previous
+        if reinit is True or reinit == "finish_previous":
+            previous.finish()
+    st = get_store(store)
+    entity = names.validate_entity(entity or settings.default_entity())
+    project = names.validate_project(project or settings.default_project())
+    run_id = id or uuid.uuid4().hex[:8]
+    record = st.create_run(entity, project, run_id, name=name, job_type=job_type, config=config)
+    run = Run(st, record)
+    with _current_lock:
+        _current = run
+    return run
+
+
+def log_artifact(artifact_or_path: Artifact | str | os.PathLike[str], name: str | None = None,
+                 type: str | None = None, aliases: Sequence[str] | None = None,
+                 tags: Sequence[str] | None = None) -> Artifact:
+    """``wandb.log_artifact``: log through the current run (call ``init()`` first)."""
+    run = _require_run("log_artifact")
+    return run.log_artifact(artifact_or_path, name=name, type=type, aliases=aliases, tags=tags)
+
+
+def use_artifact(artifact_or_name: Artifact | str, type: str | None = None,
+                 aliases: Sequence[str] | None = None, use_as: str | None = None) -> Artifact:
+    """``wandb.use_artifact``: declare an input of the current run (call ``init()`` first)."""
+    run = _require_run("use_artifact")
+    return run.use_artifact(artifact_or_name, type=type, aliases=aliases, use_as=use_as)
+
+
+def _require_run(what: str) -> Run:
+    run = _current
+    if run is None:
+        raise ArtifactFSError(f"call client.init() before client.{what}()")
+    return run
+
+
+def _reset_for_tests() -> None:
+    """Forget the current run and close cached stores (tests switch stores between cases)."""
+    global _current
+    with _current_lock:
+        _current = None
+    close_stores()

@@ -1,0 +1,358 @@
+"""Moving bytes for the SDK: hashing local files into staging, uploading what the store lacks,
+and downloading entries through the content-addressed cache.
+
+Kept apart from :mod:`client.artifact` so the artifact module is about the W&B surface and
+this one about I/O.  Every write to a user's directory goes to a temp file next to the target
+and is renamed into place after its md5 was checked, so an interrupted download never leaves
+a file that looks complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import tempfile
+import threading
+import urllib.parse
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from . import settings
+from .cache import Cache
+from .errors import ArtifactFSError, DigestMismatchError, NotFoundError
+from .hashing import b64_to_hex, hex_to_b64, is_md5_hex
+from .manifest import ManifestEntry
+from .store import Store, open_store
+
+log = logging.getLogger(__name__)
+
+_CHUNK = 1 << 20
+_READ_CHUNK = 16 << 20  #: bytes per read_blob call when streaming from a store
+_PROGRESS_MIN_BYTES = 64 << 20  #: show a progress bar for transfers larger than this
+_WORKERS = 8
+
+_stores: dict[tuple[str, int], Store] = {}
+_stores_lock = threading.Lock()
+
+
+def get_store(location: str | None = None, api_key: str | None = None) -> Store:
+    """One open store per location and process (SQLite engines must not cross a fork)."""
+    loc = location or settings.store_location()
+    key = (loc, os.getpid())
+    with _stores_lock:
+        store = _stores.get(key)
+        if store is None:
+            store = _stores[key] = open_store(loc, api_key=api_key)
+        return store
+
+
+def close_stores() -> None:
+    """Close every store this process opened (tests switch stores between cases)."""
+    with _stores_lock:
+        for (_, pid), store in list(_stores.items()):
+            if pid == os.getpid():
+                store.close()
+        _stores.clear()
+
+
+def get_cache() -> Cache:
+    return Cache()
+
+
+def default_root(name: str) -> Path:
+    """W&B's default download directory: ``./artifacts/<collection>:<version>``."""
+    return Path("artifacts") / name
+
+
+def parse_file_uri(uri: str) -> Path | None:
+    """The local path of a ``file://`` URI, or None for any other scheme."""
+    parsed = urllib.parse.urlparse(uri)
+    if parsed.scheme != "file":
+        return None
+    if parsed.netloc not in ("", "localhost"):
+        raise ArtifactFSError(f"file reference {uri!r} names a host; only local file:// URIs are supported")
+    return Path(urllib.parse.unquote(parsed.path))
+
+
+@dataclass
+class ArtifactManifestEntry(ManifestEntry):
+    """A manifest entry that knows its artifact, so it can download itself (W&B's entry type)."""
+
+    _artifact: Any = field(default=None, repr=False, compare=False)
+    _cache_after_upload: bool = field(default=False, repr=False, compare=False)
+
+    @classmethod
+    def wrap(cls, e: ManifestEntry, artifact: Any) -> ArtifactManifestEntry:
+        out = cls(path=e.path, digest=e.digest, size=e.size, ref=e.ref, extra=dict(e.extra),
+                  birth_artifact_id=e.birth_artifact_id, local_path=e.local_path)
+        out._artifact = artifact
+        return out
+
+    @property
+    def name(self) -> str:
+        return self.path
+
+    def ref_target(self) -> str:
+        """The reference URI of a reference entry (ValueError for uploaded files)."""
+        if self.ref is None:
+            raise ValueError(f"entry {self.path!r} is not a reference")
+        return self.ref
+
+    def download(self, root: str | os.PathLike[str] | None = None, skip_cache: bool | None = None) -> str:
+        """Download just this entry under ``root`` (default: the artifact's download dir)."""
+        art = self._artifact
+        if art is None:
+            raise ArtifactFSError(f"entry {self.path!r} is not attached to an artifact")
+        rec = art._ensure_logged("entry download")
+        dest = Path(root) if root is not None else default_root(art.name)
+        download_entries(art._store, rec.entity, [self], dest, skip_cache=bool(skip_cache))
+        return str(dest / self.path)
+
+
+@dataclass(frozen=True)
+class Hashed:
+    """The result of hashing one local file for an entry."""
+
+    digest: str  #: base64 md5 (or the path, for unchecksummed references)
+    size: int | None
+    local_path: str | None  #: where the bytes to upload are
+    source: str | None  #: absolute path the user added (for get_added_local_path_name)
+    cache_after_upload: bool  #: copy into the cache once uploaded (immutable, not skip_cache)
+
+
+def _copy_hashing(src: Path, out: BinaryIO) -> tuple[str, int]:
+    h = hashlib.md5(usedforsecurity=False)
+    size = 0
+    buf = bytearray(_CHUNK)
+    view = memoryview(buf)
+    with open(src, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            h.update(view[:n])
+            out.write(view[:n])
+            size += n
+    return h.hexdigest(), size
+
+
+def _md5_and_size(src: Path) -> tuple[str, int]:
+    h = hashlib.md5(usedforsecurity=False)
+    size = 0
+    buf = bytearray(_CHUNK)
+    view = memoryview(buf)
+    with open(src, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            h.update(view[:n])
+            size += n
+    return h.hexdigest(), size
+
+
+def hash_into_staging(src: Path, policy: str, skip_cache: bool, staging_dir: Callable[[], Path]) -> Hashed:
+    """Hash ``src``; for the mutable policy copy it in the same pass (one read, one write).
+
+    The copy goes into the cache (then it is both the upload source and a warm cache entry),
+    or with ``skip_cache`` into the artifact's private staging directory.
+    """
+    source = os.path.abspath(src)
+    if policy == "immutable":
+        md5, size = _md5_and_size(src)
+        return Hashed(hex_to_b64(md5), size, source, source, not skip_cache)
+    if skip_cache:
+        fd, tmp = tempfile.mkstemp(prefix="staged-", dir=staging_dir())
+        with os.fdopen(fd, "wb") as out:
+            md5, size = _copy_hashing(src, out)
+        os.chmod(tmp, 0o444)
+        return Hashed(hex_to_b64(md5), size, tmp, source, False)
+    cache = get_cache()
+    fd, tmp = tempfile.mkstemp(prefix="staged-", suffix=".incomplete", dir=cache.tmp_dir)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            md5, size = _copy_hashing(src, out)
+        hit = cache.lookup(md5, size)
+        path = hit if hit is not None else cache.adopt(md5, tmp)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return Hashed(hex_to_b64(md5), size, str(path), source, False)
+
+
+def _progress(total: int, desc: str) -> Any:
+    """A tqdm bar on a terminal for long transfers; a no-op object otherwise."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc, leave=False,
+                disable=None if total >= _PROGRESS_MIN_BYTES else True)
+
+
+def upload_entries(store: Store, entity: str, entries: Iterable[ManifestEntry], cache: Cache) -> int:
+    """Upload the content of ``entries`` the store lacks; returns the bytes uploaded.
+
+    Entries inherited from an earlier version have no local path: their blobs are already in
+    the store (or, if the store lost them, in the local cache, which is tried as a source).
+    """
+    sources: dict[str, tuple[str | None, int]] = {}
+    to_cache: list[tuple[str, str]] = []
+    for e in entries:
+        if e.ref is not None:
+            continue
+        md5 = b64_to_hex(e.digest)
+        if md5 not in sources or sources[md5][0] is None:
+            sources[md5] = (e.local_path, e.size or 0)
+        if getattr(e, "_cache_after_upload", False) and e.local_path:
+            to_cache.append((md5, e.local_path))
+    missing = store.missing_blobs(entity, sources) if sources else set()
+    jobs: list[tuple[str, Path, int]] = []
+    for md5 in sorted(missing):
+        local, size = sources[md5]
+        path = Path(local) if local else cache.lookup(md5)
+        if path is None:
+            continue  # the commit reports it as a MissingBlobError with a clear message
+        jobs.append((md5, path, size))
+    total = sum(size for _, _, size in jobs)
+    with _progress(total, "upload") as bar, ThreadPoolExecutor(max_workers=_WORKERS) as pool:
+        def put(job: tuple[str, Path, int]) -> int:
+            md5, path, size = job
+            store.put_blob(entity, md5, path, size)
+            bar.update(size)
+            return size
+
+        uploaded = sum(pool.map(put, jobs))
+    for md5, local in to_cache:
+        if cache.lookup(md5) is None:
+            try:
+                cache.add_file(md5, Path(local))
+            except (OSError, DigestMismatchError) as exc:  # the cache is an optimisation only
+                log.warning("could not cache %s: %s", local, exc)
+    return uploaded
+
+
+# -- downloading --------------------------------------------------------------------------------------
+def _stream_blob(store: Store, entity: str, md5: str, size: int, out: BinaryIO) -> None:
+    local = getattr(store, "blob_path", None)
+    if local is not None:
+        with open(local(entity, md5), "rb", buffering=0) as f:
+            buf = bytearray(_CHUNK)
+            view = memoryview(buf)
+            while n := f.readinto(buf):
+                out.write(view[:n])
+        return
+    offset = 0
+    while offset < size:
+        data = store.read_blob(entity, md5, offset, min(_READ_CHUNK, size - offset))
+        if not data:
+            raise ArtifactFSError(f"blob {md5} ended after {offset} of {size} bytes")
+        out.write(data)
+        offset += len(data)
+
+
+def _atomic_write(target: Path, produce: Callable[[BinaryIO], None], md5: str | None) -> None:
+    """Write ``target`` via a temp file next to it; check md5 (if given) before renaming."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name[:100]}.", suffix=".artifactfs-tmp", dir=target.parent)
+    try:
+        with os.fdopen(fd, "wb") as raw:
+            hashing = _HashingSink(raw)
+            produce(hashing)  # type: ignore[arg-type]
+            raw.flush()
+            os.fsync(raw.fileno())
+        if md5 is not None and hashing.hexdigest() != md5:
+            raise DigestMismatchError(f"downloaded content of {target} does not match its md5 {md5}")
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+class _HashingSink:
+    def __init__(self, raw: BinaryIO) -> None:
+        self._raw = raw
+        self._h = hashlib.md5(usedforsecurity=False)
+
+    def write(self, data: Any) -> int:
+        self._h.update(data)
+        return self._raw.write(data)
+
+    def hexdigest(self) -> str:
+        return self._h.hexdigest()
+
+
+def _copy_file(src: Path, out: BinaryIO) -> None:
+    with open(src, "rb", buffering=0) as f:
+        buf = bytearray(_CHUNK)
+        view = memoryview(buf)
+        while n := f.readinto(buf):
+            out.write(view[:n])
+
+
+def _present_and_valid(target: Path, md5: str, size: int | None) -> bool:
+    try:
+        st = target.stat()
+    except FileNotFoundError:
+        return False
+    if size is not None and st.st_size != size:
+        return False
+    return _md5_and_size(target)[0] == md5
+
+
+def _download_reference(e: ManifestEntry, target: Path, allow_missing: bool) -> int:
+    from .artifact import _not_yet
+
+    assert e.ref is not None
+    src = parse_file_uri(e.ref)
+    if src is None:
+        if allow_missing:
+            return 0
+        raise _not_yet(f"downloading the reference {e.ref!r}")
+    if not src.is_file():
+        if allow_missing:
+            log.warning("skipping missing reference %s", e.ref)
+            return 0
+        raise NotFoundError(f"reference {e.ref!r} of entry {e.path!r} is missing; "
+                            "pass allow_missing_references=True to skip it")
+    try:
+        md5 = b64_to_hex(e.digest)
+    except ValueError:
+        md5 = None  # checksum=False reference: nothing to verify
+    if md5 is not None and _present_and_valid(target, md5, e.size):
+        return 0
+    _atomic_write(target, lambda out: _copy_file(src, out), md5)
+    return e.size or 0
+
+
+def download_entries(store: Store, entity: str, entries: list[ManifestEntry], dest: Path, *,
+                     skip_cache: bool = False, allow_missing_references: bool = False) -> int:
+    """Download ``entries`` under ``dest`` in parallel; returns the bytes written."""
+    cache = None if skip_cache else get_cache()
+
+    def one(e: ManifestEntry) -> int:
+        target = dest / e.path
+        if e.ref is not None:
+            return _download_reference(e, target, allow_missing_references)
+        md5, size = b64_to_hex(e.digest), e.size or 0
+        if not is_md5_hex(md5):
+            raise DigestMismatchError(f"entry {e.path!r} has an invalid digest")
+        if _present_and_valid(target, md5, e.size):
+            return 0
+        if cache is None:
+            _atomic_write(target, lambda out: _stream_blob(store, entity, md5, size, out), md5)
+            return size
+        for attempt in (1, 2):
+            obj = cache.fetch(md5, size, lambda out: _stream_blob(store, entity, md5, size, out))
+            try:
+                _atomic_write(target, lambda out: _copy_file(obj, out), md5)
+                return size
+            except DigestMismatchError:
+                cache.drop(md5)  # a corrupted cache object: fetch it again once
+                if attempt == 2:
+                    raise
+        return size
+
+    total = sum(e.size or 0 for e in entries)
+    with _progress(total, "download") as bar, ThreadPoolExecutor(max_workers=_WORKERS) as pool:
+        written = 0
+        for e, n in zip(entries, pool.map(one, entries)):
+            written += n
+            bar.update(e.size or 0)
+    return written
