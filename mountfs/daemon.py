@@ -1,0 +1,144 @@
+"""The mount daemon: wires store, cache, index, namespace and ops, then runs the FUSE loop.
+
+``run(options)`` is the foreground daemon (``artifactfs mount --foreground``).  The CLI's
+background mode starts ``python -m mountfs.daemon '<options as JSON>'`` in a new session and
+waits until the mount shows up in /proc/self/mountinfo (or the child dies); tests use the
+same entry point, so what they mount is exactly what users run.
+
+Shutdown: SIGTERM/SIGINT call ``pyfuse3.terminate()`` and the mount is unmounted on the way
+out; ``fusermount3 -u`` ends ``pyfuse3.main`` the same way.  On any exception the session is
+closed with ``unmount=False`` (the pyfuse3 examples' rule) so the real error is reported.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import signal
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+FSNAME = "artifactfs"
+
+
+@dataclass
+class MountOptions:
+    mountpoint: str
+    store: str | None = None
+    cache_dir: str | None = None
+    cache_size: int | None = None
+    alias_ttl: float = 5.0
+    allow_other: bool = False
+    threads: int = 16  #: worker threads for blocking I/O (trio CapacityLimiter)
+    block_size: int = 1 << 20
+    parallel: int = 8
+    attempts: int = 4
+    backoff: float = 0.1
+    timeout: float = 30.0
+    debug: bool = False
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> "MountOptions":
+        return cls(**json.loads(text))
+
+
+def is_mounted(mountpoint: str | os.PathLike[str]) -> bool:
+    """Whether an artifactfs mount is live at ``mountpoint`` (reads mountinfo, never stats it)."""
+    target = os.path.realpath(mountpoint)
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8") as f:
+            for line in f:
+                fields = line.split()
+                sep = fields.index("-")
+                point = fields[4].encode().decode("unicode_escape")
+                if point == target and fields[sep + 1].startswith(f"fuse.{FSNAME}"):
+                    return True
+    except OSError:
+        pass
+    return False
+
+
+def run(options: MountOptions) -> int:
+    """Mount and serve until unmounted or signalled.  Returns the exit status."""
+    import pyfuse3
+    import trio
+
+    from client.cache import Cache
+    from client.store import open_store
+
+    from .fetch import ContentReader, FetchConfig
+    from .manifest_index import IndexStore
+    from .namespace import Namespace, NamespaceConfig
+    from .ops import Operations
+
+    logging.basicConfig(level=logging.DEBUG if options.debug else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    store = open_store(options.store)
+    cache = Cache(options.cache_dir, options.cache_size)
+    content = ContentReader(store, cache, FetchConfig(
+        block_size=options.block_size, parallel=options.parallel, attempts=options.attempts,
+        backoff=options.backoff, timeout=options.timeout))
+    indexes = IndexStore(cache.root / "index", content.manifest_path)
+    ns = Namespace(store, indexes, NamespaceConfig(alias_ttl=options.alias_ttl))
+    ops = Operations(ns, content, max_threads=options.threads)
+
+    fuse_options = set(pyfuse3.default_options)
+    fuse_options |= {f"fsname={FSNAME}", f"subtype={FSNAME}"}
+    if options.allow_other:
+        fuse_options.add("allow_other")
+    if options.debug:
+        fuse_options.add("debug")
+
+    async def serve() -> None:
+        async with trio.open_nursery() as nursery:
+            async def on_signal() -> None:
+                with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                    async for signum in signals:
+                        log.info("signal %d: unmounting %s", signum, options.mountpoint)
+                        pyfuse3.terminate()
+                        return
+
+            nursery.start_soon(on_signal)
+            await pyfuse3.main()
+            nursery.cancel_scope.cancel()
+
+    pyfuse3.init(ops, options.mountpoint, fuse_options)
+    log.info("mounted %s at %s (cache %s)", store.location, options.mountpoint, cache.root)
+    try:
+        trio.run(serve)
+    except BaseException:
+        pyfuse3.close(unmount=False)
+        raise
+    finally:
+        content.shutdown()
+        store.close()
+    pyfuse3.close(unmount=True)
+    log.info("unmounted %s", options.mountpoint)
+    return 0
+
+
+def spawn_command(options: MountOptions) -> list[str]:
+    """The command line of a daemon process for ``options`` (CLI background mode, tests)."""
+    return [sys.executable, "-m", "mountfs.daemon", options.to_json()]
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        print("usage: python -m mountfs.daemon '<MountOptions JSON>'", file=sys.stderr)
+        return 2
+    options = MountOptions.from_json(argv[0])
+    Path(options.mountpoint).mkdir(parents=True, exist_ok=True)
+    return run(options)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,336 @@
+"""A version's manifest as an on-disk SQLite index, so the mount never holds it as one dict.
+
+Why: a manifest may list millions of files.  The daemon needs three things from it — look up
+one name in one directory, list one directory page by page, and know a file's size and md5 —
+and all three are index lookups.  The index is built once per manifest (keyed by the
+manifest blob's md5, so two versions with the same manifest share it, and a remount reuses it)
+and opened read-only afterwards; SQLite's page cache is capped, so daemon memory stays flat
+whatever the manifest size.
+
+Layout under the cache root::
+
+    index/ab/cdef....sqlite        one immutable index per manifest md5
+    index/tmp/...                  builds in progress (renamed into place when complete)
+
+Schema: one row per file *and* per directory derived from the paths (``a/b/c`` yields the
+directories ``a`` and ``a/b``).  ``parent`` is the parent directory's row id, 0 for the version
+root.  Row ids are the readdir cookies: ``WHERE parent = ? AND id > ? ORDER BY id`` pages
+through a directory of any size in stable order.
+
+Building streams the manifest with :func:`client.manifest.iter_entries` when it uses our
+one-entry-per-line layout (flat memory).  A manifest in another layout (one written by W&B,
+say) needs a full JSON parse; that runs in a short-lived subprocess, so the memory it takes
+is returned to the OS when it exits and the daemon's RSS does not grow.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from cachetools import LRUCache
+
+from client.errors import ManifestError
+from client.hashing import b64_to_hex
+
+log = logging.getLogger(__name__)
+
+ROOT_ID = 0
+#: SQLite page cache per open index, in KiB (negative = KiB in SQLite's convention).
+_CACHE_KIB = 2048
+_SCHEMA = """
+CREATE TABLE entries (
+    id      INTEGER PRIMARY KEY,
+    parent  INTEGER NOT NULL,
+    name    TEXT    NOT NULL,
+    is_dir  INTEGER NOT NULL,
+    size    INTEGER NOT NULL,
+    md5     TEXT,
+    ref     TEXT,
+    extra   TEXT,
+    subdirs INTEGER NOT NULL DEFAULT 0
+);
+CREATE UNIQUE INDEX entries_by_name ON entries(parent, name);
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class IndexEntry:
+    """One row: a file of the manifest or a directory derived from the paths."""
+
+    id: int
+    parent: int
+    name: str
+    is_dir: bool
+    size: int
+    md5: str | None  #: hex md5 of the content (None for directories)
+    ref: str | None  #: external reference URI, if the entry is a reference
+    extra: str | None  #: the entry's "extra" object as JSON text
+    subdirs: int  #: number of child directories (gives a directory its nlink)
+
+
+_COLUMNS = "id, parent, name, is_dir, size, md5, ref, extra, subdirs"
+
+
+def _row(r: tuple) -> IndexEntry:
+    return IndexEntry(r[0], r[1], r[2], bool(r[3]), r[4], r[5], r[6], r[7], r[8])
+
+
+class ManifestIndex:
+    """A read-only, thread-safe view of one built index."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        # immutable=1: the file never changes once renamed into place, so SQLite may skip
+        # locking entirely.  One connection shared by threads under a lock: lookups are
+        # microseconds, and one connection keeps memory to one page cache.
+        self._db = sqlite3.connect(f"file:{path}?mode=ro&immutable=1", uri=True, check_same_thread=False)
+        self._db.execute(f"PRAGMA cache_size=-{_CACHE_KIB}")
+        self._lock = threading.Lock()
+        meta = dict(self._query("SELECT key, value FROM meta"))
+        self.file_count = int(meta.get("file_count", 0))
+        self.total_size = int(meta.get("total_size", 0))
+        self.root_subdirs = int(meta.get("root_subdirs", 0))
+
+    def _query(self, sql: str, args: tuple = ()) -> list[tuple]:
+        with self._lock:
+            return self._db.execute(sql, args).fetchall()
+
+    def lookup(self, parent: int, name: str) -> IndexEntry | None:
+        rows = self._query(f"SELECT {_COLUMNS} FROM entries WHERE parent = ? AND name = ?", (parent, name))
+        return _row(rows[0]) if rows else None
+
+    def get(self, entry_id: int) -> IndexEntry | None:
+        rows = self._query(f"SELECT {_COLUMNS} FROM entries WHERE id = ?", (entry_id,))
+        return _row(rows[0]) if rows else None
+
+    def children(self, parent: int, after: int = 0, limit: int = 512) -> list[IndexEntry]:
+        """One page of a directory, in row-id order, starting after the row id ``after``."""
+        rows = self._query(
+            f"SELECT {_COLUMNS} FROM entries WHERE parent = ? AND id > ? ORDER BY id LIMIT ?",
+            (parent, after, limit),
+        )
+        return [_row(r) for r in rows]
+
+    def resolve_path(self, path: str) -> IndexEntry | None:
+        """Entry at a relative path ('' is not an entry: the root has no row)."""
+        parent, entry = ROOT_ID, None
+        for part in path.strip("/").split("/"):
+            entry = self.lookup(parent, part)
+            if entry is None:
+                return None
+            parent = entry.id
+        return entry
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+
+# -- building ----------------------------------------------------------------------------
+
+def _is_line_layout(manifest: Path) -> bool:
+    """True when the manifest uses our one-entry-per-line layout (streamable)."""
+    with open(manifest, "rb") as f:
+        first = f.readline(1 << 16)
+    try:
+        head = json.loads(first.decode("utf-8") + "}}")
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return False
+    return isinstance(head, dict) and head.get("version") == 1 and head.get("contents") == {}
+
+
+def _iter_rows(manifest: Path) -> Iterator[tuple[str, int, str | None, str | None, str | None]]:
+    """(path, size, md5 hex, ref, extra JSON) per entry, streamed."""
+    from client.manifest import iter_entries
+
+    with open(manifest, "rb") as f:
+        for e in iter_entries(f):
+            try:
+                md5 = b64_to_hex(e.digest)
+            except ValueError:
+                md5 = None  # references may carry ETags or other non-md5 digests
+            extra = json.dumps(e.extra, sort_keys=True) if e.extra else None
+            yield e.path, e.size or 0, md5, e.ref, extra
+
+
+def _write_index(rows: Iterable[tuple[str, int, str | None, str | None, str | None]], dest: Path) -> None:
+    """Write the index of ``rows`` to ``dest`` (a fresh file)."""
+    db = sqlite3.connect(dest)
+    try:
+        db.executescript("PRAGMA journal_mode=OFF; PRAGMA synchronous=OFF; PRAGMA cache_size=-8192;" + _SCHEMA)
+        # Directory path -> row id.  Manifests are usually in path order, so a small LRU in
+        # front of the table catches nearly every parent lookup.
+        dirs: LRUCache[str, int] = LRUCache(maxsize=4096)
+        cur = db.cursor()
+
+        def dir_id(path: str) -> int | None:
+            """Row id of directory ``path``, creating it (and its parents) if needed."""
+            if not path:
+                return ROOT_ID
+            hit = dirs.get(path)
+            if hit is not None:
+                return hit
+            head, _, name = path.rpartition("/")
+            parent = dir_id(head)
+            if parent is None:
+                return None
+            row = cur.execute("SELECT id, is_dir FROM entries WHERE parent = ? AND name = ?", (parent, name)).fetchone()
+            if row is None:
+                cur.execute("INSERT INTO entries(parent, name, is_dir, size) VALUES (?, ?, 1, 0)", (parent, name))
+                ident = cur.lastrowid
+                assert ident is not None
+            elif row[1]:
+                ident = row[0]
+            else:
+                log.warning("manifest has both a file and a directory at %r; keeping the file", path)
+                return None
+            dirs[path] = ident
+            return ident
+
+        files = total = 0
+        for path, size, md5, ref, extra in rows:
+            head, _, name = path.rpartition("/")
+            parent = dir_id(head)
+            if parent is None:
+                continue
+            cur.execute(
+                "INSERT OR IGNORE INTO entries(parent, name, is_dir, size, md5, ref, extra) VALUES (?, ?, 0, ?, ?, ?, ?)",
+                (parent, name, size, md5, ref, extra),
+            )
+            if cur.rowcount:
+                files += 1
+                total += size
+            else:
+                log.warning("manifest path %r collides with a directory; skipped", path)
+        cur.execute(
+            "UPDATE entries SET subdirs = (SELECT count(*) FROM entries c WHERE c.parent = entries.id AND c.is_dir = 1) "
+            "WHERE is_dir = 1"
+        )
+        root_subdirs = cur.execute("SELECT count(*) FROM entries WHERE parent = 0 AND is_dir = 1").fetchone()[0]
+        cur.executemany("INSERT INTO meta VALUES (?, ?)",
+                        [("file_count", str(files)), ("total_size", str(total)), ("root_subdirs", str(root_subdirs))])
+        db.commit()
+    finally:
+        db.close()
+
+
+def build_index(manifest: Path, dest: Path, *, tmp_dir: Path | None = None,
+                in_subprocess: bool | None = None) -> None:
+    """Build the index of the manifest file ``manifest`` at ``dest`` atomically.
+
+    ``in_subprocess=None`` picks: in-process streaming for our line layout, a subprocess for
+    anything that needs a full JSON parse.
+    """
+    if in_subprocess is None:
+        in_subprocess = not _is_line_layout(manifest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp_dir = tmp_dir or dest.parent
+    tmp_dir.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=dest.stem + ".", suffix=".building", dir=tmp_dir)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        tmp.unlink()
+        if in_subprocess:
+            proc = subprocess.run(
+                [sys.executable, "-m", "mountfs.manifest_index", str(manifest), str(tmp)],
+                capture_output=True, text=True, timeout=3600,
+            )
+            if proc.returncode != 0:
+                raise ManifestError(f"indexing manifest {manifest.name} failed: {proc.stderr.strip()[-500:]}")
+        else:
+            _write_index(_iter_rows(manifest), tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, dest)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+
+
+class IndexStore:
+    """Builds indexes on first use and keeps a bounded number of them open.
+
+    ``manifest_file(entity, manifest_md5)`` must return a local path of the complete,
+    verified manifest blob (the daemon passes a function that goes through the cache).
+    """
+
+    def __init__(self, root: Path, manifest_file: Callable[[str, str], Path], max_open: int = 64) -> None:
+        self.root = root
+        self._manifest_file = manifest_file
+        self._open: LRUCache[str, ManifestIndex] = LRUCache(maxsize=max_open)
+        self._lock = threading.Lock()
+        self._build_locks: dict[str, threading.Lock] = {}
+        self.builds = 0  #: number of indexes built by this process (tests assert "built once")
+
+    def path(self, manifest_md5: str) -> Path:
+        return self.root / manifest_md5[:2] / f"{manifest_md5[2:]}.sqlite"
+
+    def get(self, entity: str, manifest_md5: str) -> ManifestIndex:
+        with self._lock:
+            idx = self._open.get(manifest_md5)
+            if idx is not None:
+                return idx
+            build_lock = self._build_locks.setdefault(manifest_md5, threading.Lock())
+        with build_lock:
+            with self._lock:
+                idx = self._open.get(manifest_md5)
+                if idx is not None:
+                    return idx
+            dest = self.path(manifest_md5)
+            if not dest.exists():
+                build_index(self._manifest_file(entity, manifest_md5), dest, tmp_dir=self.root / "tmp")
+                self.builds += 1
+            idx = self._open_checked(dest)
+            with self._lock:
+                # Evicted indexes are not closed here: a reader may be mid-query.  Their
+                # connection is closed by garbage collection once nothing refers to them.
+                self._open[manifest_md5] = idx
+                self._build_locks.pop(manifest_md5, None)
+            return idx
+
+    def _open_checked(self, dest: Path) -> ManifestIndex:
+        try:
+            return ManifestIndex(dest)
+        except sqlite3.DatabaseError as exc:
+            # A damaged index file is only a cache: drop it so the next use rebuilds it.
+            log.warning("index %s is unreadable (%s): removing it", dest, exc)
+            with contextlib.suppress(FileNotFoundError):
+                dest.unlink()
+            raise ManifestError(f"manifest index {dest.name} was corrupt and has been removed") from exc
+
+
+def _subprocess_main(argv: list[str]) -> int:
+    """Entry for the out-of-process build: full JSON parse of a non-line manifest."""
+    from client.manifest import read_manifest
+
+    manifest, dest = Path(argv[0]), Path(argv[1])
+    with open(manifest, encoding="utf-8") as f:
+        _, _, entries = read_manifest(f)
+
+    def rows() -> Iterator[tuple[str, int, str | None, str | None, str | None]]:
+        for e in entries:
+            try:
+                md5 = b64_to_hex(e.digest)
+            except ValueError:
+                md5 = None
+            yield e.path, e.size or 0, md5, e.ref, (json.dumps(e.extra, sort_keys=True) if e.extra else None)
+
+    _write_index(rows(), dest)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_subprocess_main(sys.argv[1:]))

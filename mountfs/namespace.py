@@ -1,0 +1,517 @@
+"""The mount's namespace: paths <-> versions <-> inodes.  Pure: no FUSE, testable directly.
+
+Tree shape (one node *kind* per level; the kind decides lookup, listing, attributes)::
+
+    /                                   ROOT          lists entities
+    /<entity>                           ENTITY        lists projects
+    /<entity>/<project>                 PROJECT       lists <collection>:vN and <collection>:<alias>
+    /<e>/<p>/<collection>:vN            VERSION_DIR   one immutable version
+    /<e>/<p>/<collection>:<alias>       ALIAS_DIR     the version the alias named when looked up
+    /<e>/<p>/<collection>:vN/a/b        TREE_DIR      directories derived from manifest paths
+    /<e>/<p>/<collection>:vN/a/b/c.bin  TREE_FILE     one manifest entry
+    /<e>/<p>/<collection>:draft…        DRAFT_DIR     reserved for the write side (issue 5)
+
+Inodes.  Every node is keyed by ``(parent inode, name, discriminator)`` and gets an inode
+number that is never reused.  For an alias directory the discriminator is the id of the
+version the alias resolved to: when ``latest`` moves, the next lookup (after ``alias_ttl``)
+yields a *new* inode, so the kernel drops its dentry and everything below it, while a process
+that still holds the old inode (open file, cwd) keeps seeing the old version — nothing under
+an inode ever changes, which is what lets us hand the kernel long timeouts and keep_cache.
+Open files are additionally pinned by value (:class:`FileRef`), independent of inode life.
+
+Lookup counts follow the FUSE contract: ``lookup`` and every accepted readdirplus entry add
+one, ``forget`` subtracts, and a node is dropped from the tables only at zero.
+
+Threading: the daemon calls these methods from worker threads (they may hit the store or an
+SQLite index), so the tables are guarded by one lock that is never held across store I/O.
+"""
+
+from __future__ import annotations
+
+import enum
+import errno
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from cachetools import TTLCache
+
+from client import names
+from client.errors import NotFoundError
+from client.hashing import hex_to_b64
+from client.store.base import Store, VersionRecord
+
+from .manifest_index import ROOT_ID, IndexEntry, IndexStore, ManifestIndex
+
+log = logging.getLogger(__name__)
+
+ROOT_INODE = 1  # pyfuse3.ROOT_INODE; repeated here so this module never imports pyfuse3
+DIR_MODE = 0o040555
+FILE_MODE = 0o100444
+
+
+class Kind(enum.Enum):
+    ROOT = "root"
+    ENTITY = "entity"
+    PROJECT = "project"
+    VERSION_DIR = "version"
+    ALIAS_DIR = "alias"
+    TREE_DIR = "dir"
+    TREE_FILE = "file"
+    DRAFT_DIR = "draft"  #: reserved for the write side (issue 5); never produced here
+
+
+#: kinds whose content is a fixed version (immutable; long kernel timeouts)
+VERSIONED = frozenset({Kind.VERSION_DIR, Kind.ALIAS_DIR, Kind.TREE_DIR, Kind.TREE_FILE})
+DIRECTORY_KINDS = frozenset(Kind) - {Kind.TREE_FILE}
+
+
+@dataclass(slots=True, eq=False)
+class Node:
+    """One inode.  Version-bound nodes carry their VersionRecord (so they never re-resolve)."""
+
+    inode: int
+    kind: Kind
+    parent: int
+    name: str
+    key: tuple[int, str, str]
+    entity: str = ""
+    project: str = ""
+    collection: str = ""
+    version: VersionRecord | None = None
+    entry: IndexEntry | None = None  #: the index row of TREE_DIR / TREE_FILE nodes
+    lookups: int = 0
+
+    @property
+    def is_dir(self) -> bool:
+        return self.kind in DIRECTORY_KINDS
+
+    @property
+    def dir_id(self) -> int:
+        """Index row id of this directory (the version root has none: ROOT_ID)."""
+        return self.entry.id if self.entry is not None else ROOT_ID
+
+
+@dataclass(frozen=True, slots=True)
+class Attr:
+    """What getattr/lookup report; converted to pyfuse3.EntryAttributes by ops.py."""
+
+    inode: int
+    mode: int
+    nlink: int
+    size: int
+    mtime_ns: int
+    uid: int
+    gid: int
+    entry_timeout: float
+    attr_timeout: float
+
+
+@dataclass(frozen=True, slots=True)
+class FileRef:
+    """What an open file is pinned to: content by md5, not by name, so aliases can move."""
+
+    entity: str
+    md5: str
+    size: int
+    version: str  #: qualified name, e.g. ``ent/proj/data:v3`` (for messages and logs)
+    path: str
+
+
+@dataclass(slots=True)
+class DirHandle:
+    node: Node
+    #: snapshot of (name, kind, version) for store-backed listings, taken at offset 0 so
+    #: that cookies (positions) stay stable while one listing pages through it
+    snapshot: list[tuple[str, Kind, VersionRecord | None]] | None = None
+    index: ManifestIndex | None = None
+
+
+class DraftProvider(Protocol):
+    """The seam for writable drafts (issue 5): it owns ``<collection>:draft…`` names."""
+
+    def is_draft_name(self, name: str) -> bool: ...
+    def lookup(self, ns: "Namespace", project: Node, name: str) -> Node: ...
+    def list_names(self, entity: str, project: str) -> list[str]: ...
+
+
+@dataclass
+class NamespaceConfig:
+    alias_ttl: float = 5.0  #: how long an alias resolution (and store listings) is trusted
+    version_ttl: float = 86400.0  #: kernel entry/attr timeout for immutable nodes
+    uid: int = field(default_factory=os.getuid)
+    gid: int = field(default_factory=os.getgid)
+
+
+class Namespace:
+    """Inode table + resolution rules over a Store and an IndexStore."""
+
+    def __init__(self, store: Store, indexes: IndexStore, config: NamespaceConfig | None = None,
+                 *, drafts: DraftProvider | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+        self.store = store
+        self.indexes = indexes
+        self.config = config or NamespaceConfig()
+        self.drafts = drafts
+        self._lock = threading.RLock()
+        self._mounted_ns = time.time_ns()
+        root = Node(ROOT_INODE, Kind.ROOT, ROOT_INODE, "", (0, "", ""), lookups=1)
+        self._nodes: dict[int, Node] = {ROOT_INODE: root}
+        self._by_key: dict[tuple[int, str, str], int] = {}
+        self._next_inode = ROOT_INODE + 1
+        ttl = max(self.config.alias_ttl, 0.001)
+        self._aliases: TTLCache[tuple[str, ...], VersionRecord] = TTLCache(65536, ttl, timer=clock)
+        self._listings: TTLCache[tuple[str, ...], Any] = TTLCache(4096, ttl, timer=clock)
+        self._versions: TTLCache[tuple[str, ...], VersionRecord] = TTLCache(65536, self.config.version_ttl, timer=clock)
+        self._dir_handles: dict[int, DirHandle] = {}
+        self._file_handles: dict[int, FileRef] = {}
+        self._next_fh = 1
+
+    # -- inode table -------------------------------------------------------------------
+    def node(self, inode: int) -> Node:
+        with self._lock:
+            try:
+                return self._nodes[inode]
+            except KeyError:
+                raise NotFoundError(f"inode {inode} is not known (forgotten or stale)") from None
+
+    def __len__(self) -> int:
+        """Number of live inodes (tests assert that forget() drops them)."""
+        with self._lock:
+            return len(self._nodes)
+
+    def _child(self, parent: Node, name: str, kind: Kind, *, discriminator: str = "",
+               version: VersionRecord | None = None, entry: IndexEntry | None = None) -> Node:
+        """The node for (parent, name, discriminator), created with lookup count 0 if new."""
+        key = (parent.inode, name, discriminator)
+        with self._lock:
+            inode = self._by_key.get(key)
+            if inode is not None:
+                return self._nodes[inode]
+            node = Node(self._next_inode, kind, parent.inode, name, key, parent.entity, parent.project,
+                        parent.collection, version or parent.version, entry)
+            self._next_inode += 1
+            self._nodes[node.inode] = node
+            self._by_key[key] = node.inode
+            return node
+
+    def remember(self, node: Node) -> None:
+        """Add one lookup reference (a lookup reply or an accepted readdirplus entry)."""
+        with self._lock:
+            node.lookups += 1
+            if self._nodes.get(node.inode) is not node:  # forgotten meanwhile: re-register
+                self._nodes[node.inode] = node
+                self._by_key[node.key] = node.inode
+
+    def release_unreferenced(self, node: Node) -> None:
+        """Drop a node produced for a readdir entry the kernel did not accept."""
+        with self._lock:
+            if node.lookups <= 0 and node.inode != ROOT_INODE:
+                self._drop(node)
+
+    def forget(self, inode: int, nlookup: int) -> None:
+        with self._lock:
+            node = self._nodes.get(inode)
+            if node is None or inode == ROOT_INODE:
+                return
+            node.lookups -= nlookup
+            if node.lookups <= 0:
+                self._drop(node)
+
+    def _drop(self, node: Node) -> None:
+        self._nodes.pop(node.inode, None)
+        if self._by_key.get(node.key) == node.inode:
+            del self._by_key[node.key]
+
+    # -- store queries (cached) --------------------------------------------------------
+    def _listing(self, key: tuple[str, ...], fetch: Callable[[], Any]) -> Any:
+        with self._lock:
+            hit = self._listings.get(key)
+        if hit is not None:
+            return hit
+        value = fetch()  # store I/O outside the lock
+        with self._lock:
+            self._listings[key] = value
+        return value
+
+    def _resolve(self, entity: str, project: str, collection: str, selector: str) -> VersionRecord:
+        cache = self._versions if names.is_version_selector(selector) else self._aliases
+        key = (entity, project, collection, selector)
+        with self._lock:
+            hit = cache.get(key)
+        if hit is not None:
+            return hit
+        record = self.store.resolve(entity, project, collection, selector)
+        with self._lock:
+            cache[key] = record
+            self._versions[(entity, project, collection, record.version)] = record
+        return record
+
+    def _project_listing(self, entity: str, project: str) -> list[tuple[str, Kind, VersionRecord | None]]:
+        def fetch() -> list[tuple[str, Kind, VersionRecord | None]]:
+            out: list[tuple[str, Kind, VersionRecord | None]] = []
+            for coll in self.store.list_collections(entity, project):
+                versions = {v.index: v for v in self.store.list_versions(entity, project, coll.name)}
+                for idx in sorted(versions):
+                    out.append((f"{coll.name}:v{idx}", Kind.VERSION_DIR, versions[idx]))
+                for alias, idx in sorted(coll.aliases.items()):
+                    if idx in versions:
+                        out.append((f"{coll.name}:{alias}", Kind.ALIAS_DIR, versions[idx]))
+            if self.drafts is not None:
+                out.extend((n, Kind.DRAFT_DIR, None) for n in self.drafts.list_names(entity, project))
+            # Prime the resolution caches: a listing already told us what every name means.
+            with self._lock:
+                for name, kind, rec in out:
+                    if rec is not None:
+                        coll, _, sel = name.rpartition(":")
+                        cache = self._versions if kind is Kind.VERSION_DIR else self._aliases
+                        cache[(entity, project, coll, sel)] = rec
+            return out
+
+        return self._listing(("project", entity, project), fetch)
+
+    # -- lookup --------------------------------------------------------------------------
+    def lookup(self, inode_p: int, name: str) -> Node:
+        """Resolve ``name`` in directory ``inode_p``; the result's lookup count is raised."""
+        parent = self.node(inode_p)
+        if name == ".":
+            node = parent
+        elif name == "..":
+            node = self.node(parent.parent)
+        else:
+            node = self._lookup_child(parent, name)
+        self.remember(node)
+        return node
+
+    def _lookup_child(self, parent: Node, name: str) -> Node:
+        kind = parent.kind
+        if kind is Kind.ROOT:
+            if name not in self._listing(("entities",), self.store.list_entities):
+                raise NotFoundError(f"no entity {name!r}")
+            node = self._child(parent, name, Kind.ENTITY)
+            node.entity = name
+            return node
+        if kind is Kind.ENTITY:
+            if name not in self._listing(("projects", parent.entity),
+                                         lambda: self.store.list_projects(parent.entity)):
+                raise NotFoundError(f"no project {parent.entity}/{name}")
+            node = self._child(parent, name, Kind.PROJECT)
+            node.project = name
+            return node
+        if kind is Kind.PROJECT:
+            return self._lookup_version(parent, name)
+        if kind is Kind.TREE_FILE:
+            raise OSError(errno.ENOTDIR, "not a directory")
+        if kind in VERSIONED:
+            assert parent.version is not None
+            index = self.indexes.get(parent.entity, parent.version.manifest_md5)
+            entry = index.lookup(parent.dir_id, name)
+            if entry is None:
+                raise NotFoundError(f"{parent.version.qualified_name} has no {name!r} here")
+            return self._child(parent, name, Kind.TREE_DIR if entry.is_dir else Kind.TREE_FILE, entry=entry)
+        raise NotFoundError(f"{name!r} not found")  # DRAFT_DIR children belong to the draft provider
+
+    def _lookup_version(self, parent: Node, name: str) -> Node:
+        if self.drafts is not None and self.drafts.is_draft_name(name):
+            return self.drafts.lookup(self, parent, name)
+        collection, sep, selector = name.rpartition(":")
+        if not sep or not collection or not selector:
+            raise NotFoundError(f"{name!r} is not <collection>:<version or alias>")
+        names.validate_collection(collection)  # InvalidNameError -> ENOENT: such a name cannot exist
+        record = self._resolve(parent.entity, parent.project, collection, selector)
+        if names.is_version_selector(selector):
+            node = self._child(parent, name, Kind.VERSION_DIR, version=record)
+        else:
+            node = self._child(parent, name, Kind.ALIAS_DIR, discriminator=record.id, version=record)
+        node.collection = collection
+        return node
+
+    def walk(self, path: str) -> Node:
+        """Resolve a mount-relative path by successive lookups (each one counted)."""
+        node = self._nodes[ROOT_INODE]
+        for part in [p for p in path.split("/") if p]:
+            node = self.lookup(node.inode, part)
+        return node
+
+    def path_of(self, node: Node) -> str:
+        """Mount-relative path of a live node (for messages and xattrs)."""
+        parts: list[str] = []
+        with self._lock:
+            while node.inode != ROOT_INODE:
+                parts.append(node.name)
+                node = self._nodes.get(node.parent) or self._nodes[ROOT_INODE]
+        return "/".join(reversed(parts))
+
+    # -- attributes ----------------------------------------------------------------------
+    def attr(self, node: Node) -> Attr:
+        cfg = self.config
+        if node.kind in VERSIONED:
+            assert node.version is not None
+            mtime = int(node.version.created_at.timestamp() * 1e9)
+            entry_timeout = cfg.alias_ttl if node.kind is Kind.ALIAS_DIR else cfg.version_ttl
+            if node.kind is Kind.TREE_FILE:
+                assert node.entry is not None
+                return Attr(node.inode, FILE_MODE, 1, node.entry.size, mtime, cfg.uid, cfg.gid,
+                            entry_timeout, cfg.version_ttl)
+            # nlink 1 on version roots means "unknown" to find(1) and costs no index build.
+            nlink = 2 + node.entry.subdirs if node.entry is not None else 1
+            return Attr(node.inode, DIR_MODE, nlink, 0, mtime, cfg.uid, cfg.gid, entry_timeout, cfg.version_ttl)
+        return Attr(node.inode, DIR_MODE, 1, 0, self._mounted_ns, cfg.uid, cfg.gid, cfg.alias_ttl, cfg.alias_ttl)
+
+    def getattr(self, inode: int) -> Attr:
+        return self.attr(self.node(inode))
+
+    # -- directories ---------------------------------------------------------------------
+    def opendir(self, inode: int) -> int:
+        node = self.node(inode)
+        if not node.is_dir:
+            raise OSError(errno.ENOTDIR, "not a directory")
+        with self._lock:
+            fh = self._next_fh
+            self._next_fh += 1
+            self._dir_handles[fh] = DirHandle(node)
+        return fh
+
+    def releasedir(self, fh: int) -> None:
+        with self._lock:
+            self._dir_handles.pop(fh, None)
+
+    def readdir_page(self, fh: int, start_id: int, limit: int = 256) -> list[tuple[int, str, Node]]:
+        """Up to ``limit`` entries after cookie ``start_id`` as (next cookie, name, node).
+
+        Nodes come back with their lookup count unchanged: the caller calls
+        :meth:`remember` for each entry the kernel accepts and :meth:`release_unreferenced`
+        for the first one it refuses.
+        """
+        with self._lock:
+            handle = self._dir_handles.get(fh)
+        if handle is None:
+            raise OSError(errno.EBADF, "bad directory handle")
+        node = handle.node
+        if node.kind in VERSIONED:
+            assert node.version is not None
+            if handle.index is None:
+                handle.index = self.indexes.get(node.entity, node.version.manifest_md5)
+            return [(e.id, e.name, self._child(node, e.name, Kind.TREE_DIR if e.is_dir else Kind.TREE_FILE, entry=e))
+                    for e in handle.index.children(node.dir_id, start_id, limit)]
+        if handle.snapshot is None or start_id == 0:
+            handle.snapshot = self._snapshot(node)
+        out = []
+        for pos in range(start_id, min(start_id + limit, len(handle.snapshot))):
+            name, kind, record = handle.snapshot[pos]
+            out.append((pos + 1, name, self._virtual_child(node, name, kind, record)))
+        return out
+
+    def _snapshot(self, node: Node) -> list[tuple[str, Kind, VersionRecord | None]]:
+        if node.kind is Kind.ROOT:
+            return [(n, Kind.ENTITY, None) for n in sorted(self._listing(("entities",), self.store.list_entities))]
+        if node.kind is Kind.ENTITY:
+            projects = self._listing(("projects", node.entity), lambda: self.store.list_projects(node.entity))
+            return [(n, Kind.PROJECT, None) for n in sorted(projects)]
+        if node.kind is Kind.PROJECT:
+            return self._project_listing(node.entity, node.project)
+        return []  # DRAFT_DIR: listed by the draft provider
+
+    def _virtual_child(self, parent: Node, name: str, kind: Kind, record: VersionRecord | None) -> Node:
+        if kind is Kind.ENTITY:
+            child = self._child(parent, name, kind)
+            child.entity = name
+        elif kind is Kind.PROJECT:
+            child = self._child(parent, name, kind)
+            child.project = name
+        elif kind is Kind.DRAFT_DIR:
+            assert self.drafts is not None
+            return self.drafts.lookup(self, parent, name)
+        else:
+            assert record is not None
+            disc = record.id if kind is Kind.ALIAS_DIR else ""
+            child = self._child(parent, name, kind, discriminator=disc, version=record)
+            child.collection = name.rpartition(":")[0]
+        return child
+
+    # -- files ---------------------------------------------------------------------------
+    def open(self, inode: int, flags: int) -> tuple[int, FileRef]:
+        """Open a file read-only, pinning it to its content; EROFS for any write intent."""
+        node = self.node(inode)
+        if node.is_dir:
+            raise OSError(errno.EISDIR, "is a directory")
+        if (flags & os.O_ACCMODE) != os.O_RDONLY or flags & (os.O_TRUNC | os.O_APPEND):
+            raise OSError(errno.EROFS, "artifact versions are read-only")
+        entry, version = node.entry, node.version
+        assert entry is not None and version is not None
+        if entry.ref is not None or entry.md5 is None:
+            raise OSError(errno.ENOTSUP, f"{entry.name} is a reference ({entry.ref}); its content is not in the store")
+        ref = FileRef(node.entity, entry.md5, entry.size, version.qualified_name, self.path_of(node))
+        with self._lock:
+            fh = self._next_fh
+            self._next_fh += 1
+            self._file_handles[fh] = ref
+        return fh, ref
+
+    def file(self, fh: int) -> FileRef:
+        with self._lock:
+            try:
+                return self._file_handles[fh]
+            except KeyError:
+                raise OSError(errno.EBADF, "bad file handle") from None
+
+    def release(self, fh: int) -> None:
+        with self._lock:
+            self._file_handles.pop(fh, None)
+
+    # -- writes: everything here is read-only ------------------------------------------
+    def check_writable(self, inode_p: int, name: str | None = None) -> None:
+        """Raise the errno a write-type operation gets (the write side will extend this)."""
+        node = self.node(inode_p)
+        if node.kind is Kind.DRAFT_DIR:
+            raise OSError(errno.ENOTSUP, "drafts are handled by the draft provider")
+        raise OSError(errno.EROFS, "artifact versions are read-only")
+
+    # -- extended attributes -------------------------------------------------------------
+    def xattrs(self, inode: int) -> dict[str, bytes]:
+        node = self.node(inode)
+        version = node.version
+        if version is None:
+            return {}
+        out = {"user.artifact.version": version.qualified_name.encode()}
+        if node.kind in (Kind.VERSION_DIR, Kind.ALIAS_DIR):
+            version = self._fresh(version)  # aliases/metadata may change; content cannot
+            out.update({
+                "user.artifact.digest": version.digest.encode(),
+                "user.artifact.aliases": ",".join(version.aliases).encode(),
+                "user.artifact.tags": ",".join(version.tags).encode(),
+                "user.artifact.type": version.type.encode(),
+                "user.artifact.metadata": json.dumps(version.metadata, sort_keys=True).encode(),
+                "user.artifact.description": (version.description or "").encode(),
+                "user.artifact.id": version.id.encode(),
+                "user.artifact.created_at": version.created_at.isoformat().encode(),
+            })
+        elif node.kind is Kind.TREE_FILE and node.entry is not None:
+            e = node.entry
+            if e.md5 is not None:
+                out["user.artifact.digest"] = hex_to_b64(e.md5).encode()
+                out["user.artifact.md5"] = e.md5.encode()
+            if e.ref is not None:
+                out["user.artifact.ref"] = e.ref.encode()
+            if e.extra:
+                out["user.artifact.extra"] = e.extra.encode()
+        return out
+
+    def getxattr(self, inode: int, name: str) -> bytes:
+        try:
+            return self.xattrs(inode)[name]
+        except KeyError:
+            raise OSError(errno.ENODATA, f"no attribute {name}") from None
+
+    def _fresh(self, version: VersionRecord) -> VersionRecord:
+        def fetch() -> VersionRecord:
+            return self.store.get_version(version.id)
+
+        try:
+            return self._listing(("version", version.id), fetch)
+        except NotFoundError:
+            return version  # deleted since: still describe what this directory shows

@@ -1,0 +1,248 @@
+"""The pyfuse3 Operations of the mount: argument conversion only, errno mapping in one place.
+
+Everything with a decision in it lives below: :mod:`mountfs.namespace` (what a name means,
+attributes, lookup counts, handles) and :mod:`mountfs.fetch` (content).  Calls that may block
+(store requests, SQLite index pages, disk reads) run in worker threads through
+``trio.to_thread`` under one CapacityLimiter, so the trio loop keeps serving other requests;
+pure in-memory calls (getattr of a known inode, forget) run inline.
+
+Trio rule: code between two ``await``s is atomic with respect to other FUSE requests; the
+namespace has its own lock because its methods also run in worker threads.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import os
+from collections.abc import Awaitable, Callable
+from typing import Any, NewType, ParamSpec, TypeVar
+
+import pyfuse3
+import trio
+
+from client.errors import (AuthenticationError, ConflictError, InvalidNameError, InvalidPathError, NotFoundError,
+                           PermissionDeniedError, StoreUnavailableError)
+
+from .fetch import ContentReader, Handle
+from .namespace import Attr, Namespace
+
+log = logging.getLogger(__name__)
+
+FileHandle = NewType("FileHandle", int)
+DirHandle = NewType("DirHandle", int)
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
+_READDIR_PAGE = 256
+
+
+def errno_for(exc: BaseException) -> int:
+    """The one place where our exceptions become errno values."""
+    if isinstance(exc, pyfuse3.FUSEError):
+        return exc.errno
+    if isinstance(exc, (NotFoundError, InvalidNameError, InvalidPathError)):
+        return errno.ENOENT  # a name that cannot exist does not exist
+    if isinstance(exc, (PermissionDeniedError, AuthenticationError)):
+        return errno.EACCES
+    if isinstance(exc, StoreUnavailableError):  # includes fetch.FetchError (retries exhausted)
+        return errno.EIO
+    if isinstance(exc, ConflictError):
+        return errno.EBUSY
+    if isinstance(exc, OSError) and exc.errno:
+        return exc.errno
+    log.exception("unexpected error in a FUSE handler; answering EIO", exc_info=exc)
+    return errno.EIO
+
+
+def _fuse_errors(fn: Callable[_P, Awaitable[_T]]) -> Callable[_P, Awaitable[_T]]:
+    """Turn any exception of a handler into the FUSEError the kernel understands."""
+
+    @functools.wraps(fn)
+    async def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _T:
+        try:
+            return await fn(*args, **kwargs)
+        except pyfuse3.FUSEError:
+            raise
+        except Exception as exc:  # trio.Cancelled is a BaseException and passes through
+            code = errno_for(exc)
+            if code == errno.EIO:
+                log.warning("%s -> EIO: %s", fn.__name__, exc)
+            raise pyfuse3.FUSEError(code) from exc
+
+    return wrapper
+
+
+def entry_attributes(a: Attr) -> pyfuse3.EntryAttributes:
+    e = pyfuse3.EntryAttributes()
+    e.st_ino = a.inode
+    e.generation = 0
+    e.entry_timeout = a.entry_timeout
+    e.attr_timeout = a.attr_timeout
+    e.st_mode = a.mode
+    e.st_nlink = a.nlink
+    e.st_uid = a.uid
+    e.st_gid = a.gid
+    e.st_rdev = 0
+    e.st_size = a.size
+    e.st_blksize = 1 << 17
+    e.st_blocks = (a.size + 511) // 512
+    e.st_atime_ns = e.st_mtime_ns = e.st_ctime_ns = a.mtime_ns
+    return e
+
+
+class Operations(pyfuse3.Operations):
+    supports_dot_lookup = True
+    enable_writeback_cache = False
+
+    def __init__(self, ns: Namespace, content: ContentReader, max_threads: int = 16) -> None:
+        super().__init__()
+        self.ns = ns
+        self.content = content
+        self.max_threads = max_threads
+        self._limiter: trio.CapacityLimiter | None = None
+        self._handles: dict[int, Handle] = {}
+
+    async def _thread(self, fn: Callable[..., _T], *args: Any) -> _T:
+        if self._limiter is None:  # created lazily: it must belong to the running trio loop
+            self._limiter = trio.CapacityLimiter(self.max_threads)
+        return await trio.to_thread.run_sync(fn, *args, limiter=self._limiter)
+
+    # -- namespace -----------------------------------------------------------------------
+    @_fuse_errors
+    async def lookup(self, inode_p: int, name: bytes, ctx: pyfuse3.RequestContext | None = None) -> pyfuse3.EntryAttributes:
+        node = await self._thread(self.ns.lookup, inode_p, os.fsdecode(name))
+        return entry_attributes(self.ns.attr(node))
+
+    async def forget(self, inode_list: list[tuple[int, int]]) -> None:
+        for inode, nlookup in inode_list:
+            self.ns.forget(inode, nlookup)
+
+    @_fuse_errors
+    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext | None = None) -> pyfuse3.EntryAttributes:
+        return entry_attributes(self.ns.getattr(inode))
+
+    @_fuse_errors
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> DirHandle:
+        return DirHandle(self.ns.opendir(inode))
+
+    @_fuse_errors
+    async def readdir(self, fh: DirHandle, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        page = await self._thread(self.ns.readdir_page, fh, start_id, _READDIR_PAGE)
+        while page:
+            for next_id, name, node in page:
+                if not pyfuse3.readdir_reply(token, os.fsencode(name), entry_attributes(self.ns.attr(node)), next_id):
+                    self.ns.release_unreferenced(node)
+                    return
+                self.ns.remember(node)
+            if len(page) < _READDIR_PAGE:
+                return
+            page = await self._thread(self.ns.readdir_page, fh, page[-1][0], _READDIR_PAGE)
+
+    @_fuse_errors
+    async def releasedir(self, fh: DirHandle) -> None:
+        self.ns.releasedir(fh)
+
+    @_fuse_errors
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        st = pyfuse3.StatvfsData()
+        st.f_bsize = st.f_frsize = 1 << 17
+        st.f_blocks = st.f_bfree = st.f_bavail = 0
+        st.f_files = len(self.ns)
+        st.f_ffree = st.f_favail = 0
+        st.f_namemax = 255
+        return st
+
+    # -- xattrs --------------------------------------------------------------------------
+    @_fuse_errors
+    async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        return await self._thread(self.ns.getxattr, inode, os.fsdecode(name))
+
+    @_fuse_errors
+    async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
+        return [os.fsencode(n) for n in await self._thread(self.ns.xattrs, inode)]
+
+    # -- files ---------------------------------------------------------------------------
+    @_fuse_errors
+    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        fh, ref = self.ns.open(inode, flags)
+        self._handles[fh] = self.content.open(ref)
+        # Content under an inode never changes, so the kernel may keep its page cache.
+        return pyfuse3.FileInfo(fh=FileHandle(fh), keep_cache=True)
+
+    @_fuse_errors
+    async def read(self, fh: FileHandle, off: int, size: int) -> bytes:
+        return await self._thread(self.content.read, self._handles[fh], off, size)
+
+    @_fuse_errors
+    async def flush(self, fh: FileHandle) -> None:
+        return None
+
+    @_fuse_errors
+    async def release(self, fh: FileHandle) -> None:
+        self.ns.release(fh)
+        handle = self._handles.pop(fh, None)
+        if handle is not None:
+            await self._thread(self.content.close, handle)
+
+    @_fuse_errors
+    async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
+        raise OSError(errno.EINVAL, "no symbolic links on artifactfs")
+
+    # -- writes: refused by the namespace (EROFS on versions) ----------------------------
+    @_fuse_errors
+    async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields,
+                      fh: FileHandle | None, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        self.ns.check_writable(inode)
+        raise AssertionError("unreachable")
+
+    @_fuse_errors
+    async def mkdir(self, inode_p: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        self.ns.check_writable(inode_p, os.fsdecode(name))
+        raise AssertionError("unreachable")
+
+    @_fuse_errors
+    async def mknod(self, inode_p: int, name: bytes, mode: int, rdev: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        self.ns.check_writable(inode_p, os.fsdecode(name))
+        raise AssertionError("unreachable")
+
+    @_fuse_errors
+    async def create(self, inode_p: int, name: bytes, mode: int, flags: int,
+                     ctx: pyfuse3.RequestContext) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        self.ns.check_writable(inode_p, os.fsdecode(name))
+        raise AssertionError("unreachable")
+
+    @_fuse_errors
+    async def symlink(self, inode_p: int, name: bytes, target: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        self.ns.check_writable(inode_p, os.fsdecode(name))
+        raise AssertionError("unreachable")
+
+    @_fuse_errors
+    async def link(self, inode: int, new_inode_p: int, new_name: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        self.ns.check_writable(new_inode_p, os.fsdecode(new_name))
+        raise AssertionError("unreachable")
+
+    @_fuse_errors
+    async def unlink(self, inode_p: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        self.ns.check_writable(inode_p, os.fsdecode(name))
+
+    @_fuse_errors
+    async def rmdir(self, inode_p: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        self.ns.check_writable(inode_p, os.fsdecode(name))
+
+    @_fuse_errors
+    async def rename(self, inode_p_old: int, name_old: bytes, inode_p_new: int, name_new: bytes,
+                     flags: int, ctx: pyfuse3.RequestContext) -> None:
+        self.ns.check_writable(inode_p_old, os.fsdecode(name_old))
+
+    @_fuse_errors
+    async def write(self, fh: FileHandle, off: int, buf: bytes) -> int:
+        raise OSError(errno.EBADF, "file not open for writing")
+
+    @_fuse_errors
+    async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext) -> None:
+        self.ns.check_writable(inode)
+
+    @_fuse_errors
+    async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        self.ns.check_writable(inode)

@@ -1,0 +1,194 @@
+"""The namespace and the manifest index, without a mount: real LocalStore, real SQLite, real cache."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from client.cache import Cache
+from client.errors import NotFoundError
+from client.hashing import hex_to_b64, md5_bytes
+from client.manifest import Manifest, ManifestEntry
+from mountfs.fetch import ContentReader
+from mountfs.manifest_index import ROOT_ID, IndexStore, ManifestIndex, build_index
+from mountfs.namespace import DIR_MODE, FILE_MODE, ROOT_INODE, Kind, Namespace, NamespaceConfig
+from tests.util import commit_files
+
+FILES = {"a.txt": b"alpha", "sub/b.bin": b"b" * 1000, "sub/deep/c.txt": b"see", "empty": b""}
+
+
+class FakeClock:
+    """A settable clock for the TTL caches (time is an input here, not something we wait on)."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def world(local_store, tmp_path: Path):
+    v0, _ = commit_files(local_store, tmp_path, FILES, aliases=("best",), metadata={"k": 1})
+    cache = Cache(tmp_path / "cache")
+    content = ContentReader(local_store, cache)
+    indexes = IndexStore(cache.root / "index", content.manifest_path)
+    clock = FakeClock()
+    ns = Namespace(local_store, indexes, NamespaceConfig(alias_ttl=5.0), clock=clock)
+    yield ns, v0, clock, indexes
+    content.shutdown()
+
+
+def test_tree_levels_and_listing(world) -> None:
+    ns, v0, _, _ = world
+    root = ns.node(ROOT_INODE)
+    assert root.kind is Kind.ROOT
+    fh = ns.opendir(ROOT_INODE)
+    assert [name for _, name, _ in ns.readdir_page(fh, 0)] == ["ent"]
+    ent = ns.lookup(ROOT_INODE, "ent")
+    proj = ns.lookup(ent.inode, "proj")
+    assert (ent.kind, proj.kind) == (Kind.ENTITY, Kind.PROJECT)
+    fh = ns.opendir(proj.inode)
+    listed = [name for _, name, _ in ns.readdir_page(fh, 0)]
+    assert listed == ["ds:v0", "ds:best", "ds:latest"]
+    # paging: cookies continue where the previous page stopped
+    first = ns.readdir_page(fh, 0, limit=1)
+    rest = ns.readdir_page(fh, first[-1][0], limit=10)
+    assert [n for _, n, _ in first + rest] == listed
+
+
+def test_version_tree_attrs_and_xattrs(world) -> None:
+    ns, v0, _, _ = world
+    vdir = ns.walk("ent/proj/ds:v0")
+    assert vdir.kind is Kind.VERSION_DIR and vdir.version.id == v0.id
+    a = ns.attr(vdir)
+    assert a.mode == DIR_MODE and a.entry_timeout >= 3600
+    f = ns.walk("ent/proj/ds:v0/sub/deep/c.txt")
+    fa = ns.attr(f)
+    assert (fa.mode, fa.size, fa.nlink) == (FILE_MODE, 3, 1)
+    assert fa.mtime_ns == int(v0.created_at.timestamp() * 1e9)
+    sub = ns.walk("ent/proj/ds:v0/sub")
+    assert ns.attr(sub).nlink == 3  # 2 + one subdirectory
+    fh = ns.opendir(sub.inode)
+    assert sorted(n for _, n, _ in ns.readdir_page(fh, 0)) == ["b.bin", "deep"]
+    x = ns.xattrs(vdir.inode)
+    assert x["user.artifact.digest"] == v0.digest.encode()
+    assert x["user.artifact.version"] == b"ent/proj/ds:v0"
+    assert set(x["user.artifact.aliases"].decode().split(",")) == {"latest", "best"}
+    assert json.loads(x["user.artifact.metadata"]) == {"k": 1}
+    assert x["user.artifact.type"] == b"dataset"
+    assert ns.getxattr(f.inode, "user.artifact.digest") == hex_to_b64(md5_bytes(b"see")).encode()
+    with pytest.raises(OSError) as e:
+        ns.getxattr(f.inode, "user.nope")
+    assert e.value.errno == errno.ENODATA
+
+
+def test_unknown_names_and_unlisted_lookup(world, local_store, tmp_path) -> None:
+    ns, v0, _, _ = world
+    proj = ns.walk("ent/proj")
+    for bad in ["nope:v0", "ds:v9", "ds:nosuchalias", "ds", ".Trash", "ds:"]:
+        with pytest.raises(NotFoundError):
+            ns.lookup(proj.inode, bad)
+    with pytest.raises(NotFoundError):
+        ns.walk("ghost")
+    with pytest.raises(NotFoundError):
+        ns.walk("ent/proj/ds:v0/missing.txt")
+    # a version that exists is found by lookup even before any listing mentions it
+    v1, _ = commit_files(local_store, tmp_path, {"x": b"new"})
+    assert ns.walk("ent/proj/ds:v1").version.id == v1.id
+    with pytest.raises(OSError) as e:
+        ns.walk("ent/proj/ds:v0/a.txt/x")
+    assert e.value.errno == errno.ENOTDIR
+
+
+def test_alias_reresolves_after_ttl_and_open_file_stays_pinned(world, local_store, tmp_path) -> None:
+    ns, v0, clock, _ = world
+    old_dir = ns.walk("ent/proj/ds:latest")
+    old_file = ns.walk("ent/proj/ds:latest/a.txt")
+    fh, ref = ns.open(old_file.inode, os.O_RDONLY)
+    v1, created = commit_files(local_store, tmp_path, {"a.txt": b"ALPHA v1"})
+    assert created
+    assert ns.walk("ent/proj/ds:latest").inode == old_dir.inode  # still within the TTL
+    clock.now += 6
+    new_dir = ns.walk("ent/proj/ds:latest")
+    assert new_dir.inode != old_dir.inode and new_dir.version.id == v1.id
+    assert ns.attr(new_dir).entry_timeout == 5.0
+    assert ns.attr(ns.walk("ent/proj/ds:latest/a.txt")).size == len(b"ALPHA v1")
+    # the open file is pinned by content, the old inode still describes v0
+    assert ns.file(fh) == ref and ref.md5 == md5_bytes(b"alpha") and ref.version == "ent/proj/ds:v0"
+    assert ns.attr(old_file).size == 5
+
+
+def test_lookup_counts_and_forget(world) -> None:
+    ns, _, _, _ = world
+    base = len(ns)
+    f = ns.walk("ent/proj/ds:v0/a.txt")
+    ns.walk("ent/proj/ds:v0/a.txt")
+    assert f.lookups == 2
+    assert len(ns) == base + 4  # ent, proj, ds:v0, a.txt
+    ns.forget(f.inode, 1)
+    assert ns.node(f.inode) is f
+    ns.forget(f.inode, 1)
+    with pytest.raises(NotFoundError):
+        ns.node(f.inode)
+    # readdir nodes the kernel refused are dropped; accepted ones are counted
+    vdir = ns.walk("ent/proj/ds:v0")
+    page = ns.readdir_page(ns.opendir(vdir.inode), 0)
+    ns.remember(page[0][2])
+    ns.release_unreferenced(page[1][2])
+    assert ns.node(page[0][2].inode).lookups == 1
+    with pytest.raises(NotFoundError):
+        ns.node(page[1][2].inode)
+    assert ns.lookup(vdir.inode, "..").kind is Kind.PROJECT
+    assert ns.lookup(vdir.inode, ".") is vdir
+
+
+def test_writes_are_erofs(world) -> None:
+    ns, _, _, _ = world
+    f = ns.walk("ent/proj/ds:v0/a.txt")
+    for flags in (os.O_WRONLY, os.O_RDWR, os.O_RDONLY | os.O_TRUNC):
+        with pytest.raises(OSError) as e:
+            ns.open(f.inode, flags)
+        assert e.value.errno == errno.EROFS
+    with pytest.raises(OSError) as e:
+        ns.check_writable(ns.walk("ent/proj").inode, "ds:draft")
+    assert e.value.errno == errno.EROFS
+    with pytest.raises(OSError) as e:
+        ns.open(ns.walk("ent/proj/ds:v0/sub").inode, os.O_RDONLY)
+    assert e.value.errno == errno.EISDIR
+
+
+def test_index_built_once_per_manifest_and_shared(world, local_store, tmp_path) -> None:
+    ns, v0, _, indexes = world
+    ns.walk("ent/proj/ds:v0/a.txt")
+    ns.walk("ent/proj/ds:latest/sub/b.bin")
+    assert indexes.builds == 1
+    assert indexes.path(v0.manifest_md5).exists()
+    idx = indexes.get("ent", v0.manifest_md5)
+    assert (idx.file_count, idx.total_size) == (4, v0.size)
+
+
+def test_index_pages_large_directory_and_streams(tmp_path: Path) -> None:
+    n = 3000
+    entries = [ManifestEntry(f"d/f{i:05d}", hex_to_b64(md5_bytes(str(i).encode())), i) for i in range(n)]
+    mf = tmp_path / "m.json"
+    mf.write_bytes(Manifest(entries).to_bytes())
+    build_index(mf, tmp_path / "idx.sqlite", in_subprocess=False)
+    idx = ManifestIndex(tmp_path / "idx.sqlite")
+    d = idx.lookup(ROOT_ID, "d")
+    assert d is not None and d.is_dir
+    seen, after = [], 0
+    while page := idx.children(d.id, after, 700):
+        seen += [e.name for e in page]
+        after = page[-1].id
+    assert len(seen) == n and len(set(seen)) == n
+    assert idx.resolve_path("d/f00042").size == 42
+    # a manifest in another layout (one JSON line, as W&B may write it) goes via a subprocess
+    other = tmp_path / "wandb.json"
+    other.write_text(json.dumps(Manifest(entries[:10]).to_json()))
+    build_index(other, tmp_path / "idx2.sqlite")
+    assert ManifestIndex(tmp_path / "idx2.sqlite").file_count == 10
