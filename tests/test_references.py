@@ -1,0 +1,395 @@
+"""Reference entries against real sources: file:// trees, a loopback HTTP server with Range and
+ETag support, and moto's S3 server on loopback (plain and versioned buckets)."""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from client.errors import DigestMismatchError, InvalidPathError, NotFoundError, StoreUnavailableError
+from client.hashing import hex_to_b64, md5_bytes
+from client.manifest import Manifest
+from client.references import (
+    entries_for_reference,
+    entries_to_download,
+    fetch_reference,
+    is_uri_digest,
+    read_reference_range,
+    uri_digest,
+)
+
+# --------------------------------------------------------------------------- helpers
+
+
+def b64md5(data: bytes) -> str:
+    return hex_to_b64(md5_bytes(data))
+
+
+def make_tree(root: Path, files: dict[str, bytes]) -> Path:
+    for rel, data in files.items():
+        p = root / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(data)
+    return root
+
+
+# --------------------------------------------------------------------------- file://
+
+
+def test_file_single_object(tmp_path: Path) -> None:
+    src = make_tree(tmp_path / "src", {"a.bin": b"hello"}) / "a.bin"
+    [e] = entries_for_reference(src.as_uri())
+    assert (e.path, e.digest, e.size, e.ref) == ("a.bin", b64md5(b"hello"), 5, src.as_uri())
+    [named] = entries_for_reference(src.as_uri(), name="x/y.bin")
+    assert named.path == "x/y.bin"
+
+
+def test_file_directory_expands_with_relative_names(tmp_path: Path) -> None:
+    files = {"a.txt": b"A", "sub/b.txt": b"BB", "sub/deep/c.txt": b"CCC"}
+    root = make_tree(tmp_path / "tree", files)
+    entries = entries_for_reference(root.as_uri())
+    assert [e.path for e in entries] == ["a.txt", "sub/b.txt", "sub/deep/c.txt"]
+    for e in entries:
+        assert e.digest == b64md5(files[e.path])
+        assert e.size == len(files[e.path])
+        assert e.ref == root.as_uri() + "/" + e.path
+    prefixed = entries_for_reference(root.as_uri() + "/", name="data/")
+    assert [e.path for e in prefixed] == ["data/a.txt", "data/sub/b.txt", "data/sub/deep/c.txt"]
+    # A manifest accepts them and its digest is stable across calls.
+    assert Manifest(entries).digest() == Manifest(entries_for_reference(root.as_uri())).digest()
+
+
+def test_file_directory_max_objects_truncates_in_key_order(tmp_path: Path, caplog) -> None:
+    root = make_tree(tmp_path / "tree", {f"f{i:02d}": bytes([i]) for i in range(10)})
+    entries = entries_for_reference(root.as_uri(), max_objects=3)
+    assert [e.path for e in entries] == ["f00", "f01", "f02"]
+    assert "max_objects" in caplog.text
+    assert len(entries_for_reference(root.as_uri(), max_objects=10)) == 10
+    with pytest.raises(InvalidPathError):
+        entries_for_reference(root.as_uri(), max_objects=0)
+
+
+def test_file_checksum_false_is_uri_digest_and_not_expanded(tmp_path: Path) -> None:
+    root = make_tree(tmp_path / "tree", {"a": b"1", "b/c": b"2"})
+    [e] = entries_for_reference(root.as_uri(), checksum=False)
+    assert e.digest == uri_digest(root.as_uri()) and e.size is None and e.path == "tree"
+    assert is_uri_digest(e)
+    # Changing the content does not change the entry: only the URI counts.
+    (root / "a").write_bytes(b"changed")
+    assert entries_for_reference(root.as_uri(), checksum=False)[0].digest == e.digest
+    # ... and download expands it then, under the entry's name.
+    got = entries_to_download(e)
+    assert [x.path for x in got] == ["tree/a", "tree/b/c"]
+
+
+def test_file_fetch_and_range(tmp_path: Path) -> None:
+    data = bytes(range(256)) * 40
+    src = make_tree(tmp_path / "src", {"blob": data}) / "blob"
+    [e] = entries_for_reference(src.as_uri())
+    dest = tmp_path / "out" / "blob"
+    fetch_reference(e, dest)
+    assert dest.read_bytes() == data
+    assert read_reference_range(e, 100, 50) == data[100:150]
+    assert read_reference_range(e, len(data) - 5, 100) == data[-5:]
+    assert read_reference_range(e, len(data) + 10, 4) == b""
+
+
+def test_file_changed_after_logging_raises(tmp_path: Path) -> None:
+    src = make_tree(tmp_path / "src", {"f": b"original"}) / "f"
+    [e] = entries_for_reference(src.as_uri())
+    src.write_bytes(b"modified")  # same size, other bytes: only the md5 shows it
+    dest = tmp_path / "out"
+    with pytest.raises(DigestMismatchError, match="changed"):
+        fetch_reference(e, dest)
+    assert not dest.exists(), "an unverified download must not be left in place"
+    assert not list(tmp_path.glob(".*incomplete"))
+    src.write_bytes(b"longer than before")
+    with pytest.raises(DigestMismatchError):
+        read_reference_range(e, 0, 4)
+
+
+def test_file_missing_raises_not_found(tmp_path: Path) -> None:
+    with pytest.raises(NotFoundError):
+        entries_for_reference((tmp_path / "nope").as_uri())
+    src = make_tree(tmp_path / "s", {"f": b"x"}) / "f"
+    [e] = entries_for_reference(src.as_uri())
+    src.unlink()
+    with pytest.raises(NotFoundError):
+        fetch_reference(e, tmp_path / "out")
+    assert isinstance(NotFoundError("x"), LookupError)
+
+
+def test_unchecked_file_fetch_skips_verification(tmp_path: Path) -> None:
+    src = make_tree(tmp_path / "s", {"f": b"v1"}) / "f"
+    [e] = entries_for_reference(src.as_uri(), checksum=False)
+    src.write_bytes(b"version two")
+    fetch_reference(e, tmp_path / "out")
+    assert (tmp_path / "out").read_bytes() == b"version two"
+
+
+# --------------------------------------------------------------------------- other schemes
+
+
+def test_other_scheme_tracks_uri_only() -> None:
+    uri = "ftp://example.org/pub/data.csv"
+    [e] = entries_for_reference(uri)
+    assert e.path == "data.csv" and e.size is None and e.ref == uri
+    assert e.digest == hex_to_b64(hashlib.md5(uri.encode()).hexdigest())
+    [named] = entries_for_reference(uri, name="mine.csv")
+    assert named.path == "mine.csv"
+    with pytest.raises(NotFoundError, match="cannot read"):
+        fetch_reference(e, Path("/nonexistent/never"))
+    with pytest.raises(InvalidPathError):
+        entries_for_reference("")
+
+
+# --------------------------------------------------------------------------- http(s)://
+
+
+class _Site:
+    """Bytes served by path; ETag = quoted md5; counts requests so tests can assert on them."""
+
+    def __init__(self) -> None:
+        self.files: dict[str, bytes] = {}
+        self.honour_range = True
+        self.requests: list[tuple[str, str, str | None]] = []
+
+
+def _make_handler(site: _Site) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args: object) -> None:  # keep test output quiet
+            pass
+
+        def _serve(self, body: bool) -> None:
+            rng = self.headers.get("Range")
+            site.requests.append((self.command, self.path, rng))
+            data = site.files.get(self.path)
+            if data is None:
+                self.send_response(404)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            etag = f'"{md5_bytes(data)}"'
+            status, part = 200, data
+            if rng and site.honour_range:
+                lo_s, hi_s = rng.removeprefix("bytes=").split("-")
+                lo, hi = int(lo_s), min(int(hi_s), len(data) - 1)
+                if lo >= len(data):
+                    self.send_response(416)
+                    self.send_header("Content-Range", f"bytes */{len(data)}")
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                status, part = 206, data[lo:hi + 1]
+            self.send_response(status)
+            self.send_header("ETag", etag)
+            self.send_header("Content-Length", str(len(part)))
+            if status == 206:
+                self.send_header("Content-Range", f"bytes {lo}-{hi}/{len(data)}")
+            self.end_headers()
+            if body:
+                self.wfile.write(part)
+
+        def do_HEAD(self) -> None:
+            self._serve(body=False)
+
+        def do_GET(self) -> None:
+            self._serve(body=True)
+
+    return Handler
+
+
+@pytest.fixture
+def http_site() -> Iterator[tuple[_Site, str]]:
+    site = _Site()
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _make_handler(site))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield site, f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+def test_http_entry_from_head(http_site) -> None:
+    site, base = http_site
+    site.files["/data/file.txt"] = b"hello over http"
+    [e] = entries_for_reference(base + "/data/file.txt")
+    md5 = md5_bytes(b"hello over http")
+    assert (e.path, e.digest, e.size) == ("file.txt", md5, 15)
+    assert e.extra == {"etag": f'"{md5}"'}
+    assert site.requests[-1][0] == "HEAD"
+    [named] = entries_for_reference(base + "/data/file.txt", name="renamed.txt")
+    assert named.path == "renamed.txt"
+
+
+def test_http_checksum_false_sends_nothing(http_site) -> None:
+    site, base = http_site
+    [e] = entries_for_reference(base + "/never/requested.bin", checksum=False)
+    assert is_uri_digest(e) and e.size is None and e.path == "requested.bin"
+    assert site.requests == []
+
+
+def test_http_fetch_and_ranged_reads(http_site, tmp_path: Path) -> None:
+    site, base = http_site
+    data = bytes(range(256)) * 100
+    site.files["/big.bin"] = data
+    [e] = entries_for_reference(base + "/big.bin")
+    fetch_reference(e, tmp_path / "big.bin")
+    assert (tmp_path / "big.bin").read_bytes() == data
+    site.requests.clear()
+    assert read_reference_range(e, 1000, 300) == data[1000:1300]
+    assert site.requests == [("GET", "/big.bin", "bytes=1000-1299")]
+    assert read_reference_range(e, len(data) - 10, 100) == data[-10:]
+    assert read_reference_range(e, len(data) + 1, 10) == b""
+    # A server that ignores Range still yields the right slice.
+    site.honour_range = False
+    assert read_reference_range(e, 5000, 7) == data[5000:5007]
+
+
+def test_http_changed_after_logging_raises(http_site, tmp_path: Path) -> None:
+    site, base = http_site
+    site.files["/f"] = b"first"
+    [e] = entries_for_reference(base + "/f")
+    site.files["/f"] = b"other"
+    with pytest.raises(DigestMismatchError, match="ETag"):
+        fetch_reference(e, tmp_path / "f")
+    with pytest.raises(DigestMismatchError):
+        read_reference_range(e, 0, 2)
+    assert not (tmp_path / "f").exists()
+
+
+def test_http_missing_and_unreachable(http_site, tmp_path: Path) -> None:
+    site, base = http_site
+    with pytest.raises(NotFoundError):
+        entries_for_reference(base + "/missing")
+    site.files["/gone"] = b"x"
+    [e] = entries_for_reference(base + "/gone")
+    del site.files["/gone"]
+    with pytest.raises(NotFoundError):
+        fetch_reference(e, tmp_path / "gone")
+    with pytest.raises(StoreUnavailableError):
+        entries_for_reference("http://127.0.0.1:9/unreachable")  # discard port: refused
+
+
+# --------------------------------------------------------------------------- s3:// (moto server)
+
+
+@pytest.fixture(scope="module")
+def moto_endpoint() -> Iterator[str]:
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def s3(moto_endpoint: str, monkeypatch: pytest.MonkeyPatch):
+    import boto3
+
+    monkeypatch.setenv("ARTIFACTFS_S3_ENDPOINT_URL", moto_endpoint)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    return boto3.client("s3", endpoint_url=moto_endpoint, region_name="us-east-1",
+                        aws_access_key_id="testing", aws_secret_access_key="testing")
+
+
+def _bucket(s3, name: str, versioned: bool = False) -> str:
+    s3.create_bucket(Bucket=name)
+    if versioned:
+        s3.put_bucket_versioning(Bucket=name, VersioningConfiguration={"Status": "Enabled"})
+    return name
+
+
+def test_s3_single_object(s3, tmp_path: Path) -> None:
+    _bucket(s3, "plain-one")
+    s3.put_object(Bucket="plain-one", Key="models/m.bin", Body=b"weights")
+    [e] = entries_for_reference("s3://plain-one/models/m.bin")
+    assert (e.path, e.digest, e.size, e.ref) == ("m.bin", md5_bytes(b"weights"), 7, "s3://plain-one/models/m.bin")
+    assert e.extra == {"etag": md5_bytes(b"weights")}  # not versioned: no versionID
+    fetch_reference(e, tmp_path / "m.bin")
+    assert (tmp_path / "m.bin").read_bytes() == b"weights"
+    assert read_reference_range(e, 2, 3) == b"igh"
+    assert read_reference_range(e, 100, 3) == b""
+
+
+def test_s3_prefix_expands_with_names_and_max_objects(s3) -> None:
+    _bucket(s3, "plain-prefix")
+    keys = ["data/a", "data/b/c", "data/b/d", "data2/x", "other/y"]
+    for k in keys:
+        s3.put_object(Bucket="plain-prefix", Key=k, Body=k.encode())
+    entries = entries_for_reference("s3://plain-prefix/data")
+    assert [e.path for e in entries] == ["a", "b/c", "b/d"]  # data2/ is not under data/
+    assert all(e.digest == md5_bytes(("data/" + e.path).encode()) for e in entries)
+    named = entries_for_reference("s3://plain-prefix/data/", name="path")
+    assert [e.path for e in named] == ["path/a", "path/b/c", "path/b/d"]
+    assert [e.path for e in entries_for_reference("s3://plain-prefix/data", max_objects=2)] == ["a", "b/c"]
+    assert len(entries_for_reference("s3://plain-prefix")) == 5
+    with pytest.raises(NotFoundError):
+        entries_for_reference("s3://plain-prefix/nothing-here")
+
+
+def test_s3_checksum_false(s3) -> None:
+    _bucket(s3, "plain-nock")
+    s3.put_object(Bucket="plain-nock", Key="p/a", Body=b"1")
+    s3.put_object(Bucket="plain-nock", Key="p/b", Body=b"2")
+    [e] = entries_for_reference("s3://plain-nock/p", checksum=False)
+    assert is_uri_digest(e) and e.path == "p" and e.size is None
+    assert [x.path for x in entries_to_download(e)] == ["p/a", "p/b"]
+
+
+def test_s3_overwrite_after_logging_raises(s3, tmp_path: Path) -> None:
+    _bucket(s3, "plain-change")
+    s3.put_object(Bucket="plain-change", Key="f", Body=b"logged")
+    [e] = entries_for_reference("s3://plain-change/f")
+    s3.put_object(Bucket="plain-change", Key="f", Body=b"LOGGED")
+    with pytest.raises(DigestMismatchError):
+        fetch_reference(e, tmp_path / "f")
+    with pytest.raises(DigestMismatchError):
+        read_reference_range(e, 0, 3)
+    assert not (tmp_path / "f").exists()
+    s3.delete_object(Bucket="plain-change", Key="f")
+    with pytest.raises(NotFoundError):
+        fetch_reference(e, tmp_path / "f")
+
+
+def test_s3_versioned_bucket_pins_logged_version(s3, tmp_path: Path) -> None:
+    _bucket(s3, "versioned", versioned=True)
+    v1 = s3.put_object(Bucket="versioned", Key="d/f.txt", Body=b"version one")["VersionId"]
+    s3.put_object(Bucket="versioned", Key="d/g.txt", Body=b"gee")
+    [e] = entries_for_reference("s3://versioned/d/f.txt")
+    assert e.extra["versionID"] == v1 and e.extra["etag"] == e.digest
+    listed = entries_for_reference("s3://versioned/d")
+    assert [x.path for x in listed] == ["f.txt", "g.txt"]
+    assert listed[0].extra["versionID"] == v1
+    # Overwriting the key does not change what the logged entry fetches.
+    s3.put_object(Bucket="versioned", Key="d/f.txt", Body=b"version two!")
+    fetch_reference(e, tmp_path / "f.txt")
+    assert (tmp_path / "f.txt").read_bytes() == b"version one"
+    assert read_reference_range(e, 8, 3) == b"one"
+    # An explicit ?versionId= pins a reference to an older version.
+    [old] = entries_for_reference(f"s3://versioned/d/f.txt?versionId={v1}")
+    assert old.size == len(b"version one")
+
+
+def test_s3_unreachable_endpoint(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ARTIFACTFS_S3_ENDPOINT_URL", "http://127.0.0.1:9")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    with pytest.raises(StoreUnavailableError):
+        entries_for_reference("s3://any/key")
