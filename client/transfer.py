@@ -232,7 +232,11 @@ def upload_entries(store: Store, entity: str, entries: Iterable[ManifestEntry], 
 def _stream_blob(store: Store, entity: str, md5: str, size: int, out: BinaryIO) -> None:
     local = getattr(store, "blob_path", None)
     if local is not None:
-        with open(local(entity, md5), "rb", buffering=0) as f:
+        try:
+            f = open(local(entity, md5), "rb", buffering=0)
+        except FileNotFoundError:
+            raise NotFoundError(f"blob {md5} is missing from the store {store.location}") from None
+        with f:
             buf = bytearray(_CHUNK)
             view = memoryview(buf)
             while n := f.readinto(buf):

@@ -1,0 +1,456 @@
+"""Artifact: every method and attribute of the W&B reference, on a real embedded store."""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import hashlib
+import os
+from pathlib import Path
+
+import pytest
+
+import client
+from client.errors import (ArtifactFinalizedError, ArtifactFSError, ArtifactNotLoggedError, ConflictError,
+                           InvalidNameError, InvalidPathError, NotFoundError)
+
+try:
+    from _sdk_fixtures import md5hex, sdk_env, tree_of, write_tree  # noqa: F401
+except ImportError:  # tests/ became a package
+    from tests._sdk_fixtures import md5hex, sdk_env, tree_of, write_tree  # noqa: F401
+
+pytestmark = pytest.mark.usefixtures("sdk_env")
+
+
+def b64md5(data: bytes) -> str:
+    return base64.b64encode(hashlib.md5(data).digest()).decode()
+
+
+def wandb_digest(files: dict[str, bytes]) -> str:
+    """The W&B manifest-v1 artifact digest, written out independently of client.manifest."""
+    h = hashlib.md5(b"wandb-artifact-manifest-v1\n")
+    for path in sorted(files):
+        h.update(f"{path}:{b64md5(files[path])}\n".encode())
+    return h.hexdigest()
+
+
+def logged(tmp: Path, files: dict[str, bytes | str], name: str = "ds", **kw: object) -> client.Artifact:
+    src = write_tree(tmp / f"src-{name}-{len(os.listdir(tmp))}", files)
+    art = client.Artifact(name, "dataset", **kw)  # type: ignore[arg-type]
+    art.add_dir(src)
+    with client.init(project="proj", reinit=True) as run:
+        run.log_artifact(art)
+    return art
+
+
+# -- construction and drafts ---------------------------------------------------------------------------
+def test_constructor_validates_name_type_and_metadata() -> None:
+    with pytest.raises(ValueError):
+        client.Artifact("bad/name", "dataset")
+    with pytest.raises(ValueError):
+        client.Artifact("ok", "bad type")
+    with pytest.raises(ValueError):
+        client.Artifact("ok", "dataset", metadata={f"k{i}": i for i in range(101)})
+    art = client.Artifact("ok", "dataset", description="d", metadata={"a": 1}, incremental=True, use_as="x")
+    assert (art.name, art.type, art.description, art.metadata, art.use_as) == ("ok", "dataset", "d", {"a": 1}, "x")
+    assert art.is_draft() and art.state == "PENDING" and art.id is None
+    with pytest.raises(ValueError):
+        art.metadata = {f"k{i}": i for i in range(101)}
+
+
+def test_draft_only_attributes_raise_not_logged() -> None:
+    art = client.Artifact("ok", "dataset")
+    for attr in ("entity", "project", "version", "qualified_name", "created_at", "updated_at", "commit_hash",
+                 "url", "collection", "source_entity", "source_project", "source_collection", "source_name",
+                 "source_qualified_name", "source_version"):
+        with pytest.raises(ArtifactNotLoggedError):
+            getattr(art, attr)
+    for call in (lambda: art.get_entry("x"), lambda: art.files(), lambda: art.file(), lambda: art.download(),
+                 lambda: art.checkout(), lambda: art.verify(), lambda: art.new_draft(), lambda: art.delete(),
+                 lambda: art.logged_by(), lambda: art.used_by(), lambda: art.json_encode(), lambda: art.wait()):
+        with pytest.raises(ArtifactNotLoggedError):
+            call()
+
+
+def test_add_file_names_digest_and_conflicts(sdk_env: dict[str, Path]) -> None:
+    f = sdk_env["tmp"] / "a.txt"
+    f.write_bytes(b"alpha")
+    art = client.Artifact("ds", "dataset")
+    e = art.add_file(f)
+    assert (e.path, e.digest, e.size) == ("a.txt", b64md5(b"alpha"), 5)
+    assert art.add_file(f, name="dir/b.txt").path == "dir/b.txt"
+    assert art.add_file(f) is art.manifest.entries["a.txt"]  # same content again: no error
+    g = sdk_env["tmp"] / "g.txt"
+    g.write_bytes(b"gamma")
+    with pytest.raises(ValueError):
+        art.add_file(g, name="a.txt")
+    assert art.add_file(g, name="a.txt", overwrite=True).digest == b64md5(b"gamma")
+    with pytest.raises(ValueError):
+        art.add_file(f, policy="sometimes")  # type: ignore[arg-type]
+    with pytest.raises(InvalidPathError):
+        art.add_file(f, name="../escape")
+    with pytest.raises(FileNotFoundError):
+        art.add_file(sdk_env["tmp"] / "nope")
+    assert art.get_added_local_path_name(str(f)) == "dir/b.txt" or art.get_added_local_path_name(str(f)) == "a.txt"
+    assert art.get_added_local_path_name(str(g)) == "a.txt"
+    assert art.get_added_local_path_name("/not/added") is None
+
+
+def test_add_file_is_tmp_renames_deterministically(sdk_env: dict[str, Path]) -> None:
+    f = sdk_env["tmp"] / "data.tar.gz"
+    f.write_bytes(b"tmpfile")
+    e = client.Artifact("ds", "dataset").add_file(f, name="sub/data.tar.gz", is_tmp=True)
+    assert e.path == f"sub/{md5hex(b'tmpfile')[:20]}.tar.gz"
+
+
+def test_mutable_policy_protects_upload_and_fills_cache(sdk_env: dict[str, Path]) -> None:
+    f = sdk_env["tmp"] / "m.txt"
+    f.write_bytes(b"original")
+    art = client.Artifact("ds", "dataset")
+    art.add_file(f)
+    cached = sdk_env["cache"] / "objects" / md5hex(b"original")[:2] / md5hex(b"original")[2:]
+    assert cached.read_bytes() == b"original"
+    f.write_bytes(b"changed after add")
+    art.save()
+    out = Path(art.download(sdk_env["tmp"] / "out"))
+    assert (out / "m.txt").read_bytes() == b"original"
+
+
+def test_skip_cache_and_immutable_policy(sdk_env: dict[str, Path]) -> None:
+    f = sdk_env["tmp"] / "s.txt"
+    f.write_bytes(b"skip me")
+    key = md5hex(b"skip me")
+    art = client.Artifact("ds", "dataset")
+    e = art.add_file(f, skip_cache=True)
+    assert not (sdk_env["cache"] / "objects" / key[:2] / key[2:]).exists()
+    assert e.local_path != str(f)  # a private staged copy
+    g = sdk_env["tmp"] / "i.txt"
+    g.write_bytes(b"immutable")
+    e2 = art.add_file(g, policy="immutable")
+    assert e2.local_path == str(g)
+    art.save()
+    ikey = md5hex(b"immutable")
+    assert (sdk_env["cache"] / "objects" / ikey[:2] / ikey[2:]).exists()  # cached after upload
+    assert not (sdk_env["cache"] / "objects" / key[:2] / key[2:]).exists()
+
+
+def test_add_dir_prefix_nesting_and_conflicts(sdk_env: dict[str, Path]) -> None:
+    files = {f"d{i % 3}/f{i}.bin": os.urandom(100 + i) for i in range(40)}
+    src = write_tree(sdk_env["tmp"] / "tree", files)
+    art = client.Artifact("ds", "dataset")
+    art.add_dir(src, name="data")
+    assert {e.path: e.digest for e in art.manifest} == {f"data/{k}": b64md5(v) for k, v in files.items()}
+    assert art.digest == wandb_digest({f"data/{k}": v for k, v in files.items()})
+    assert art.size == sum(len(v) for v in files.values()) and art.file_count == 40
+    other = write_tree(sdk_env["tmp"] / "other", {"d0/f0.bin": b"different"})
+    with pytest.raises(ValueError):
+        art.add_dir(other, name="data")
+    art.add_dir(other, name="data", merge=True)
+    assert art.manifest.entries["data/d0/f0.bin"].digest == b64md5(b"different")
+    with pytest.raises(NotADirectoryError):
+        art.add_dir(sdk_env["tmp"] / "missing")
+    with pytest.raises(ValueError):
+        art.add_dir(src, policy="never")  # type: ignore[arg-type]
+
+
+def test_new_file_modes_and_encoding() -> None:
+    art = client.Artifact("ds", "dataset")
+    with art.new_file("notes/hello.txt") as f:
+        f.write("héllo")
+    assert art.manifest.entries["notes/hello.txt"].digest == b64md5("héllo".encode())
+    with pytest.raises(ValueError):
+        with art.new_file("notes/hello.txt") as f:
+            f.write("again")
+    with art.new_file("notes/hello.txt", mode="w", encoding="latin-1") as f:
+        f.write("héllo")
+    assert art.manifest.entries["notes/hello.txt"].digest == b64md5("héllo".encode("latin-1"))
+    with art.new_file("raw.bin", mode="xb") as f:
+        f.write(b"\x00\x01")
+    art.save()
+    assert art.get_entry("raw.bin").size == 2
+
+
+def test_remove_file_dir_entry_and_missing(sdk_env: dict[str, Path]) -> None:
+    src = write_tree(sdk_env["tmp"] / "t", {"a": "1", "d/b": "2", "d/e/c": "3", "dd": "4"})
+    art = client.Artifact("ds", "dataset")
+    art.add_dir(src)
+    art.remove("a")
+    art.remove("d")
+    assert sorted(art.manifest.entries) == ["dd"]
+    art.remove(art.manifest.entries["dd"])
+    assert len(art.manifest) == 0
+    with pytest.raises(FileNotFoundError):
+        art.remove("d")
+
+
+def test_finalize_blocks_every_mutation(sdk_env: dict[str, Path]) -> None:
+    f = sdk_env["tmp"] / "x"
+    f.write_text("x")
+    art = client.Artifact("ds", "dataset")
+    art.add_file(f)
+    art.finalize()
+    calls = [lambda: art.add_file(f, name="y"), lambda: art.add_dir(sdk_env["tmp"]), lambda: art.remove("x"),
+             lambda: art.add_reference(f.as_uri()), lambda: art.new_file("z").__enter__(), lambda: art.add(1, "o")]
+    for call in calls:
+        with pytest.raises(ArtifactFinalizedError):
+            call()
+    assert art.is_draft()
+
+
+# -- logging and attributes -------------------------------------------------------------------------------
+def test_logged_attributes(sdk_env: dict[str, Path]) -> None:
+    art = logged(sdk_env["tmp"], {"a.txt": "A", "b/c.txt": "C"}, description="desc", metadata={"m": 1})
+    assert not art.is_draft() and art.state == "COMMITTED"
+    assert art.name == "ds:v0" and art.version == "v0"
+    assert (art.entity, art.project) == ("alice", "proj")
+    assert art.qualified_name == "alice/proj/ds:v0"
+    assert art.source_name == "ds:v0" and art.source_version == "v0"
+    assert art.source_qualified_name == "alice/proj/ds:v0"
+    assert (art.source_entity, art.source_project) == ("alice", "proj")
+    assert art.collection.name == "ds" and art.source_collection.type == "dataset"
+    assert art.aliases == ["latest"] and art.tags == []
+    assert art.description == "desc" and art.metadata == {"m": 1} and art.type == "dataset"
+    assert isinstance(art.created_at, dt.datetime) and art.updated_at >= art.created_at
+    assert art.ttl is None and isinstance(art.id, str) and art.id
+    assert len(art.commit_hash) == 32 and art.commit_hash != art.digest
+    assert art.digest == wandb_digest({"a.txt": b"A", "b/c.txt": b"C"})
+    assert art.size == 2 and art.file_count == 2
+    assert art.url.endswith("/alice/proj/artifacts/dataset/ds/v0")
+    enc = art.json_encode()
+    assert enc["_type"] == "artifactVersion" and enc["id"] == art.id and enc["version"] == "v0"
+    assert art.wait(timeout=1) is art
+    with pytest.raises(AttributeError):
+        art.version = "v9"  # type: ignore[misc]
+
+
+def test_relog_same_digest_is_noop_adding_aliases(sdk_env: dict[str, Path]) -> None:
+    first = logged(sdk_env["tmp"], {"a": "same"})
+    src = write_tree(sdk_env["tmp"] / "again", {"a": "same"})
+    second = client.Artifact("ds", "dataset")
+    second.add_dir(src)
+    with client.init(project="proj", reinit=True) as run:
+        run.log_artifact(second, aliases=["best"])
+    assert second.version == "v0" and second.id == first.id and second.bytes_uploaded == 0
+    assert set(second.aliases) == {"latest", "best"}
+
+
+def test_save_persists_aliases_tags_metadata_description_ttl(sdk_env: dict[str, Path]) -> None:
+    art = logged(sdk_env["tmp"], {"a": "1"})
+    art.aliases.append("prod")
+    art.tags = ["nightly"]
+    art.metadata = {"acc": 0.9}
+    art.description = "new"
+    art.ttl = dt.timedelta(days=2)
+    art.save()
+    again = client.Api().artifact("proj/ds:prod")
+    assert again.id == art.id and set(again.aliases) == {"latest", "prod"}
+    assert again.tags == ["nightly"] and again.metadata == {"acc": 0.9} and again.description == "new"
+    assert again.ttl == dt.timedelta(days=2)
+    with pytest.raises(ValueError):
+        art.aliases = ["v3"]  # reserved for versions
+    with pytest.raises(ValueError):
+        art.ttl = dt.timedelta(seconds=-1)
+
+
+def test_save_without_run_creates_auto_run_and_with_run_uses_it(sdk_env: dict[str, Path]) -> None:
+    f = sdk_env["tmp"] / "x"
+    f.write_text("x")
+    art = client.Artifact("auto-ds", "dataset")
+    art.add_file(f)
+    art.save(project="side")
+    assert art.project == "side"
+    run = art.logged_by()
+    assert run is not None and run.job_type == "auto" and run.state == "finished"
+    with client.init(project="proj") as live:
+        art2 = client.Artifact("in-run", "dataset")
+        art2.add_file(f)
+        art2.save()
+        assert art2.logged_by().id == live.id  # type: ignore[union-attr]
+
+
+# -- reading back ----------------------------------------------------------------------------------------------
+def test_get_entry_get_path_files_and_entry_download(sdk_env: dict[str, Path]) -> None:
+    art = logged(sdk_env["tmp"], {f"f{i}.txt": str(i) for i in range(7)})
+    e = art.get_entry("f3.txt")
+    assert e.digest == b64md5(b"3") and e.size == 1
+    with pytest.raises(KeyError):
+        art.get_entry("nope")
+    with pytest.warns(DeprecationWarning):
+        assert art.get_path("f3.txt").path == "f3.txt"
+    files = art.files(per_page=3)
+    assert [p for p in files.pages()][0] == list(files)[:3] and len(list(files.pages())) == 3
+    assert [x.path for x in files] == [f"f{i}.txt" for i in range(7)]
+    assert [x.path for x in art.files(names=["f1.txt", "f5.txt"])] == ["f1.txt", "f5.txt"]
+    dest = e.download(sdk_env["tmp"] / "one")
+    assert Path(dest).read_text() == "3" and os.listdir(sdk_env["tmp"] / "one") == ["f3.txt"]
+
+
+def test_file_single_and_multiple(sdk_env: dict[str, Path]) -> None:
+    single = logged(sdk_env["tmp"], {"model.pt": "weights"}, name="model")
+    p = single.file()
+    assert Path(p) == Path("artifacts/model:v0/model.pt") and Path(p).read_text() == "weights"
+    multi = logged(sdk_env["tmp"], {"a": "1", "b": "2"}, name="multi")
+    with pytest.raises(ValueError):
+        multi.file()
+
+
+def test_download_default_root_prefix_skip_and_repair(sdk_env: dict[str, Path]) -> None:
+    files = {"a.txt": "A", "sub/b.txt": "B", "sub/c.txt": "C"}
+    art = logged(sdk_env["tmp"], files)
+    root = Path(art.download())
+    assert root == Path("artifacts/ds:v0") and tree_of(root) == {k: v.encode() for k, v in files.items()}
+    ino = (root / "a.txt").stat().st_ino
+    (root / "sub/b.txt").write_text("corrupted")
+    (root / "keep-me").write_text("user file")
+    art.download()
+    assert (root / "a.txt").stat().st_ino == ino  # present and valid: left alone
+    assert (root / "sub/b.txt").read_text() == "B"  # repaired
+    assert (root / "keep-me").exists()  # download never deletes
+    part = Path(art.download(sdk_env["tmp"] / "part", path_prefix="sub/"))
+    assert sorted(tree_of(part)) == ["sub/b.txt", "sub/c.txt"]
+    assert not [p for p in root.rglob("*") if "artifactfs-tmp" in p.name]
+
+
+def test_download_uses_cache_and_refetches_corrupt_objects(sdk_env: dict[str, Path]) -> None:
+    art = logged(sdk_env["tmp"], {"a.txt": "cached content"})
+    key = md5hex(b"cached content")
+    obj = sdk_env["cache"] / "objects" / key[:2] / key[2:]
+    obj.unlink()
+    art.download(sdk_env["tmp"] / "d1")
+    assert obj.read_bytes() == b"cached content"  # download filled the cache
+    os.chmod(obj, 0o644)
+    obj.write_bytes(b"cached CONTENT")  # same size, wrong bytes
+    out = Path(art.download(sdk_env["tmp"] / "d2"))
+    assert (out / "a.txt").read_bytes() == b"cached content"
+    assert obj.read_bytes() == b"cached content"
+    blob = sdk_env["store"] / "blobs" / "alice" / key[:2] / key[2:]
+    assert blob.exists()
+    os.chmod(blob.parent, 0o755)
+    os.chmod(blob, 0o644)
+    blob.unlink()  # the store lost it: the cache alone serves the download
+    assert (Path(art.download(sdk_env["tmp"] / "d3")) / "a.txt").read_bytes() == b"cached content"
+    with pytest.raises(ArtifactFSError):
+        art.download(sdk_env["tmp"] / "d4", skip_cache=True)  # skip_cache really bypasses the cache
+
+
+def test_checkout_removes_extra_files(sdk_env: dict[str, Path]) -> None:
+    art = logged(sdk_env["tmp"], {"a": "1", "d/b": "2"})
+    root = sdk_env["tmp"] / "co"
+    write_tree(root, {"extra.txt": "x", "old/deep/y": "y", "a": "stale"})
+    assert art.checkout(root) == str(root)
+    assert tree_of(root) == {"a": b"1", "d/b": b"2"} and not (root / "old").exists()
+
+
+def test_verify_detects_extra_missing_and_changed(sdk_env: dict[str, Path]) -> None:
+    art = logged(sdk_env["tmp"], {"a": "1", "d/b": "2"})
+    root = Path(art.download(sdk_env["tmp"] / "v"))
+    art.verify(root)
+    (root / "extra").write_text("x")
+    with pytest.raises(ValueError, match="extra"):
+        art.verify(root)
+    (root / "extra").unlink()
+    (root / "d/b").write_text("3")
+    with pytest.raises(ValueError, match="digest mismatch"):
+        art.verify(root)
+    (root / "d/b").unlink()
+    with pytest.raises(ValueError, match="missing"):
+        art.verify(root)
+    art.verify()  # default: downloads to ./artifacts/ds:v0 and checks it
+
+
+# -- versions ----------------------------------------------------------------------------------------------------
+def test_new_draft_uploads_only_the_change(sdk_env: dict[str, Path]) -> None:
+    big = {f"f{i}.bin": os.urandom(20_000) for i in range(5)}
+    v0 = logged(sdk_env["tmp"], big)
+    assert v0.bytes_uploaded > 100_000
+    draft = v0.new_draft()
+    assert draft.is_draft() and draft.digest == v0.digest
+    changed = sdk_env["tmp"] / "changed.bin"
+    changed.write_bytes(b"z" * 1000)
+    draft.add_file(changed, name="f0.bin", overwrite=True)
+    draft.remove("f4.bin")
+    with client.init(project="proj", reinit=True) as run:
+        run.log_artifact(draft)
+    manifest_bytes = len(client.Api().artifact("proj/ds:v1").manifest.to_bytes())
+    assert draft.version == "v1" and draft.bytes_uploaded == 1000 + manifest_bytes
+    assert draft.file_count == 4
+    out = Path(draft.download(sdk_env["tmp"] / "v1"))
+    assert (out / "f0.bin").read_bytes() == b"z" * 1000 and (out / "f1.bin").read_bytes() == big["f1.bin"]
+
+
+def test_incremental_artifact_merges_with_latest(sdk_env: dict[str, Path]) -> None:
+    logged(sdk_env["tmp"], {"a": "1", "b": "2"})
+    f = sdk_env["tmp"] / "c"
+    f.write_text("3")
+    inc = client.Artifact("ds", "dataset", incremental=True)
+    inc.add_file(f)
+    with client.init(project="proj", reinit=True) as run:
+        run.log_artifact(inc)
+    assert inc.version == "v1" and sorted(e.path for e in inc.manifest) == ["a", "b", "c"]
+
+
+def test_delete_respects_aliases(sdk_env: dict[str, Path]) -> None:
+    v0 = logged(sdk_env["tmp"], {"a": "1"})
+    v0.aliases.append("keep")
+    v0.save()
+    v1 = logged(sdk_env["tmp"], {"a": "2"})
+    with pytest.raises(ConflictError):
+        v0.delete()
+    v0.delete(delete_aliases=True)
+    assert v0.state == "DELETED"
+    with pytest.raises(NotFoundError):
+        client.Api().artifact("proj/ds:v0")
+    assert client.Api().artifact("proj/ds:latest").id == v1.id
+
+
+# -- references and later features ---------------------------------------------------------------------------------
+def test_file_references(sdk_env: dict[str, Path]) -> None:
+    ext = write_tree(sdk_env["tmp"] / "nfs", {"one.txt": "1", "sub/two.txt": "22"})
+    art = client.Artifact("refs", "dataset")
+    single = art.add_reference((ext / "one.txt").as_uri())
+    assert [(e.path, e.digest, e.size, e.ref) for e in single] == [
+        ("one.txt", b64md5(b"1"), 1, (ext / "one.txt").as_uri())]
+    many = art.add_reference(ext.as_uri(), name="tree")
+    assert sorted(e.path for e in many) == ["tree/one.txt", "tree/sub/two.txt"]
+    nock = art.add_reference((ext / "sub").as_uri(), name="lazy", checksum=False)
+    assert nock[0].digest == str(ext / "sub") and nock[0].size is None
+    with pytest.raises(ValueError):
+        art.add_reference(ext.as_uri(), name="capped", max_objects=1)
+    with pytest.raises(ArtifactFSError, match="issue 7"):
+        art.add_reference("s3://bucket/key")
+    art.remove("lazy")
+    with client.init(project="proj") as run:
+        run.log_artifact(art)
+    assert art.bytes_uploaded == len(art.manifest.to_bytes())  # references are never uploaded
+    out = Path(art.download(sdk_env["tmp"] / "r"))
+    assert tree_of(out) == {"one.txt": b"1", "tree/one.txt": b"1", "tree/sub/two.txt": b"22"}
+    (ext / "one.txt").unlink()
+    with pytest.raises(NotFoundError):
+        art.download(sdk_env["tmp"] / "r2")
+    out2 = Path(art.download(sdk_env["tmp"] / "r3", allow_missing_references=True))
+    assert sorted(tree_of(out2)) == ["tree/sub/two.txt"]
+    art.verify(out2)  # references are not verified
+
+
+def test_not_yet_supported_methods_say_when(sdk_env: dict[str, Path]) -> None:
+    draft = client.Artifact("ds", "dataset")
+    with pytest.raises(ArtifactFSError, match="issue 7"):
+        draft.add(object(), "obj")
+    with pytest.raises(ArtifactFSError, match="issue 7"):
+        draft["obj"] = object()
+    art = logged(sdk_env["tmp"], {"a": "1"})
+    for call in (lambda: art.get("a"), lambda: art["a"], lambda: art.link("portfolio"), lambda: art.unlink()):
+        with pytest.raises(ArtifactFSError, match="issue 7"):
+            call()
+
+
+def test_bad_aliases_and_tags_are_refused(sdk_env: dict[str, Path]) -> None:
+    f = sdk_env["tmp"] / "x"
+    f.write_text("x")
+    art = client.Artifact("ds", "dataset")
+    art.add_file(f)
+    with client.init(project="proj") as run:
+        with pytest.raises(InvalidNameError):
+            run.log_artifact(art, aliases=["has space"])
+        with pytest.raises(InvalidNameError):
+            run.log_artifact(art, tags=["bad/tag"])
