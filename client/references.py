@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import importlib
 import logging
 import os
 import posixpath
@@ -559,7 +560,7 @@ class S3Handler:
 def _gcs_client():
     """A google-cloud-storage client; honours ``STORAGE_EMULATOR_HOST`` like the library does."""
     try:
-        from google.cloud import storage  # type: ignore[import-untyped]
+        storage = importlib.import_module("google.cloud.storage")
     except ImportError:
         raise ArtifactFSError(
             "gs:// references need the google-cloud-storage package, which is not installed: "
@@ -646,13 +647,12 @@ class GcsHandler:
     def fetch(self, entry: ManifestEntry, dest: Path) -> None:
         blob = self._blob(entry)
         what = f"reference {entry.ref} ({entry.path})"
-        data = self._call(what, blob.download_as_bytes, checksum=None)
-        if not is_uri_digest(entry):
-            _check_size(entry, len(data), "sent")
-            _check_md5(entry, hashlib.md5(data, usedforsecurity=False).hexdigest(),
-                       _md5_b64_to_hex(entry.digest))
         with _atomic_dest(dest) as out:
-            out.write(data)
+            sink = _HashingSink(out)  # streamed: a large object never sits in memory
+            self._call(what, blob.download_to_file, sink, checksum=None)
+            if not is_uri_digest(entry):
+                _check_size(entry, sink.size, "sent")
+                _check_md5(entry, sink.md5.hexdigest(), _md5_b64_to_hex(entry.digest))
 
     def read_range(self, entry: ManifestEntry, start: int, length: int) -> bytes:
         if length <= 0:
