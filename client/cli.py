@@ -108,7 +108,18 @@ def cli(store: str | None) -> None:
     (defaults: ARTIFACTFS_ENTITY or your user name, ARTIFACTFS_PROJECT or 'uncategorized').
     """
     if store:
-        os.environ["ARTIFACTFS_STORE"] = store  # every layer reads it through client.settings
+        # Every layer (SDK, mount, server) reads it through client.settings; restored on exit
+        # so an in-process caller (tests, notebooks) keeps its own environment.
+        previous = os.environ.get("ARTIFACTFS_STORE")
+        os.environ["ARTIFACTFS_STORE"] = store
+        click.get_current_context().call_on_close(lambda: _restore_env("ARTIFACTFS_STORE", previous))
+
+
+def _restore_env(name: str, value: str | None) -> None:
+    if value is None:
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = value
 
 
 def _parse(name: str) -> names.ArtifactPath:

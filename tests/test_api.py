@@ -1,0 +1,136 @@
+"""Api: the name rules of the W&B reference and every query method, on a real embedded store."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+import client
+from client.errors import NotFoundError
+
+try:
+    from _sdk_fixtures import sdk_env  # noqa: F401
+except ImportError:  # tests/ became a package
+    from tests._sdk_fixtures import sdk_env  # noqa: F401
+
+pytestmark = pytest.mark.usefixtures("sdk_env")
+
+
+def _log(entity: str, project: str, name: str, type_: str, content: str, aliases: list[str] | None = None,
+         tags: list[str] | None = None) -> client.Artifact:
+    art = client.Artifact(name, type_)
+    with art.new_file("f.txt") as fh:
+        fh.write(content)
+    with client.init(entity=entity, project=project, reinit=True) as run:
+        run.log_artifact(art, aliases=aliases, tags=tags)
+    return art
+
+
+@pytest.fixture
+def populated(sdk_env: dict[str, Path]) -> dict[str, client.Artifact]:
+    return {
+        "v0": _log("alice", "proj", "ds", "dataset", "0", tags=["raw"]),
+        "v1": _log("alice", "proj", "ds", "dataset", "1", aliases=["best"], tags=["raw", "clean"]),
+        "unc": _log("alice", "uncategorized", "loose", "dataset", "u"),
+        "model": _log("alice", "proj", "net", "model", "m"),
+        "bob": _log("bob", "team", "ds", "dataset", "b"),
+    }
+
+
+def test_artifact_name_forms(populated: dict[str, client.Artifact], monkeypatch: pytest.MonkeyPatch) -> None:
+    api = client.Api(overrides={"project": "proj"})
+    assert api.artifact("ds:v0").id == populated["v0"].id
+    assert api.artifact("ds:best").id == populated["v1"].id
+    assert api.artifact("ds").id == populated["v1"].id  # no version: latest
+    assert api.artifact("proj/ds:latest").id == populated["v1"].id
+    assert api.artifact("alice/proj/ds:v1").id == populated["v1"].id
+    assert api.artifact("bob/team/ds:v0").id == populated["bob"].id
+    monkeypatch.delenv("ARTIFACTFS_PROJECT")
+    assert client.Api().artifact("loose:v0").id == populated["unc"].id  # project defaults to uncategorized
+    assert client.Api(overrides={"entity": "bob", "project": "team"}).artifact("ds:latest").id == populated["bob"].id
+    for bad in ("", None):
+        with pytest.raises(ValueError):
+            api.artifact(bad)  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        api.artifact("a/b/c/d:v0")
+    with pytest.raises(ValueError):
+        api.artifact("ds:v1", type="model")
+    assert api.artifact("ds:v1", type="dataset").type == "dataset"
+    with pytest.raises(NotFoundError):
+        api.artifact("ds:v9")
+
+
+def test_artifact_exists(populated: dict[str, client.Artifact]) -> None:
+    api = client.Api()
+    assert api.artifact_exists("proj/ds:v1") and api.artifact_exists("proj/ds:best", type="dataset")
+    assert not api.artifact_exists("proj/ds:v7")
+    assert not api.artifact_exists("proj/ds:v1", type="model")
+    assert not api.artifact_exists("nothing/here:v0")
+
+
+def test_artifact_collection_and_exists(populated: dict[str, client.Artifact]) -> None:
+    api = client.Api()
+    col = api.artifact_collection("dataset", "alice/proj/ds")
+    assert (col.name, col.type, col.entity, col.project, col.is_sequence) == ("ds", "dataset", "alice", "proj", True)
+    assert col.aliases == ["best", "latest"] and col.description is None and col.tags == []
+    assert [a.version for a in col.versions()] == ["v1", "v0"]
+    with pytest.raises(NotFoundError):
+        api.artifact_collection("model", "proj/ds")
+    assert api.artifact_collection_exists("proj/ds", "dataset")
+    assert not api.artifact_collection_exists("proj/ds", "model")
+    assert not api.artifact_collection_exists("proj/none", "dataset")
+    with pytest.raises(ValueError):
+        api.artifact_collection("dataset", "proj/ds:v0")
+
+
+def test_artifact_collections_types_and_type(populated: dict[str, client.Artifact]) -> None:
+    api = client.Api()
+    cols = api.artifact_collections("proj", "dataset", per_page=1)
+    assert [c.name for c in cols] == ["ds"] and len(cols) == 1
+    assert [c.name for c in api.artifact_collections("bob/team", "dataset")] == ["ds"]
+    assert sorted(t.name for t in api.artifact_types("proj")) == ["dataset", "model"]
+    t = api.artifact_type("model", project="alice/proj")
+    assert t.name == "model" and [c.name for c in t.collections()] == ["net"]
+    assert t.collection("net").type == "model"
+    with pytest.raises(NotFoundError):
+        api.artifact_type("checkpoint", "proj")
+
+
+def test_artifacts_with_tags_pages_and_deprecated_alias(populated: dict[str, client.Artifact]) -> None:
+    api = client.Api()
+    arts = api.artifacts("dataset", "proj/ds", per_page=1)
+    assert [a.version for a in arts] == ["v1", "v0"] and len(list(arts.pages())) == 2 and arts[1].version == "v0"
+    assert [a.version for a in api.artifacts("dataset", "proj/ds", tags=["raw"])] == ["v1", "v0"]
+    assert [a.version for a in api.artifacts("dataset", "proj/ds", tags=["raw", "clean"])] == ["v1"]
+    with pytest.warns(DeprecationWarning):
+        assert [a.version for a in api.artifact_versions("dataset", "proj/ds")] == ["v1", "v0"]
+
+
+def test_projects_and_runs(populated: dict[str, client.Artifact]) -> None:
+    api = client.Api()
+    assert sorted(p.name for p in api.projects()) == ["proj", "uncategorized"]
+    assert [p.name for p in api.projects("bob")] == ["team"]
+    assert list(api.projects("nobody")) == []
+    proj = api.project("proj")
+    assert proj.path == ["alice", "proj"] and sorted(t.name for t in proj.artifacts_types()) == ["dataset", "model"]
+    with pytest.raises(NotFoundError):
+        api.project("missing")
+    runs = api.runs("alice/proj")
+    assert len(runs) == 3 and all(r.state == "finished" for r in runs)
+    newest_first = api.runs("proj", order="-created_at")
+    assert [r.id for r in newest_first] == [r.id for r in reversed(list(runs))]
+    producer = populated["v1"].logged_by()
+    assert producer is not None
+    assert api.run(f"alice/proj/{producer.id}").id == producer.id
+    assert api.run(f"proj/runs/{producer.id}").id == producer.id
+    with pytest.raises(NotFoundError):
+        api.run("alice/proj/nope")
+    with pytest.raises(ValueError):
+        api.run("")
+
+
+def test_api_store_override(populated: dict[str, client.Artifact], sdk_env: dict[str, Path]) -> None:
+    empty = client.Api(overrides={"base_url": str(sdk_env["tmp"] / "elsewhere")})
+    assert not empty.artifact_exists("alice/proj/ds:v0")
+    assert client.Api(overrides={"store": str(sdk_env["store"])}).artifact_exists("alice/proj/ds:v0")

@@ -1,0 +1,152 @@
+"""The artifactfs CLI: log/get/ls/cache, error lines, --store, and the lazy subcommands."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from client import cli as cli_mod
+from client.cli import cli
+
+try:
+    from _sdk_fixtures import sdk_env, tree_of, write_tree  # noqa: F401
+except ImportError:  # tests/ became a package
+    from tests._sdk_fixtures import sdk_env, tree_of, write_tree  # noqa: F401
+
+pytestmark = pytest.mark.usefixtures("sdk_env")
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run(*args: str) -> tuple[int, str, str]:
+    res = CliRunner().invoke(cli, list(args), catch_exceptions=False)
+    return res.exit_code, res.stdout, res.stderr
+
+
+def test_log_get_ls_round_trip(sdk_env: dict[str, Path]) -> None:
+    src = write_tree(sdk_env["tmp"] / "data", {"a.txt": "A", "sub/b.txt": "B"})
+    code, out, err = run("log", str(src), "--name", "alice/proj/ds", "--type", "dataset", "--alias", "best",
+                         "--alias", "prod", "--tag", "raw", "--metadata", '{"rows": 2}', "--description", "d")
+    assert code == 0, err
+    assert "alice/proj/ds:v0" in out and "uploaded" in out
+    code, out, _ = run("log", str(src), "--name", "proj/ds", "--type", "dataset")
+    assert code == 0 and "ds:v0" in out and "uploaded 0 bytes" in out  # unchanged: a no-op
+    assert run("ls")[1].split() == ["alice"]
+    assert run("ls", "alice")[1].split() == ["alice/proj"]
+    assert "alice/proj/ds\tdataset\t1 versions" in run("ls", "alice/proj")[1]
+    listing = run("ls", "alice/proj/ds")[1]
+    assert "alice/proj/ds:v0" in listing and "best" in listing and "prod" in listing
+    dest = sdk_env["tmp"] / "dest"
+    code, out, _ = run("get", "alice/proj/ds:best", str(dest))
+    assert code == 0 and tree_of(dest) == {"a.txt": b"A", "sub/b.txt": b"B"}
+    code, _, _ = run("get", "proj/ds")  # default alias latest, default dest ./artifacts/ds:v0
+    assert code == 0 and tree_of(Path("artifacts/ds:v0")) == {"a.txt": b"A", "sub/b.txt": b"B"}
+    code, _, _ = run("get", "proj/ds:v0", str(sdk_env["tmp"] / "pre"), "--path-prefix", "sub/", "--skip-cache")
+    assert code == 0 and tree_of(sdk_env["tmp"] / "pre") == {"sub/b.txt": b"B"}
+    import client
+
+    art = client.Api().artifact("alice/proj/ds:v0")
+    assert art.metadata == {"rows": 2} and art.tags == ["raw"] and art.description == "d"
+
+
+def test_log_single_file_and_immutable_policy(sdk_env: dict[str, Path]) -> None:
+    f = write_tree(sdk_env["tmp"] / "m", {"model.pt": "w"}) / "model.pt"
+    code, out, err = run("log", str(f), "--name", "model", "--type", "model", "--policy", "immutable")
+    assert code == 0, err and "1 files" in out
+    import client
+
+    assert client.Api().artifact("model:latest").file_count == 1
+
+
+@pytest.mark.parametrize("args, expect", [
+    (["get", "alice/proj/missing:latest"], "artifactfs ls"),
+    (["log", "{src}", "--name", "bad name", "--type", "dataset"], "letters, digits"),
+    (["log", "{src}", "--name", "ds", "--type", "dataset", "--alias", "v3"], "reserved"),
+    (["log", "{src}", "--name", "ds", "--type", "dataset", "--metadata", "{not json"], "JSON"),
+    (["log", "{src}", "--name", "ds", "--type", "dataset", "--metadata", "[1]"], "JSON object"),
+    (["log", "{src}", "--name", "ds:v1", "--type", "dataset"], "--alias"),
+    (["log", "/definitely/not/here", "--name", "ds", "--type", "dataset"], "does not exist"),
+    (["cache", "prune", "--max-size", "lots"], "suffix"),
+    (["ls", "a/b/c/d"], "at most"),
+])
+def test_errors_are_one_clear_line(sdk_env: dict[str, Path], args: list[str], expect: str) -> None:
+    src = write_tree(sdk_env["tmp"] / "e", {"x": "1"})
+    res = CliRunner().invoke(cli, [a.replace("{src}", str(src)) for a in args])
+    assert res.exit_code != 0
+    assert expect in res.stderr
+    assert "Traceback" not in res.stderr and res.exception is None or isinstance(res.exception, SystemExit)
+
+
+def test_store_option_selects_the_store(sdk_env: dict[str, Path]) -> None:
+    src = write_tree(sdk_env["tmp"] / "s", {"x": "1"})
+    other = sdk_env["tmp"] / "other-store"
+    assert run("--store", str(other), "log", str(src), "--name", "ds", "--type", "dataset")[0] == 0
+    assert (other / "registry.db").exists()
+    assert run("ls")[1].strip() == ""  # the default store (ARTIFACTFS_STORE) is still empty
+
+
+def test_cache_info_and_prune(sdk_env: dict[str, Path]) -> None:
+    src = write_tree(sdk_env["tmp"] / "c", {"x": "12345", "y": "678"})
+    run("log", str(src), "--name", "ds", "--type", "dataset")
+    code, out, _ = run("cache", "info")
+    assert code == 0 and "entries 2" in out and "bytes 8" in out and str(sdk_env["cache"]) in out
+    code, out, _ = run("cache", "prune", "--max-size", "0")
+    assert code == 0 and "freed 8 bytes" in out
+    assert "entries 0" in run("cache", "info")[1]
+
+
+def test_help_everywhere() -> None:
+    for args in ([], ["log"], ["get"], ["ls"], ["cache"], ["cache", "info"], ["cache", "prune"]):
+        code, out, _ = run(*args, "--help")
+        assert code == 0 and "Usage:" in out
+    top = run("--help")[1]
+    for name in ("log", "get", "ls", "cache", "mount", "umount", "server"):
+        assert f"  {name} " in top
+
+
+def test_help_does_not_import_fuse_or_server() -> None:
+    code = textwrap.dedent("""
+        import sys
+        from click.testing import CliRunner
+        from client.cli import cli
+        res = CliRunner().invoke(cli, ["--help"])
+        assert res.exit_code == 0 and "mount" in res.output, res.output
+        print(sorted(m for m in ("pyfuse3", "trio", "fastapi", "uvicorn", "mountfs.cli", "server.cli") if m in sys.modules))
+    """)
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
+def test_lazy_commands_load_on_use_or_exit_2(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "fake_feature.py").write_text(textwrap.dedent("""
+        import click
+
+        @click.command()
+        @click.argument("where")
+        def mount_command(where):
+            '''Fake mount.'''
+            click.echo(f"mounted at {where}")
+    """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setitem(cli_mod.LAZY_COMMANDS, "mount", ("fake_feature", "mount_command", "Mount."))
+    monkeypatch.setitem(cli_mod.LAZY_COMMANDS, "server", ("no_such_feature_module", "server_command", "Serve."))
+    code, out, _ = run("mount", "/mnt/x")
+    assert code == 0 and out.strip() == "mounted at /mnt/x"
+    res = CliRunner().invoke(cli, ["server", "--port", "1"])
+    assert res.exit_code == 2 and "not installed" in res.stderr
+
+
+def test_console_script_entry_point(sdk_env: dict[str, Path]) -> None:
+    exe = Path(sys.executable).with_name("artifactfs")
+    if not exe.exists():
+        pytest.skip("artifactfs console script not installed in this venv")
+    out = subprocess.run([str(exe), "get", "alice/proj/none:latest"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1 and out.stderr.count("\n") == 1 and "not found" in out.stderr
+    js = subprocess.run([str(exe), "cache", "info"], capture_output=True, text=True, timeout=60)
+    assert js.returncode == 0 and json.dumps(str(sdk_env["cache"]))[1:-1] in js.stdout
