@@ -87,7 +87,8 @@ def run(options: MountOptions) -> int:
         block_size=options.block_size, parallel=options.parallel, attempts=options.attempts,
         backoff=options.backoff, timeout=options.timeout))
     indexes = IndexStore(cache.root / "index", content.manifest_path)
-    ns = Namespace(store, indexes, NamespaceConfig(alias_ttl=options.alias_ttl))
+    ns = Namespace(store, indexes, NamespaceConfig(alias_ttl=options.alias_ttl),
+                   stats=lambda: {**content.stats(), "inodes": len(ns), "index_builds": indexes.builds})
     ops = Operations(ns, content, max_threads=options.threads)
 
     fuse_options = set(pyfuse3.default_options)

@@ -375,6 +375,7 @@ class _Object:
         self.lock = threading.Lock()
         self.promoting = False
         self.closed = False
+        self.promotion: Future[None] | None = None
 
 
 @dataclass
@@ -397,6 +398,10 @@ class ContentReader:
         self._objects: dict[str, _Object] = {}
         self._verified: LRUCache[str, bool] = LRUCache(maxsize=100_000)
         self.store_requests = 0  #: ranged store requests issued (including retries)
+
+    def stats(self) -> dict[str, int]:
+        with self._lock:
+            return {"store_requests": self.store_requests, "open_objects": len(self._objects)}
 
     # -- store access with retries ------------------------------------------------------
     def fetch_range(self, entity: str, md5: str, start: int, length: int) -> bytes:
@@ -451,6 +456,9 @@ class ContentReader:
             # now could let the number be reused under them.  Leak it instead (rare).
             log.warning("fetches of %s still running at close; leaving its file open", obj.ref.md5)
             return
+        if obj.promotion is not None:  # let a verification in progress finish and adopt
+            with contextlib.suppress(BaseException):
+                obj.promotion.result(timeout=budget)
         with obj.lock:
             obj.closed = True
             if obj.fd is not None:
@@ -496,9 +504,9 @@ class ContentReader:
             obj.reader = BlockReader(
                 ref.size, lambda start, length: self.fetch_range(ref.entity, ref.md5, start, length),
                 obj.partial, block_size=self.config.block_size, max_request=self.config.max_request,
-                executor=self._executor, on_complete=lambda: self._executor.submit(self._promote, obj))
+                executor=self._executor, on_complete=lambda: self._schedule_promotion(obj))
             if obj.partial.complete():  # resumed a fully fetched partial from a crash
-                self._executor.submit(self._promote, obj)
+                self._schedule_promotion(obj)
             return None, obj.reader
 
     def _complete_path(self, ref: FileRef) -> Path | None:
@@ -511,6 +519,9 @@ class ContentReader:
                 return None
             self._verified[ref.md5] = True
         return path
+
+    def _schedule_promotion(self, obj: _Object) -> None:
+        obj.promotion = self._executor.submit(self._promote, obj)
 
     def _promote(self, obj: _Object) -> None:
         """All blocks present: verify the md5 and move the file into the complete cache.

@@ -152,8 +152,12 @@ class Namespace:
     """Inode table + resolution rules over a Store and an IndexStore."""
 
     def __init__(self, store: Store, indexes: IndexStore, config: NamespaceConfig | None = None,
-                 *, drafts: DraftProvider | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+                 *, drafts: DraftProvider | None = None, clock: Callable[[], float] = time.monotonic,
+                 stats: Callable[[], dict[str, Any]] | None = None) -> None:
         self.store = store
+        #: daemon counters shown as the root's ``user.artifactfs.stats`` xattr (JSON), so tests
+        #: and operators can count store requests of a live mount without attaching to it
+        self.stats = stats
         self.indexes = indexes
         self.config = config or NamespaceConfig()
         self.drafts = drafts
@@ -475,6 +479,8 @@ class Namespace:
     def xattrs(self, inode: int) -> dict[str, bytes]:
         node = self.node(inode)
         version = node.version
+        if node.kind is Kind.ROOT and self.stats is not None:
+            return {"user.artifactfs.stats": json.dumps(self.stats(), sort_keys=True).encode()}
         if version is None:
             return {}
         out = {"user.artifact.version": version.qualified_name.encode()}

@@ -1,0 +1,742 @@
+"""One draft's tree: a crash-safe SQLite table of nodes plus staged data files.  No FUSE, no store.
+
+Layout of a draft directory (``<staging_root>/<draft id>/``)::
+
+    draft.db            SQLite (WAL): meta (identity, base version, last result), nodes, hidden
+    data/<node id>      staged content of a node (new or modified file); absent for base files
+    data/<id>.copyup    a copy-up in progress (renamed to data/<id> when complete)
+    commit-intent.json  present only while a commit is between "manifest built" and "rebased"
+
+Why this shape:
+
+* Nodes are keyed by id with ``(parent, name)`` unique, not by full path, so renaming a
+  directory of a million files is one row update; the full paths are only built (by a
+  recursive query, already in path order) when a commit writes the manifest.
+* Base files are rows carrying the base entry's digest: creating a draft from a version copies
+  nothing but manifest rows.  Their bytes come from the shared cache through the injected
+  ``fetch_base`` callback, and only when a read or a partial overwrite needs them.
+* A staged file's data file is the truth for its size and mtime (``utimens`` is applied to it
+  too), so writes never touch the database and a restarted process sees exactly the bytes that
+  reached the data file; what the application fsynced is therefore there after ``kill -9``.
+* Every metadata operation is one SQLite transaction, committed before the call returns
+  (``synchronous=NORMAL`` in WAL: survives the death of the process; ``fsync``/``fsyncdir`` and
+  commits force a full sync, so they also survive power loss).  ``sync_metadata=True`` syncs
+  every transaction.
+* Hash while writing: a staged file written strictly sequentially from offset 0 (or copied up
+  and then appended to) keeps a running md5, so committing it does not read it again.  Any
+  other write pattern drops the running hash; the commit re-hashes that file.
+
+Threading: the FUSE daemon calls in from worker threads; one re-entrant lock per draft guards
+the connection, the handle tables and the running hashes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import json
+import logging
+import os
+import sqlite3
+import stat
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from client.hashing import hex_to_b64
+
+log = logging.getLogger(__name__)
+
+ROOT_ID = 1
+COMMIT_NAME = ".commit"  #: the sentinel: touch (or write options JSON into) it to commit
+STATUS_NAME = ".commit.status"  #: read-only JSON written by the engine after every commit attempt
+CONTROL_NAMES = frozenset({COMMIT_NAME, STATUS_NAME})
+NAME_MAX = 255
+_CHUNK = 1 << 20
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS nodes (
+    id       INTEGER PRIMARY KEY,
+    parent   INTEGER,            -- NULL: unlinked while open (purged on last release / restart)
+    name     TEXT    NOT NULL,
+    is_dir   INTEGER NOT NULL,
+    mode     INTEGER NOT NULL,   -- permission bits only
+    size     INTEGER NOT NULL,   -- base files; staged files: refreshed from data/<id>
+    mtime_ns INTEGER NOT NULL,   -- idem
+    staged   INTEGER NOT NULL DEFAULT 0,
+    digest   TEXT,               -- base64 md5: base content, or staged content as last hashed
+    entry    TEXT                -- JSON of a base entry's other fields (ref, extra, birthArtifactID)
+);
+CREATE UNIQUE INDEX IF NOT EXISTS nodes_by_name ON nodes(parent, name);
+CREATE TABLE IF NOT EXISTS hidden (path TEXT PRIMARY KEY, digest TEXT NOT NULL, entry TEXT);
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class NodeAttr:
+    """What getattr/lookup/readdir report for one node of a draft."""
+
+    id: int  #: stable within the draft (survives renames, commits and restarts)
+    parent: int
+    name: str
+    is_dir: bool
+    mode: int  #: full st_mode (type | permissions)
+    size: int
+    mtime_ns: int
+    staged: bool  #: content lives in the draft (new or modified) rather than in the base version
+    digest: str | None  #: base64 md5 when known without hashing (base files)
+
+    @property
+    def nlink(self) -> int:
+        return 1  # directories too: "unknown" to find(1), and no per-getattr child count
+
+
+@dataclass(frozen=True, slots=True)
+class BaseRef:
+    """A base file's content, as the fetch callbacks need it."""
+
+    entity: str
+    md5: str  #: hex
+    size: int
+    path: str  #: path inside the draft (for messages)
+
+
+@dataclass(slots=True)
+class _Handle:
+    node: int
+    flags: int
+
+
+class _SeqHash:
+    """Running md5 of a staged file that has only been written sequentially from offset 0."""
+
+    __slots__ = ("md5", "pos")
+
+    def __init__(self) -> None:
+        self.md5 = hashlib.md5(usedforsecurity=False)
+        self.pos = 0
+
+
+def _err(code: int, msg: str) -> OSError:
+    return OSError(code, f"{os.strerror(code)}: {msg}")
+
+
+def check_name(name: str) -> str:
+    """A name usable in a draft directory (becomes one segment of a manifest path)."""
+    if not name or name in (".", "..") or "/" in name or "\x00" in name:
+        raise _err(errno.EINVAL, f"invalid file name {name!r}")
+    if len(name.encode("utf-8", "surrogateescape")) > NAME_MAX:
+        raise _err(errno.ENAMETOOLONG, f"{name[:40]!r}…")
+    return name
+
+
+class DraftTree:
+    """The nodes and staged data of one draft; POSIX-like operations raising ``OSError(errno)``.
+
+    ``fetch_base(ref) -> Path`` must return a local file holding the base content (normally the
+    cache object); it is called only for a read of a base file or a partial overwrite of one.
+    """
+
+    def __init__(self, root: Path, fetch_base: Callable[[BaseRef], Path], *, entity: str,
+                 sync_metadata: bool = False) -> None:
+        self.root = root
+        self.data_dir = root / "data"
+        self.entity = entity
+        self.fetch_base = fetch_base
+        #: called (outside the lock) when the sentinel asks for a commit; set by the manager
+        self.on_commit_request: Callable[[], None] | None = None
+        self.lock = threading.RLock()
+        self._sync_pragma = "FULL" if sync_metadata else "NORMAL"
+        self.db = sqlite3.connect(root / "draft.db", check_same_thread=False, isolation_level=None)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute(f"PRAGMA synchronous={self._sync_pragma}")
+        self.db.executescript(_SCHEMA)
+        self._handles: dict[int, _Handle] = {}
+        self._next_fh = 1
+        self._open: Counter[int] = Counter()
+        self._fds: dict[int, int] = {}
+        self._seq: dict[int, _SeqHash] = {}
+        self._hashed: set[int] = {r[0] for r in self.db.execute(
+            "SELECT id FROM nodes WHERE staged = 1 AND digest IS NOT NULL")}
+        self._armed = False  #: the sentinel was created/written/touched since the last request
+        self._dir_synced: set[int] = set()
+
+    # -- plumbing -----------------------------------------------------------------------
+    @contextlib.contextmanager
+    def txn(self) -> Iterator[sqlite3.Connection]:
+        """One durable metadata transaction (BEGIN IMMEDIATE ... COMMIT)."""
+        with self.lock:
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self.db
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                raise
+            self.db.execute("COMMIT")
+
+    def sync_db(self) -> None:
+        """Make every committed transaction survive power loss (WAL fsync)."""
+        with self.lock:
+            self.db.execute("PRAGMA synchronous=FULL")
+            try:
+                with self.txn() as c:
+                    c.execute("INSERT OR REPLACE INTO meta VALUES ('synced_at', ?)", (json.dumps(time.time()),))
+            finally:
+                self.db.execute(f"PRAGMA synchronous={self._sync_pragma}")
+
+    def meta(self, key: str, default: Any = None) -> Any:
+        with self.lock:
+            row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return json.loads(row[0]) if row else default
+
+    def set_meta(self, key: str, value: Any) -> None:
+        with self.txn() as c:
+            c.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, json.dumps(value)))
+
+    def data_path(self, node: int) -> Path:
+        return self.data_dir / str(node)
+
+    def close(self) -> None:
+        with self.lock:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
+            self.db.close()
+
+    # -- recovery -------------------------------------------------------------------------
+    def recover(self) -> None:
+        """After a crash: drop orphans and stray files, make every staged row's data file exist."""
+        self.data_dir.mkdir(exist_ok=True)
+        with self.txn() as c:
+            for (nid,) in c.execute("SELECT id FROM nodes WHERE parent IS NULL").fetchall():
+                c.execute("DELETE FROM nodes WHERE id = ?", (nid,))
+            staged = {r[0] for r in c.execute("SELECT id FROM nodes WHERE staged = 1")}
+        for entry in os.scandir(self.data_dir):
+            stem = entry.name.split(".", 1)[0]
+            if not stem.isdigit() or int(stem) not in staged or entry.name != stem:
+                os.unlink(entry.path)
+        for nid in staged:
+            p = self.data_path(nid)
+            if not p.exists():
+                p.touch()
+        self._hashed = {r[0] for r in self.db.execute("SELECT id FROM nodes WHERE staged = 1 AND digest IS NOT NULL")}
+
+    # -- reading the tree ------------------------------------------------------------------
+    def _row(self, nid: int) -> sqlite3.Row | tuple:
+        row = self.db.execute("SELECT id, parent, name, is_dir, mode, size, mtime_ns, staged, digest "
+                              "FROM nodes WHERE id = ?", (nid,)).fetchone()
+        if row is None:
+            raise _err(errno.ENOENT, f"node {nid} is gone")
+        return row
+
+    def _attr(self, row: tuple) -> NodeAttr:
+        nid, parent, name, is_dir, mode, size, mtime_ns, staged, digest = row
+        if staged:
+            try:
+                st = os.stat(self.data_path(nid))
+                size, mtime_ns = st.st_size, st.st_mtime_ns
+            except FileNotFoundError:
+                size = 0
+        kind = stat.S_IFDIR if is_dir else stat.S_IFREG
+        return NodeAttr(nid, parent if parent is not None else 0, name, bool(is_dir), kind | mode, size,
+                        mtime_ns, bool(staged), None if staged else digest)
+
+    def getattr(self, nid: int) -> NodeAttr:
+        with self.lock:
+            return self._attr(self._row(nid))
+
+    def _child(self, parent: int, name: str) -> tuple | None:
+        return self.db.execute("SELECT id, parent, name, is_dir, mode, size, mtime_ns, staged, digest "
+                               "FROM nodes WHERE parent = ? AND name = ?", (parent, name)).fetchone()
+
+    def _dir(self, nid: int) -> tuple:
+        row = self._row(nid)
+        if not row[3]:
+            raise _err(errno.ENOTDIR, f"node {nid} is not a directory")
+        return row
+
+    def lookup(self, parent: int, name: str) -> NodeAttr:
+        with self.lock:
+            self._dir(parent)
+            row = self._child(parent, name)
+            if row is None:
+                raise _err(errno.ENOENT, name)
+            return self._attr(row)
+
+    def readdir(self, parent: int, after: int = 0, limit: int = 256) -> list[NodeAttr]:
+        """One page of a directory in id order; pass the last id returned as ``after``."""
+        with self.lock:
+            self._dir(parent)
+            rows = self.db.execute("SELECT id, parent, name, is_dir, mode, size, mtime_ns, staged, digest "
+                                   "FROM nodes WHERE parent = ? AND id > ? ORDER BY id LIMIT ?",
+                                   (parent, after, limit)).fetchall()
+            return [self._attr(r) for r in rows]
+
+    def is_empty(self, nid: int, *, ignore_control: bool = False) -> bool:
+        with self.lock:
+            names = [r[0] for r in self.db.execute("SELECT name FROM nodes WHERE parent = ? LIMIT 3", (nid,))]
+        if ignore_control and nid == ROOT_ID:
+            names = [n for n in names if n not in CONTROL_NAMES]
+        return not names
+
+    def base_ref(self, nid: int) -> BaseRef | None:
+        """The base content of an unmodified file (None for staged files and directories)."""
+        with self.lock:
+            return self._base_ref(self._row(nid))
+
+    def _base_ref(self, row: tuple) -> BaseRef | None:
+        nid, _, name, is_dir, _, size, _, staged, digest = row
+        if is_dir or staged or digest is None:
+            return None
+        from client.hashing import b64_to_hex
+
+        return BaseRef(self.entity, b64_to_hex(digest), size, name)
+
+    # -- creating ---------------------------------------------------------------------------
+    def _check_new(self, parent: int, name: str) -> None:
+        check_name(name)
+        self._dir(parent)
+        if self._child(parent, name) is not None:
+            raise _err(errno.EEXIST, name)
+
+    def _touch_dir(self, c: sqlite3.Connection, nid: int) -> None:
+        c.execute("UPDATE nodes SET mtime_ns = ? WHERE id = ?", (time.time_ns(), nid))
+
+    def mkdir(self, parent: int, name: str, mode: int = 0o755) -> NodeAttr:
+        with self.txn() as c:
+            self._check_new(parent, name)
+            cur = c.execute("INSERT INTO nodes (parent, name, is_dir, mode, size, mtime_ns) VALUES (?, ?, 1, ?, 0, ?)",
+                            (parent, name, mode & 0o7777, time.time_ns()))
+            self._touch_dir(c, parent)
+            nid = cur.lastrowid
+        return self.getattr(nid)
+
+    def create(self, parent: int, name: str, mode: int = 0o644, flags: int = os.O_RDWR) -> tuple[NodeAttr, int]:
+        """Create an empty file and open it (EEXIST if the name exists).  Returns (attr, fh)."""
+        if parent == ROOT_ID and name == STATUS_NAME:
+            raise _err(errno.EPERM, f"{STATUS_NAME} is written by artifactfs")
+        with self.txn() as c:
+            self._check_new(parent, name)
+            cur = c.execute("INSERT INTO nodes (parent, name, is_dir, mode, size, mtime_ns, staged) "
+                            "VALUES (?, ?, 0, ?, 0, ?, 1)", (parent, name, mode & 0o7777, time.time_ns()))
+            nid = int(cur.lastrowid)
+            self._touch_dir(c, parent)
+            # Created inside the transaction: if the file cannot be made, the row is rolled back.
+            fd = os.open(self.data_path(nid), os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+            self._fds[nid] = fd
+        self._seq[nid] = _SeqHash()
+        self._arm_if_sentinel(parent, name)
+        return self.getattr(nid), self._new_handle(nid, flags & ~(os.O_CREAT | os.O_EXCL | os.O_TRUNC))
+
+    def _arm_if_sentinel(self, parent: int, name: str) -> None:
+        if parent == ROOT_ID and name == COMMIT_NAME:
+            self._armed = True
+
+    def _is_sentinel(self, nid: int) -> bool:
+        row = self._row(nid)
+        return row[1] == ROOT_ID and row[2] == COMMIT_NAME
+
+    # -- handles -------------------------------------------------------------------------
+    def _new_handle(self, nid: int, flags: int) -> int:
+        with self.lock:
+            fh = self._next_fh
+            self._next_fh += 1
+            self._handles[fh] = _Handle(nid, flags)
+            self._open[nid] += 1
+            return fh
+
+    def handle_node(self, fh: int) -> int:
+        with self.lock:
+            try:
+                return self._handles[fh].node
+            except KeyError:
+                raise _err(errno.EBADF, f"file handle {fh}") from None
+
+    def open(self, nid: int, flags: int) -> int:
+        """Open a file.  ``O_TRUNC`` with write access truncates without fetching base content."""
+        with self.lock:
+            row = self._row(nid)
+            if row[3]:
+                raise _err(errno.EISDIR, row[2])
+            writing = (flags & os.O_ACCMODE) != os.O_RDONLY
+            if writing and row[1] == ROOT_ID and row[2] == STATUS_NAME:
+                raise _err(errno.EACCES, f"{STATUS_NAME} is read-only")
+            if writing and flags & os.O_TRUNC:
+                self.truncate(nid, 0)
+            if writing and self._is_sentinel(nid):
+                self._armed = True
+            return self._new_handle(nid, flags & ~(os.O_CREAT | os.O_EXCL | os.O_TRUNC))
+
+    def release(self, fh: int) -> None:
+        """Close a handle; the last close of the sentinel after a change requests a commit."""
+        request = False
+        with self.lock:
+            h = self._handles.pop(fh, None)
+            if h is None:
+                return
+            self._open[h.node] -= 1
+            if self._open[h.node] <= 0:
+                del self._open[h.node]
+                fd = self._fds.pop(h.node, None)
+                if fd is not None:
+                    os.close(fd)
+                row = self.db.execute("SELECT parent, name FROM nodes WHERE id = ?", (h.node,)).fetchone()
+                if row is not None and row[0] is None:
+                    self._purge(h.node)
+                elif row is not None and row[0] == ROOT_ID and row[1] == COMMIT_NAME and self._armed:
+                    self._armed, request = False, True
+        if request:
+            self._request_commit()
+
+    def _request_commit(self) -> None:
+        if self.on_commit_request is not None:
+            self.on_commit_request()
+
+    def _fd(self, nid: int) -> int:
+        fd = self._fds.get(nid)
+        if fd is None:
+            fd = os.open(self.data_path(nid), os.O_RDWR | os.O_CREAT, 0o600)
+            self._fds[nid] = fd
+        return fd
+
+    def _forget_fd(self, nid: int) -> None:
+        fd = self._fds.pop(nid, None)
+        if fd is not None:
+            os.close(fd)
+
+    # -- data ------------------------------------------------------------------------------
+    def read(self, fh: int, off: int, size: int) -> bytes:
+        with self.lock:
+            nid = self.handle_node(fh)
+            row = self._row(nid)
+            if row[7]:
+                return os.pread(self._fd(nid), size, off)
+            ref = self._base_ref(row)
+        if ref is None or off >= ref.size:
+            return b""
+        path = self.fetch_base(ref)  # outside the lock: may download
+        with open(path, "rb", buffering=0) as f:
+            return os.pread(f.fileno(), size, off)
+
+    def write(self, fh: int, off: int, data: bytes | memoryview) -> int:
+        with self.lock:
+            h = self._handles.get(fh)
+            if h is None:
+                raise _err(errno.EBADF, f"file handle {fh}")
+            if (h.flags & os.O_ACCMODE) == os.O_RDONLY:
+                raise _err(errno.EBADF, "handle not open for writing")
+            nid = h.node
+            row = self._row(nid)
+            if h.flags & os.O_APPEND:
+                off = self._attr(row).size
+            if not row[7]:
+                self._copy_up(row, covers_all=(off == 0 and len(data) >= row[5]))
+            self._changed(nid)
+            n = os.pwrite(self._fd(nid), data, off)
+            seq = self._seq.get(nid)
+            if seq is not None:
+                if off == seq.pos:
+                    seq.md5.update(memoryview(data)[:n])
+                    seq.pos += n
+                else:
+                    del self._seq[nid]
+            if self._is_sentinel(nid):
+                self._armed = True
+            return n
+
+    def _changed(self, nid: int) -> None:
+        """Forget a staged file's last known digest (first write after a commit attempt)."""
+        if nid in self._hashed:
+            self._hashed.discard(nid)
+            with self.txn() as c:
+                c.execute("UPDATE nodes SET digest = NULL WHERE id = ?", (nid,))
+
+    def _copy_up(self, row: tuple, *, covers_all: bool) -> None:
+        """Turn a base file into a staged one.  Fetches the base only if bytes must survive."""
+        nid = row[0]
+        tmp = self.data_dir / f"{nid}.copyup"
+        seq = _SeqHash()
+        ref = self._base_ref(row)
+        if covers_all or ref is None or ref.size == 0:
+            open(tmp, "wb").close()
+        else:
+            src = self.fetch_base(ref)
+            buf = bytearray(_CHUNK)
+            view = memoryview(buf)
+            with open(src, "rb", buffering=0) as fin, open(tmp, "wb", buffering=0) as fout:
+                while n := fin.readinto(buf):
+                    fout.write(view[:n])
+                    seq.md5.update(view[:n])
+                    seq.pos += n
+            if seq.pos != ref.size:
+                os.unlink(tmp)
+                raise _err(errno.EIO, f"base content of {ref.path} has {seq.pos} bytes, expected {ref.size}")
+        os.utime(tmp, ns=(row[6], row[6]))
+        os.replace(tmp, self.data_path(nid))
+        with self.txn() as c:
+            c.execute("UPDATE nodes SET staged = 1, digest = NULL, entry = NULL WHERE id = ?", (nid,))
+        self._forget_fd(nid)
+        self._seq[nid] = seq
+
+    def truncate(self, nid: int, size: int) -> None:
+        if size < 0:
+            raise _err(errno.EINVAL, "negative size")
+        with self.lock:
+            row = self._row(nid)
+            if row[3]:
+                raise _err(errno.EISDIR, row[2])
+            if row[1] == ROOT_ID and row[2] == STATUS_NAME:
+                raise _err(errno.EPERM, f"{STATUS_NAME} is read-only")
+            if not row[7]:
+                if size == row[5]:
+                    return
+                self._copy_up(row, covers_all=(size == 0))
+            self._changed(nid)
+            os.truncate(self.data_path(nid), size)
+            seq = self._seq.get(nid)
+            if size == 0:
+                self._seq[nid] = _SeqHash()
+            elif seq is not None and seq.pos != size:
+                del self._seq[nid]
+            if self._is_sentinel(nid):
+                self._armed = True
+
+    def fsync(self, nid: int, datasync: bool = False) -> None:
+        """Data (if staged), the directory entry of a new data file, and the metadata db."""
+        with self.lock:
+            row = self._row(nid)
+            if row[7]:
+                fd = self._fd(nid)
+                (os.fdatasync if datasync else os.fsync)(fd)
+                if nid not in self._dir_synced:
+                    dfd = os.open(self.data_dir, os.O_RDONLY)
+                    try:
+                        os.fsync(dfd)
+                    finally:
+                        os.close(dfd)
+                    self._dir_synced.add(nid)
+            self.sync_db()
+
+    def running_digest(self, nid: int, size: int) -> str | None:
+        """md5 hex from the running hash when it covers exactly the file's ``size`` bytes."""
+        with self.lock:
+            seq = self._seq.get(nid)
+            return seq.md5.hexdigest() if seq is not None and seq.pos == size else None
+
+    # -- attributes ----------------------------------------------------------------------
+    def setattr(self, nid: int, *, size: int | None = None, mode: int | None = None,
+                atime_ns: int | None = None, mtime_ns: int | None = None) -> NodeAttr:
+        """truncate / chmod (permission bits, not committed) / utimens."""
+        request = False
+        with self.lock:
+            if size is not None:
+                self.truncate(nid, size)
+            row = self._row(nid)
+            if mode is not None:
+                with self.txn() as c:
+                    c.execute("UPDATE nodes SET mode = ? WHERE id = ?", (mode & 0o7777, nid))
+            if atime_ns is not None or mtime_ns is not None:
+                now = time.time_ns()
+                m = mtime_ns if mtime_ns is not None else now
+                if row[7]:
+                    os.utime(self.data_path(nid), ns=(atime_ns if atime_ns is not None else now, m))
+                with self.txn() as c:
+                    c.execute("UPDATE nodes SET mtime_ns = ? WHERE id = ?", (m, nid))
+                if self._is_sentinel(nid):
+                    if self._open[nid] > 0:
+                        self._armed = True
+                    else:
+                        request = True
+            attr = self._attr(self._row(nid))
+        if request:
+            self._request_commit()
+        return attr
+
+    # -- removing and renaming ---------------------------------------------------------------
+    def _purge(self, nid: int) -> None:
+        self._forget_fd(nid)
+        self._seq.pop(nid, None)
+        self._hashed.discard(nid)
+        with self.txn() as c:
+            c.execute("DELETE FROM nodes WHERE id = ?", (nid,))
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.data_path(nid))
+
+    def _drop_file(self, c: sqlite3.Connection, nid: int) -> None:
+        """Remove a file node now, or orphan it until its last handle closes (POSIX unlink)."""
+        if self._open.get(nid, 0) > 0:
+            c.execute("UPDATE nodes SET parent = NULL, name = ? WHERE id = ?", (f"orphan-{nid}", nid))
+        else:
+            c.execute("DELETE FROM nodes WHERE id = ?", (nid,))
+            self._forget_fd(nid)
+            self._seq.pop(nid, None)
+            self._hashed.discard(nid)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.data_path(nid))
+
+    def unlink(self, parent: int, name: str) -> None:
+        with self.txn() as c:
+            row = self._child(parent, name)
+            if row is None:
+                raise _err(errno.ENOENT, name)
+            if row[3]:
+                raise _err(errno.EISDIR, name)
+            self._drop_file(c, row[0])
+            self._touch_dir(c, parent)
+
+    def rmdir(self, parent: int, name: str) -> None:
+        with self.txn() as c:
+            row = self._child(parent, name)
+            if row is None:
+                raise _err(errno.ENOENT, name)
+            if not row[3]:
+                raise _err(errno.ENOTDIR, name)
+            if c.execute("SELECT 1 FROM nodes WHERE parent = ? LIMIT 1", (row[0],)).fetchone():
+                raise _err(errno.ENOTEMPTY, name)
+            c.execute("DELETE FROM nodes WHERE id = ?", (row[0],))
+            self._touch_dir(c, parent)
+
+    def _is_ancestor(self, anc: int, nid: int) -> bool:
+        while nid not in (ROOT_ID, 0):
+            if nid == anc:
+                return True
+            r = self.db.execute("SELECT parent FROM nodes WHERE id = ?", (nid,)).fetchone()
+            if r is None or r[0] is None:
+                return False
+            nid = r[0]
+        return nid == anc
+
+    def rename(self, parent_old: int, name_old: str, parent_new: int, name_new: str, flags: int = 0) -> None:
+        """rename(2): files and directories; replaces a file or an empty directory."""
+        noreplace = getattr(os, "RENAME_NOREPLACE", 1)
+        if flags & ~noreplace:
+            raise _err(errno.EINVAL, "only RENAME_NOREPLACE is supported")
+        check_name(name_new)
+        if STATUS_NAME in ((parent_old == ROOT_ID and name_old) or "", (parent_new == ROOT_ID and name_new) or ""):
+            raise _err(errno.EPERM, f"{STATUS_NAME} is managed by artifactfs")
+        request = False
+        with self.txn() as c:
+            self._dir(parent_new)
+            src = self._child(parent_old, name_old)
+            if src is None:
+                raise _err(errno.ENOENT, name_old)
+            if (parent_old, name_old) == (parent_new, name_new):
+                return
+            if src[3] and self._is_ancestor(src[0], parent_new):
+                raise _err(errno.EINVAL, "cannot move a directory into itself")
+            dst = self._child(parent_new, name_new)
+            if dst is not None:
+                if flags & noreplace:
+                    raise _err(errno.EEXIST, name_new)
+                if dst[0] == src[0]:
+                    return
+                if src[3] and not dst[3]:
+                    raise _err(errno.ENOTDIR, name_new)
+                if not src[3] and dst[3]:
+                    raise _err(errno.EISDIR, name_new)
+                if dst[3]:
+                    if c.execute("SELECT 1 FROM nodes WHERE parent = ? LIMIT 1", (dst[0],)).fetchone():
+                        raise _err(errno.ENOTEMPTY, name_new)
+                    c.execute("DELETE FROM nodes WHERE id = ?", (dst[0],))
+                else:
+                    self._drop_file(c, dst[0])
+            c.execute("UPDATE nodes SET parent = ?, name = ? WHERE id = ?", (parent_new, name_new, src[0]))
+            self._touch_dir(c, parent_old)
+            if parent_new != parent_old:
+                self._touch_dir(c, parent_new)
+            if parent_new == ROOT_ID and name_new == COMMIT_NAME and not src[3]:
+                # editors save by renaming a temp file over the target: that is a write of .commit
+                request = self._open.get(src[0], 0) == 0
+                self._armed = not request
+        if request:
+            self._request_commit()
+
+    # -- unsupported ---------------------------------------------------------------------
+    @staticmethod
+    def link(*_: object) -> None:
+        raise _err(errno.ENOTSUP, "hard links are not supported in drafts (a manifest has no links)")
+
+    @staticmethod
+    def symlink(*_: object) -> None:
+        raise _err(errno.ENOTSUP, "symbolic links are not supported in drafts (a manifest has no links)")
+
+    def mknod(self, parent: int, name: str, mode: int) -> NodeAttr:
+        """Regular files only (some tools create with mknod); anything else is EPERM."""
+        if not stat.S_ISREG(mode):
+            raise _err(errno.EPERM, "drafts hold regular files and directories only")
+        attr, fh = self.create(parent, name, mode)
+        self.release(fh)
+        return attr
+
+    # -- whole-tree queries (commit) --------------------------------------------------------
+    def iter_files(self) -> Iterator[tuple[str, tuple]]:
+        """Every committed file as (path, row) in manifest (path) order; control files excluded."""
+        query = """
+        WITH RECURSIVE t(id, path) AS (
+            SELECT id, name FROM nodes WHERE parent = 1 AND NOT (is_dir = 0 AND name IN (?, ?))
+            UNION ALL
+            SELECT n.id, t.path || '/' || n.name FROM nodes n JOIN t ON n.parent = t.id
+        )
+        SELECT t.path, n.id, n.parent, n.name, n.is_dir, n.mode, n.size, n.mtime_ns, n.staged, n.digest, n.entry
+        FROM t JOIN nodes n ON n.id = t.id WHERE n.is_dir = 0
+        UNION ALL SELECT path, NULL, NULL, NULL, 0, NULL, NULL, NULL, 0, digest, entry FROM hidden
+        ORDER BY 1
+        """
+        with self.lock:
+            cur = self.db.execute(query, (COMMIT_NAME, STATUS_NAME))
+            while rows := cur.fetchmany(1024):
+                for r in rows:
+                    yield r[0], r[1:]
+
+    def staged_files(self) -> list[tuple[int, str | None]]:
+        """(id, known digest) of every staged, linked file outside the control files."""
+        with self.lock:
+            return self.db.execute(
+                "SELECT id, digest FROM nodes WHERE staged = 1 AND parent IS NOT NULL "
+                "AND NOT (parent = 1 AND name IN (?, ?))", (COMMIT_NAME, STATUS_NAME)).fetchall()
+
+    def record_digest(self, nid: int, md5_hex: str) -> None:
+        with self.txn() as c:
+            c.execute("UPDATE nodes SET digest = ? WHERE id = ? AND staged = 1", (hex_to_b64(md5_hex), nid))
+        self._hashed.add(nid)
+
+    def rebase_file(self, nid: int, size: int, mtime_ns: int) -> None:
+        """A staged file whose data moved into the cache becomes a base file of the new version."""
+        with self.lock:
+            self._forget_fd(nid)
+            self._seq.pop(nid, None)
+            self._hashed.discard(nid)
+            with self.txn() as c:
+                c.execute("UPDATE nodes SET staged = 0, size = ?, mtime_ns = ?, entry = NULL WHERE id = ?",
+                          (size, mtime_ns, nid))
+
+    def read_control(self, name: str) -> bytes:
+        """Content of a control file at the root (empty if absent)."""
+        with self.lock:
+            row = self._child(ROOT_ID, name)
+            if row is None or not row[7]:
+                return b""
+            with contextlib.suppress(FileNotFoundError):
+                return self.data_path(row[0]).read_bytes()
+            return b""
+
+    def write_status(self, data: bytes) -> None:
+        """Replace the read-only status file atomically (engine only)."""
+        with self.lock:
+            row = self._child(ROOT_ID, STATUS_NAME)
+            if row is None:
+                with self.txn() as c:
+                    cur = c.execute("INSERT INTO nodes (parent, name, is_dir, mode, size, mtime_ns, staged) "
+                                    "VALUES (1, ?, 0, ?, 0, ?, 1)", (STATUS_NAME, 0o444, time.time_ns()))
+                    nid = int(cur.lastrowid)
+            else:
+                nid = row[0]
+            self._forget_fd(nid)
+            tmp = self.data_dir / f"{nid}.status"
+            tmp.write_bytes(data)
+            os.replace(tmp, self.data_path(nid))

@@ -1,0 +1,220 @@
+"""Read strategies with an injected, counting fetcher; then ContentReader over a real LocalStore."""
+
+from __future__ import annotations
+
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from client.cache import Cache
+from client.hashing import md5_bytes
+from mountfs.fetch import (BlockReader, ContentReader, FetchConfig, FetchError, MemoryBlocks, PartialFile,
+                           ReadaheadWindow)
+from mountfs.namespace import FileRef
+from tests.util import upload_bytes
+
+KiB, MiB = 1 << 10, 1 << 20
+
+
+class CountingSource:
+    """A fetcher over bytes in memory that records every request (start, length)."""
+
+    def __init__(self, data: bytes, fail: int = 0) -> None:
+        self.data = data
+        self.calls: list[tuple[int, int]] = []
+        self.fail = fail
+        self.lock = threading.Lock()
+
+    def __call__(self, start: int, length: int) -> bytes:
+        with self.lock:
+            self.calls.append((start, length))
+            if self.fail:
+                self.fail -= 1
+                raise ConnectionError("store down")
+        return self.data[start:start + length]
+
+
+@pytest.fixture
+def pool():
+    with ThreadPoolExecutor(4) as ex:
+        yield ex
+
+
+def _reader(data: bytes, pool, block: int = 64 * KiB, max_request: int = 256 * KiB) -> tuple[BlockReader, CountingSource]:
+    src = CountingSource(data)
+    return BlockReader(len(data), src, MemoryBlocks(len(data), block), block_size=block,
+                       max_request=max_request, executor=pool), src
+
+
+def test_small_read_in_the_middle_costs_one_request(pool) -> None:
+    data = os.urandom(4 * MiB)
+    r, src = _reader(data, pool)
+    mid = 2 * MiB + 12345
+    assert r.read(mid, 4 * KiB) == data[mid:mid + 4 * KiB]
+    assert len(src.calls) == 1 and r.requests == 1
+    # a read straddling a block boundary is still one (coalesced) request
+    edge = 3 * 64 * KiB - 100
+    assert r.read(edge, 4 * KiB) == data[edge:edge + 4 * KiB]
+    assert src.calls[-1] == (2 * 64 * KiB, 2 * 64 * KiB)
+    assert r.requests == 2
+    assert r.read(mid, 4 * KiB) == data[mid:mid + 4 * KiB] and r.requests == 2  # cached now
+
+
+def test_large_read_is_split_into_parallel_aligned_requests(pool) -> None:
+    data = os.urandom(1 * MiB + 7)
+    r, src = _reader(data, pool)
+    assert r.read(0, len(data)) == data
+    assert all(start % (64 * KiB) == 0 for start, _ in src.calls)
+    assert all(length <= 256 * KiB for _, length in src.calls)
+    assert sum(length for _, length in src.calls) == len(data)
+    assert r.read(len(data) - 3, 100) == data[-3:]
+    assert r.read(len(data), 10) == b""
+
+
+def test_concurrent_readers_fetch_each_block_once(pool) -> None:
+    data = os.urandom(2 * MiB)
+    r, src = _reader(data, pool)
+    barrier = threading.Barrier(8)
+    results: list[bytes] = []
+
+    def reader() -> None:
+        barrier.wait()
+        results.append(r.read(0, len(data)))
+
+    threads = [threading.Thread(target=reader) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == [data] * 8
+    assert sum(length for _, length in src.calls) == len(data)  # no byte fetched twice
+
+
+def test_readahead_window_grows_for_sequential_and_not_for_random() -> None:
+    w = ReadaheadWindow(initial=64 * KiB, maximum=1 * MiB, trigger=128 * KiB)
+    assert w.advise(10 * MiB, 4 * KiB) is None  # lone random read: nothing extra
+    assert w.advise(10 * MiB + 4 * KiB, 60 * KiB) is None  # kernel readahead right behind it
+    windows = []
+    off = 0
+    for _ in range(8):
+        advice = w.advise(off, 128 * KiB)
+        off += 128 * KiB
+        if advice:
+            assert advice[0] == off
+            windows.append(advice[1])
+    assert windows == [64 * KiB, 128 * KiB, 256 * KiB, 512 * KiB, 1 * MiB, 1 * MiB, 1 * MiB]
+    assert w.advise(5 * MiB, 4 * KiB) is None and w.window == 64 * KiB  # a seek resets it
+
+
+def test_prefetch_fills_ahead_so_sequential_reads_hit(pool) -> None:
+    data = os.urandom(1 * MiB)
+    r, src = _reader(data, pool)
+    r.read(0, 64 * KiB)
+    r.prefetch(64 * KiB, 512 * KiB)
+    r.wait_idle(10)
+    before = r.requests
+    assert r.read(64 * KiB, 512 * KiB) == data[64 * KiB:576 * KiB]
+    assert r.requests == before == 3  # the read itself + 2 prefetch requests of 256 KiB
+
+
+def test_failed_fetch_raises_and_a_later_read_retries(pool) -> None:
+    data = os.urandom(256 * KiB)
+    src = CountingSource(data, fail=1)
+    r = BlockReader(len(data), src, MemoryBlocks(len(data), 64 * KiB), block_size=64 * KiB,
+                    max_request=256 * KiB, executor=pool)
+    with pytest.raises(ConnectionError):
+        r.read(0, 10)
+    assert r.read(0, 10) == data[:10]
+    assert len(src.calls) == 2
+
+
+def test_partial_file_resumes_from_its_bitmap(tmp_path: Path) -> None:
+    data = os.urandom(300 * KiB)
+    p = PartialFile(tmp_path, "0" * 32, len(data), 64 * KiB, flush_every=1)
+    p.write(1, data[64 * KiB:128 * KiB])
+    p.write(4, data[256 * KiB:])
+    p.close()
+    q = PartialFile(tmp_path, "0" * 32, len(data), 64 * KiB)
+    assert [q.has(i) for i in range(5)] == [False, True, False, False, True]
+    assert q.read(64 * KiB, 64 * KiB) == data[64 * KiB:128 * KiB]
+    assert not q.complete()
+    q.close()
+
+
+# -- ContentReader over the real embedded store -----------------------------------------
+
+class CountingStore:
+    """Wraps the real LocalStore and counts read_blob calls (counting, not mocking)."""
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+        self.reads: list[tuple[int, int | None]] = []
+
+    def read_blob(self, entity, md5_hex, start=0, length=None):
+        self.reads.append((start, length))
+        return self.inner.read_blob(entity, md5_hex, start, length)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+def test_content_reader_lazy_ranged_then_promoted_into_cache(local_store, tmp_path: Path) -> None:
+    data = os.urandom(6 * MiB + 3)
+    md5 = upload_bytes(local_store, "ent", data, tmp_path)
+    store = CountingStore(local_store)
+    cache = Cache(tmp_path / "cache")
+    cr = ContentReader(store, cache, FetchConfig(block_size=256 * KiB))
+    ref = FileRef("ent", md5, len(data), "ent/p/c:v0", "p/c:v0/x")
+    h = cr.open(ref)
+    assert store.reads == []  # opening fetches nothing
+    mid = 3 * MiB + 5
+    assert cr.read(h, mid, 4096) == data[mid:mid + 4096]
+    assert len(store.reads) == 1
+    out = bytearray()
+    for off in range(0, len(data), 128 * KiB):
+        out += cr.read(h, off, 128 * KiB)
+    assert bytes(out) == data
+    cr.close(h)
+    assert cache.lookup(md5, len(data)) is not None  # verified and adopted into the shared cache
+    assert not (cache.partial_dir / f"{md5}.part").exists()
+    n = len(store.reads)
+    h2 = cr.open(ref)
+    assert cr.read(h2, 0, 100) == data[:100] and len(store.reads) == n  # served from cache
+    cr.close(h2)
+    cr.shutdown()
+
+
+def test_content_reader_corrupt_cache_object_is_refetched(local_store, tmp_path: Path) -> None:
+    data = b"small object" * 100
+    md5 = upload_bytes(local_store, "ent", data, tmp_path)
+    cache = Cache(tmp_path / "cache")
+    path = cache.path(md5)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"X" * len(data))  # right size, wrong bytes
+    cr = ContentReader(local_store, cache)
+    h = cr.open(FileRef("ent", md5, len(data), "v", "p"))
+    assert cr.read(h, 0, len(data)) == data
+    assert md5_bytes(cache.path(md5).read_bytes()) == md5
+    cr.close(h)
+    cr.shutdown()
+
+
+def test_content_reader_store_down_gives_fetch_error_then_recovers(local_store, tmp_path: Path) -> None:
+    data = os.urandom(3 * MiB)
+    md5 = upload_bytes(local_store, "ent", data, tmp_path)
+    blob = local_store.blob_path("ent", md5)
+    cr = ContentReader(local_store, Cache(tmp_path / "cache"),
+                       FetchConfig(block_size=256 * KiB, attempts=3, backoff=0.01, timeout=5))
+    h = cr.open(FileRef("ent", md5, len(data), "v", "p"))
+    moved = blob.with_name("away")
+    blob.rename(moved)
+    with pytest.raises(FetchError):
+        cr.read(h, MiB, 4096)
+    assert cr.store_requests == 3  # bounded retries
+    moved.rename(blob)
+    assert cr.read(h, MiB, 4096) == data[MiB:MiB + 4096]
+    cr.close(h)
+    cr.shutdown()

@@ -1,0 +1,278 @@
+"""End-to-end tests on real FUSE mounts of a real embedded store (the read side)."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import mmap
+import os
+import shutil
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from client.hashing import hex_to_b64, md5_file
+from client.manifest import Manifest, ManifestEntry
+from client.store.base import CommitRequest, VersionRecord
+from client.store.local import LocalStore
+from tests.mount_helpers import Mount, mounted, requires_fuse
+
+pytestmark = [requires_fuse, pytest.mark.fuse, pytest.mark.timeout(120)]
+
+MiB = 1 << 20
+V0 = "ent/proj/ds:v0"
+
+
+def make_tree(root: Path, big: int = 24 * MiB) -> Path:
+    """A source tree with nesting, odd names, an empty file and one large file."""
+    rng = hashlib.sha256(b"seed")
+    files = {
+        "README.md": b"# dataset\n",
+        "empty.txt": b"",
+        "with space/caf\u00e9 \u2603.txt": "unicode name\n".encode(),
+        "images/train/0001.png": os.urandom(3000),
+        "images/train/0002.png": os.urandom(70_000),
+        "images/val/0003.png": os.urandom(1),
+        "labels/train.csv": b"id,label\n" + b"".join(b"%d,%d\n" % (i, i % 7) for i in range(5000)),
+    }
+    for i in range(40):
+        rng.update(b"x")
+        files[f"many/f{i:03d}.bin"] = rng.digest() * (i + 1)
+    for rel, data in files.items():
+        p = root / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(data)
+    (root / "model").mkdir()
+    with open(root / "model" / "weights.bin", "wb") as f:
+        for _ in range(big // MiB):
+            f.write(os.urandom(MiB))
+    return root
+
+
+def commit_tree(store: LocalStore, src: Path, tmp: Path, *, collection: str = "ds",
+                aliases: tuple[str, ...] = ()) -> VersionRecord:
+    entries = []
+    for p in sorted(src.rglob("*")):
+        if p.is_file():
+            md5 = md5_file(p)
+            store.put_blob("ent", md5, p, p.stat().st_size)
+            entries.append(ManifestEntry(p.relative_to(src).as_posix(), hex_to_b64(md5), p.stat().st_size))
+    manifest = tmp / f"manifest-{time.monotonic_ns()}.json"
+    manifest.write_bytes(Manifest(entries).to_bytes())
+    mmd5 = md5_file(manifest)
+    store.put_blob("ent", mmd5, manifest, manifest.stat().st_size)
+    rec, _ = store.commit(CommitRequest("ent", "proj", collection, "dataset", mmd5, aliases=aliases,
+                                        metadata={"source": "test"}))
+    return rec
+
+
+def sha256_tree(root: Path) -> dict[str, str]:
+    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Mount, Path, VersionRecord]]:
+    """One store, one version, one mount for the read-only tests of this module."""
+    work = tmp_path_factory.mktemp("mountread")
+    src = make_tree(work / "src")
+    store = LocalStore(work / "store")
+    rec = commit_tree(store, src, work, aliases=("best",))
+    store.close()
+    with mounted(work / "store", work, alias_ttl=1.0) as m:
+        yield m, src, rec
+
+
+def test_layout_ls_find_du(shared) -> None:
+    m, src, rec = shared
+    assert sorted(os.listdir(m.path)) == ["ent"]
+    assert sorted(os.listdir(m.path / "ent" / "proj")) == ["ds:best", "ds:latest", "ds:v0"]
+    ls = subprocess.run(["ls", "-l", str(m.path / V0 / "images/train")], capture_output=True, text=True, check=True)
+    assert "0002.png" in ls.stdout and " 70000 " in ls.stdout and "-r--r--r--" in ls.stdout
+    found = subprocess.run(["find", ".", "-type", "f"], cwd=m.path / V0, capture_output=True, text=True, check=True)
+    assert sorted(line[2:] for line in found.stdout.splitlines()) == sorted(sha256_tree(src))
+    du = subprocess.run(["du", "-sb", str(m.path / V0)], capture_output=True, text=True, check=True)
+    assert int(du.stdout.split()[0]) == rec.size
+    st = os.stat(m.path / V0 / "README.md")
+    assert st.st_mtime == pytest.approx(rec.created_at.timestamp(), abs=1e-3)
+    assert st.st_mode & 0o777 == 0o444 and os.stat(m.path / V0).st_mode & 0o777 == 0o555
+
+
+def test_sha256_every_file_cp_and_rsync(shared, tmp_path: Path) -> None:
+    m, src, _ = shared
+    expected = sha256_tree(src)
+    assert sha256_tree(m.path / V0) == expected
+    out = subprocess.run("find . -type f -print0 | xargs -0 sha256sum", shell=True, cwd=m.path / "ent/proj/ds:latest",
+                         capture_output=True, text=True, check=True)
+    assert {line.split("  ", 1)[1][2:]: line.split()[0] for line in out.stdout.splitlines()} == expected
+    subprocess.run(["cp", "-r", str(m.path / V0), str(tmp_path / "cp")], check=True)
+    assert sha256_tree(tmp_path / "cp") == expected
+    subprocess.run(["rsync", "-a", f"{m.path / V0}/", str(tmp_path / "rs")], check=True)
+    assert sha256_tree(tmp_path / "rs") == expected
+
+
+def test_python_seek_and_mmap(shared) -> None:
+    m, src, _ = shared
+    path = m.path / V0 / "images/train/0002.png"
+    data = (src / "images/train/0002.png").read_bytes()
+    with open(path, "rb") as f:
+        f.seek(12345)
+        assert f.read(100) == data[12345:12445]
+        f.seek(-10, os.SEEK_END)
+        assert f.read() == data[-10:]
+    with open(m.path / V0 / "model/weights.bin", "rb") as f, mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as mm:
+        ref = (src / "model/weights.bin").read_bytes()
+        assert mm[5 * MiB:5 * MiB + 4096] == ref[5 * MiB:5 * MiB + 4096]
+        assert mm[-1:] == ref[-1:] and len(mm) == len(ref)
+
+
+def test_xattrs(shared) -> None:
+    m, src, rec = shared
+    vdir = m.path / V0
+    assert os.getxattr(vdir, "user.artifact.digest").decode() == rec.digest
+    assert os.getxattr(vdir, "user.artifact.version") == b"ent/proj/ds:v0"
+    assert set(os.getxattr(vdir, "user.artifact.aliases").decode().split(",")) == {"best", "latest"}
+    assert os.getxattr(vdir, "user.artifact.type") == b"dataset"
+    assert b'"source": "test"' in os.getxattr(vdir, "user.artifact.metadata")
+    f = vdir / "README.md"
+    assert os.getxattr(f, "user.artifact.digest").decode() == hex_to_b64(md5_file(src / "README.md"))
+    assert "user.artifact.digest" in os.listxattr(f)
+
+
+def test_errors_enoent_erofs(shared) -> None:
+    m, _, _ = shared
+    for missing in ["nobody", "ent/nope", "ent/proj/ds:v7", "ent/proj/ds:ghost", "ent/proj/zz:v0", f"{V0}/nope.txt"]:
+        with pytest.raises(FileNotFoundError):
+            os.stat(m.path / missing)
+    f = m.path / V0 / "README.md"
+    for mode in ("wb", "ab", "r+b"):
+        with pytest.raises(OSError) as e:
+            open(f, mode)
+        assert e.value.errno == errno.EROFS
+    for op in (lambda: os.mkdir(m.path / V0 / "newdir"), lambda: os.unlink(f),
+               lambda: (m.path / V0 / "new.txt").write_bytes(b"x"), lambda: os.rename(f, m.path / V0 / "x"),
+               lambda: os.chmod(f, 0o644), lambda: os.setxattr(f, "user.x", b"1")):
+        with pytest.raises(OSError) as e:
+            op()
+        assert e.value.errno == errno.EROFS
+    with pytest.raises(OSError) as e:
+        os.listdir(f)
+    assert e.value.errno == errno.ENOTDIR
+
+
+def test_many_concurrent_readers(shared) -> None:
+    m, src, _ = shared
+    ref = hashlib.sha256((src / "model/weights.bin").read_bytes()).hexdigest()
+    small = sha256_tree(src / "many")
+    results: list[bool] = []
+
+    def reader(i: int) -> None:
+        if i % 2:
+            h = hashlib.sha256((m.path / V0 / "model/weights.bin").read_bytes()).hexdigest()
+            results.append(h == ref)
+        else:
+            results.append(sha256_tree(m.path / V0 / "many") == small)
+
+    threads = [threading.Thread(target=reader, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == [True] * 16
+
+
+def test_4k_read_in_large_uncached_file_costs_at_most_two_requests(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    (src / "m").mkdir(parents=True)
+    with open(src / "m" / "big.bin", "wb") as f:
+        for _ in range(64):
+            f.write(os.urandom(MiB))
+    store = LocalStore(tmp_path / "store")
+    commit_tree(store, src, tmp_path)
+    store.close()
+    with mounted(tmp_path / "store", tmp_path) as m:
+        path = m.path / V0 / "m" / "big.bin"
+        os.stat(path)
+        before = m.stats()["store_requests"]
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            assert m.stats()["store_requests"] == before  # open fetches nothing
+            off = 37 * MiB + 12345
+            data = os.pread(fd, 4096, off)
+        finally:
+            os.close(fd)
+        with open(src / "m" / "big.bin", "rb") as f:
+            f.seek(off)
+            assert data == f.read(4096)
+        assert m.stats()["store_requests"] - before <= 2
+
+
+def test_new_latest_while_reader_holds_old(tmp_path: Path) -> None:
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "data.bin").write_bytes(b"old" * 400_000)
+    store = LocalStore(tmp_path / "store")
+    commit_tree(store, tmp_path / "a", tmp_path)
+    with mounted(tmp_path / "store", tmp_path, alias_ttl=0.5) as m:
+        latest = m.path / "ent/proj/ds:latest"
+        with open(latest / "data.bin", "rb") as held:
+            first = held.read(3000)
+            (tmp_path / "b").mkdir()
+            (tmp_path / "b" / "data.bin").write_bytes(b"NEW" * 10)
+            commit_tree(store, tmp_path / "b", tmp_path)
+            deadline = time.monotonic() + 20
+            while (latest / "data.bin").stat().st_size != 30 and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert (latest / "data.bin").read_bytes() == b"NEW" * 10
+            assert os.getxattr(latest, "user.artifact.version") == b"ent/proj/ds:v1"
+            rest = held.read()
+        assert first + rest == b"old" * 400_000
+        assert (m.path / V0 / "data.bin").stat().st_size == 1_200_000
+    store.close()
+
+
+def test_store_failure_mid_read_gives_eio_then_recovers(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    payload = os.urandom(32 * MiB)
+    (src / "big.bin").write_bytes(payload)
+    store = LocalStore(tmp_path / "store")
+    commit_tree(store, src, tmp_path)
+    store.close()
+    blobs, away = tmp_path / "store" / "blobs", tmp_path / "blobs-away"
+    with mounted(tmp_path / "store", tmp_path, attempts=3, backoff=0.05, timeout=5.0) as m:
+        fd = os.open(m.path / V0 / "big.bin", os.O_RDONLY)
+        try:
+            assert os.pread(fd, MiB, 0) == payload[:MiB]
+            blobs.rename(away)
+            try:
+                with pytest.raises(OSError) as e:
+                    os.pread(fd, 4096, 30 * MiB)
+                assert e.value.errno == errno.EIO
+            finally:
+                away.rename(blobs)
+            assert os.pread(fd, 4096, 30 * MiB) == payload[30 * MiB:30 * MiB + 4096]
+        finally:
+            os.close(fd)
+        assert hashlib.sha256((m.path / V0 / "big.bin").read_bytes()).digest() == hashlib.sha256(payload).digest()
+
+
+def test_remount_reuses_cache_and_unmount_is_clean(tmp_path: Path) -> None:
+    src = make_tree(tmp_path / "src", big=4 * MiB)
+    store = LocalStore(tmp_path / "store")
+    commit_tree(store, src, tmp_path)
+    store.close()
+    with mounted(tmp_path / "store", tmp_path) as m:
+        assert sha256_tree(m.path / V0) == sha256_tree(src)
+        proc = m.proc
+    assert proc.returncode == 0  # fusermount3 -u ended the daemon cleanly
+    with mounted(tmp_path / "store", tmp_path) as m:
+        assert sha256_tree(m.path / V0) == sha256_tree(src)
+        assert m.stats()["store_requests"] == 0 and m.stats()["index_builds"] == 0
+        m.proc.terminate()  # SIGTERM: the daemon unmounts itself
+        m.proc.wait(timeout=15)
+        assert m.proc.returncode == 0
+        assert not os.path.ismount(m.path)
