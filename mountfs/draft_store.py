@@ -372,8 +372,22 @@ class DraftTree:
                 self._armed = True
             return self._new_handle(nid, flags & ~(os.O_CREAT | os.O_EXCL | os.O_TRUNC))
 
+    def flush(self, fh: int) -> None:
+        """close(2) of a handle: closing the changed sentinel commits, and close() waits for it.
+
+        The commit's failure surfaces as this close's error (EIO), so ``touch .commit`` or
+        ``echo '{...}' > .commit`` report a failed commit to the shell.
+        """
+        with self.lock:
+            nid = self.handle_node(fh)
+            request = self._armed and self._is_sentinel(nid)
+            if request:
+                self._armed = False
+        if request:
+            self._request_commit()
+
     def release(self, fh: int) -> None:
-        """Close a handle; the last close of the sentinel after a change requests a commit."""
+        """Drop a handle; the last release of a still-armed sentinel requests a commit."""
         request = False
         with self.lock:
             h = self._handles.pop(fh, None)
@@ -391,7 +405,10 @@ class DraftTree:
                 elif row is not None and row[0] == ROOT_ID and row[1] == COMMIT_NAME and self._armed:
                     self._armed, request = False, True
         if request:
-            self._request_commit()
+            try:
+                self._request_commit()
+            except OSError as exc:  # release has no caller to report to; the status file does
+                log.warning("commit requested on release failed: %s", exc)
 
     def _request_commit(self) -> None:
         if self.on_commit_request is not None:
@@ -682,16 +699,21 @@ class DraftTree:
             UNION ALL
             SELECT n.id, t.path || '/' || n.name FROM nodes n JOIN t ON n.parent = t.id
         )
-        SELECT t.path, n.id, n.parent, n.name, n.is_dir, n.mode, n.size, n.mtime_ns, n.staged, n.digest, n.entry
+        SELECT t.path, 0 AS hid, n.id, n.parent, n.name, n.is_dir, n.mode, n.size, n.mtime_ns, n.staged,
+               n.digest, n.entry
         FROM t JOIN nodes n ON n.id = t.id WHERE n.is_dir = 0
-        UNION ALL SELECT path, NULL, NULL, NULL, 0, NULL, NULL, NULL, 0, digest, entry FROM hidden
-        ORDER BY 1
+        UNION ALL SELECT path, 1, NULL, NULL, NULL, 0, NULL, NULL, NULL, 0, digest, entry FROM hidden
+        ORDER BY 1, 2
         """
+        # A hidden base entry whose path the tree now uses again is replaced by the tree's file.
+        last = None
         with self.lock:
             cur = self.db.execute(query, (COMMIT_NAME, STATUS_NAME))
             while rows := cur.fetchmany(1024):
                 for r in rows:
-                    yield r[0], r[1:]
+                    if r[0] != last:
+                        last = r[0]
+                        yield r[0], r[2:]
 
     def staged_files(self) -> list[tuple[int, str | None]]:
         """(id, known digest) of every staged, linked file outside the control files."""

@@ -1,0 +1,414 @@
+"""Committing a draft: manifest from the tree, upload what the store lacks, one registry commit.
+
+The protocol, and why each step is where it is:
+
+1. Hash staged files (running md5 when the file was written sequentially, else read it, in a
+   thread pool) and record each digest in the draft db.  Recorded digests let a retried or
+   resumed commit skip re-hashing and tell which rows were part of the attempt.
+2. Build the manifest by streaming the tree in path order (a recursive SQL query): base files
+   are committed by digest (no upload, nothing read), staged files by their new digest.  The
+   artifact digest is computed on the way, exactly as :func:`client.manifest.compute_digest`.
+3. Unchanged draft (digest equal to the base's, or an empty draft without base): no version,
+   nothing uploaded.  Result ``noop``.
+4. Write ``commit-intent.json`` (fsynced) naming the manifest md5 and the base index.  Then
+   upload the staged blobs the store is missing and the manifest blob.  Then ``store.commit``:
+   the registry commit is the only atomic point, so a crash anywhere before it leaves no
+   version and every staged file in place.
+5. Rebase: every staged file that went into the version is moved into the shared cache with
+   :meth:`Cache.adopt` (reads stay hot, no copy) and its row becomes a base row; the draft's base
+   becomes the new version; the intent is removed.  The draft goes on from there.
+
+Interrupted commits: a restarted manager finds the intent.  If the collection has a version
+newer than the base with the intent's manifest md5, the commit happened: only the rebase is
+redone (on rows whose recorded digest is still valid).  Otherwise no version exists, the intent
+is dropped and the commit is retried (``DraftManager.recover_commits``) or left to the user.
+
+Concurrency: the draft's lock is held for the whole commit, so FUSE operations on *this* draft
+wait (other drafts do not).  Two mounts committing the same collection get consecutive
+versions from the registry (its version creation is atomic); each version is the snapshot of
+its draft (last writer's tree wins for ``latest``, the other version stays in history).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import hashlib
+import json
+import logging
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+from client import names
+from client.cache import Cache
+from client.errors import ArtifactFSError, StoreUnavailableError
+from client.hashing import b64_to_hex, md5_file
+from client.manifest import _DIGEST_PREFIX, ManifestEntry, write_manifest
+from client.store.base import CommitRequest, Store, VersionRecord
+
+from .draft_store import COMMIT_NAME, DraftTree
+
+log = logging.getLogger(__name__)
+
+INTENT = "commit-intent.json"
+DEFAULT_TYPE = "dataset"
+_WORKERS = 8
+_OPTION_KEYS = frozenset({"aliases", "tags", "description", "metadata", "type"})
+
+
+def _checkpoint(name: str) -> None:
+    """Fault-injection point (crash tests replace this to kill the process at ``name``)."""
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+@dataclass(frozen=True)
+class CommitOptions:
+    """What the JSON written into ``.commit`` may set; every key optional, unknown keys refused."""
+
+    aliases: tuple[str, ...] = ()
+    tags: tuple[str, ...] = ()
+    description: str | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+    type: str | None = None
+
+    @classmethod
+    def parse(cls, data: bytes | str) -> "CommitOptions":
+        """Empty/whitespace = defaults.  ValueError (with the reason) on anything malformed."""
+        text = data.decode("utf-8") if isinstance(data, bytes) else data
+        if not text.strip():
+            return cls()
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{COMMIT_NAME} is not valid JSON: {exc}") from None
+        if not isinstance(obj, dict):
+            raise ValueError(f"{COMMIT_NAME} must hold a JSON object")
+        unknown = set(obj) - _OPTION_KEYS
+        if unknown:
+            raise ValueError(f"{COMMIT_NAME}: unknown key(s) {sorted(unknown)}; allowed: {sorted(_OPTION_KEYS)}")
+
+        def strings(key: str) -> tuple[str, ...]:
+            v = obj.get(key, [])
+            v = [v] if isinstance(v, str) else v
+            if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+                raise ValueError(f"{COMMIT_NAME}: {key!r} must be a string or a list of strings")
+            return tuple(dict.fromkeys(v))
+
+        aliases = tuple(a if a == "latest" else names.validate_alias(a) for a in strings("aliases"))
+        tags = tuple(names.validate_tag(t) for t in strings("tags"))
+        desc = obj.get("description")
+        if desc is not None and not isinstance(desc, str):
+            raise ValueError(f"{COMMIT_NAME}: 'description' must be a string")
+        meta = names.validate_metadata(obj.get("metadata"))
+        typ = obj.get("type")
+        if typ is not None:
+            names.validate_type(typ)
+        return cls(aliases, tags, desc, dict(meta), typ)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"aliases": list(self.aliases), "tags": list(self.tags), "description": self.description,
+                "metadata": self.metadata, "type": self.type}
+
+
+@dataclass(frozen=True)
+class BaseInfo:
+    """The version a draft continues from (persisted in the draft's meta)."""
+
+    id: str
+    index: int
+    digest: str
+    type: str
+    manifest_md5: str
+
+    @classmethod
+    def of(cls, rec: VersionRecord) -> "BaseInfo":
+        return cls(rec.id, rec.index, rec.digest, rec.type, rec.manifest_md5)
+
+
+@dataclass(frozen=True)
+class CommitResult:
+    """The outcome of one commit attempt; also what ``.commit.status`` shows (as JSON)."""
+
+    state: str  #: "created" | "noop" | "failed"
+    version: str | None = None  #: qualified name, e.g. "ent/proj/ds:v3"
+    index: int | None = None
+    digest: str | None = None
+    blobs_uploaded: int = 0
+    bytes_uploaded: int = 0
+    error: str | None = None
+    at: str = field(default_factory=_now)
+    resumed: bool = False  #: completed by a restarted manager
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class Draft:
+    """A draft: its identity (entity/project/collection/label), base version and tree."""
+
+    def __init__(self, draft_id: str, root: Path, tree: DraftTree) -> None:
+        self.id = draft_id
+        self.root = root
+        self.tree = tree
+        ident = tree.meta("identity")
+        self.entity: str = ident["entity"]
+        self.project: str = ident["project"]
+        self.collection: str = ident["collection"]
+        self.label: str | None = ident["label"]
+        self.dirname: str = ident["dirname"]
+        self.type: str | None = ident.get("type")
+
+    @property
+    def base(self) -> BaseInfo | None:
+        b = self.tree.meta("base")
+        return BaseInfo(**b) if b else None
+
+    @property
+    def last_result(self) -> CommitResult | None:
+        r = self.tree.meta("last_result")
+        return CommitResult(**r) if r else None
+
+    def status(self) -> dict[str, Any]:
+        """What the FUSE layer can expose (``.commit.status``, ``user.artifact.draft.status``)."""
+        base = self.base
+        last = self.last_result
+        return {"draft": f"{self.entity}/{self.project}/{self.dirname}",
+                "collection": f"{self.entity}/{self.project}/{self.collection}",
+                "base": f"{self.collection}:v{base.index}" if base else None,
+                "last_commit": last.to_json() if last else None}
+
+    def record(self, result: CommitResult) -> None:
+        self.tree.set_meta("last_result", result.to_json())
+        self.tree.write_status((json.dumps(self.status(), indent=1, sort_keys=True) + "\n").encode())
+
+    def __repr__(self) -> str:
+        return f"Draft({self.entity}/{self.project}/{self.dirname}, id={self.id})"
+
+
+class _HashingText:
+    """A text sink that writes UTF-8 to a binary file and md5s it on the way."""
+
+    def __init__(self, raw: IO[bytes]) -> None:
+        self.raw = raw
+        self.md5 = hashlib.md5(usedforsecurity=False)
+        self.size = 0
+
+    def write(self, s: str) -> int:
+        b = s.encode("utf-8")
+        self.raw.write(b)
+        self.md5.update(b)
+        self.size += len(b)
+        return len(s)
+
+
+@dataclass
+class _Plan:
+    digest: str
+    manifest_md5: str
+    manifest_path: Path
+    manifest_size: int
+    uploads: dict[str, tuple[Path, int]]  #: md5 -> (data file, size) of staged content
+    staged: list[tuple[int, str, int, int]]  #: (node, md5, size, mtime_ns) to rebase
+    file_count: int
+
+
+def _hash_staged(tree: DraftTree) -> None:
+    """Step 1: every staged file gets a recorded digest (running hash when available)."""
+    todo: list[tuple[int, Path]] = []
+    for nid, known in tree.staged_files():
+        if known is not None:
+            continue
+        path = tree.data_path(nid)
+        size = path.stat().st_size
+        running = tree.running_digest(nid, size)
+        if running is not None:
+            tree.record_digest(nid, running)
+        else:
+            todo.append((nid, path))
+    if todo:
+        with ThreadPoolExecutor(max_workers=_WORKERS, thread_name_prefix="draft-hash") as pool:
+            for (nid, _), md5 in zip(todo, pool.map(lambda j: md5_file(j[1]), todo)):
+                tree.record_digest(nid, md5)
+
+
+def _build(draft: Draft) -> _Plan:
+    """Step 2: stream the manifest to a temp file, computing the artifact digest on the way."""
+    tree = draft.tree
+    digest = hashlib.md5(_DIGEST_PREFIX, usedforsecurity=False)
+    uploads: dict[str, tuple[Path, int]] = {}
+    staged: list[tuple[int, str, int, int]] = []
+    count = 0
+
+    def entries() -> Any:
+        nonlocal count
+        for path, row in tree.iter_files():
+            nid, _, _, _, _, size, mtime_ns, is_staged, b64, extra = row
+            if nid is None:  # hidden base entry (a control name at the base's root)
+                entry = ManifestEntry.from_json(path, json.loads(extra))
+            elif is_staged:
+                st = tree.data_path(nid).stat()
+                md5 = b64_to_hex(b64)
+                uploads.setdefault(md5, (tree.data_path(nid), st.st_size))
+                staged.append((nid, md5, st.st_size, st.st_mtime_ns))
+                entry = ManifestEntry(path, b64, st.st_size)
+            else:
+                entry = ManifestEntry.from_json(path, {**json.loads(extra or "{}"), "digest": b64, "size": size})
+            digest.update(f"{path}:{entry.digest}\n".encode())
+            count += 1
+            yield entry
+
+    tmp = draft.root / "manifest.json.tmp"
+    with open(tmp, "wb") as raw:
+        sink = _HashingText(raw)
+        write_manifest(sink, entries())  # type: ignore[arg-type]
+        raw.flush()
+        os.fsync(raw.fileno())
+    return _Plan(digest.hexdigest(), sink.md5.hexdigest(), tmp, sink.size, uploads, staged, count)
+
+
+def _write_intent(draft: Draft, data: dict[str, Any]) -> None:
+    path = draft.root / INTENT
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "w") as f:
+        json.dump(data, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    dfd = os.open(draft.root, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+def _read_intent(draft: Draft) -> dict[str, Any] | None:
+    try:
+        return json.loads((draft.root / INTENT).read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:  # a torn intent cannot name a committed manifest
+        log.warning("%r: unreadable commit intent (%s); treating the commit as not done", draft, exc)
+        return {}
+
+
+def _upload(store: Store, entity: str, uploads: dict[str, tuple[Path, int]]) -> tuple[int, int]:
+    missing = store.missing_blobs(entity, list(uploads)) if uploads else set()
+    jobs = [(md5, *uploads[md5]) for md5 in sorted(missing)]
+
+    def put(job: tuple[str, Path, int]) -> int:
+        store.put_blob(entity, job[0], job[1], job[2])
+        return job[2]
+
+    with ThreadPoolExecutor(max_workers=_WORKERS, thread_name_prefix="draft-upload") as pool:
+        total = sum(pool.map(put, jobs))
+    return len(jobs), total
+
+
+def _rebase(draft: Draft, cache: Cache, rec: VersionRecord, staged: list[tuple[int, str, int, int]]) -> None:
+    """Step 5: staged content into the cache (rename, no copy); rows become base rows."""
+    tree = draft.tree
+    for nid, md5, size, mtime_ns in staged:
+        path = tree.data_path(nid)
+        try:
+            if cache.lookup(md5, size) is not None:
+                path.unlink()
+            else:
+                cache.adopt(md5, path)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:  # the cache is an optimisation: the store has the bytes
+            log.warning("%r: could not move %s into the cache: %s", draft, md5, exc)
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+        tree.rebase_file(nid, size, mtime_ns)
+    tree.set_meta("base", asdict(BaseInfo.of(rec)))
+    with contextlib.suppress(FileNotFoundError):
+        (draft.root / INTENT).unlink()
+    tree.sync_db()
+
+
+def _committed_version(store: Store, draft: Draft, intent: dict[str, Any]) -> VersionRecord | None:
+    """The version an interrupted commit created, if it did (newer than its base, same manifest)."""
+    base_index = intent.get("base_index")
+    try:
+        versions = store.list_versions(draft.entity, draft.project, draft.collection)
+    except ArtifactFSError as exc:
+        if isinstance(exc, StoreUnavailableError):
+            raise
+        return None
+    for v in versions:
+        if v.manifest_md5 == intent.get("manifest_md5") and (base_index is None or v.index > base_index):
+            return v
+    return None
+
+
+def resolve_intent(draft: Draft, store: Store, cache: Cache) -> CommitResult | None:
+    """Finish (rebase) or drop an interrupted commit.  Caller holds the draft's lock."""
+    intent = _read_intent(draft)
+    if intent is None:
+        return None
+    rec = _committed_version(store, draft, intent) if intent else None
+    if rec is None:
+        with contextlib.suppress(FileNotFoundError):
+            (draft.root / INTENT).unlink()
+        return None
+    digests = {nid: md5 for nid, md5 in draft.tree.staged_files() if md5 is not None}
+    staged = []
+    for nid, b64 in digests.items():
+        st = draft.tree.data_path(nid).stat()
+        staged.append((nid, b64_to_hex(b64), st.st_size, st.st_mtime_ns))
+    _rebase(draft, cache, rec, staged)
+    result = CommitResult("created", rec.qualified_name, rec.index, rec.digest, resumed=True)
+    draft.record(result)
+    return result
+
+
+def commit_draft(draft: Draft, store: Store, cache: Cache, options: CommitOptions) -> CommitResult:
+    """Steps 1-5 (module docstring).  Caller holds the draft's lock.  Raises on failure."""
+    tree = draft.tree
+    _hash_staged(tree)
+    plan = _build(draft)
+    try:
+        base = draft.base
+        if (base is not None and plan.digest == base.digest) or (base is None and plan.file_count == 0):
+            return CommitResult("noop", f"{draft.entity}/{draft.project}/{draft.collection}:v{base.index}"
+                                if base else None, base.index if base else None, plan.digest)
+        typ = options.type or (base.type if base else None) or draft.type or DEFAULT_TYPE
+        tree.sync_db()  # recorded digests must be durable before the intent refers to them
+        _write_intent(draft, {"manifest_md5": plan.manifest_md5, "digest": plan.digest,
+                              "base_index": base.index if base else None, "options": options.to_json(),
+                              "started": time.time()})
+        _checkpoint("intent_written")
+        files, nbytes = _upload(store, draft.entity, plan.uploads)
+        if store.missing_blobs(draft.entity, [plan.manifest_md5]):
+            store.put_blob(draft.entity, plan.manifest_md5, plan.manifest_path, plan.manifest_size)
+            files, nbytes = files + 1, nbytes + plan.manifest_size
+        _checkpoint("before_store_commit")
+        try:
+            rec, created = store.commit(CommitRequest(
+                entity=draft.entity, project=draft.project, collection=draft.collection, type=typ,
+                manifest_md5=plan.manifest_md5, aliases=tuple(a for a in options.aliases if a != "latest"),
+                tags=options.tags, description=options.description, metadata=dict(options.metadata)))
+        except (StoreUnavailableError, OSError, TimeoutError):
+            raise  # ambiguous (the server may have committed): keep the intent for resolve_intent
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                (draft.root / INTENT).unlink()  # definite refusal: no version exists
+            raise
+        _checkpoint("after_store_commit")
+        _rebase(draft, cache, rec, plan.staged)
+        return CommitResult("created" if created else "noop", rec.qualified_name, rec.index, rec.digest,
+                            files, nbytes)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            plan.manifest_path.unlink()
+
+
+__all__ = ["BaseInfo", "CommitOptions", "CommitResult", "Draft", "commit_draft", "resolve_intent"]

@@ -1,0 +1,416 @@
+"""Writable drafts on the mount: the engine the FUSE operations call (no FUSE in here).
+
+Naming.  In a project directory, ``<collection>:draft`` is *the* draft of a collection and
+``<collection>:draft-<label>`` one more (label: letters, digits, ``_ - .``, up to 64, starting
+with a letter or digit).  ``mkdir`` of such a name creates the draft from the collection's
+``latest`` (incremental: every file visible, nothing copied) or empty when the collection (or
+the project, or the entity) does not exist yet.  An alias named ``draft`` or ``draft-…`` is
+shadowed by these names on the mount (it stays reachable as ``:vN`` and through the SDK).
+
+Inside a draft (see :class:`mountfs.draft_store.DraftTree` for the operations):
+
+* ``.commit`` (root) is the sentinel.  Creating it, writing it, or touching it (utimens, or an
+  editor renaming a file over it) commits the draft when the handle is flushed (close(2) waits
+  for the commit, and fails with EIO if it failed) or at once for a bare utimens.  Its optional
+  JSON gives ``aliases``, ``tags``, ``description``, ``metadata``, ``type``; it stays in place,
+  so the same options apply to the next touch.  Neither control file is ever committed.
+* ``.commit.status`` (root, read-only, written by artifactfs) holds the JSON of
+  :meth:`Draft.status`: the draft, its base version and the last result (``created`` with the new
+  version, ``noop`` or ``failed`` with the error text).  Propose: also ``user.artifact.draft.status``.
+* Unmount commits every draft (``commit_all``); an unchanged draft creates no version.
+* Empty directories and permission bits are not committed (a W&B manifest lists files only).
+* Hard links and symlinks: ENOTSUP; FIFOs, sockets, devices: EPERM.
+* Base-version entries that cannot be shown as files (references, a root ``.commit``, a path
+  that is both a file and a directory) are carried into every next version unchanged.
+* ``rmdir`` of a draft whose tree is empty discards it (``rm -rf`` works); otherwise ENOTEMPTY.
+
+Staging layout (under the mount's ``<cache dir>/drafts/``)::
+
+    <staging_root>/<draft id>/          one draft (see mountfs.draft_store for its inside)
+    <staging_root>/tmp-<id>/            a draft being created or removed (deleted at startup)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import logging
+import os
+import re
+import shutil
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+from client import names
+from client.cache import Cache
+from client.errors import ArtifactFSError, NotFoundError
+from client.manifest import iter_entries
+from client.store.base import Store, VersionRecord
+
+from .draft_commit import (INTENT, BaseInfo, CommitOptions, CommitResult, Draft, _read_intent,
+                           commit_draft, resolve_intent)
+from .draft_store import (COMMIT_NAME, CONTROL_NAMES, ROOT_ID, STATUS_NAME, BaseRef, DraftTree,
+                          NodeAttr)
+
+log = logging.getLogger(__name__)
+
+DRAFT_SELECTOR = "draft"
+_LABEL_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+_READ_CHUNK = 8 << 20
+
+__all__ = ["BaseInfo", "BaseRef", "COMMIT_NAME", "CommitOptions", "CommitResult", "Draft", "DraftManager",
+           "DraftTree", "NodeAttr", "ROOT_ID", "STATUS_NAME", "StatFs", "draft_dirname", "parse_draft_dirname"]
+
+
+# -- names ------------------------------------------------------------------------------------
+def draft_dirname(collection: str, label: str | None = None) -> str:
+    """``<collection>:draft`` or ``<collection>:draft-<label>``."""
+    names.validate_collection(collection)
+    if label is None:
+        return f"{collection}:{DRAFT_SELECTOR}"
+    if not _LABEL_RE.fullmatch(label):
+        raise ValueError(f"invalid draft label {label!r}: 1-64 letters, digits, '_', '-', '.', "
+                         "starting with a letter or digit")
+    return f"{collection}:{DRAFT_SELECTOR}-{label}"
+
+
+def parse_draft_dirname(name: str) -> tuple[str, str | None] | None:
+    """(collection, label) of a draft directory name, None if ``name`` is not one."""
+    collection, sep, selector = name.rpartition(":")
+    if not sep or not collection:
+        return None
+    if selector == DRAFT_SELECTOR:
+        label = None
+    elif selector.startswith(DRAFT_SELECTOR + "-") and _LABEL_RE.fullmatch(selector[len(DRAFT_SELECTOR) + 1:]):
+        label = selector[len(DRAFT_SELECTOR) + 1:]
+    else:
+        return None
+    try:
+        names.validate_collection(collection)
+    except ValueError:
+        return None
+    return collection, label
+
+
+def is_draft_name(name: str) -> bool:
+    return parse_draft_dirname(name) is not None
+
+
+@dataclass(frozen=True)
+class StatFs:
+    """statfs(2) of the staging filesystem (where draft data really goes)."""
+
+    bsize: int
+    frsize: int
+    blocks: int
+    bfree: int
+    bavail: int
+    files: int
+    ffree: int
+    namemax: int
+
+
+def make_fetch_base(store: Store, cache: Cache) -> Callable[[BaseRef], Path]:
+    """Default ``fetch_base``: the cache object, filled from the store on a miss (whole blob)."""
+
+    def fetch(ref: BaseRef) -> Path:
+        hit = cache.lookup(ref.md5, ref.size)
+        if hit is not None:
+            return hit
+        local = getattr(store, "blob_path", None)
+
+        def fill(out: BinaryIO) -> None:
+            if local is not None:
+                with open(local(ref.entity, ref.md5), "rb") as f:
+                    shutil.copyfileobj(f, out, 1 << 20)
+                return
+            pos = 0
+            while pos < ref.size:
+                chunk = store.read_blob(ref.entity, ref.md5, pos, min(_READ_CHUNK, ref.size - pos))
+                if not chunk:
+                    raise OSError(errno.EIO, f"blob {ref.md5} ended at {pos} of {ref.size} bytes")
+                out.write(chunk)
+                pos += len(chunk)
+
+        try:
+            return cache.fetch(ref.md5, ref.size, fill)
+        except ArtifactFSError as exc:
+            raise OSError(errno.EIO, f"cannot fetch base content of {ref.path}: {exc}") from exc
+
+    return fetch
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class DraftManager:
+    """Every draft under one staging root: create, list, find, remove, commit, recover.
+
+    ``fetch_base`` defaults to :func:`make_fetch_base` (cache, then store); the FUSE daemon may
+    inject its ranged fetcher's.  ``commit_runner(draft)`` is what a sentinel touch calls; the
+    default commits synchronously and raises ``OSError(EIO)`` on failure (so close() reports it).
+    """
+
+    def __init__(self, staging_root: Path | str, store: Store, cache: Cache, *,
+                 fetch_base: Callable[[BaseRef], Path] | None = None,
+                 commit_runner: Callable[[Draft], None] | None = None, sync_metadata: bool = False) -> None:
+        self.root = Path(staging_root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.store = store
+        self.cache = cache
+        self.fetch_base = fetch_base or make_fetch_base(store, cache)
+        self.commit_runner = commit_runner
+        self.sync_metadata = sync_metadata
+        self._lock = threading.RLock()
+        self._drafts: dict[str, Draft] = {}
+        self._load()
+
+    # -- loading --------------------------------------------------------------------------
+    def _open(self, draft_id: str, root: Path, entity: str) -> Draft:
+        tree = DraftTree(root, self.fetch_base, entity=entity, sync_metadata=self.sync_metadata)
+        draft = Draft(draft_id, root, tree)
+        tree.on_commit_request = lambda: self._sentinel(draft)
+        return draft
+
+    def _load(self) -> None:
+        """Open every draft; remove half-created/half-removed ones; repair after a crash."""
+        for entry in sorted(os.scandir(self.root), key=lambda e: e.name):
+            if not entry.is_dir(follow_symlinks=False):
+                continue
+            if entry.name.startswith("tmp-"):
+                shutil.rmtree(entry.path, ignore_errors=True)
+                continue
+            root = Path(entry.path)
+            try:
+                with contextlib.closing(sqlite3.connect(root / "draft.db")) as db:
+                    ident = json.loads(db.execute("SELECT value FROM meta WHERE key = 'identity'").fetchone()[0])
+                draft = self._open(entry.name, root, ident["entity"])
+                draft.tree.recover()
+            except (sqlite3.Error, TypeError, KeyError, ValueError, OSError) as exc:
+                log.error("staging dir %s is not a readable draft (%s); leaving it alone", root, exc)
+                continue
+            self._drafts[draft.id] = draft
+
+    # -- listing ----------------------------------------------------------------------------
+    def list(self, entity: str | None = None, project: str | None = None) -> list[Draft]:
+        with self._lock:
+            return sorted((d for d in self._drafts.values()
+                           if (entity is None or d.entity == entity) and (project is None or d.project == project)),
+                          key=lambda d: (d.entity, d.project, d.dirname))
+
+    def names(self, entity: str, project: str) -> list[str]:
+        """Directory names of the drafts of one project (for the project listing)."""
+        return [d.dirname for d in self.list(entity, project)]
+
+    def find(self, entity: str, project: str, dirname: str) -> Draft | None:
+        with self._lock:
+            for d in self._drafts.values():
+                if (d.entity, d.project, d.dirname) == (entity, project, dirname):
+                    return d
+        return None
+
+    def get(self, entity: str, project: str, dirname: str) -> Draft:
+        d = self.find(entity, project, dirname)
+        if d is None:
+            raise OSError(errno.ENOENT, f"no draft {entity}/{project}/{dirname}")
+        return d
+
+    # -- create / remove ---------------------------------------------------------------------
+    def create(self, entity: str, project: str, dirname: str, *, type: str | None = None) -> Draft:
+        """mkdir of a draft name: from the collection's latest version, or empty."""
+        parsed = parse_draft_dirname(dirname)
+        if parsed is None:
+            raise OSError(errno.EINVAL, f"{dirname!r} is not <collection>:draft or <collection>:draft-<label>")
+        collection, label = parsed
+        try:
+            names.validate_entity(entity)
+            names.validate_project(project)
+            if type is not None:
+                names.validate_type(type)
+        except ValueError as exc:
+            raise OSError(errno.EINVAL, str(exc)) from None
+        with self._lock:
+            if self.find(entity, project, dirname) is not None:
+                raise OSError(errno.EEXIST, f"draft {entity}/{project}/{dirname} exists")
+            try:
+                base: VersionRecord | None = self.store.resolve(entity, project, collection, "latest")
+            except NotFoundError:
+                base = None
+            except ArtifactFSError as exc:
+                raise OSError(errno.EIO, f"cannot resolve {collection}:latest: {exc}") from exc
+            draft_id = uuid.uuid4().hex
+            tmp = self.root / f"tmp-{draft_id}"
+            tmp.mkdir()
+            try:
+                (tmp / "data").mkdir()
+                tree = DraftTree(tmp, self.fetch_base, entity=entity, sync_metadata=self.sync_metadata)
+                try:
+                    ident = {"entity": entity, "project": project, "collection": collection, "label": label,
+                             "dirname": dirname, "type": type, "created": time.time()}
+                    self._populate(tree, ident, base)
+                finally:
+                    tree.close()
+                final = self.root / draft_id
+                os.replace(tmp, final)
+                _fsync_dir(self.root)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+            draft = self._open(draft_id, final, entity)
+            self._drafts[draft_id] = draft
+            return draft
+
+    def _populate(self, tree: DraftTree, ident: dict, base: VersionRecord | None) -> None:
+        """Root row, identity, and one row per base entry (streamed; nothing is copied)."""
+        now = time.time_ns()
+        manifest = tree.root / "base-manifest.json"
+        if base is not None:
+            cached = self.cache.lookup(base.manifest_md5)
+            if cached is not None:
+                shutil.copyfile(cached, manifest)
+            else:
+                self.store.download_blob(base.entity, base.manifest_md5, manifest)
+        with tree.txn() as c:
+            c.execute("INSERT INTO nodes (id, parent, name, is_dir, mode, size, mtime_ns) VALUES (?, 0, '', 1, ?, 0, ?)",
+                      (ROOT_ID, 0o755, now))
+            c.execute("INSERT INTO meta VALUES ('identity', ?)", (json.dumps(ident),))
+            c.execute("INSERT INTO meta VALUES ('base', ?)",
+                      (json.dumps(asdict(BaseInfo.of(base)) if base else None),))
+            if base is not None:
+                mtime = int(base.created_at.timestamp() * 1e9)
+                with open(manifest, "rb") as f:
+                    _insert_entries(c, iter_entries(f), mtime)
+        manifest.unlink(missing_ok=True)
+        tree.sync_db()
+
+    def remove(self, draft: Draft, *, force: bool = False) -> None:
+        """rmdir of a draft: ENOTEMPTY unless its tree (control files aside) is empty or ``force``."""
+        with self._lock, draft.tree.lock:
+            if not force and not draft.tree.is_empty(ROOT_ID, ignore_control=True):
+                raise OSError(errno.ENOTEMPTY, f"draft {draft.dirname} is not empty")
+            if draft.tree._handles:
+                raise OSError(errno.EBUSY, f"draft {draft.dirname} has open files")
+            draft.tree.close()
+            self._drafts.pop(draft.id, None)
+            doomed = self.root / f"tmp-{draft.id}"
+            os.replace(draft.root, doomed)
+            _fsync_dir(self.root)
+            shutil.rmtree(doomed, ignore_errors=True)
+
+    # -- commit ---------------------------------------------------------------------------------
+    def commit(self, draft: Draft, options: CommitOptions | None = None) -> CommitResult:
+        """Commit now (options: given, else the JSON in ``.commit``).  Never raises for a failed
+        commit: the result (also recorded in the draft and its status file) says what happened."""
+        with draft.tree.lock:
+            try:
+                resolve_intent(draft, self.store, self.cache)
+                if options is None:
+                    options = CommitOptions.parse(draft.tree.read_control(COMMIT_NAME))
+                result = commit_draft(draft, self.store, self.cache, options)
+            except Exception as exc:  # noqa: BLE001 - every failure is reported, staged files stay
+                log.warning("commit of %r failed: %s", draft, exc)
+                result = CommitResult("failed", error=f"{type(exc).__name__}: {exc}")
+            draft.record(result)
+            log.info("commit of %r: %s %s", draft, result.state, result.version or result.error or "")
+            return result
+
+    def _sentinel(self, draft: Draft) -> None:
+        if self.commit_runner is not None:
+            self.commit_runner(draft)
+            return
+        result = self.commit(draft)
+        if result.state == "failed":
+            raise OSError(errno.EIO, f"commit failed: {result.error}")
+
+    def commit_all(self) -> list[CommitResult]:
+        """Unmount: commit every draft (unchanged ones are no-ops)."""
+        return [self.commit(d) for d in self.list()]
+
+    def recover_commits(self) -> list[CommitResult]:
+        """At mount: finish commits interrupted after the registry commit, retry the others."""
+        out: list[CommitResult] = []
+        for d in self.list():
+            with d.tree.lock:
+                intent = _read_intent(d)
+                if intent is None:
+                    continue
+                try:
+                    done = resolve_intent(d, self.store, self.cache)
+                except ArtifactFSError as exc:
+                    out.append(CommitResult("failed", error=f"{type(exc).__name__}: {exc}"))
+                    continue
+                if done is not None:
+                    out.append(done)
+                    continue
+                opts = (intent or {}).get("options") or {}
+                try:
+                    options = CommitOptions.parse(json.dumps({k: v for k, v in opts.items() if v}))
+                except ValueError:
+                    options = None
+                out.append(self.commit(d, options))
+        return out
+
+    def has_pending_intent(self, draft: Draft) -> bool:
+        return (draft.root / INTENT).exists()
+
+    # -- misc -----------------------------------------------------------------------------------
+    def statfs(self) -> StatFs:
+        st = os.statvfs(self.root)
+        return StatFs(st.f_bsize, st.f_frsize, st.f_blocks, st.f_bfree, st.f_bavail, st.f_files, st.f_ffree, 255)
+
+    def close(self) -> None:
+        with self._lock:
+            for d in self._drafts.values():
+                d.tree.close()
+            self._drafts.clear()
+
+
+def _insert_entries(c: sqlite3.Connection, entries, mtime_ns: int) -> None:
+    """Rows for base entries; what cannot be a visible file goes to ``hidden`` (kept verbatim)."""
+    dirs: dict[str, int | None] = {"": ROOT_ID}
+
+    def hide(e) -> None:
+        c.execute("INSERT OR REPLACE INTO hidden VALUES (?, ?, ?)", (e.path, e.digest, json.dumps(e.to_json())))
+
+    def ensure_dir(path: str) -> int | None:
+        if path in dirs:
+            return dirs[path]
+        head, _, name = path.rpartition("/")
+        parent = ensure_dir(head)
+        nid = None
+        if parent is not None:
+            try:
+                nid = c.execute("INSERT INTO nodes (parent, name, is_dir, mode, size, mtime_ns) "
+                                "VALUES (?, ?, 1, ?, 0, ?)", (parent, name, 0o755, mtime_ns)).lastrowid
+            except sqlite3.IntegrityError:  # a file of that name exists
+                nid = None
+        dirs[path] = nid
+        return nid
+
+    for e in entries:
+        head, _, name = e.path.rpartition("/")
+        if e.ref is not None or (not head and name in CONTROL_NAMES):
+            hide(e)
+            continue
+        parent = ensure_dir(head)
+        extra = {k: v for k, v in e.to_json().items() if k not in ("digest", "size")}
+        try:
+            if parent is None or e.path in dirs:
+                raise sqlite3.IntegrityError
+            c.execute("INSERT INTO nodes (parent, name, is_dir, mode, size, mtime_ns, digest, entry) "
+                      "VALUES (?, ?, 0, ?, ?, ?, ?, ?)",
+                      (parent, name, 0o644, e.size or 0, mtime_ns, e.digest, json.dumps(extra) if extra else None))
+        except sqlite3.IntegrityError:
+            hide(e)
