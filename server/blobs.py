@@ -44,8 +44,9 @@ from client.registry.blobs import LocalBlobBackend, check_key
 log = logging.getLogger(__name__)
 
 #: Files up to this size go up in one presigned PUT; larger ones in presigned multipart parts.
-MULTIPART_THRESHOLD = 64 << 20
-MIN_PART_SIZE = 16 << 20
+#: (Both adjustable through the environment so tests can exercise multipart with small files.)
+MULTIPART_THRESHOLD = int(os.environ.get("ARTIFACTFS_S3_MULTIPART_THRESHOLD", 64 << 20))
+MIN_PART_SIZE = int(os.environ.get("ARTIFACTFS_S3_PART_SIZE", 16 << 20))
 MAX_PARTS = 10_000
 
 

@@ -1,0 +1,376 @@
+"""Real parts for the server tests: a throwaway PostgreSQL cluster, an S3 endpoint (moto in
+server mode), registry servers as uvicorn subprocesses on loopback ports, and a TCP proxy that
+can cut connections mid-transfer.
+
+Import the fixtures by name from a test module (``from tests.server_fixtures import …``).
+Nothing is mocked: what the tests talk to listens on a socket.  PostgreSQL comes from the
+Debian package (``apt-get install postgresql``); without it the PostgreSQL cases are skipped
+with the reason.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+import requests
+
+ROOT = Path(__file__).resolve().parent.parent
+S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_http(url: str, proc: subprocess.Popen[bytes] | None, log: Path | None, timeout: float = 30.0) -> None:
+    """Poll ``url`` until it answers; fail fast (with the log) if the process died."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            text = log.read_text(errors="replace")[-3000:] if log and log.exists() else ""
+            raise RuntimeError(f"process for {url} exited with {proc.returncode}:\n{text}")
+        try:
+            requests.get(url, timeout=1)
+            return
+        except requests.RequestException:
+            time.sleep(0.05)
+    raise RuntimeError(f"{url} did not come up within {timeout}s")
+
+
+def stop_process(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+# -- PostgreSQL ---------------------------------------------------------------------------------
+@dataclass
+class PostgresCluster:
+    bindir: Path
+    datadir: Path
+    sockdir: Path
+    as_postgres: bool
+
+    def _run(self, *cmd: str) -> subprocess.CompletedProcess[bytes]:
+        full = (["runuser", "-u", "postgres", "--"] if self.as_postgres else []) + list(cmd)
+        return subprocess.run(full, check=True, capture_output=True, timeout=60)
+
+    def new_database(self) -> str:
+        """A fresh, empty database; returns its SQLAlchemy URL (unix socket, no password)."""
+        import psycopg
+
+        name = "t_" + uuid.uuid4().hex[:12]
+        with psycopg.connect(host=str(self.sockdir), user="postgres", dbname="postgres", autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
+        return f"postgresql+psycopg://postgres@/{name}?host={self.sockdir}"
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresCluster]:
+    """A throwaway PostgreSQL cluster in a temp dir, on a unix socket only (no TCP port)."""
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+    if not found:
+        pytest.skip("PostgreSQL is not installed (apt-get install postgresql)")
+    bindir = Path(found[-1]).parent
+    as_postgres = os.geteuid() == 0
+    if as_postgres and shutil.which("runuser") is None:
+        pytest.skip("running as root without runuser: cannot start PostgreSQL as the postgres user")
+    base = Path(tempfile.mkdtemp(prefix="afs-pg-"))
+    datadir, sockdir = base / "data", base / "sock"
+    sockdir.mkdir()
+    if as_postgres:
+        os.chmod(base, 0o755)
+        shutil.chown(base, "postgres")
+        shutil.chown(sockdir, "postgres")
+    cluster = PostgresCluster(bindir, datadir, sockdir, as_postgres)
+    try:
+        cluster._run(str(bindir / "initdb"), "-D", str(datadir), "-U", "postgres", "--auth=trust", "-E", "UTF8",
+                     "--no-sync")
+        opts = f"-k {sockdir} -c listen_addresses='' -c fsync=off -c max_connections=300 -c synchronous_commit=off"
+        cluster._run(str(bindir / "pg_ctl"), "-D", str(datadir), "-l", str(base / "log"), "-o", opts, "-w", "start")
+    except (subprocess.CalledProcessError, OSError) as exc:
+        shutil.rmtree(base, ignore_errors=True)
+        detail = getattr(exc, "stderr", b"") or b""
+        pytest.skip(f"could not start PostgreSQL: {exc} {detail.decode(errors='replace')[-500:]}")
+    try:
+        yield cluster
+    finally:
+        try:
+            cluster._run(str(bindir / "pg_ctl"), "-D", str(datadir), "-m", "immediate", "stop")
+        finally:
+            shutil.rmtree(base, ignore_errors=True)
+
+
+# -- S3 (moto server mode) ----------------------------------------------------------------------
+@dataclass
+class MotoS3:
+    url: str
+    proc: subprocess.Popen[bytes]
+
+    def new_bucket(self) -> str:
+        import boto3
+
+        name = "afs-" + uuid.uuid4().hex[:12]
+        boto3.client("s3", endpoint_url=self.url, **_boto_kwargs()).create_bucket(Bucket=name)
+        return name
+
+
+def _boto_kwargs() -> dict[str, Any]:
+    return {"region_name": "us-east-1", "aws_access_key_id": "testing", "aws_secret_access_key": "testing"}
+
+
+def start_moto(tmp: Path) -> MotoS3:
+    port = free_port()
+    log = tmp / f"moto-{port}.log"
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=open(log, "wb"), stderr=subprocess.STDOUT, env={**os.environ, **S3_ENV})
+    url = f"http://127.0.0.1:{port}"
+    wait_for_http(url + "/moto-api/", proc, log)
+    return MotoS3(url, proc)
+
+
+@pytest.fixture(scope="session")
+def moto_s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MotoS3]:
+    """One moto S3 server for the session (each test takes its own bucket)."""
+    s3 = start_moto(tmp_path_factory.mktemp("moto"))
+    yield s3
+    stop_process(s3.proc)
+
+
+# -- a TCP proxy that breaks connections on purpose -------------------------------------------
+class CuttingProxy:
+    """Forwards loopback TCP to ``upstream``; can refuse connections or cut them mid-stream.
+
+    ``cut_after``: close a connection once this many response bytes went through it (None:
+    never); ``cut_times``: how many connections to cut before passing everything again
+    (None: all of them); ``refuse``: close new connections at once (the service looks down).
+    """
+
+    def __init__(self, upstream_port: int) -> None:
+        self.upstream_port = upstream_port
+        self.cut_after: int | None = None
+        self.cut_times: int | None = None
+        self.refuse = False
+        self.cuts = 0
+        self._sock = socket.socket()
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._sock.bind(("127.0.0.1", 0))
+        self._sock.listen(64)
+        self.port = self._sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._sock.accept()
+            except OSError:
+                return
+            if self.refuse:
+                client.close()
+                continue
+            threading.Thread(target=self._serve, args=(client,), daemon=True).start()
+
+    def _should_cut(self) -> int | None:
+        with self._lock:
+            if self.cut_after is None or (self.cut_times is not None and self.cuts >= self.cut_times):
+                return None
+            return self.cut_after
+
+    def _serve(self, client: socket.socket) -> None:
+        try:
+            upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
+        except OSError:
+            client.close()
+            return
+        limit = self._should_cut()
+
+        def pump(src: socket.socket, dst: socket.socket, limit: int | None) -> None:
+            sent = 0
+            try:
+                while data := src.recv(65536):
+                    if limit is not None and sent + len(data) > limit:
+                        dst.sendall(data[: max(0, limit - sent)])
+                        with self._lock:
+                            self.cuts += 1
+                        break
+                    dst.sendall(data)
+                    sent += len(data)
+            except OSError:
+                pass
+            for s in (src, dst):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                s.close()
+
+        threading.Thread(target=pump, args=(client, upstream, None), daemon=True).start()
+        pump(upstream, client, limit)
+
+    def close(self) -> None:
+        self._sock.close()
+
+
+# -- registry servers ---------------------------------------------------------------------------
+@dataclass
+class RegistryServer:
+    url: str
+    db_url: str
+    blobs_url: str
+    proc: subprocess.Popen[bytes]
+    log: Path
+    s3_endpoint: str | None = None
+    keys: dict[str, str] = field(default_factory=dict)
+
+    def stop(self) -> None:
+        stop_process(self.proc)
+
+
+@dataclass
+class ServerFactory:
+    """Starts servers on one database + blob store and creates users/teams/keys in it."""
+
+    db_url: str
+    blobs_url: str
+    tmp: Path
+    s3_endpoint: str | None = None
+    url_ttl: int = 300
+    servers: list[RegistryServer] = field(default_factory=list)
+    _auth: Any = None
+
+    @property
+    def auth(self) -> Any:
+        if self._auth is None:
+            from client.registry.core import make_engine
+            from server.auth import AuthDB, normalise_db_url
+
+            self._auth = AuthDB(make_engine(normalise_db_url(self.db_url)))
+        return self._auth
+
+    def start(self, *, workers: int = 1, s3_endpoint: str | None = None, port: int | None = None,
+              env: dict[str, str] | None = None) -> RegistryServer:
+        port = port or free_port()
+        log = self.tmp / f"server-{port}.log"
+        endpoint = s3_endpoint or self.s3_endpoint
+        cmd = [sys.executable, "-m", "server.cli", "server", "--db", self.db_url, "--blobs", self.blobs_url,
+               "--host", "127.0.0.1", "--port", str(port), "--workers", str(workers),
+               "--url-ttl", str(self.url_ttl), "--log-level", "warning"]
+        if endpoint:
+            cmd += ["--s3-endpoint-url", endpoint]
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=open(log, "wb"), stderr=subprocess.STDOUT,
+                                env={**os.environ, **S3_ENV, **(env or {}), "PYTHONPATH": str(ROOT)})
+        url = f"http://127.0.0.1:{port}"
+        wait_for_http(url + "/healthz", proc, log)
+        srv = RegistryServer(url, self.db_url, self.blobs_url, proc, log, endpoint)
+        self.servers.append(srv)
+        return srv
+
+    def user(self, name: str, teams: tuple[str, ...] = (), role: str = "member") -> str:
+        """Create a user (and its personal entity), add it to ``teams``; returns an API key."""
+        from client.errors import ConflictError
+
+        self.auth.create_user(name)
+        for team in teams:
+            try:
+                self.auth.create_team(team)
+            except ConflictError:
+                pass
+            self.auth.add_member(team, name, role)
+        return self.auth.create_key(name)
+
+    def stop_all(self) -> None:
+        for srv in self.servers:
+            srv.stop()
+        if self._auth is not None:
+            self._auth.engine.dispose()
+
+
+BACKENDS = ["sqlite-local", "postgres-s3"]
+#: Small multipart thresholds so tests exercise presigned multipart uploads with ~12 MiB files.
+SMALL_MULTIPART = {"ARTIFACTFS_S3_MULTIPART_THRESHOLD": str(6 << 20), "ARTIFACTFS_S3_PART_SIZE": str(5 << 20)}
+
+
+def new_factory(backend: str, request: pytest.FixtureRequest, tmp: Path, **kwargs: Any) -> ServerFactory:
+    """A fresh registry (database + blob store) of the given backend."""
+    if backend == "sqlite-local":
+        return ServerFactory(f"sqlite:///{tmp / 'registry.db'}", str(tmp / "blobs"), tmp, **kwargs)
+    pg: PostgresCluster = request.getfixturevalue("postgres")
+    s3: MotoS3 = request.getfixturevalue("moto_s3")
+    return ServerFactory(pg.new_database(), f"s3://{s3.new_bucket()}/blobs", tmp, s3_endpoint=s3.url, **kwargs)
+
+
+@dataclass
+class SharedRegistry:
+    """One registry per backend per test module, served by one server (a second on demand).
+
+    Starting a server costs seconds (imports), so tests share it and keep out of each other's
+    way with unique user and team names from :meth:`new_user`.
+    """
+
+    backend: str
+    factory: ServerFactory
+    server: RegistryServer
+    _second: RegistryServer | None = None
+
+    @property
+    def second(self) -> RegistryServer:
+        """Another server (two worker processes) on the same database and blobs."""
+        if self._second is None:
+            self._second = self.factory.start(workers=2, env=SMALL_MULTIPART)
+        return self._second
+
+    def new_user(self, prefix: str = "u", teams: tuple[str, ...] = (), role: str = "member") -> tuple[str, str]:
+        name = f"{prefix}-{uuid.uuid4().hex[:8]}"
+        return name, self.factory.user(name, teams, role)
+
+    def new_team(self, prefix: str = "team") -> str:
+        name = f"{prefix}-{uuid.uuid4().hex[:8]}"
+        self.factory.auth.create_team(name)
+        return name
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def registry(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[SharedRegistry]:
+    """A running server over SQLite + a blob directory, or over PostgreSQL + S3 (moto)."""
+    factory = new_factory(request.param, request, tmp_path_factory.mktemp(request.param))
+    try:
+        yield SharedRegistry(request.param, factory, factory.start(env=SMALL_MULTIPART))
+    finally:
+        factory.stop_all()
+
+
+def make_store(url: str, key: str | None, **kwargs: Any) -> Any:
+    from client.store.http import HttpStore
+
+    return HttpStore(url, key, **kwargs)
+
+
+def on_each(fn: Callable[..., Any], items: list[Any], threads: int) -> list[Any]:
+    """Run ``fn`` over ``items`` on ``threads`` threads; re-raise the first failure."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(threads) as pool:
+        return list(pool.map(fn, items))

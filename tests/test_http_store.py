@@ -1,0 +1,153 @@
+"""The Store protocol over HTTP, against real servers: SQLite + blob directory, and
+PostgreSQL + S3 (moto in server mode).  The registry rules themselves are the core's (see
+test_registry.py); these tests check that they survive the trip over the wire, across
+clients and across server processes."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import pytest
+
+from client.errors import ConflictError, InvalidNameError, MissingBlobError, NotFoundError
+from client.hashing import hex_to_b64, md5_bytes
+from client.manifest import Manifest, ManifestEntry
+from client.store.base import CommitRequest
+from tests.server_fixtures import SharedRegistry, make_store, moto_s3, on_each, postgres, registry  # noqa: F401
+from tests.util import commit_files, upload_bytes
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def test_version_logged_through_one_server_is_latest_on_another(registry: SharedRegistry, tmp_path: Path) -> None:
+    """Two stateless server processes on one registry; two clients with different keys."""
+    lab = registry.new_team("lab")
+    _, key_a = registry.new_user("alice", teams=(lab,))
+    bob, key_b = registry.new_user("bob", teams=(lab,))
+    writer, reader = make_store(registry.server.url, key_a), make_store(registry.second.url, key_b)
+    v0, created = commit_files(writer, tmp_path, {"a.txt": b"first", "d/b.bin": os.urandom(300_000)},
+                               entity=lab, aliases=("best",))
+    assert created and v0.index == 0
+    assert reader.resolve(lab, "proj", "ds", "latest").id == v0.id
+    data = os.urandom(1_000_000)
+    v1, _ = commit_files(writer, tmp_path, {"a.txt": b"second", "d/b.bin": data}, entity=lab)
+    seen = reader.resolve(lab, "proj", "ds", "latest")
+    assert (seen.id, seen.index, seen.digest) == (v1.id, 1, v1.digest)
+    assert reader.resolve(lab, "proj", "ds", "best").id == v0.id
+    # the content, by ranges and whole
+    md5 = md5_bytes(data)
+    assert reader.read_blob(lab, md5, 1000, 4096) == data[1000:5096]
+    assert reader.read_blob(lab, md5, len(data) - 10) == data[-10:]
+    assert reader.read_blob(lab, md5, len(data) + 5, 10) == b""
+    dest = tmp_path / "dl"
+    reader.download_blob(lab, md5, dest)
+    assert dest.read_bytes() == data
+    # manifest is a blob like any other
+    manifest = reader.read_blob(lab, seen.manifest_md5)
+    assert b"d/b.bin" in manifest
+    assert [c.name for c in reader.list_collections(lab, "proj")] == ["ds"]
+    assert reader.list_types(lab, "proj") == ["dataset"]
+    assert [v.index for v in reader.list_versions(lab, "proj", "ds")] == [0, 1]
+    assert reader.get_collection(lab, "proj", "ds").aliases == {"latest": 1, "best": 0}
+    assert set(reader.list_entities()) == {bob, lab}
+
+
+def test_registry_rules_over_http(registry: SharedRegistry, tmp_path: Path) -> None:
+    alice, key = registry.new_user("alice")
+    store = make_store(registry.server.url, key)
+    v0, _ = commit_files(store, tmp_path, {"a": b"1"}, entity=alice)
+    again, created = commit_files(store, tmp_path, {"a": b"1"}, entity=alice, aliases=("prod",), tags=("gold",))
+    assert not created and again.id == v0.id and set(again.aliases) == {"latest", "prod"}
+    with pytest.raises(InvalidNameError):
+        commit_files(store, tmp_path, {"a": b"2"}, entity=alice, aliases=("v3",))
+    with pytest.raises(NotFoundError):
+        store.resolve(alice, "proj", "ds", "v9")
+    with pytest.raises(NotFoundError):
+        store.get_collection(alice, "proj", "nope")
+    # a manifest naming content never uploaded is refused
+    ghost = Manifest([ManifestEntry("ghost", hex_to_b64(md5_bytes(b"never uploaded")), 14)]).to_bytes()
+    manifest_md5 = upload_bytes(store, alice, ghost, tmp_path)
+    with pytest.raises(MissingBlobError):
+        store.commit(CommitRequest(alice, "proj", "ds", "dataset", manifest_md5))
+    # updates, deletes
+    upd = store.update_version(v0.id, aliases=["prod", "staging"], tags=["x"], metadata={"acc": 0.9},
+                               description="d", ttl_seconds=3600)
+    assert set(upd.aliases) == {"latest", "prod", "staging"} and upd.metadata == {"acc": 0.9}
+    assert upd.ttl_seconds == 3600 and upd.description == "d"
+    assert store.update_version(v0.id, description="e").ttl_seconds == 3600  # ttl kept
+    with pytest.raises(ConflictError):
+        store.delete_version(v0.id)
+    v1, _ = commit_files(store, tmp_path, {"a": b"3"}, entity=alice)
+    store.delete_version(v0.id, delete_aliases=True)
+    assert [v.index for v in store.list_versions(alice, "proj", "ds")] == [1]
+    # portfolio links
+    link = store.link_version(v1.id, alice, "reg", "best-models", aliases=["prod"])
+    assert link.source_index == 1 and link.index == 0
+    # blob dedupe: uploaded content is not missing, other content is
+    have = md5_bytes(b"3")
+    assert store.missing_blobs(alice, [have, md5_bytes(b"other")]) == {md5_bytes(b"other")}
+
+
+def test_runs_and_lineage_over_http(registry: SharedRegistry, tmp_path: Path) -> None:
+    alice, key = registry.new_user("alice")
+    store = make_store(registry.server.url, key)
+    run = store.create_run(alice, "proj", "run1", name="train", job_type="train", config={"lr": 0.1})
+    assert run.path == f"{alice}/proj/run1" and run.config == {"lr": 0.1}
+    v0, _ = commit_files(store, tmp_path, {"a": b"1"}, entity=alice, run_id="run1")
+    assert v0.logged_by_run == f"{alice}/proj/run1"
+    user = store.create_run(alice, "proj", "run2")
+    store.record_use(alice, "proj", user.id, v0.id, "input")
+    store.finish_run(alice, "proj", "run1")
+    assert store.get_run(alice, "proj", "run1").state == "finished"
+    assert [v.id for v in store.versions_logged_by(alice, "proj", "run1")] == [v0.id]
+    assert [v.id for v in store.versions_used_by(alice, "proj", "run2")] == [v0.id]
+    assert [r.id for r in store.runs_using(v0.id)] == ["run2"]
+    assert {r.id for r in store.list_runs(alice, "proj")} == {"run1", "run2"}
+
+
+def test_sixteen_concurrent_clients_get_gapless_versions(registry: SharedRegistry, tmp_path: Path) -> None:
+    """16 clients, each with its own session, log into one collection through two servers
+    (three processes in all)."""
+    lab = registry.new_team("lab")
+    _, key = registry.new_user("alice", teams=(lab,))
+    servers = [registry.second, registry.server]
+
+    def log_one(i: int) -> tuple[int, str]:
+        store = make_store(servers[i % 2].url, key)
+        work = tmp_path / f"c{i}"
+        work.mkdir()
+        rec, created = commit_files(store, work, {"i.txt": f"client {i}".encode(), "shared": b"same"}, entity=lab)
+        assert created
+        store.close()
+        return rec.index, rec.id
+
+    results = on_each(log_one, list(range(16)), threads=16)
+    assert sorted(idx for idx, _ in results) == list(range(16))
+    reader = make_store(servers[0].url, key)
+    versions = reader.list_versions(lab, "proj", "ds")
+    assert [v.index for v in versions] == list(range(16))
+    assert reader.resolve(lab, "proj", "ds", "latest").index == 15
+
+
+def test_large_blob_multipart_upload_and_parallel_download(registry: SharedRegistry, tmp_path: Path) -> None:
+    """With S3: presigned multipart parts (each with its own Content-MD5); locally: one stream."""
+    alice, key = registry.new_user("alice")
+    store = make_store(registry.server.url, key)
+    src = tmp_path / "big"
+    data = os.urandom((12 << 20) + 12345)
+    src.write_bytes(data)
+    md5 = hashlib.md5(data).hexdigest()
+    store.put_blob(alice, md5, src, len(data))
+    assert store.missing_blobs(alice, [md5]) == set()
+    store.put_blob(alice, md5, src, len(data))  # second time: nothing to send
+    from client.store import http
+
+    old = http.PARALLEL_DOWNLOAD_THRESHOLD, http.DOWNLOAD_PART
+    http.PARALLEL_DOWNLOAD_THRESHOLD, http.DOWNLOAD_PART = 1 << 20, 1 << 20
+    try:
+        store.download_blob(alice, md5, tmp_path / "out")
+    finally:
+        http.PARALLEL_DOWNLOAD_THRESHOLD, http.DOWNLOAD_PART = old
+    assert hashlib.md5((tmp_path / "out").read_bytes()).hexdigest() == md5
