@@ -30,10 +30,12 @@ from typing import IO, TYPE_CHECKING, Any, Literal
 
 from . import names
 from .errors import ArtifactFinalizedError, ArtifactFSError, ArtifactNotLoggedError, NotFoundError
-from .hashing import b64_to_hex, hex_to_b64, md5_bytes
+from .hashing import b64_to_hex
+from .api import Paginator
 from .manifest import Manifest
 from .transfer import (ArtifactManifestEntry, Hashed, default_root, download_entries, get_cache,
-                       hash_into_staging, parse_file_uri, upload_entries)
+                       hash_into_staging, hash_reference_tree, parse_file_uri, remove_extra_files,
+                       upload_entries, upload_manifest, verify_tree)
 
 if TYPE_CHECKING:
     from .api import ArtifactCollection, Run as PublicRun
@@ -48,26 +50,8 @@ def _not_yet(what: str) -> ArtifactFSError:
     return ArtifactFSError(f"{what} is not supported yet: it {_LATER}")
 
 
-class ArtifactFiles(Sequence[ArtifactManifestEntry]):
-    """The files of a logged artifact, in path order; ``per_page`` is the page size of iteration."""
-
-    def __init__(self, entries: list[ArtifactManifestEntry], per_page: int = 50) -> None:
-        self._entries = entries
-        self.per_page = max(1, per_page)
-
-    def pages(self) -> Iterator[list[ArtifactManifestEntry]]:
-        for i in range(0, len(self._entries), self.per_page):
-            yield self._entries[i:i + self.per_page]
-
-    def __iter__(self) -> Iterator[ArtifactManifestEntry]:
-        for page in self.pages():
-            yield from page
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    def __getitem__(self, i):  # type: ignore[no-untyped-def,override]
-        return self._entries[i]
+class ArtifactFiles(Paginator[ArtifactManifestEntry]):
+    """The files of a logged artifact, in path order, iterated in pages of ``per_page``."""
 
 
 class Artifact:
@@ -427,18 +411,12 @@ class Artifact:
                 h = Hashed(str(target), None, None, None, False)  # W&B: digest = the path, size unknown
             with self._lock:
                 return [self._put_entry(entry_name, h, overwrite=True, ref=target.as_uri())]
-        files = sorted(p for p in target.rglob("*") if p.is_file())
-        if len(files) > limit:
-            raise ValueError(f"{target} holds {len(files)} files, more than max_objects={limit}")
-        with ThreadPoolExecutor(max_workers=16) as pool:
-            hashed = list(pool.map(lambda p: hash_into_staging(p, "immutable", True, self._staging_dir), files))
         out = []
+        refs = hash_reference_tree(target, limit, self._staging_dir)
         with self._lock:
-            for p, h in zip(files, hashed):
-                rel = p.relative_to(target).as_posix()
+            for rel, uri, h in refs:
                 entry_name = names.entry_path_from_local(f"{base}/{rel}" if base else rel)
-                out.append(self._put_entry(entry_name, Hashed(h.digest, h.size, None, None, False),
-                                           overwrite=True, ref=p.as_uri()))
+                out.append(self._put_entry(entry_name, h, overwrite=True, ref=uri))
         return out
 
     def remove(self, item: str | os.PathLike[str] | ArtifactManifestEntry) -> None:
@@ -504,7 +482,7 @@ class Artifact:
         if names is not None:
             wanted = set(names)
             entries = [e for e in entries if e.path in wanted]
-        return ArtifactFiles(entries, per_page)  # type: ignore[arg-type]
+        return ArtifactFiles(lambda: entries, per_page)  # type: ignore[arg-type,return-value]
 
     # -- downloading ----------------------------------------------------------------------------------
     def download(self, root: str | os.PathLike[str] | None = None, allow_missing_references: bool = False,
@@ -535,15 +513,7 @@ class Artifact:
         """Make ``root`` hold exactly this artifact: extra files are DELETED, the rest downloaded."""
         self._ensure_logged("checkout")
         dest = Path(root) if root is not None else default_root(self.name)
-        keep = set(self.manifest.entries)
-        if dest.is_dir():
-            for dirpath, _dirs, files in os.walk(dest, topdown=False):
-                for fn in files:
-                    full = Path(dirpath, fn)
-                    if full.relative_to(dest).as_posix() not in keep:
-                        full.unlink()
-                if Path(dirpath) != dest and not any(Path(dirpath).iterdir()):
-                    Path(dirpath).rmdir()
+        remove_extra_files(dest, set(self.manifest.entries))
         return self.download(dest)
 
     def verify(self, root: str | os.PathLike[str] | None = None) -> None:
@@ -551,24 +521,9 @@ class Artifact:
 
         ValueError names the first extra, missing or changed file.
         """
-        from .hashing import md5_file
-
         self._ensure_logged("verify")
         dest = Path(root) if root is not None else Path(self.download())
-        manifest = self.manifest
-        for dirpath, _dirs, files in os.walk(dest):
-            for fn in files:
-                rel = Path(dirpath, fn).relative_to(dest).as_posix()
-                if rel not in manifest.entries:
-                    raise ValueError(f"found {rel!r} in {dest}, which is not a file of artifact {self.name!r}")
-        for e in manifest:
-            if e.ref is not None:
-                continue
-            p = dest / e.path
-            if not p.is_file():
-                raise ValueError(f"{e.path!r} of artifact {self.name!r} is missing from {dest}")
-            if hex_to_b64(md5_file(p)) != e.digest:
-                raise ValueError(f"digest mismatch for {e.path!r} in {dest}: it differs from artifact {self.name!r}")
+        verify_tree(dest, self.manifest, self.name)
 
     # -- versions and lineage ---------------------------------------------------------------------------
     def new_draft(self) -> Artifact:
@@ -663,16 +618,8 @@ class Artifact:
             if self._incremental:
                 manifest = self._merge_with_latest(store, entity, project)
             self.bytes_uploaded = upload_entries(store, entity, list(manifest), get_cache())
-            data = manifest.to_bytes()
-            manifest_md5 = md5_bytes(data)
-            if store.missing_blobs(entity, [manifest_md5]):
-                with tempfile.NamedTemporaryFile(prefix="manifest-", delete=False) as tmp:
-                    tmp.write(data)
-                try:
-                    store.put_blob(entity, manifest_md5, Path(tmp.name), len(data))
-                finally:
-                    os.unlink(tmp.name)
-                self.bytes_uploaded += len(data)
+            manifest_md5, sent = upload_manifest(store, entity, manifest)
+            self.bytes_uploaded += sent
         ttl = None if self._ttl is None else self._ttl.total_seconds()
         record, _created = store.commit(CommitRequest(
             entity=entity, project=project, collection=self._name, type=self._type, manifest_md5=manifest_md5,

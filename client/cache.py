@@ -180,6 +180,7 @@ class Cache:
         self.partial_dir = self.root / "partial"
         for d in (self.objects_dir, self.tmp_dir, self.locks_dir, self.partial_dir):
             d.mkdir(parents=True, exist_ok=True)
+        self._shards: set[str] = set()  #: shard dirs known to exist (saves a mkdir per insert)
 
     # -- addressing ------------------------------------------------------------------------
     def path(self, md5_hex: str) -> Path:
@@ -235,11 +236,17 @@ class Cache:
         """Make a verified, fsynced temp file read-only and rename it into place."""
         dest = self.path(md5_hex)
         os.chmod(tmp, 0o444)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(tmp, dest)
+        if md5_hex[:2] not in self._shards:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            self._shards.add(md5_hex[:2])
+        try:
+            os.replace(tmp, dest)
+        except FileNotFoundError:  # the shard dir was removed behind our back
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(tmp, dest)
         now = time.time()
         with contextlib.suppress(OSError):
-            os.utime(dest, (now, now))
+            os.utime(dest, (now, now))  # LRU stamp: adopted files may have been written long ago
         return dest
 
     def _finish(self, md5_hex: str, tmp: Path, hf: _HashingFile, size: int | None) -> Path:
@@ -312,17 +319,21 @@ class Cache:
             with contextlib.suppress(FileNotFoundError):
                 tmp.unlink()
 
-    def adopt(self, md5_hex: str, path: Path | str) -> Path:
+    def adopt(self, md5_hex: str, path: Path | str, *, fsync: bool = True) -> Path:
         """Move a file the caller already verified into place (atomic rename, no re-hash).
 
         Use it when the bytes were hashed while being downloaded; falls back to a verified
-        copy when ``path`` is on another filesystem.
+        copy when ``path`` is on another filesystem.  ``fsync=False`` skips the flush for
+        callers that keep their own copy of the bytes (SDK staging of local files): after a
+        crash such an object may be short or zeroed, which ``lookup(size=)``, every verified
+        copy out of the cache and the store's md5 check on upload all detect.
         """
         _check_key(md5_hex)
         path = Path(path)
         try:
-            with open(path, "rb") as f:
-                os.fsync(f.fileno())
+            if fsync:
+                with open(path, "rb") as f:
+                    os.fsync(f.fileno())
             return self._install(md5_hex, path)
         except OSError as e:
             if e.errno != errno.EXDEV:

@@ -15,6 +15,7 @@ import os
 import tempfile
 import threading
 import urllib.parse
+import uuid
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -25,7 +26,7 @@ from . import settings
 from .cache import Cache
 from .errors import ArtifactFSError, DigestMismatchError, NotFoundError
 from .hashing import b64_to_hex, hex_to_b64, is_md5_hex
-from .manifest import ManifestEntry
+from .manifest import Manifest, ManifestEntry
 from .store import Store, open_store
 
 log = logging.getLogger(__name__)
@@ -57,10 +58,19 @@ def close_stores() -> None:
             if pid == os.getpid():
                 store.close()
         _stores.clear()
+        _caches.clear()
+
+
+_caches: dict[tuple[str, int], Cache] = {}
 
 
 def get_cache() -> Cache:
-    return Cache()
+    """The cache named by the current settings (one instance per location and bound)."""
+    key = (str(settings.cache_dir()), settings.cache_size())
+    cache = _caches.get(key)
+    if cache is None:
+        cache = _caches[key] = Cache(Path(key[0]), key[1])
+    return cache
 
 
 def default_root(name: str) -> Path:
@@ -166,12 +176,19 @@ def hash_into_staging(src: Path, policy: str, skip_cache: bool, staging_dir: Cal
         os.chmod(tmp, 0o444)
         return Hashed(hex_to_b64(md5), size, tmp, source, False)
     cache = get_cache()
-    fd, tmp = tempfile.mkstemp(prefix="staged-", suffix=".incomplete", dir=cache.tmp_dir)
+    tmp = os.path.join(cache.tmp_dir, f"staged-{uuid.uuid4().hex}.incomplete")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileNotFoundError:  # the cache directory was removed since we opened it
+        _caches.clear()
+        cache = get_cache()
+        tmp = os.path.join(cache.tmp_dir, f"staged-{uuid.uuid4().hex}.incomplete")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
         with os.fdopen(fd, "wb") as out:
             md5, size = _copy_hashing(src, out)
         hit = cache.lookup(md5, size)
-        path = hit if hit is not None else cache.adopt(md5, tmp)
+        path = hit if hit is not None else cache.adopt(md5, tmp, fsync=False)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -360,3 +377,64 @@ def download_entries(store: Store, entity: str, entries: list[ManifestEntry], de
             written += n
             bar.update(e.size or 0)
     return written
+
+
+# -- directory-level helpers used by Artifact ---------------------------------------------------------
+def remove_extra_files(dest: Path, keep: set[str]) -> None:
+    """Delete every file under ``dest`` whose relative path is not in ``keep`` (and empty dirs)."""
+    if not dest.is_dir():
+        return
+    for dirpath, _dirs, files in os.walk(dest, topdown=False):
+        for fn in files:
+            full = Path(dirpath, fn)
+            if full.relative_to(dest).as_posix() not in keep:
+                full.unlink()
+        if Path(dirpath) != dest and not any(Path(dirpath).iterdir()):
+            Path(dirpath).rmdir()
+
+
+def verify_tree(dest: Path, manifest: Manifest, name: str) -> None:
+    """ValueError unless ``dest`` holds exactly the manifest's files with their md5s.
+
+    Reference entries are not checked (W&B semantics): they may be absent or different.
+    """
+    for dirpath, _dirs, files in os.walk(dest):
+        for fn in files:
+            rel = Path(dirpath, fn).relative_to(dest).as_posix()
+            if rel not in manifest.entries:
+                raise ValueError(f"found {rel!r} in {dest}, which is not a file of artifact {name!r} (extra file)")
+    for e in manifest:
+        if e.ref is not None:
+            continue
+        p = dest / e.path
+        if not p.is_file():
+            raise ValueError(f"{e.path!r} of artifact {name!r} is missing from {dest}")
+        if hex_to_b64(_md5_and_size(p)[0]) != e.digest:
+            raise ValueError(f"digest mismatch for {e.path!r} in {dest}: it differs from artifact {name!r}")
+
+
+def upload_manifest(store: Store, entity: str, manifest: Manifest) -> tuple[str, int]:
+    """Store the manifest JSON as a blob; returns (its md5 hex, bytes uploaded)."""
+    data = manifest.to_bytes()
+    md5 = hashlib.md5(data, usedforsecurity=False).hexdigest()
+    if not store.missing_blobs(entity, [md5]):
+        return md5, 0
+    with tempfile.NamedTemporaryFile(prefix="manifest-", delete=False) as tmp:
+        tmp.write(data)
+    try:
+        store.put_blob(entity, md5, Path(tmp.name), len(data))
+    finally:
+        os.unlink(tmp.name)
+    return md5, len(data)
+
+
+def hash_reference_tree(target: Path, limit: int,
+                        staging_dir: Callable[[], Path]) -> list[tuple[str, str, Hashed]]:
+    """(relative path, file:// URI, hash) of every file under ``target``, hashed in parallel."""
+    files = sorted(p for p in target.rglob("*") if p.is_file())
+    if len(files) > limit:
+        raise ValueError(f"{target} holds {len(files)} files, more than max_objects={limit}")
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        hashed = list(pool.map(lambda p: hash_into_staging(p, "immutable", True, staging_dir), files))
+    return [(p.relative_to(target).as_posix(), p.as_uri(), Hashed(h.digest, h.size, None, None, False))
+            for p, h in zip(files, hashed)]
