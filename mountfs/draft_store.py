@@ -462,7 +462,7 @@ class DraftTree:
                     seq.pos += n
                 else:
                     del self._seq[nid]
-            if self._is_sentinel(nid):
+            if row[1] == ROOT_ID and row[2] == COMMIT_NAME:
                 self._armed = True
             return n
 
