@@ -221,21 +221,22 @@ class _Plan:
 
 def _hash_staged(tree: DraftTree) -> None:
     """Step 1: every staged file gets a recorded digest (running hash when available)."""
+    done: list[tuple[int, str]] = []
     todo: list[tuple[int, Path]] = []
     for nid, known in tree.staged_files():
         if known is not None:
             continue
         path = tree.data_path(nid)
-        size = path.stat().st_size
-        running = tree.running_digest(nid, size)
+        running = tree.running_digest(nid, path.stat().st_size)
         if running is not None:
-            tree.record_digest(nid, running)
+            done.append((nid, running))
         else:
             todo.append((nid, path))
     if todo:
         with ThreadPoolExecutor(max_workers=_WORKERS, thread_name_prefix="draft-hash") as pool:
-            for (nid, _), md5 in zip(todo, pool.map(lambda j: md5_file(j[1]), todo)):
-                tree.record_digest(nid, md5)
+            done.extend(zip((nid for nid, _ in todo), pool.map(lambda j: md5_file(j[1]), todo)))
+    if done:
+        tree.record_digests(done)
 
 
 def _build(draft: Draft) -> _Plan:
@@ -312,9 +313,15 @@ def _upload(store: Store, entity: str, uploads: dict[str, tuple[Path, int]]) -> 
 
 
 def _rebase(draft: Draft, cache: Cache, rec: VersionRecord, staged: list[tuple[int, str, int, int]]) -> None:
-    """Step 5: staged content into the cache (rename, no copy); rows become base rows."""
+    """Step 5: staged content into the cache (rename, no copy); rows become base rows.
+
+    ``Cache.adopt`` fsyncs each object before naming it; those fsyncs run in a pool, as one
+    serial fsync per small file would dominate a commit of many files.
+    """
     tree = draft.tree
-    for nid, md5, size, mtime_ns in staged:
+
+    def adopt(item: tuple[int, str, int, int]) -> None:
+        nid, md5, size, _ = item
         path = tree.data_path(nid)
         try:
             if cache.lookup(md5, size) is not None:
@@ -327,7 +334,15 @@ def _rebase(draft: Draft, cache: Cache, rec: VersionRecord, staged: list[tuple[i
             log.warning("%r: could not move %s into the cache: %s", draft, md5, exc)
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
-        tree.rebase_file(nid, size, mtime_ns)
+
+    seen: set[str] = set()
+    first = [s for s in staged if not (s[1] in seen or seen.add(s[1]))]  # type: ignore[func-returns-value]
+    with ThreadPoolExecutor(max_workers=_WORKERS, thread_name_prefix="draft-adopt") as pool:
+        list(pool.map(adopt, first))
+    for item in staged:  # duplicates of content already adopted
+        with contextlib.suppress(FileNotFoundError):
+            tree.data_path(item[0]).unlink()
+    tree.rebase_files([(nid, size, mtime_ns) for nid, _, size, mtime_ns in staged])
     tree.set_meta("base", asdict(BaseInfo.of(rec)))
     with contextlib.suppress(FileNotFoundError):
         (draft.root / INTENT).unlink()

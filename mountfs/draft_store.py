@@ -722,20 +722,26 @@ class DraftTree:
                 "SELECT id, digest FROM nodes WHERE staged = 1 AND parent IS NOT NULL "
                 "AND NOT (parent = 1 AND name IN (?, ?))", (COMMIT_NAME, STATUS_NAME)).fetchall()
 
-    def record_digest(self, nid: int, md5_hex: str) -> None:
+    def record_digests(self, rows: list[tuple[int, str]]) -> None:
+        """(node, md5 hex) of staged files just hashed; valid until the node's next write."""
         with self.txn() as c:
-            c.execute("UPDATE nodes SET digest = ? WHERE id = ? AND staged = 1", (hex_to_b64(md5_hex), nid))
-        self._hashed.add(nid)
+            c.executemany("UPDATE nodes SET digest = ? WHERE id = ? AND staged = 1",
+                          [(hex_to_b64(md5), nid) for nid, md5 in rows])
+            self._hashed.update(nid for nid, _ in rows)
 
-    def rebase_file(self, nid: int, size: int, mtime_ns: int) -> None:
-        """A staged file whose data moved into the cache becomes a base file of the new version."""
+    def rebase_files(self, rows: list[tuple[int, int, int]]) -> None:
+        """Staged files whose data moved into the cache become base files of the new version.
+
+        ``rows``: (node, size, mtime_ns).  Their recorded digest becomes the base digest.
+        """
         with self.lock:
-            self._forget_fd(nid)
-            self._seq.pop(nid, None)
-            self._hashed.discard(nid)
+            for nid, _, _ in rows:
+                self._forget_fd(nid)
+                self._seq.pop(nid, None)
+                self._hashed.discard(nid)
             with self.txn() as c:
-                c.execute("UPDATE nodes SET staged = 0, size = ?, mtime_ns = ?, entry = NULL WHERE id = ?",
-                          (size, mtime_ns, nid))
+                c.executemany("UPDATE nodes SET staged = 0, size = ?, mtime_ns = ?, entry = NULL WHERE id = ?",
+                              [(size, mtime_ns, nid) for nid, size, mtime_ns in rows])
 
     def read_control(self, name: str) -> bytes:
         """Content of a control file at the root (empty if absent)."""
