@@ -83,9 +83,12 @@ def run(options: MountOptions) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     store = open_store(options.store)
     cache = Cache(options.cache_dir, options.cache_size)
+    # The embedded store reads local files (no hang short of a dead disk) and the HTTP store
+    # enforces its own timeouts; only other stores need the watchdog thread per request.
+    watchdog = not store.location.startswith(("http://", "https://")) and not Path(store.location).is_dir()
     content = ContentReader(store, cache, FetchConfig(
         block_size=options.block_size, parallel=options.parallel, attempts=options.attempts,
-        backoff=options.backoff, timeout=options.timeout))
+        backoff=options.backoff, timeout=options.timeout, watchdog=watchdog))
     indexes = IndexStore(cache.root / "index", content.manifest_path)
     ns = Namespace(store, indexes, NamespaceConfig(alias_ttl=options.alias_ttl),
                    stats=lambda: {**content.stats(), "inodes": len(ns), "index_builds": indexes.builds})

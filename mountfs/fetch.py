@@ -69,6 +69,9 @@ class FetchConfig:
     attempts: int = 4
     backoff: float = 0.1  #: first retry delay, doubled per attempt
     timeout: float = 30.0  #: per request
+    #: enforce ``timeout`` by running each request in a watchdog thread pool; needed for a store
+    #: without its own timeouts, a wasted thread hop (~0.5 ms) for one that has them
+    watchdog: bool = True
 
 
 # -- retries -----------------------------------------------------------------------------
@@ -90,7 +93,7 @@ def retrying(call: Callable[[], bytes], expected: int | None, cfg: FetchConfig, 
     delay = cfg.backoff
     for attempt in range(1, cfg.attempts + 1):
         try:
-            data = io_pool.submit(call).result(timeout=cfg.timeout)
+            data = io_pool.submit(call).result(timeout=cfg.timeout) if cfg.watchdog else call()
             if expected is not None and len(data) != expected:
                 raise ShortReadError(f"{what}: got {len(data)} bytes, expected {expected}")
             return data
@@ -150,6 +153,11 @@ class PartialFile:
         self._bits = bytearray(-(-self.nblocks // 8))
         self._count = 0
         self._dirty = 0
+        # Running md5 over the contiguous prefix of present blocks: a sequential fill is
+        # verified as it arrives, so completion costs no second pass over the file.
+        self._md5 = hashlib.md5(usedforsecurity=False)
+        self._hashed = 0  #: blocks folded into _md5
+        self._hash_lock = threading.Lock()
         self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
         if os.fstat(self.fd).st_size != size:
             os.ftruncate(self.fd, size)
@@ -179,6 +187,19 @@ class PartialFile:
             flush = self._dirty >= self._flush_every or self._count == self.nblocks
         if flush:
             self.flush()
+        self._advance_hash()
+
+    def _advance_hash(self) -> None:
+        """Fold newly contiguous blocks into the running md5 (one thread at a time, no waiting)."""
+        if not self._hash_lock.acquire(blocking=False):
+            return  # another thread is hashing and will pick these blocks up, or md5() will
+        try:
+            while self._hashed < self.nblocks and self.has(self._hashed):
+                self._md5.update(os.pread(self.fd, self.block_size, self._hashed * self.block_size))
+                with self._lock:
+                    self._hashed += 1
+        finally:
+            self._hash_lock.release()
 
     def flush(self) -> None:
         with self._lock:
@@ -198,9 +219,11 @@ class PartialFile:
         return self._count == self.nblocks
 
     def md5(self) -> str:
-        h = hashlib.md5(usedforsecurity=False)
-        for off in range(0, self.size, 4 * MiB):
-            h.update(os.pread(self.fd, 4 * MiB, off))
+        """md5 of the whole (complete) file, reusing the running hash of the prefix."""
+        with self._hash_lock:
+            h, start = self._md5.copy(), self._hashed * self.block_size
+        for off in range(start, self.size, 4 * MiB):
+            h.update(os.pread(self.fd, min(4 * MiB, self.size - off), off))
         return h.hexdigest()
 
     def reset(self) -> None:
@@ -209,6 +232,8 @@ class PartialFile:
             self._bits[:] = bytes(len(self._bits))
             self._count = 0
             self._dirty = 1
+        with self._hash_lock:
+            self._md5, self._hashed = hashlib.md5(usedforsecurity=False), 0
         self.flush()
 
     def forget_bitmap(self) -> None:
@@ -306,6 +331,8 @@ class BlockReader:
                 self.blocks.write(first + k, data[k * self.block_size:(k + 1) * self.block_size])
         except BaseException as exc:  # noqa: BLE001 - handed to every waiter
             error = exc
+        if error is None and self.on_complete is not None and self.blocks.complete():
+            self.on_complete()  # before waking waiters: a closer that waited sees the promotion
         with self._lock:
             futures = [self._inflight.pop(first + k) for k in range(count)]
         for fut in futures:
@@ -313,8 +340,6 @@ class BlockReader:
                 fut.set_result(None)
             else:
                 fut.set_exception(error)
-        if error is None and self.on_complete is not None and self.blocks.complete():
-            self.on_complete()
 
     def _block_range(self, off: int, size: int) -> tuple[int, int] | None:
         end = min(off + size, self.size)
@@ -335,6 +360,11 @@ class BlockReader:
         for fut in waits:
             fut.result()
         return self.blocks.read(off, min(size, self.size - off))
+
+    def present(self, off: int, size: int) -> bool:
+        """Whether every block of [off, off+size) is already stored locally."""
+        rng = self._block_range(off, size)
+        return rng is None or all(self.blocks.has(i) for i in range(rng[0], rng[1] + 1))
 
     def wait_idle(self, timeout: float | None = None) -> bool:
         """Wait until no fetch of this reader is in flight (before closing its storage)."""
@@ -370,6 +400,7 @@ class _Object:
         self.ref = ref
         self.refs = 0
         self.fd: int | None = None  #: complete, verified object
+        self.data: bytes | None = None  #: a small object's verified bytes (installed in the background)
         self.partial: PartialFile | None = None
         self.reader: BlockReader | None = None
         self.lock = threading.Lock()
@@ -398,6 +429,9 @@ class ContentReader:
         self._objects: dict[str, _Object] = {}
         self._verified: LRUCache[str, bool] = LRUCache(maxsize=100_000)
         self.store_requests = 0  #: ranged store requests issued (including retries)
+        self._installer = ThreadPoolExecutor(4, thread_name_prefix="artifactfs-install")
+        self._pending = threading.BoundedSemaphore(256)
+        self._added = 0
 
     def stats(self) -> dict[str, int]:
         with self._lock:
@@ -441,6 +475,25 @@ class ContentReader:
         cfg = self.config
         return Handle(obj, ReadaheadWindow(cfg.block_size, cfg.readahead_max, trigger=cfg.block_size))
 
+    def close_nowait(self, handle: Handle) -> bool:
+        """Close without blocking if nothing can be in flight; False: call :meth:`close`."""
+        obj = handle.obj
+        with self._lock:
+            if obj.refs > 1:
+                obj.refs -= 1
+                return True
+            if obj.reader is not None or obj.promotion is not None:
+                return False
+            obj.refs -= 1
+            self._objects.pop(obj.ref.md5, None)
+        with obj.lock:
+            obj.closed = True
+            if obj.fd is not None:
+                os.close(obj.fd)
+                obj.fd = None
+            obj.data = None
+        return True
+
     def close(self, handle: Handle) -> None:
         obj = handle.obj
         with self._lock:
@@ -467,39 +520,70 @@ class ContentReader:
             elif obj.partial is not None:
                 obj.partial.close()
             obj.partial = obj.reader = None
+            obj.data = None
+
+    def read_nowait(self, handle: Handle, off: int, size: int) -> bytes | None:
+        """Answer from local state without waiting (on the event loop), or None.
+
+        Serves in-memory small objects, complete cached objects and fully present blocks of
+        a partial file; anything that needs the store, a verification or a wait returns None
+        and the caller uses :meth:`read` in a worker thread.  Local reads are a page-cache
+        copy in the common case, far cheaper than the thread hop they would otherwise cost.
+        """
+        obj = handle.obj
+        if off >= obj.ref.size or size <= 0:
+            return b""
+        data, fd, reader = obj.data, obj.fd, obj.reader
+        if data is not None:
+            return data[off:off + size]
+        if fd is not None:
+            return os.pread(fd, size, off)
+        if reader is None or not reader.present(off, size):
+            return None
+        out = reader.blocks.read(off, min(size, obj.ref.size - off))
+        advice = handle.window.advise(off, size)
+        if advice is not None:
+            reader.prefetch(*advice)
+        return out
 
     def read(self, handle: Handle, off: int, size: int) -> bytes:
         obj = handle.obj
         if off >= obj.ref.size or size <= 0:
             return b""
-        fd, reader = self._prepare(obj)
+        self._prepare(obj)
+        data, fd, reader = obj.data, obj.fd, obj.reader
+        if data is not None:
+            return data[off:off + size]
         if fd is not None:
             return os.pread(fd, size, off)
         assert reader is not None
-        data = reader.read(off, size)
+        out = reader.read(off, size)
         advice = handle.window.advise(off, size)
         if advice is not None:
             reader.prefetch(*advice)
-        return data
+        return out
 
-    def _prepare(self, obj: _Object) -> tuple[int | None, BlockReader | None]:
-        """The complete object's fd, or the block reader of its partial file."""
+    def _prepare(self, obj: _Object) -> None:
+        """Give ``obj`` its content source: bytes, a complete object's fd, or a block reader."""
         with obj.lock:
-            if obj.fd is not None:
-                return obj.fd, None
-            if obj.reader is not None:
-                return None, obj.reader
+            if obj.data is not None or obj.fd is not None or obj.reader is not None:
+                return
             ref = obj.ref
             path = self._complete_path(ref)
-            if path is None and ref.size <= self.config.small_object:
-                path = self.cache.fetch(ref.md5, ref.size, lambda f: f.write(
-                    self.fetch_range(ref.entity, ref.md5, 0, ref.size)))
-                self._verified[ref.md5] = True
             if path is not None:
                 obj.fd = os.open(path, os.O_RDONLY)
-                return obj.fd, None
+                return
+            if ref.size <= self.config.small_object:
+                # One request for the whole object, checked before a byte is served; the
+                # reader gets it from memory while the cache write (fsync) happens behind it.
+                data = self.fetch_range(ref.entity, ref.md5, 0, ref.size)
+                if hashlib.md5(data, usedforsecurity=False).hexdigest() != ref.md5:
+                    raise FetchError(f"the store returned wrong bytes for {ref.md5}")
+                obj.data = data
+                self._install_later(ref.md5, data)
+                return
             if not (self.cache.partial_dir / f"{ref.md5}.part").exists():
-                self.cache.evict(ref.size)  # make room once, when a new object starts
+                self.cache.evict(ref.size)  # make room once, when a new large object starts
             obj.partial = PartialFile(self.cache.partial_dir, ref.md5, ref.size, self.config.block_size)
             obj.reader = BlockReader(
                 ref.size, lambda start, length: self.fetch_range(ref.entity, ref.md5, start, length),
@@ -507,7 +591,34 @@ class ContentReader:
                 executor=self._executor, on_complete=lambda: self._schedule_promotion(obj))
             if obj.partial.complete():  # resumed a fully fetched partial from a crash
                 self._schedule_promotion(obj)
-            return None, obj.reader
+
+    def _install_later(self, md5: str, data: bytes) -> None:
+        """Write a verified small object into the shared cache off the read path (bounded)."""
+        self._pending.acquire()  # back-pressure: at most N installs queued
+
+        def install() -> None:
+            try:
+                if self.cache.lookup(md5, len(data)) is None:
+                    with self.cache.writer(md5) as out:
+                        out.write(data)
+                    self._verified[md5] = True
+                    self._note_added(len(data))
+            except Exception as exc:  # noqa: BLE001 - the cache is an optimisation here
+                log.warning("could not cache %s: %s", md5, exc)
+            finally:
+                self._pending.release()
+
+        self._installer.submit(install)
+
+    def _note_added(self, size: int) -> None:
+        """Evict now and then (a cache scan per object would be quadratic)."""
+        with self._lock:
+            self._added += size
+            due = self._added >= max(self.cache.max_bytes // 32, 1)
+            if due:
+                self._added = 0
+        if due:
+            self.cache.evict()
 
     def _complete_path(self, ref: FileRef) -> Path | None:
         """A complete cached object, md5-checked once per daemon lifetime before trusting it."""
@@ -558,6 +669,7 @@ class ContentReader:
             obj.promoting = False
 
     def shutdown(self) -> None:
+        self._installer.shutdown(wait=True)  # small installs are quick: let them land
         self._executor.shutdown(wait=False, cancel_futures=True)
         self._io.shutdown(wait=False, cancel_futures=True)
         with self._lock:

@@ -278,6 +278,11 @@ class IndexStore:
     def path(self, manifest_md5: str) -> Path:
         return self.root / manifest_md5[:2] / f"{manifest_md5[2:]}.sqlite"
 
+    def peek(self, manifest_md5: str) -> ManifestIndex | None:
+        """The index if it is already open (never builds or opens anything)."""
+        with self._lock:
+            return self._open.get(manifest_md5)
+
     def get(self, entity: str, manifest_md5: str) -> ManifestIndex:
         with self._lock:
             idx = self._open.get(manifest_md5)

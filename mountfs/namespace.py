@@ -28,6 +28,7 @@ SQLite index), so the tables are guarded by one lock that is never held across s
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import errno
 import json
@@ -35,7 +36,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -53,6 +54,16 @@ log = logging.getLogger(__name__)
 ROOT_INODE = 1  # pyfuse3.ROOT_INODE; repeated here so this module never imports pyfuse3
 DIR_MODE = 0o040555
 FILE_MODE = 0o100444
+
+
+class NeedsIO(Exception):
+    """Raised in local-only mode when an answer needs the store or an unopened index.
+
+    The daemon first tries each namespace call on the event loop in local-only mode (memory
+    and already open SQLite indexes: microseconds) and only on NeedsIO repeats it in a worker
+    thread, so metadata-heavy tools (find, ls -lR) do not pay a thread hop per entry.  Every
+    method raises it before mutating anything, so the retry is safe.
+    """
 
 
 class Kind(enum.Enum):
@@ -162,6 +173,7 @@ class Namespace:
         self.config = config or NamespaceConfig()
         self.drafts = drafts
         self._lock = threading.RLock()
+        self._mode = threading.local()
         self._mounted_ns = time.time_ns()
         root = Node(ROOT_INODE, Kind.ROOT, ROOT_INODE, "", (0, "", ""), lookups=1)
         self._nodes: dict[int, Node] = {ROOT_INODE: root}
@@ -231,12 +243,35 @@ class Namespace:
         if self._by_key.get(node.key) == node.inode:
             del self._by_key[node.key]
 
+    # -- local-only mode ---------------------------------------------------------------
+    @contextlib.contextmanager
+    def local_only(self) -> Iterator[None]:
+        """Within the block, anything needing I/O raises :class:`NeedsIO` instead."""
+        self._mode.local = True
+        try:
+            yield
+        finally:
+            self._mode.local = False
+
+    def _io(self) -> None:
+        if getattr(self._mode, "local", False):
+            raise NeedsIO()
+
+    def _index(self, node: Node) -> ManifestIndex:
+        assert node.version is not None
+        idx = self.indexes.peek(node.version.manifest_md5)
+        if idx is not None:
+            return idx
+        self._io()
+        return self.indexes.get(node.entity, node.version.manifest_md5)
+
     # -- store queries (cached) --------------------------------------------------------
     def _listing(self, key: tuple[str, ...], fetch: Callable[[], Any]) -> Any:
         with self._lock:
             hit = self._listings.get(key)
         if hit is not None:
             return hit
+        self._io()
         value = fetch()  # store I/O outside the lock
         with self._lock:
             self._listings[key] = value
@@ -249,6 +284,7 @@ class Namespace:
             hit = cache.get(key)
         if hit is not None:
             return hit
+        self._io()
         record = self.store.resolve(entity, project, collection, selector)
         with self._lock:
             cache[key] = record
@@ -311,8 +347,7 @@ class Namespace:
         if kind is Kind.TREE_FILE:
             raise OSError(errno.ENOTDIR, "not a directory")
         if kind in VERSIONED:
-            assert parent.version is not None
-            index = self.indexes.get(parent.entity, parent.version.manifest_md5)
+            index = self._index(parent)
             entry = index.lookup(parent.dir_id, name)
             if entry is None:
                 raise NotFoundError(f"{parent.version.qualified_name} has no {name!r} here")
@@ -399,7 +434,7 @@ class Namespace:
         if node.kind in VERSIONED:
             assert node.version is not None
             if handle.index is None:
-                handle.index = self.indexes.get(node.entity, node.version.manifest_md5)
+                handle.index = self._index(node)
             return [(e.id, e.name, self._child(node, e.name, Kind.TREE_DIR if e.is_dir else Kind.TREE_FILE, entry=e))
                     for e in handle.index.children(node.dir_id, start_id, limit)]
         if handle.snapshot is None or start_id == 0:

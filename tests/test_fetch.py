@@ -197,9 +197,9 @@ def test_content_reader_corrupt_cache_object_is_refetched(local_store, tmp_path:
     cr = ContentReader(local_store, cache)
     h = cr.open(FileRef("ent", md5, len(data), "v", "p"))
     assert cr.read(h, 0, len(data)) == data
-    assert md5_bytes(cache.path(md5).read_bytes()) == md5
     cr.close(h)
-    cr.shutdown()
+    cr.shutdown()  # waits for the background cache install
+    assert md5_bytes(cache.path(md5).read_bytes()) == md5
 
 
 def test_content_reader_store_down_gives_fetch_error_then_recovers(local_store, tmp_path: Path) -> None:
