@@ -34,8 +34,8 @@ from .hashing import b64_to_hex
 from .api import Paginator
 from .manifest import Manifest
 from .transfer import (ArtifactManifestEntry, Hashed, default_root, download_entries, get_cache,
-                       hash_into_staging, hash_reference_tree, parse_file_uri, remove_extra_files,
-                       upload_entries, upload_manifest, verify_tree)
+                       hash_into_staging, parse_file_uri, remove_extra_files, upload_entries, upload_manifest,
+                       verify_tree)
 
 if TYPE_CHECKING:
     from .api import ArtifactCollection, Run as PublicRun
@@ -43,7 +43,7 @@ if TYPE_CHECKING:
 
 __all__ = ["Artifact", "ArtifactFiles", "ArtifactManifestEntry"]
 
-_LATER = "arrives with issue 7 (W&B media objects, links and non-file references)"
+_LATER = "arrives with issue 7 (portfolio links, references to other artifacts' entries)"
 
 
 def _not_yet(what: str) -> ArtifactFSError:
@@ -391,32 +391,24 @@ class Artifact:
 
     def add_reference(self, uri: ArtifactManifestEntry | str, name: str | None = None, checksum: bool = True,
                       max_objects: int | None = None) -> Sequence[ArtifactManifestEntry]:
-        """Track content that stays where it is (``file://`` now; other schemes with issue 7)."""
+        """Track content that stays where it is (file, http(s), s3, gs; other schemes by URI).
+
+        Digests and sizes come from the source (client.references has the per-scheme rules);
+        nothing is uploaded.  A directory or prefix becomes one entry per object.
+        """
+        from . import references
+
         self._ensure_draft()
         if not isinstance(uri, str):
             raise _not_yet("a reference to another artifact's entry")
-        target = parse_file_uri(uri)
-        if target is None:
-            raise _not_yet(f"the reference scheme of {uri!r}")
-        limit = max_objects if max_objects is not None else 10_000_000
-        if not target.exists():
+        if (target := parse_file_uri(uri)) is not None and not target.exists():
             raise FileNotFoundError(f"reference target does not exist: {target}")
-        base = names.entry_path_from_local(name) if name else None
-        if target.is_file() or not checksum:
-            entry_name = base or names.entry_path_from_local(target.name)
-            if checksum:
-                h = hash_into_staging(target, "immutable", True, self._staging_dir)
-                h = Hashed(h.digest, h.size, None, None, False)
-            else:
-                h = Hashed(str(target), None, None, None, False)  # W&B: digest = the path, size unknown
-            with self._lock:
-                return [self._put_entry(entry_name, h, overwrite=True, ref=target.as_uri())]
         out = []
-        refs = hash_reference_tree(target, limit, self._staging_dir)
-        with self._lock:
-            for rel, uri, h in refs:
-                entry_name = names.entry_path_from_local(f"{base}/{rel}" if base else rel)
-                out.append(self._put_entry(entry_name, h, overwrite=True, ref=uri))
+        for e in references.iter_entries_for_reference(uri, name, checksum, max_objects):
+            h = Hashed(e.digest, e.size, None, None, False)
+            with self._lock:
+                out.append(self._put_entry(names.validate_entry_path(e.path), h, overwrite=True, ref=e.ref,
+                                           extra=e.extra))
         return out
 
     def remove(self, item: str | os.PathLike[str] | ArtifactManifestEntry) -> None:
@@ -437,15 +429,30 @@ class Artifact:
                 manifest.remove(p)
 
     def add(self, obj: Any, name: str, overwrite: bool = False) -> ArtifactManifestEntry:
+        """Add a W&B object (Table, Classes: see client.objects) as ``<name>.<kind>.json``."""
+        from . import objects
+
         self._ensure_draft()
-        raise _not_yet("adding W&B media objects (add)")
+        entry_name, data = objects.serialize(obj, name)
+        path = Path(tempfile.mkdtemp(dir=self._staging_dir(), prefix="object-")) / entry_name
+        path.parent.mkdir(parents=True, exist_ok=True)  # a fresh dir: never rewrites a staged entry
+        path.write_bytes(data)
+        return self.add_file(path, name=entry_name, policy="immutable", skip_cache=True, overwrite=overwrite)
 
     def __setitem__(self, name: str, item: Any) -> ArtifactManifestEntry:
         return self.add(item, name)
 
     def get(self, name: str) -> Any:
-        self._ensure_logged("get")
-        raise _not_yet("reading W&B media objects (get)")
+        """The object stored by ``add(obj, name)``, or None if there is none."""
+        from . import objects
+
+        rec = self._ensure_logged("get")
+        for candidate in objects.candidate_entry_names(str(name)):
+            entry = self.manifest.entries.get(candidate)
+            if entry is not None and entry.ref is None:
+                assert self._store is not None
+                return objects.deserialize(candidate, self._store.read_blob(rec.entity, b64_to_hex(entry.digest)))
+        return None
 
     def __getitem__(self, name: str) -> Any:
         return self.get(name)
@@ -614,17 +621,26 @@ class Artifact:
             self.bytes_uploaded = 0
         else:
             self.finalize()
-            manifest = self.manifest
-            if self._incremental:
-                manifest = self._merge_with_latest(store, entity, project)
-            self.bytes_uploaded = upload_entries(store, entity, list(manifest), get_cache())
-            manifest_md5, sent = upload_manifest(store, entity, manifest)
-            self.bytes_uploaded += sent
+            try:
+                manifest = self.manifest
+                if self._incremental:
+                    manifest = self._merge_with_latest(store, entity, project)
+                self.bytes_uploaded = upload_entries(store, entity, list(manifest), get_cache())
+                manifest_md5, sent = upload_manifest(store, entity, manifest)
+                self.bytes_uploaded += sent
+            except BaseException:
+                self._finalized = False  # nothing was committed: the draft stays editable
+                raise
         ttl = None if self._ttl is None else self._ttl.total_seconds()
-        record, _created = store.commit(CommitRequest(
-            entity=entity, project=project, collection=self._name, type=self._type, manifest_md5=manifest_md5,
-            aliases=tuple(a for a in alias_list if a != "latest"), tags=tuple(tag_list),
-            description=self._description, metadata=dict(self._metadata), ttl_seconds=ttl, run_id=run_id))
+        try:
+            record, _created = store.commit(CommitRequest(
+                entity=entity, project=project, collection=self._name, type=self._type, manifest_md5=manifest_md5,
+                aliases=tuple(a for a in alias_list if a != "latest"), tags=tuple(tag_list),
+                description=self._description, metadata=dict(self._metadata), ttl_seconds=ttl, run_id=run_id))
+        except BaseException:
+            if self._record is None:
+                self._finalized = False
+            raise
         if self._record is None and self._manifest is not None:
             for e in self._manifest.entries.values():
                 if isinstance(e, ArtifactManifestEntry):

@@ -317,29 +317,30 @@ def _present_and_valid(target: Path, md5: str, size: int | None) -> bool:
     return _md5_and_size(target)[0] == md5
 
 
-def _download_reference(e: ManifestEntry, target: Path, allow_missing: bool) -> int:
-    from .artifact import _not_yet
+def _download_reference(e: ManifestEntry, dest: Path, allow_missing: bool) -> int:
+    """Fetch a reference entry (or, for an unexpanded directory reference, what is under it now)."""
+    from . import references
 
-    assert e.ref is not None
-    src = parse_file_uri(e.ref)
-    if src is None:
-        if allow_missing:
-            return 0
-        raise _not_yet(f"downloading the reference {e.ref!r}")
-    if not src.is_file():
-        if allow_missing:
-            log.warning("skipping missing reference %s", e.ref)
-            return 0
-        raise NotFoundError(f"reference {e.ref!r} of entry {e.path!r} is missing; "
-                            "pass allow_missing_references=True to skip it")
-    try:
-        md5 = b64_to_hex(e.digest)
-    except ValueError:
-        md5 = None  # checksum=False reference: nothing to verify
-    if md5 is not None and _present_and_valid(target, md5, e.size):
-        return 0
-    _atomic_write(target, lambda out: _copy_file(src, out), md5)
-    return e.size or 0
+    written = 0
+    for sub in references.entries_to_download(e):
+        target = dest / sub.path
+        try:
+            md5 = b64_to_hex(sub.digest) if not references.is_uri_digest(sub) else None
+        except ValueError:
+            md5 = None  # an ETag or a URI digest: the handler verifies what it can
+        if md5 is not None and _present_and_valid(target, md5, sub.size):
+            continue
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            references.fetch_reference(sub, target)
+        except NotFoundError:
+            if not allow_missing:
+                raise NotFoundError(f"reference {sub.ref!r} of entry {sub.path!r} is missing; "
+                                    "pass allow_missing_references=True to skip it") from None
+            log.warning("skipping missing reference %s", sub.ref)
+            continue
+        written += sub.size or 0
+    return written
 
 
 def download_entries(store: Store, entity: str, entries: list[ManifestEntry], dest: Path, *,
@@ -350,7 +351,7 @@ def download_entries(store: Store, entity: str, entries: list[ManifestEntry], de
     def one(e: ManifestEntry) -> int:
         target = dest / e.path
         if e.ref is not None:
-            return _download_reference(e, target, allow_missing_references)
+            return _download_reference(e, dest, allow_missing_references)
         md5, size = b64_to_hex(e.digest), e.size or 0
         if not is_md5_hex(md5):
             raise DigestMismatchError(f"entry {e.path!r} has an invalid digest")
@@ -426,15 +427,3 @@ def upload_manifest(store: Store, entity: str, manifest: Manifest) -> tuple[str,
     finally:
         os.unlink(tmp.name)
     return md5, len(data)
-
-
-def hash_reference_tree(target: Path, limit: int,
-                        staging_dir: Callable[[], Path]) -> list[tuple[str, str, Hashed]]:
-    """(relative path, file:// URI, hash) of every file under ``target``, hashed in parallel."""
-    files = sorted(p for p in target.rglob("*") if p.is_file())
-    if len(files) > limit:
-        raise ValueError(f"{target} holds {len(files)} files, more than max_objects={limit}")
-    with ThreadPoolExecutor(max_workers=16) as pool:
-        hashed = list(pool.map(lambda p: hash_into_staging(p, "immutable", True, staging_dir), files))
-    return [(p.relative_to(target).as_posix(), p.as_uri(), Hashed(h.digest, h.size, None, None, False))
-            for p, h in zip(files, hashed)]

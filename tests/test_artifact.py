@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 import client
+from client.references import is_uri_digest
 from client.errors import (ArtifactFinalizedError, ArtifactFSError, ArtifactNotLoggedError, ConflictError,
                            InvalidNameError, InvalidPathError, NotFoundError)
 
@@ -91,7 +92,7 @@ def test_add_file_names_digest_and_conflicts(sdk_env: dict[str, Path]) -> None:
         art.add_file(f, name="../escape")
     with pytest.raises(FileNotFoundError):
         art.add_file(sdk_env["tmp"] / "nope")
-    assert art.get_added_local_path_name(str(f)) == "dir/b.txt" or art.get_added_local_path_name(str(f)) == "a.txt"
+    assert art.get_added_local_path_name(str(f)) == "dir/b.txt"  # the latest name it was added under
     assert art.get_added_local_path_name(str(g)) == "a.txt"
     assert art.get_added_local_path_name("/not/added") is None
 
@@ -413,12 +414,15 @@ def test_file_references(sdk_env: dict[str, Path]) -> None:
     many = art.add_reference(ext.as_uri(), name="tree")
     assert sorted(e.path for e in many) == ["tree/one.txt", "tree/sub/two.txt"]
     nock = art.add_reference((ext / "sub").as_uri(), name="lazy", checksum=False)
-    assert nock[0].digest == str(ext / "sub") and nock[0].size is None
-    with pytest.raises(ValueError):
-        art.add_reference(ext.as_uri(), name="capped", max_objects=1)
+    assert len(nock) == 1 and is_uri_digest(nock[0]) and nock[0].size is None  # not expanded, not read
+    capped = art.add_reference(ext.as_uri(), name="capped", max_objects=1)
+    assert [e.path for e in capped] == ["capped/one.txt"]
+    with pytest.raises(FileNotFoundError):
+        art.add_reference((ext / "absent").as_uri())
     with pytest.raises(ArtifactFSError, match="issue 7"):
-        art.add_reference("s3://bucket/key")
+        art.add_reference(single[0])  # a reference to another artifact's entry
     art.remove("lazy")
+    art.remove("capped")
     with client.init(project="proj") as run:
         run.log_artifact(art)
     assert art.bytes_uploaded == len(art.manifest.to_bytes())  # references are never uploaded
@@ -432,14 +436,31 @@ def test_file_references(sdk_env: dict[str, Path]) -> None:
     art.verify(out2)  # references are not verified
 
 
+def test_add_and_get_objects(sdk_env: dict[str, Path]) -> None:
+    from client.objects import Classes, Table
+
+    art = client.Artifact("objs", "dataset")
+    table = Table(columns=["a", "b"], data=[[1, "x"], [2, "y"]])
+    entry = art.add(table, "tables/t")
+    assert entry.path == "tables/t.table.json"
+    art["labels"] = Classes([{"id": 1, "name": "cat"}])
+    with pytest.raises(ValueError):
+        art.add(Table(columns=["a"], data=[[3]]), "tables/t")  # exists: overwrite=False
+    with pytest.raises(TypeError):
+        art.add(object(), "obj")  # not a W&B object
+    with pytest.raises(ArtifactNotLoggedError):
+        art.get("tables/t")
+    with client.init(project="proj") as run:
+        run.log_artifact(art)
+    got = art.get("tables/t")
+    assert isinstance(got, Table) and got.columns == ["a", "b"] and got.data == [[1, "x"], [2, "y"]]
+    assert isinstance(art["labels"], Classes)
+    assert art.get("nothing") is None
+
+
 def test_not_yet_supported_methods_say_when(sdk_env: dict[str, Path]) -> None:
-    draft = client.Artifact("ds", "dataset")
-    with pytest.raises(ArtifactFSError, match="issue 7"):
-        draft.add(object(), "obj")
-    with pytest.raises(ArtifactFSError, match="issue 7"):
-        draft["obj"] = object()
     art = logged(sdk_env["tmp"], {"a": "1"})
-    for call in (lambda: art.get("a"), lambda: art["a"], lambda: art.link("portfolio"), lambda: art.unlink()):
+    for call in (lambda: art.link("portfolio"), lambda: art.unlink()):
         with pytest.raises(ArtifactFSError, match="issue 7"):
             call()
 
@@ -454,3 +475,17 @@ def test_bad_aliases_and_tags_are_refused(sdk_env: dict[str, Path]) -> None:
             run.log_artifact(art, aliases=["has space"])
         with pytest.raises(InvalidNameError):
             run.log_artifact(art, tags=["bad/tag"])
+
+
+def test_failed_log_leaves_the_draft_editable(sdk_env: dict[str, Path]) -> None:
+    logged(sdk_env["tmp"], {"a": "1"})  # ds exists with type dataset
+    wrong = client.Artifact("ds", "model")
+    with wrong.new_file("m") as fh:
+        fh.write("m")
+    with client.init(project="proj") as run:
+        with pytest.raises(ConflictError):
+            run.log_artifact(wrong)
+    assert wrong.is_draft()
+    with wrong.new_file("n") as fh:  # still editable
+        fh.write("n")
+    assert wrong.file_count == 2
