@@ -162,8 +162,8 @@ def moto_s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MotoS3]:
 class CuttingProxy:
     """Forwards loopback TCP to ``upstream``; can refuse connections or cut them mid-stream.
 
-    ``cut_after``: close a connection once this many response bytes went through it (None:
-    never); ``cut_times``: how many connections to cut before passing everything again
+    ``cut_after``: close a connection once this many bytes went through it in either direction
+    (None: never); ``cut_times``: how many connections to cut before passing everything again
     (None: all of them); ``refuse``: close new connections at once (the service looks down).
     """
 
@@ -180,7 +180,19 @@ class CuttingProxy:
         self.port = self._sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
         self._lock = threading.Lock()
+        self._open: set[socket.socket] = set()
         threading.Thread(target=self._accept, daemon=True).start()
+
+    def drop_all(self) -> None:
+        """Reset every open connection (with ``refuse``: the service went away)."""
+        with self._lock:
+            socks, self._open = list(self._open), set()
+        for s in socks:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            s.close()
 
     def _accept(self) -> None:
         while True:
@@ -205,12 +217,14 @@ class CuttingProxy:
         except OSError:
             client.close()
             return
-        limit = self._should_cut()
+        with self._lock:
+            self._open.update((client, upstream))
 
-        def pump(src: socket.socket, dst: socket.socket, limit: int | None) -> None:
+        def pump(src: socket.socket, dst: socket.socket) -> None:
             sent = 0
             try:
                 while data := src.recv(65536):
+                    limit = self._should_cut()  # read per chunk: arming affects open connections too
                     if limit is not None and sent + len(data) > limit:
                         dst.sendall(data[: max(0, limit - sent)])
                         with self._lock:
@@ -227,8 +241,8 @@ class CuttingProxy:
                     pass
                 s.close()
 
-        threading.Thread(target=pump, args=(client, upstream, None), daemon=True).start()
-        pump(upstream, client, limit)
+        threading.Thread(target=pump, args=(client, upstream), daemon=True).start()
+        pump(upstream, client)
 
     def close(self) -> None:
         self._sock.close()

@@ -159,6 +159,8 @@ def _raise_for(resp: requests.Response) -> None:
     if exc is not None:
         raise exc
     text = resp.text[:300]
+    if "<Code>BadDigest</Code>" in text or "<Code>InvalidDigest</Code>" in text:
+        raise DigestMismatchError(f"the object store refused the bytes: they do not match their md5 ({text})")
     if resp.status_code in (401, 403):
         from ..errors import PermissionDeniedError
 
