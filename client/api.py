@@ -12,7 +12,6 @@ Collections returned by list methods are *paginated views*: iterating fetches pa
 
 from __future__ import annotations
 
-import datetime as dt
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
@@ -346,23 +345,32 @@ class Api:
 
     def runs(self, path: str | None = None, filters: dict[str, Any] | None = None, order: str = "+created_at",
              per_page: int = 50, include_sweeps: bool = True) -> Runs:
-        """Runs of a project, oldest first (``order="-created_at"`` reverses); ``filters`` may
-        match ``job_type``/``jobType``, ``state``, ``name``/``display_name`` exactly."""
+        """Runs of a project matching MongoDB-style ``filters`` (client.filters), sorted by
+        ``order`` (``+field`` ascending, ``-field`` descending; default oldest first).
+
+        Filterable fields: ``name`` (the run id), ``displayName``/``display_name``,
+        ``jobType``/``job_type``, ``state``, ``createdAt``/``created_at``, ``config.*``.
+        """
+        from . import filters as flt
+
         entity, project = self._project_path(path)
         lister = getattr(self._store, "list_runs", None)
         if lister is None:
             raise NotImplementedError("this store cannot list runs")
-        keys = {"jobType": "job_type", "displayName": "name", "display_name": "name"}
-        flt = {keys.get(k, k): v for k, v in (filters or {}).items()}
+        flt.validate_filter(filters)
+        key = flt.sort_key(order)
+
+        def doc(r: RunRecord) -> dict[str, Any]:
+            return {"name": r.id, "id": r.id, "displayName": r.name, "display_name": r.name,
+                    "jobType": r.job_type, "job_type": r.job_type, "state": r.state, "config": r.config,
+                    "createdAt": r.created_at, "created_at": r.created_at, "entity": r.entity, "project": r.project}
 
         def fetch() -> list[Run]:
-            out = [Run(self._store, r) for r in lister(entity, project)
-                   if all(getattr(r, k, None) == v for k, v in flt.items())]
-            out.sort(key=lambda r: r.created_at or dt.datetime.min, reverse=order.startswith("-"))
-            return out
+            docs = [(doc(r), r) for r in lister(entity, project)]
+            picked = sorted((d for d in docs if flt.matches(d[0], filters)), key=lambda d: key(d[0]))
+            return [Run(self._store, r) for _, r in picked]
 
         return Runs(fetch, per_page)
-
 
 def names_default_project() -> str:
     return settings.default_project()

@@ -124,6 +124,14 @@ def test_projects_and_runs(populated: dict[str, client.Artifact]) -> None:
     assert producer is not None
     assert api.run(f"alice/proj/{producer.id}").id == producer.id
     assert api.run(f"proj/runs/{producer.id}").id == producer.id
+    assert [r.job_type for r in api.runs("alice/proj", filters={"jobType": "train"})] == []
+    with client.init(project="proj", job_type="train", config={"lr": 0.5}, id="trainer", reinit=True):
+        pass
+    assert [r.id for r in api.runs("alice/proj", filters={"jobType": "train"})] == ["trainer"]
+    assert [r.id for r in api.runs("proj", filters={"config.lr": {"$gt": 0.1}, "state": "finished"})] == ["trainer"]
+    assert len(api.runs("proj", filters={"$or": [{"jobType": "train"}, {"state": "finished"}]})) == 4
+    with pytest.raises(ValueError):
+        api.runs("proj", filters={"state": {"$bogus": 1}})
     with pytest.raises(NotFoundError):
         api.run("alice/proj/nope")
     with pytest.raises(ValueError):
