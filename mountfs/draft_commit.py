@@ -221,20 +221,22 @@ class _Plan:
 
 def _hash_staged(tree: DraftTree) -> None:
     """Step 1: every staged file gets a recorded digest (running hash when available)."""
-    done: list[tuple[int, str]] = []
-    todo: list[tuple[int, Path]] = []
-    for nid, known in tree.staged_files():
+    done: list[tuple[int, str, int, int]] = []
+    todo: list[tuple[int, Path, int, int]] = []
+    for nid, known, _, _ in tree.staged_files():
         if known is not None:
             continue
         path = tree.data_path(nid)
-        running = tree.running_digest(nid, path.stat().st_size)
+        st = path.stat()
+        running = tree.running_digest(nid, st.st_size)
         if running is not None:
-            done.append((nid, running))
+            done.append((nid, running, st.st_size, st.st_mtime_ns))
         else:
-            todo.append((nid, path))
+            todo.append((nid, path, st.st_size, st.st_mtime_ns))
     if todo:
         with ThreadPoolExecutor(max_workers=_WORKERS, thread_name_prefix="draft-hash") as pool:
-            done.extend(zip((nid for nid, _ in todo), pool.map(lambda j: md5_file(j[1]), todo)))
+            for (nid, _, size, mtime), md5 in zip(todo, pool.map(lambda j: md5_file(j[1]), todo)):
+                done.append((nid, md5, size, mtime))
     if done:
         tree.record_digests(done)
 
@@ -253,12 +255,11 @@ def _build(draft: Draft) -> _Plan:
             nid, _, _, _, _, size, mtime_ns, is_staged, b64, extra = row
             if nid is None:  # hidden base entry (a control name at the base's root)
                 entry = ManifestEntry.from_json(path, json.loads(extra))
-            elif is_staged:
-                st = tree.data_path(nid).stat()
+            elif is_staged:  # size and mtime as recorded with the digest by _hash_staged
                 md5 = b64_to_hex(b64)
-                uploads.setdefault(md5, (tree.data_path(nid), st.st_size))
-                staged.append((nid, md5, st.st_size, st.st_mtime_ns))
-                entry = ManifestEntry(path, b64, st.st_size)
+                uploads.setdefault(md5, (tree.data_path(nid), size))
+                staged.append((nid, md5, size, mtime_ns))
+                entry = ManifestEntry(path, b64, size)
             else:
                 entry = ManifestEntry.from_json(path, {**json.loads(extra or "{}"), "digest": b64, "size": size})
             digest.update(f"{path}:{entry.digest}\n".encode())
@@ -339,6 +340,7 @@ def _rebase(draft: Draft, cache: Cache, rec: VersionRecord, staged: list[tuple[i
     first = [s for s in staged if not (s[1] in seen or seen.add(s[1]))]  # type: ignore[func-returns-value]
     with ThreadPoolExecutor(max_workers=_WORKERS, thread_name_prefix="draft-adopt") as pool:
         list(pool.map(adopt, first))
+    _checkpoint("data_adopted")
     for item in staged:  # duplicates of content already adopted
         with contextlib.suppress(FileNotFoundError):
             tree.data_path(item[0]).unlink()
@@ -374,11 +376,8 @@ def resolve_intent(draft: Draft, store: Store, cache: Cache) -> CommitResult | N
         with contextlib.suppress(FileNotFoundError):
             (draft.root / INTENT).unlink()
         return None
-    digests = {nid: md5 for nid, md5 in draft.tree.staged_files() if md5 is not None}
-    staged = []
-    for nid, b64 in digests.items():
-        st = draft.tree.data_path(nid).stat()
-        staged.append((nid, b64_to_hex(b64), st.st_size, st.st_mtime_ns))
+    staged = [(nid, b64_to_hex(b64), size, mtime) for nid, b64, size, mtime in draft.tree.staged_files()
+              if b64 is not None]
     _rebase(draft, cache, rec, staged)
     result = CommitResult("created", rec.qualified_name, rec.index, rec.digest, resumed=True)
     draft.record(result)

@@ -215,15 +215,20 @@ class DraftTree:
         with self.txn() as c:
             for (nid,) in c.execute("SELECT id FROM nodes WHERE parent IS NULL").fetchall():
                 c.execute("DELETE FROM nodes WHERE id = ?", (nid,))
-            staged = {r[0] for r in c.execute("SELECT id FROM nodes WHERE staged = 1")}
+            staged = dict(c.execute("SELECT id, digest FROM nodes WHERE staged = 1").fetchall())
         for entry in os.scandir(self.data_dir):
             stem = entry.name.split(".", 1)[0]
             if not stem.isdigit() or int(stem) not in staged or entry.name != stem:
                 os.unlink(entry.path)
-        for nid in staged:
+        interrupted_rebase = (self.root / "commit-intent.json").exists()
+        for nid, digest in staged.items():
             p = self.data_path(nid)
             if not p.exists():
+                if interrupted_rebase and digest is not None:
+                    continue  # already moved into the cache; resolve_intent finishes the rebase
                 p.touch()
+                with self.txn() as c:
+                    c.execute("UPDATE nodes SET digest = NULL WHERE id = ?", (nid,))
         self._hashed = {r[0] for r in self.db.execute("SELECT id FROM nodes WHERE staged = 1 AND digest IS NOT NULL")}
 
     # -- reading the tree ------------------------------------------------------------------
@@ -276,6 +281,10 @@ class DraftTree:
                                    "FROM nodes WHERE parent = ? AND id > ? ORDER BY id LIMIT ?",
                                    (parent, after, limit)).fetchall()
             return [self._attr(r) for r in rows]
+
+    def has_open_files(self) -> bool:
+        with self.lock:
+            return bool(self._handles)
 
     def is_empty(self, nid: int, *, ignore_control: bool = False) -> bool:
         with self.lock:
@@ -715,19 +724,22 @@ class DraftTree:
                         last = r[0]
                         yield r[0], r[2:]
 
-    def staged_files(self) -> list[tuple[int, str | None]]:
-        """(id, known digest) of every staged, linked file outside the control files."""
+    def staged_files(self) -> list[tuple[int, str | None, int, int]]:
+        """(id, recorded digest, size and mtime when hashed) of every staged, linked file
+        outside the control files."""
         with self.lock:
             return self.db.execute(
-                "SELECT id, digest FROM nodes WHERE staged = 1 AND parent IS NOT NULL "
+                "SELECT id, digest, size, mtime_ns FROM nodes WHERE staged = 1 AND parent IS NOT NULL "
                 "AND NOT (parent = 1 AND name IN (?, ?))", (COMMIT_NAME, STATUS_NAME)).fetchall()
 
-    def record_digests(self, rows: list[tuple[int, str]]) -> None:
-        """(node, md5 hex) of staged files just hashed; valid until the node's next write."""
+    def record_digests(self, rows: list[tuple[int, str, int, int]]) -> None:
+        """(node, md5 hex, size, mtime_ns) of staged files just hashed; valid until the node's
+        next write.  Size and mtime are kept with the digest because an interrupted rebase may
+        already have moved the data file into the cache."""
         with self.txn() as c:
-            c.executemany("UPDATE nodes SET digest = ? WHERE id = ? AND staged = 1",
-                          [(hex_to_b64(md5), nid) for nid, md5 in rows])
-            self._hashed.update(nid for nid, _ in rows)
+            c.executemany("UPDATE nodes SET digest = ?, size = ?, mtime_ns = ? WHERE id = ? AND staged = 1",
+                          [(hex_to_b64(md5), size, mtime, nid) for nid, md5, size, mtime in rows])
+            self._hashed.update(r[0] for r in rows)
 
     def rebase_files(self, rows: list[tuple[int, int, int]]) -> None:
         """Staged files whose data moved into the cache become base files of the new version.

@@ -269,6 +269,7 @@ class DraftManager:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise
             draft = self._open(draft_id, final, entity)
+            draft.tree.write_status((json.dumps(draft.status(), indent=1, sort_keys=True) + "\n").encode())
             self._drafts[draft_id] = draft
             return draft
 
@@ -300,7 +301,7 @@ class DraftManager:
         with self._lock, draft.tree.lock:
             if not force and not draft.tree.is_empty(ROOT_ID, ignore_control=True):
                 raise OSError(errno.ENOTEMPTY, f"draft {draft.dirname} is not empty")
-            if draft.tree._handles:
+            if draft.tree.has_open_files():
                 raise OSError(errno.EBUSY, f"draft {draft.dirname} has open files")
             draft.tree.close()
             self._drafts.pop(draft.id, None)

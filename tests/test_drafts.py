@@ -134,7 +134,7 @@ def test_commit_options() -> None:
 def test_new_collection_commit_matches_add_dir(env, local_store: LocalStore, tmp_path: Path) -> None:
     mgr, fetched = env
     d = mgr.create("ent", "proj", "ds:draft", type="model")
-    assert d.base is None and listdir(d.tree, ROOT_ID) == []
+    assert d.base is None and listdir(d.tree, ROOT_ID) == [STATUS_NAME]
     for path, data in SOURCE.items():
         put(d.tree, path, data)
     mkdirs(d.tree, "empty/dir")  # not committed: manifests list files only
@@ -186,7 +186,7 @@ def test_incremental_draft_lazy_and_committed_by_digest(env, local_store: LocalS
     d = mgr.create("ent", "proj", "ds:draft")
     assert d.base.index == 0
     t = d.tree
-    assert listdir(t, ROOT_ID) == ["big.bin", "dir", "keep.txt", "log.txt"]
+    assert listdir(t, ROOT_ID) == [STATUS_NAME, "big.bin", "dir", "keep.txt", "log.txt"]
     assert walk(t, "big.bin").size == len(big) and not walk(t, "big.bin").staged
     assert fetched == []  # creating and listing fetched nothing
 
@@ -477,6 +477,18 @@ def test_kill9_keeps_fsynced_data_and_commit_crashes_are_all_or_nothing(tmp_path
     assert get(d.tree, "after_store_commit.txt") == b"after_store_commit"
     assert mgr.commit(d).state == "noop"
     assert [v.index for v in store.list_versions("ent", "proj", "ds")] == [0, 1]
+    mgr.close()
+
+    # killed mid-rebase (data already moved into the cache, rows not yet rebased)
+    assert _child(tmp_path, "data_adopted") == -signal.SIGKILL
+    mgr = DraftManager(tmp_path / "drafts", store, cache)
+    [d] = mgr.list()
+    [res] = mgr.recover_commits()
+    assert res.resumed and res.index == 2
+    t = d.tree
+    assert not walk(t, "data_adopted.txt").staged and walk(t, "data_adopted.txt").size == len("data_adopted")
+    assert get(t, "data_adopted.txt") == b"data_adopted" and get(t, "moved/synced.bin") == b"S" * 100000
+    assert [v.index for v in store.list_versions("ent", "proj", "ds")] == [0, 1, 2]
     mgr.close()
     store.close()
 
