@@ -592,7 +592,7 @@ class Artifact:
             if current is not None:
                 current.log_artifact(self)
                 return
-            opts = dict(settings or {})
+            opts = dict(settings) if isinstance(settings, dict) else {}  # a wandb.Settings carries nothing for us
             with run_mod.init(project=project or opts.pop("project", None), job_type="auto", reinit="create_new",
                               **opts) as auto:
                 auto.log_artifact(self)

@@ -36,14 +36,14 @@ _READ_CHUNK = 16 << 20  #: bytes per read_blob call when streaming from a store
 _PROGRESS_MIN_BYTES = 64 << 20  #: show a progress bar for transfers larger than this
 _WORKERS = 8
 
-_stores: dict[tuple[str, int], Store] = {}
+_stores: dict[tuple[str, int, str | None], Store] = {}
 _stores_lock = threading.Lock()
 
 
 def get_store(location: str | None = None, api_key: str | None = None) -> Store:
     """One open store per location and process (SQLite engines must not cross a fork)."""
     loc = location or settings.store_location()
-    key = (loc, os.getpid())
+    key = (loc, os.getpid(), api_key)
     with _stores_lock:
         store = _stores.get(key)
         if store is None:
@@ -54,7 +54,7 @@ def get_store(location: str | None = None, api_key: str | None = None) -> Store:
 def close_stores() -> None:
     """Close every store this process opened (tests switch stores between cases)."""
     with _stores_lock:
-        for (_, pid), store in list(_stores.items()):
+        for (_, pid, _key), store in list(_stores.items()):
             if pid == os.getpid():
                 store.close()
         _stores.clear()
