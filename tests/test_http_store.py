@@ -151,3 +151,39 @@ def test_large_blob_multipart_upload_and_parallel_download(registry: SharedRegis
     finally:
         http.PARALLEL_DOWNLOAD_THRESHOLD, http.DOWNLOAD_PART = old
     assert hashlib.md5((tmp_path / "out").read_bytes()).hexdigest() == md5
+
+
+def test_sdk_logs_and_downloads_through_the_server(registry: SharedRegistry, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """The SDK unchanged, pointed at the server by ARTIFACTFS_STORE/ARTIFACTFS_API_KEY; the
+    consumer is another "machine" (its own cache) talking to another server process."""
+    import client
+    from client import run as run_mod
+
+    team = registry.new_team("lab")
+    _, key = registry.new_user("alice", teams=(team,))
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    files = {"a.txt": b"alpha", "sub/b.bin": os.urandom(200_000), "big.bin": os.urandom(3 << 20)}
+    for name, data in files.items():
+        (src / name).write_bytes(data)
+
+    def machine(server_url: str, cache: str) -> None:
+        run_mod._reset_for_tests()
+        monkeypatch.setenv("ARTIFACTFS_STORE", server_url)
+        monkeypatch.setenv("ARTIFACTFS_API_KEY", key)
+        monkeypatch.setenv("ARTIFACTFS_CACHE_DIR", str(tmp_path / cache))
+
+    machine(registry.server.url, "cache1")
+    with client.init(entity=team, project="proj", job_type="prep") as run:
+        art = client.Artifact("data", type="dataset")
+        art.add_dir(str(src))
+        run.log_artifact(art, aliases=["best"])
+    machine(registry.second.url, "cache2")
+    with client.init(entity=team, project="proj", job_type="train") as run:
+        got = run.use_artifact("data:latest")
+        assert got.version == "v0" and set(got.aliases) >= {"latest", "best"}
+        root = Path(got.download(str(tmp_path / "out")))
+    for name, data in files.items():
+        assert (root / name).read_bytes() == data
+    run_mod._reset_for_tests()
