@@ -82,12 +82,33 @@ class ManifestEntry:
         return self.ref is not None
 
 
+class DigestBuilder:
+    """The W&B artifact digest fed one entry at a time, in path order.
+
+    Streaming writers (the mount's draft commit) produce entries already sorted and must not
+    hold them all; out-of-order input would silently give a different digest, so it is refused.
+    """
+
+    def __init__(self) -> None:
+        self._h = hashlib.md5(_DIGEST_PREFIX, usedforsecurity=False)
+        self._last: str | None = None
+
+    def update(self, path: str, digest: str) -> None:
+        if self._last is not None and path <= self._last:
+            raise ManifestError(f"entries must come in path order: {path!r} after {self._last!r}")
+        self._last = path
+        self._h.update(f"{path}:{digest}\n".encode())
+
+    def hexdigest(self) -> str:
+        return self._h.hexdigest()
+
+
 def compute_digest(items: Iterable[tuple[str, str]]) -> str:
     """The W&B artifact digest of (path, entry digest) pairs (sorted here)."""
-    h = hashlib.md5(_DIGEST_PREFIX, usedforsecurity=False)
+    builder = DigestBuilder()
     for path, digest in sorted(items):
-        h.update(f"{path}:{digest}\n".encode())
-    return h.hexdigest()
+        builder.update(path, digest)
+    return builder.hexdigest()
 
 
 class Manifest:

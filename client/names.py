@@ -76,6 +76,10 @@ def validate_alias(alias: str) -> str:
         )
     if is_version_selector(alias):
         raise InvalidNameError(f"invalid alias {alias!r}: names of the form vN are reserved for versions")
+    if alias == "draft" or alias.startswith("draft-"):
+        raise InvalidNameError(
+            f"invalid alias {alias!r}: 'draft' and 'draft-*' name writable draft directories on the mount"
+        )
     return alias
 
 
@@ -83,7 +87,7 @@ def validate_tag(tag: str) -> str:
     """Tags follow W&B: words of letters, digits, '_' and '-', separated by single spaces."""
     if not isinstance(tag, str) or not tag or len(tag) > MAX_NAME or not _TAG_RE.fullmatch(tag):
         raise InvalidNameError(
-            f"invalid tag {tag!r}: use letters, digits, '-' and '_' (words may be separated by spaces), "
+            f"invalid tag {tag!r}: use letters, digits, '-' and '_' (words separated by spaces), "
             f"at most {MAX_NAME} characters"
         )
     return tag

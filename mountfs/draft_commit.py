@@ -47,7 +47,7 @@ from client import names
 from client.cache import Cache
 from client.errors import ArtifactFSError, StoreUnavailableError
 from client.hashing import b64_to_hex, md5_file
-from client.manifest import _DIGEST_PREFIX, ManifestEntry, write_manifest
+from client.manifest import DigestBuilder, ManifestEntry, write_manifest
 from client.store.base import CommitRequest, Store, VersionRecord
 
 from .draft_store import COMMIT_NAME, DraftTree
@@ -244,7 +244,7 @@ def _hash_staged(tree: DraftTree) -> None:
 def _build(draft: Draft) -> _Plan:
     """Step 2: stream the manifest to a temp file, computing the artifact digest on the way."""
     tree = draft.tree
-    digest = hashlib.md5(_DIGEST_PREFIX, usedforsecurity=False)
+    digest = DigestBuilder()
     uploads: dict[str, tuple[Path, int]] = {}
     staged: list[tuple[int, str, int, int]] = []
     count = 0
@@ -262,7 +262,7 @@ def _build(draft: Draft) -> _Plan:
                 entry = ManifestEntry(path, b64, size)
             else:
                 entry = ManifestEntry.from_json(path, {**json.loads(extra or "{}"), "digest": b64, "size": size})
-            digest.update(f"{path}:{entry.digest}\n".encode())
+            digest.update(path, entry.digest)
             count += 1
             yield entry
 

@@ -24,7 +24,7 @@ def test_collection_names_accepted(good):
     assert names.validate_collection(good) == good
 
 
-@pytest.mark.parametrize("bad", ["v0", "v12", "a/b", "a:b", "", "with space"])
+@pytest.mark.parametrize("bad", ["v0", "v12", "a/b", "a:b", "", "with space", "draft", "draft-x"])
 def test_aliases_refused(bad):
     with pytest.raises(InvalidNameError):
         names.validate_alias(bad)
@@ -129,3 +129,14 @@ def test_truncated_and_garbage_manifests_are_refused():
         Manifest.from_bytes(b'{"version": 2, "contents": {}}')
     with pytest.raises(ManifestError, match="size"):
         Manifest.from_bytes(b'{"version": 1, "contents": {"a": {"digest": "x", "size": -1}}}')
+
+
+def test_digest_builder_streams_in_order_and_refuses_disorder():
+    from client.manifest import DigestBuilder
+
+    b = DigestBuilder()
+    b.update("a", "x")
+    b.update("b", "y")
+    assert b.hexdigest() == compute_digest([("b", "y"), ("a", "x")])
+    with pytest.raises(ManifestError, match="path order"):
+        b.update("a0", "z")
