@@ -212,3 +212,45 @@ def test_ttl_inherits_the_entity_default_and_gc_removes_expired(local_store, tmp
     with pytest.raises(NotFoundError):
         local_store.resolve("ent", "proj", "tmp", "latest")
     assert local_store.resolve("ent", "proj", "ds", "latest").id == disabled.id
+
+
+def test_create_project_is_idempotent(local_store):
+    local_store.create_project("ent", "fresh")
+    local_store.create_project("ent", "fresh")
+    assert local_store.list_projects("ent") == ["fresh"]
+    with pytest.raises(InvalidNameError):
+        local_store.create_project("ent", "bad/name")
+
+
+def test_delete_run_keeps_or_deletes_what_it_logged(local_store, tmp_path):
+    local_store.create_run("ent", "proj", "writer")
+    v0, _ = commit_files(local_store, tmp_path, {"a": b"1"}, run_id="writer", aliases=("best",))
+    link = local_store.link_version(v0.id, "ent", "wandb-registry-model", "m")
+    local_store.create_run("ent", "proj", "reader")
+    local_store.record_use("ent", "proj", "reader", v0.id)
+    assert local_store.delete_run("ent", "proj", "reader") == []
+    assert local_store.runs_using(v0.id) == []
+    with pytest.raises(NotFoundError):
+        local_store.get_run("ent", "proj", "reader")
+    local_store.create_run("ent", "proj", "keeper")
+    v1, _ = commit_files(local_store, tmp_path, {"a": b"2"}, collection="kept", run_id="keeper")
+    local_store.delete_run("ent", "proj", "keeper")
+    assert local_store.get_version(v1.id).logged_by_run is None and local_store.get_version(v1.id).state == "COMMITTED"
+    gone = local_store.delete_run("ent", "proj", "writer", delete_artifacts=True)
+    assert [g.id for g in gone] == [v0.id]  # aliases did not protect it; the link went with it
+    assert local_store.get_version(v0.id).state == "DELETED"
+    assert local_store.get_version(link.id).state == "DELETED"
+    with pytest.raises(NotFoundError):
+        local_store.delete_run("ent", "proj", "writer")
+
+
+def test_update_version_can_go_back_to_the_inherited_ttl(local_store, tmp_path):
+    with pytest.raises(NotFoundError):
+        local_store.get_entity_default_ttl("nobody")
+    local_store.set_entity_default_ttl("ent", 120.0)
+    assert local_store.get_entity_default_ttl("ent") == 120.0
+    v0, _ = commit_files(local_store, tmp_path, {"a": b"1"}, ttl_seconds=None)
+    assert v0.ttl_seconds is None
+    assert local_store.update_version(v0.id, ttl_seconds="inherit").ttl_seconds == 120.0
+    assert local_store.update_version(v0.id, description="d").ttl_seconds == 120.0  # keep
+    assert local_store.update_version(v0.id, ttl_seconds=None).ttl_seconds is None

@@ -373,7 +373,9 @@ class Registry:
                 values["meta"] = meta
             if description is not None:
                 values["description"] = description
-            if ttl_seconds != KEEP:
+            if ttl_seconds == INHERIT:  # back to the entity's default, as a new version would get
+                values["ttl_seconds"] = self._default_ttl_of_collection(c, row.collection_id)
+            elif ttl_seconds != KEEP:
                 values["ttl_seconds"] = ttl_seconds
             c.execute(t.versions.update().where(t.versions.c.id == version_id).values(**values))
             if new_aliases is not None:
@@ -451,6 +453,35 @@ class Registry:
         with self._write() as c:
             pk = self._run_pk(c, self._project_id(c, entity, project), run_id)
             c.execute(t.runs.update().where(t.runs.c.pk == pk).values(state=state))
+
+    def create_project(self, entity: str, project: str) -> None:
+        """Create ``entity/project`` (and the entity) if missing; idempotent."""
+        with self._write() as c:
+            self._project_id(c, entity, project, create=True)
+
+    def delete_run(self, entity: str, project: str, run_id: str, delete_artifacts: bool = False) -> list[VersionRecord]:
+        """Delete a run and its usage records; returns the versions deleted with it.
+
+        Without ``delete_artifacts`` the versions it logged stay (their ``logged_by`` becomes
+        None).  With it, every version the run logged is deleted first, aliases included, links
+        into portfolios too (the W&B rule for ``Run.delete(delete_artifacts=True)``); a crash
+        in between leaves the run in place, so calling again finishes the job.
+        """
+        doomed: list[VersionRecord] = []
+        if delete_artifacts:
+            doomed = [v for v in self.versions_logged_by(entity, project, run_id)
+                      if v.state == "COMMITTED" and v.source_entity is None]
+            for v in doomed:
+                try:
+                    self.delete_version(v.id, delete_aliases=True)
+                except NotFoundError:
+                    pass  # deleted concurrently
+        with self._write() as c:
+            pk = self._run_pk(c, self._project_id(c, entity, project), run_id)
+            c.execute(t.usages.delete().where(t.usages.c.run_pk == pk))
+            c.execute(t.versions.update().where(t.versions.c.run_pk == pk).values(run_pk=None))
+            c.execute(t.runs.delete().where(t.runs.c.pk == pk))
+        return doomed
 
     def record_use(self, entity: str, project: str, run_id: str, version_id: str, use_as: str | None = None) -> None:
         with self._write() as c:
@@ -559,6 +590,19 @@ class Registry:
         if rec.source_entity is None:
             raise ConflictError("this version is not linked into a portfolio; use delete() to delete it")
         self.delete_version(version_id, delete_aliases=True)
+
+    def _default_ttl_of_collection(self, c: Connection, collection_id: int) -> float | None:
+        q = (sa.select(t.entities.c.default_ttl_seconds)
+             .join(t.projects, t.projects.c.entity_id == t.entities.c.id)
+             .join(t.collections, t.collections.c.project_id == t.projects.c.id)
+             .where(t.collections.c.id == collection_id))
+        return c.execute(q).scalar()
+
+    def get_entity_default_ttl(self, entity: str) -> float | None:
+        """The TTL (seconds) new versions of ``entity`` inherit; None: they never expire."""
+        with self._read() as c:
+            eid = self._entity_id(c, entity)
+            return c.execute(sa.select(t.entities.c.default_ttl_seconds).where(t.entities.c.id == eid)).scalar()
 
     def set_entity_default_ttl(self, entity: str, ttl_seconds: float | None) -> None:
         with self._write() as c:

@@ -151,7 +151,8 @@ class Store(Protocol):
         description: str | None = None,
         ttl_seconds: float | None | str = "keep",
     ) -> VersionRecord:
-        """Replace the given fields (None = unchanged; ttl 'keep' = unchanged)."""
+        """Replace the given fields (None = unchanged; ttl 'keep' = unchanged, 'inherit' = the
+        entity's current default)."""
         ...
 
     def delete_version(self, version_id: str, delete_aliases: bool = False) -> None:
@@ -167,6 +168,18 @@ class Store(Protocol):
     def set_entity_default_ttl(self, entity: str, ttl_seconds: float | None) -> None: ...
     def gc_expired(self) -> list[VersionRecord]:
         """Delete versions whose TTL ran out; returns what was deleted."""
+        ...
+
+    def get_entity_default_ttl(self, entity: str) -> float | None:
+        """The TTL new versions of the entity inherit (None: none).  NotFoundError if unknown."""
+        ...
+
+    def create_project(self, entity: str, project: str) -> None:
+        """Create a project (and its entity) if missing; idempotent."""
+        ...
+
+    def delete_run(self, entity: str, project: str, run_id: str, delete_artifacts: bool = False) -> list[VersionRecord]:
+        """Delete a run; with delete_artifacts also the versions it logged (returned)."""
         ...
 
     # -- runs and lineage ----------------------------------------------------------------

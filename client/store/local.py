@@ -89,6 +89,15 @@ class LocalStore:
     def gc_expired(self) -> list[VersionRecord]:
         return self.registry.gc_expired()
 
+    def get_entity_default_ttl(self, entity: str) -> float | None:
+        return self.registry.get_entity_default_ttl(entity)
+
+    def create_project(self, entity: str, project: str) -> None:
+        self.registry.create_project(entity, project)
+
+    def delete_run(self, entity: str, project: str, run_id: str, delete_artifacts: bool = False) -> list[VersionRecord]:
+        return self.registry.delete_run(entity, project, run_id, delete_artifacts)
+
     # runs
     def create_run(self, entity: str, project: str, run_id: str | None = None, *, name: str | None = None,
                    job_type: str | None = None, config: dict[str, Any] | None = None) -> RunRecord:
