@@ -12,13 +12,13 @@ from __future__ import annotations
 
 from . import errors
 from .api import Api
-from .artifact import Artifact, ArtifactManifestEntry
+from .artifact import Artifact, ArtifactManifestEntry, ArtifactTTL
 from .errors import (ArtifactFinalizedError, ArtifactFSError, ArtifactNotLoggedError, DigestMismatchError,
                      NotFoundError)
 from .run import Run, current_run, init, log_artifact, use_artifact
 
 __all__ = [
-    "Api", "Artifact", "ArtifactFSError", "ArtifactFinalizedError", "ArtifactManifestEntry",
+    "Api", "Artifact", "ArtifactFSError", "ArtifactTTL", "ArtifactFinalizedError", "ArtifactManifestEntry",
     "ArtifactNotLoggedError", "DigestMismatchError", "NotFoundError", "Run", "current_run", "errors", "init",
     "log_artifact", "use_artifact",
 ]

@@ -12,6 +12,7 @@ Collections returned by list methods are *paginated views*: iterating fetches pa
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
@@ -23,6 +24,7 @@ from .transfer import get_store
 
 if TYPE_CHECKING:
     from .artifact import Artifact
+    from .registries import Registries
 
 __all__ = ["Api", "ArtifactCollection", "ArtifactType", "Paginator", "Project", "Run"]
 
@@ -81,6 +83,14 @@ class Runs(Paginator["Run"]):
     pass
 
 
+def _store_method(store: Store, name: str) -> Callable[..., Any]:
+    """A store method that a server may not offer yet: a clear error instead of AttributeError."""
+    method = getattr(store, name, None)
+    if method is None:
+        raise NotImplementedError(f"this store ({type(store).__name__}) does not support {name} yet")
+    return method  # type: ignore[no-any-return]
+
+
 def _artifacts(store: Store, records: list[Any]) -> list[Artifact]:
     from .artifact import Artifact
 
@@ -131,6 +141,11 @@ class Run:
         self._store.record_use(self.entity, self.project, self.id, rec.id, use_as)
         return artifact
 
+    def delete(self, delete_artifacts: bool = False) -> None:
+        """Delete the run; with ``delete_artifacts`` also every version it logged (aliases and
+        links included), otherwise those versions stay with no ``logged_by``."""
+        _store_method(self._store, "delete_run")(self.entity, self.project, self.id, delete_artifacts)
+
     def __repr__(self) -> str:
         return f"<Run {self.path} ({self._record.state})>"
 
@@ -161,8 +176,12 @@ class ArtifactCollection:
 
     @property
     def is_sequence(self) -> bool:
-        """True: collections logged to are sequences (portfolios arrive with links, issue 7)."""
-        return True
+        """False for a portfolio (its versions are links, e.g. a registry collection)."""
+        r = self._record
+        if r.project.startswith("wandb-registry-"):
+            return False
+        versions = self._store.list_versions(r.entity, r.project, r.name)
+        return not any(v.source_entity is not None for v in versions)
 
     def versions(self, per_page: int = 50) -> Artifacts:
         r = self._record
@@ -242,6 +261,11 @@ class Api:
                                          default_project=self.default_project)
         if not selector and path.selector:
             raise InvalidNameError(f"{name!r} names a version; give the collection name without ':'")
+        if name.split(":", 1)[0].count("/") == 1 and path.project.startswith("wandb-registry-"):
+            from .registries import organization_for  # a registry without an entity: the organization's
+
+            path = dataclasses.replace(path, entity=self.settings.get("organization")
+                                       or organization_for(self.default_entity))
         return path
 
     def _project_path(self, project: str | None) -> tuple[str, str]:
@@ -363,7 +387,8 @@ class Api:
         def doc(r: RunRecord) -> dict[str, Any]:
             return {"name": r.id, "id": r.id, "displayName": r.name, "display_name": r.name,
                     "jobType": r.job_type, "job_type": r.job_type, "state": r.state, "config": r.config,
-                    "createdAt": r.created_at, "created_at": r.created_at, "entity": r.entity, "project": r.project}
+                    "createdAt": r.created_at, "created_at": r.created_at, "entity": r.entity, "project": r.project,
+                    "username": r.entity, "tags": [], "summary_metrics": {}}
 
         def fetch() -> list[Run]:
             docs = [(doc(r), r) for r in lister(entity, project)]
@@ -371,6 +396,27 @@ class Api:
             return [Run(self._store, r) for _, r in picked]
 
         return Runs(fetch, per_page)
+
+    def create_run(self, *, run_id: str | None = None, project: str | None = None,
+                   entity: str | None = None) -> Run:
+        """A new run (state "running") in ``entity/project`` (defaults apply); ``run_id`` is
+        generated unless given.  Giving an existing id returns that run, as W&B's upsert does."""
+        entity = names.validate_entity(entity or self.default_entity)
+        project = names.validate_project(project or self.default_project)
+        return Run(self._store, self._store.create_run(entity, project, run_id))
+
+    def create_project(self, name: str, entity: str) -> None:
+        """Create ``entity/name`` (idempotent: an existing project is left as it is)."""
+        _store_method(self._store, "create_project")(names.validate_entity(entity), names.validate_project(name))
+
+    def registries(self, organization: str | None = None, filter: dict[str, Any] | None = None) -> Registries:
+        """Registries (``wandb-registry-*`` projects) of ``organization`` matching ``filter``;
+        ``.collections(filter)`` and ``.versions(filter)`` narrow on (see client.registries)."""
+        from .registries import Registries, organization_for
+
+        org = organization or self.settings.get("organization")
+        return Registries(self._store, names.validate_entity(org or organization_for(self.default_entity)), filter)
+
 
 def names_default_project() -> str:
     return settings.default_project()

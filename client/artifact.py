@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import enum
 import os
 import tempfile
 import threading
@@ -33,7 +34,9 @@ from .errors import ArtifactFinalizedError, ArtifactFSError, ArtifactNotLoggedEr
 from .hashing import b64_to_hex
 from .api import Paginator
 from .manifest import Manifest
-from .transfer import (ArtifactManifestEntry, Hashed, default_root, download_entries, get_cache,
+from .registries import LinkMixin
+from .transfer import (ArtifactManifestEntry, Hashed, artifact_entry_reference, default_root, download_entries,
+                       get_cache,
                        hash_into_staging, parse_file_uri, remove_extra_files, upload_entries, upload_manifest,
                        verify_tree)
 
@@ -41,20 +44,19 @@ if TYPE_CHECKING:
     from .api import ArtifactCollection, Run as PublicRun
     from .store.base import Store, VersionRecord
 
-__all__ = ["Artifact", "ArtifactFiles", "ArtifactManifestEntry"]
+__all__ = ["Artifact", "ArtifactFiles", "ArtifactManifestEntry", "ArtifactTTL"]
 
-_LATER = "arrives with issue 7 (portfolio links, references to other artifacts' entries)"
+class ArtifactTTL(enum.Enum):
+    """``Artifact.ttl = ArtifactTTL.INHERIT``: use the entity's default TTL (the default)."""
 
-
-def _not_yet(what: str) -> ArtifactFSError:
-    return ArtifactFSError(f"{what} is not supported yet: it {_LATER}")
+    INHERIT = "inherit"
 
 
 class ArtifactFiles(Paginator[ArtifactManifestEntry]):
     """The files of a logged artifact, in path order, iterated in pages of ``per_page``."""
 
 
-class Artifact:
+class Artifact(LinkMixin):
     """A versioned set of files (the W&B ``Artifact``): build a draft, log it, read it back."""
 
     def __init__(self, name: str, type: str, description: str | None = None,
@@ -69,7 +71,8 @@ class Artifact:
         self._manifest: Manifest | None = Manifest()
         self._aliases: list[str] = []
         self._tags: list[str] = []
-        self._ttl: dt.timedelta | None = None
+        self._ttl: dt.timedelta | ArtifactTTL | None = ArtifactTTL.INHERIT
+        self._ttl_changed = False
         self._finalized = False
         self._record: VersionRecord | None = None
         self._store: Store | None = None
@@ -98,6 +101,7 @@ class Artifact:
         self._aliases = list(record.aliases)
         self._tags = list(record.tags)
         self._ttl = None if record.ttl_seconds is None else dt.timedelta(seconds=record.ttl_seconds)
+        self._ttl_changed = False
         self._finalized = True
 
     def __repr__(self) -> str:
@@ -147,38 +151,6 @@ class Artifact:
 
         rec = self._ensure_logged("collection")
         return ArtifactCollection._load(self._store, rec.entity, rec.project, rec.collection)  # type: ignore[arg-type]
-
-    @property
-    def source_entity(self) -> str:
-        rec = self._ensure_logged("source_entity")
-        return rec.source_entity or rec.entity
-
-    @property
-    def source_project(self) -> str:
-        rec = self._ensure_logged("source_project")
-        return rec.source_project or rec.project
-
-    @property
-    def source_collection(self) -> ArtifactCollection:
-        from .api import ArtifactCollection
-
-        rec = self._ensure_logged("source_collection")
-        return ArtifactCollection._load(self._store, self.source_entity, self.source_project,  # type: ignore[arg-type]
-                                        rec.source_collection or rec.collection)
-
-    @property
-    def source_version(self) -> str:
-        rec = self._ensure_logged("source_version")
-        return f"v{rec.source_index}" if rec.source_index is not None else rec.version
-
-    @property
-    def source_name(self) -> str:
-        rec = self._ensure_logged("source_name")
-        return f"{rec.source_collection or rec.collection}:{self.source_version}"
-
-    @property
-    def source_qualified_name(self) -> str:
-        return f"{self.source_entity}/{self.source_project}/{self.source_name}"
 
     @property
     def type(self) -> str:
@@ -245,13 +217,29 @@ class Artifact:
 
     @property
     def ttl(self) -> dt.timedelta | None:
-        return self._ttl
+        """How long the version lives after it was created; None: forever.
+
+        By default a version inherits its entity's default TTL when it is logged, so a draft
+        (or a version whose TTL was set back to ``ArtifactTTL.INHERIT`` and not yet saved) has
+        no TTL to show yet: ArtifactNotLoggedError, as in W&B.
+        """
+        if self._ttl is ArtifactTTL.INHERIT:
+            raise ArtifactNotLoggedError("this artifact's TTL is inherited from its entity's default and is known "
+                                         "once it is logged (or saved); log it first")
+        return self._ttl  # type: ignore[return-value]
 
     @ttl.setter
-    def ttl(self, value: dt.timedelta | None) -> None:
-        if value is not None and (not isinstance(value, dt.timedelta) or value.total_seconds() <= 0):
-            raise ValueError("ttl must be a positive datetime.timedelta or None")
+    def ttl(self, value: dt.timedelta | ArtifactTTL | None) -> None:
+        if value is not None and value is not ArtifactTTL.INHERIT and (
+                not isinstance(value, dt.timedelta) or value.total_seconds() <= 0):
+            raise ValueError("ttl must be a positive datetime.timedelta, None (never expire) or ArtifactTTL.INHERIT")
         self._ttl = value
+        self._ttl_changed = True
+
+    def _ttl_for_store(self) -> float | str | None:
+        if self._ttl is ArtifactTTL.INHERIT:
+            return "inherit"
+        return None if self._ttl is None else self._ttl.total_seconds()  # type: ignore[union-attr]
 
     @property
     def use_as(self) -> str | None:
@@ -262,7 +250,7 @@ class Artifact:
         if self._manifest is None:
             rec = self._ensure_logged("manifest")
             assert self._store is not None
-            raw = self._store.read_blob(rec.entity, rec.manifest_md5)
+            raw = self._store.read_blob(self._blob_entity, rec.manifest_md5)
             loaded = Manifest.from_bytes(raw)
             self._manifest = Manifest([ArtifactManifestEntry.wrap(e, self) for e in loaded.entries.values()],
                                       loaded.storage_policy, loaded.storage_policy_config)
@@ -399,8 +387,11 @@ class Artifact:
         from . import references
 
         self._ensure_draft()
-        if not isinstance(uri, str):
-            raise _not_yet("a reference to another artifact's entry")
+        if isinstance(uri, ArtifactManifestEntry):
+            e = artifact_entry_reference(uri, name)
+            with self._lock:
+                return [self._put_entry(e.path, Hashed(e.digest, e.size, None, None, False), overwrite=True,
+                                        ref=e.ref, extra=e.extra)]
         if (target := parse_file_uri(uri)) is not None and not target.exists():
             raise FileNotFoundError(f"reference target does not exist: {target}")
         out = []
@@ -446,24 +437,17 @@ class Artifact:
         """The object stored by ``add(obj, name)``, or None if there is none."""
         from . import objects
 
-        rec = self._ensure_logged("get")
+        self._ensure_logged("get")
         for candidate in objects.candidate_entry_names(str(name)):
             entry = self.manifest.entries.get(candidate)
             if entry is not None and entry.ref is None:
                 assert self._store is not None
-                return objects.deserialize(candidate, self._store.read_blob(rec.entity, b64_to_hex(entry.digest)))
+                return objects.deserialize(candidate, self._store.read_blob(self._blob_entity,
+                                                                            b64_to_hex(entry.digest)))
         return None
 
     def __getitem__(self, name: str) -> Any:
         return self.get(name)
-
-    def link(self, target_path: str, aliases: list[str] | None = None) -> None:
-        self._ensure_logged("link")
-        raise _not_yet("linking into portfolio collections")
-
-    def unlink(self) -> None:
-        self._ensure_logged("unlink")
-        raise _not_yet("unlinking from portfolio collections")
 
     # -- reading entries -----------------------------------------------------------------------------
     def get_entry(self, name: str | os.PathLike[str]) -> ArtifactManifestEntry:
@@ -498,12 +482,12 @@ class Artifact:
 
         Files already present with the right md5 are left alone; others are written atomically.
         """
-        rec = self._ensure_logged("download")
+        self._ensure_logged("download")
         dest = Path(root) if root is not None else default_root(self.name)
         prefix = str(path_prefix).lstrip("/") if path_prefix else ""
         entries = [e for e in self.manifest if e.path.startswith(prefix)]
         assert self._store is not None
-        download_entries(self._store, rec.entity, entries, dest, skip_cache=bool(skip_cache),  # type: ignore[arg-type]
+        download_entries(self._store, self._blob_entity, entries, dest, skip_cache=bool(skip_cache),  # type: ignore[arg-type]
                          allow_missing_references=allow_missing_references)
         return str(dest)
 
@@ -598,10 +582,9 @@ class Artifact:
                 auto.log_artifact(self)
             return
         assert self._store is not None
-        ttl = None if self._ttl is None else self._ttl.total_seconds()
         rec = self._store.update_version(self._record.id, aliases=[a for a in self._aliases if a != "latest"],
-                                         tags=self._tags, metadata=self._metadata,
-                                         description=self._description, ttl_seconds=ttl)
+                                         tags=self._tags, metadata=self._metadata, description=self._description,
+                                         ttl_seconds=self._ttl_for_store() if self._ttl_changed else "keep")
         self._attach(self._store, rec)
 
     def _log(self, store: Store, entity: str, project: str, run_id: str | None,
@@ -631,7 +614,7 @@ class Artifact:
             except BaseException:
                 self._finalized = False  # nothing was committed: the draft stays editable
                 raise
-        ttl = None if self._ttl is None else self._ttl.total_seconds()
+        ttl = self._ttl_for_store()
         try:
             record, _created = store.commit(CommitRequest(
                 entity=entity, project=project, collection=self._name, type=self._type, manifest_md5=manifest_md5,

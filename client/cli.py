@@ -1,4 +1,4 @@
-"""The ``artifactfs`` command line: log, get, ls, cache, plus lazily loaded mount/umount/server.
+"""The ``artifactfs`` command line: log, get, ls, gc, ttl-default, cache, plus lazily loaded mount/umount/server.
 
 ``mount``, ``umount`` and ``server`` live in other packages (``mountfs.cli``, ``server.cli``)
 with heavy dependencies (pyfuse3, FastAPI); the group imports them only when that command
@@ -205,6 +205,55 @@ def ls_cmd(prefix: str | None) -> None:
         for v in store.list_versions(parts[0], parts[1], collection):
             click.echo(f"{v.qualified_name}\t{','.join(v.aliases) or '-'}\t{v.file_count} files\t{v.size} bytes\t"
                        f"{v.digest}\t{v.created_at:%Y-%m-%d %H:%M:%S}")
+
+
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_duration(text: str) -> float | None:
+    """'30d', '12h', '90m', '3600' (seconds), or 'none' (never expire) -> seconds or None."""
+    t = text.strip().lower()
+    if t in ("none", "never", "off"):
+        return None
+    unit = t[-1] if t and t[-1] in _DURATION_UNITS else "s"
+    number = t[:-1] if t and t[-1] in _DURATION_UNITS else t
+    try:
+        seconds = float(number) * _DURATION_UNITS[unit]
+    except ValueError:
+        raise ValueError(f"invalid duration {text!r}: use e.g. 30d, 12h, 90m, 3600 or none") from None
+    if seconds <= 0:
+        raise ValueError(f"invalid duration {text!r}: it must be positive (or none)")
+    return seconds
+
+
+@cli.command("gc")
+def gc_cmd() -> None:
+    """Delete every version whose TTL has run out (their aliases go with them)."""
+    from .transfer import get_store
+
+    gone = get_store().gc_expired()
+    for v in gone:
+        click.echo(f"deleted {v.qualified_name}\t{v.digest}\texpired after {v.ttl_seconds:g}s")
+    click.echo(f"{len(gone)} expired version(s) deleted")
+
+
+@cli.command("ttl-default")
+@click.argument("entity")
+@click.argument("duration", required=False, metavar="[DURATION|none]")
+def ttl_default_cmd(entity: str, duration: str | None) -> None:
+    """Show or set the TTL new versions of ENTITY inherit (e.g. 30d, 12h, none)."""
+    from .transfer import get_store
+
+    store = get_store()
+    names.validate_entity(entity)
+    if duration is not None:
+        try:
+            seconds = parse_duration(duration)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="DURATION") from None
+        store.set_entity_default_ttl(entity, seconds)
+    current = store.get_entity_default_ttl(entity)
+    click.echo(f"{entity}: default ttl {'none' if current is None else f'{current:g}s'}")
 
 
 @cli.group("cache")

@@ -55,6 +55,11 @@ def default_entity() -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "-", user) or "user"
 
 
+def default_organization() -> str | None:
+    """ARTIFACTFS_ORGANIZATION: the entity registries (``wandb-registry-*`` projects) live in."""
+    return os.environ.get("ARTIFACTFS_ORGANIZATION") or None
+
+
 def default_project() -> str:
     return os.environ.get("ARTIFACTFS_PROJECT") or DEFAULT_PROJECT
 

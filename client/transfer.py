@@ -24,7 +24,7 @@ from typing import Any, BinaryIO
 
 from . import settings
 from .cache import Cache
-from .errors import ArtifactFSError, DigestMismatchError, NotFoundError
+from .errors import ArtifactFSError, ArtifactNotLoggedError, DigestMismatchError, NotFoundError
 from .hashing import b64_to_hex, hex_to_b64, is_md5_hex
 from .manifest import Manifest, ManifestEntry
 from .store import Store, open_store
@@ -117,10 +117,39 @@ class ArtifactManifestEntry(ManifestEntry):
         art = self._artifact
         if art is None:
             raise ArtifactFSError(f"entry {self.path!r} is not attached to an artifact")
-        rec = art._ensure_logged("entry download")
+        art._ensure_logged("entry download")
         dest = Path(root) if root is not None else default_root(art.name)
-        download_entries(art._store, rec.entity, [self], dest, skip_cache=bool(skip_cache))
+        download_entries(art._store, art._blob_entity, [self], dest, skip_cache=bool(skip_cache))
         return str(dest / self.path)
+
+
+ARTIFACT_REF_SCHEME = "wandb-artifact://"
+
+
+def artifact_entry_reference(entry: ArtifactManifestEntry, name: str | None) -> ManifestEntry:
+    """The entry ``add_reference(other_artifact.get_entry(path))`` adds.
+
+    An uploaded file becomes ``wandb-artifact://<version id>/<path>`` with the file's digest and
+    size (its bytes stay in the source's blob space and are fetched from there); a reference
+    entry is copied as is, so the new artifact points at the original source.
+    """
+    art = entry._artifact
+    if art is None or getattr(art, "_record", None) is None:
+        raise ArtifactNotLoggedError("add_reference(entry) needs an entry of a logged artifact "
+                                     "(e.g. Api().artifact(name).get_entry(path))")
+    ref = entry.ref or f"{ARTIFACT_REF_SCHEME}{art._record.id}/{entry.path}"
+    return ManifestEntry(path=(name or entry.path).strip("/"), digest=entry.digest, size=entry.size, ref=ref,
+                         extra=dict(entry.extra))
+
+
+def artifact_ref_entity(store: Store, ref: str) -> str:
+    """The entity whose blob space holds a ``wandb-artifact://`` entry (NotFoundError once the
+    referenced version is deleted)."""
+    version_id = ref[len(ARTIFACT_REF_SCHEME):].split("/", 1)[0]
+    rec = store.get_version(version_id)
+    if rec.state != "COMMITTED":
+        raise NotFoundError(f"reference {ref}: artifact version {version_id} was deleted")
+    return rec.source_entity or rec.entity
 
 
 @dataclass(frozen=True)
@@ -350,7 +379,17 @@ def download_entries(store: Store, entity: str, entries: list[ManifestEntry], de
 
     def one(e: ManifestEntry) -> int:
         target = dest / e.path
-        if e.ref is not None:
+        blob_entity = entity
+        if e.ref is not None and e.ref.startswith(ARTIFACT_REF_SCHEME):
+            try:
+                blob_entity = artifact_ref_entity(store, e.ref)
+            except NotFoundError:
+                if not allow_missing_references:
+                    raise NotFoundError(f"reference {e.ref!r} of entry {e.path!r} is missing; "
+                                        "pass allow_missing_references=True to skip it") from None
+                log.warning("skipping missing reference %s", e.ref)
+                return 0
+        elif e.ref is not None:
             return _download_reference(e, dest, allow_missing_references)
         md5, size = b64_to_hex(e.digest), e.size or 0
         if not is_md5_hex(md5):
@@ -358,10 +397,10 @@ def download_entries(store: Store, entity: str, entries: list[ManifestEntry], de
         if _present_and_valid(target, md5, e.size):
             return 0
         if cache is None:
-            _atomic_write(target, lambda out: _stream_blob(store, entity, md5, size, out), md5)
+            _atomic_write(target, lambda out: _stream_blob(store, blob_entity, md5, size, out), md5)
             return size
         for attempt in (1, 2):
-            obj = cache.fetch(md5, size, lambda out: _stream_blob(store, entity, md5, size, out))
+            obj = cache.fetch(md5, size, lambda out: _stream_blob(store, blob_entity, md5, size, out))
             try:
                 _atomic_write(target, lambda out: _copy_file(obj, out), md5)
                 return size

@@ -419,8 +419,8 @@ def test_file_references(sdk_env: dict[str, Path]) -> None:
     assert [e.path for e in capped] == ["capped/one.txt"]
     with pytest.raises(FileNotFoundError):
         art.add_reference((ext / "absent").as_uri())
-    with pytest.raises(ArtifactFSError, match="issue 7"):
-        art.add_reference(single[0])  # a reference to another artifact's entry
+    with pytest.raises(ArtifactNotLoggedError):
+        art.add_reference(single[0])  # an entry of a draft: nothing to point at yet
     art.remove("lazy")
     art.remove("capped")
     with client.init(project="proj") as run:
@@ -458,11 +458,59 @@ def test_add_and_get_objects(sdk_env: dict[str, Path]) -> None:
     assert art.get("nothing") is None
 
 
-def test_not_yet_supported_methods_say_when(sdk_env: dict[str, Path]) -> None:
-    art = logged(sdk_env["tmp"], {"a": "1"})
-    for call in (lambda: art.link("portfolio"), lambda: art.unlink()):
-        with pytest.raises(ArtifactFSError, match="issue 7"):
-            call()
+def test_references_to_other_artifacts_entries(sdk_env: dict[str, Path]) -> None:
+    src = logged(sdk_env["tmp"], {"w.bin": "weights", "x.txt": "x"}, name="src")
+    ext = write_tree(sdk_env["tmp"] / "nfs", {"far.txt": "far"})
+    with_ref = client.Artifact("holder", "dataset")
+    with_ref.add_reference((ext / "far.txt").as_uri())
+    with client.init(project="proj") as run:
+        run.log_artifact(with_ref)
+    art = client.Artifact("pointer", "dataset")
+    (entry,) = art.add_reference(client.Api().artifact("proj/src:v0").get_entry("w.bin"), name="model/w.bin")
+    assert entry.ref == f"wandb-artifact://{src.id}/w.bin" and entry.digest == b64md5(b"weights") and entry.size == 7
+    (copied,) = art.add_reference(with_ref.get_entry("far.txt"))  # a reference is copied, not chained
+    assert copied.ref == (ext / "far.txt").as_uri()
+    with client.init(project="proj") as run:
+        run.log_artifact(art)
+    assert art.bytes_uploaded == len(art.manifest.to_bytes())
+    out = Path(art.download(sdk_env["tmp"] / "p"))
+    assert tree_of(out) == {"model/w.bin": b"weights", "far.txt": b"far"}
+    art.verify(out)
+    src.delete()
+    with pytest.raises(NotFoundError):
+        art.download(sdk_env["tmp"] / "p2")
+    assert tree_of(Path(art.download(sdk_env["tmp"] / "p3", allow_missing_references=True))) == {"far.txt": b"far"}
+
+
+def test_ttl_inherits_the_entity_default_unless_set(sdk_env: dict[str, Path]) -> None:
+    from client.transfer import get_store
+
+    draft = client.Artifact("t", "dataset")
+    with pytest.raises(ArtifactNotLoggedError):
+        draft.ttl  # inherited: unknown until logged
+    get_store().set_entity_default_ttl("alice", 3600.0)
+    inherited = logged(sdk_env["tmp"], {"a": "1"}, name="inh")
+    assert inherited.ttl == dt.timedelta(hours=1)
+    never = client.Artifact("never", "dataset")
+    never.ttl = None  # opt out of the default
+    with never.new_file("a") as fh:
+        fh.write("a")
+    with client.init(project="proj", reinit=True) as run:
+        run.log_artifact(never)
+    assert never.ttl is None
+    own = client.Artifact("own", "dataset")
+    own.ttl = dt.timedelta(minutes=5)
+    with own.new_file("a") as fh:
+        fh.write("b")
+    with client.init(project="proj", reinit=True) as run:
+        run.log_artifact(own)
+    assert client.Api().artifact("proj/own:v0").ttl == dt.timedelta(minutes=5)
+    never.description = "saving other fields keeps the ttl"
+    never.save()
+    assert client.Api().artifact("proj/never:v0").ttl is None
+    never.ttl = client.ArtifactTTL.INHERIT
+    never.save()
+    assert never.ttl == dt.timedelta(hours=1)
 
 
 def test_bad_aliases_and_tags_are_refused(sdk_env: dict[str, Path]) -> None:
