@@ -226,6 +226,17 @@ def parse_duration(text: str) -> float | None:
     return seconds
 
 
+def format_duration(seconds: float | None) -> str:
+    """The largest whole unit: 2592000 -> '30d', 5400 -> '90m'; None -> 'none'."""
+    if seconds is None:
+        return "none"
+    for unit in ("w", "d", "h", "m"):
+        size = _DURATION_UNITS[unit]
+        if seconds >= size and seconds % size == 0:
+            return f"{int(seconds // size)}{unit}"
+    return f"{seconds:g}s"
+
+
 @cli.command("gc")
 def gc_cmd() -> None:
     """Delete every version whose TTL has run out (their aliases go with them)."""
@@ -233,7 +244,7 @@ def gc_cmd() -> None:
 
     gone = get_store().gc_expired()
     for v in gone:
-        click.echo(f"deleted {v.qualified_name}\t{v.digest}\texpired after {v.ttl_seconds:g}s")
+        click.echo(f"deleted {v.qualified_name}\t{v.digest}\tttl {format_duration(v.ttl_seconds)}")
     click.echo(f"{len(gone)} expired version(s) deleted")
 
 
@@ -253,7 +264,7 @@ def ttl_default_cmd(entity: str, duration: str | None) -> None:
             raise click.BadParameter(str(exc), param_hint="DURATION") from None
         store.set_entity_default_ttl(entity, seconds)
     current = store.get_entity_default_ttl(entity)
-    click.echo(f"{entity}: default ttl {'none' if current is None else f'{current:g}s'}")
+    click.echo(f"{entity}: default ttl {format_duration(current)}")
 
 
 @cli.group("cache")

@@ -142,3 +142,67 @@ def test_api_store_override(populated: dict[str, client.Artifact], sdk_env: dict
     empty = client.Api(overrides={"base_url": str(sdk_env["tmp"] / "elsewhere")})
     assert not empty.artifact_exists("alice/proj/ds:v0")
     assert client.Api(overrides={"store": str(sdk_env["store"])}).artifact_exists("alice/proj/ds:v0")
+
+
+def test_create_project_create_run_and_run_delete(populated: dict[str, client.Artifact]) -> None:
+    api = client.Api()
+    assert api.create_project("fresh", "carol") is None
+    assert [p.name for p in api.projects("carol")] == ["fresh"]
+    api.create_project("fresh", "carol")  # idempotent
+    made = api.create_run(project="fresh", entity="carol")
+    assert made.entity == "carol" and made.project == "fresh" and made.state == "running" and len(made.id) == 8
+    named = api.create_run(run_id="chosen")  # defaults: alice/proj
+    assert named.path == "alice/proj/chosen" and api.run("proj/chosen").id == "chosen"
+    art = client.Artifact("from-api-run", "dataset")
+    with art.new_file("f") as fh:
+        fh.write("f")
+    named.log_artifact(art, aliases=["x"])
+    named.use_artifact(populated["v0"])
+    assert [a.name for a in named.logged_artifacts()] == ["from-api-run:v0"]
+    assert [a.name for a in named.used_artifacts()] == ["ds:v0"]
+    named.delete()  # artifacts stay, without a producer
+    with pytest.raises(NotFoundError):
+        api.run("proj/chosen")
+    kept = api.artifact("proj/from-api-run:x")
+    assert kept.logged_by() is None and populated["v0"].used_by() == []
+    producer = populated["model"].logged_by()
+    assert producer is not None
+    producer.delete(delete_artifacts=True)  # its outputs go too, aliases or not
+    assert not api.artifact_exists("proj/net:v0")
+    assert api.artifact_exists("proj/ds:v0")
+
+
+def test_runs_filter_operators_and_order(sdk_env: dict[str, Path]) -> None:
+    specs = [("r1", "train", {"lr": 0.1, "experiment": {"category": "testing"}, "name": "foo"}),
+             ("r2", "train", {"lr": 0.3, "name": "bar"}),
+             ("r3", "eval", {"lr": 0.2, "name": "baz"}),
+             ("r4", None, {})]
+    for run_id, job, config in specs:
+        with client.init(project="runs", id=run_id, job_type=job, config=config, name=f"eager-{run_id}",
+                         reinit=True):
+            pass
+    api = client.Api()
+
+    def ids(filters: dict | None = None, order: str = "+created_at") -> list[str]:
+        return [r.id for r in api.runs("alice/runs", filters=filters, order=order)]
+
+    assert ids() == ["r1", "r2", "r3", "r4"]
+    assert ids(order="-created_at") == ["r4", "r3", "r2", "r1"]
+    assert ids(order="+config.lr") == ["r4", "r1", "r3", "r2"]  # missing sorts first, as in MongoDB
+    assert ids({"config.name": "foo"}) == ["r1"]
+    assert ids({"$or": [{"config.name": "foo"}, {"config.name": "bar"}]}) == ["r1", "r2"]
+    assert ids({"$and": [{"jobType": "train"}, {"config.lr": {"$gt": 0.2}}]}) == ["r2"]
+    assert ids({"$nor": [{"jobType": "train"}, {"jobType": "eval"}]}) == ["r4"]
+    assert ids({"config.lr": {"$eq": 0.2}}) == ["r3"]
+    assert ids({"jobType": {"$ne": "train"}}) == ["r3", "r4"]
+    assert ids({"config.lr": {"$gte": 0.2}}) == ["r2", "r3"]
+    assert ids({"config.lr": {"$lt": 0.2}}) == ["r1"]
+    assert ids({"config.lr": {"$lte": 0.2}}) == ["r1", "r3"]
+    assert ids({"name": {"$in": ["r2", "r4"]}}) == ["r2", "r4"]
+    assert ids({"name": {"$nin": ["r2", "r4"]}}) == ["r1", "r3"]
+    assert ids({"config.lr": {"$exists": False}}) == ["r4"]
+    assert ids({"config.name": {"$regex": "b.*"}}) == ["r2", "r3"]
+    assert ids({"display_name": {"$regex": "^eager-r[12]"}}) == ["r1", "r2"]
+    assert ids({"config.experiment.category": "testing"}) == ["r1"]
+    assert ids({"createdAt": {"$gt": "2000-01-01T00:00:00Z"}, "state": "finished"}) == ["r1", "r2", "r3", "r4"]
+    assert len(list(api.runs("alice/runs", per_page=1).pages())) == 4

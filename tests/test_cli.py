@@ -150,3 +150,37 @@ def test_console_script_entry_point(sdk_env: dict[str, Path]) -> None:
     assert out.returncode == 1 and out.stderr.count("\n") == 1 and "not found" in out.stderr
     js = subprocess.run([str(exe), "cache", "info"], capture_output=True, text=True, timeout=60)
     assert js.returncode == 0 and json.dumps(str(sdk_env["cache"]))[1:-1] in js.stdout
+
+
+def test_ttl_default_and_gc(sdk_env: dict[str, Path]) -> None:
+    import datetime as dt
+
+    import client
+
+    code, out, _ = run("ttl-default", "alice", "30d")
+    assert code == 0 and out.strip() == "alice: default ttl 30d"
+    assert run("ttl-default", "alice")[1].strip() == "alice: default ttl 30d"
+    for bad in ("soon", "0", "0.0h"):
+        code, _, err = run("ttl-default", "alice", bad)
+        assert code == 2 and "invalid duration" in err
+    assert cli_mod.parse_duration("12h") == 43200 and cli_mod.parse_duration("90m") == 5400
+    assert cli_mod.parse_duration("none") is None and cli_mod.parse_duration("3600") == 3600
+    assert [cli_mod.format_duration(x) for x in (604800, 86400, 5400, 1.5, None)] == ["1w", "1d", "90m", "1.5s", "none"]
+    kept = client.Artifact("kept", "dataset")
+    with kept.new_file("a") as fh:
+        fh.write("a")
+    doomed = client.Artifact("doomed", "dataset")
+    doomed.ttl = dt.timedelta(microseconds=1)  # already expired when gc runs
+    with doomed.new_file("b") as fh:
+        fh.write("b")
+    with client.init(project="proj") as r:
+        r.log_artifact(kept)
+        r.log_artifact(doomed, aliases=["best"])  # aliases do not protect an expired version
+    assert kept.ttl == dt.timedelta(days=30)
+    code, out, _ = run("gc")
+    assert code == 0 and "deleted alice/proj/doomed:v0" in out and "1 expired version(s) deleted" in out
+    assert not client.Api().artifact_exists("proj/doomed:best")
+    assert client.Api().artifact_exists("proj/kept:v0")
+    assert run("gc")[1].strip() == "0 expired version(s) deleted"
+    code, out, _ = run("ttl-default", "alice", "none")
+    assert code == 0 and out.strip() == "alice: default ttl none"
