@@ -453,3 +453,41 @@ def test_gs_without_library_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
         entries_for_reference("gs://bucket/key")
     # checksum=False never needs the library.
     assert entries_for_reference("gs://bucket/key", checksum=False)[0].path == "key"
+
+
+# --------------------------------------------------------------------------- through Artifact
+
+
+def test_artifact_logs_downloads_and_verifies_http_and_s3_references(http_site, s3, tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """add_reference -> log -> download (fetching from the sources) -> verify, end to end."""
+    import client
+    from client import run as run_mod
+
+    monkeypatch.setenv("ARTIFACTFS_STORE", str(tmp_path / "store"))
+    monkeypatch.setenv("ARTIFACTFS_CACHE_DIR", str(tmp_path / "cache"))
+    run_mod._reset_for_tests()
+    site, base = http_site
+    site.files["/data/page.html"] = b"<html>hi</html>"
+    _bucket(s3, "art-refs")
+    s3.put_object(Bucket="art-refs", Key="set/a.bin", Body=b"aaa")
+    s3.put_object(Bucket="art-refs", Key="set/b/c.bin", Body=b"cc")
+    art = client.Artifact("mixed", "dataset")
+    art.add_reference(f"{base}/data/page.html")
+    art.add_reference("s3://art-refs/set", name="bucket")
+    art.add_reference("custom://somewhere/x", name="tracked")  # other schemes: URI digest only
+    with client.init(project="proj") as r:
+        r.log_artifact(art)
+    got = client.Api().artifact("proj/mixed:latest")
+    assert sorted(e.path for e in got.manifest) == ["bucket/a.bin", "bucket/b/c.bin", "page.html", "tracked"]
+    assert got.bytes_uploaded == 0 and art.bytes_uploaded == len(art.manifest.to_bytes())
+    with pytest.raises(NotFoundError):
+        got.download(tmp_path / "d0")  # custom:// cannot be fetched: a missing reference
+    out = Path(got.download(tmp_path / "d1", allow_missing_references=True))
+    assert (out / "page.html").read_bytes() == b"<html>hi</html>"
+    assert (out / "bucket/a.bin").read_bytes() == b"aaa" and (out / "bucket/b/c.bin").read_bytes() == b"cc"
+    got.verify(out)  # references are not verified (tracked is absent, that is fine)
+    s3.put_object(Bucket="art-refs", Key="set/a.bin", Body=b"changed")
+    with pytest.raises(DigestMismatchError):
+        got.download(tmp_path / "d2", allow_missing_references=True)
+    run_mod._reset_for_tests()
