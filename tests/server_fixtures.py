@@ -86,16 +86,26 @@ class PostgresCluster:
         return f"postgresql+psycopg://postgres@/{name}?host={self.sockdir}"
 
 
-@pytest.fixture(scope="session")
-def postgres() -> Iterator[PostgresCluster]:
-    """A throwaway PostgreSQL cluster in a temp dir, on a unix socket only (no TCP port)."""
+    def stop(self) -> None:
+        try:
+            self._run(str(self.bindir / "pg_ctl"), "-D", str(self.datadir), "-m", "immediate", "stop")
+        finally:
+            shutil.rmtree(self.datadir.parent, ignore_errors=True)
+
+
+def start_postgres() -> PostgresCluster:
+    """Start a throwaway cluster in a temp dir, on a unix socket only (no TCP port).
+
+    RuntimeError (with the reason) where it cannot run: not installed, or root without runuser.
+    As root, initdb/postgres run as the ``postgres`` user (PostgreSQL refuses to run as root).
+    """
     found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
     if not found:
-        pytest.skip("PostgreSQL is not installed (apt-get install postgresql)")
+        raise RuntimeError("PostgreSQL is not installed (apt-get install postgresql)")
     bindir = Path(found[-1]).parent
     as_postgres = os.geteuid() == 0
     if as_postgres and shutil.which("runuser") is None:
-        pytest.skip("running as root without runuser: cannot start PostgreSQL as the postgres user")
+        raise RuntimeError("running as root without runuser: cannot start PostgreSQL as the postgres user")
     base = Path(tempfile.mkdtemp(prefix="afs-pg-"))
     datadir, sockdir = base / "data", base / "sock"
     sockdir.mkdir()
@@ -112,14 +122,21 @@ def postgres() -> Iterator[PostgresCluster]:
     except (subprocess.CalledProcessError, OSError) as exc:
         shutil.rmtree(base, ignore_errors=True)
         detail = getattr(exc, "stderr", b"") or b""
-        pytest.skip(f"could not start PostgreSQL: {exc} {detail.decode(errors='replace')[-500:]}")
+        raise RuntimeError(f"could not start PostgreSQL: {exc} {detail.decode(errors='replace')[-500:]}") from exc
+    return cluster
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresCluster]:
+    """A real PostgreSQL for the session; skipped, with the reason, where it cannot run."""
+    try:
+        cluster = start_postgres()
+    except RuntimeError as exc:
+        pytest.skip(str(exc))
     try:
         yield cluster
     finally:
-        try:
-            cluster._run(str(bindir / "pg_ctl"), "-D", str(datadir), "-m", "immediate", "stop")
-        finally:
-            shutil.rmtree(base, ignore_errors=True)
+        cluster.stop()
 
 
 # -- S3 (moto server mode) ----------------------------------------------------------------------
