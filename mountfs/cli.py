@@ -15,7 +15,7 @@ from pathlib import Path
 
 import click
 
-from .daemon import MountOptions, is_mounted, run, spawn_command
+from .daemon import MountOptions, is_mounted, mount_path, run, spawn_command
 
 _START_TIMEOUT = 60.0
 
@@ -63,10 +63,10 @@ def start_background(options: MountOptions, log_path: Path, timeout: float = _ST
 def mount_command(mountpoint: str, store: str | None, cache_dir: str | None, cache_size: int | None,
                   alias_ttl: float, allow_other: bool, foreground: bool, debug: bool) -> None:
     """Mount the artifact store read-only at MOUNTPOINT: MOUNTPOINT/<entity>/<project>/<name>:<version>."""
-    mp = Path(mountpoint).expanduser().resolve()
-    mp.mkdir(parents=True, exist_ok=True)
+    mp = Path(mount_path(mountpoint))
     if is_mounted(mp):
         raise click.ClickException(f"{mp} is already an artifactfs mount (artifactfs umount {mp})")
+    mp.mkdir(parents=True, exist_ok=True)
     options = MountOptions(str(mp), store=store, cache_dir=cache_dir, cache_size=cache_size,
                            alias_ttl=alias_ttl, allow_other=allow_other, debug=debug)
     if foreground:
@@ -92,7 +92,7 @@ def unmount(mountpoint: str | os.PathLike[str], lazy: bool = False) -> None:
 @click.option("--lazy", "-z", is_flag=True, help="Detach now even if busy (finishes when no longer in use).")
 def umount_command(mountpoint: str, lazy: bool) -> None:
     """Unmount an artifactfs mount."""
-    mp = Path(mountpoint).expanduser().resolve()
+    mp = Path(mount_path(mountpoint))
     if not is_mounted(mp):
         raise click.ClickException(f"{mp} is not an artifactfs mount")
     try:
