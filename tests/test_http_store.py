@@ -187,3 +187,59 @@ def test_sdk_logs_and_downloads_through_the_server(registry: SharedRegistry, tmp
     for name, data in files.items():
         assert (root / name).read_bytes() == data
     run_mod._reset_for_tests()
+
+
+@pytest.mark.fuse
+@pytest.mark.timeout(180)
+def test_two_mounts_on_one_server(registry: SharedRegistry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two mounts with separate caches (two users of one team), each through its own server
+    process: a version committed through one mount's draft shows up at ``:latest`` on the other
+    within the alias TTL; an entity the key's user is not a member of is neither listed nor
+    found (the mount resolves entity names against the key's teams); a key the server refuses
+    gets EACCES."""
+    import errno
+    import time
+
+    from tests.mount_helpers import mounted, requires_fuse
+
+    if requires_fuse.args and requires_fuse.args[0]:
+        pytest.skip(requires_fuse.kwargs.get("reason", "needs FUSE"))
+    lab = registry.new_team("lab")
+    _, key_a = registry.new_user("alice", teams=(lab,))
+    _, key_b = registry.new_user("bob", teams=(lab,))
+    stranger, _ = registry.new_user("stranger")
+    v0, _ = commit_files(make_store(registry.server.url, key_a), tmp_path, {"data.bin": b"old" * 100_000}, entity=lab)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    monkeypatch.setenv("ARTIFACTFS_API_KEY", key_a)
+    with mounted(registry.server.url, tmp_path / "a", alias_ttl=0.5) as ma:  # type: ignore[arg-type]
+        monkeypatch.setenv("ARTIFACTFS_API_KEY", key_b)
+        with mounted(registry.second.url, tmp_path / "b", alias_ttl=0.5) as mb:  # type: ignore[arg-type]
+            latest_b = mb.path / lab / "proj" / "ds:latest"
+            assert (latest_b / "data.bin").read_bytes() == b"old" * 100_000
+            # commit v1 through mount A's draft (through A's store while the mount has no drafts yet)
+            draft = ma.path / lab / "proj" / "ds:draft"
+            try:
+                draft.mkdir()
+            except OSError as exc:
+                assert exc.errno == errno.EROFS
+                commit_files(make_store(registry.server.url, key_a), tmp_path, {"data.bin": b"NEW" * 10}, entity=lab)
+            else:
+                (draft / "data.bin").write_bytes(b"NEW" * 10)
+                (draft / ".commit").write_text("{}")
+            deadline = time.monotonic() + 20
+            while (latest_b / "data.bin").stat().st_size != 30 and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert (latest_b / "data.bin").read_bytes() == b"NEW" * 10
+            assert (mb.path / lab / "proj" / "ds:v0" / "data.bin").read_bytes() == b"old" * 100_000
+            with pytest.raises(OSError) as info:
+                os.listdir(mb.path / stranger / "proj")
+            assert info.value.errno in (errno.EACCES, errno.ENOENT)
+            assert stranger not in os.listdir(mb.path)
+    # a key the server does not accept: the mount answers EACCES
+    (tmp_path / "c").mkdir()
+    monkeypatch.setenv("ARTIFACTFS_API_KEY", "afs_00000000_revoked")
+    with mounted(registry.server.url, tmp_path / "c") as mc:  # type: ignore[arg-type]
+        with pytest.raises(PermissionError) as denied:
+            os.listdir(mc.path / lab)
+        assert denied.value.errno == errno.EACCES
