@@ -157,12 +157,21 @@ def run(options: MountOptions) -> int:
                         pyfuse3.terminate()
                         return
 
+            async def after_init() -> None:
+                # The kernel applies its own readahead when it processes our INIT reply, so
+                # tune only after that reply went out (init() runs just before it is sent).
+                await initialised.wait()
+                await trio.sleep(0.2)
+                await trio.to_thread.run_sync(tune_readahead, options.mountpoint, options.readahead_kb)
+
+            initialised = trio.Event()
+            ops.on_init = initialised.set
             nursery.start_soon(on_signal)
+            nursery.start_soon(after_init)
             await pyfuse3.main()
             nursery.cancel_scope.cancel()
 
     pyfuse3.init(ops, options.mountpoint, fuse_options)
-    tune_readahead(options.mountpoint, options.readahead_kb)
     log.info("mounted %s at %s (cache %s)", store.location, options.mountpoint, cache.root)
     try:
         trio.run(serve)

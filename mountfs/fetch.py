@@ -49,6 +49,10 @@ log = logging.getLogger(__name__)
 
 Fetcher = Callable[[int, int], bytes]
 MiB = 1 << 20
+#: cached objects up to this size are opened and md5-checked on the event loop (~0.3 ms)
+_INLINE_PREPARE_MAX = 256 << 10
+#: verified small objects waiting for their (fsynced) cache install may hold this much memory
+_PENDING_INSTALL_BYTES = 64 * MiB
 
 
 class FetchError(StoreUnavailableError):
@@ -129,6 +133,9 @@ class MemoryBlocks:
     def read(self, off: int, size: int) -> bytes:
         return bytes(self._buf[off:off + size])
 
+    def settle(self) -> None:
+        return None
+
     def complete(self) -> bool:
         return all(self._have)
 
@@ -184,10 +191,18 @@ class PartialFile:
                 self._bits[i >> 3] |= 1 << (i & 7)
                 self._count += 1
             self._dirty += 1
-            flush = self._dirty >= self._flush_every or self._count == self.nblocks
-        if flush:
-            self.flush()
+
+    def settle(self) -> None:
+        """Background bookkeeping after writes: extend the running md5, persist the bitmap.
+
+        Called by the block reader *after* it has woken the readers of the new blocks, so
+        neither hashing nor fdatasync sits between a fetch and the read waiting for it.
+        """
         self._advance_hash()
+        with self._lock:
+            due = self._dirty >= self._flush_every or (self._dirty and self._count == self.nblocks)
+        if due:
+            self.flush()
 
     def _advance_hash(self) -> None:
         """Fold newly contiguous blocks into the running md5 (one thread at a time, no waiting)."""
@@ -256,18 +271,21 @@ class ReadaheadWindow:
     behind it — never costs extra store requests.  The window doubles per sequential read.
     """
 
-    def __init__(self, initial: int, maximum: int, trigger: int) -> None:
+    def __init__(self, initial: int, maximum: int, trigger: int, slack: int = 0) -> None:
         self.initial, self.maximum, self.trigger = initial, maximum, trigger
+        #: how far a read may land from the previous end and still count as sequential: the
+        #: kernel's own readahead sends several reads at once and they arrive out of order
+        self.slack = slack
         self.window = initial
         self.next_off = 0
         self.streak = 0
 
     def advise(self, off: int, size: int) -> tuple[int, int] | None:
-        if off == self.next_off:
+        if self.next_off - self.slack <= off <= self.next_off + self.slack:
             self.streak += size
         else:
             self.streak, self.window = 0, self.initial
-        self.next_off = off + size
+        self.next_off = max(self.next_off, off + size) if self.streak else off + size
         if self.streak < self.trigger:
             return None
         advice = (off + size, self.window)
@@ -340,6 +358,8 @@ class BlockReader:
                 fut.set_result(None)
             else:
                 fut.set_exception(error)
+        if error is None:
+            self.blocks.settle()
 
     def _block_range(self, off: int, size: int) -> tuple[int, int] | None:
         end = min(off + size, self.size)
@@ -386,7 +406,11 @@ class BlockReader:
         rng = self._block_range(off, size)
         if rng is None:
             return
-        mine, _ = self._claim(*rng)
+        # Widen the end to a whole request: a sliding window would otherwise claim one new
+        # block per read and degrade into 1-block requests.
+        last_block = (self.size - 1) // self.block_size
+        hi = min(last_block, (rng[1] // self.max_blocks + 1) * self.max_blocks - 1)
+        mine, _ = self._claim(rng[0], hi)
         for run in self._runs(mine):
             self.executor.submit(self._fetch_run, *run)
 
@@ -430,7 +454,8 @@ class ContentReader:
         self._verified: LRUCache[str, bool] = LRUCache(maxsize=100_000)
         self.store_requests = 0  #: ranged store requests issued (including retries)
         self._installer = ThreadPoolExecutor(4, thread_name_prefix="artifactfs-install")
-        self._pending = threading.BoundedSemaphore(256)
+        self._pending_cv = threading.Condition()
+        self._pending_bytes = 0
         self._added = 0
 
     def stats(self) -> dict[str, int]:
@@ -473,7 +498,8 @@ class ContentReader:
                 obj = self._objects[ref.md5] = _Object(ref)
             obj.refs += 1
         cfg = self.config
-        return Handle(obj, ReadaheadWindow(cfg.block_size, cfg.readahead_max, trigger=cfg.block_size))
+        return Handle(obj, ReadaheadWindow(cfg.block_size, cfg.readahead_max, trigger=cfg.block_size,
+                                           slack=4 * MiB))
 
     def close_nowait(self, handle: Handle) -> bool:
         """Close without blocking if nothing can be in flight; False: call :meth:`close`."""
@@ -534,6 +560,18 @@ class ContentReader:
         if off >= obj.ref.size or size <= 0:
             return b""
         data, fd, reader = obj.data, obj.fd, obj.reader
+        if data is None and fd is None and reader is None and obj.ref.size <= _INLINE_PREPARE_MAX:
+            # A small object already in the local cache: opening and checking it is cheaper
+            # than the thread hop (a store fetch never happens here).
+            if self.cache.lookup(obj.ref.md5, obj.ref.size) is None or not obj.lock.acquire(blocking=False):
+                return None  # never wait on the event loop for another thread's fetch
+            try:
+                self._prepare_locked(obj, local_only=True)
+            finally:
+                obj.lock.release()
+            data, fd, reader = obj.data, obj.fd, obj.reader
+            if fd is None:
+                return None
         if data is not None:
             return data[off:off + size]
         if fd is not None:
@@ -566,12 +604,16 @@ class ContentReader:
     def _prepare(self, obj: _Object) -> None:
         """Give ``obj`` its content source: bytes, a complete object's fd, or a block reader."""
         with obj.lock:
-            if obj.data is not None or obj.fd is not None or obj.reader is not None:
-                return
+            self._prepare_locked(obj)
+
+    def _prepare_locked(self, obj: _Object, local_only: bool = False) -> None:
+        if obj.data is None and obj.fd is None and obj.reader is None:
             ref = obj.ref
             path = self._complete_path(ref)
             if path is not None:
                 obj.fd = os.open(path, os.O_RDONLY)
+                return
+            if local_only:
                 return
             if ref.size <= self.config.small_object:
                 # One request for the whole object, checked before a byte is served; the
@@ -594,7 +636,10 @@ class ContentReader:
 
     def _install_later(self, md5: str, data: bytes) -> None:
         """Write a verified small object into the shared cache off the read path (bounded)."""
-        self._pending.acquire()  # back-pressure: at most N installs queued
+        with self._pending_cv:  # back-pressure: bounded bytes waiting for their install
+            while self._pending_bytes and self._pending_bytes + len(data) > _PENDING_INSTALL_BYTES:
+                self._pending_cv.wait()
+            self._pending_bytes += len(data)
 
         def install() -> None:
             try:
@@ -606,7 +651,9 @@ class ContentReader:
             except Exception as exc:  # noqa: BLE001 - the cache is an optimisation here
                 log.warning("could not cache %s: %s", md5, exc)
             finally:
-                self._pending.release()
+                with self._pending_cv:
+                    self._pending_bytes -= len(data)
+                    self._pending_cv.notify_all()
 
         self._installer.submit(install)
 
@@ -646,6 +693,7 @@ class ContentReader:
                 return
             obj.promoting = True
         try:
+            partial.settle()
             partial.flush()
             actual = partial.md5()
             with obj.lock:

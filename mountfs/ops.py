@@ -105,6 +105,12 @@ class Operations(pyfuse3.Operations):
         self.max_threads = max_threads
         self._limiter: trio.CapacityLimiter | None = None
         self._handles: dict[int, Handle] = {}
+        #: called once the kernel's INIT has been answered (the daemon tunes the mount then)
+        self.on_init: Callable[[], None] | None = None
+
+    def init(self) -> None:
+        if self.on_init is not None:
+            self.on_init()
 
     async def _thread(self, fn: Callable[..., _T], *args: Any) -> _T:
         if self._limiter is None:  # created lazily: it must belong to the running trio loop
