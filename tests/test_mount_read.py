@@ -8,6 +8,7 @@ import mmap
 import os
 import shutil
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -19,6 +20,7 @@ from client.hashing import hex_to_b64, md5_file
 from client.manifest import Manifest, ManifestEntry
 from client.store.base import CommitRequest, VersionRecord
 from client.store.local import LocalStore
+from mountfs.daemon import is_mounted
 from tests.mount_helpers import Mount, mounted, requires_fuse
 
 pytestmark = [requires_fuse, pytest.mark.fuse, pytest.mark.timeout(120)]
@@ -276,3 +278,31 @@ def test_remount_reuses_cache_and_unmount_is_clean(tmp_path: Path) -> None:
         m.proc.wait(timeout=15)
         assert m.proc.returncode == 0
         assert not os.path.ismount(m.path)
+
+
+def test_cli_background_mount_helper_and_umount(tmp_path: Path) -> None:
+    """`artifactfs mount` (no --foreground) returns once live; the fstab helper does the same."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "hello.txt").write_bytes(b"hi\n")
+    store = LocalStore(tmp_path / "store")
+    commit_tree(store, tmp_path / "a", tmp_path)
+    store.close()
+    mnt = tmp_path / "mnt"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent),
+           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+           "ARTIFACTFS_CACHE_DIR": str(tmp_path / "cache")}
+    cli = [sys.executable, "-m", "mountfs.cli"]
+    helper = Path(__file__).resolve().parent.parent / "systemd" / "mount.fuse.artifactfs"
+    for start in ([*cli, "mount", str(mnt), "--store", str(tmp_path / "store"), "--alias-ttl", "2"],
+                  [str(helper), str(tmp_path / "store"), str(mnt), "-o", "rw,noauto,alias_ttl=2,x-systemd.automount"]):
+        try:
+            subprocess.run(start, env=env, check=True, capture_output=True, timeout=60)
+            assert is_mounted(mnt)  # live when the command returns, no waiting needed
+            assert (mnt / "ent/proj/ds:latest/hello.txt").read_bytes() == b"hi\n"
+            subprocess.run([*cli, "umount", str(mnt)], env=env, check=True, capture_output=True, timeout=30)
+            assert not is_mounted(mnt)
+        finally:
+            if is_mounted(mnt):
+                subprocess.run(["fusermount3", "-u", "-z", str(mnt)], capture_output=True)
+    failed = subprocess.run([*cli, "umount", str(mnt)], env=env, capture_output=True, text=True, timeout=30)
+    assert failed.returncode != 0 and "not an artifactfs mount" in failed.stderr
