@@ -61,7 +61,8 @@ class UpdateBody(BaseModel):
     tags: list[str] | None = None
     metadata: dict[str, Any] | None = None
     description: str | None = None
-    ttl_seconds: float | None = Field(default=None, description="absent: unchanged; null: no TTL")
+    ttl_seconds: float | None | str = Field(default=None,
+                                           description='absent: unchanged; null: no TTL; "inherit": the entity default')
 
 
 class LinkBody(BaseModel):
@@ -169,7 +170,15 @@ def create_app(server: Server | None = None) -> FastAPI:
     # -- namespace ----------------------------------------------------------------------------
     @app.get("/api/v1/entities", tags=["namespace"])
     def list_entities(p: Principal = Depends(principal)) -> list[str]:
-        return p.teams
+        """Entities the caller is a member of that hold something (as the embedded store lists)."""
+        known = set(reg.list_entities())
+        return [t for t in p.teams if t in known]
+
+    @app.put("/api/v1/entities/{entity}/projects/{project}", tags=["namespace"], status_code=204)
+    def create_project(entity: str, project: str, p: Principal = Depends(principal)) -> Response:
+        p.require(entity, write=True)
+        reg.create_project(entity, project)
+        return Response(status_code=204)
 
     @app.get("/api/v1/entities/{entity}/projects", tags=["namespace"])
     def list_projects(entity: str, p: Principal = Depends(principal)) -> list[str]:
@@ -256,6 +265,11 @@ def create_app(server: Server | None = None) -> FastAPI:
         reg.set_entity_default_ttl(entity, body.ttl_seconds)
         return Response(status_code=204)
 
+    @app.get("/api/v1/entities/{entity}/default-ttl", tags=["versions"])
+    def get_entity_default_ttl(entity: str, p: Principal = Depends(principal)) -> dict[str, float | None]:
+        p.require(entity)
+        return {"ttl_seconds": reg.get_entity_default_ttl(entity)}
+
     @app.post("/api/v1/gc", tags=["versions"])
     def gc_expired(p: Principal = Depends(principal)) -> list[dict[str, Any]]:
         """Delete versions whose TTL ran out (any caller may trigger it: they are expired anyway)."""
@@ -284,6 +298,12 @@ def create_app(server: Server | None = None) -> FastAPI:
     def get_run(entity: str, project: str, run_id: str, p: Principal = Depends(principal)) -> dict[str, Any]:
         p.require(entity)
         return record_to_json(reg.get_run(entity, project, run_id))
+
+    @app.delete(runs_path + "/{run_id}", tags=["lineage"])
+    def delete_run(entity: str, project: str, run_id: str, delete_artifacts: bool = False,
+                   p: Principal = Depends(principal)) -> list[dict[str, Any]]:
+        p.require(entity, write=True)
+        return [record_to_json(v) for v in reg.delete_run(entity, project, run_id, delete_artifacts)]
 
     @app.post(runs_path + "/{run_id}/finish", tags=["lineage"], status_code=204)
     def finish_run(entity: str, project: str, run_id: str, body: FinishBody,

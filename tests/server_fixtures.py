@@ -10,6 +10,7 @@ with the reason.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import shutil
@@ -405,3 +406,51 @@ def on_each(fn: Callable[..., Any], items: list[Any], threads: int) -> list[Any]
 
     with ThreadPoolExecutor(threads) as pool:
         return list(pool.map(fn, items))
+
+
+@dataclass
+class InProcessServer:
+    """A registry server in a thread of the test process: for suites that need a fresh registry
+    per test, where a subprocess per test would cost seconds of imports each time."""
+
+    url: str
+    app_server: Any  #: server.app.Server (registry, blobs, auth)
+    uvicorn_server: Any
+    thread: threading.Thread
+
+    def user(self, name: str, teams: tuple[str, ...] = ()) -> str:
+        from client.errors import ConflictError
+
+        auth = self.app_server.auth
+        auth.create_user(name)
+        for team in teams:
+            with contextlib.suppress(ConflictError):
+                auth.create_team(team)
+            auth.add_member(team, name)
+        return auth.create_key(name)
+
+    def stop(self) -> None:
+        self.uvicorn_server.should_exit = True
+        self.thread.join(10)
+        self.app_server.close()
+
+
+def start_inprocess_server(db_url: str, blobs_url: str, s3_endpoint: str | None = None) -> InProcessServer:
+    import uvicorn
+
+    from server.app import Server, create_app
+
+    for k, v in S3_ENV.items():
+        os.environ.setdefault(k, v)
+    app_server = Server(db_url, blobs_url, s3_endpoint)
+    port = free_port()
+    config = uvicorn.Config(create_app(app_server), host="127.0.0.1", port=port, log_level="warning")
+    srv = uvicorn.Server(config)
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not srv.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("in-process server did not start")
+        time.sleep(0.01)
+    return InProcessServer(f"http://127.0.0.1:{port}", app_server, srv, thread)

@@ -301,6 +301,12 @@ class HttpStore:
     def set_entity_default_ttl(self, entity: str, ttl_seconds: float | None) -> None:
         self._call("PUT", f"{API}/entities/{_q(entity)}/default-ttl", {"ttl_seconds": ttl_seconds})
 
+    def get_entity_default_ttl(self, entity: str) -> float | None:
+        return self._get(f"{API}/entities/{_q(entity)}/default-ttl")["ttl_seconds"]
+
+    def create_project(self, entity: str, project: str) -> None:
+        self._call("PUT", self._project(entity, project))
+
     def gc_expired(self) -> list[VersionRecord]:
         return [version_from_json(d) for d in self._call("POST", f"{API}/gc", {}, idempotent=False)]
 
@@ -316,6 +322,11 @@ class HttpStore:
 
     def list_runs(self, entity: str, project: str) -> list[RunRecord]:
         return [run_from_json(d) for d in self._get(f"{self._project(entity, project)}/runs")]
+
+    def delete_run(self, entity: str, project: str, run_id: str, delete_artifacts: bool = False) -> list[VersionRecord]:
+        # Repeating it finishes an interrupted deletion (see the core): idempotent.
+        path = f"{self._project(entity, project)}/runs/{_q(run_id)}?delete_artifacts={str(bool(delete_artifacts)).lower()}"
+        return [version_from_json(d) for d in self._call("DELETE", path)]
 
     def finish_run(self, entity: str, project: str, run_id: str, state: str = "finished") -> None:
         self._call("POST", f"{self._project(entity, project)}/runs/{_q(run_id)}/finish", {"state": state})
