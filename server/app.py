@@ -34,11 +34,14 @@ from client.store.base import CommitRequest, VersionRecord
 from client.store.http import record_to_json
 
 from .auth import AuthDB, Principal, normalise_db_url
-from .blobs import S3BlobBackend, open_backend
+from .blobs import MULTIPART_THRESHOLD, S3BlobBackend, open_backend
 
 log = logging.getLogger(__name__)
 
 DEFAULT_URL_TTL = 300
+#: missing_blobs answers with upload plans only for batches up to this many missing blobs
+#: (presigning is CPU work on the server; bigger batches plan per blob).
+PLAN_BATCH = 2000
 
 
 # -- request bodies (they also make the OpenAPI description) -----------------------------------
@@ -94,6 +97,7 @@ class UseBody(BaseModel):
 
 class MissingBody(BaseModel):
     md5s: list[str]
+    plan: bool = Field(default=False, description="also return upload plans for the missing blobs")
 
 
 class UploadBody(BaseModel):
@@ -341,10 +345,24 @@ def create_app(server: Server | None = None) -> FastAPI:
         expires = int(time.time()) + server.url_ttl
         return f"/blobdata/{entity}/{md5}?op={op}&expires={expires}&sig={auth.sign(op, entity, md5, expires)}"
 
+    def single_put_plan(entity: str, md5: str) -> dict[str, Any]:
+        if isinstance(server.blobs, S3BlobBackend):
+            return server.blobs.plan_upload(entity, md5, 0, server.url_ttl)
+        # The server's own URL verifies and registers while it receives: no /complete needed.
+        return {"method": "put", "url": signed("put", entity, md5), "headers": {}, "complete": False}
+
     @app.post("/api/v1/entities/{entity}/blobs/missing", tags=["blobs"])
-    def missing_blobs(entity: str, body: MissingBody, p: Principal = Depends(principal)) -> dict[str, list[str]]:
+    def missing_blobs(entity: str, body: MissingBody, p: Principal = Depends(principal)) -> dict[str, Any]:
+        """Which blobs the entity lacks; for a writer, with single-PUT upload plans for them
+        (saves a round trip per blob; sizes above ``put_limit`` must ask /uploads instead)."""
         p.require(entity)
-        return {"missing": sorted(reg.missing_blobs(entity, body.md5s))}
+        missing = sorted(reg.missing_blobs(entity, body.md5s))
+        out: dict[str, Any] = {"missing": missing}
+        if body.plan and missing and len(missing) <= PLAN_BATCH and p.role_in(entity) != "viewer":
+            out["uploads"] = {m: single_put_plan(entity, m) for m in missing}
+            out["put_limit"] = MULTIPART_THRESHOLD if isinstance(server.blobs, S3BlobBackend) else None
+            out["expires_in"] = server.url_ttl
+        return out
 
     @app.post(blob_path + "/uploads", tags=["blobs"])
     def plan_upload(entity: str, md5: str, body: UploadBody, p: Principal = Depends(principal)) -> dict[str, Any]:
@@ -354,7 +372,7 @@ def create_app(server: Server | None = None) -> FastAPI:
             return {"method": "exists"}
         if isinstance(server.blobs, S3BlobBackend):
             return server.blobs.plan_upload(entity, md5, body.size, server.url_ttl, body.part_md5s)
-        return {"method": "put", "url": signed("put", entity, md5), "headers": {}}
+        return single_put_plan(entity, md5)
 
     @app.post(blob_path + "/complete", tags=["blobs"], status_code=204)
     def complete_upload(entity: str, md5: str, body: CompleteBody, p: Principal = Depends(principal)) -> Response:

@@ -194,6 +194,8 @@ class HttpStore:
         self.session.mount("https://", adapter)
         self._urls: dict[tuple[str, str], tuple[str, float, int]] = {}  # (entity, md5) -> (url, valid_until, size)
         self._urls_lock = threading.Lock()
+        #: upload plans that came with missing_blobs: (entity, md5) -> (plan, valid_until, put_limit)
+        self._plans: dict[tuple[str, str], tuple[dict[str, Any], float, int | None]] = {}
 
     def __repr__(self) -> str:
         return f"HttpStore({self.base!r})"
@@ -349,38 +351,64 @@ class HttpStore:
         return f"{API}/entities/{_q(entity)}/blobs/{_q(md5_hex)}"
 
     def missing_blobs(self, entity: str, md5_hexes: Iterable[str]) -> set[str]:
+        """Also keeps the upload plans the server sends along, so put_blob saves a round trip."""
         wanted = list(dict.fromkeys(md5_hexes))
         missing: set[str] = set()
-        for i in range(0, len(wanted), 5000):
-            out = self._call("POST", f"{API}/entities/{_q(entity)}/blobs/missing", {"md5s": wanted[i:i + 5000]})
+        for i in range(0, len(wanted), 2000):
+            out = self._call("POST", f"{API}/entities/{_q(entity)}/blobs/missing",
+                             {"md5s": wanted[i:i + 2000], "plan": True})
             missing.update(out["missing"])
+            if out.get("uploads"):
+                until = time.monotonic() + float(out["expires_in"]) / 2
+                limit = out.get("put_limit")
+                with self._urls_lock:
+                    if len(self._plans) > 100_000:
+                        self._plans.clear()
+                    for md5, plan in out["uploads"].items():
+                        self._plans[(entity, md5)] = (plan, until, limit)
         return missing
+
+    def _cached_plan(self, entity: str, md5_hex: str, size: int) -> dict[str, Any] | None:
+        with self._urls_lock:
+            hit = self._plans.pop((entity, md5_hex), None)
+        if hit is None:
+            return None
+        plan, until, limit = hit
+        if until < time.monotonic() or (limit is not None and size > limit):
+            return None
+        return plan
 
     def put_blob(self, entity: str, md5_hex: str, src: Path, size: int) -> None:
         """Upload by the server's plan: nothing (already there), one PUT, or parallel parts.
 
         Each step is retried on its own (all are idempotent: the blob is named by its content).
         """
-        plan = self._call("POST", f"{self._blob(entity, md5_hex)}/uploads", {"size": size})
+        plan = self._cached_plan(entity, md5_hex, size)
+        if plan is None:
+            plan = self._call("POST", f"{self._blob(entity, md5_hex)}/uploads", {"size": size})
         if plan["method"] == "exists":
             return
         if plan["method"] == "multipart":
             self._put_multipart(entity, md5_hex, Path(src), size, plan)
             return
         self._put_file(plan, Path(src), size)
-        self._call("POST", f"{self._blob(entity, md5_hex)}/complete", {"size": size})
+        if plan.get("complete", True):
+            self._call("POST", f"{self._blob(entity, md5_hex)}/complete", {"size": size})
 
     def put_bytes(self, entity: str, md5_hex: str, data: bytes) -> None:
         """Upload small content (a manifest) from memory."""
         if md5_bytes(data) != md5_hex:
             raise DigestMismatchError(f"data does not have md5 {md5_hex}")
-        plan = self._call("POST", f"{self._blob(entity, md5_hex)}/uploads", {"size": len(data)})
+        plan = self._cached_plan(entity, md5_hex, len(data))
+        if plan is None:
+            plan = self._call("POST", f"{self._blob(entity, md5_hex)}/uploads", {"size": len(data)})
         if plan["method"] == "exists":
             return
         if plan["method"] != "put":
             raise ArtifactFSError("server asked for a multipart upload of in-memory bytes")
         self._put_data(plan, data)
-        self._call("POST", f"{self._blob(entity, md5_hex)}/complete", {"size": len(data)})
+        if plan.get("complete", True):
+            self._call("POST", f"{self._blob(entity, md5_hex)}/complete", {"size": len(data)})
 
     def _put_once(self, target: dict[str, Any], body: Any, size: int) -> requests.Response:
         url = urljoin(self.base + "/", target["url"])
