@@ -6,7 +6,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 MOUNT ?= /tmp/artifactfs
-APT_PACKAGES := fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv rsync postgresql procps psmisc
+APT_PACKAGES := fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv rsync attr postgresql procps psmisc
 
 .PHONY: run test deps system-deps venv demo mount umount bench clean help
 

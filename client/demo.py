@@ -26,6 +26,9 @@ def make_tree(root: Path, seed: int = 0, files: int = 20) -> Path:
 def main() -> int:
     import client
 
+    if client.Api(overrides={"project": "demo"}).artifact_exists("mnist-mini:demo"):
+        print("demo artifact already logged (mnist-mini:demo); nothing to do")
+        return 0
     with tempfile.TemporaryDirectory() as tmp:
         tree = make_tree(Path(tmp) / "demo")
         with client.init(project="demo", job_type="make-demo") as run:
