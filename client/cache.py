@@ -40,31 +40,23 @@ from typing import IO, Any, BinaryIO
 
 from . import settings
 from .errors import DigestMismatchError, InvalidNameError
+from .hashing import CHUNK as _CHUNK
+from .hashing import is_md5_hex, md5_file
 
 log = logging.getLogger(__name__)
 
-_CHUNK = 1 << 20
 #: lookup() refreshes an object's LRU stamp only when it is older than this (saves a syscall
 #: per read on hot objects; LRU precision of a few seconds is plenty).
 _TOUCH_GRANULARITY = 5.0
 #: prune() removes temp files left by crashed writers once they are this old.
 _STALE_TMP_SECONDS = 3600.0
-_HEX = frozenset("0123456789abcdef")
 
 
 def _check_key(md5_hex: str) -> str:
     """Keys become path components: accept exactly 32 lowercase hex digits."""
-    if len(md5_hex) != 32 or not _HEX.issuperset(md5_hex):
+    if not is_md5_hex(md5_hex):
         raise InvalidNameError(f"cache key must be an md5 hex digest (32 lowercase hex digits), got {md5_hex!r}")
     return md5_hex
-
-
-def _md5_path(path: Path) -> str:
-    h = hashlib.md5(usedforsecurity=False)
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -222,7 +214,7 @@ class Cache:
         """Re-hash the object; a corrupt one is dropped.  False when absent or corrupt."""
         p = self.path(md5_hex)
         try:
-            actual = _md5_path(p)
+            actual = md5_file(p)
         except FileNotFoundError:
             return False
         if actual != md5_hex:
@@ -252,7 +244,7 @@ class Cache:
     def _finish(self, md5_hex: str, tmp: Path, hf: _HashingFile, size: int | None) -> Path:
         hf.flush()
         os.fsync(hf.fileno())
-        actual = hf.digest() or _md5_path(tmp)
+        actual = hf.digest() or md5_file(tmp)
         if actual != md5_hex:
             raise DigestMismatchError(f"content written for {md5_hex} hashes to {actual}; nothing was cached")
         if size is not None and tmp.stat().st_size != size:
@@ -300,7 +292,7 @@ class Cache:
                         raise
                 else:
                     try:
-                        if (actual := _md5_path(tmp)) != md5_hex:
+                        if (actual := md5_file(tmp)) != md5_hex:
                             raise DigestMismatchError(f"{src} hashes to {actual}, not {md5_hex}")
                     except BaseException:
                         os.replace(tmp, src)  # give the caller its file back
