@@ -21,12 +21,15 @@ import time
 from typing import Any, Iterator
 
 import anyio.from_thread
+import botocore.exceptions
+import sqlalchemy.exc
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from pydantic import BaseModel, Field
 
-from client.errors import (ArtifactFSError, DigestMismatchError, InvalidNameError, NotFoundError, error_code)
+from client.errors import (ArtifactFSError, DigestMismatchError, InvalidNameError, NotFoundError, StoreUnavailableError,
+                           error_code)
 from client.hashing import is_md5_hex
 from client.names import validate_entity
 from client.registry import LocalBlobBackend, Registry
@@ -149,6 +152,14 @@ def create_app(server: Server | None = None) -> FastAPI:
     @app.exception_handler(ArtifactFSError)
     async def _ours(_: Request, exc: ArtifactFSError) -> JSONResponse:
         return _error_response(exc)
+
+    @app.exception_handler(botocore.exceptions.BotoCoreError)
+    @app.exception_handler(botocore.exceptions.ClientError)
+    @app.exception_handler(sqlalchemy.exc.OperationalError)
+    async def _backend_down(_: Request, exc: Exception) -> JSONResponse:
+        # The database or the object store failed under us: a "try again" for the client.
+        log.warning("backend failure: %s", exc)
+        return _error_response(StoreUnavailableError(f"registry backend unavailable: {type(exc).__name__}: {exc}"))
 
     @app.exception_handler(RequestValidationError)
     async def _bad_request(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -386,18 +397,29 @@ def create_app(server: Server | None = None) -> FastAPI:
             raise DigestMismatchError(f"blob {md5} was not uploaded (or did not match its md5); upload it again")
         return Response(status_code=204)
 
+    def url_for(entity: str, md5: str) -> str:
+        if isinstance(server.blobs, S3BlobBackend):
+            return server.blobs.presign_get(entity, md5, server.url_ttl)
+        return signed("get", entity, md5)
+
     @app.get(blob_path + "/url", tags=["blobs"])
     def download_url(entity: str, md5: str, p: Principal = Depends(principal)) -> dict[str, Any]:
-        """A short-lived URL for the blob (send Range on it) and the blob's size."""
+        """A short-lived URL for the blob (send Range on it); its size where that is free to know
+        (local directory; with S3 the ranged GET's Content-Range tells it, no HEAD here)."""
         blob_key(p, entity, md5)
         if reg.missing_blobs(entity, [md5]):
             raise NotFoundError(f"blob {md5} not found in {entity}")
-        size = server.blobs.size(entity, md5)
-        if isinstance(server.blobs, S3BlobBackend):
-            url = server.blobs.presign_get(entity, md5, server.url_ttl)
-        else:
-            url = signed("get", entity, md5)
-        return {"url": url, "expires_in": server.url_ttl, "size": size}
+        size = None if isinstance(server.blobs, S3BlobBackend) else server.blobs.size(entity, md5)
+        return {"url": url_for(entity, md5), "expires_in": server.url_ttl, "size": size}
+
+    @app.post("/api/v1/entities/{entity}/blobs/urls", tags=["blobs"])
+    def download_urls(entity: str, body: MissingBody, p: Principal = Depends(principal)) -> dict[str, Any]:
+        """Download URLs for many blobs at once (unknown ones are left out)."""
+        p.require(entity)
+        if len(body.md5s) > PLAN_BATCH:
+            raise InvalidNameError(f"ask for at most {PLAN_BATCH} URLs per call")
+        present = set(body.md5s) - reg.missing_blobs(entity, body.md5s)
+        return {"urls": {m: url_for(entity, m) for m in sorted(present)}, "expires_in": server.url_ttl}
 
     # -- blob bytes through the server (local-directory backend only) ---------------------------
     def check_signed(op: str, entity: str, md5: str, expires: int, sig: str) -> LocalBlobBackend:

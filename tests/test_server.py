@@ -115,7 +115,7 @@ def test_signed_urls_are_scoped_and_expire(registry: SharedRegistry, request: py
         data = os.urandom(5000)
         commit_files(store, tmp_path, {"f": data}, entity=alice)
         url, size = store._download_url(alice, md5_bytes(data))
-        assert size == 5000
+        assert size == (None if registry.backend == "postgres-s3" else 5000)  # S3: no HEAD, Content-Range
         if registry.backend == "postgres-s3":
             # Blob bytes bypass the server; moto does not enforce expiry, real S3 does.
             assert url.startswith(factory.s3_endpoint) and parse_qs(urlparse(url).query)["X-Amz-Expires"] == ["1"]

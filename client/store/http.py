@@ -88,7 +88,8 @@ def run_from_json(d: dict[str, Any]) -> RunRecord:
 
 # -- retries ----------------------------------------------------------------------------------
 class TransientHTTPError(Exception):
-    """A response that says "try again" (429, 502, 503, 504) or a body cut short."""
+    """A response that says "try again" (429, 500, 502, 503, 504: S3 documents InternalError
+    and SlowDown as retryable) or a body cut short."""
 
 
 class _NotSent(Exception):
@@ -149,15 +150,15 @@ def _raise_for(resp: requests.Response) -> None:
     """Turn an error response into our exception (or a transient one worth retrying)."""
     if resp.status_code < 400:
         return
-    if resp.status_code in (429, 502, 503, 504):
-        raise TransientHTTPError(f"HTTP {resp.status_code} from {resp.url.split('?')[0]}")
     try:
         err = resp.json()["error"]
         exc: ArtifactFSError | None = error_from_code(str(err["code"]), str(err["message"]))
     except (ValueError, KeyError, TypeError):
         exc = None
-    if exc is not None:
-        raise exc
+    if exc is not None and not isinstance(exc, StoreUnavailableError):
+        raise exc  # the server's own verdict; a "try again" from it is handled below
+    if resp.status_code in (429, 500, 502, 503, 504):
+        raise TransientHTTPError(f"HTTP {resp.status_code} from {resp.url.split('?')[0]}")
     text = resp.text[:300]
     if "<Code>BadDigest</Code>" in text or "<Code>InvalidDigest</Code>" in text:
         raise DigestMismatchError(f"the object store refused the bytes: they do not match their md5 ({text})")
@@ -170,6 +171,18 @@ def _raise_for(resp: requests.Response) -> None:
 
         raise NotFoundError(f"HTTP 404 from {resp.url.split('?')[0]}")
     raise ArtifactFSError(f"HTTP {resp.status_code} from {resp.url.split('?')[0]}: {text}")
+
+
+def _content_range(header: str) -> tuple[int, int, int]:
+    """``bytes 0-99/1234`` -> (0, 99, 1234); a missing or odd header is a transient failure."""
+    try:
+        unit, _, spec = header.partition(" ")
+        span, _, total = spec.partition("/")
+        first, _, last = span.partition("-")
+        assert unit == "bytes"
+        return int(first), int(last), int(total)
+    except (ValueError, AssertionError):
+        raise TransientHTTPError(f"ranged response without a usable Content-Range: {header!r}") from None
 
 
 def _q(segment: str) -> str:
@@ -192,7 +205,7 @@ class HttpStore:
         adapter = requests.adapters.HTTPAdapter(pool_connections=16, pool_maxsize=pool_size, max_retries=0)
         self.session.mount("http://", adapter)
         self.session.mount("https://", adapter)
-        self._urls: dict[tuple[str, str], tuple[str, float, int]] = {}  # (entity, md5) -> (url, valid_until, size)
+        self._urls: dict[tuple[str, str], tuple[str, float, int | None]] = {}  # (entity, md5) -> (url, valid_until, size)
         self._urls_lock = threading.Lock()
         #: upload plans that came with missing_blobs: (entity, md5) -> (plan, valid_until, put_limit)
         self._plans: dict[tuple[str, str], tuple[dict[str, Any], float, int | None]] = {}
@@ -451,59 +464,91 @@ class HttpStore:
                    {"size": size, "upload": plan["upload"], "etags": etags})
 
     # -- blob reads ----------------------------------------------------------------------------
-    def _download_url(self, entity: str, md5_hex: str, refresh: bool = False) -> tuple[str, int]:
-        """A (cached) short-lived URL for the blob and its size; one server call per blob per TTL/2."""
-        key = (entity, md5_hex)
-        now = time.monotonic()
-        with self._urls_lock:
-            hit = self._urls.get(key)
-        if hit and not refresh and hit[1] > now:
-            return hit[0], hit[2]
-        out = self._get_once(f"{self._blob(entity, md5_hex)}/url")
-        url = urljoin(self.base + "/", out["url"])
+    def _remember_url(self, entity: str, md5_hex: str, url: str, expires_in: float, size: int | None) -> str:
+        url = urljoin(self.base + "/", url)
         with self._urls_lock:
             if len(self._urls) > 100_000:
                 self._urls.clear()
-            self._urls[key] = (url, now + float(out["expires_in"]) / 2, int(out["size"]))
-        return url, int(out["size"])
+            self._urls[(entity, md5_hex)] = (url, time.monotonic() + expires_in / 2, size)
+        return url
+
+    def _download_url(self, entity: str, md5_hex: str, refresh: bool = False) -> tuple[str, int | None]:
+        """A (cached) short-lived URL for the blob, and its size when the server knows it cheaply
+        (None with S3: asking would cost a HEAD; the ranged GET's Content-Range tells it)."""
+        with self._urls_lock:
+            hit = self._urls.get((entity, md5_hex))
+        if hit and not refresh and hit[1] > time.monotonic():
+            return hit[0], hit[2]
+        out = self._get_once(f"{self._blob(entity, md5_hex)}/url")
+        size = None if out.get("size") is None else int(out["size"])
+        return self._remember_url(entity, md5_hex, out["url"], float(out["expires_in"]), size), size
+
+    def prefetch_urls(self, entity: str, md5_hexes: Iterable[str]) -> None:
+        """Fetch download URLs for many blobs in a few calls (before reading many small files,
+        so each read is one GET straight to the object store)."""
+        wanted = list(dict.fromkeys(md5_hexes))
+        for i in range(0, len(wanted), 2000):
+            out = self._call("POST", f"{API}/entities/{_q(entity)}/blobs/urls", {"md5s": wanted[i:i + 2000]})
+            for md5, url in out["urls"].items():
+                self._remember_url(entity, md5, url, float(out["expires_in"]), None)
 
     @retrying
     def read_blob(self, entity: str, md5_hex: str, start: int = 0, length: int | None = None) -> bytes:
-        url, size = self._download_url(entity, md5_hex)
-        end = size if length is None else min(size, start + length)
-        if start >= end:
+        if length == 0:
             return b""
-        return self._ranged_get(entity, md5_hex, url, start, end)
+        return self._ranged_get(entity, md5_hex, start, length)[0]
 
-    def _ranged_get(self, entity: str, md5_hex: str, url: str, start: int, end: int) -> bytes:
-        """Bytes [start, end) via the blob URL; refreshes an expired URL once; checks the length."""
+    def _ranged_get(self, entity: str, md5_hex: str, start: int, length: int | None) -> tuple[bytes, int | None]:
+        """Bytes [start, start+length) (to the end if None) and the blob's size if learnt.
+
+        Refreshes an expired URL once.  Checks that the bytes are exactly the range the store
+        says it sent; a short body is a transient failure (retried), never returned.
+        """
+        rng = f"bytes={start}-" if length is None else f"bytes={start}-{start + length - 1}"
         for refresh in (False, True):
-            if refresh:
-                url, _ = self._download_url(entity, md5_hex, refresh=True)
-            resp = self.session.get(url, headers={"Range": f"bytes={start}-{end - 1}"}, timeout=self.timeout)
+            url, size = self._download_url(entity, md5_hex, refresh=refresh)
+            if size is not None and start >= size:
+                return b"", size
+            resp = self.session.get(url, headers={"Range": rng}, timeout=self.timeout)
             if resp.status_code == 403 and not refresh:
                 continue  # most likely an expired URL: ask the server for a fresh one
+            if resp.status_code == 416:
+                return b"", None  # start at or past the end
             _raise_for(resp)
             data = resp.content
-            if resp.status_code == 200 and (start, end) != (0, len(data)):
-                data = data[start:end]  # a server that ignored Range
-            if len(data) != end - start:
-                raise TransientHTTPError(f"short read of blob {md5_hex}: {len(data)} of {end - start} bytes")
-            return data
+            if resp.status_code == 200:  # the store ignored Range: it sent the whole blob
+                total = len(data)
+                data = data[start:] if length is None else data[start:start + length]
+                return data, total
+            first, last, total = _content_range(resp.headers.get("Content-Range", ""))
+            want_end = total if length is None else min(total, start + length)
+            if first != start or last + 1 != want_end or len(data) != want_end - start:
+                raise TransientHTTPError(f"short or misplaced read of blob {md5_hex}: got {len(data)} bytes "
+                                         f"for {first}-{last}/{total}, wanted {start}-{want_end - 1}")
+            return data, total
         raise AssertionError("unreachable")
 
+    @retrying
+    def _first_part(self, entity: str, md5_hex: str) -> tuple[bytes, int]:
+        data, total = self._ranged_get(entity, md5_hex, 0, DOWNLOAD_PART)
+        return data, len(data) if total is None else total
+
     def download_blob(self, entity: str, md5_hex: str, dest: Path) -> None:
-        """Whole blob to ``dest``: parallel ranged GETs for large blobs, each retried on its own."""
-        url, size = self._retry_url(entity, md5_hex)
+        """Whole blob to ``dest``: the first part tells the size, the rest in parallel ranged
+        GETs (like boto3's transfer manager), each retried on its own."""
+        first, size = self._first_part(entity, md5_hex)
         with open(dest, "wb") as out:
+            out.write(first)
             out.truncate(size)
-        if size == 0:
+        parts = [(off, min(off + DOWNLOAD_PART, size)) for off in range(len(first), size, DOWNLOAD_PART)]
+        if not parts:
             return
-        parts = [(off, min(off + DOWNLOAD_PART, size)) for off in range(0, size, DOWNLOAD_PART)]
         fd = os.open(dest, os.O_WRONLY)
         try:
             def fetch(rng: tuple[int, int]) -> None:
                 data = self.read_blob(entity, md5_hex, rng[0], rng[1] - rng[0])
+                if len(data) != rng[1] - rng[0]:
+                    raise StoreUnavailableError(f"blob {md5_hex} changed size while downloading")
                 os.pwrite(fd, data, rng[0])
 
             if size <= PARALLEL_DOWNLOAD_THRESHOLD:
@@ -514,10 +559,6 @@ class HttpStore:
                     list(pool.map(fetch, parts))
         finally:
             os.close(fd)
-
-    @retrying
-    def _retry_url(self, entity: str, md5_hex: str) -> tuple[str, int]:
-        return self._download_url(entity, md5_hex)
 
     def close(self) -> None:
         self.session.close()
