@@ -696,6 +696,7 @@ class ContentReader:
             partial.settle()
             partial.flush()
             actual = partial.md5()
+            os.fsync(partial.fd)  # the slow part of adopt(), done before taking the object lock
             with obj.lock:
                 if obj.closed:
                     return

@@ -144,7 +144,14 @@ class DirHandle:
 
 
 class DraftProvider(Protocol):
-    """The seam for writable drafts (issue 5): it owns ``<collection>:draft…`` names."""
+    """The seam for writable drafts (issue 5): it owns ``<collection>:draft…`` names.
+
+    Its methods run like the namespace's own: first on the event loop in local-only mode,
+    where anything needing the store or disk I/O must call ``ns._io()`` (raising NeedsIO)
+    before changing state, then again in a worker thread.  Nodes it returns use
+    ``Kind.DRAFT_DIR`` (and kinds of its own below it) and are registered through
+    ``ns._child`` so lookup counts and forget() work unchanged.
+    """
 
     def is_draft_name(self, name: str) -> bool: ...
     def lookup(self, ns: "Namespace", project: Node, name: str) -> Node: ...
