@@ -51,6 +51,7 @@ Fetcher = Callable[[int, int], bytes]
 MiB = 1 << 20
 #: cached objects up to this size are opened and md5-checked on the event loop (~0.3 ms)
 _INLINE_PREPARE_MAX = 256 << 10
+_EMPTY_MD5 = hashlib.md5(b"", usedforsecurity=False).hexdigest()
 #: verified small objects waiting for their (fsynced) cache install may hold this much memory
 _PENDING_INSTALL_BYTES = 64 * MiB
 
@@ -492,6 +493,10 @@ class ContentReader:
     # -- open/read/close ----------------------------------------------------------------
     def open(self, ref: FileRef) -> Handle:
         """Attach to the object's shared state; touches only the local cache, never the store."""
+        if ref.size == 0 and ref.md5 == _EMPTY_MD5 and self.cache.lookup(ref.md5, 0) is None:
+            # The kernel never sends a READ for an empty file; cache the (known) empty object
+            # anyway, so a later download() of the same version needs nothing from the store.
+            self._install_later(ref.md5, b"")
         with self._lock:
             obj = self._objects.get(ref.md5)
             if obj is None:

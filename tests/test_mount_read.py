@@ -306,3 +306,50 @@ def test_cli_background_mount_helper_and_umount(tmp_path: Path) -> None:
                 subprocess.run(["fusermount3", "-u", "-z", str(mnt)], capture_output=True)
     failed = subprocess.run([*cli, "umount", str(mnt)], env=env, capture_output=True, text=True, timeout=30)
     assert failed.returncode != 0 and "not an artifactfs mount" in failed.stderr
+
+
+def test_cache_is_shared_with_sdk_download_both_ways(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Bytes read through the mount are not fetched again by download(), and vice versa.
+
+    Proven without counters: after the first reader, the store's blobs are moved away and
+    the second reader must be served entirely from the shared cache.
+    """
+    import client
+
+    src = make_tree(tmp_path / "src", big=3 * MiB)
+    store = LocalStore(tmp_path / "store")  # ARTIFACTFS_STORE / _CACHE_DIR point here (conftest)
+    commit_tree(store, src, tmp_path)
+    store.close()
+    expected = sha256_tree(src)
+    store = LocalStore(tmp_path / "store")
+    content = {store.blob_path("ent", md5_file(p)) for p in src.rglob("*") if p.is_file()}
+    store.close()
+    away = tmp_path / "away"
+    away.mkdir()
+
+    def hide() -> None:  # the manifest stays: the SDK reads it from the store directly
+        for i, blob in enumerate(sorted(content)):
+            blob.rename(away / str(i))
+
+    def restore() -> None:
+        for i, blob in enumerate(sorted(content)):
+            (away / str(i)).rename(blob)
+
+    with mounted(tmp_path / "store", tmp_path, cache_dir=tmp_path / "cache") as m:
+        assert sha256_tree(m.path / V0) == expected
+    hide()  # unmounting finished every cache install; now the store has no file content
+    try:
+        client.Api().artifact("ent/proj/ds:v0").download(tmp_path / "dl")
+        assert sha256_tree(tmp_path / "dl") == expected
+    finally:
+        restore()
+
+    monkeypatch.setenv("ARTIFACTFS_CACHE_DIR", str(tmp_path / "cache2"))  # the other way round
+    client.Api().artifact("ent/proj/ds:v0").download(tmp_path / "dl2")
+    hide()
+    try:
+        with mounted(tmp_path / "store", tmp_path / "second", cache_dir=tmp_path / "cache2") as m:
+            assert sha256_tree(m.path / V0) == expected
+            assert m.stats()["store_requests"] == 0
+    finally:
+        restore()
