@@ -25,6 +25,7 @@ import botocore.exceptions
 import sqlalchemy.exc
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, JSONResponse, Response
 from pydantic import BaseModel, Field
 
@@ -165,10 +166,11 @@ def create_app(server: Server | None = None) -> FastAPI:
     async def _bad_request(_: Request, exc: RequestValidationError) -> JSONResponse:
         return _error_response(InvalidNameError(f"invalid request: {exc.errors()}"))
 
-    def principal(request: Request) -> Principal:
+    async def principal(request: Request) -> Principal:
+        """The caller; from the auth cache on the event loop, else the database in a thread."""
         header = request.headers.get("authorization", "")
         key = header[7:].strip() if header.lower().startswith("bearer ") else None
-        return auth.authenticate(key)
+        return auth.cached(key) or await run_in_threadpool(auth.authenticate, key)
 
     def readable(p: Principal, versions: list[VersionRecord]) -> list[dict[str, Any]]:
         return [record_to_json(v) for v in versions if p.role_in(v.entity)]

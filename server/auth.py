@@ -30,7 +30,6 @@ import secrets
 import threading
 import time
 from dataclasses import dataclass
-from typing import Iterable
 
 import cachetools
 import sqlalchemy as sa
@@ -235,6 +234,13 @@ class AuthDB:
             raise NotFoundError(f"no {kind} named {name!r}")
 
     # -- requests ----------------------------------------------------------------------------
+    def cached(self, key: str | None) -> Principal | None:
+        """The principal for a key verified in the last few seconds (no database access)."""
+        if not key:
+            return None
+        with self._lock:
+            return self._cache.get(hash_key(key))
+
     def authenticate(self, key: str | None) -> Principal:
         """The principal behind an API key; AuthenticationError for a missing, unknown or revoked key."""
         if not key:
@@ -277,8 +283,3 @@ def normalise_db_url(url: str) -> str:
         return "postgresql+psycopg://" + url.split("://", 1)[1]
     return url
 
-
-def member_entities(principal: Principal, known: Iterable[str]) -> list[str]:
-    """Entities the principal may see, out of those the registry knows plus its own teams."""
-    mine = set(principal.teams)
-    return sorted(mine | (set(known) & mine))
