@@ -36,8 +36,7 @@ from .api import Paginator
 from .manifest import Manifest
 from .registries import LinkMixin
 from .transfer import (ArtifactManifestEntry, Hashed, artifact_entry_reference, default_root, download_entries,
-                       get_cache,
-                       hash_into_staging, parse_file_uri, remove_extra_files, upload_entries, upload_manifest,
+                       get_cache, hash_into_staging, read_blob_cached, parse_file_uri, remove_extra_files, upload_entries, upload_manifest,
                        verify_tree)
 
 if TYPE_CHECKING:
@@ -250,7 +249,7 @@ class Artifact(LinkMixin):
         if self._manifest is None:
             rec = self._ensure_logged("manifest")
             assert self._store is not None
-            raw = self._store.read_blob(self._blob_entity, rec.manifest_md5)
+            raw = read_blob_cached(self._store, self._blob_entity, rec.manifest_md5)
             loaded = Manifest.from_bytes(raw)
             self._manifest = Manifest([ArtifactManifestEntry.wrap(e, self) for e in loaded.entries.values()],
                                       loaded.storage_policy, loaded.storage_policy_config)

@@ -25,7 +25,7 @@ from typing import Any, BinaryIO
 from . import settings
 from .cache import Cache
 from .errors import ArtifactFSError, ArtifactNotLoggedError, DigestMismatchError, NotFoundError
-from .hashing import b64_to_hex, hex_to_b64, is_md5_hex
+from .hashing import b64_to_hex, hex_to_b64, is_md5_hex, md5_bytes
 from .manifest import Manifest, ManifestEntry
 from .store import Store, open_store
 
@@ -275,6 +275,31 @@ def upload_entries(store: Store, entity: str, entries: Iterable[ManifestEntry], 
 
 
 # -- downloading --------------------------------------------------------------------------------------
+def read_blob_cached(store: Store, entity: str, md5: str) -> bytes:
+    """A whole small blob (a manifest), verified, through the local cache.
+
+    Manifests are immutable and content-addressed, so a second ``download`` (or the mount,
+    which shares the cache) does not ask the store again; bytes that do not hash to ``md5``
+    are never returned, whether they came from the cache or the store.
+    """
+    cache = get_cache()
+    path = cache.lookup(md5)
+    if path is not None:
+        data = path.read_bytes()
+        if md5_bytes(data) == md5:
+            return data
+        cache.drop(md5)
+    data = store.read_blob(entity, md5)
+    if md5_bytes(data) != md5:
+        raise DigestMismatchError(f"blob {md5} from {store.location} has md5 {md5_bytes(data)}; refusing it")
+    try:
+        with cache.writer(md5) as f:
+            f.write(data)
+    except (OSError, ArtifactFSError) as exc:  # the cache is an optimisation only
+        log.warning("could not cache manifest %s: %s", md5, exc)
+    return data
+
+
 def _stream_blob(store: Store, entity: str, md5: str, size: int, out: BinaryIO) -> None:
     local = getattr(store, "blob_path", None)
     if local is not None:

@@ -537,3 +537,28 @@ def test_failed_log_leaves_the_draft_editable(sdk_env: dict[str, Path]) -> None:
     with wrong.new_file("n") as fh:  # still editable
         fh.write("n")
     assert wrong.file_count == 2
+
+
+def test_manifest_is_read_once_through_the_cache_and_verified(tmp_path):
+    """A logged artifact's manifest lands in the shared cache; a corrupt cached copy is refused."""
+    import client
+    from client.transfer import get_cache
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.txt").write_text("alpha")
+    with client.init(project="p") as run:
+        art = client.Artifact("mcache", type="dataset")
+        art.add_dir(str(src))
+        run.log_artifact(art)
+    got = client.Api().artifact("p/mcache:latest")
+    assert "a.txt" in got.manifest.entries
+    md5 = got.commit_hash
+    cache = get_cache()
+    cached = cache.lookup(md5)
+    assert cached is not None and b'"a.txt"' in cached.read_bytes()
+    # corrupt the cached copy: the next reader must not trust it
+    os.chmod(cached, 0o644)
+    cached.write_bytes(cached.read_bytes().replace(b"a.txt", b"b.txt"))
+    again = client.Api().artifact("p/mcache:latest")
+    assert list(again.manifest.entries) == ["a.txt"]
