@@ -31,6 +31,7 @@ $(BIN)/python:
 
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/python -m compileall -q client mountfs server >/dev/null
 	touch $@
 
 venv: $(VENV)/.installed
@@ -56,6 +57,7 @@ umount:
 	$(BIN)/artifactfs umount $(MOUNT)
 
 test: deps
+	$(BIN)/python -m compileall -q client mountfs server tests >/dev/null
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
 bench: deps

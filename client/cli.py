@@ -27,6 +27,7 @@ LAZY_COMMANDS: dict[str, tuple[str, str, str]] = {
     "mount": ("mountfs.cli", "mount_command", "Mount the registry as a filesystem (FUSE)."),
     "umount": ("mountfs.cli", "umount_command", "Unmount a mounted registry."),
     "server": ("server.cli", "server_command", "Run the registry server."),
+    "admin": ("server.cli", "admin_command", "Manage users, teams and API keys of a registry server."),
 }
 
 
