@@ -313,6 +313,13 @@ def _stream_blob(store: Store, entity: str, md5: str, size: int, out: BinaryIO) 
             while n := f.readinto(buf):
                 out.write(view[:n])
         return
+    if size > _READ_CHUNK:
+        # a remote store downloads large blobs as parallel ranged GETs into a file of its own
+        with tempfile.TemporaryDirectory(prefix="artifactfs-dl-") as tmp:
+            part = Path(tmp) / md5
+            store.download_blob(entity, md5, part)
+            _copy_file(part, out)
+        return
     offset = 0
     while offset < size:
         data = store.read_blob(entity, md5, offset, min(_READ_CHUNK, size - offset))
@@ -435,6 +442,9 @@ def download_entries(store: Store, entity: str, entries: list[ManifestEntry], de
                     raise
         return size
 
+    prefetch = getattr(store, "prefetch_urls", None)
+    if prefetch is not None:  # one call for many download URLs instead of one per file
+        prefetch(entity, [b64_to_hex(e.digest) for e in entries if e.ref is None])
     total = sum(e.size or 0 for e in entries)
     with _progress(total, "download") as bar, ThreadPoolExecutor(max_workers=_WORKERS) as pool:
         written = 0

@@ -164,7 +164,9 @@ def test_sdk_logs_and_downloads_through_the_server(registry: SharedRegistry, tmp
     _, key = registry.new_user("alice", teams=(team,))
     src = tmp_path / "src"
     (src / "sub").mkdir(parents=True)
-    files = {"a.txt": b"alpha", "sub/b.bin": os.urandom(200_000), "big.bin": os.urandom(3 << 20)}
+    # huge.bin is larger than one read chunk: the SDK downloads it with parallel ranged GETs
+    files = {"a.txt": b"alpha", "sub/b.bin": os.urandom(200_000), "big.bin": os.urandom(3 << 20),
+             "huge.bin": os.urandom(17 << 20)}
     for name, data in files.items():
         (src / name).write_bytes(data)
 
