@@ -15,8 +15,10 @@ secret are in the database), so several processes behind a load balancer serve o
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import threading
 import time
 from typing import Any, Iterator
 
@@ -132,6 +134,22 @@ class Server:
         self.registry.close()
 
 
+def periodic_gc(server: Server, interval: float, stop: threading.Event) -> None:
+    """Delete versions whose TTL ran out, every ``interval`` seconds, until ``stop`` is set.
+
+    Every worker process runs one; that is harmless because deleting an already deleted
+    version is skipped by the core.
+    """
+    while not stop.wait(interval):
+        try:
+            gone = server.registry.gc_expired()
+            if gone:
+                log.info("ttl gc deleted %d expired version(s): %s", len(gone),
+                         ", ".join(v.qualified_name for v in gone[:20]))
+        except Exception:  # noqa: BLE001 - a failed sweep must not kill the server; retried next interval
+            log.exception("ttl gc sweep failed")
+
+
 def _error_response(exc: ArtifactFSError) -> JSONResponse:
     return JSONResponse({"error": {"code": error_code(exc), "message": str(exc)}}, status_code=exc.http_status)
 
@@ -145,7 +163,23 @@ def create_app(server: Server | None = None) -> FastAPI:
             os.environ.get("ARTIFACTFS_S3_ENDPOINT_URL") or None,
             int(os.environ.get("ARTIFACTFS_URL_TTL", DEFAULT_URL_TTL)),
         )
-    app = FastAPI(title="artifactfs registry", version="1",
+    gc_interval = float(os.environ.get("ARTIFACTFS_GC_INTERVAL", "3600"))
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> Any:
+        stop = threading.Event()
+        worker = None
+        if gc_interval > 0:
+            worker = threading.Thread(target=periodic_gc, args=(server, gc_interval, stop), name="ttl-gc", daemon=True)
+            worker.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            if worker is not None:
+                worker.join(5)
+
+    app = FastAPI(title="artifactfs registry", version="1", lifespan=lifespan,
                   description="Versioned artifacts (entity/project/collection:vN) shared by many machines.")
     app.state.server = server
     reg, auth = server.registry, server.auth

@@ -29,10 +29,13 @@ DEFAULT_DB = "sqlite:///artifactfs-server.db"
 @click.option("--port", default=8600, show_default=True, type=int)
 @click.option("--workers", default=1, show_default=True, type=int, help="server processes (stateless, share the DB)")
 @click.option("--url-ttl", default=300, show_default=True, type=int, help="lifetime of blob URLs, seconds")
+@click.option("--gc-interval", default=3600.0, show_default=True, type=float, envvar="ARTIFACTFS_GC_INTERVAL",
+              help="seconds between sweeps deleting versions whose TTL ran out (0: never)")
 @click.option("--log-level", default="info", show_default=True)
 def server_command(db_url: str, blobs_url: str, s3_endpoint_url: str | None, host: str, port: int, workers: int,
-                   url_ttl: int, log_level: str) -> None:
+                   url_ttl: int, gc_interval: float, log_level: str) -> None:
     """Run the registry server (HTTP API; OpenAPI at /openapi.json)."""
+    os.environ["ARTIFACTFS_GC_INTERVAL"] = str(gc_interval)
     os.environ["ARTIFACTFS_SERVER_DB"] = db_url
     os.environ["ARTIFACTFS_SERVER_BLOBS"] = blobs_url
     os.environ["ARTIFACTFS_URL_TTL"] = str(url_ttl)

@@ -291,3 +291,32 @@ def test_registry_rule_on_postgresql(rule, postgres, tmp_path: Path) -> None:  #
         rule(store, tmp_path)
     finally:
         store.close()
+
+
+def test_server_sweeps_expired_versions_periodically(local_store, tmp_path: Path) -> None:
+    """The server's background sweep deletes a version once its TTL has run out."""
+    import threading
+    import types
+
+    from server.app import periodic_gc
+
+    keep, _ = commit_files(local_store, tmp_path, {"a": b"keep"}, collection="keep", ttl_seconds=None)
+    short, _ = commit_files(local_store, tmp_path, {"a": b"short"}, collection="short", ttl_seconds=0.01)
+    stop = threading.Event()
+    sweeper = threading.Thread(target=periodic_gc, args=(types.SimpleNamespace(registry=local_store.registry), 0.05, stop))
+    sweeper.start()
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                local_store.resolve("ent", "proj", "short", "latest")
+            except NotFoundError:
+                break
+            time.sleep(0.05)
+    finally:
+        stop.set()
+        sweeper.join(10)
+    assert not sweeper.is_alive()
+    with pytest.raises(NotFoundError):
+        local_store.resolve("ent", "proj", "short", "v0")
+    assert local_store.resolve("ent", "proj", "keep", "latest").id == keep.id
