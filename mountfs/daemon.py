@@ -5,6 +5,12 @@ background mode starts ``python -m mountfs.daemon '<options as JSON>'`` in a new
 waits until the mount shows up in /proc/self/mountinfo (or the child dies); tests use the
 same entry point, so what they mount is exactly what users run.
 
+Drafts: staged under ``<cache dir>/drafts/``.  Before the mount serves, commits interrupted by
+a crash are completed or retried (``recover_commits``); after the FUSE session ends (umount,
+SIGTERM, systemd stop) every draft is committed (``commit_all``) before the process exits, so
+whoever waits for the daemon's exit (systemd, the tests) sees the new versions.  The commit runs
+after the kernel has let go of the mount: nothing can hang on an unserved mount meanwhile.
+
 Shutdown: SIGTERM/SIGINT call ``pyfuse3.terminate()`` and the mount is unmounted on the way
 out; ``fusermount3 -u`` ends ``pyfuse3.main`` the same way.  On any exception the session is
 closed with ``unmount=False`` (the pyfuse3 examples' rule) so the real error is reported.
@@ -121,6 +127,8 @@ def run(options: MountOptions) -> int:
     from client.cache import Cache
     from client.store import open_store
 
+    from .draft_fs import DraftFS
+    from .drafts import DraftManager
     from .fetch import ContentReader, FetchConfig
     from .manifest_index import IndexStore
     from .namespace import Namespace, NamespaceConfig
@@ -137,9 +145,15 @@ def run(options: MountOptions) -> int:
         block_size=options.block_size, parallel=options.parallel, attempts=options.attempts,
         backoff=options.backoff, timeout=options.timeout, watchdog=watchdog))
     indexes = IndexStore(cache.root / "index", content.manifest_path)
-    ns = Namespace(store, indexes, NamespaceConfig(alias_ttl=options.alias_ttl),
+    manager = DraftManager(cache.root / "drafts", store, cache)
+    for result in manager.recover_commits():
+        log.info("recovered an interrupted commit: %s %s", result.state, result.version or result.error or "")
+    drafts = DraftFS(manager, invalidate=lambda inode_p, name: pyfuse3.invalidate_entry_async(
+        inode_p, os.fsencode(name), ignore_enoent=True))
+    ns = Namespace(store, indexes, NamespaceConfig(alias_ttl=options.alias_ttl), drafts=drafts,
                    stats=lambda: {**content.stats(), "inodes": len(ns), "index_builds": indexes.builds})
-    ops = Operations(ns, content, max_threads=options.threads)
+    drafts.attach(ns)
+    ops = Operations(ns, content, max_threads=options.threads, drafts=drafts)
 
     fuse_options = set(pyfuse3.default_options)
     fuse_options |= {f"fsname={FSNAME}", f"subtype={FSNAME}", "noatime"}
@@ -177,12 +191,20 @@ def run(options: MountOptions) -> int:
         trio.run(serve)
     except BaseException:
         pyfuse3.close(unmount=False)
-        raise
-    finally:
+        manager.close()  # staged data stays; the next mount recovers it
         content.shutdown()
         store.close()
+        raise
     pyfuse3.close(unmount=True)
-    log.info("unmounted %s", options.mountpoint)
+    log.info("unmounted %s; committing drafts", options.mountpoint)
+    try:
+        for result in manager.commit_all():
+            if result.state != "noop":
+                log.info("unmount commit: %s %s", result.state, result.version or result.error or "")
+    finally:
+        manager.close()
+        content.shutdown()
+        store.close()
     return 0
 
 

@@ -221,6 +221,11 @@ class DraftManager:
                     return d
         return None
 
+    def by_id(self, draft_id: str) -> Draft | None:
+        """The draft with this id (the mount keys inodes by it), None once removed."""
+        with self._lock:
+            return self._drafts.get(draft_id)
+
     def get(self, entity: str, project: str, dirname: str) -> Draft:
         d = self.find(entity, project, dirname)
         if d is None:

@@ -9,7 +9,12 @@ Tree shape (one node *kind* per level; the kind decides lookup, listing, attribu
     /<e>/<p>/<collection>:<alias>       ALIAS_DIR     the version the alias named when looked up
     /<e>/<p>/<collection>:vN/a/b        TREE_DIR      directories derived from manifest paths
     /<e>/<p>/<collection>:vN/a/b/c.bin  TREE_FILE     one manifest entry
-    /<e>/<p>/<collection>:draft…        DRAFT_DIR     reserved for the write side (issue 5)
+    /<e>/<p>/<collection>:draft…        DRAFT_DIR     a writable draft (mountfs.draft_fs)
+    /<e>/<p>/<collection>:draft…/a/b    DRAFT_SUBDIR  a directory inside a draft
+    /<e>/<p>/<collection>:draft…/a/b/c  DRAFT_FILE    a file inside a draft
+
+Draft nodes are keyed by ``(0, draft id, node id)`` instead: a draft's node ids are stable
+across renames, so a renamed file or directory keeps its inode (as on a local disk).
 
 Inodes.  Every node is keyed by ``(parent inode, name, discriminator)`` and gets an inode
 number that is never reused.  For an alias directory the discriminator is the id of the
@@ -74,12 +79,16 @@ class Kind(enum.Enum):
     ALIAS_DIR = "alias"
     TREE_DIR = "dir"
     TREE_FILE = "file"
-    DRAFT_DIR = "draft"  #: reserved for the write side (issue 5); never produced here
+    DRAFT_DIR = "draft"  #: the root of a draft; produced by the DraftProvider
+    DRAFT_SUBDIR = "draft-dir"
+    DRAFT_FILE = "draft-file"
 
 
 #: kinds whose content is a fixed version (immutable; long kernel timeouts)
 VERSIONED = frozenset({Kind.VERSION_DIR, Kind.ALIAS_DIR, Kind.TREE_DIR, Kind.TREE_FILE})
-DIRECTORY_KINDS = frozenset(Kind) - {Kind.TREE_FILE}
+DIRECTORY_KINDS = frozenset(Kind) - {Kind.TREE_FILE, Kind.DRAFT_FILE}
+#: kinds owned by the draft provider (writable; short kernel timeouts)
+DRAFT_KINDS = frozenset({Kind.DRAFT_DIR, Kind.DRAFT_SUBDIR, Kind.DRAFT_FILE})
 
 
 @dataclass(slots=True, eq=False)
@@ -97,6 +106,9 @@ class Node:
     version: VersionRecord | None = None
     entry: IndexEntry | None = None  #: the index row of TREE_DIR / TREE_FILE nodes
     lookups: int = 0
+    draft_id: str = ""  #: DRAFT_* nodes: the draft they belong to
+    nid: int = 0  #: DRAFT_* nodes: the node id inside the draft (stable across renames)
+    dattr: Any = None  #: DRAFT_* nodes: attributes as of the last lookup/readdir/getattr
 
     @property
     def is_dir(self) -> bool:
@@ -144,18 +156,24 @@ class DirHandle:
 
 
 class DraftProvider(Protocol):
-    """The seam for writable drafts (issue 5): it owns ``<collection>:draft…`` names.
+    """The seam for writable drafts: it owns ``<collection>:draft…`` names and what is below.
 
     Its methods run like the namespace's own: first on the event loop in local-only mode,
     where anything needing the store or disk I/O must call ``ns._io()`` (raising NeedsIO)
-    before changing state, then again in a worker thread.  Nodes it returns use
-    ``Kind.DRAFT_DIR`` (and kinds of its own below it) and are registered through
-    ``ns._child`` so lookup counts and forget() work unchanged.
+    before changing state, then again in a worker thread.  Nodes it returns use the
+    ``DRAFT_*`` kinds and are registered through :meth:`Namespace.draft_node` so lookup
+    counts and forget() work unchanged.
     """
 
     def is_draft_name(self, name: str) -> bool: ...
     def lookup(self, ns: "Namespace", project: Node, name: str) -> Node: ...
+    def lookup_child(self, ns: "Namespace", parent: Node, name: str) -> Node: ...
     def list_names(self, entity: str, project: str) -> list[str]: ...
+    def extra_entities(self) -> set[str]: ...
+    def extra_projects(self, entity: str) -> set[str]: ...
+    def attr(self, ns: "Namespace", node: Node, *, fresh: bool) -> Attr: ...
+    def readdir_page(self, ns: "Namespace", node: Node, start_id: int, limit: int) -> list[tuple[int, str, Node]]: ...
+    def xattrs(self, ns: "Namespace", node: Node) -> dict[str, bytes]: ...
 
 
 @dataclass
@@ -221,6 +239,49 @@ class Namespace:
             self._nodes[node.inode] = node
             self._by_key[key] = node.inode
             return node
+
+    def draft_node(self, parent: Node, name: str, kind: Kind, draft_id: str, nid: int, dattr: Any) -> Node:
+        """The node of draft node ``nid`` (created with lookup count 0 if new).
+
+        Keyed by (draft, node id), not by name: after a rename the same inode is found under
+        the new name, and parent/name are refreshed here on every lookup.
+        """
+        key = (0, draft_id, str(nid))
+        with self._lock:
+            inode = self._by_key.get(key)
+            node = self._nodes.get(inode) if inode is not None else None
+            if node is None:
+                node = Node(self._next_inode, kind, parent.inode, name, key, parent.entity, parent.project,
+                            parent.collection, None, None, draft_id=draft_id, nid=nid)
+                self._next_inode += 1
+                self._nodes[node.inode] = node
+                self._by_key[key] = node.inode
+            node.parent, node.name, node.dattr = parent.inode, name, dattr
+            return node
+
+    def new_fh(self) -> int:
+        """A file handle number unique across version files and draft files."""
+        with self._lock:
+            fh = self._next_fh
+            self._next_fh += 1
+            return fh
+
+    def forget_listings(self, entity: str, project: str, collection: str | None = None) -> list[tuple[int, str]]:
+        """Drop what the store told us about a project (a draft was created, removed or committed).
+
+        Returns (project inode, name) of the alias directories of ``collection`` the kernel may
+        still have cached, for the daemon to invalidate (their entry timeout would also expire).
+        """
+        with self._lock:
+            for key in (("entities",), ("projects", entity), ("project", entity, project)):
+                self._listings.pop(key, None)
+            if collection is None:
+                return []
+            for key in [k for k in self._aliases if k[:3] == (entity, project, collection)]:
+                self._aliases.pop(key, None)
+            return [(n.parent, n.name) for n in self._nodes.values()
+                    if n.kind is Kind.ALIAS_DIR and n.entity == entity and n.project == project
+                    and n.collection == collection]
 
     def remember(self, node: Node) -> None:
         """Add one lookup reference (a lookup reply or an accepted readdirplus entry)."""
@@ -301,7 +362,13 @@ class Namespace:
     def _project_listing(self, entity: str, project: str) -> list[tuple[str, Kind, VersionRecord | None]]:
         def fetch() -> list[tuple[str, Kind, VersionRecord | None]]:
             out: list[tuple[str, Kind, VersionRecord | None]] = []
-            for coll in self.store.list_collections(entity, project):
+            try:
+                collections = self.store.list_collections(entity, project)
+            except NotFoundError:  # a project that exists only as drafts (or a fresh mkdir)
+                if self.drafts is None:
+                    raise
+                collections = []
+            for coll in collections:
                 versions = {v.index: v for v in self.store.list_versions(entity, project, coll.name)}
                 for idx in sorted(versions):
                     out.append((f"{coll.name}:v{idx}", Kind.VERSION_DIR, versions[idx]))
@@ -334,32 +401,55 @@ class Namespace:
         self.remember(node)
         return node
 
+    def lookup_unremembered(self, inode_p: int, name: str) -> Node:
+        """Resolve ``name`` without counting a lookup (the caller's reply counts it)."""
+        return self._lookup_child(self.node(inode_p), name)
+
     def _lookup_child(self, parent: Node, name: str) -> Node:
         kind = parent.kind
         if kind is Kind.ROOT:
-            if name not in self._listing(("entities",), self.store.list_entities):
+            if name not in self._entities():
                 raise NotFoundError(f"no entity {name!r}")
             node = self._child(parent, name, Kind.ENTITY)
             node.entity = name
             return node
         if kind is Kind.ENTITY:
-            if name not in self._listing(("projects", parent.entity),
-                                         lambda: self.store.list_projects(parent.entity)):
+            if name not in self._projects(parent.entity):
                 raise NotFoundError(f"no project {parent.entity}/{name}")
             node = self._child(parent, name, Kind.PROJECT)
             node.project = name
             return node
         if kind is Kind.PROJECT:
             return self._lookup_version(parent, name)
-        if kind is Kind.TREE_FILE:
+        if kind is Kind.TREE_FILE or kind is Kind.DRAFT_FILE:
             raise OSError(errno.ENOTDIR, "not a directory")
+        if kind in DRAFT_KINDS:
+            assert self.drafts is not None
+            return self.drafts.lookup_child(self, parent, name)
         if kind in VERSIONED:
             index = self._index(parent)
             entry = index.lookup(parent.dir_id, name)
             if entry is None:
                 raise NotFoundError(f"{parent.version.qualified_name} has no {name!r} here")
             return self._child(parent, name, Kind.TREE_DIR if entry.is_dir else Kind.TREE_FILE, entry=entry)
-        raise NotFoundError(f"{name!r} not found")  # DRAFT_DIR children belong to the draft provider
+        raise NotFoundError(f"{name!r} not found")
+
+    def _entities(self) -> set[str]:
+        """Entities of the store, plus those that exist only as drafts or fresh mkdirs."""
+        found = set(self._listing(("entities",), self.store.list_entities))
+        return found | self.drafts.extra_entities() if self.drafts is not None else found
+
+    def _projects(self, entity: str) -> set[str]:
+        """Projects of the store, plus those that exist only as drafts or fresh mkdirs."""
+        if self.drafts is None:
+            return set(self._listing(("projects", entity), lambda: self.store.list_projects(entity)))
+        extra = self.drafts.extra_projects(entity)
+        try:
+            return set(self._listing(("projects", entity), lambda: self.store.list_projects(entity))) | extra
+        except NotFoundError:  # an entity the registry does not know yet
+            if extra or entity in self.drafts.extra_entities():
+                return extra
+            raise
 
     def _lookup_version(self, parent: Node, name: str) -> Node:
         if self.drafts is not None and self.drafts.is_draft_name(name):
@@ -395,6 +485,9 @@ class Namespace:
     # -- attributes ----------------------------------------------------------------------
     def attr(self, node: Node) -> Attr:
         cfg = self.config
+        if node.kind in DRAFT_KINDS:
+            assert self.drafts is not None
+            return self.drafts.attr(self, node, fresh=False)
         if node.kind in VERSIONED:
             assert node.version is not None
             mtime = int(node.version.created_at.timestamp() * 1e9)
@@ -409,7 +502,11 @@ class Namespace:
         return Attr(node.inode, DIR_MODE, 1, 0, self._mounted_ns, cfg.uid, cfg.gid, cfg.alias_ttl, cfg.alias_ttl)
 
     def getattr(self, inode: int) -> Attr:
-        return self.attr(self.node(inode))
+        node = self.node(inode)
+        if node.kind in DRAFT_KINDS:  # mutable: ask the draft, not the attributes of the last lookup
+            assert self.drafts is not None
+            return self.drafts.attr(self, node, fresh=True)
+        return self.attr(node)
 
     # -- directories ---------------------------------------------------------------------
     def opendir(self, inode: int) -> int:
@@ -421,6 +518,13 @@ class Namespace:
             self._next_fh += 1
             self._dir_handles[fh] = DirHandle(node)
         return fh
+
+    def dir_inode(self, fh: int) -> int:
+        with self._lock:
+            handle = self._dir_handles.get(fh)
+        if handle is None:
+            raise OSError(errno.EBADF, "bad directory handle")
+        return handle.node.inode
 
     def releasedir(self, fh: int) -> None:
         with self._lock:
@@ -438,6 +542,9 @@ class Namespace:
         if handle is None:
             raise OSError(errno.EBADF, "bad directory handle")
         node = handle.node
+        if node.kind in DRAFT_KINDS:
+            assert self.drafts is not None
+            return self.drafts.readdir_page(self, node, start_id, limit)
         if node.kind in VERSIONED:
             assert node.version is not None
             if handle.index is None:
@@ -454,13 +561,12 @@ class Namespace:
 
     def _snapshot(self, node: Node) -> list[tuple[str, Kind, VersionRecord | None]]:
         if node.kind is Kind.ROOT:
-            return [(n, Kind.ENTITY, None) for n in sorted(self._listing(("entities",), self.store.list_entities))]
+            return [(n, Kind.ENTITY, None) for n in sorted(self._entities())]
         if node.kind is Kind.ENTITY:
-            projects = self._listing(("projects", node.entity), lambda: self.store.list_projects(node.entity))
-            return [(n, Kind.PROJECT, None) for n in sorted(projects)]
+            return [(n, Kind.PROJECT, None) for n in sorted(self._projects(node.entity))]
         if node.kind is Kind.PROJECT:
             return self._project_listing(node.entity, node.project)
-        return []  # DRAFT_DIR: listed by the draft provider
+        return []
 
     def _virtual_child(self, parent: Node, name: str, kind: Kind, record: VersionRecord | None) -> Node:
         if kind is Kind.ENTITY:
@@ -511,15 +617,19 @@ class Namespace:
 
     # -- writes: everything here is read-only ------------------------------------------
     def check_writable(self, inode_p: int, name: str | None = None) -> None:
-        """Raise the errno a write-type operation gets (the write side will extend this)."""
+        """Raise the errno a write-type operation the drafts do not take gets (xattr writes):
+        ENOTSUP inside a draft (it has no extended attributes to keep), EROFS elsewhere."""
         node = self.node(inode_p)
-        if node.kind is Kind.DRAFT_DIR:
-            raise OSError(errno.ENOTSUP, "drafts are handled by the draft provider")
+        if node.kind in DRAFT_KINDS:
+            raise OSError(errno.ENOTSUP, "drafts keep no extended attributes")
         raise OSError(errno.EROFS, "artifact versions are read-only")
 
     # -- extended attributes -------------------------------------------------------------
     def xattrs(self, inode: int) -> dict[str, bytes]:
         node = self.node(inode)
+        if node.kind in DRAFT_KINDS:
+            assert self.drafts is not None
+            return self.drafts.xattrs(self, node)
         version = node.version
         if node.kind is Kind.ROOT and self.stats is not None:
             return {"user.artifactfs.stats": json.dumps(self.stats(), sort_keys=True).encode()}

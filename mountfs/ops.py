@@ -1,7 +1,10 @@
 """The pyfuse3 Operations of the mount: argument conversion only, errno mapping in one place.
 
 Everything with a decision in it lives below: :mod:`mountfs.namespace` (what a name means,
-attributes, lookup counts, handles) and :mod:`mountfs.fetch` (content).  Calls that may block
+attributes, lookup counts, handles), :mod:`mountfs.fetch` (content) and
+:mod:`mountfs.draft_fs` (the writable drafts; every write operation goes there, which answers
+EROFS outside a draft).  Draft operations always run in a worker thread: a commit holds the
+draft's lock for as long as it takes, and the loop must keep serving everything else.  Calls that may block
 (store requests, index builds, fetches, verification) run in worker threads through
 ``trio.to_thread`` under one CapacityLimiter, so the trio loop keeps serving other requests.
 Each call is first tried on the loop in local-only mode (memory, open SQLite indexes, local
@@ -28,8 +31,9 @@ import trio
 from client.errors import (AuthenticationError, ConflictError, InvalidNameError, InvalidPathError, NotFoundError,
                            PermissionDeniedError, StoreUnavailableError)
 
+from .draft_fs import DraftFS
 from .fetch import ContentReader, Handle
-from .namespace import Attr, Namespace, NeedsIO
+from .namespace import DRAFT_KINDS, Attr, Namespace, NeedsIO
 
 log = logging.getLogger(__name__)
 
@@ -98,10 +102,12 @@ class Operations(pyfuse3.Operations):
     supports_dot_lookup = True
     enable_writeback_cache = False
 
-    def __init__(self, ns: Namespace, content: ContentReader, max_threads: int = 16) -> None:
+    def __init__(self, ns: Namespace, content: ContentReader, max_threads: int = 16,
+                 drafts: DraftFS | None = None) -> None:
         super().__init__()
         self.ns = ns
         self.content = content
+        self.drafts = drafts
         self.max_threads = max_threads
         self._limiter: trio.CapacityLimiter | None = None
         self._handles: dict[int, Handle] = {}
@@ -116,6 +122,20 @@ class Operations(pyfuse3.Operations):
         if self._limiter is None:  # created lazily: it must belong to the running trio loop
             self._limiter = trio.CapacityLimiter(self.max_threads)
         return await trio.to_thread.run_sync(fn, *args, limiter=self._limiter)
+
+    def _writable(self) -> DraftFS:
+        if self.drafts is None:
+            raise OSError(errno.EROFS, "artifact versions are read-only")
+        return self.drafts
+
+    async def _draft(self, fn: Callable[..., _T], *args: Any) -> _T:
+        """A draft operation: always in a worker thread (it may wait for a running commit)."""
+        return await self._thread(fn, *args)
+
+    def _reply(self, node: Any) -> pyfuse3.EntryAttributes:
+        """Entry reply of a node just made (mkdir/create/mknod): counts as one lookup."""
+        self.ns.remember(node)
+        return entry_attributes(self.ns.attr(node))
 
     async def _ns(self, fn: Callable[..., _T], *args: Any) -> _T:
         """Run a namespace call on the loop if it is answerable from memory, else in a thread."""
@@ -137,7 +157,7 @@ class Operations(pyfuse3.Operations):
 
     @_fuse_errors
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext | None = None) -> pyfuse3.EntryAttributes:
-        return entry_attributes(self.ns.getattr(inode))
+        return entry_attributes(await self._ns(self.ns.getattr, inode))
 
     @_fuse_errors
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> DirHandle:
@@ -163,11 +183,17 @@ class Operations(pyfuse3.Operations):
     @_fuse_errors
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
         st = pyfuse3.StatvfsData()
+        st.f_namemax = 255
+        if self.drafts is not None:  # what drafts can still take: the staging filesystem
+            fs = await self._draft(self.drafts.statfs)
+            st.f_bsize, st.f_frsize = fs.bsize, fs.frsize
+            st.f_blocks, st.f_bfree, st.f_bavail = fs.blocks, fs.bfree, fs.bavail
+            st.f_files, st.f_ffree, st.f_favail = fs.files, fs.ffree, fs.ffree
+            return st
         st.f_bsize = st.f_frsize = 1 << 17
         st.f_blocks = st.f_bfree = st.f_bavail = 0
         st.f_files = len(self.ns)
         st.f_ffree = st.f_favail = 0
-        st.f_namemax = 255
         return st
 
     # -- xattrs --------------------------------------------------------------------------
@@ -182,6 +208,11 @@ class Operations(pyfuse3.Operations):
     # -- files ---------------------------------------------------------------------------
     @_fuse_errors
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        if self.ns.node(inode).kind in DRAFT_KINDS:
+            fh, ref = await self._draft(self._writable().open, inode, flags)
+            if ref is not None:  # unchanged base content: the read side serves it
+                self._handles[fh] = self.content.open(ref)
+            return pyfuse3.FileInfo(fh=FileHandle(fh), keep_cache=False)
         fh, ref = self.ns.open(inode, flags)
         self._handles[fh] = self.content.open(ref)
         # Content under an inode never changes, so the kernel may keep its page cache.
@@ -189,14 +220,19 @@ class Operations(pyfuse3.Operations):
 
     @_fuse_errors
     async def read(self, fh: FileHandle, off: int, size: int) -> bytes:
-        handle = self._handles[fh]
+        handle = self._handles.get(fh)
+        if handle is None:
+            return await self._draft(self._writable().read, fh, off, size)
         data = self.content.read_nowait(handle, off, size)
         if data is None:
             data = await self._thread(self.content.read, handle, off, size)
         return data
 
-    # flush is left to pyfuse3's default (ENOSYS): the kernel then stops sending FLUSH on
-    # every close(), which saves a round trip per file on a read-only mount.
+    @_fuse_errors
+    async def flush(self, fh: FileHandle) -> None:
+        # close(2) of ``.commit`` commits and waits; other draft files and versions: nothing to do
+        if self.drafts is not None and self.drafts.is_draft_handle(fh) and fh not in self._handles:
+            await self._draft(self.drafts.flush, fh)
 
     @_fuse_errors
     async def release(self, fh: FileHandle) -> None:
@@ -204,60 +240,76 @@ class Operations(pyfuse3.Operations):
         handle = self._handles.pop(fh, None)
         if handle is not None and not self.content.close_nowait(handle):
             await self._thread(self.content.close, handle)
+        if self.drafts is not None and self.drafts.is_draft_handle(fh):
+            await self._draft(self.drafts.release, fh)
+
+    @_fuse_errors
+    async def fsync(self, fh: FileHandle, datasync: bool) -> None:
+        if self.drafts is not None and self.drafts.is_draft_handle(fh):
+            await self._draft(self.drafts.fsync, fh, datasync)
+
+    @_fuse_errors
+    async def fsyncdir(self, fh: DirHandle, datasync: bool) -> None:
+        inode = self.ns.dir_inode(fh)
+        if self.ns.node(inode).kind in DRAFT_KINDS:
+            await self._draft(self._writable().fsyncdir, inode)
 
     @_fuse_errors
     async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
         raise OSError(errno.EINVAL, "no symbolic links on artifactfs")
 
-    # -- writes: refused by the namespace (EROFS on versions) ----------------------------
+    # -- writes: drafts take them (mountfs.draft_fs), anything else answers EROFS ------------
     @_fuse_errors
     async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields,
                       fh: FileHandle | None, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        self.ns.check_writable(inode)
-        raise AssertionError("unreachable")
+        node = await self._draft(
+            functools.partial(self._writable().setattr, inode,
+                              size=attr.st_size if fields.update_size else None,
+                              mode=attr.st_mode if fields.update_mode else None,
+                              atime_ns=attr.st_atime_ns if fields.update_atime else None,
+                              mtime_ns=attr.st_mtime_ns if fields.update_mtime else None))
+        return entry_attributes(self.ns.attr(node))
 
     @_fuse_errors
     async def mkdir(self, inode_p: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        self.ns.check_writable(inode_p, os.fsdecode(name))
-        raise AssertionError("unreachable")
+        return self._reply(await self._draft(self._writable().mkdir, inode_p, os.fsdecode(name), mode))
 
     @_fuse_errors
     async def mknod(self, inode_p: int, name: bytes, mode: int, rdev: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        self.ns.check_writable(inode_p, os.fsdecode(name))
-        raise AssertionError("unreachable")
+        return self._reply(await self._draft(self._writable().mknod, inode_p, os.fsdecode(name), mode))
 
     @_fuse_errors
     async def create(self, inode_p: int, name: bytes, mode: int, flags: int,
                      ctx: pyfuse3.RequestContext) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
-        self.ns.check_writable(inode_p, os.fsdecode(name))
-        raise AssertionError("unreachable")
+        fh, node = await self._draft(self._writable().create, inode_p, os.fsdecode(name), mode, flags)
+        return pyfuse3.FileInfo(fh=FileHandle(fh), keep_cache=False), self._reply(node)
 
     @_fuse_errors
     async def symlink(self, inode_p: int, name: bytes, target: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        self.ns.check_writable(inode_p, os.fsdecode(name))
-        raise AssertionError("unreachable")
+        return self._reply(await self._draft(self._writable().symlink, inode_p, os.fsdecode(name),
+                                             os.fsdecode(target)))
 
     @_fuse_errors
     async def link(self, inode: int, new_inode_p: int, new_name: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        self.ns.check_writable(new_inode_p, os.fsdecode(new_name))
-        raise AssertionError("unreachable")
+        return self._reply(await self._draft(self._writable().link, inode, new_inode_p, os.fsdecode(new_name)))
 
     @_fuse_errors
     async def unlink(self, inode_p: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
-        self.ns.check_writable(inode_p, os.fsdecode(name))
+        await self._draft(self._writable().unlink, inode_p, os.fsdecode(name))
 
     @_fuse_errors
     async def rmdir(self, inode_p: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
-        self.ns.check_writable(inode_p, os.fsdecode(name))
+        await self._draft(self._writable().rmdir, inode_p, os.fsdecode(name))
 
     @_fuse_errors
     async def rename(self, inode_p_old: int, name_old: bytes, inode_p_new: int, name_new: bytes,
                      flags: int, ctx: pyfuse3.RequestContext) -> None:
-        self.ns.check_writable(inode_p_old, os.fsdecode(name_old))
+        await self._draft(self._writable().rename, inode_p_old, os.fsdecode(name_old), inode_p_new,
+                          os.fsdecode(name_new), flags)
 
     @_fuse_errors
     async def write(self, fh: FileHandle, off: int, buf: bytes) -> int:
-        raise OSError(errno.EBADF, "file not open for writing")
+        return await self._draft(self._writable().write, fh, off, buf)
 
     @_fuse_errors
     async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext) -> None:
