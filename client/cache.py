@@ -17,9 +17,23 @@ Why it is built this way:
 * Several processes share the directory.  :meth:`Cache.fetch` takes a per-key ``fcntl`` lock so
   concurrent readers of one key download it once; :meth:`Cache.evict` only removes objects whose
   key lock it can take without waiting, so an object being fetched is never evicted.
-* LRU is tracked with the object's mtime (``lookup`` touches it); scanning the directory is the
-  source of truth, so there is no index to corrupt.  A corrupt object (wrong size, failed
-  verify) is dropped and treated as a miss.
+* LRU is tracked with the object's atime (``lookup`` touches it; older caches used the mtime,
+  so the stamp is ``max(atime, mtime)``); scanning the directory is the source of truth, so
+  there is no index to corrupt.  A corrupt object (wrong size, failed verify) is dropped and
+  treated as a miss.  The mtime is left alone so that it keeps meaning "content last written".
+* Verified markers: an object whose bytes were hashed *and* are durable carries the xattr
+  ``user.artifactfs.verified = "<md5> <size> <mtime_ns> <ino>"``.  :meth:`Cache.checked` trusts
+  an object whose marker matches its current stat instead of re-hashing it (1.7 s/GiB), so a
+  remount does not re-read the whole cache.  Any write through the filesystem changes the
+  mtime (and a copy changes the inode), which invalidates the marker and forces a re-hash.
+  What a marker cannot see is corruption below the filesystem (media bit rot that keeps the
+  mtime): that is the accepted trade-off, the same one every local filesystem cache makes.
+  A marker is only written for bytes known to be on disk (after fsync / fdatasync), so a
+  crash cannot leave a marker on a zeroed or short object.  Filesystems without user xattrs
+  simply never get markers (every check then hashes, as before).
+* Hard links: an embedded store's blob files are immutable and verified at upload, so
+  :meth:`Cache.link` enters one into the cache as a second name for the same inode (no copy,
+  no fsync, no double disk use).  Eviction removes only the cache's name.
 """
 
 from __future__ import annotations
@@ -50,6 +64,37 @@ log = logging.getLogger(__name__)
 _TOUCH_GRANULARITY = 5.0
 #: prune() removes temp files left by crashed writers once they are this old.
 _STALE_TMP_SECONDS = 3600.0
+#: the verified marker (see the module docstring)
+VERIFIED_XATTR = "user.artifactfs.verified"
+
+
+def _marker(md5_hex: str, st: os.stat_result) -> bytes:
+    return f"{md5_hex} {st.st_size} {st.st_mtime_ns} {st.st_ino}".encode()
+
+
+def has_verified_marker(fd: int, md5_hex: str, st: os.stat_result | None = None) -> bool:
+    """Whether the open file ``fd`` carries a marker matching ``md5_hex`` and its current stat."""
+    st = st if st is not None else os.fstat(fd)
+    try:
+        return os.getxattr(fd, VERIFIED_XATTR) == _marker(md5_hex, st)
+    except OSError:
+        return False  # no marker, or no xattr support: unverified
+
+
+def set_verified_marker(fd: int, md5_hex: str, *, durable: bool = False) -> bool:
+    """Record that ``fd``'s bytes hash to ``md5_hex``.  ``durable``: they are known on disk.
+
+    Without ``durable`` the data is fdatasync'ed first (near free for a clean file), so a crash
+    cannot leave a marker on bytes that never reached the disk.  False if not recorded.
+    """
+    try:
+        if not durable:
+            os.fdatasync(fd)
+        os.setxattr(fd, VERIFIED_XATTR, _marker(md5_hex, os.fstat(fd)))
+        return True
+    except OSError as exc:
+        log.debug("no verified marker for %s: %s", md5_hex, exc)
+        return False
 
 
 def _check_key(md5_hex: str) -> str:
@@ -205,29 +250,95 @@ class Cache:
             self.drop(md5_hex)
             return None
         now = time.time()
-        if now - st.st_mtime > _TOUCH_GRANULARITY:
+        if now - max(st.st_atime, st.st_mtime) > _TOUCH_GRANULARITY:
             with contextlib.suppress(OSError):
-                os.utime(p, (now, now))
+                os.utime(p, ns=(time.time_ns(), st.st_mtime_ns))  # atime = LRU; mtime stays
         return p
 
     def verify(self, md5_hex: str) -> bool:
-        """Re-hash the object; a corrupt one is dropped.  False when absent or corrupt."""
+        """Re-hash the object; a corrupt one is dropped.  False when absent or corrupt.
+
+        A good object gets a verified marker, so :meth:`checked` can skip the next hash.
+        """
         p = self.path(md5_hex)
         try:
-            actual = md5_file(p)
+            fd = os.open(p, os.O_RDONLY)
         except FileNotFoundError:
             return False
-        if actual != md5_hex:
-            log.warning("cache object %s hashes to %s: dropping it", md5_hex, actual)
-            self.drop(md5_hex)
-            return False
-        return True
+        try:
+            h = hashlib.md5(usedforsecurity=False)
+            while chunk := os.read(fd, _CHUNK):
+                h.update(chunk)
+            if (actual := h.hexdigest()) != md5_hex:
+                log.warning("cache object %s hashes to %s: dropping it", md5_hex, actual)
+                self.drop(md5_hex)
+                return False
+            set_verified_marker(fd, md5_hex)
+            return True
+        finally:
+            os.close(fd)
+
+    def checked(self, md5_hex: str, size: int) -> Path | None:
+        """The object if present, of ``size`` bytes and verified: by its marker, else by a hash."""
+        p = self.lookup(md5_hex, size)
+        if p is None:
+            return None
+        try:
+            fd = os.open(p, os.O_RDONLY)
+        except FileNotFoundError:
+            return None
+        try:
+            if has_verified_marker(fd, md5_hex):
+                return p
+        finally:
+            os.close(fd)
+        return p if self.verify(md5_hex) else None
+
+    def link(self, md5_hex: str, src: Path | str, expect: os.stat_result | None = None) -> Path | None:
+        """Enter an immutable, already verified file (a store blob) as a hard link; no copy.
+
+        ``expect`` is the stat of the file the caller verified: if the new link names another
+        inode the link is removed again.  None when linking is impossible (another
+        filesystem, no permission): the caller then falls back to copying.
+        """
+        dest = self.path(md5_hex)
+        if md5_hex[:2] not in self._shards:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            self._shards.add(md5_hex[:2])
+        try:
+            os.link(src, dest)
+        except FileExistsError:
+            return dest
+        except OSError as exc:
+            log.debug("cannot link %s into the cache: %s", src, exc)
+            return None
+        st = dest.stat()
+        if expect is not None and (st.st_dev, st.st_ino) != (expect.st_dev, expect.st_ino):
+            with contextlib.suppress(FileNotFoundError):
+                dest.unlink()
+            return None
+        with contextlib.suppress(OSError):
+            os.utime(dest, ns=(time.time_ns(), st.st_mtime_ns))
+        return dest
 
     # -- writing ---------------------------------------------------------------------------
-    def _install(self, md5_hex: str, tmp: Path) -> Path:
-        """Make a verified, fsynced temp file read-only and rename it into place."""
+    def _install(self, md5_hex: str, tmp: Path, *, mark: bool = True) -> Path:
+        """Make a verified, fsynced temp file read-only and rename it into place.
+
+        ``mark``: also give it a verified marker (only for bytes that are hashed and durable).
+        """
         dest = self.path(md5_hex)
         os.chmod(tmp, 0o444)
+        now_ns = time.time_ns()
+        with contextlib.suppress(OSError):
+            # LRU stamp (adopted files may have been written long ago); the mtime is kept
+            os.utime(tmp, ns=(now_ns, os.stat(tmp).st_mtime_ns))
+        if mark:
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                set_verified_marker(fd, md5_hex, durable=True)
+            finally:
+                os.close(fd)
         if md5_hex[:2] not in self._shards:
             dest.parent.mkdir(parents=True, exist_ok=True)
             self._shards.add(md5_hex[:2])
@@ -236,9 +347,6 @@ class Cache:
         except FileNotFoundError:  # the shard dir was removed behind our back
             dest.parent.mkdir(parents=True, exist_ok=True)
             os.replace(tmp, dest)
-        now = time.time()
-        with contextlib.suppress(OSError):
-            os.utime(dest, (now, now))  # LRU stamp: adopted files may have been written long ago
         return dest
 
     def _finish(self, md5_hex: str, tmp: Path, hf: _HashingFile, size: int | None) -> Path:
@@ -326,7 +434,7 @@ class Cache:
             if fsync:
                 with open(path, "rb") as f:
                     os.fsync(f.fileno())
-            return self._install(md5_hex, path)
+            return self._install(md5_hex, path, mark=fsync)
         except OSError as e:
             if e.errno != errno.EXDEV:
                 raise
@@ -366,7 +474,7 @@ class Cache:
             self.path(md5_hex).unlink()
 
     def _scan(self) -> list[tuple[float, int, str]]:
-        """(mtime, size, key) of every complete object."""
+        """(LRU stamp, size, key) of every complete object."""
         out: list[tuple[float, int, str]] = []
         try:
             shards = list(os.scandir(self.objects_dir))
@@ -381,7 +489,7 @@ class Cache:
                         st = e.stat(follow_symlinks=False)
                     except FileNotFoundError:
                         continue
-                    out.append((st.st_mtime, st.st_size, shard.name + e.name))
+                    out.append((max(st.st_atime, st.st_mtime), st.st_size, shard.name + e.name))
         return out
 
     def evict(self, needed: int = 0, max_bytes: int | None = None) -> int:

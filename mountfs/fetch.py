@@ -13,10 +13,8 @@ Layers, bottom up:
   block wait for one fetch.  It counts requests and bytes so tests assert on counts.
 * :class:`ReadaheadWindow` — per open file: a sequential reader gets a window that doubles up
   to a maximum; a random reader gets none (a 4 KiB read costs one ranged request).
-* :class:`ContentReader` — glue over Store + Cache: complete cached objects are read directly
-  (after one md5 check per daemon lifetime), small objects are fetched whole through
-  ``Cache.fetch``, large ones through a PartialFile that is md5-verified and promoted into the
-  complete cache with ``Cache.adopt`` once every block is present.
+* the content layer (:class:`ContentReader`, which glues these over Store + Cache) lives in
+  :mod:`mountfs.content`, together with the zero-copy storage for an embedded store's blobs.
 
 Concurrency rule: every method here runs in worker threads, never on the trio loop.
 """
@@ -35,25 +33,21 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from pathlib import Path
-
-from cachetools import LRUCache
+from typing import Protocol, TypeVar
 
 from client.cache import Cache
 from client.errors import (ArtifactFSError, AuthenticationError, InvalidNameError, PermissionDeniedError,
                            StoreUnavailableError)
 from client.store.base import Store
 
-from .namespace import FileRef
 
 log = logging.getLogger(__name__)
+_R = TypeVar("_R")
 
-Fetcher = Callable[[int, int], bytes]
+#: one ranged request; ``None`` means "confirmed in place" for zero-copy block storage that
+#: reads the bytes itself (an embedded store's blob file, see mountfs.content.BlobBlocks)
+Fetcher = Callable[[int, int], "bytes | None"]
 MiB = 1 << 20
-#: cached objects up to this size are opened and md5-checked on the event loop (~0.3 ms)
-_INLINE_PREPARE_MAX = 256 << 10
-_EMPTY_MD5 = hashlib.md5(b"", usedforsecurity=False).hexdigest()
-#: verified small objects waiting for their (fsynced) cache install may hold this much memory
-_PENDING_INSTALL_BYTES = 64 * MiB
 
 
 class FetchError(StoreUnavailableError):
@@ -77,6 +71,8 @@ class FetchConfig:
     #: enforce ``timeout`` by running each request in a watchdog thread pool; needed for a store
     #: without its own timeouts, a wasted thread hop (~0.5 ms) for one that has them
     watchdog: bool = True
+    #: serve an embedded store's blob files in place (``Store.blob_path``), see mountfs.content
+    local_blobs: bool = True
 
 
 # -- retries -----------------------------------------------------------------------------
@@ -88,8 +84,8 @@ def is_temp_failure(exc: BaseException) -> bool:
     return isinstance(exc, (ArtifactFSError, OSError, TimeoutError, FutureTimeout, ConnectionError))
 
 
-def retrying(call: Callable[[], bytes], expected: int | None, cfg: FetchConfig, io_pool: ThreadPoolExecutor,
-             what: str) -> bytes:
+def retrying(call: Callable[[], _R], expected: int | None, cfg: FetchConfig, io_pool: ThreadPoolExecutor,
+             what: str) -> _R:
     """Run ``call`` with a timeout per attempt and bounded retries; FetchError at the end.
 
     The timeout is enforced by waiting on a future: a request that truly hangs keeps one
@@ -99,7 +95,7 @@ def retrying(call: Callable[[], bytes], expected: int | None, cfg: FetchConfig, 
     for attempt in range(1, cfg.attempts + 1):
         try:
             data = io_pool.submit(call).result(timeout=cfg.timeout) if cfg.watchdog else call()
-            if expected is not None and len(data) != expected:
+            if expected is not None and isinstance(data, bytes) and len(data) != expected:
                 raise ShortReadError(f"{what}: got {len(data)} bytes, expected {expected}")
             return data
         except BaseException as exc:  # noqa: BLE001 - classified right below
@@ -114,6 +110,16 @@ def retrying(call: Callable[[], bytes], expected: int | None, cfg: FetchConfig, 
 
 
 # -- block storage -----------------------------------------------------------------------
+
+class BlockStorage(Protocol):
+    """Where a BlockReader keeps fetched blocks (memory, a partial file, a store's own blob)."""
+
+    def has(self, i: int) -> bool: ...
+    def write(self, i: int, data: bytes | memoryview) -> None: ...
+    def read(self, off: int, size: int) -> bytes: ...
+    def settle(self) -> None: ...
+    def complete(self) -> bool: ...
+
 
 class MemoryBlocks:
     """Blocks held in memory: the storage for pure strategy tests."""
@@ -297,7 +303,7 @@ class ReadaheadWindow:
 class BlockReader:
     """Block-aligned, coalesced, parallel, deduplicated reads through a fetcher."""
 
-    def __init__(self, size: int, fetcher: Fetcher, blocks: MemoryBlocks | PartialFile, *,
+    def __init__(self, size: int, fetcher: Fetcher, blocks: BlockStorage, *,
                  block_size: int, max_request: int, executor: ThreadPoolExecutor,
                  on_complete: Callable[[], None] | None = None) -> None:
         self.size, self.fetcher, self.blocks = size, fetcher, blocks
@@ -343,11 +349,16 @@ class BlockReader:
             with self._lock:
                 self.requests += 1
                 self.bytes_requested += length
-            data = memoryview(self.fetcher(start, length))
-            if len(data) != length:
-                raise ShortReadError(f"fetcher returned {len(data)} bytes for [{start}, +{length})")
-            for k in range(count):
-                self.blocks.write(first + k, data[k * self.block_size:(k + 1) * self.block_size])
+            got = self.fetcher(start, length)
+            if got is None:  # zero-copy storage: the range was confirmed present in place
+                for k in range(count):
+                    self.blocks.write(first + k, b"")
+            else:
+                data = memoryview(got)
+                if len(data) != length:
+                    raise ShortReadError(f"fetcher returned {len(data)} bytes for [{start}, +{length})")
+                for k in range(count):
+                    self.blocks.write(first + k, data[k * self.block_size:(k + 1) * self.block_size])
         except BaseException as exc:  # noqa: BLE001 - handed to every waiter
             error = exc
         if error is None and self.on_complete is not None and self.blocks.complete():
@@ -416,320 +427,6 @@ class BlockReader:
             self.executor.submit(self._fetch_run, *run)
 
 
-# -- the daemon's content layer ----------------------------------------------------------
-
-class _Object:
-    """One md5's content while at least one file handle has it open."""
-
-    def __init__(self, ref: FileRef) -> None:
-        self.ref = ref
-        self.refs = 0
-        self.fd: int | None = None  #: complete, verified object
-        self.data: bytes | None = None  #: a small object's verified bytes (installed in the background)
-        self.partial: PartialFile | None = None
-        self.reader: BlockReader | None = None
-        self.lock = threading.Lock()
-        self.promoting = False
-        self.closed = False
-        self.promotion: Future[None] | None = None
-
-
-@dataclass
-class Handle:
-    """Per open file: its object and its own readahead state."""
-
-    obj: _Object
-    window: ReadaheadWindow
-
-
-class ContentReader:
-    """Serves reads of pinned file content from the cache, fetching lazily from the store."""
-
-    def __init__(self, store: Store, cache: Cache, config: FetchConfig | None = None) -> None:
-        self.store, self.cache = store, cache
-        self.config = config or FetchConfig()
-        self._executor = ThreadPoolExecutor(self.config.parallel, thread_name_prefix="artifactfs-fetch")
-        self._io = ThreadPoolExecutor(max(4 * self.config.parallel, 16), thread_name_prefix="artifactfs-io")
-        self._lock = threading.Lock()
-        self._objects: dict[str, _Object] = {}
-        self._verified: LRUCache[str, bool] = LRUCache(maxsize=100_000)
-        self.store_requests = 0  #: ranged store requests issued (including retries)
-        self._installer = ThreadPoolExecutor(4, thread_name_prefix="artifactfs-install")
-        self._pending_cv = threading.Condition()
-        self._pending_bytes = 0
-        self._added = 0
-
-    def stats(self) -> dict[str, int]:
-        with self._lock:
-            return {"store_requests": self.store_requests, "open_objects": len(self._objects)}
-
-    # -- store access with retries ------------------------------------------------------
-    def fetch_range(self, entity: str, md5: str, start: int, length: int) -> bytes:
-        def call() -> bytes:
-            with self._lock:
-                self.store_requests += 1
-            return self.store.read_blob(entity, md5, start, length)
-
-        return retrying(call, length, self.config, self._io, f"blob {md5}[{start}:+{length}]")
-
-    def manifest_path(self, entity: str, md5: str) -> Path:
-        """The complete, verified manifest blob in the cache (IndexStore's source)."""
-        hit = self.cache.lookup(md5)
-        if hit is not None:
-            return hit
-        tmp = self.cache.partial_dir / f"{md5}.manifest.{os.getpid()}.{threading.get_ident()}"
-
-        def call() -> bytes:
-            self.store.download_blob(entity, md5, tmp)
-            return b""
-
-        try:
-            retrying(call, None, self.config, self._io, f"manifest {md5}")
-            return self.cache.add_file(md5, tmp, move=True)
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                tmp.unlink()
-
-    # -- open/read/close ----------------------------------------------------------------
-    def open(self, ref: FileRef) -> Handle:
-        """Attach to the object's shared state; touches only the local cache, never the store."""
-        if ref.size == 0 and ref.md5 == _EMPTY_MD5 and self.cache.lookup(ref.md5, 0) is None:
-            # The kernel never sends a READ for an empty file; cache the (known) empty object
-            # anyway, so a later download() of the same version needs nothing from the store.
-            self._install_later(ref.md5, b"")
-        with self._lock:
-            obj = self._objects.get(ref.md5)
-            if obj is None:
-                obj = self._objects[ref.md5] = _Object(ref)
-            obj.refs += 1
-        cfg = self.config
-        return Handle(obj, ReadaheadWindow(cfg.block_size, cfg.readahead_max, trigger=cfg.block_size,
-                                           slack=4 * MiB))
-
-    def close_nowait(self, handle: Handle) -> bool:
-        """Close without blocking if nothing can be in flight; False: call :meth:`close`."""
-        obj = handle.obj
-        with self._lock:
-            if obj.refs > 1:
-                obj.refs -= 1
-                return True
-            if obj.reader is not None or obj.promotion is not None:
-                return False
-            obj.refs -= 1
-            self._objects.pop(obj.ref.md5, None)
-        with obj.lock:
-            obj.closed = True
-            if obj.fd is not None:
-                os.close(obj.fd)
-                obj.fd = None
-            obj.data = None
-        return True
-
-    def close(self, handle: Handle) -> None:
-        obj = handle.obj
-        with self._lock:
-            obj.refs -= 1
-            if obj.refs > 0:
-                return
-            self._objects.pop(obj.ref.md5, None)
-        reader = obj.reader
-        cfg = self.config
-        budget = cfg.attempts * cfg.timeout + cfg.backoff * 2 ** cfg.attempts
-        if reader is not None and not reader.wait_idle(budget):
-            # Background prefetches may still write into the partial file: closing its fd
-            # now could let the number be reused under them.  Leak it instead (rare).
-            log.warning("fetches of %s still running at close; leaving its file open", obj.ref.md5)
-            return
-        if obj.promotion is not None:  # let a verification in progress finish and adopt
-            with contextlib.suppress(BaseException):
-                obj.promotion.result(timeout=budget)
-        with obj.lock:
-            obj.closed = True
-            if obj.fd is not None:
-                os.close(obj.fd)
-                obj.fd = None
-            elif obj.partial is not None:
-                obj.partial.close()
-            obj.partial = obj.reader = None
-            obj.data = None
-
-    def read_nowait(self, handle: Handle, off: int, size: int) -> bytes | None:
-        """Answer from local state without waiting (on the event loop), or None.
-
-        Serves in-memory small objects, complete cached objects and fully present blocks of
-        a partial file; anything that needs the store, a verification or a wait returns None
-        and the caller uses :meth:`read` in a worker thread.  Local reads are a page-cache
-        copy in the common case, far cheaper than the thread hop they would otherwise cost.
-        """
-        obj = handle.obj
-        if off >= obj.ref.size or size <= 0:
-            return b""
-        data, fd, reader = obj.data, obj.fd, obj.reader
-        if data is None and fd is None and reader is None and obj.ref.size <= _INLINE_PREPARE_MAX:
-            # A small object already in the local cache: opening and checking it is cheaper
-            # than the thread hop (a store fetch never happens here).
-            if self.cache.lookup(obj.ref.md5, obj.ref.size) is None or not obj.lock.acquire(blocking=False):
-                return None  # never wait on the event loop for another thread's fetch
-            try:
-                self._prepare_locked(obj, local_only=True)
-            finally:
-                obj.lock.release()
-            data, fd, reader = obj.data, obj.fd, obj.reader
-            if fd is None:
-                return None
-        if data is not None:
-            return data[off:off + size]
-        if fd is not None:
-            return os.pread(fd, size, off)
-        if reader is None or not reader.present(off, size):
-            return None
-        out = reader.blocks.read(off, min(size, obj.ref.size - off))
-        advice = handle.window.advise(off, size)
-        if advice is not None:
-            reader.prefetch(*advice)
-        return out
-
-    def read(self, handle: Handle, off: int, size: int) -> bytes:
-        obj = handle.obj
-        if off >= obj.ref.size or size <= 0:
-            return b""
-        self._prepare(obj)
-        data, fd, reader = obj.data, obj.fd, obj.reader
-        if data is not None:
-            return data[off:off + size]
-        if fd is not None:
-            return os.pread(fd, size, off)
-        assert reader is not None
-        out = reader.read(off, size)
-        advice = handle.window.advise(off, size)
-        if advice is not None:
-            reader.prefetch(*advice)
-        return out
-
-    def _prepare(self, obj: _Object) -> None:
-        """Give ``obj`` its content source: bytes, a complete object's fd, or a block reader."""
-        with obj.lock:
-            self._prepare_locked(obj)
-
-    def _prepare_locked(self, obj: _Object, local_only: bool = False) -> None:
-        if obj.data is None and obj.fd is None and obj.reader is None:
-            ref = obj.ref
-            path = self._complete_path(ref)
-            if path is not None:
-                obj.fd = os.open(path, os.O_RDONLY)
-                return
-            if local_only:
-                return
-            if ref.size <= self.config.small_object:
-                # One request for the whole object, checked before a byte is served; the
-                # reader gets it from memory while the cache write (fsync) happens behind it.
-                data = self.fetch_range(ref.entity, ref.md5, 0, ref.size)
-                if hashlib.md5(data, usedforsecurity=False).hexdigest() != ref.md5:
-                    raise FetchError(f"the store returned wrong bytes for {ref.md5}")
-                obj.data = data
-                self._install_later(ref.md5, data)
-                return
-            if not (self.cache.partial_dir / f"{ref.md5}.part").exists():
-                self.cache.evict(ref.size)  # make room once, when a new large object starts
-            obj.partial = PartialFile(self.cache.partial_dir, ref.md5, ref.size, self.config.block_size)
-            obj.reader = BlockReader(
-                ref.size, lambda start, length: self.fetch_range(ref.entity, ref.md5, start, length),
-                obj.partial, block_size=self.config.block_size, max_request=self.config.max_request,
-                executor=self._executor, on_complete=lambda: self._schedule_promotion(obj))
-            if obj.partial.complete():  # resumed a fully fetched partial from a crash
-                self._schedule_promotion(obj)
-
-    def _install_later(self, md5: str, data: bytes) -> None:
-        """Write a verified small object into the shared cache off the read path (bounded)."""
-        with self._pending_cv:  # back-pressure: bounded bytes waiting for their install
-            while self._pending_bytes and self._pending_bytes + len(data) > _PENDING_INSTALL_BYTES:
-                self._pending_cv.wait()
-            self._pending_bytes += len(data)
-
-        def install() -> None:
-            try:
-                if self.cache.lookup(md5, len(data)) is None:
-                    with self.cache.writer(md5) as out:
-                        out.write(data)
-                    self._verified[md5] = True
-                    self._note_added(len(data))
-            except Exception as exc:  # noqa: BLE001 - the cache is an optimisation here
-                log.warning("could not cache %s: %s", md5, exc)
-            finally:
-                with self._pending_cv:
-                    self._pending_bytes -= len(data)
-                    self._pending_cv.notify_all()
-
-        self._installer.submit(install)
-
-    def _note_added(self, size: int) -> None:
-        """Evict now and then (a cache scan per object would be quadratic)."""
-        with self._lock:
-            self._added += size
-            due = self._added >= max(self.cache.max_bytes // 32, 1)
-            if due:
-                self._added = 0
-        if due:
-            self.cache.evict()
-
-    def _complete_path(self, ref: FileRef) -> Path | None:
-        """A complete cached object, md5-checked once per daemon lifetime before trusting it."""
-        path = self.cache.lookup(ref.md5, ref.size)
-        if path is None:
-            return None
-        if ref.md5 not in self._verified:
-            if not self.cache.verify(ref.md5):  # corrupt: dropped by the cache; fetch again
-                return None
-            self._verified[ref.md5] = True
-        return path
-
-    def _schedule_promotion(self, obj: _Object) -> None:
-        obj.promotion = self._executor.submit(self._promote, obj)
-
-    def _promote(self, obj: _Object) -> None:
-        """All blocks present: verify the md5 and move the file into the complete cache.
-
-        Hashing runs without the object lock (complete blocks are never rewritten), so
-        readers are not stalled while a large object is verified.
-        """
-        with obj.lock:
-            partial = obj.partial
-            if partial is None or obj.promoting or obj.closed or not partial.complete():
-                return
-            obj.promoting = True
-        try:
-            partial.settle()
-            partial.flush()
-            actual = partial.md5()
-            os.fsync(partial.fd)  # the slow part of adopt(), done before taking the object lock
-            with obj.lock:
-                if obj.closed:
-                    return
-                if actual != obj.ref.md5:
-                    log.error("content fetched for %s (%s) hashes to %s: discarding it",
-                              obj.ref.path, obj.ref.md5, actual)
-                    partial.reset()
-                    return
-                self.cache.adopt(obj.ref.md5, partial.path)
-                partial.forget_bitmap()
-                self._verified[obj.ref.md5] = True
-                # The fd now names the complete object (a rename keeps the inode); readers
-                # still holding the block reader keep using the same, still open, fd.
-                obj.fd = partial.fd
-                obj.partial = obj.reader = None
-        except OSError as exc:
-            log.warning("could not promote %s into the cache: %s", obj.ref.md5, exc)
-        finally:
-            obj.promoting = False
-
-    def shutdown(self) -> None:
-        self._installer.shutdown(wait=True)  # small installs are quick: let them land
-        self._executor.shutdown(wait=False, cancel_futures=True)
-        self._io.shutdown(wait=False, cancel_futures=True)
-        with self._lock:
-            objects = list(self._objects.values())
-            self._objects.clear()
-        for obj in objects:  # fds are left to process exit: fetches may still be running
-            if obj.partial is not None:
-                with contextlib.suppress(OSError):
-                    obj.partial.flush()
+# The content layer moved to mountfs.content; re-exported here for existing importers.  The
+# import sits at the bottom because content.py imports the strategies defined above.
+from .content import ContentReader, Handle  # noqa: E402,F401

@@ -176,7 +176,8 @@ def test_content_reader_lazy_ranged_then_promoted_into_cache(local_store, tmp_pa
     md5 = upload_bytes(local_store, "ent", data, tmp_path)
     store = CountingStore(local_store)
     cache = Cache(tmp_path / "cache")
-    cr = ContentReader(store, cache, FetchConfig(block_size=256 * KiB))
+    # local_blobs=False: exercise the ranged path every remote store takes
+    cr = ContentReader(store, cache, FetchConfig(block_size=256 * KiB, local_blobs=False))
     ref = FileRef("ent", md5, len(data), "ent/p/c:v0", "p/c:v0/x")
     h = cr.open(ref)
     assert store.reads == []  # opening fetches nothing
