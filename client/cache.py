@@ -22,12 +22,14 @@ Why it is built this way:
   there is no index to corrupt.  A corrupt object (wrong size, failed verify) is dropped and
   treated as a miss.  The mtime is left alone so that it keeps meaning "content last written".
 * Verified markers: an object whose bytes were hashed *and* are durable carries the xattr
-  ``user.artifactfs.verified = "<md5> <size> <mtime_ns> <ino>"``.  :meth:`Cache.checked` trusts
+  ``user.artifactfs.verified = "<md5> <size> <mtime_ns> <ino> <marked_ns>"``.  :meth:`Cache.checked` trusts
   an object whose marker matches its current stat instead of re-hashing it (1.7 s/GiB), so a
   remount does not re-read the whole cache.  Any write through the filesystem changes the
   mtime (and a copy changes the inode), which invalidates the marker and forces a re-hash.
   What a marker cannot see is corruption below the filesystem (media bit rot that keeps the
   mtime): that is the accepted trade-off, the same one every local filesystem cache makes.
+  A marker made within 100 ms of the file's mtime is not trusted (git's "racy clean" rule):
+  the next check re-hashes and re-marks it.
   A marker is only written for bytes known to be on disk (after fsync / fdatasync), so a
   crash cannot leave a marker on a zeroed or short object.  Filesystems without user xattrs
   simply never get markers (every check then hashes, as before).
@@ -68,17 +70,25 @@ _STALE_TMP_SECONDS = 3600.0
 VERIFIED_XATTR = "user.artifactfs.verified"
 
 
-def _marker(md5_hex: str, st: os.stat_result) -> bytes:
-    return f"{md5_hex} {st.st_size} {st.st_mtime_ns} {st.st_ino}".encode()
+#: a marker is trusted only if the file's mtime was at least this much older than the marker
+#: ("racy" marker rule, as git's index): file timestamps come from a coarse clock (a jiffy),
+#: so a write right after marking could otherwise keep the very same mtime and go unnoticed
+_RACY_NS = 100_000_000
+
+
+def _marker(md5_hex: str, st: os.stat_result) -> str:
+    return f"{md5_hex} {st.st_size} {st.st_mtime_ns} {st.st_ino}"
 
 
 def has_verified_marker(fd: int, md5_hex: str, st: os.stat_result | None = None) -> bool:
-    """Whether the open file ``fd`` carries a marker matching ``md5_hex`` and its current stat."""
+    """Whether the open file ``fd`` carries a trustworthy marker for ``md5_hex`` and its stat."""
     st = st if st is not None else os.fstat(fd)
     try:
-        return os.getxattr(fd, VERIFIED_XATTR) == _marker(md5_hex, st)
-    except OSError:
+        value = os.getxattr(fd, VERIFIED_XATTR).decode()
+    except (OSError, UnicodeDecodeError):
         return False  # no marker, or no xattr support: unverified
+    key, _, marked = value.rpartition(" ")
+    return key == _marker(md5_hex, st) and marked.isdigit() and int(marked) - st.st_mtime_ns >= _RACY_NS
 
 
 def set_verified_marker(fd: int, md5_hex: str, *, durable: bool = False) -> bool:
@@ -90,7 +100,7 @@ def set_verified_marker(fd: int, md5_hex: str, *, durable: bool = False) -> bool
     try:
         if not durable:
             os.fdatasync(fd)
-        os.setxattr(fd, VERIFIED_XATTR, _marker(md5_hex, os.fstat(fd)))
+        os.setxattr(fd, VERIFIED_XATTR, f"{_marker(md5_hex, os.fstat(fd))} {time.time_ns()}".encode())
         return True
     except OSError as exc:
         log.debug("no verified marker for %s: %s", md5_hex, exc)

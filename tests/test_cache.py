@@ -211,3 +211,45 @@ def test_concurrent_processes_fetch_once(tmp_path: Path) -> None:
     assert len(set(paths)) == 1
     assert Path(paths[0]).read_bytes() == data
     assert counter.read_text() == "x"
+
+
+def test_verified_marker_written_on_install_and_invalidated_by_a_write(tmp_path: Path) -> None:
+    from client.cache import has_verified_marker
+
+    c = Cache(tmp_path / "c")
+    data = b"marker me" * 1000
+    md5 = __import__("hashlib").md5(data).hexdigest()
+    with c.writer(md5) as out:
+        out.write(data)
+    p = c.path(md5)
+    os.utime(p, (1000, 1000))  # an old file (a fresh one is "racy", see client.cache)
+    assert c.verify(md5)  # re-hashed (the utime voided the install's marker) and re-marked
+    fd = os.open(p, os.O_RDONLY)
+    try:
+        assert has_verified_marker(fd, md5)
+        assert not has_verified_marker(fd, "0" * 32)  # the marker names its digest
+    finally:
+        os.close(fd)
+    assert c.checked(md5, len(data)) == p
+    os.chmod(p, 0o644)
+    with open(p, "r+b") as f:  # same size, different bytes: mtime moves, the marker is void
+        f.write(b"X")
+    fd = os.open(p, os.O_RDONLY)
+    try:
+        assert not has_verified_marker(fd, md5)
+    finally:
+        os.close(fd)
+    assert c.checked(md5, len(data)) is None and not p.exists()  # re-hashed, dropped
+
+
+def test_lookup_touches_atime_not_mtime(tmp_path: Path) -> None:
+    c = Cache(tmp_path / "c")
+    data = b"lru"
+    md5 = __import__("hashlib").md5(data).hexdigest()
+    with c.writer(md5) as out:
+        out.write(data)
+    p = c.path(md5)
+    os.utime(p, (1000, 2000))
+    assert c.lookup(md5) == p
+    st = p.stat()
+    assert st.st_mtime == 2000 and st.st_atime > 2000

@@ -229,3 +229,111 @@ def test_content_reader_store_down_gives_fetch_error_then_recovers(local_store, 
     assert cr.read(h, MiB, 4096) == data[MiB:MiB + 4096]
     cr.close(h)
     cr.shutdown()
+
+
+def test_local_blob_served_in_place_then_linked_and_marked(local_store, tmp_path: Path) -> None:
+    """A large embedded-store blob: no copy, confirmed per request, hashed once, then shared."""
+    from client.cache import has_verified_marker
+
+    data = os.urandom(5 * MiB + 7)
+    md5 = upload_bytes(local_store, "ent", data, tmp_path)
+    blob = local_store.blob_path("ent", md5)
+    os.utime(blob, (1000, 1000))  # uploaded long ago (a marker on a fresh file is "racy")
+    cache = Cache(tmp_path / "cache")
+    cr = ContentReader(local_store, cache, FetchConfig(block_size=256 * KiB, max_request=MiB))
+    ref = FileRef("ent", md5, len(data), "v", "p")
+    h = cr.open(ref)
+    assert cr.read(h, 3 * MiB, 4096) == data[3 * MiB:3 * MiB + 4096]
+    assert cr.store_requests == 2  # the open of the blob + one confirmed request
+    assert not any(cache.partial_dir.iterdir())  # nothing copied
+    out = b"".join(cr.read(h, off, 128 * KiB) for off in range(0, len(data), 128 * KiB))
+    assert out == data
+    cr.close(h)
+    cached = cache.lookup(md5, len(data))
+    assert cached is not None and cached.stat().st_ino == blob.stat().st_ino  # a hard link
+    fd = os.open(cached, os.O_RDONLY)
+    try:
+        assert has_verified_marker(fd, md5)
+    finally:
+        os.close(fd)
+    cr.shutdown()
+    cr2 = ContentReader(local_store, cache)  # a "remount": trusted by marker, no store request
+    h2 = cr2.open(ref)
+    assert cr2.read(h2, len(data) - 7, 7) == data[-7:] and cr2.store_requests == 0
+    cr2.close(h2)
+    cr2.shutdown()
+
+
+def test_corrupt_large_blob_in_store_is_refused_after_verification(local_store, tmp_path: Path) -> None:
+    data = os.urandom(3 * MiB)
+    md5 = upload_bytes(local_store, "ent", data, tmp_path)
+    blob = local_store.blob_path("ent", md5)
+    os.chmod(blob, 0o644)
+    with open(blob, "r+b") as f:  # same size, one flipped byte
+        f.seek(MiB)
+        f.write(bytes([data[MiB] ^ 0xFF]))
+    cache = Cache(tmp_path / "cache")
+    cr = ContentReader(local_store, cache, FetchConfig(block_size=256 * KiB))
+    h = cr.open(FileRef("ent", md5, len(data), "v", "p"))
+    for off in range(0, len(data), MiB):
+        cr.read(h, off, MiB)
+    obj = h.obj
+    if obj.promotion is not None:
+        obj.promotion.result(timeout=30)
+    with pytest.raises(FetchError):
+        cr.read(h, 0, 4096)
+    cr.close(h)
+    cr.shutdown()
+    assert cache.lookup(md5) is None  # never entered the cache
+
+
+def test_corrupt_small_blob_in_store_is_never_served(local_store, tmp_path: Path) -> None:
+    data = b"hello world" * 50
+    md5 = upload_bytes(local_store, "ent", data, tmp_path)
+    blob = local_store.blob_path("ent", md5)
+    os.chmod(blob, 0o644)
+    blob.write_bytes(b"J" + data[1:])
+    cache = Cache(tmp_path / "cache")
+    cr = ContentReader(local_store, cache, FetchConfig(attempts=2, backoff=0.01))
+    h = cr.open(FileRef("ent", md5, len(data), "v", "p"))
+    with pytest.raises(FetchError):
+        cr.read(h, 0, 100)
+    cr.close(h)
+    cr.shutdown()
+    assert cache.lookup(md5) is None
+
+
+def test_small_local_blob_is_linked_not_copied(local_store, tmp_path: Path) -> None:
+    data = os.urandom(5000)
+    md5 = upload_bytes(local_store, "ent", data, tmp_path)
+    cache = Cache(tmp_path / "cache")
+    cr = ContentReader(local_store, cache)
+    h = cr.open(FileRef("ent", md5, len(data), "v", "p"))
+    assert cr.read(h, 10, 100) == data[10:110]
+    cr.close(h)
+    cr.shutdown()
+    cached = cache.lookup(md5, len(data))
+    assert cached is not None and cached.stat().st_ino == local_store.blob_path("ent", md5).stat().st_ino
+
+
+def test_marked_cache_object_rewritten_in_place_is_rehashed_and_refetched(local_store, tmp_path: Path) -> None:
+    """The verified marker dies with any write: a corrupted large object is fetched again."""
+    data = os.urandom(3 * MiB)
+    md5 = upload_bytes(local_store, "ent", data, tmp_path)
+    cache = Cache(tmp_path / "cache")
+    cr = ContentReader(local_store, cache, FetchConfig(local_blobs=False))
+    h = cr.open(FileRef("ent", md5, len(data), "v", "p"))
+    assert cr.read(h, 0, len(data)) == data
+    cr.close(h)
+    cr.shutdown()
+    path = cache.lookup(md5, len(data))
+    assert path is not None
+    os.chmod(path, 0o644)
+    with open(path, "r+b") as f:
+        f.write(b"\0" * 4096)
+    cr2 = ContentReader(local_store, cache, FetchConfig(local_blobs=False))
+    h2 = cr2.open(FileRef("ent", md5, len(data), "v", "p"))
+    assert cr2.read(h2, 0, 4096) == data[:4096]
+    assert cr2.store_requests >= 1  # the corrupt object was dropped and fetched again
+    cr2.close(h2)
+    cr2.shutdown()
