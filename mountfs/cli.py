@@ -62,7 +62,8 @@ def start_background(options: MountOptions, log_path: Path, timeout: float = _ST
 @click.option("--debug", is_flag=True, hidden=True)
 def mount_command(mountpoint: str, store: str | None, cache_dir: str | None, cache_size: int | None,
                   alias_ttl: float, allow_other: bool, foreground: bool, debug: bool) -> None:
-    """Mount the artifact store read-only at MOUNTPOINT: MOUNTPOINT/<entity>/<project>/<name>:<version>."""
+    """Mount the artifact store at MOUNTPOINT: MOUNTPOINT/<entity>/<project>/<name>:<version> (read-only);
+    mkdir <name>:draft in a project for a writable draft, touch <draft>/.commit to commit it."""
     mp = Path(mount_path(mountpoint))
     if is_mounted(mp):
         raise click.ClickException(f"{mp} is already an artifactfs mount (artifactfs umount {mp})")
