@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 MOUNT ?= /tmp/artifactfs
 APT_PACKAGES := fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv rsync attr postgresql procps psmisc
 
-.PHONY: run test deps system-deps venv demo mount umount bench clean help
+.PHONY: run test deps system-deps venv demo mount umount bench clean help install-systemd
 
 help:
 	@echo "make run    - set up, log a demo artifact into the embedded store, mount it at $(MOUNT)"
@@ -62,6 +62,14 @@ test: deps
 
 bench: deps
 	for b in bench/hash_dir bench/mount_read bench/draft_commit bench/remote; do [ -x $$b ] && $(BIN)/python $$b || true; done
+
+# Make the units in systemd/ work as written: they call /usr/local/bin/artifactfs.
+install-systemd: deps
+	ln -sf $(CURDIR)/$(BIN)/artifactfs /usr/local/bin/artifactfs
+	install -m 0644 systemd/artifactfs-mount@.service systemd/artifactfs-server.service /etc/systemd/system/
+	install -m 0755 systemd/mount.fuse.artifactfs /sbin/mount.fuse.artifactfs
+	-systemctl daemon-reload
+	@echo 'now e.g.: systemctl enable --now "artifactfs-mount@$$(systemd-escape --path /mnt/artifacts).service"'
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

@@ -137,6 +137,10 @@ def run(options: MountOptions) -> int:
     logging.basicConfig(level=logging.DEBUG if options.debug else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     store = open_store(options.store)
+    if hasattr(store, "attempts"):
+        # The read path retries each block itself (options.attempts); an HTTP store retrying
+        # inside every one of those attempts would multiply the wait before EIO.
+        store.attempts = 2
     cache = Cache(options.cache_dir, options.cache_size)
     # The embedded store reads local files (no hang short of a dead disk) and the HTTP store
     # enforces its own timeouts; only other stores need the watchdog thread per request.
