@@ -163,7 +163,8 @@ class Hashed:
     cache_after_upload: bool  #: copy into the cache once uploaded (immutable, not skip_cache)
 
 
-def _copy_hashing(src: Path, out: BinaryIO) -> tuple[str, int]:
+def _copy_hashing(src: Path, out: BinaryIO | None = None) -> tuple[str, int]:
+    """(md5 hex, size) of ``src``, copying it to ``out`` in the same pass when given."""
     h = hashlib.md5(usedforsecurity=False)
     size = 0
     buf = bytearray(_CHUNK)
@@ -171,19 +172,8 @@ def _copy_hashing(src: Path, out: BinaryIO) -> tuple[str, int]:
     with open(src, "rb", buffering=0) as f:
         while n := f.readinto(buf):
             h.update(view[:n])
-            out.write(view[:n])
-            size += n
-    return h.hexdigest(), size
-
-
-def _md5_and_size(src: Path) -> tuple[str, int]:
-    h = hashlib.md5(usedforsecurity=False)
-    size = 0
-    buf = bytearray(_CHUNK)
-    view = memoryview(buf)
-    with open(src, "rb", buffering=0) as f:
-        while n := f.readinto(buf):
-            h.update(view[:n])
+            if out is not None:
+                out.write(view[:n])
             size += n
     return h.hexdigest(), size
 
@@ -196,7 +186,7 @@ def hash_into_staging(src: Path, policy: str, skip_cache: bool, staging_dir: Cal
     """
     source = os.path.abspath(src)
     if policy == "immutable":
-        md5, size = _md5_and_size(src)
+        md5, size = _copy_hashing(src)
         return Hashed(hex_to_b64(md5), size, source, source, not skip_cache)
     if skip_cache:
         fd, tmp = tempfile.mkstemp(prefix="staged-", dir=staging_dir())
@@ -375,7 +365,7 @@ def _present_and_valid(target: Path, md5: str, size: int | None) -> bool:
         return False
     if size is not None and st.st_size != size:
         return False
-    return _md5_and_size(target)[0] == md5
+    return _copy_hashing(target)[0] == md5
 
 
 def _download_reference(e: ManifestEntry, dest: Path, allow_missing: bool) -> int:
@@ -484,7 +474,7 @@ def verify_tree(dest: Path, manifest: Manifest, name: str) -> None:
         p = dest / e.path
         if not p.is_file():
             raise ValueError(f"{e.path!r} of artifact {name!r} is missing from {dest}")
-        if hex_to_b64(_md5_and_size(p)[0]) != e.digest:
+        if hex_to_b64(_copy_hashing(p)[0]) != e.digest:
             raise ValueError(f"digest mismatch for {e.path!r} in {dest}: it differs from artifact {name!r}")
 
 

@@ -11,6 +11,8 @@ from typing import Iterator
 
 import pytest
 
+from tests.util import write_tree
+
 from client.errors import DigestMismatchError, InvalidPathError, NotFoundError, StoreUnavailableError
 from client.hashing import hex_to_b64, md5_bytes
 from client.manifest import Manifest
@@ -30,19 +32,13 @@ def b64md5(data: bytes) -> str:
     return hex_to_b64(md5_bytes(data))
 
 
-def make_tree(root: Path, files: dict[str, bytes]) -> Path:
-    for rel, data in files.items():
-        p = root / rel
-        p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_bytes(data)
-    return root
 
 
 # --------------------------------------------------------------------------- file://
 
 
 def test_file_single_object(tmp_path: Path) -> None:
-    src = make_tree(tmp_path / "src", {"a.bin": b"hello"}) / "a.bin"
+    src = write_tree(tmp_path / "src", {"a.bin": b"hello"}) / "a.bin"
     [e] = entries_for_reference(src.as_uri())
     assert (e.path, e.digest, e.size, e.ref) == ("a.bin", b64md5(b"hello"), 5, src.as_uri())
     [named] = entries_for_reference(src.as_uri(), name="x/y.bin")
@@ -51,7 +47,7 @@ def test_file_single_object(tmp_path: Path) -> None:
 
 def test_file_directory_expands_with_relative_names(tmp_path: Path) -> None:
     files = {"a.txt": b"A", "sub/b.txt": b"BB", "sub/deep/c.txt": b"CCC"}
-    root = make_tree(tmp_path / "tree", files)
+    root = write_tree(tmp_path / "tree", files)
     entries = entries_for_reference(root.as_uri())
     assert [e.path for e in entries] == ["a.txt", "sub/b.txt", "sub/deep/c.txt"]
     for e in entries:
@@ -65,7 +61,7 @@ def test_file_directory_expands_with_relative_names(tmp_path: Path) -> None:
 
 
 def test_file_directory_max_objects_truncates_in_key_order(tmp_path: Path, caplog) -> None:
-    root = make_tree(tmp_path / "tree", {f"f{i:02d}": bytes([i]) for i in range(10)})
+    root = write_tree(tmp_path / "tree", {f"f{i:02d}": bytes([i]) for i in range(10)})
     entries = entries_for_reference(root.as_uri(), max_objects=3)
     assert [e.path for e in entries] == ["f00", "f01", "f02"]
     assert "max_objects" in caplog.text
@@ -75,7 +71,7 @@ def test_file_directory_max_objects_truncates_in_key_order(tmp_path: Path, caplo
 
 
 def test_file_checksum_false_is_uri_digest_and_not_expanded(tmp_path: Path) -> None:
-    root = make_tree(tmp_path / "tree", {"a": b"1", "b/c": b"2"})
+    root = write_tree(tmp_path / "tree", {"a": b"1", "b/c": b"2"})
     [e] = entries_for_reference(root.as_uri(), checksum=False)
     assert e.digest == uri_digest(root.as_uri()) and e.size is None and e.path == "tree"
     assert is_uri_digest(e)
@@ -89,7 +85,7 @@ def test_file_checksum_false_is_uri_digest_and_not_expanded(tmp_path: Path) -> N
 
 def test_file_fetch_and_range(tmp_path: Path) -> None:
     data = bytes(range(256)) * 40
-    src = make_tree(tmp_path / "src", {"blob": data}) / "blob"
+    src = write_tree(tmp_path / "src", {"blob": data}) / "blob"
     [e] = entries_for_reference(src.as_uri())
     dest = tmp_path / "out" / "blob"
     fetch_reference(e, dest)
@@ -100,7 +96,7 @@ def test_file_fetch_and_range(tmp_path: Path) -> None:
 
 
 def test_file_changed_after_logging_raises(tmp_path: Path) -> None:
-    src = make_tree(tmp_path / "src", {"f": b"original"}) / "f"
+    src = write_tree(tmp_path / "src", {"f": b"original"}) / "f"
     [e] = entries_for_reference(src.as_uri())
     src.write_bytes(b"modified")  # same size, other bytes: only the md5 shows it
     dest = tmp_path / "out"
@@ -116,7 +112,7 @@ def test_file_changed_after_logging_raises(tmp_path: Path) -> None:
 def test_file_missing_raises_not_found(tmp_path: Path) -> None:
     with pytest.raises(NotFoundError):
         entries_for_reference((tmp_path / "nope").as_uri())
-    src = make_tree(tmp_path / "s", {"f": b"x"}) / "f"
+    src = write_tree(tmp_path / "s", {"f": b"x"}) / "f"
     [e] = entries_for_reference(src.as_uri())
     src.unlink()
     with pytest.raises(NotFoundError):
@@ -125,7 +121,7 @@ def test_file_missing_raises_not_found(tmp_path: Path) -> None:
 
 
 def test_unchecked_file_fetch_skips_verification(tmp_path: Path) -> None:
-    src = make_tree(tmp_path / "s", {"f": b"v1"}) / "f"
+    src = write_tree(tmp_path / "s", {"f": b"v1"}) / "f"
     [e] = entries_for_reference(src.as_uri(), checksum=False)
     src.write_bytes(b"version two")
     fetch_reference(e, tmp_path / "out")

@@ -24,3 +24,12 @@ def commit_files(store: Store, tmp_dir, files: dict[str, bytes], *, entity: str 
         entries.append(ManifestEntry(path, hex_to_b64(md5), len(data)))
     manifest_md5 = upload_bytes(store, entity, Manifest(entries).to_bytes(), tmp_dir)
     return store.commit(CommitRequest(entity, project, collection, type, manifest_md5, **kw))
+
+
+def write_tree(root, files: dict[str, bytes]):
+    """Create ``files`` (relative path -> bytes) under ``root``; returns root."""
+    for rel, data in files.items():
+        p = root / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(data)
+    return root
