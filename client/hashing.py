@@ -6,6 +6,7 @@ import base64
 import hashlib
 import os
 from pathlib import Path
+from typing import BinaryIO
 
 CHUNK = 1 << 20
 
@@ -40,19 +41,21 @@ def is_md5_hex(text: str) -> bool:
     return len(text) == 32 and all(c in "0123456789abcdef" for c in text)
 
 
-class Md5Writer:
-    """Hash while writing, so a large file is never read twice."""
+class HashingWriter:
+    """Write to ``raw`` while hashing, so content is read exactly once (downloads, copies)."""
 
-    def __init__(self) -> None:
-        self._h = hashlib.md5(usedforsecurity=False)
+    def __init__(self, raw: BinaryIO | None = None) -> None:
+        self.raw = raw
+        self.md5 = hashlib.md5(usedforsecurity=False)
         self.size = 0
 
-    def update(self, data: bytes | memoryview) -> None:
-        self._h.update(data)
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        self.md5.update(data)
         self.size += len(data)
+        return self.raw.write(data) if self.raw is not None else len(data)
 
     def hexdigest(self) -> str:
-        return self._h.hexdigest()
+        return self.md5.hexdigest()
 
 
 def file_size(path: Path) -> int:

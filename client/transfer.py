@@ -25,7 +25,7 @@ from typing import Any, BinaryIO
 from . import settings
 from .cache import Cache
 from .errors import ArtifactFSError, ArtifactNotLoggedError, DigestMismatchError, NotFoundError
-from .hashing import b64_to_hex, hex_to_b64, is_md5_hex, md5_bytes
+from .hashing import HashingWriter, b64_to_hex, hex_to_b64, is_md5_hex, md5_bytes
 from .manifest import Manifest, ManifestEntry
 from .store import Store, open_store
 
@@ -325,7 +325,7 @@ def _atomic_write(target: Path, produce: Callable[[BinaryIO], None], md5: str | 
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name[:100]}.", suffix=".artifactfs-tmp", dir=target.parent)
     try:
         with os.fdopen(fd, "wb") as raw:
-            hashing = _HashingSink(raw)
+            hashing = HashingWriter(raw)
             produce(hashing)  # type: ignore[arg-type]
             raw.flush()
             os.fsync(raw.fileno())
@@ -335,19 +335,6 @@ def _atomic_write(target: Path, produce: Callable[[BinaryIO], None], md5: str | 
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-
-
-class _HashingSink:
-    def __init__(self, raw: BinaryIO) -> None:
-        self._raw = raw
-        self._h = hashlib.md5(usedforsecurity=False)
-
-    def write(self, data: Any) -> int:
-        self._h.update(data)
-        return self._raw.write(data)
-
-    def hexdigest(self) -> str:
-        return self._h.hexdigest()
 
 
 def _copy_file(src: Path, out: BinaryIO) -> None:

@@ -92,18 +92,6 @@ def _atomic_dest(dest: Path) -> Iterator[IO[bytes]]:
         tmp.unlink(missing_ok=True)
 
 
-class _HashingSink:
-    """Copy chunks to a file while hashing them, so a download is read exactly once."""
-
-    def __init__(self, out: IO[bytes]) -> None:
-        self.out = out
-        self.md5 = hashlib.md5(usedforsecurity=False)
-        self.size = 0
-
-    def write(self, chunk: bytes) -> None:
-        self.out.write(chunk)
-        self.md5.update(chunk)
-        self.size += len(chunk)
 
 
 def _check_size(entry: ManifestEntry, got: int, what: str) -> None:

@@ -9,10 +9,9 @@ from typing import IO, Iterator
 from urllib.parse import unquote, urlparse
 
 from ..errors import InvalidPathError, NotFoundError, StoreUnavailableError
-from ..hashing import CHUNK, hex_to_b64, md5_file
+from ..hashing import HashingWriter, CHUNK, hex_to_b64, md5_file
 from ..manifest import ManifestEntry
 from .common import (
-    _HashingSink,
     _atomic_dest,
     _check_md5,
     _check_size,
@@ -86,7 +85,7 @@ class FileHandler:
     def fetch(self, entry: ManifestEntry, dest: Path) -> None:
         expected = None if is_uri_digest(entry) else _md5_b64_to_hex(entry.digest)
         with self._open(entry) as src, _atomic_dest(dest) as out:
-            sink = _HashingSink(out)
+            sink = HashingWriter(out)
             while chunk := src.read(CHUNK):
                 sink.write(chunk)
             _check_md5(entry, sink.md5.hexdigest(), expected)

@@ -9,10 +9,10 @@ from pathlib import Path
 from typing import Iterator
 
 from ..errors import ArtifactFSError, DigestMismatchError, NotFoundError, StoreUnavailableError
+from ..hashing import HashingWriter
 from ..manifest import ManifestEntry
 from .common import (
     _parse_bucket_uri,
-    _HashingSink,
     _atomic_dest,
     _check_md5,
     _check_size,
@@ -119,7 +119,7 @@ class GcsHandler:
         blob = self._blob(entry)
         what = f"reference {entry.ref} ({entry.path})"
         with _atomic_dest(dest) as out:
-            sink = _HashingSink(out)  # streamed: a large object never sits in memory
+            sink = HashingWriter(out)  # streamed: a large object never sits in memory
             self._call(what, blob.download_to_file, sink, checksum=None)
             if not is_uri_digest(entry):
                 _check_size(entry, sink.size, "sent")

@@ -9,10 +9,9 @@ from typing import Iterator
 from urllib.parse import urlparse
 
 from ..errors import ArtifactFSError, DigestMismatchError, NotFoundError, StoreUnavailableError
-from ..hashing import CHUNK
+from ..hashing import HashingWriter, CHUNK
 from ..manifest import ManifestEntry
 from .common import (
-    _HashingSink,
     _atomic_dest,
     _check_md5,
     _check_size,
@@ -103,7 +102,7 @@ class HttpHandler:
             if not unchecked:
                 self._check_etag(entry, resp.headers)
             with _atomic_dest(dest) as out:
-                sink = _HashingSink(out)
+                sink = HashingWriter(out)
                 try:
                     for chunk in resp.iter_content(CHUNK):
                         sink.write(chunk)

@@ -9,11 +9,10 @@ from pathlib import Path
 from typing import Iterator
 
 from ..errors import ArtifactFSError, DigestMismatchError, NotFoundError, StoreUnavailableError
-from ..hashing import CHUNK
+from ..hashing import HashingWriter, CHUNK
 from ..manifest import ManifestEntry
 from .common import (
     _parse_bucket_uri,
-    _HashingSink,
     _atomic_dest,
     _check_md5,
     _check_size,
@@ -174,7 +173,7 @@ class S3Handler:
         resp = self._get(entry)
         body = resp["Body"]
         with _atomic_dest(dest) as out:
-            sink = _HashingSink(out)
+            sink = HashingWriter(out)
             try:
                 for chunk in body.iter_chunks(CHUNK):
                     sink.write(chunk)
