@@ -155,7 +155,8 @@ def run(options: MountOptions) -> int:
     drafts = DraftFS(manager, invalidate=lambda inode_p, name: pyfuse3.invalidate_entry_async(
         inode_p, os.fsencode(name), ignore_enoent=True))
     ns = Namespace(store, indexes, NamespaceConfig(alias_ttl=options.alias_ttl), drafts=drafts,
-                   stats=lambda: {**content.stats(), "inodes": len(ns), "index_builds": indexes.builds})
+                   stats=lambda: {**content.stats(), "inodes": len(ns), "index_builds": indexes.builds,
+                                  "requests": dict(ops.requests)})
     drafts.attach(ns)
     ops = Operations(ns, content, max_threads=options.threads, drafts=drafts)
 

@@ -661,9 +661,12 @@ class Namespace:
 
     def getxattr(self, inode: int, name: str) -> bytes:
         if not name.startswith("user."):
-            # `ls -l` asks for security.selinux and system.posix_acl_* on every file: answer
-            # from the name alone, without building (or fetching) the attribute set.
-            raise OSError(errno.ENODATA, f"no attribute {name}")
+            # Only user.* attributes exist here: no ACLs, no security labels or capabilities.
+            # ENOTSUP (not ENODATA) says so for the whole filesystem, and `ls -l` remembers it
+            # per device: it stops asking for security.selinux and system.posix_acl_access on
+            # every file (two FUSE requests each, the bulk of an `ls -lR`).  The kernel only
+            # disables getxattr for good on ENOSYS, so user.* keeps working.
+            raise OSError(errno.ENOTSUP, f"{name}: only user.* attributes are supported")
         try:
             return self.xattrs(inode)[name]
         except KeyError:

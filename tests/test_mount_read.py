@@ -11,7 +11,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -102,6 +102,32 @@ def test_layout_ls_find_du(shared) -> None:
     st = os.stat(m.path / V0 / "README.md")
     assert st.st_mtime == pytest.approx(rec.created_at.timestamp(), abs=1e-3)
     assert st.st_mode & 0o777 == 0o444 and os.stat(m.path / V0).st_mode & 0o777 == 0o555
+
+
+def _requests(m: Mount, run: Callable[[], object]) -> dict[str, int]:
+    """FUSE requests the daemon served while ``run()`` ran (the stats read itself excluded)."""
+    before = m.stats()["requests"]
+    run()
+    after = m.stats()["requests"]
+    out = {k: v - before.get(k, 0) for k, v in after.items() if v != before.get(k, 0)}
+    out["getxattr"] -= 1  # the second stats() read
+    return {k: v for k, v in out.items() if v}
+
+
+def test_find_and_ls_cost_no_per_entry_requests(shared) -> None:
+    """readdirplus + day-long timeouts: a second find asks for nothing per entry, and ls -l
+    gets its attributes from the listing and ACL/label answers once per device (ENOTSUP)."""
+    m, src, rec = shared
+    version = m.path / V0
+    def find() -> object:
+        return subprocess.run(["find", str(version)], capture_output=True, check=True)
+    find()
+    again = _requests(m, find)
+    assert again.get("lookup", 0) == 0 and again.get("getattr", 0) <= 1, again
+    ls = _requests(m, lambda: subprocess.run(["ls", "-lR", str(version)], capture_output=True, check=True))
+    files = len(sha256_tree(src))
+    assert ls.get("lookup", 0) == 0 and ls.get("getattr", 0) <= 1, ls
+    assert ls.get("getxattr", 0) <= 4 < files, ls  # not two per file (security.selinux, posix ACL)
 
 
 def test_sha256_every_file_cp_and_rsync(shared, tmp_path: Path) -> None:
