@@ -35,7 +35,8 @@ import requests
 import requests.adapters
 import urllib3.exceptions
 
-from ..errors import ArtifactFSError, DigestMismatchError, StoreUnavailableError, error_from_code
+from ..errors import (ArtifactFSError, DigestMismatchError, PermissionDeniedError, StoreUnavailableError,
+                      error_from_code)
 from ..hashing import md5_bytes
 from .base import CollectionRecord, CommitRequest, RunRecord, VersionRecord
 
@@ -163,8 +164,6 @@ def _raise_for(resp: requests.Response) -> None:
     if "<Code>BadDigest</Code>" in text or "<Code>InvalidDigest</Code>" in text:
         raise DigestMismatchError(f"the object store refused the bytes: they do not match their md5 ({text})")
     if resp.status_code in (401, 403):
-        from ..errors import PermissionDeniedError
-
         raise PermissionDeniedError(f"HTTP {resp.status_code} from {resp.url.split('?')[0]}: {text}")
     if resp.status_code == 404:
         from ..errors import NotFoundError
@@ -396,32 +395,50 @@ class HttpStore:
 
         Each step is retried on its own (all are idempotent: the blob is named by its content).
         """
-        plan = self._cached_plan(entity, md5_hex, size)
-        if plan is None:
-            plan = self._call("POST", f"{self._blob(entity, md5_hex)}/uploads", {"size": size})
-        if plan["method"] == "exists":
-            return
-        if plan["method"] == "multipart":
-            self._put_multipart(entity, md5_hex, Path(src), size, plan)
-            return
-        self._put_file(plan, Path(src), size)
-        if plan.get("complete", True):
-            self._call("POST", f"{self._blob(entity, md5_hex)}/complete", {"size": size})
+        def upload(plan: dict[str, Any]) -> None:
+            if plan["method"] == "multipart":
+                self._put_multipart(entity, md5_hex, Path(src), size, plan)
+            else:
+                self._put_file(plan, Path(src), size)
+                if plan.get("complete", True):
+                    self._call("POST", f"{self._blob(entity, md5_hex)}/complete", {"size": size})
+
+        self._upload_by_plan(entity, md5_hex, size, upload)
 
     def put_bytes(self, entity: str, md5_hex: str, data: bytes) -> None:
         """Upload small content (a manifest) from memory."""
         if md5_bytes(data) != md5_hex:
             raise DigestMismatchError(f"data does not have md5 {md5_hex}")
-        plan = self._cached_plan(entity, md5_hex, len(data))
-        if plan is None:
-            plan = self._call("POST", f"{self._blob(entity, md5_hex)}/uploads", {"size": len(data)})
-        if plan["method"] == "exists":
-            return
-        if plan["method"] != "put":
-            raise ArtifactFSError("server asked for a multipart upload of in-memory bytes")
-        self._put_data(plan, data)
-        if plan.get("complete", True):
-            self._call("POST", f"{self._blob(entity, md5_hex)}/complete", {"size": len(data)})
+
+        def upload(plan: dict[str, Any]) -> None:
+            if plan["method"] != "put":
+                raise ArtifactFSError("server asked for a multipart upload of in-memory bytes")
+            self._put_data(plan, data)
+            if plan.get("complete", True):
+                self._call("POST", f"{self._blob(entity, md5_hex)}/complete", {"size": len(data)})
+
+        self._upload_by_plan(entity, md5_hex, len(data), upload)
+
+    def _upload_by_plan(self, entity: str, md5_hex: str, size: int,
+                        upload: Callable[[dict[str, Any]], None]) -> None:
+        """Run ``upload`` with a (cached or new) plan; once more with a fresh plan if the
+        presigned URLs were refused, which is what an URL that expired in between looks like
+        (a slow disk, a loaded machine).  A real lack of permission is refused again by the
+        server when it is asked for the fresh plan, with our key."""
+        plan = self._cached_plan(entity, md5_hex, size)
+        for attempt in (1, 2):
+            if plan is None:
+                plan = self._call("POST", f"{self._blob(entity, md5_hex)}/uploads", {"size": size})
+            if plan["method"] == "exists":
+                return
+            try:
+                upload(plan)
+                return
+            except PermissionDeniedError:
+                if attempt == 2:
+                    raise
+                log.info("upload URL for %s refused (expired?); asking for a fresh one", md5_hex)
+                plan = None
 
     def _put_once(self, target: dict[str, Any], body: Any, size: int) -> requests.Response:
         url = urljoin(self.base + "/", target["url"])
