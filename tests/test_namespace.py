@@ -196,3 +196,13 @@ def test_index_pages_large_directory_and_streams(tmp_path: Path) -> None:
     other.write_text(json.dumps(Manifest(entries[:10]).to_json()))
     build_index(other, tmp_path / "idx2.sqlite")
     assert ManifestIndex(tmp_path / "idx2.sqlite").file_count == 10
+
+
+def test_linked_version_reads_its_sources_blobs(world, local_store) -> None:
+    """A version linked into another entity's registry shares the source's manifest and blobs."""
+    ns, v0, _, _ = world
+    local_store.link_version(v0.id, "org", "wandb-registry-model", "resnet", aliases=["production"])
+    f = ns.walk("org/wandb-registry-model/resnet:production/sub/deep/c.txt")
+    assert ns.attr(f).size == 3
+    _, ref = ns.open(f.inode, os.O_RDONLY)
+    assert ref.entity == "ent" and ref.md5 == md5_bytes(b"see")
