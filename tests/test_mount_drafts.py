@@ -115,6 +115,22 @@ def test_cp_and_rsync_into_new_drafts_match_add_dir(world: Path, monkeypatch: py
         assert sha256_tree(out) == expected
 
 
+def test_cp_into_a_draft_writes_1mib_requests(world: Path) -> None:
+    """st_blksize 1 MiB: cp sizes its buffer from it, so 8 MiB travel in ~8 writes, not 64."""
+    src = world / "big.bin"
+    data = os.urandom(8 * MiB)
+    src.write_bytes(data)
+    with mounted(world / "store", world) as m:
+        draft = m.path / PROJ / "ds:draft"
+        draft.mkdir(parents=True)
+        before = m.stats()["requests"].get("write", 0)
+        subprocess.run(["cp", str(src), str(draft / "big.bin")], check=True)
+        writes = m.stats()["requests"].get("write", 0) - before
+        assert os.stat(draft / "big.bin").st_blksize == MiB
+        assert 8 <= writes <= 10, writes
+        assert (draft / "big.bin").read_bytes() == data
+
+
 # -- incremental drafts ---------------------------------------------------------------------------
 def test_incremental_change_add_rename_delete(world: Path) -> None:
     src = make_src(world / "src")
