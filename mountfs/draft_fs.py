@@ -3,7 +3,9 @@
 This is the :class:`mountfs.namespace.DraftProvider` the namespace delegates ``DRAFT_*`` nodes
 to, plus one method per FUSE write operation for ``mountfs.ops`` to call (in a worker thread:
 every method here may take a draft's lock, which a running commit holds for seconds, so none
-of them may run on the trio loop — each calls ``ns._io()`` before touching a draft).
+of them may run on the trio loop — each calls ``ns._io()`` before touching a draft).  The
+``*_nowait`` methods are the exception: they only try the lock and give up (changing nothing)
+when it is held or when more than a local write is needed.
 
 Where the names live::
 
@@ -293,6 +295,31 @@ class DraftFS:
         if h.tree_fh is None:
             raise OSError(errno.EBADF, "file not open for writing")
         return h.draft.tree.write(h.tree_fh, off, buf)
+
+    def write_nowait(self, fh: int, off: int, buf: bytes) -> int | None:
+        """A plain write into a staged file, answered on the event loop; None: call write()."""
+        with self._lock:
+            h = self._open.get(fh)
+        if h is None or h.tree_fh is None:
+            return None
+        return h.draft.tree.write_nowait(h.tree_fh, off, buf)
+
+    def flush_nowait(self, fh: int) -> bool:
+        """True when flush() has nothing to do (not a sentinel about to commit)."""
+        with self._lock:
+            h = self._open.get(fh)
+        return h is not None and (h.tree_fh is None or h.draft.tree.flush_nowait(h.tree_fh))
+
+    def release_nowait(self, fh: int) -> bool:
+        """release() done on the event loop if it cannot wait; False: call release()."""
+        with self._lock:
+            h = self._open.get(fh)
+            if h is None:
+                return True
+            if h.tree_fh is not None and not h.draft.tree.release_nowait(h.tree_fh):
+                return False
+            self._open.pop(fh, None)
+            return True
 
     def flush(self, fh: int) -> None:
         """close(2): closing a changed ``.commit`` commits here, and close() reports a failure."""

@@ -463,17 +463,70 @@ class DraftTree:
             if not row[7]:
                 self._copy_up(row, covers_all=(off == 0 and len(data) >= row[5]))
             self._changed(nid)
-            n = os.pwrite(self._fd(nid), data, off)
-            seq = self._seq.get(nid)
-            if seq is not None:
-                if off == seq.pos:
-                    seq.md5.update(memoryview(data)[:n])
-                    seq.pos += n
-                else:
-                    del self._seq[nid]
-            if row[1] == ROOT_ID and row[2] == COMMIT_NAME:
-                self._armed = True
-            return n
+            return self._write_staged(nid, row, off, data)
+
+    def _write_staged(self, nid: int, row: tuple, off: int, data: bytes | memoryview) -> int:
+        n = os.pwrite(self._fd(nid), data, off)
+        seq = self._seq.get(nid)
+        if seq is not None:
+            if off == seq.pos:
+                seq.md5.update(memoryview(data)[:n])
+                seq.pos += n
+            else:
+                del self._seq[nid]
+        if row[1] == ROOT_ID and row[2] == COMMIT_NAME:
+            self._armed = True
+        return n
+
+    # -- the event loop's fast paths --------------------------------------------------------
+    # The mount calls these on its event loop; each answers None/False *without changing
+    # anything* when the call could wait (the lock is held: a commit is running) or needs
+    # more than local work (a copy-up that may fetch, a metadata transaction, a commit
+    # request).  The caller then makes the ordinary call in a worker thread.
+    def write_nowait(self, fh: int, off: int, data: bytes | memoryview) -> int | None:
+        """A write into an already staged file (what ``cp`` into a draft sends), or None."""
+        if not self.lock.acquire(blocking=False):
+            return None
+        try:
+            h = self._handles.get(fh)
+            if h is None or (h.flags & os.O_ACCMODE) == os.O_RDONLY or h.node in self._hashed:
+                return None
+            row = self._row(h.node)
+            if not row[7]:
+                return None
+            if h.flags & os.O_APPEND:
+                off = self._attr(row).size
+            return self._write_staged(h.node, row, off, data)
+        finally:
+            self.lock.release()
+
+    def flush_nowait(self, fh: int) -> bool:
+        """flush() when it has nothing to do (not a sentinel that would commit); else False."""
+        if not self.lock.acquire(blocking=False):
+            return False
+        try:
+            h = self._handles.get(fh)
+            return h is not None and not (self._armed and self._is_sentinel(h.node))
+        finally:
+            self.lock.release()
+
+    def release_nowait(self, fh: int) -> bool:
+        """release() of a handle that is neither the last one of an unlinked file (its purge
+        is a transaction) nor an armed sentinel (a commit request); else False."""
+        if not self.lock.acquire(blocking=False):
+            return False
+        try:
+            h = self._handles.get(fh)
+            if h is None:
+                return True
+            if self._open[h.node] <= 1:
+                row = self.db.execute("SELECT parent, name FROM nodes WHERE id = ?", (h.node,)).fetchone()
+                if row is not None and (row[0] is None or (row[0] == ROOT_ID and row[1] == COMMIT_NAME)):
+                    return False
+            self.release(fh)  # reentrant lock; nothing in it waits now
+            return True
+        finally:
+            self.lock.release()
 
     def _changed(self, nid: int) -> None:
         """Forget a staged file's last known digest (first write after a commit attempt)."""

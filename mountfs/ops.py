@@ -3,8 +3,11 @@
 Everything with a decision in it lives below: :mod:`mountfs.namespace` (what a name means,
 attributes, lookup counts, handles), :mod:`mountfs.fetch` (content) and
 :mod:`mountfs.draft_fs` (the writable drafts; every write operation goes there, which answers
-EROFS outside a draft).  Draft operations always run in a worker thread: a commit holds the
-draft's lock for as long as it takes, and the loop must keep serving everything else.  Calls that may block
+EROFS outside a draft).  Draft operations run in a worker thread: a commit holds the
+draft's lock for as long as it takes, and the loop must keep serving everything else.  The
+exceptions are the per-handle calls of a copy (write into a staged file, flush, release), which
+the draft layer answers on the loop when its lock is free and nothing else is needed
+(``*_nowait``); otherwise they go to a thread like the rest.  Calls that may block
 (store requests, index builds, fetches, verification) run in worker threads through
 ``trio.to_thread`` under one CapacityLimiter, so the trio loop keeps serving other requests.
 Each call is first tried on the loop in local-only mode (memory, open SQLite indexes, local
@@ -245,7 +248,8 @@ class Operations(pyfuse3.Operations):
     async def flush(self, fh: FileHandle) -> None:
         # close(2) of ``.commit`` commits and waits; other draft files and versions: nothing to do
         if self.drafts is not None and self.drafts.is_draft_handle(fh) and fh not in self._handles:
-            await self._draft(self.drafts.flush, fh)
+            if not self.drafts.flush_nowait(fh):
+                await self._draft(self.drafts.flush, fh)
 
     @_fuse_errors
     async def release(self, fh: FileHandle) -> None:
@@ -253,7 +257,7 @@ class Operations(pyfuse3.Operations):
         handle = self._handles.pop(fh, None)
         if handle is not None and not self.content.close_nowait(handle):
             await self._thread(self.content.close, handle)
-        if self.drafts is not None and self.drafts.is_draft_handle(fh):
+        if self.drafts is not None and self.drafts.is_draft_handle(fh) and not self.drafts.release_nowait(fh):
             await self._draft(self.drafts.release, fh)
 
     @_fuse_errors
@@ -322,7 +326,8 @@ class Operations(pyfuse3.Operations):
 
     @_fuse_errors
     async def write(self, fh: FileHandle, off: int, buf: bytes) -> int:
-        return await self._draft(self._writable().write, fh, off, buf)
+        n = self._writable().write_nowait(fh, off, buf)
+        return n if n is not None else await self._draft(self._writable().write, fh, off, buf)
 
     @_fuse_errors
     async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext) -> None:

@@ -541,3 +541,51 @@ def test_concurrent_commits_from_two_managers(tmp_path: Path, local_store: Local
     for m in managers:
         m.store.close()
         m.close()
+
+
+def test_nowait_paths_give_up_without_changing_anything(env, local_store: LocalStore, tmp_path: Path) -> None:
+    """The mount's event-loop fast paths: a plain write into a staged file, flush, release.
+    Anything that could wait (a commit holds the lock) or needs more (a copy-up of base
+    content, a commit request) answers None/False and leaves the state as it was."""
+    mgr, fetched = env
+    commit_files(local_store, tmp_path, {"base.txt": b"base content"})
+    d = mgr.create("ent", "proj", "ds:draft")
+    t = d.tree
+    _, fh = t.create(ROOT_ID, "new.bin")
+    assert t.write_nowait(fh, 0, b"abc") == 3 and t.write_nowait(fh, 3, b"def") == 3
+    # a commit (any other thread) holds the lock: nothing is done on the loop
+    held, done = threading.Event(), threading.Event()
+
+    def holder() -> None:
+        with t.lock:
+            held.set()
+            done.wait()
+
+    th = threading.Thread(target=holder)
+    th.start()
+    held.wait()
+    try:
+        assert t.write_nowait(fh, 6, b"X") is None
+        assert t.flush_nowait(fh) is False and t.release_nowait(fh) is False
+    finally:
+        done.set()
+        th.join()
+    assert t.flush_nowait(fh) is True and t.release_nowait(fh) is True
+    assert get(t, "new.bin") == b"abcdef"
+    # a partial write into an unchanged base file needs its content first: not on the loop
+    bfh = t.open(walk(t, "base.txt").id, os.O_RDWR)
+    assert t.write_nowait(bfh, 0, b"B") is None and fetched == [] and not walk(t, "base.txt").staged
+    t.write(bfh, 0, b"B")
+    assert t.write_nowait(bfh, 1, b"A") == 1  # staged now
+    t.release(bfh)
+    assert get(t, "base.txt") == b"BAse content"
+    # the sentinel: written on the loop (arms it), but its flush/release commit in a thread
+    _, sfh = t.create(ROOT_ID, COMMIT_NAME)
+    assert t.write_nowait(sfh, 0, b"{}") == 2
+    assert t.flush_nowait(sfh) is False and t.release_nowait(sfh) is False
+    t.release(sfh)
+    # an unlinked file's last release purges it (a transaction): thread
+    _, ufh = t.create(ROOT_ID, "gone.txt")
+    t.unlink(ROOT_ID, "gone.txt")
+    assert t.release_nowait(ufh) is False
+    t.release(ufh)
