@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
-import hashlib
 import json
 import logging
 import os
@@ -41,12 +40,12 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from client import names
 from client.cache import Cache
 from client.errors import ArtifactFSError, StoreUnavailableError
-from client.hashing import b64_to_hex, md5_file
+from client.hashing import HashingWriter, b64_to_hex, md5_file
 from client.manifest import DigestBuilder, ManifestEntry, write_manifest
 from client.store.base import CommitRequest, Store, VersionRecord
 
@@ -192,19 +191,14 @@ class Draft:
         return f"Draft({self.entity}/{self.project}/{self.dirname}, id={self.id})"
 
 
-class _HashingText:
-    """A text sink that writes UTF-8 to a binary file and md5s it on the way."""
+class _Utf8Sink:
+    """The text face write_manifest needs, over a binary HashingWriter (md5 and size on the way)."""
 
-    def __init__(self, raw: IO[bytes]) -> None:
-        self.raw = raw
-        self.md5 = hashlib.md5(usedforsecurity=False)
-        self.size = 0
+    def __init__(self, out: HashingWriter) -> None:
+        self.out = out
 
     def write(self, s: str) -> int:
-        b = s.encode("utf-8")
-        self.raw.write(b)
-        self.md5.update(b)
-        self.size += len(b)
+        self.out.write(s.encode("utf-8"))
         return len(s)
 
 
@@ -268,11 +262,11 @@ def _build(draft: Draft) -> _Plan:
 
     tmp = draft.root / "manifest.json.tmp"
     with open(tmp, "wb") as raw:
-        sink = _HashingText(raw)
-        write_manifest(sink, entries())  # type: ignore[arg-type]
+        sink = HashingWriter(raw)  # type: ignore[arg-type]
+        write_manifest(_Utf8Sink(sink), entries())  # type: ignore[arg-type]
         raw.flush()
         os.fsync(raw.fileno())
-    return _Plan(digest.hexdigest(), sink.md5.hexdigest(), tmp, sink.size, uploads, staged, count)
+    return _Plan(digest.hexdigest(), sink.hexdigest(), tmp, sink.size, uploads, staged, count)
 
 
 def _write_intent(draft: Draft, data: dict[str, Any]) -> None:
