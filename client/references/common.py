@@ -94,6 +94,12 @@ def _atomic_dest(dest: Path) -> Iterator[IO[bytes]]:
 
 
 
+def _unchecked_bucket_entry(uri: str, name: str | None, bucket: str, key: str) -> ManifestEntry:
+    """checksum=False for a bucket URI: one entry named after the key, digest of the URI."""
+    return ManifestEntry(path=_entry_name(name, posixpath.basename(key.rstrip("/")) or bucket),
+                         digest=uri_digest(uri), ref=uri)
+
+
 def _check_size(entry: ManifestEntry, got: int, what: str) -> None:
     if entry.size is not None and got != entry.size:
         raise DigestMismatchError(

@@ -13,6 +13,7 @@ from ..hashing import HashingWriter
 from ..manifest import ManifestEntry
 from .common import (
     _parse_bucket_uri,
+    _unchecked_bucket_entry,
     _atomic_dest,
     _check_md5,
     _check_size,
@@ -73,8 +74,7 @@ class GcsHandler:
                 max_objects: int) -> Iterator[ManifestEntry]:
         bucket_name, key, _version = _parse_bucket_uri(uri)
         if not checksum:
-            yield ManifestEntry(path=_entry_name(name, posixpath.basename(key.rstrip("/")) or bucket_name),
-                                digest=uri_digest(uri), ref=uri)
+            yield _unchecked_bucket_entry(uri, name, bucket_name, key)
             return
         client = _gcs_client()
         bucket = self._call(f"gs://{bucket_name}", client.get_bucket, bucket_name)

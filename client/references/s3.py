@@ -13,6 +13,7 @@ from ..hashing import HashingWriter, CHUNK
 from ..manifest import ManifestEntry
 from .common import (
     _parse_bucket_uri,
+    _unchecked_bucket_entry,
     _atomic_dest,
     _check_md5,
     _check_size,
@@ -90,8 +91,7 @@ class S3Handler:
                 max_objects: int) -> Iterator[ManifestEntry]:
         bucket, key, version = _parse_bucket_uri(uri)
         if not checksum:
-            yield ManifestEntry(path=_entry_name(name, posixpath.basename(key.rstrip("/")) or bucket),
-                                digest=uri_digest(uri), ref=uri)
+            yield _unchecked_bucket_entry(uri, name, bucket, key)
             return
         client = _s3_client()
         versioned = self._versioned(bucket)
