@@ -444,6 +444,10 @@ class HttpStore:
         url = urljoin(self.base + "/", target["url"])
         headers = dict(target.get("headers") or {})
         headers["Content-Length"] = str(size)
+        if size == 0:
+            # requests sends an empty *file* as "Transfer-Encoding: chunked" next to our
+            # Content-Length: 0, which leaves the server waiting for a body: send no body at all.
+            body = b""
         # No Authorization header: presigned URLs carry their own credentials.
         resp = self.session.put(url, data=body, headers=headers, timeout=self.timeout)
         _raise_for(resp)

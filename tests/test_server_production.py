@@ -1,0 +1,131 @@
+"""The registry server as a team runs it (issue 13), against real servers on loopback:
+SQLite + a blob directory, and PostgreSQL + S3 (moto in server mode).
+
+Every file size travels through the server, 0 bytes included, on every path (Store, SDK,
+CLI, a mount's draft)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from client.errors import NotFoundError
+from client.hashing import hex_to_b64, md5_bytes
+from client.manifest import Manifest, ManifestEntry
+from client.store.base import CommitRequest
+from tests.server_fixtures import SharedRegistry, make_store, moto_s3, postgres, registry  # noqa: F401
+
+pytestmark = pytest.mark.timeout(120)
+EMPTY_MD5 = hashlib.md5(b"").hexdigest()
+#: fail in seconds instead of the default minutes, so a stall shows up as a failure
+QUICK = {"timeout": 10.0, "attempts": 2, "backoff": 0.05}
+
+
+def _use_server(monkeypatch: pytest.MonkeyPatch, url: str, key: str, cache: Path) -> None:
+    from client import run as run_mod
+
+    run_mod._reset_for_tests()
+    monkeypatch.setenv("ARTIFACTFS_STORE", url)
+    monkeypatch.setenv("ARTIFACTFS_API_KEY", key)
+    monkeypatch.setenv("ARTIFACTFS_CACHE_DIR", str(cache))
+
+
+# -- item 1: 0-byte files ------------------------------------------------------------------------
+def test_zero_byte_blob_uploads_downloads_and_commits_through_the_store(registry: SharedRegistry,
+                                                                        tmp_path: Path) -> None:
+    other = registry.new_team("zt")
+    user, key = registry.new_user("zero", teams=(other,))
+    store = make_store(registry.server.url, key, **QUICK)
+    empty = tmp_path / "empty"
+    empty.write_bytes(b"")
+    assert store.missing_blobs(user, [EMPTY_MD5]) == {EMPTY_MD5}
+    store.put_blob(user, EMPTY_MD5, empty, 0)
+    assert store.missing_blobs(user, [EMPTY_MD5]) == set()
+    store.put_blob(user, EMPTY_MD5, empty, 0)  # again: already there, a no-op
+    # a fresh plan (no cached one from missing_blobs) on another entity, from memory
+    store.put_bytes(other, EMPTY_MD5, b"")
+    assert store.missing_blobs(other, [EMPTY_MD5]) == set()
+
+    assert store.read_blob(user, EMPTY_MD5) == b""
+    assert store.read_blob(user, EMPTY_MD5, 0, 10) == b""
+    out = tmp_path / "out"
+    store.download_blob(user, EMPTY_MD5, out)
+    assert out.read_bytes() == b""
+
+    manifest = Manifest([ManifestEntry("pkg/__init__.py", hex_to_b64(EMPTY_MD5), 0),
+                         ManifestEntry("_SUCCESS", hex_to_b64(EMPTY_MD5), 0)]).to_bytes()
+    manifest_md5 = md5_bytes(manifest)
+    store.put_bytes(user, manifest_md5, manifest)
+    version, created = store.commit(CommitRequest(user, "proj", "ds", "dataset", manifest_md5))
+    assert created and version.version == "v0"
+
+
+def test_zero_byte_files_log_and_get_with_the_sdk_and_the_cli(registry: SharedRegistry, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    import client
+    from client.cli import cli
+
+    team = registry.new_team("lab")
+    _, key = registry.new_user("alice", teams=(team,))
+    src = tmp_path / "src"
+    (src / "pkg").mkdir(parents=True)
+    files = {"pkg/__init__.py": b"", "_SUCCESS": b"", ".gitkeep": b"", "data.bin": os.urandom(5000)}
+    for name, data in files.items():
+        (src / name).write_bytes(data)
+
+    _use_server(monkeypatch, registry.server.url, key, tmp_path / "cache1")
+    with client.init(entity=team, project="proj", job_type="prep") as run:
+        art = client.Artifact("sdk", type="dataset")
+        art.add_dir(str(src))
+        run.log_artifact(art)
+    res = CliRunner().invoke(cli, ["log", str(src), "--name", f"{team}/proj/cli", "--type", "dataset"],
+                             catch_exceptions=False)
+    assert res.exit_code == 0, res.stderr
+    assert f"{team}/proj/cli:v0" in res.stdout and "4 files" in res.stdout
+
+    _use_server(monkeypatch, registry.server.url, key, tmp_path / "cache2")  # another machine
+    for collection in ("sdk", "cli"):
+        dest = tmp_path / f"got-{collection}"
+        res = CliRunner().invoke(cli, ["get", f"{team}/proj/{collection}:v0", str(dest)], catch_exceptions=False)
+        assert res.exit_code == 0, res.stderr
+        assert {p.relative_to(dest).as_posix(): p.read_bytes() for p in dest.rglob("*") if p.is_file()} == files
+    with pytest.raises(NotFoundError):
+        client.Api().artifact(f"{team}/proj/none:v0")
+    from client import run as run_mod
+
+    run_mod._reset_for_tests()
+
+
+@pytest.mark.fuse
+@pytest.mark.timeout(180)
+def test_zero_byte_file_commits_through_a_mounts_draft(registry: SharedRegistry, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    import json
+
+    from tests.mount_helpers import mounted, requires_fuse
+
+    if requires_fuse.args and requires_fuse.args[0]:
+        pytest.skip(requires_fuse.kwargs.get("reason", "needs FUSE"))
+    team = registry.new_team("lab")
+    _, key = registry.new_user("alice", teams=(team,))
+    monkeypatch.setenv("ARTIFACTFS_API_KEY", key)
+    make_store(registry.server.url, key).create_project(team, "proj")
+    with mounted(registry.server.url, tmp_path) as m:  # type: ignore[arg-type]
+        draft = m.path / team / "proj" / "ds:draft"
+        draft.mkdir()
+        (draft / "pkg").mkdir()
+        (draft / "pkg" / "__init__.py").write_bytes(b"")
+        (draft / "_SUCCESS").touch()
+        (draft / "data.txt").write_bytes(b"rows\n")
+        (draft / ".commit").write_text("{}")
+        status = json.loads((draft / ".commit.status").read_text())["last_commit"]
+        assert status["state"] == "created", status
+        assert status["version"] == f"{team}/proj/ds:v0"
+        v0 = m.path / team / "proj" / "ds:v0"
+        assert (v0 / "pkg" / "__init__.py").read_bytes() == b"" and (v0 / "_SUCCESS").stat().st_size == 0
+    got = make_store(registry.server.url, key).resolve(team, "proj", "ds", "latest")
+    assert got.version == "v0" and got.file_count == 3
