@@ -20,7 +20,7 @@ from typing import Any
 import click
 
 from . import names, settings
-from .errors import ArtifactFSError, NotFoundError, StoreUnavailableError
+from .errors import ArtifactFSError, AuthenticationError, NotFoundError, StoreUnavailableError
 
 #: command name -> (module, attribute, one-line help shown without importing the module)
 LAZY_COMMANDS: dict[str, tuple[str, str, str]] = {
@@ -92,6 +92,8 @@ def _hint(exc: ArtifactFSError) -> str:
     """What to do next, for the errors whose message alone does not say it."""
     if isinstance(exc, NotFoundError):
         return " (list what exists with: artifactfs ls [ENTITY[/PROJECT[/COLLECTION]]])"
+    if isinstance(exc, AuthenticationError):
+        return " (log in with: artifactfs login URL, or set ARTIFACTFS_API_KEY)"
     if isinstance(exc, StoreUnavailableError):
         return " (check --store / ARTIFACTFS_STORE)"
     return ""
@@ -298,6 +300,11 @@ def cache_prune(max_size: str | None) -> None:
     freed = cache.prune(limit)
     info = cache.info()
     click.echo(f"freed {freed} bytes; {info.entries} entries, {info.bytes} bytes remain")
+
+
+from .cli_login import register as _register_login  # noqa: E402 - the login/logout/whoami block
+
+_register_login(cli)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -2,14 +2,19 @@
 
 | variable                 | meaning                                             | default                         |
 |--------------------------|-----------------------------------------------------|---------------------------------|
-| ARTIFACTFS_STORE         | a directory (embedded store) or an http(s) URL      | ~/.local/share/artifactfs       |
-| ARTIFACTFS_API_KEY       | API key for a registry server                       | none                            |
+| ARTIFACTFS_STORE         | a directory (embedded store) or an http(s) URL      | the `login` URL, else           |
+|                          |                                                     | ~/.local/share/artifactfs       |
+| ARTIFACTFS_API_KEY       | API key for a registry server                       | the key saved by `login`        |
+| ARTIFACTFS_CA_BUNDLE     | CA certificates (PEM) trusted for https registries  | the system store                |
 | ARTIFACTFS_CACHE_DIR     | content-addressed local cache                       | ~/.cache/artifactfs             |
 | ARTIFACTFS_CACHE_SIZE    | cache bound, bytes or with K/M/G/T suffix            | 20G                             |
-| ARTIFACTFS_ENTITY        | default entity when a name has none                 | the login user name             |
+| ARTIFACTFS_ENTITY        | default entity when a name has none                 | with a key: its user (or the    |
+|                          |                                                     | user's one team); else the OS   |
+|                          |                                                     | login name                      |
 | ARTIFACTFS_PROJECT       | default project when a name has none                | uncategorized                   |
 
-Functions, not module constants: tests change the environment between cases.
+Functions, not module constants: tests change the environment between cases.  Keys saved by
+``artifactfs login`` live in :mod:`client.credentials` (a 0600 file); the environment wins.
 """
 
 from __future__ import annotations
@@ -28,11 +33,33 @@ def _xdg(var: str, fallback: str) -> Path:
 
 
 def store_location() -> str:
-    return os.environ.get("ARTIFACTFS_STORE") or str(_xdg("XDG_DATA_HOME", ".local/share") / "artifactfs")
+    from . import credentials
+
+    return (os.environ.get("ARTIFACTFS_STORE") or credentials.default_server()
+            or str(_xdg("XDG_DATA_HOME", ".local/share") / "artifactfs"))
 
 
-def api_key() -> str | None:
-    return os.environ.get("ARTIFACTFS_API_KEY") or None
+def is_server_url(location: str) -> bool:
+    return location.startswith(("http://", "https://"))
+
+
+def api_key(location: str | None = None) -> str | None:
+    """ARTIFACTFS_API_KEY, else the key ``artifactfs login`` saved for the store's URL."""
+    env = os.environ.get("ARTIFACTFS_API_KEY")
+    if env:
+        return env
+    location = location or store_location()
+    if not is_server_url(location):
+        return None
+    from . import credentials
+
+    entry = credentials.server_entry(location)
+    return str(entry["key"]) if entry and entry.get("key") else None
+
+
+def ca_bundle() -> str | None:
+    """ARTIFACTFS_CA_BUNDLE: a PEM file of CAs to trust for https registries (None: the system store)."""
+    return os.environ.get("ARTIFACTFS_CA_BUNDLE") or None
 
 
 def cache_dir() -> Path:
@@ -45,9 +72,18 @@ def cache_size() -> int:
 
 
 def default_entity() -> str:
+    """ARTIFACTFS_ENTITY; with an API key for a registry server, the key's user (or the one team
+    that user belongs to); else the OS login name (the embedded store has no users)."""
     env = os.environ.get("ARTIFACTFS_ENTITY")
     if env:
         return env
+    location = store_location()
+    if is_server_url(location):
+        from . import credentials
+
+        keyed = credentials.keyed_default_entity(location, api_key(location))
+        if keyed:
+            return keyed
     try:
         user = getpass.getuser()
     except (KeyError, OSError):

@@ -216,7 +216,8 @@ def create_app(server: Server | None = None) -> FastAPI:
 
     @app.get("/api/v1/whoami", tags=["meta"])
     def whoami(p: Principal = Depends(principal)) -> dict[str, Any]:
-        return {"user": p.user, "key_id": p.key_id, "teams": [{"name": t, "role": r} for t, r in p.roles]}
+        return {"user": p.user, "key_id": p.key_id, "default_entity": p.default_entity,
+                "teams": [{"name": t, "role": r} for t, r in p.roles]}
 
     # -- namespace ----------------------------------------------------------------------------
     @app.get("/api/v1/entities", tags=["namespace"])

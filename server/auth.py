@@ -100,6 +100,13 @@ class Principal:
     def teams(self) -> list[str]:
         return sorted(team for team, _ in self.roles)
 
+    @property
+    def default_entity(self) -> str:
+        """Where a name without an entity goes for this key: the user's personal entity, or the
+        one team the user belongs to besides it (client.credentials.entity_of agrees)."""
+        others = [team for team in self.teams if team != self.user]
+        return others[0] if len(others) == 1 else self.user
+
     def role_in(self, entity: str) -> str | None:
         for team, role in self.roles:
             if team == entity:

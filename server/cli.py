@@ -90,9 +90,17 @@ def _fail(exc: Exception) -> None:
     raise click.ClickException(str(exc))
 
 
+def _print_new_key(user: str, key: str) -> None:
+    """The key alone on stdout (for scripts); the warning on stderr."""
+    click.echo(key)
+    click.echo(f"API key for {user}: shown once (only its hash is stored); "
+               f"{user} runs: artifactfs login <registry URL>", err=True)
+
+
 @admin_command.command("create-user")
 @click.argument("name")
-@click.option("--key/--no-key", default=True, show_default=True, help="also create and print an API key")
+@click.option("--key/--no-key", default=True, show_default=True,
+              help="also create an API key and print it (once; no need for create-key)")
 @click.pass_obj
 def create_user(auth, name: str, key: bool) -> None:  # type: ignore[no-untyped-def]
     """Create a user (and its personal entity of the same name)."""
@@ -101,7 +109,7 @@ def create_user(auth, name: str, key: bool) -> None:  # type: ignore[no-untyped-
     try:
         auth.create_user(name)
         if key:
-            click.echo(auth.create_key(name))
+            _print_new_key(name, auth.create_key(name))
     except ArtifactFSError as exc:
         _fail(exc)
 
@@ -154,7 +162,7 @@ def create_key(auth, user: str, description: str | None) -> None:  # type: ignor
     from client.errors import ArtifactFSError
 
     try:
-        click.echo(auth.create_key(user, description))
+        _print_new_key(user, auth.create_key(user, description))
     except ArtifactFSError as exc:
         _fail(exc)
 

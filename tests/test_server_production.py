@@ -129,3 +129,85 @@ def test_zero_byte_file_commits_through_a_mounts_draft(registry: SharedRegistry,
         assert (v0 / "pkg" / "__init__.py").read_bytes() == b"" and (v0 / "_SUCCESS").stat().st_size == 0
     got = make_store(registry.server.url, key).resolve(team, "proj", "ds", "latest")
     assert got.version == "v0" and got.file_count == 3
+
+
+# -- item 3: login, logout, whoami, the key's default entity -------------------------------------
+def _cli(*args: str, input: str | None = None) -> tuple[int, str, str]:
+    from client.cli import cli
+
+    res = CliRunner().invoke(cli, list(args), input=input, catch_exceptions=False)
+    return res.exit_code, res.stdout, res.stderr
+
+
+def test_login_saves_the_key_0600_and_the_keys_user_is_the_default_entity(
+        registry: SharedRegistry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import stat
+
+    from client import credentials
+    from client import run as run_mod
+
+    team = registry.new_team("vision")
+    alice, key = registry.new_user("alice", teams=(team,))
+    bob, key_b = registry.new_user("bob")  # no team: his own entity
+    url = registry.server.url
+    # as on a fresh machine: no ARTIFACTFS_STORE, no key, no entity in the environment
+    for var in ("ARTIFACTFS_STORE", "ARTIFACTFS_API_KEY", "ARTIFACTFS_ENTITY"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("ARTIFACTFS_CACHE_DIR", str(tmp_path / "cache"))
+    run_mod._reset_for_tests()
+
+    code, out, err = _cli("login", url, input="afs_00000000_wrong\n")
+    assert code == 1 and err.strip().splitlines()[-1].startswith("artifactfs: error: unknown or revoked API key"), err
+    assert not credentials.credentials_path().exists()  # a refused key is not saved
+
+    code, out, err = _cli("login", url, input=key + "\n")  # prompted, hidden
+    assert code == 0, err
+    path = credentials.credentials_path()
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+    assert f"as {alice}" in out and f"default entity {team}" in out
+
+    # the login URL is the default store, the key authenticates, names go to alice's one team
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.txt").write_bytes(b"A")
+    code, out, err = _cli("log", str(src), "--name", "cifar", "--type", "dataset")
+    assert code == 0, err
+    assert f"{team}/uncategorized/cifar:v0" in out
+    code, out, err = _cli("get", "cifar", str(tmp_path / "got"))
+    assert code == 0, err
+    assert (tmp_path / "got" / "a.txt").read_bytes() == b"A"
+    code, out, err = _cli("whoami")
+    assert code == 0, err
+    assert f"user            {alice}" in out and f"default entity  {team}" in out
+    assert f"{team}:member" in out and str(path) in out and key not in out
+
+    # an environment key wins over the file; its user (no team) is then the default entity
+    monkeypatch.setenv("ARTIFACTFS_API_KEY", key_b)
+    code, out, err = _cli("whoami")
+    assert code == 0, err
+    assert f"user            {bob}" in out and f"default entity  {bob}" in out and "ARTIFACTFS_API_KEY" in out
+    monkeypatch.delenv("ARTIFACTFS_API_KEY")
+
+    code, out, _ = _cli("logout")
+    assert code == 0 and f"logged out of {url}" in out
+    assert credentials.load().get("servers") == {}
+    code, out, err = _cli("ls")  # back on the embedded store (no default registry any more)
+    assert code == 0, err
+    run_mod._reset_for_tests()
+
+
+def test_admin_commands_print_a_key_once_and_say_so(registry: SharedRegistry) -> None:
+    from server.cli import main
+
+    runner = CliRunner()
+    res = runner.invoke(main, ["admin", "--db", registry.factory.db_url, "create-user", "carol-once"],
+                        catch_exceptions=False)
+    assert res.exit_code == 0, res.stderr
+    key = res.stdout.strip()
+    assert key.startswith("afs_") and "\n" not in key  # the key alone on stdout, for scripts
+    assert "shown once" in res.stderr and "artifactfs login" in res.stderr
+    assert make_store(registry.server.url, key).whoami()["user"] == "carol-once"
+    res = runner.invoke(main, ["admin", "--db", registry.factory.db_url, "create-key", "carol-once"],
+                        catch_exceptions=False)
+    assert res.exit_code == 0 and "shown once" in res.stderr and res.stdout.strip().startswith("afs_")

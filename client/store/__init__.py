@@ -12,10 +12,10 @@ def open_store(location: str | None = None, api_key: str | None = None) -> Store
     from .. import settings
 
     location = location or settings.store_location()
-    if location.startswith(("http://", "https://")):
+    if settings.is_server_url(location):
         from .http import HttpStore
 
-        return HttpStore(location, api_key=api_key or settings.api_key())
+        return HttpStore(location, api_key=api_key or settings.api_key(location))
     from .local import LocalStore
 
     return LocalStore(location)
