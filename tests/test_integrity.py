@@ -28,8 +28,6 @@ from client.store.local import LocalStore
 from tests.mount_helpers import Mount, mounted, requires_fuse
 
 pytestmark = [requires_fuse, pytest.mark.fuse, pytest.mark.timeout(180)]
-#: reproduces issue 10 on the code before the fix (removed with the fix)
-KNOWN_BAD = pytest.mark.xfail(strict=True, reason="issue 10: served unverified bytes")
 
 MiB = 1 << 20
 V0 = "ent/proj/ds:v0"
@@ -131,7 +129,6 @@ def make_store(tmp_path: Path, files: dict[str, bytes], **kw) -> Path:  # noqa: 
 
 # -- item 1: complete cache objects and store blobs ------------------------------------------
 
-@KNOWN_BAD
 def test_flipped_byte_in_cache_object_is_not_served_by_a_warm_daemon_or_after_remount(tmp_path: Path) -> None:
     payload = os.urandom(8 * MiB)
     store = make_store(tmp_path, {"big.bin": payload})
@@ -151,7 +148,6 @@ def test_flipped_byte_in_cache_object_is_not_served_by_a_warm_daemon_or_after_re
         assert good == 8  # the store still has the right bytes: served from there
 
 
-@KNOWN_BAD
 def test_corrupt_store_blob_gives_eio_and_is_remembered(tmp_path: Path) -> None:
     payload = os.urandom(8 * MiB)
     store = make_store(tmp_path, {"big.bin": payload})
@@ -177,7 +173,6 @@ def test_small_corrupt_store_blob_gives_eio(tmp_path: Path) -> None:
 
 # -- item 2: the cache never shares a writable inode with the store -------------------------
 
-@KNOWN_BAD
 def test_writing_a_cache_object_cannot_corrupt_the_store(tmp_path: Path) -> None:
     payload = os.urandom(8 * MiB)
     store = make_store(tmp_path, {"big.bin": payload})
@@ -190,7 +185,6 @@ def test_writing_a_cache_object_cannot_corrupt_the_store(tmp_path: Path) -> None
     assert md5_file(blob) == hashlib.md5(payload).hexdigest()
 
 
-@KNOWN_BAD
 def test_relogging_good_content_repairs_a_corrupt_store_blob(tmp_path: Path) -> None:
     import client
 
@@ -220,7 +214,6 @@ def test_relogging_good_content_repairs_a_corrupt_store_blob(tmp_path: Path) -> 
 
 # -- item 3: partial objects and forged bitmaps after a remount -----------------------------
 
-@KNOWN_BAD
 def test_partial_with_flipped_byte_and_forged_bitmap_is_not_served(tmp_path: Path) -> None:
     payload = os.urandom(16 * MiB)
     store = make_store(tmp_path, {"big.bin": payload})
@@ -254,7 +247,6 @@ def small_tmpfs(path: Path, size: str) -> Iterator[Path]:
         subprocess.run(["umount", "-l", str(path)], check=False)
 
 
-@KNOWN_BAD
 def test_full_cache_disk_never_serves_short_writes_and_streams_large_files(tmp_path: Path) -> None:
     payload = os.urandom(24 * MiB)
     store = make_store(tmp_path, {"big.bin": payload})
@@ -275,7 +267,6 @@ def test_full_cache_disk_never_serves_short_writes_and_streams_large_files(tmp_p
 # -- item 5 (read half): an entry size that disagrees with its blob --------------------------
 
 @pytest.mark.parametrize("local_blobs", [True, False])
-@KNOWN_BAD
 def test_entry_size_smaller_than_blob_is_eio_not_a_prefix(tmp_path: Path, local_blobs: bool) -> None:
     payload = os.urandom(10 * MiB)
     md5 = hashlib.md5(payload).hexdigest()
