@@ -25,7 +25,8 @@ from client.hashing import hex_to_b64, md5_file
 from client.manifest import Manifest, ManifestEntry
 from client.store.base import CommitRequest
 from client.store.local import LocalStore
-from tests.mount_helpers import Mount, mounted, requires_fuse
+from tests.mount_helpers import mounted, requires_fuse
+from tests.server_fixtures import SharedRegistry, make_store, moto_s3, postgres, registry  # noqa: F401
 
 pytestmark = [requires_fuse, pytest.mark.fuse, pytest.mark.timeout(180)]
 
@@ -120,7 +121,7 @@ def store_blob(store_dir: Path, data: bytes) -> Path:
     return store_dir / "blobs" / "ent" / md5[:2] / md5[2:]
 
 
-def make_store(tmp_path: Path, files: dict[str, bytes], **kw) -> Path:  # noqa: ANN003
+def make_local_store(tmp_path: Path, files: dict[str, bytes], **kw) -> Path:  # noqa: ANN003
     store = LocalStore(tmp_path / "store")
     commit_files(store, files, tmp_path, **kw)
     store.close()
@@ -131,7 +132,7 @@ def make_store(tmp_path: Path, files: dict[str, bytes], **kw) -> Path:  # noqa: 
 
 def test_flipped_byte_in_cache_object_is_not_served_by_a_warm_daemon_or_after_remount(tmp_path: Path) -> None:
     payload = os.urandom(8 * MiB)
-    store = make_store(tmp_path, {"big.bin": payload})
+    store = make_local_store(tmp_path, {"big.bin": payload})
     obj = cache_object(tmp_path / "cache", payload)
     with mounted(store, tmp_path) as m:
         path = m.path / V0 / "big.bin"
@@ -150,7 +151,7 @@ def test_flipped_byte_in_cache_object_is_not_served_by_a_warm_daemon_or_after_re
 
 def test_corrupt_store_blob_gives_eio_and_is_remembered(tmp_path: Path) -> None:
     payload = os.urandom(8 * MiB)
-    store = make_store(tmp_path, {"big.bin": payload})
+    store = make_local_store(tmp_path, {"big.bin": payload})
     flip_byte(store_blob(store, payload), 3 * MiB + 5)
     drop_page_cache()
     with mounted(store, tmp_path) as m:
@@ -165,7 +166,7 @@ def test_corrupt_store_blob_gives_eio_and_is_remembered(tmp_path: Path) -> None:
 
 def test_small_corrupt_store_blob_gives_eio(tmp_path: Path) -> None:
     payload = os.urandom(300_000)
-    store = make_store(tmp_path, {"s.bin": payload})
+    store = make_local_store(tmp_path, {"s.bin": payload})
     flip_byte(store_blob(store, payload), 1000)
     with mounted(store, tmp_path) as m:
         assert check_reads(m.path / V0 / "s.bin", payload, chunk=64 << 10) == (0, 5)
@@ -175,7 +176,7 @@ def test_small_corrupt_store_blob_gives_eio(tmp_path: Path) -> None:
 
 def test_writing_a_cache_object_cannot_corrupt_the_store(tmp_path: Path) -> None:
     payload = os.urandom(8 * MiB)
-    store = make_store(tmp_path, {"big.bin": payload})
+    store = make_local_store(tmp_path, {"big.bin": payload})
     blob, obj = store_blob(store, payload), cache_object(tmp_path / "cache", payload)
     with mounted(store, tmp_path) as m:
         assert check_reads(m.path / V0 / "big.bin", payload) == (8, 0)
@@ -216,7 +217,7 @@ def test_relogging_good_content_repairs_a_corrupt_store_blob(tmp_path: Path) -> 
 
 def test_partial_with_flipped_byte_and_forged_bitmap_is_not_served(tmp_path: Path) -> None:
     payload = os.urandom(16 * MiB)
-    store = make_store(tmp_path, {"big.bin": payload})
+    store = make_local_store(tmp_path, {"big.bin": payload})
     md5 = hashlib.md5(payload).hexdigest()
     part, bits = tmp_path / "cache" / "partial" / f"{md5}.part", tmp_path / "cache" / "partial" / f"{md5}.bits"
     with mounted(store, tmp_path, local_blobs=False) as m:
@@ -249,7 +250,7 @@ def small_tmpfs(path: Path, size: str) -> Iterator[Path]:
 
 def test_full_cache_disk_never_serves_short_writes_and_streams_large_files(tmp_path: Path) -> None:
     payload = os.urandom(24 * MiB)
-    store = make_store(tmp_path, {"big.bin": payload})
+    store = make_local_store(tmp_path, {"big.bin": payload})
     with small_tmpfs(tmp_path / "cachefs", "6m") as cache:
         (cache / "filler").write_bytes(b"\0" * (3 * MiB + 12345))  # leaves room for a few blocks
         with mounted(store, tmp_path, cache_dir=cache / "c", local_blobs=False) as m:
@@ -285,3 +286,51 @@ def test_entry_size_smaller_than_blob_is_eio_not_a_prefix(tmp_path: Path, local_
     store.close()
     with mounted(tmp_path / "store", tmp_path, local_blobs=local_blobs) as m:
         assert check_reads(m.path / V0 / "big.bin", payload[:4 * MiB]) == (0, 4)
+
+
+# -- a server: its blob directory, or S3 (moto) ------------------------------------------------
+
+def corrupt_server_blob(registry: SharedRegistry, entity: str, data: bytes, off: int) -> None:  # noqa: F811
+    md5 = hashlib.md5(data).hexdigest()
+    url = registry.factory.blobs_url
+    if url.startswith("s3://"):
+        import boto3
+
+        from tests.server_fixtures import _boto_kwargs
+
+        bucket, _, prefix = url[len("s3://"):].partition("/")
+        bad = bytearray(data)
+        bad[off] ^= 0xFF
+        boto3.client("s3", endpoint_url=registry.factory.s3_endpoint, **_boto_kwargs()).put_object(
+            Bucket=bucket, Key=f"{prefix}/{entity}/{md5[:2]}/{md5[2:]}", Body=bytes(bad))
+    else:
+        flip_byte(Path(url) / entity / md5[:2] / md5[2:], off)
+
+
+def test_server_mount_reads_lazily_and_never_serves_a_corrupt_blob(
+        registry: SharedRegistry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
+    from tests.util import commit_files as commit_via
+
+    team = registry.new_team("integ")
+    _, key = registry.new_user("reader", teams=(team,))
+    payload = os.urandom(16 * MiB)  # above the test servers' multipart threshold: the server re-hashes it
+    store = make_store(registry.server.url, key)
+    commit_via(store, tmp_path, {"big.bin": payload}, entity=team)
+    monkeypatch.setenv("ARTIFACTFS_API_KEY", key)
+    (tmp_path / "a").mkdir()
+    with mounted(registry.server.url, tmp_path / "a") as m:  # type: ignore[arg-type]
+        path = m.path / team / "proj" / "ds:v0" / "big.bin"
+        os.stat(path)
+        before = m.stats()["store_requests"]
+        assert check_reads(path, payload, chunk=4096, offsets=[9 * MiB + 123]) == (1, 0)
+        assert m.stats()["store_requests"] - before <= 2  # lazy: a block map, not a whole-file hash
+        assert m.stats()["blockmap_requests"] == 1
+    corrupt_server_blob(registry, team, payload, 5 * MiB + 77)
+    (tmp_path / "b").mkdir()
+    with mounted(registry.server.url, tmp_path / "b") as m:  # type: ignore[arg-type]
+        path = m.path / team / "proj" / "ds:v0" / "big.bin"
+        good, eio = check_reads(path, payload)
+        assert eio >= 1 and good + eio == 16
+        assert "block 5" in m.log_text()
+        good2, eio2 = check_reads(path, payload)
+        assert eio2 >= 1

@@ -523,8 +523,12 @@ class Registry:
                 t.blobs.c.entity_id == entity_id, t.blobs.c.md5.in_(chunk))))
         return wanted - have
 
-    def missing_blobs(self, entity: str, md5_hexes: Iterable[str]) -> set[str]:
-        """Which of these blobs the entity does not hold (never looks at other entities)."""
+    def missing_blobs(self, entity: str, md5_hexes: Iterable[str], check_files: bool = False) -> set[str]:
+        """Which of these blobs the entity does not hold (never looks at other entities).
+
+        ``check_files`` (the upload shortcut): with a local blob directory, a blob whose file is
+        damaged counts as missing, so the next upload of the right bytes repairs it.
+        """
         md5s = list(md5_hexes)
         for m in md5s:
             if not is_md5_hex(m):
@@ -535,8 +539,8 @@ class Registry:
             except NotFoundError:
                 return set(md5s)
             missing = self._missing(c, eid, md5s)
-        intact = getattr(self.blobs, "intact", None)
-        if intact is not None:  # a local blob directory: a damaged file counts as missing
+        intact = getattr(self.blobs, "intact", None) if check_files else None
+        if intact is not None:
             missing |= {m for m in md5s if m not in missing and not intact(entity, m)}
         return missing
 

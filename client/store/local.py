@@ -127,7 +127,7 @@ class LocalStore:
 
     # blobs
     def missing_blobs(self, entity: str, md5_hexes: Iterable[str]) -> set[str]:
-        return self.registry.missing_blobs(entity, md5_hexes)
+        return self.registry.missing_blobs(entity, md5_hexes, check_files=True)  # a damaged blob is re-sent
 
     def put_blob(self, entity: str, md5_hex: str, src: Path, size: int) -> None:
         hasher = BlockHasher() if wants_map(size) else None
