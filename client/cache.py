@@ -33,9 +33,9 @@ Why it is built this way:
   A marker is only written for bytes known to be on disk (after fsync / fdatasync), so a
   crash cannot leave a marker on a zeroed or short object.  Filesystems without user xattrs
   simply never get markers (every check then hashes, as before).
-* Hard links: an embedded store's blob files are immutable and verified at upload, so
-  :meth:`Cache.link` enters one into the cache as a second name for the same inode (no copy,
-  no fsync, no double disk use).  Eviction removes only the cache's name.
+* Never a hard link to a store blob: a cache object is disposable and may be rewritten or
+  corrupted; sharing its inode with an embedded store's blob would put the store's only copy
+  at the cache's mercy.  Content from a local store is copied in (``add_file``, verified).
 """
 
 from __future__ import annotations
@@ -303,33 +303,6 @@ class Cache:
         finally:
             os.close(fd)
         return p if self.verify(md5_hex) else None
-
-    def link(self, md5_hex: str, src: Path | str, expect: os.stat_result | None = None) -> Path | None:
-        """Enter an immutable, already verified file (a store blob) as a hard link; no copy.
-
-        ``expect`` is the stat of the file the caller verified: if the new link names another
-        inode the link is removed again.  None when linking is impossible (another
-        filesystem, no permission): the caller then falls back to copying.
-        """
-        dest = self.path(md5_hex)
-        if md5_hex[:2] not in self._shards:
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            self._shards.add(md5_hex[:2])
-        try:
-            os.link(src, dest)
-        except FileExistsError:
-            return dest
-        except OSError as exc:
-            log.debug("cannot link %s into the cache: %s", src, exc)
-            return None
-        st = dest.stat()
-        if expect is not None and (st.st_dev, st.st_ino) != (expect.st_dev, expect.st_ino):
-            with contextlib.suppress(FileNotFoundError):
-                dest.unlink()
-            return None
-        with contextlib.suppress(OSError):
-            os.utime(dest, ns=(time.time_ns(), st.st_mtime_ns))
-        return dest
 
     # -- writing ---------------------------------------------------------------------------
     def _install(self, md5_hex: str, tmp: Path, *, mark: bool = True) -> Path:

@@ -2,26 +2,28 @@
 
 Where the bytes of an open file come from, in order:
 
-1. the in-memory copy of a small object (verified before its first byte is served);
-2. a complete object in the shared cache, trusted by its *verified marker* (an xattr keyed by
-   md5, size, mtime and inode, see :mod:`client.cache`) or else md5-checked once and marked,
-   so a remount does not re-hash the cache;
-3. an embedded store's blob file (``Store.blob_path``): read in place, never copied.
-   * small objects are read whole and md5-checked before a byte is served, then entered into
-     the cache as a hard link (no write, no fsync: the blob is already durable);
-   * large objects are served from the pinned blob fd through :class:`BlobBlocks`: a block
-     "fetch" only confirms that the store still holds that very file (one stat, counted as a
-     store request), so a store that goes away still gives EIO for blocks not yet confirmed.
-     Once every block is confirmed the blob is hashed once in the background; a match links
-     it into the cache and marks it verified, a mismatch makes every later read fail (EIO).
-4. any other store: ranged requests into a :class:`~mountfs.fetch.PartialFile`, verified and
-   promoted into the cache when complete.
+1. the in-memory copy of a small object (md5-checked before its first byte is served);
+2. a complete object in the shared cache, trusted when this daemon verified that very file
+   (same md5, device, inode, size, mtime and ctime) or by its *verified marker* (xattr, see
+   :mod:`client.cache`); any other cached object is served through its block map (each
+   block checked on first read) or md5-checked whole first;
+3. an embedded store's blob file (``Store.blob_path``): read in place, never linked (the
+   cache gets its own copy in the background, so a write to the disposable cache can never
+   reach the store's only copy).  Small blobs are md5-checked whole; large ones are served
+   block by block, each block checked against the blob's block map before it is served (no
+   map: the whole blob is md5-checked before its first byte);
+4. any other store: ranged requests into a :class:`~mountfs.fetch.PartialFile`; each block
+   is checked against the block map when fetched and, after a remount, again on first read
+   (the bitmap on disk is a hint, never a proof).  Without a map the whole object is fetched
+   and md5-checked before its first byte is served.  Complete objects are promoted into the
+   cache after their md5 matched.
 
-"Never serve wrong bytes", honestly stated: small objects are always hashed before serving.
-A large object's blocks are served before the whole object is hashed (a 4 KiB read of a
-10 GiB file cannot wait for a full hash); they are the store's bytes, which the store
-verified at upload, and the object enters the cache only after its md5 matched.  That was
-already the rule for ranged fetches; the local blob path keeps it and drops the copy.
+Integrity rule: no byte is served before it was verified.  A block that fails: dropped and
+fetched again once from the source; failing again, the read answers EIO and the log names
+``entity/project/collection:vN/path`` and the block.  A bad store blob is remembered (by its
+stat) so a new open fails at once until the file changes.  A full cache disk: eviction, then
+streaming through a small verified in-memory window (a file larger than the cache stays
+readable).
 
 Concurrency rule: every method here runs in worker threads, except the ``*_nowait`` ones,
 which run on the trio loop and never block.
@@ -30,6 +32,7 @@ which run on the trio loop and never block.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import logging
 import os
@@ -40,10 +43,12 @@ from pathlib import Path
 
 from cachetools import LRUCache
 
+from client.blockmap import BlockMap, BlockMismatchError
 from client.cache import Cache, has_verified_marker, set_verified_marker
 from client.store.base import Store
 
-from .fetch import (BlockReader, FetchConfig, FetchError, MiB, PartialFile, ReadaheadWindow, retrying)
+from .fetch import (BlockReader, EvictedBlockError, FetchConfig, FetchError, MiB, PartialFile, ReadaheadWindow,
+                    StreamBlocks, retrying)
 from .namespace import FileRef
 
 log = logging.getLogger(__name__)
@@ -53,21 +58,25 @@ _INLINE_PREPARE_MAX = 256 << 10
 _EMPTY_MD5 = hashlib.md5(b"", usedforsecurity=False).hexdigest()
 #: verified small objects waiting for their (fsynced) cache install may hold this much memory
 _PENDING_INSTALL_BYTES = 64 * MiB
+#: blocks a streamed object (cache disk full) keeps in memory
+_STREAM_WINDOW = 48 * MiB
 
 
 class BlobBlocks:
-    """An embedded store's blob file as block storage: zero copy, confirmed block by block.
+    """A local file as block storage, verified block by block against the blob's block map.
 
-    ``write`` records that a block was confirmed (the fetcher checked the store still has the
-    file); ``read`` preads the pinned fd.  Confirmation state lives in memory only: it is
-    cheap to redo after a restart.
+    Used for an embedded store's blob file in place (``write`` records that the fetcher
+    confirmed the store still holds that file) and for a cached object that is no longer
+    trusted by its marker (``confirmed``: every block is there, each is checked on first read).
+    Verification state lives in memory only: it is redone after a restart.
     """
 
-    def __init__(self, fd: int, size: int, block_size: int) -> None:
-        self.fd, self.size, self.block_size = fd, size, block_size
+    def __init__(self, fd: int, size: int, block_size: int, blockmap: BlockMap, *, confirmed: bool = False) -> None:
+        self.fd, self.size, self.block_size, self.blockmap = fd, size, block_size, blockmap
         self.nblocks = -(-size // block_size)
-        self._have = bytearray(self.nblocks)
-        self._count = 0
+        self._have = bytearray(b"\x01" * self.nblocks if confirmed else self.nblocks)
+        self._checked = bytearray(self.nblocks)
+        self._count = self.nblocks if confirmed else 0
         self._lock = threading.Lock()
 
     def has(self, i: int) -> bool:
@@ -79,8 +88,20 @@ class BlobBlocks:
                 self._have[i] = 1
                 self._count += 1
 
+    def _span(self, off: int, size: int) -> range:
+        return range(off // self.block_size, -(-min(off + size, self.size) // self.block_size))
+
     def read(self, off: int, size: int) -> bytes:
+        for i in self._span(off, size):
+            if not self._checked[i]:
+                block = os.pread(self.fd, self.block_size, i * self.block_size)
+                if not self.blockmap.check(i, block):
+                    raise BlockMismatchError(i, f"block {i} failed verification")
+                self._checked[i] = 1
         return os.pread(self.fd, size, off)
+
+    def ready(self, off: int, size: int) -> bool:
+        return all(self._checked[i] for i in self._span(off, size))
 
     def settle(self) -> None:
         return None  # nothing to persist; the one hash pass runs at promotion
@@ -89,13 +110,22 @@ class BlobBlocks:
         return self._count == self.nblocks
 
     def md5(self) -> str:
-        h = hashlib.md5(usedforsecurity=False)
-        for off in range(0, self.size, 4 * MiB):
-            h.update(os.pread(self.fd, min(4 * MiB, self.size - off), off))
-        return h.hexdigest()
+        return _md5_fd(self.fd, self.size)
 
     def close(self) -> None:
         os.close(self.fd)
+
+
+def _md5_fd(fd: int, size: int) -> str:
+    h = hashlib.md5(usedforsecurity=False)
+    for off in range(0, size, 4 * MiB):
+        h.update(os.pread(fd, min(4 * MiB, size - off), off))
+    return h.hexdigest()
+
+
+def _stat_key(md5: str, st: os.stat_result) -> tuple[str, int, int, int, int, int]:
+    """What a verification is valid for: this md5 in this very file, unchanged since."""
+    return (md5, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 def _same_file(a: os.stat_result, b: os.stat_result) -> bool:
@@ -114,6 +144,10 @@ class _Object:
         self.blob: BlobBlocks | None = None  #: a local store blob served in place
         self.blob_stat: os.stat_result | None = None
         self.bad = False  #: the blob hashed to something else: every read fails
+        self.source = ""  #: "cache", "store" (a blob in place), "partial" or "stream"
+        self.skip_cache = False  #: the cached object failed verification: use the store
+        self.whole_pending = False  #: no block map: the whole object is md5-checked first
+        self.evicted = False  #: the cache was evicted once for this object after ENOSPC
         self.reader: BlockReader | None = None
         self.lock = threading.Lock()
         self.promoting = False
@@ -139,8 +173,14 @@ class ContentReader:
         self._io = ThreadPoolExecutor(max(4 * self.config.parallel, 16), thread_name_prefix="artifactfs-io")
         self._lock = threading.Lock()
         self._objects: dict[str, _Object] = {}
-        self._verified: LRUCache[str, bool] = LRUCache(maxsize=100_000)
+        #: verifications by this daemon, keyed by _stat_key (a changed file is no longer trusted)
+        self._verified: LRUCache[tuple, bool] = LRUCache(maxsize=100_000)
+        #: store blob files that failed verification, by path -> _stat_key (until they change)
+        self._bad: LRUCache[str, tuple] = LRUCache(maxsize=10_000)
+        self._maps: LRUCache[tuple[str, str], BlockMap | None] = LRUCache(maxsize=10_000)
         self.store_requests = 0  #: ranged store requests issued (including retries)
+        self.blockmap_requests = 0  #: block map look-ups (once per large blob and daemon)
+        self.verify_failures = 0  #: blocks or objects that failed verification
         self._installer = ThreadPoolExecutor(4, thread_name_prefix="artifactfs-install")
         self._pending_cv = threading.Condition()
         self._pending_bytes = 0
@@ -148,7 +188,55 @@ class ContentReader:
 
     def stats(self) -> dict[str, int]:
         with self._lock:
-            return {"store_requests": self.store_requests, "open_objects": len(self._objects)}
+            return {"store_requests": self.store_requests, "open_objects": len(self._objects),
+                    "blockmap_requests": self.blockmap_requests, "verify_failures": self.verify_failures}
+
+    # -- verification ------------------------------------------------------------------
+    def blockmap(self, ref: FileRef) -> BlockMap | None:
+        """The blob's block map from the store (once per daemon), None if it has none.
+
+        Maps are kept in memory only: a map on the local disk could be rewritten together
+        with the object it describes.  FetchError when the map says another size than the
+        manifest entry (the mount never serves a prefix or a padded blob).
+        """
+        key = (ref.entity, ref.md5)
+        if key in self._maps:
+            bm = self._maps[key]
+        else:
+            source = getattr(self.store, "blockmaps", None)
+            bm = None
+            if source is not None:
+                def call() -> BlockMap | None:
+                    with self._lock:
+                        self.blockmap_requests += 1
+                    return source(ref.entity, [ref.md5]).get(ref.md5)
+
+                bm = retrying(call, None, self.config, self._io, f"block map of {ref.md5}")
+            if bm is not None and bm.block_size != self.config.block_size:
+                bm = None  # another block layout: verify the whole object instead
+            self._maps[key] = bm
+        if bm is not None and bm.size != ref.size:
+            self._failed(ref, f"the manifest says {ref.size} bytes, the blob has {bm.size}")
+        return bm
+
+    def _failed(self, ref: FileRef, what: str) -> None:
+        with self._lock:
+            self.verify_failures += 1
+        log.error("%s (blob %s): %s; answering EIO", ref.path, ref.md5, what)
+        raise FetchError(f"{ref.path}: {what}")
+
+    def _trusted(self, fd: int, md5: str, st: os.stat_result) -> bool:
+        """Whether this open file is known to hash to ``md5`` (this daemon's check or a marker)."""
+        if _stat_key(md5, st) in self._verified:
+            return True
+        if has_verified_marker(fd, md5, st):
+            self._verified[_stat_key(md5, st)] = True
+            return True
+        return False
+
+    def _mark_verified(self, fd: int, md5: str) -> None:
+        set_verified_marker(fd, md5)
+        self._verified[_stat_key(md5, os.fstat(fd))] = True  # after the marker: it moves ctime
 
     # -- store access with retries ------------------------------------------------------
     def fetch_range(self, entity: str, md5: str, start: int, length: int) -> bytes:
@@ -272,8 +360,9 @@ class ContentReader:
             return data[off:off + size]
         if fd is not None:
             return os.pread(fd, size, off)
-        if reader is None or not reader.present(off, size):
-            return None
+        if reader is None or obj.whole_pending or not reader.present(off, size) \
+                or not reader.blocks.ready(off, size):
+            return None  # fetching or verifying: a worker thread does it
         out = reader.blocks.read(off, min(size, obj.ref.size - off))
         advice = handle.window.advise(off, size)
         if advice is not None:
@@ -284,20 +373,116 @@ class ContentReader:
         obj = handle.obj
         if off >= obj.ref.size or size <= 0:
             return b""
-        self._prepare(obj)
-        if obj.bad:
-            raise FetchError(f"{obj.ref.path}: the store's blob {obj.ref.md5} does not match its md5")
-        data, fd, reader = obj.data, obj.fd, obj.reader
-        if data is not None:
-            return data[off:off + size]
-        if fd is not None:
-            return os.pread(fd, size, off)
-        assert reader is not None
-        out = reader.read(off, size)
-        advice = handle.window.advise(off, size)
-        if advice is not None:
-            reader.prefetch(*advice)
-        return out
+        mismatches = evicted = 0
+        while True:
+            self._prepare(obj)
+            if obj.bad:
+                raise FetchError(f"{obj.ref.path}: the store's blob {obj.ref.md5} failed verification")
+            data, fd, reader = obj.data, obj.fd, obj.reader
+            if data is not None:
+                return data[off:off + size]
+            if fd is not None:
+                return os.pread(fd, size, off)
+            assert reader is not None
+            try:
+                if obj.whole_pending:
+                    self._verify_whole(obj, reader)
+                    continue  # promoted, or marked checked: serve from the new state
+                out = reader.read(off, size)
+            except BlockMismatchError as exc:
+                mismatches += 1
+                if self._block_failed(obj, reader, exc, final=mismatches >= 2):
+                    mismatches = 0  # the cache's copy was dropped: the store is a new source
+                continue
+            except EvictedBlockError:
+                evicted += 1
+                if evicted > 3:
+                    raise FetchError(f"{obj.ref.path}: the stream window is too small for this read") from None
+                continue
+            except OSError as exc:
+                if exc.errno != errno.ENOSPC or obj.source != "partial":
+                    raise
+                self._cache_full(obj, reader)
+                continue
+            advice = handle.window.advise(off, size)
+            if advice is not None:
+                reader.prefetch(*advice)
+            return out
+
+    def _verify_whole(self, obj: _Object, reader: BlockReader) -> None:
+        """No block map: fetch every block, then check the md5 before a byte is served."""
+        reader.ensure(0, obj.ref.size)
+        with obj.lock:
+            partial = obj.partial
+            if partial is None or not obj.whole_pending:
+                return  # promoted meanwhile (the promotion checked the md5)
+        actual = partial.md5()
+        if actual != obj.ref.md5:
+            partial.reset()
+            raise BlockMismatchError(-1, f"the object hashes to {actual}")
+        partial.mark_all_checked()
+        obj.whole_pending = False
+        self._schedule_promotion(obj)
+
+    def _block_failed(self, obj: _Object, reader: BlockReader, exc: BlockMismatchError, final: bool) -> bool:
+        """Handle a failed block; True when the source changed (the cache's copy was dropped)."""
+        ref = obj.ref
+        what = "the whole object" if exc.index < 0 else f"block {exc.index}"
+        with self._lock:
+            self.verify_failures += 1
+        if obj.source == "cache":
+            log.warning("%s: %s of the cached object %s failed verification: dropping it, reading the store",
+                        ref.path, what, ref.md5)
+            with obj.lock:
+                self.cache.drop(ref.md5)
+                if obj.blob is not None:
+                    obj.blob.close()
+                obj.blob = obj.reader = None
+                obj.skip_cache = True
+            return True
+        if not final:
+            log.warning("%s: %s of blob %s failed verification (%s); fetching it again",
+                        ref.path, what, ref.md5, obj.source)
+            return False
+        if obj.source == "store":
+            obj.bad = True
+            path = self._blob_path(ref)
+            if path is not None and obj.blob_stat is not None:
+                self._bad[str(path)] = _stat_key(ref.md5, obj.blob_stat)
+        log.error("%s: %s of blob %s failed verification twice (%s); answering EIO",
+                  ref.path, what, ref.md5, obj.source)
+        raise FetchError(f"{ref.path}: {what} of blob {ref.md5} failed verification") from exc
+
+    def _cache_full(self, obj: _Object, reader: BlockReader) -> None:
+        """ENOSPC writing a block: evict once and retry; then stream without caching."""
+        ref = obj.ref
+        if not obj.evicted:
+            obj.evicted = True
+            used = self.cache.info().bytes
+            freed = self.cache.evict(0, max_bytes=max(0, used - ref.size))
+            log.warning("%s: the cache disk is full; evicted %d bytes", ref.path, freed)
+            return
+        with obj.lock:
+            partial = obj.partial
+            bm = partial.blockmap if partial is not None else None
+            if partial is None or obj.reader is not reader:
+                return  # another reader switched already
+            if bm is None:
+                self._failed(ref, "the cache disk is full and the blob has no block map to stream it verified")
+            cfg = self.config
+            if not reader.wait_idle(cfg.attempts * cfg.timeout):
+                raise FetchError(f"{ref.path}: fetches still running on a full cache disk")
+            partial.close()
+            for leftover in (partial.path, partial.bits_path):
+                with contextlib.suppress(FileNotFoundError):
+                    leftover.unlink()
+            blocks = StreamBlocks(bm, max(_STREAM_WINDOW, 2 * cfg.readahead_max) // cfg.block_size)
+            obj.partial, obj.source = None, "stream"
+            obj.reader = BlockReader(
+                ref.size, lambda start, length: self.fetch_range(ref.entity, ref.md5, start, length),
+                blocks, block_size=cfg.block_size, max_request=cfg.max_request, executor=self._executor)
+        log.warning("%s: still no room in the cache: streaming it (verified per block, not cached)",
+                    ref.path)
 
     def _prepare(self, obj: _Object) -> None:
         """Give ``obj`` its content source: bytes, a complete object's fd, or a block reader."""
@@ -307,7 +492,7 @@ class ContentReader:
     def _prepare_locked(self, obj: _Object, local_only: bool = False) -> None:
         if obj.data is None and obj.fd is None and obj.reader is None:
             ref = obj.ref
-            if self._open_complete(obj):
+            if not obj.skip_cache and self._open_complete(obj, local_only):
                 return
             blob = self._blob_path(ref)
             if local_only and (blob is None or ref.size > _INLINE_PREPARE_MAX):
@@ -325,14 +510,18 @@ class ContentReader:
                 obj.data = data
                 self._install_later(ref.md5, data)
                 return
+            bm = self.blockmap(ref)
             if not (self.cache.partial_dir / f"{ref.md5}.part").exists():
                 self.cache.evict(ref.size)  # make room once, when a new large object starts
-            obj.partial = PartialFile(self.cache.partial_dir, ref.md5, ref.size, self.config.block_size)
+            obj.partial = PartialFile(self.cache.partial_dir, ref.md5, ref.size, self.config.block_size,
+                                      blockmap=bm)
+            obj.source, obj.whole_pending = "partial", bm is None
             obj.reader = BlockReader(
                 ref.size, lambda start, length: self.fetch_range(ref.entity, ref.md5, start, length),
                 obj.partial, block_size=self.config.block_size, max_request=self.config.max_request,
-                executor=self._executor, on_complete=lambda: self._schedule_promotion(obj))
-            if obj.partial.complete():  # resumed a fully fetched partial from a crash
+                executor=self._executor,
+                on_complete=lambda: None if obj.whole_pending else self._schedule_promotion(obj))
+            if obj.partial.complete() and not obj.whole_pending:  # resumed a fully fetched partial
                 self._schedule_promotion(obj)
 
     def _install_later(self, md5: str, data: bytes) -> None:
@@ -347,7 +536,6 @@ class ContentReader:
                 if self.cache.lookup(md5, len(data)) is None:
                     with self.cache.writer(md5) as out:
                         out.write(data)
-                    self._verified[md5] = True
                     self._note_added(len(data))
             except Exception as exc:  # noqa: BLE001 - the cache is an optimisation here
                 log.warning("could not cache %s: %s", md5, exc)
@@ -368,10 +556,11 @@ class ContentReader:
         if due:
             self.cache.evict()
 
-    def _open_complete(self, obj: _Object) -> bool:
+    def _open_complete(self, obj: _Object, local_only: bool = False) -> bool:
         """Serve a complete cached object: a small one from memory, hashed as it is read (as
-        cheap as an open + xattr check); a large one by fd, trusted by its verified marker or
-        else hashed once (and marked).  A corrupt object is dropped: the caller fetches again.
+        cheap as an open + xattr check); a large one by fd when this very file is trusted
+        (see :meth:`_trusted`), else through its block map, else md5-checked whole first.
+        A corrupt object is dropped: the caller reads the store.
         """
         ref = obj.ref
         path = self.cache.lookup(ref.md5, ref.size)
@@ -389,22 +578,31 @@ class ContentReader:
                 return False
             obj.data = data
             return True
+        if local_only:
+            return False
         try:
             fd = os.open(path, os.O_RDONLY)
         except FileNotFoundError:
             return False
-        if ref.md5 in self._verified or has_verified_marker(fd, ref.md5):
-            self._verified[ref.md5] = True
+        if self._trusted(fd, ref.md5, os.fstat(fd)):
             obj.fd = fd
             return True
-        os.close(fd)
-        if not self.cache.verify(ref.md5):  # corrupt: dropped by the cache; fetch again
+        bm = self.blockmap(ref)
+        if bm is not None:  # changed since checked, or never marked: check blocks as they are read
+            obj.blob = BlobBlocks(fd, ref.size, self.config.block_size, bm, confirmed=True)
+            obj.source = "cache"
+            obj.reader = BlockReader(ref.size, lambda start, length: None, obj.blob,
+                                     block_size=self.config.block_size, max_request=self.config.max_request,
+                                     executor=self._executor)
+            return True
+        actual = _md5_fd(fd, ref.size)
+        if actual != ref.md5:
+            os.close(fd)
+            log.warning("cache object %s hashes to %s: dropping it", ref.md5, actual)
+            self.cache.drop(ref.md5)
             return False
-        self._verified[ref.md5] = True
-        try:
-            obj.fd = os.open(path, os.O_RDONLY)
-        except FileNotFoundError:
-            return False
+        self._mark_verified(fd, ref.md5)
+        obj.fd = fd
         return True
 
     def _blob_path(self, ref: FileRef) -> Path | None:
@@ -420,8 +618,9 @@ class ContentReader:
     def _open_blob(self, obj: _Object, path: Path) -> bool:
         """Serve ``obj`` from the store's blob file in place (see the module docstring).
 
-        False when the blob is not usable here (missing, wrong size): the ordinary ranged
-        path then decides (and retries / answers EIO) as for any store.
+        False when the blob is missing here: the ordinary ranged path then decides (and
+        retries / answers EIO) as for any store.  A blob of another size than the entry, or
+        one that failed verification before and has not changed since, answers EIO.
         """
         ref = obj.ref
         try:
@@ -431,7 +630,10 @@ class ContentReader:
         st = os.fstat(fd)
         if st.st_size != ref.size:
             os.close(fd)
-            return False
+            self._failed(ref, f"the manifest says {ref.size} bytes, the store's blob has {st.st_size}")
+        if self._bad.get(str(path)) == _stat_key(ref.md5, st):
+            os.close(fd)
+            raise FetchError(f"{ref.path}: the store's blob {ref.md5} failed verification")
         with self._lock:
             self.store_requests += 1
         if ref.size <= self.config.small_object:
@@ -440,17 +642,32 @@ class ContentReader:
             finally:
                 os.close(fd)
             if len(data) != ref.size or hashlib.md5(data, usedforsecurity=False).hexdigest() != ref.md5:
-                raise FetchError(f"the store's blob for {ref.md5} does not match its md5")
+                self._bad[str(path)] = _stat_key(ref.md5, st)
+                self._failed(ref, "the store's blob does not match its md5")
             obj.data = data
-            if self.cache.link(ref.md5, path, expect=st) is None:
-                self._install_later(ref.md5, data)  # another filesystem: copy it in
+            self._install_later(ref.md5, data)  # the cache gets its own copy, never the store's inode
             return True
-        if has_verified_marker(fd, ref.md5, st):  # hashed before (by us or another mount)
+        if self._trusted(fd, ref.md5, st):  # hashed before (by us, another mount or the store)
             obj.fd = fd
-            if self.cache.link(ref.md5, path, expect=st) is None:
-                log.debug("blob %s not linked into the cache (other filesystem)", ref.md5)
+            self._copy_in_later(ref.md5, path)
             return True
-        obj.blob, obj.blob_stat = BlobBlocks(fd, ref.size, self.config.block_size), st
+        try:
+            bm = self.blockmap(ref)
+        except BaseException:
+            os.close(fd)
+            raise
+        if bm is None:  # no map (an older blob): hash it whole before its first byte
+            actual = _md5_fd(fd, ref.size)
+            if actual != ref.md5:
+                os.close(fd)
+                self._bad[str(path)] = _stat_key(ref.md5, st)
+                self._failed(ref, f"the store's blob hashes to {actual}")
+            self._mark_verified(fd, ref.md5)
+            obj.fd = fd
+            self._copy_in_later(ref.md5, path)
+            return True
+        obj.blob, obj.blob_stat = BlobBlocks(fd, ref.size, self.config.block_size, bm), st
+        obj.source = "store"
 
         def confirm(start: int, length: int) -> None:
             """A block 'fetch' from a local store: the store still holds this very file."""
@@ -465,6 +682,10 @@ class ContentReader:
                                  max_request=self.config.max_request, executor=self._executor,
                                  on_complete=lambda: self._schedule_promotion(obj))
         return True
+
+    def _copy_in_later(self, md5: str, path: Path) -> None:
+        if self.cache.lookup(md5) is None:  # on the installer pool: unmount lets it finish
+            self._installer.submit(self._copy_in, md5, path)
 
     def _schedule_promotion(self, obj: _Object) -> None:
         obj.promotion = self._executor.submit(self._promote, obj)
@@ -496,9 +717,10 @@ class ContentReader:
                               obj.ref.path, obj.ref.md5, actual)
                     partial.reset()
                     return
-                self.cache.adopt(obj.ref.md5, partial.path)
+                dest = self.cache.adopt(obj.ref.md5, partial.path)
                 partial.forget_bitmap()
-                self._verified[obj.ref.md5] = True
+                with contextlib.suppress(OSError):
+                    self._verified[_stat_key(obj.ref.md5, os.stat(dest))] = True
                 # The fd now names the complete object (a rename keeps the inode); readers
                 # still holding the block reader keep using the same, still open, fd.
                 obj.fd = partial.fd
@@ -520,16 +742,17 @@ class ContentReader:
             with obj.lock:
                 if obj.closed:
                     return
+                path = self._blob_path(obj.ref)
                 if actual != obj.ref.md5:
-                    log.error("the store's blob for %s (%s) hashes to %s: refusing to serve it",
+                    log.error("%s: the store's blob %s hashes to %s: refusing to serve it",
                               obj.ref.path, obj.ref.md5, actual)
                     obj.bad = True
+                    if path is not None:
+                        self._bad[str(path)] = _stat_key(obj.ref.md5, st)
                     return
-                set_verified_marker(blob.fd, obj.ref.md5)
-                self._verified[obj.ref.md5] = True
-                path = self._blob_path(obj.ref)
-                if path is not None and self.cache.link(obj.ref.md5, path, expect=st) is None:
-                    self._executor.submit(self._copy_in, obj.ref.md5, path)
+                self._mark_verified(blob.fd, obj.ref.md5)
+                if path is not None:
+                    self._copy_in_later(obj.ref.md5, path)
                 obj.fd = blob.fd  # the same open file, now verified
                 obj.blob = obj.reader = None
         except OSError as exc:

@@ -48,6 +48,7 @@ class MountOptions:
     backoff: float = 0.1
     timeout: float = 30.0
     readahead_kb: int = 4096  #: kernel readahead for the mount (bdi read_ahead_kb); 0 = leave it
+    local_blobs: bool = True  #: serve an embedded store's blob files in place (False: fetch into the cache)
     debug: bool = False
 
     def to_json(self) -> str:
@@ -147,7 +148,7 @@ def run(options: MountOptions) -> int:
     watchdog = not store.location.startswith(("http://", "https://")) and not Path(store.location).is_dir()
     content = ContentReader(store, cache, FetchConfig(
         block_size=options.block_size, parallel=options.parallel, attempts=options.attempts,
-        backoff=options.backoff, timeout=options.timeout, watchdog=watchdog))
+        backoff=options.backoff, timeout=options.timeout, watchdog=watchdog, local_blobs=options.local_blobs))
     indexes = IndexStore(cache.root / "index", content.manifest_path)
     manager = DraftManager(cache.root / "drafts", store, cache)
     for result in manager.recover_commits():

@@ -22,12 +22,14 @@ Concurrency rule: every method here runs in worker threads, never on the trio lo
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import logging
 import os
 import struct
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -35,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, TypeVar
 
+from client.blockmap import BlockMap, BlockMismatchError
 from client.cache import Cache
 from client.errors import (ArtifactFSError, AuthenticationError, InvalidNameError, PermissionDeniedError,
                            StoreUnavailableError)
@@ -119,6 +122,7 @@ class BlockStorage(Protocol):
     def read(self, off: int, size: int) -> bytes: ...
     def settle(self) -> None: ...
     def complete(self) -> bool: ...
+    def ready(self, off: int, size: int) -> bool: ...
 
 
 class MemoryBlocks:
@@ -146,6 +150,75 @@ class MemoryBlocks:
     def complete(self) -> bool:
         return all(self._have)
 
+    def ready(self, off: int, size: int) -> bool:
+        return True
+
+
+class EvictedBlockError(ArtifactFSError):
+    """A streamed block was dropped from memory before it was read: read it again."""
+
+
+class StreamBlocks:
+    """Blocks held in a small in-memory window, verified by the block map as they arrive.
+
+    The storage of last resort when the cache disk is full: a file larger than the whole
+    cache is still readable (streamed), and no unverified byte is ever kept or served.
+    """
+
+    def __init__(self, blockmap: BlockMap, capacity: int) -> None:
+        self.blockmap, self.capacity = blockmap, max(2, capacity)
+        self.size, self.block_size = blockmap.size, blockmap.block_size
+        self._blocks: OrderedDict[int, bytes] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def has(self, i: int) -> bool:
+        with self._lock:
+            return i in self._blocks
+
+    def write(self, i: int, data: bytes | memoryview) -> None:
+        if not self.blockmap.check(i, data):
+            raise BlockMismatchError(i, f"block {i} from the store does not match the block map")
+        with self._lock:
+            self._blocks[i] = bytes(data)
+            self._blocks.move_to_end(i)
+            while len(self._blocks) > self.capacity:
+                self._blocks.popitem(last=False)
+
+    def read(self, off: int, size: int) -> bytes:
+        end = min(off + size, self.size)
+        out = bytearray()
+        with self._lock:
+            for i in range(off // self.block_size, -(-end // self.block_size)):
+                block = self._blocks.get(i)
+                if block is None:
+                    raise EvictedBlockError(f"block {i} left the stream window before it was read")
+                self._blocks.move_to_end(i)
+                lo = max(off, i * self.block_size) - i * self.block_size
+                hi = min(end, (i + 1) * self.block_size) - i * self.block_size
+                out += block[lo:hi]
+        return bytes(out)
+
+    def ready(self, off: int, size: int) -> bool:
+        end = min(off + size, self.size)
+        with self._lock:
+            return all(i in self._blocks for i in range(off // self.block_size, -(-end // self.block_size)))
+
+    def settle(self) -> None:
+        return None
+
+    def complete(self) -> bool:
+        return False  # never promoted: nothing of it is on disk
+
+
+def write_fully(fd: int, data: bytes | memoryview, off: int) -> None:
+    """pwrite all of ``data`` or raise: a short write (a full disk) is ENOSPC, never data."""
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, off)
+        if n <= 0:
+            raise OSError(errno.ENOSPC, "short write to the cache")
+        view, off = view[n:], off + n
+
 
 class PartialFile:
     """A sparse file + block bitmap under the cache's partial dir (resumable, crash-safe).
@@ -153,11 +226,18 @@ class PartialFile:
     ``<md5>.part`` holds the bytes at their offsets; ``<md5>.bits`` holds a header
     (size, block size) and one bit per block.  Bits reach disk only after an fdatasync of
     the data, so after a crash the bitmap may under-report, never over-report.
+
+    The bitmap is a hint, not a proof: a block counts as *checked* (servable) only once this
+    process verified it — against the blob's block map when fetched or first read, or as part
+    of a whole-object md5 (``mark_all_checked``) when there is no map.  A block that fails its
+    check is forgotten and :class:`BlockMismatchError` raised, so the caller fetches it again.
     """
 
     _HEADER = struct.Struct("<QI")
 
-    def __init__(self, directory: Path, md5: str, size: int, block_size: int, flush_every: int = 32) -> None:
+    def __init__(self, directory: Path, md5: str, size: int, block_size: int, flush_every: int = 32,
+                 blockmap: BlockMap | None = None) -> None:
+        self.blockmap = blockmap if blockmap is not None and blockmap.block_size == block_size else None
         self.path = directory / f"{md5}.part"
         self.bits_path = directory / f"{md5}.bits"
         self.size, self.block_size = size, block_size
@@ -165,6 +245,7 @@ class PartialFile:
         self._flush_every = flush_every
         self._lock = threading.Lock()
         self._bits = bytearray(-(-self.nblocks // 8))
+        self._checked = bytearray(self.nblocks)  #: verified by this process (memory only)
         self._count = 0
         self._dirty = 0
         # Running md5 over the contiguous prefix of present blocks: a sequential fill is
@@ -192,8 +273,12 @@ class PartialFile:
         return bool(self._bits[i >> 3] & (1 << (i & 7)))
 
     def write(self, i: int, data: bytes | memoryview) -> None:
-        os.pwrite(self.fd, data, i * self.block_size)
+        if self.blockmap is not None and not self.blockmap.check(i, data):
+            raise BlockMismatchError(i, f"block {i} from the store does not match the block map")
+        write_fully(self.fd, data, i * self.block_size)
         with self._lock:
+            if self.blockmap is not None:
+                self._checked[i] = 1
             if not self.has(i):
                 self._bits[i >> 3] |= 1 << (i & 7)
                 self._count += 1
@@ -209,7 +294,10 @@ class PartialFile:
         with self._lock:
             due = self._dirty >= self._flush_every or (self._dirty and self._count == self.nblocks)
         if due:
-            self.flush()
+            try:
+                self.flush()
+            except OSError as exc:  # a full disk: the bitmap under-reports, which is safe
+                log.warning("could not persist the block bitmap of %s: %s", self.path.name, exc)
 
     def _advance_hash(self) -> None:
         """Fold newly contiguous blocks into the running md5 (one thread at a time, no waiting)."""
@@ -230,12 +318,48 @@ class PartialFile:
             self._dirty = 0
             bits = bytes(self._bits)
         os.fdatasync(self.fd)
-        tmp = self.bits_path.with_suffix(".bits.tmp")
+        tmp = self.bits_path.with_suffix(f".bits.{os.getpid()}.{threading.get_ident()}.tmp")
         tmp.write_bytes(self._HEADER.pack(self.size, self.block_size) + bits)
         os.replace(tmp, self.bits_path)
 
     def read(self, off: int, size: int) -> bytes:
+        """Bytes of checked blocks; an unchecked block is verified first (BlockMismatchError)."""
+        end = min(off + size, self.size)
+        for i in range(off // self.block_size, -(-end // self.block_size)):
+            if not self._checked[i]:
+                self._check_block(i)
         return os.pread(self.fd, size, off)
+
+    def _check_block(self, i: int) -> None:
+        bm = self.blockmap
+        data = os.pread(self.fd, self.block_size, i * self.block_size)
+        if bm is not None and bm.check(i, data):
+            self._checked[i] = 1
+            return
+        self.unset(i)
+        raise BlockMismatchError(i, f"block {i} of {self.path.name} failed verification" if bm is not None
+                                 else f"block {i} of {self.path.name} is not verified (no block map)")
+
+    def unset(self, i: int) -> None:
+        """Forget one block (it failed verification): it is fetched again."""
+        with self._lock:
+            self._checked[i] = 0
+            if self.has(i):
+                self._bits[i >> 3] &= ~(1 << (i & 7)) & 0xFF
+                self._count -= 1
+                self._dirty += 1
+        with self._hash_lock:
+            if self._hashed > i:
+                self._md5, self._hashed = hashlib.md5(usedforsecurity=False), 0
+
+    def ready(self, off: int, size: int) -> bool:
+        end = min(off + size, self.size)
+        return all(self._checked[i] for i in range(off // self.block_size, -(-end // self.block_size)))
+
+    def mark_all_checked(self) -> None:
+        """Every block is present and the whole object matched its md5."""
+        with self._lock:
+            self._checked[:] = b"\x01" * self.nblocks
 
     def complete(self) -> bool:
         return self._count == self.nblocks
@@ -252,6 +376,7 @@ class PartialFile:
         """Forget every block (after a failed verification)."""
         with self._lock:
             self._bits[:] = bytes(len(self._bits))
+            self._checked[:] = bytes(self.nblocks)
             self._count = 0
             self._dirty = 1
         with self._hash_lock:
@@ -380,9 +505,16 @@ class BlockReader:
         return off // self.block_size, (end - 1) // self.block_size
 
     def read(self, off: int, size: int) -> bytes:
+        if self._block_range(off, size) is None:
+            return b""
+        self.ensure(off, size)
+        return self.blocks.read(off, min(size, self.size - off))
+
+    def ensure(self, off: int, size: int) -> None:
+        """Fetch whatever of [off, off+size) is missing and wait for it (no bytes returned)."""
         rng = self._block_range(off, size)
         if rng is None:
-            return b""
+            return
         mine, waits = self._claim(*rng)
         runs = self._runs(mine)
         for run in runs[1:]:
@@ -391,7 +523,6 @@ class BlockReader:
             self._fetch_run(*runs[0])  # the reader does the first request itself: no thread hop
         for fut in waits:
             fut.result()
-        return self.blocks.read(off, min(size, self.size - off))
 
     def present(self, off: int, size: int) -> bool:
         """Whether every block of [off, off+size) is already stored locally."""

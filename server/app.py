@@ -15,6 +15,7 @@ secret are in the database), so several processes behind a load balancer serve o
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import logging
 import os
@@ -31,6 +32,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, JSONResponse, Response
 from pydantic import BaseModel, Field
 
+from client.blockmap import BlockHasher, wants_map
 from client.errors import (ArtifactFSError, DigestMismatchError, InvalidNameError, NotFoundError, StoreUnavailableError,
                            error_code)
 from client.hashing import is_md5_hex
@@ -404,7 +406,7 @@ def create_app(server: Server | None = None) -> FastAPI:
         """Which blobs the entity lacks; for a writer, with single-PUT upload plans for them
         (saves a round trip per blob; sizes above ``put_limit`` must ask /uploads instead)."""
         p.require(entity)
-        missing = sorted(reg.missing_blobs(entity, body.md5s))
+        missing = sorted(reg.missing_blobs(entity, body.md5s, check_files=True))  # a damaged blob is re-sent
         out: dict[str, Any] = {"missing": missing}
         if body.plan and missing and len(missing) <= PLAN_BATCH and p.role_in(entity) != "viewer":
             out["uploads"] = {m: single_put_plan(entity, m) for m in missing}
@@ -416,7 +418,7 @@ def create_app(server: Server | None = None) -> FastAPI:
     def plan_upload(entity: str, md5: str, body: UploadBody, p: Principal = Depends(principal)) -> dict[str, Any]:
         """How to upload this blob: ``exists`` (nothing to do), ``put`` (one URL) or ``multipart``."""
         blob_key(p, entity, md5, write=True)
-        if not reg.missing_blobs(entity, [md5]):
+        if not reg.missing_blobs(entity, [md5], check_files=True):
             return {"method": "exists"}
         if isinstance(server.blobs, S3BlobBackend):
             return server.blobs.plan_upload(entity, md5, body.size, server.url_ttl, body.part_md5s)
@@ -428,11 +430,23 @@ def create_app(server: Server | None = None) -> FastAPI:
         blob_key(p, entity, md5, write=True)
         if isinstance(server.blobs, S3BlobBackend):
             if reg.missing_blobs(entity, [md5]) or body.upload:
-                server.blobs.complete_upload(entity, md5, body.size, body.upload, body.etags)
+                hasher = BlockHasher()
+                server.blobs.complete_upload(entity, md5, body.size, body.upload, body.etags, hasher)
                 reg.register_blob(entity, md5, body.size)
+                if hasher.result().size == body.size and wants_map(body.size):  # the server read the bytes
+                    reg.register_blockmap(entity, md5, hasher.result())
         elif reg.missing_blobs(entity, [md5]):
             raise DigestMismatchError(f"blob {md5} was not uploaded (or did not match its md5); upload it again")
         return Response(status_code=204)
+
+    @app.post("/api/v1/entities/{entity}/blobs/blockmaps", tags=["blobs"])
+    def blockmaps(entity: str, body: MissingBody, p: Principal = Depends(principal)) -> dict[str, Any]:
+        """Block maps (client/blockmap.py, base64) of these blobs; blobs without one are left out."""
+        p.require(entity)
+        if len(body.md5s) > PLAN_BATCH:
+            raise InvalidNameError(f"ask for at most {PLAN_BATCH} block maps per call")
+        maps = reg.blockmaps(entity, body.md5s)
+        return {"maps": {m: base64.b64encode(bm.to_bytes()).decode() for m, bm in sorted(maps.items())}}
 
     def url_for(entity: str, md5: str) -> str:
         if isinstance(server.blobs, S3BlobBackend):
@@ -481,8 +495,11 @@ def create_app(server: Server | None = None) -> FastAPI:
         """Upload for a URL from ``/uploads``: streamed to disk, hashed, refused unless it matches."""
         backend = check_signed("put", entity, md5, expires, sig)
         validate_entity(entity)
-        size = backend.put_stream(entity, md5, _BodyReader(request))
+        hasher = BlockHasher()
+        size = backend.put_stream(entity, md5, _BodyReader(request), hasher)
         reg.register_blob(entity, md5, size)
+        if wants_map(size):
+            reg.register_blockmap(entity, md5, hasher.result())
         return Response(status_code=204)
 
     return app

@@ -38,6 +38,7 @@ import botocore.config
 import botocore.exceptions
 from boto3.s3.transfer import TransferConfig
 
+from client.blockmap import BlockHasher
 from client.errors import DigestMismatchError, NotFoundError, StoreUnavailableError
 from client.registry.blobs import LocalBlobBackend, check_key
 
@@ -215,8 +216,10 @@ class S3BlobBackend:
                 "upload": {"key": staging, "upload_id": upload_id}}
 
     def complete_upload(self, entity: str, md5_hex: str, size: int, upload: dict[str, Any] | None,
-                        etags: list[str] | None) -> None:
-        """Verify an upload the client says it finished; DigestMismatchError if it is wrong."""
+                        etags: list[str] | None, hasher: BlockHasher | None = None) -> None:
+        """Verify an upload the client says it finished; DigestMismatchError if it is wrong.
+
+        ``hasher`` is fed the bytes whenever the server reads them (its block map)."""
         if not upload:
             head = self._head(entity, md5_hex)
             etag = str(head.get("ETag", "")).strip('"')
@@ -225,7 +228,7 @@ class S3BlobBackend:
                 raise DigestMismatchError(f"blob {md5_hex} has {head['ContentLength']} bytes, {size} declared")
             if etag != md5_hex:
                 # Opaque ETag (SSE-KMS) or a store that ignored Content-MD5: hash the bytes.
-                if self._hash_object(self.key(entity, md5_hex)) != md5_hex:
+                if self._hash_object(self.key(entity, md5_hex), hasher) != md5_hex:
                     self.delete(entity, md5_hex)
                     raise DigestMismatchError(f"uploaded bytes for {md5_hex} have a different md5; upload again")
             return
@@ -236,26 +239,29 @@ class S3BlobBackend:
         parts = [{"PartNumber": i + 1, "ETag": e} for i, e in enumerate(etags or [])]
         self._call(self.client.complete_multipart_upload, Bucket=self.bucket, Key=staging,
                    UploadId=str(upload["upload_id"]), MultipartUpload={"Parts": parts})
-        self._promote(entity, md5_hex, staging, size)
+        self._promote(entity, md5_hex, staging, size, hasher)
 
-    def _promote(self, entity: str, md5_hex: str, staging: str, size: int | None = None) -> None:
+    def _promote(self, entity: str, md5_hex: str, staging: str, size: int | None = None,
+                 hasher: BlockHasher | None = None) -> None:
         """Hash a staged object; copy it to its blob key if it matches, delete it either way."""
         try:
             head = self._call(self.client.head_object, Bucket=self.bucket, Key=staging)
             if size is not None and int(head["ContentLength"]) != size:
                 raise DigestMismatchError(f"blob {md5_hex} has {head['ContentLength']} bytes, {size} declared")
-            if self._hash_object(staging) != md5_hex:
+            if self._hash_object(staging, hasher) != md5_hex:
                 raise DigestMismatchError(f"uploaded bytes for {md5_hex} have a different md5; upload again")
             self.client.copy({"Bucket": self.bucket, "Key": staging}, self.bucket, self.key(entity, md5_hex),
                              Config=TransferConfig(multipart_threshold=1 << 30, multipart_chunksize=256 << 20))
         finally:
             self.client.delete_object(Bucket=self.bucket, Key=staging)
 
-    def _hash_object(self, key: str) -> str:
+    def _hash_object(self, key: str, hasher: BlockHasher | None = None) -> str:
         body = self._call(self.client.get_object, Bucket=self.bucket, Key=key)["Body"]
         h = hashlib.md5(usedforsecurity=False)
         for chunk in body.iter_chunks(1 << 20):
             h.update(chunk)
+            if hasher is not None:
+                hasher.update(chunk)
         return h.hexdigest()
 
     def _head(self, entity: str, md5_hex: str) -> dict[str, Any]:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from client.blockmap import BlockHasher, BlockMismatchError
 from client.cache import Cache
 from client.hashing import md5_bytes
 from mountfs.fetch import (BlockReader, ContentReader, FetchConfig, FetchError, MemoryBlocks, PartialFile,
@@ -143,15 +144,30 @@ def test_failed_fetch_raises_and_a_later_read_retries(pool) -> None:
 
 def test_partial_file_resumes_from_its_bitmap(tmp_path: Path) -> None:
     data = os.urandom(300 * KiB)
-    p = PartialFile(tmp_path, "0" * 32, len(data), 64 * KiB, flush_every=1)
+    hasher = BlockHasher(64 * KiB)
+    hasher.update(data)
+    bm = hasher.result()
+    p = PartialFile(tmp_path, "0" * 32, len(data), 64 * KiB, flush_every=1, blockmap=bm)
     p.write(1, data[64 * KiB:128 * KiB])
     p.write(4, data[256 * KiB:])
     p.close()
-    q = PartialFile(tmp_path, "0" * 32, len(data), 64 * KiB)
+    q = PartialFile(tmp_path, "0" * 32, len(data), 64 * KiB, blockmap=bm)
     assert [q.has(i) for i in range(5)] == [False, True, False, False, True]
+    assert not q.ready(64 * KiB, 64 * KiB)  # the bitmap is a hint: checked on first read
     assert q.read(64 * KiB, 64 * KiB) == data[64 * KiB:128 * KiB]
+    assert q.ready(64 * KiB, 64 * KiB)
     assert not q.complete()
     q.close()
+    os.pwrite(os.open(tmp_path / ("0" * 32 + ".part"), os.O_WRONLY), b"X", 256 * KiB)  # corrupt block 4
+    r = PartialFile(tmp_path, "0" * 32, len(data), 64 * KiB, blockmap=bm)
+    with pytest.raises(BlockMismatchError):
+        r.read(256 * KiB, 10)
+    assert not r.has(4)  # forgotten: it is fetched again
+    with pytest.raises(BlockMismatchError):
+        r.write(4, b"Y" * (len(data) - 256 * KiB))  # wrong bytes from the store are never stored
+    r.write(4, data[256 * KiB:])
+    assert r.read(256 * KiB, 10) == data[256 * KiB:256 * KiB + 10]
+    r.close()
 
 
 # -- ContentReader over the real embedded store -----------------------------------------
@@ -231,8 +247,9 @@ def test_content_reader_store_down_gives_fetch_error_then_recovers(local_store, 
     cr.shutdown()
 
 
-def test_local_blob_served_in_place_then_linked_and_marked(local_store, tmp_path: Path) -> None:
-    """A large embedded-store blob: no copy, confirmed per request, hashed once, then shared."""
+def test_local_blob_served_in_place_then_copied_and_marked(local_store, tmp_path: Path) -> None:
+    """A large embedded-store blob: served in place, each block checked against its block map,
+    hashed once, then copied (never hard-linked) into the cache."""
     from client.cache import has_verified_marker
 
     data = os.urandom(5 * MiB + 7)
@@ -240,7 +257,7 @@ def test_local_blob_served_in_place_then_linked_and_marked(local_store, tmp_path
     blob = local_store.blob_path("ent", md5)
     os.utime(blob, (1000, 1000))  # uploaded long ago (a marker on a fresh file is "racy")
     cache = Cache(tmp_path / "cache")
-    cr = ContentReader(local_store, cache, FetchConfig(block_size=256 * KiB, max_request=MiB))
+    cr = ContentReader(local_store, cache, FetchConfig(block_size=MiB, max_request=4 * MiB))
     ref = FileRef("ent", md5, len(data), "v", "p")
     h = cr.open(ref)
     assert cr.read(h, 3 * MiB, 4096) == data[3 * MiB:3 * MiB + 4096]
@@ -249,14 +266,14 @@ def test_local_blob_served_in_place_then_linked_and_marked(local_store, tmp_path
     out = b"".join(cr.read(h, off, 128 * KiB) for off in range(0, len(data), 128 * KiB))
     assert out == data
     cr.close(h)
+    cr.shutdown()  # lets the background copy into the cache finish
     cached = cache.lookup(md5, len(data))
-    assert cached is not None and cached.stat().st_ino == blob.stat().st_ino  # a hard link
-    fd = os.open(cached, os.O_RDONLY)
+    assert cached is not None and cached.stat().st_ino != blob.stat().st_ino  # a copy, not a link
+    fd = os.open(blob, os.O_RDONLY)
     try:
-        assert has_verified_marker(fd, md5)
+        assert has_verified_marker(fd, md5)  # hashed once: a remount need not hash it again
     finally:
         os.close(fd)
-    cr.shutdown()
     cr2 = ContentReader(local_store, cache)  # a "remount": trusted by marker, no store request
     h2 = cr2.open(ref)
     assert cr2.read(h2, len(data) - 7, 7) == data[-7:] and cr2.store_requests == 0
@@ -273,13 +290,21 @@ def test_corrupt_large_blob_in_store_is_refused_after_verification(local_store, 
         f.seek(MiB)
         f.write(bytes([data[MiB] ^ 0xFF]))
     cache = Cache(tmp_path / "cache")
-    cr = ContentReader(local_store, cache, FetchConfig(block_size=256 * KiB))
+    cr = ContentReader(local_store, cache)  # 1 MiB blocks: the block map applies
     h = cr.open(FileRef("ent", md5, len(data), "v", "p"))
-    for off in range(0, len(data), MiB):
-        cr.read(h, off, MiB)
-    obj = h.obj
-    if obj.promotion is not None:
-        obj.promotion.result(timeout=30)
+    assert cr.read(h, 0, MiB) == data[:MiB]
+    with pytest.raises(FetchError):
+        cr.read(h, MiB, 4096)  # the flipped block is never served
+    with pytest.raises(FetchError):
+        cr.read(h, 2 * MiB, 4096)  # the blob is known bad now
+    cr.close(h)
+    h = cr.open(FileRef("ent", md5, len(data), "v", "p"))
+    with pytest.raises(FetchError):
+        cr.read(h, 0, 4096)  # remembered across opens (until the file changes)
+    cr.close(h)
+    cr.shutdown()
+    cr = ContentReader(local_store, cache, FetchConfig(block_size=256 * KiB))  # no usable map: hashed whole
+    h = cr.open(FileRef("ent", md5, len(data), "v", "p"))
     with pytest.raises(FetchError):
         cr.read(h, 0, 4096)
     cr.close(h)
@@ -303,7 +328,7 @@ def test_corrupt_small_blob_in_store_is_never_served(local_store, tmp_path: Path
     assert cache.lookup(md5) is None
 
 
-def test_small_local_blob_is_linked_not_copied(local_store, tmp_path: Path) -> None:
+def test_small_local_blob_is_copied_never_linked(local_store, tmp_path: Path) -> None:
     data = os.urandom(5000)
     md5 = upload_bytes(local_store, "ent", data, tmp_path)
     cache = Cache(tmp_path / "cache")
@@ -313,7 +338,7 @@ def test_small_local_blob_is_linked_not_copied(local_store, tmp_path: Path) -> N
     cr.close(h)
     cr.shutdown()
     cached = cache.lookup(md5, len(data))
-    assert cached is not None and cached.stat().st_ino == local_store.blob_path("ent", md5).stat().st_ino
+    assert cached is not None and cached.stat().st_ino != local_store.blob_path("ent", md5).stat().st_ino
 
 
 def test_marked_cache_object_rewritten_in_place_is_rehashed_and_refetched(local_store, tmp_path: Path) -> None:

@@ -5,6 +5,10 @@ BlobBackend holds their bytes.  The embedded store and the server with ``--blobs
 Layout: ``<root>/<entity>/<md5[:2]>/<md5[2:]>``, files made read-only once written, written to
 ``<root>/.tmp/`` first, hashed while copied, fsynced and renamed into place, so a reader never
 sees a partial blob and a blob's bytes always match its name.
+
+A blob file written here carries the verified marker of :mod:`client.cache` (md5, size,
+mtime, inode); :meth:`LocalBlobBackend.intact` trusts a blob by its marker, else re-hashes it,
+so a blob damaged on disk counts as missing and the next upload of the right bytes repairs it.
 """
 
 from __future__ import annotations
@@ -16,8 +20,10 @@ import tempfile
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
+from ..blockmap import BlockHasher
+from ..cache import has_verified_marker, set_verified_marker
 from ..errors import DigestMismatchError, InvalidNameError, NotFoundError
-from ..hashing import is_md5_hex
+from ..hashing import CHUNK, is_md5_hex
 from ..names import validate_entity
 
 
@@ -50,15 +56,21 @@ class LocalBlobBackend:
         check_key(entity, md5_hex)
         return self.root / entity / md5_hex[:2] / md5_hex[2:]
 
-    def put_file(self, entity: str, md5_hex: str, src: Path) -> int:
+    def put_file(self, entity: str, md5_hex: str, src: Path, hasher: BlockHasher | None = None) -> int:
+        """Store ``src`` (verified); a blob already present is kept only if it is intact."""
         dest = self.path(entity, md5_hex)
-        if dest.exists():
+        if dest.exists() and self.intact(entity, md5_hex, hasher):
             return dest.stat().st_size
+        if hasher is not None:
+            hasher.reset()  # fed again by the copy
         with open(src, "rb") as f:
-            return self.put_stream(entity, md5_hex, f)
+            return self.put_stream(entity, md5_hex, f, hasher)
 
-    def put_stream(self, entity: str, md5_hex: str, stream: BinaryIO) -> int:
-        """Copy a stream in, hashing as it goes; refuse it if the md5 differs from the name."""
+    def put_stream(self, entity: str, md5_hex: str, stream: BinaryIO, hasher: BlockHasher | None = None) -> int:
+        """Copy a stream in, hashing as it goes; refuse it if the md5 differs from the name.
+
+        ``hasher`` is fed the same bytes (the blob's block map, at no extra read).
+        """
         dest = self.path(entity, md5_hex)
         fd, tmp = tempfile.mkstemp(dir=self.root / ".tmp", prefix=md5_hex + ".")
         try:
@@ -67,10 +79,14 @@ class LocalBlobBackend:
             with os.fdopen(fd, "wb") as out:
                 while chunk := stream.read(1 << 20):
                     h.update(chunk)
+                    if hasher is not None:
+                        hasher.update(chunk)
                     out.write(chunk)
                     size += len(chunk)
                 out.flush()
                 os.fsync(out.fileno())
+                if h.hexdigest() == md5_hex:
+                    set_verified_marker(out.fileno(), md5_hex, durable=True)
             if h.hexdigest() != md5_hex:
                 raise DigestMismatchError(
                     f"upload for {md5_hex} has md5 {h.hexdigest()}: the data changed or was corrupted in transit; retry"
@@ -82,6 +98,30 @@ class LocalBlobBackend:
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
+
+    def intact(self, entity: str, md5_hex: str, hasher: BlockHasher | None = None) -> bool:
+        """Whether the blob file exists and hashes to its name (by its marker, else re-hashed).
+
+        With ``hasher`` the file is always read (feeding it), so the caller gets its block map.
+        """
+        try:
+            fd = os.open(self.path(entity, md5_hex), os.O_RDONLY)
+        except FileNotFoundError:
+            return False
+        try:
+            if hasher is None and has_verified_marker(fd, md5_hex):
+                return True
+            h = hashlib.md5(usedforsecurity=False)
+            while chunk := os.read(fd, CHUNK):
+                h.update(chunk)
+                if hasher is not None:
+                    hasher.update(chunk)
+            if h.hexdigest() != md5_hex:
+                return False
+            set_verified_marker(fd, md5_hex)
+            return True
+        finally:
+            os.close(fd)
 
     def exists(self, entity: str, md5_hex: str) -> bool:
         return self.path(entity, md5_hex).is_file()

@@ -25,6 +25,7 @@ from sqlalchemy.engine import Connection, Engine
 from .. import names
 from ..errors import ConflictError, InvalidNameError, MissingBlobError, NotFoundError
 from ..hashing import b64_to_hex, is_md5_hex
+from ..blockmap import BlockMap
 from ..manifest import compute_digest, iter_entries
 from ..store.base import CollectionRecord, CommitRequest, RunRecord, VersionRecord
 from . import schema as t
@@ -522,8 +523,12 @@ class Registry:
                 t.blobs.c.entity_id == entity_id, t.blobs.c.md5.in_(chunk))))
         return wanted - have
 
-    def missing_blobs(self, entity: str, md5_hexes: Iterable[str]) -> set[str]:
-        """Which of these blobs the entity does not hold (never looks at other entities)."""
+    def missing_blobs(self, entity: str, md5_hexes: Iterable[str], check_files: bool = False) -> set[str]:
+        """Which of these blobs the entity does not hold (never looks at other entities).
+
+        ``check_files`` (the upload shortcut): with a local blob directory, a blob whose file is
+        damaged counts as missing, so the next upload of the right bytes repairs it.
+        """
         md5s = list(md5_hexes)
         for m in md5s:
             if not is_md5_hex(m):
@@ -533,7 +538,38 @@ class Registry:
                 eid = self._entity_id(c, entity)
             except NotFoundError:
                 return set(md5s)
-            return self._missing(c, eid, md5s)
+            missing = self._missing(c, eid, md5s)
+        intact = getattr(self.blobs, "intact", None) if check_files else None
+        if intact is not None:
+            missing |= {m for m in md5s if m not in missing and not intact(entity, m)}
+        return missing
+
+    def register_blockmap(self, entity: str, md5_hex: str, bm: BlockMap) -> None:
+        """Record the block map of a registered blob (made by whoever hashed its bytes)."""
+        with self._write() as c:
+            eid = self._entity_id(c, entity, create=True)
+            size = c.execute(sa.select(t.blobs.c.size).where(
+                t.blobs.c.entity_id == eid, t.blobs.c.md5 == md5_hex)).scalar()
+            if size is None or size != bm.size:
+                raise MissingBlobError(f"no blob {md5_hex} of {bm.size} bytes in {entity} for a block map")
+            self._insert_ignore(c, t.blob_blockmaps, entity_id=eid, md5=md5_hex, size=bm.size,
+                                block_size=bm.block_size, hashes=bm.hashes)
+
+    def blockmaps(self, entity: str, md5_hexes: Iterable[str]) -> dict[str, BlockMap]:
+        """The block maps the entity holds for these blobs (absent ones are left out)."""
+        wanted = sorted({m for m in md5_hexes if is_md5_hex(m)})
+        out: dict[str, BlockMap] = {}
+        with self._read() as c:
+            try:
+                eid = self._entity_id(c, entity)
+            except NotFoundError:
+                return out
+            for i in range(0, len(wanted), _BLOB_BATCH):
+                q = sa.select(t.blob_blockmaps).where(t.blob_blockmaps.c.entity_id == eid,
+                                                      t.blob_blockmaps.c.md5.in_(wanted[i:i + _BLOB_BATCH]))
+                for r in c.execute(q):
+                    out[r.md5] = BlockMap(r.size, r.block_size, bytes(r.hashes))
+        return out
 
     def register_blob(self, entity: str, md5_hex: str, size: int) -> None:
         """Record a blob whose bytes the backend has verified against ``md5_hex``."""

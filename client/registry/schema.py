@@ -114,3 +114,13 @@ blobs = sa.Table(
     sa.Column("size", sa.BigInteger, nullable=False),
     sa.Column("created_at", TS, nullable=False),
 )
+
+#: per-blob block maps (client/blockmap.py): a sha256 per block, so readers verify lazily
+blob_blockmaps = sa.Table(
+    "blob_blockmaps", metadata,
+    sa.Column("entity_id", sa.Integer, sa.ForeignKey("entities.id", ondelete="CASCADE"), primary_key=True),
+    sa.Column("md5", sa.String(32), primary_key=True),
+    sa.Column("size", sa.BigInteger, nullable=False),
+    sa.Column("block_size", sa.Integer, nullable=False),
+    sa.Column("hashes", sa.LargeBinary, nullable=False),
+)

@@ -18,6 +18,7 @@ class (:func:`client.errors.error_from_code`), so both stores raise the same typ
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import datetime as _dt
 import functools
@@ -37,6 +38,7 @@ import urllib3.exceptions
 
 from ..errors import (ArtifactFSError, DigestMismatchError, PermissionDeniedError, StoreUnavailableError,
                       error_from_code)
+from ..blockmap import BlockMap
 from ..hashing import md5_bytes
 from .base import CollectionRecord, CommitRequest, RunRecord, VersionRecord
 
@@ -379,6 +381,15 @@ class HttpStore:
                     for md5, plan in out["uploads"].items():
                         self._plans[(entity, md5)] = (plan, until, limit)
         return missing
+
+    def blockmaps(self, entity: str, md5_hexes: Iterable[str]) -> dict[str, BlockMap]:
+        """Block maps of these blobs (client/blockmap.py); blobs without one are left out."""
+        wanted = list(dict.fromkeys(md5_hexes))
+        out: dict[str, BlockMap] = {}
+        for i in range(0, len(wanted), 1000):
+            got = self._call("POST", f"{API}/entities/{_q(entity)}/blobs/blockmaps", {"md5s": wanted[i:i + 1000]})
+            out.update({m: BlockMap.from_bytes(base64.b64decode(raw)) for m, raw in got["maps"].items()})
+        return out
 
     def _cached_plan(self, entity: str, md5_hex: str, size: int) -> dict[str, Any] | None:
         with self._urls_lock:

@@ -16,6 +16,7 @@ import os
 from pathlib import Path
 from typing import Any, Iterable
 
+from ..blockmap import BlockHasher, BlockMap, wants_map
 from ..errors import StoreUnavailableError
 from ..registry import LocalBlobBackend, Registry
 from ..registry.core import KEEP
@@ -126,11 +127,18 @@ class LocalStore:
 
     # blobs
     def missing_blobs(self, entity: str, md5_hexes: Iterable[str]) -> set[str]:
-        return self.registry.missing_blobs(entity, md5_hexes)
+        return self.registry.missing_blobs(entity, md5_hexes, check_files=True)  # a damaged blob is re-sent
 
     def put_blob(self, entity: str, md5_hex: str, src: Path, size: int) -> None:
-        written = self.blobs.put_file(entity, md5_hex, Path(src))
+        hasher = BlockHasher() if wants_map(size) else None
+        written = self.blobs.put_file(entity, md5_hex, Path(src), hasher)
         self.registry.register_blob(entity, md5_hex, written)
+        if hasher is not None and wants_map(written):
+            self.registry.register_blockmap(entity, md5_hex, hasher.result())
+
+    def blockmaps(self, entity: str, md5_hexes: Iterable[str]) -> dict[str, BlockMap]:
+        """Block maps of these blobs (client/blockmap.py); blobs without one are left out."""
+        return self.registry.blockmaps(entity, md5_hexes)
 
     def put_bytes(self, entity: str, md5_hex: str, data: bytes) -> None:
         """Upload small content (a manifest) without a temp file."""
