@@ -763,7 +763,7 @@ class ContentReader:
     def _copy_in(self, md5: str, path: Path) -> None:
         """A blob on another filesystem than the cache: copy (and re-verify) it in."""
         try:
-            self.cache.add_file(md5, path)
+            self.cache.add_file(md5, path, keep_mtime=True)
         except Exception as exc:  # noqa: BLE001 - the cache is an optimisation here
             log.warning("could not cache %s: %s", md5, exc)
 
