@@ -335,19 +335,23 @@ class Cache:
         return dest
 
     def _finish(self, md5_hex: str, tmp: Path, hf: _HashingFile, size: int | None,
-                mtime_ns: int | None = None) -> Path:
+                mtime_ns: int | None = None, fsync: bool = True) -> Path:
         hf.flush()
-        os.fsync(hf.fileno())
+        if fsync:
+            os.fsync(hf.fileno())
         actual = hf.digest() or md5_file(tmp)
         if actual != md5_hex:
             raise DigestMismatchError(f"content written for {md5_hex} hashes to {actual}; nothing was cached")
         if size is not None and tmp.stat().st_size != size:
             raise DigestMismatchError(f"content written for {md5_hex} has {tmp.stat().st_size} bytes, expected {size}")
-        return self._install(md5_hex, tmp, mtime_ns=mtime_ns)
+        return self._install(md5_hex, tmp, mtime_ns=mtime_ns, mark=fsync)
 
     @contextlib.contextmanager
-    def writer(self, md5_hex: str) -> Iterator[BinaryIO]:
+    def writer(self, md5_hex: str, *, fsync: bool = True) -> Iterator[BinaryIO]:
         """Write an object's bytes; on exit they are verified, fsynced and renamed into place.
+
+        ``fsync=False`` (no flush, no verified marker): for small objects that every reader
+        md5-checks anyway, so a crash that leaves them short or zeroed is always detected.
 
         On a digest mismatch (or any exception in the block) nothing is left behind and
         :class:`DigestMismatchError` (or the block's exception) propagates.
@@ -358,7 +362,7 @@ class Cache:
             with open(tmp, "wb") as raw:
                 hf = _HashingFile(raw)
                 yield hf  # type: ignore[misc]
-                self._finish(md5_hex, tmp, hf, None)
+                self._finish(md5_hex, tmp, hf, None, fsync=fsync)
         finally:
             with contextlib.suppress(FileNotFoundError):
                 tmp.unlink()
