@@ -305,17 +305,19 @@ class Cache:
         return p if self.verify(md5_hex) else None
 
     # -- writing ---------------------------------------------------------------------------
-    def _install(self, md5_hex: str, tmp: Path, *, mark: bool = True) -> Path:
+    def _install(self, md5_hex: str, tmp: Path, *, mark: bool = True, mtime_ns: int | None = None) -> Path:
         """Make a verified, fsynced temp file read-only and rename it into place.
 
         ``mark``: also give it a verified marker (only for bytes that are hashed and durable).
+        ``mtime_ns``: the content's own (older) write time, e.g. a copied store blob's, so the
+        marker is not "racy" and a remount trusts it; a later write still moves the mtime.
         """
         dest = self.path(md5_hex)
         os.chmod(tmp, 0o444)
         now_ns = time.time_ns()
         with contextlib.suppress(OSError):
             # LRU stamp (adopted files may have been written long ago); the mtime is kept
-            os.utime(tmp, ns=(now_ns, os.stat(tmp).st_mtime_ns))
+            os.utime(tmp, ns=(now_ns, mtime_ns if mtime_ns is not None else os.stat(tmp).st_mtime_ns))
         if mark:
             fd = os.open(tmp, os.O_RDONLY)
             try:
@@ -332,19 +334,24 @@ class Cache:
             os.replace(tmp, dest)
         return dest
 
-    def _finish(self, md5_hex: str, tmp: Path, hf: _HashingFile, size: int | None) -> Path:
+    def _finish(self, md5_hex: str, tmp: Path, hf: _HashingFile, size: int | None,
+                mtime_ns: int | None = None, fsync: bool = True) -> Path:
         hf.flush()
-        os.fsync(hf.fileno())
+        if fsync:
+            os.fsync(hf.fileno())
         actual = hf.digest() or md5_file(tmp)
         if actual != md5_hex:
             raise DigestMismatchError(f"content written for {md5_hex} hashes to {actual}; nothing was cached")
         if size is not None and tmp.stat().st_size != size:
             raise DigestMismatchError(f"content written for {md5_hex} has {tmp.stat().st_size} bytes, expected {size}")
-        return self._install(md5_hex, tmp)
+        return self._install(md5_hex, tmp, mtime_ns=mtime_ns, mark=fsync)
 
     @contextlib.contextmanager
-    def writer(self, md5_hex: str) -> Iterator[BinaryIO]:
+    def writer(self, md5_hex: str, *, fsync: bool = True) -> Iterator[BinaryIO]:
         """Write an object's bytes; on exit they are verified, fsynced and renamed into place.
+
+        ``fsync=False`` (no flush, no verified marker): for small objects that every reader
+        md5-checks anyway, so a crash that leaves them short or zeroed is always detected.
 
         On a digest mismatch (or any exception in the block) nothing is left behind and
         :class:`DigestMismatchError` (or the block's exception) propagates.
@@ -355,16 +362,17 @@ class Cache:
             with open(tmp, "wb") as raw:
                 hf = _HashingFile(raw)
                 yield hf  # type: ignore[misc]
-                self._finish(md5_hex, tmp, hf, None)
+                self._finish(md5_hex, tmp, hf, None, fsync=fsync)
         finally:
             with contextlib.suppress(FileNotFoundError):
                 tmp.unlink()
 
-    def add_file(self, md5_hex: str, src: Path | str, *, move: bool = False) -> Path:
+    def add_file(self, md5_hex: str, src: Path | str, *, move: bool = False, keep_mtime: bool = False) -> Path:
         """Copy (or move) ``src`` into the cache after checking it hashes to ``md5_hex``.
 
         With ``move=True`` the source is renamed when it is on the same filesystem (no copy);
-        it is gone afterwards in every successful case.  A mismatch raises
+        it is gone afterwards in every successful case.  ``keep_mtime``: the copy keeps the
+        source's mtime (an immutable store blob), so its verified marker holds.  A mismatch raises
         :class:`DigestMismatchError` and leaves ``src`` where it was.
         """
         _check_key(md5_hex)
@@ -394,7 +402,8 @@ class Cache:
             with open(src, "rb") as fin, open(tmp, "wb") as raw:
                 hf = _HashingFile(raw)
                 shutil.copyfileobj(fin, hf, _CHUNK)  # type: ignore[arg-type]
-                dest = self._finish(md5_hex, tmp, hf, None)
+                dest = self._finish(md5_hex, tmp, hf, None,
+                                    os.fstat(fin.fileno()).st_mtime_ns if keep_mtime else None)
             if move:
                 src.unlink()
             return dest

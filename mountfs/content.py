@@ -534,7 +534,8 @@ class ContentReader:
         def install() -> None:
             try:
                 if self.cache.lookup(md5, len(data)) is None:
-                    with self.cache.writer(md5) as out:
+                    # no fsync: small objects are md5-checked on every read (mount and download)
+                    with self.cache.writer(md5, fsync=len(data) > self.config.small_object) as out:
                         out.write(data)
                     self._note_added(len(data))
             except Exception as exc:  # noqa: BLE001 - the cache is an optimisation here
@@ -761,9 +762,11 @@ class ContentReader:
             obj.promoting = False
 
     def _copy_in(self, md5: str, path: Path) -> None:
-        """A blob on another filesystem than the cache: copy (and re-verify) it in."""
+        """A verified store blob: the cache gets its own copy (re-verified), never the same inode."""
         try:
-            self.cache.add_file(md5, path)
+            dest = self.cache.add_file(md5, path, keep_mtime=True)
+            with open(dest, "rb") as f:  # the copy's pages would push the mount's out of memory
+                os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
         except Exception as exc:  # noqa: BLE001 - the cache is an optimisation here
             log.warning("could not cache %s: %s", md5, exc)
 

@@ -121,7 +121,7 @@ def make_fetch_base(store: Store, cache: Cache) -> Callable[[BaseRef], Path]:
     """Default ``fetch_base``: the cache object, filled from the store on a miss (whole blob)."""
 
     def fetch(ref: BaseRef) -> Path:
-        hit = cache.lookup(ref.md5, ref.size)
+        hit = cache.checked(ref.md5, ref.size)  # verified (marker or md5): base bytes enter new versions
         if hit is not None:
             return hit
         local = getattr(store, "blob_path", None)
