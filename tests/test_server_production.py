@@ -211,3 +211,78 @@ def test_admin_commands_print_a_key_once_and_say_so(registry: SharedRegistry) ->
     res = runner.invoke(main, ["admin", "--db", registry.factory.db_url, "create-key", "carol-once"],
                         catch_exceptions=False)
     assert res.exit_code == 0 and "shown once" in res.stderr and res.stdout.strip().startswith("afs_")
+
+
+# -- item 2: TLS ---------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tls_server(registry: SharedRegistry, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    from tests.server_fixtures import make_tls_files
+
+    files = make_tls_files(tmp_path_factory.mktemp("tls"))
+    srv = registry.factory.start(tls=files, env={"ARTIFACTFS_S3_MULTIPART_THRESHOLD": str(6 << 20)})
+    yield srv, files[2]
+    srv.stop()
+
+
+def test_https_server_with_its_own_tls_and_a_client_that_verifies(
+        registry: SharedRegistry, tls_server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    from client.errors import StoreUnavailableError
+    from client.store import open_store
+    from tests.util import commit_files
+
+    srv, ca = tls_server
+    assert srv.url.startswith("https://")
+    team = registry.new_team("sec")
+    _, key = registry.new_user("alice", teams=(team,))
+
+    # no CA bundle: the test CA is not in the system store: refused at once, with what to do
+    with pytest.raises(StoreUnavailableError) as info:
+        open_store(srv.url, key).whoami()  # type: ignore[attr-defined]
+    assert "ARTIFACTFS_CA_BUNDLE" in str(info.value) and "attempts" not in str(info.value)
+    # https to a server without TLS
+    with pytest.raises(StoreUnavailableError) as info:
+        open_store(registry.server.url.replace("http://", "https://"), key).whoami()  # type: ignore[attr-defined]
+    assert "does not speak TLS" in str(info.value)
+
+    monkeypatch.setenv("ARTIFACTFS_CA_BUNDLE", str(ca))
+    store = open_store(srv.url, key)
+    files = {"a.bin": os.urandom(70_000), "__init__.py": b""}
+    v0, created = commit_files(store, tmp_path, files, entity=team)
+    assert created
+    out = tmp_path / "out"
+    for name, data in files.items():
+        md5 = md5_bytes(data)
+        store.download_blob(team, md5, out)
+        assert out.read_bytes() == data
+
+    # the README's steps over https: login, whoami, get
+    for var in ("ARTIFACTFS_STORE", "ARTIFACTFS_ENTITY"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("ARTIFACTFS_CACHE_DIR", str(tmp_path / "cache"))
+    code, out_text, err = _cli("login", srv.url, "--key", key)
+    assert code == 0, err
+    code, out_text, err = _cli("get", "proj/ds", str(tmp_path / "got"))
+    assert code == 0, err
+    assert (tmp_path / "got" / "a.bin").read_bytes() == files["a.bin"]
+    from client import run as run_mod
+
+    run_mod._reset_for_tests()
+
+
+@pytest.mark.fuse
+@pytest.mark.timeout(180)
+def test_mount_over_https_with_a_ca_bundle(registry: SharedRegistry, tls_server, tmp_path: Path,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    from tests.mount_helpers import mounted, requires_fuse
+    from tests.util import commit_files
+
+    if requires_fuse.args and requires_fuse.args[0]:
+        pytest.skip(requires_fuse.kwargs.get("reason", "needs FUSE"))
+    srv, ca = tls_server
+    team = registry.new_team("sec")
+    _, key = registry.new_user("alice", teams=(team,))
+    commit_files(make_store(registry.server.url, key), tmp_path, {"w.bin": b"weights" * 1000}, entity=team)
+    monkeypatch.setenv("ARTIFACTFS_API_KEY", key)
+    monkeypatch.setenv("ARTIFACTFS_CA_BUNDLE", str(ca))
+    with mounted(srv.url, tmp_path) as m:  # type: ignore[arg-type]
+        assert (m.path / team / "proj" / "ds:latest" / "w.bin").read_bytes() == b"weights" * 1000
