@@ -49,15 +49,21 @@ def server_command(db_url: str, blobs_url: str, s3_endpoint_url: str | None, hos
     os.environ["ARTIFACTFS_SERVER_DB"] = db_url
     os.environ["ARTIFACTFS_SERVER_BLOBS"] = blobs_url
     os.environ["ARTIFACTFS_URL_TTL"] = str(url_ttl)
+    os.environ["ARTIFACTFS_LOG_LEVEL"] = log_level
     if s3_endpoint_url:
         os.environ["ARTIFACTFS_S3_ENDPOINT_URL"] = s3_endpoint_url
+    if workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        # Each worker writes its metrics there; /metrics on any worker sums them all.
+        import tempfile
+
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="artifactfs-metrics-")
     # Fail fast on a bad --db/--blobs before uvicorn forks workers.
     from .app import Server
 
     Server(db_url, blobs_url, s3_endpoint_url, url_ttl).close()
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = TcpConfig("server.app:create_app", factory=True, host=host, port=port, workers=workers,
-                        log_level=log_level, access_log=log_level == "debug", timeout_keep_alive=30,
+                        log_level=log_level, access_log=False, timeout_keep_alive=30,
                         ssl_certfile=tls_cert, ssl_keyfile=tls_key)
     server = uvicorn.Server(config)
     if workers > 1:

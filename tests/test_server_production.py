@@ -286,3 +286,153 @@ def test_mount_over_https_with_a_ca_bundle(registry: SharedRegistry, tls_server,
     monkeypatch.setenv("ARTIFACTFS_CA_BUNDLE", str(ca))
     with mounted(srv.url, tmp_path) as m:  # type: ignore[arg-type]
         assert (m.path / team / "proj" / "ds:latest" / "w.bin").read_bytes() == b"weights" * 1000
+
+
+# -- item 5: health, readiness, metrics, access and audit logs ------------------------------------
+def _scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    import requests
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+    for family in text_string_to_metric_families(requests.get(url + "/metrics", timeout=10).text):
+        for sample in family.samples:
+            out[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return out
+
+
+def _value(samples: dict, name: str, **labels: str) -> float:  # type: ignore[type-arg]
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def test_metrics_count_requests_by_route_commits_and_refusals(registry: SharedRegistry, tmp_path: Path) -> None:
+    import requests
+
+    from client.errors import AuthenticationError
+    from tests.util import commit_files
+
+    url = registry.server.url
+    user, key = registry.new_user("metric")
+    store = make_store(url, key)
+    before = _scrape(url)
+    for _ in range(3):
+        store.whoami()
+    with pytest.raises(AuthenticationError):
+        make_store(url, "afs_0badc0de_notakey").whoami()
+    with pytest.raises(NotFoundError):
+        store.get_version("no-such-version")
+    commit_files(store, tmp_path, {"a.bin": b"a" * 1000}, entity=user)
+    after = _scrape(url)
+
+    def delta(name: str, **labels: str) -> float:
+        return _value(after, name, **labels) - _value(before, name, **labels)
+
+    assert delta("artifactfs_http_requests_total", route="/api/v1/whoami", method="GET", status="200") == 3
+    assert delta("artifactfs_http_requests_total", route="/api/v1/whoami", method="GET", status="401") == 1
+    assert delta("artifactfs_http_requests_total", route="/api/v1/versions/{version_id}", method="GET",
+                 status="404") == 1
+    assert delta("artifactfs_http_request_duration_seconds_count", route="/api/v1/whoami", method="GET") == 4
+    assert delta("artifactfs_commits_total", created="true") == 1
+    assert delta("artifactfs_auth_refused_total") == 1
+    assert delta("artifactfs_errors_total", code="NotFoundError") == 1
+    assert delta("artifactfs_signed_urls_total", op="put") == 2  # the file and the manifest
+    # probes answer without a key
+    assert requests.get(url + "/healthz", timeout=5).json() == {"status": "ok"}
+    ready = requests.get(url + "/readyz", timeout=5)
+    assert ready.status_code == 200 and ready.json() == {"status": "ready", "database": "ok", "blobs": "ok"}
+
+
+def test_metrics_of_a_multi_worker_server_sum_its_workers(registry: SharedRegistry) -> None:
+    _, key = registry.new_user("mw")
+    url = registry.second.url  # two worker processes
+    before = _scrape(url)
+    stores = [make_store(url, key) for _ in range(8)]  # separate connections: both workers answer
+    for store in stores:
+        for _ in range(5):
+            store.whoami()
+    after = _scrape(url)
+    labels = {"route": "/api/v1/whoami", "method": "GET", "status": "200"}
+    assert _value(after, "artifactfs_http_requests_total", **labels) - \
+        _value(before, "artifactfs_http_requests_total", **labels) == 40
+
+
+@pytest.mark.parametrize("backend", ["sqlite-local", "postgres-s3"])
+def test_readyz_fails_while_the_blob_backend_or_database_is_down(backend: str, request: pytest.FixtureRequest,
+                                                                tmp_path: Path) -> None:
+    import requests
+
+    from tests.server_fixtures import new_factory, start_inprocess_server, start_moto, stop_process
+
+    moto = None
+    if backend == "sqlite-local":
+        factory = new_factory(backend, request, tmp_path)
+        blobs = factory.blobs_url
+    else:
+        pg = request.getfixturevalue("postgres")
+        moto = start_moto(tmp_path)  # our own S3, so this test may stop it
+        factory = new_factory("sqlite-local", request, tmp_path)
+        factory.db_url, blobs = pg.new_database(), f"s3://{moto.new_bucket()}/blobs"
+    srv = start_inprocess_server(factory.db_url, blobs, moto.url if moto else None)
+    try:
+        ok = requests.get(srv.url + "/readyz", timeout=30)
+        assert ok.status_code == 200, ok.text
+        if moto is None:
+            os.rename(blobs, blobs + ".away")  # the blob directory vanished (an unmounted volume)
+        else:
+            stop_process(moto.proc)
+        down = requests.get(srv.url + "/readyz", timeout=60)
+        assert down.status_code == 503
+        assert down.json()["status"] == "unavailable" and down.json()["blobs"] != "ok"
+        assert down.json()["database"] == "ok"
+        assert requests.get(srv.url + "/healthz", timeout=5).status_code == 200  # alive all the same
+        if moto is None:
+            os.rename(blobs + ".away", blobs)
+            assert requests.get(srv.url + "/readyz", timeout=30).status_code == 200
+        else:  # and the database gone too
+            import psycopg
+
+            name = factory.db_url.split("@/")[1].split("?")[0]
+            with psycopg.connect(host=str(pg.sockdir), user="postgres", dbname="postgres", autocommit=True) as c:
+                c.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+            both = requests.get(srv.url + "/readyz", timeout=60)
+            assert both.status_code == 503 and both.json()["database"] != "ok"
+    finally:
+        srv.stop()
+        if moto is not None:
+            stop_process(moto.proc)
+
+
+def test_access_and_audit_logs_name_who_did_what_without_secrets(tmp_path: Path,
+                                                                  caplog: pytest.LogCaptureFixture) -> None:
+    import json
+    import logging
+
+    from client.errors import AuthenticationError
+    from tests.server_fixtures import start_inprocess_server
+    from tests.util import commit_files
+
+    srv = start_inprocess_server(f"sqlite:///{tmp_path / 'r.db'}", str(tmp_path / "blobs"))
+    caplog.set_level(logging.INFO, logger="artifactfs")
+    try:
+        key = srv.user("auditor")
+        store = make_store(srv.url, key)
+        v0, _ = commit_files(store, tmp_path, {"a.bin": b"payload" * 100}, entity="auditor")
+        store.download_blob("auditor", md5_bytes(b"payload" * 100), tmp_path / "out")
+        with pytest.raises(AuthenticationError):
+            make_store(srv.url, "afs_feedf00d_topsecretpart").whoami()
+        store.delete_version(v0.id)
+    finally:
+        srv.stop()
+    access = [json.loads(r.getMessage()) for r in caplog.records if r.name == "artifactfs.access"]
+    audit = [json.loads(r.getMessage()) for r in caplog.records if r.name == "artifactfs.audit"]
+    everything = "\n".join(r.getMessage() for r in caplog.records)
+    assert key.split("_")[2] not in everything and "topsecretpart" not in everything
+    assert "sig=" not in everything and "expires=" not in everything
+    commit_line = [a for a in access if a["route"] == "/api/v1/commit"][0]
+    assert commit_line["user"] == "auditor" and commit_line["status"] == 200 and commit_line["ms"] >= 0
+    assert any(a["route"] == "/blobdata/{entity}/{md5}" and a["method"] == "PUT" and a["entity"] == "auditor"
+               for a in access)
+    assert any(a["status"] == 401 and a["user"] is None for a in access)
+    events = {a["event"]: a for a in audit}
+    assert events["auth_refused"]["key_id"] == "feedf00d"
+    assert events["commit"]["user"] == "auditor" and events["commit"]["version"] == "auditor/proj/ds:v0"
+    assert events["delete_version"]["id"] == v0.id and events["delete_version"]["user"] == "auditor"
