@@ -436,3 +436,74 @@ def test_access_and_audit_logs_name_who_did_what_without_secrets(tmp_path: Path,
     assert events["auth_refused"]["key_id"] == "feedf00d"
     assert events["commit"]["user"] == "auditor" and events["commit"]["version"] == "auditor/proj/ds:v0"
     assert events["delete_version"]["id"] == v0.id and events["delete_version"]["user"] == "auditor"
+
+
+# -- item 6: listings in a constant number of queries, indexes, the write lock --------------------
+def _statements(engine):  # type: ignore[no-untyped-def]
+    import sqlalchemy as sa
+
+    seen: list[str] = []
+
+    def record(conn, cursor, statement, *args):  # type: ignore[no-untyped-def]
+        seen.append(statement)
+
+    sa.event.listen(engine, "before_cursor_execute", record)
+    return seen, lambda: sa.event.remove(engine, "before_cursor_execute", record)
+
+
+def test_listing_collections_costs_the_same_queries_for_3_or_40_collections(local_store, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from tests.util import commit_files
+
+    for i in range(40):
+        commit_files(local_store, tmp_path, {"a": b"%d" % i}, collection=f"c{i:02d}", aliases=("best",))
+        commit_files(local_store, tmp_path, {"a": b"x%d" % i}, collection=f"c{i:02d}", tags=("t",))
+        if i == 2:
+            seen, stop = _statements(local_store.registry.engine)
+            three = local_store.list_collections("ent", "proj")
+            stop()
+            queries_for_3 = len(seen)
+    seen, stop = _statements(local_store.registry.engine)
+    forty = local_store.list_collections("ent", "proj")
+    stop()
+    assert len(forty) == 40 and len(three) == 3
+    assert forty[5].aliases == {"best": 0, "latest": 1} and forty[5].version_count == 2
+    assert len(seen) == queries_for_3 <= 8, seen
+
+
+def test_commit_checks_blobs_outside_the_write_transaction(local_store, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from tests.util import commit_files
+
+    commit_files(local_store, tmp_path, {"a": b"1"})
+    seen, stop = _statements(local_store.registry.engine)
+    commit_files(local_store, tmp_path, {f"f{i}": b"%d" % i for i in range(20)})
+    stop()
+    begin = [i for i, s in enumerate(seen) if s.startswith("BEGIN IMMEDIATE")]
+    assert begin, seen
+    in_commit_tx = seen[begin[-1]:]  # the commit's write transaction is the last one
+    assert any("INSERT INTO versions" in s for s in in_commit_tx)
+    assert not any("FROM blobs" in s for s in in_commit_tx), in_commit_tx
+
+
+def test_indexes_on_versions_run_pk_and_usages_version_id_also_on_an_existing_database(tmp_path: Path) -> None:
+    import sqlalchemy as sa
+
+    from client.registry import LocalBlobBackend, Registry
+
+    url = f"sqlite:///{tmp_path / 'r.db'}"
+    reg = Registry(url, LocalBlobBackend(tmp_path / "blobs"))
+
+    def indexes() -> set[str]:
+        insp = sa.inspect(reg.engine)
+        return {i["name"] for table in ("versions", "usages") for i in insp.get_indexes(table)}
+
+    assert {"versions_by_run", "usages_by_version"} <= indexes()
+    with reg.engine.begin() as c:  # a database made before these indexes existed
+        c.exec_driver_sql("DROP INDEX versions_by_run")
+        c.exec_driver_sql("DROP INDEX usages_by_version")
+    reg.close()
+    reg = Registry(url, LocalBlobBackend(tmp_path / "blobs"))
+    assert {"versions_by_run", "usages_by_version"} <= indexes()
+    plan = " ".join(str(r) for r in reg.engine.connect().exec_driver_sql(
+        "EXPLAIN QUERY PLAN SELECT run_pk FROM usages WHERE version_id = 'x'"))
+    assert "usages_by_version" in plan
+    reg.close()
