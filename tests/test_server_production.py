@@ -507,3 +507,50 @@ def test_indexes_on_versions_run_pk_and_usages_version_id_also_on_an_existing_da
         "EXPLAIN QUERY PLAN SELECT run_pk FROM usages WHERE version_id = 'x'"))
     assert "usages_by_version" in plan
     reg.close()
+
+
+def test_project_listing_is_one_request_and_constant_queries(local_store, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from tests.util import commit_files
+
+    for i in range(12):
+        for rev in range(2):
+            commit_files(local_store, tmp_path, {"a": b"%d-%d" % (i, rev)}, collection=f"c{i:02d}")
+    seen, stop = _statements(local_store.registry.engine)
+    collections, versions = local_store.list_project("ent", "proj")
+    stop()
+    assert [c.name for c in collections] == [f"c{i:02d}" for i in range(12)]
+    assert [(v.collection, v.version) for v in versions][:3] == [("c00", "v0"), ("c00", "v1"), ("c01", "v0")]
+    assert len(versions) == 24 and len(seen) <= 10, seen
+    assert versions == [v for c in collections for v in local_store.list_versions("ent", "proj", c.name)]
+
+
+@pytest.mark.fuse
+@pytest.mark.timeout(180)
+def test_mount_lists_a_project_of_30_collections_in_one_request(registry: SharedRegistry, tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    from tests.mount_helpers import mounted, requires_fuse
+    from tests.util import commit_files
+
+    if requires_fuse.args and requires_fuse.args[0]:
+        pytest.skip(requires_fuse.kwargs.get("reason", "needs FUSE"))
+    team = registry.new_team("big")
+    _, key = registry.new_user("alice", teams=(team,))
+    store = make_store(registry.server.url, key)
+    for i in range(30):
+        commit_files(store, tmp_path, {"a": b"%d" % i}, entity=team, collection=f"c{i:02d}", aliases=("best",))
+    monkeypatch.setenv("ARTIFACTFS_API_KEY", key)
+    with mounted(registry.server.url, tmp_path) as m:  # type: ignore[arg-type]
+        before = _scrape(registry.server.url)
+        names = os.listdir(m.path / team / "proj")
+        after = _scrape(registry.server.url)
+    assert len(names) == 90 and "c07:best" in names and "c29:latest" in names
+
+    def calls(route: str) -> float:
+        labels = {"route": route, "method": "GET", "status": "200"}
+        return (_value(after, "artifactfs_http_requests_total", **labels)
+                - _value(before, "artifactfs_http_requests_total", **labels))
+
+    project = "/api/v1/entities/{entity}/projects/{project}"
+    assert calls(project + "/listing") == 1
+    assert calls(project + "/collections/{collection}/versions") == 0
+    assert calls(project + "/collections") == 0

@@ -255,6 +255,17 @@ class Registry:
             row = self._collection_row(c, entity, project, collection)
             return self._collection_records(c, [row], entity, project)[0]
 
+    def list_project(self, entity: str, project: str) -> tuple[list[CollectionRecord], list[VersionRecord]]:
+        """A project's collections and all their committed versions, in one read transaction and
+        a constant number of queries (what a mount lists as ``name:vN`` and ``name:alias``)."""
+        with self._read() as c:
+            pid = self._project_id(c, entity, project)
+            rows = c.execute(sa.select(t.collections).where(t.collections.c.project_id == pid)
+                             .order_by(t.collections.c.name)).all()
+            q = self._version_query().where(t.collections.c.project_id == pid, t.versions.c.state == "COMMITTED")
+            versions = self._records(c, c.execute(q.order_by(t.collections.c.name, t.versions.c.idx)).all())
+            return self._collection_records(c, rows, entity, project), versions
+
     def list_types(self, entity: str, project: str) -> list[str]:
         with self._read() as c:
             pid = self._project_id(c, entity, project)

@@ -311,6 +311,12 @@ class HttpStore:
     def list_versions(self, entity: str, project: str, collection: str) -> list[VersionRecord]:
         return [version_from_json(d) for d in self._get(f"{self._collection(entity, project, collection)}/versions")]
 
+    def list_project(self, entity: str, project: str) -> tuple[list[CollectionRecord], list[VersionRecord]]:
+        """One request for what a mount lists of a project (was one per collection)."""
+        out = self._get(f"{self._project(entity, project)}/listing")
+        return ([collection_from_json(d) for d in out["collections"]],
+                [version_from_json(d) for d in out["versions"]])
+
     def list_types(self, entity: str, project: str) -> list[str]:
         return self._get(f"{self._project(entity, project)}/types")
 
