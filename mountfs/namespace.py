@@ -370,13 +370,16 @@ class Namespace:
         def fetch() -> list[tuple[str, Kind, VersionRecord | None]]:
             out: list[tuple[str, Kind, VersionRecord | None]] = []
             try:
-                collections = self.store.list_collections(entity, project)
+                collections, all_versions = self.store.list_project(entity, project)  # one call
             except NotFoundError:  # a project that exists only as drafts (or a fresh mkdir)
                 if self.drafts is None:
                     raise
-                collections = []
+                collections, all_versions = [], []
+            by_collection: dict[str, dict[int, VersionRecord]] = {}
+            for v in all_versions:
+                by_collection.setdefault(v.collection, {})[v.index] = v
             for coll in collections:
-                versions = {v.index: v for v in self.store.list_versions(entity, project, coll.name)}
+                versions = by_collection.get(coll.name, {})
                 for idx in sorted(versions):
                     out.append((f"{coll.name}:v{idx}", Kind.VERSION_DIR, versions[idx]))
                 for alias, idx in sorted(coll.aliases.items()):

@@ -33,7 +33,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from pydantic import BaseModel, Field
 
 from client.blockmap import BlockHasher, wants_map
-from client.errors import (ArtifactFSError, DigestMismatchError, InvalidNameError, NotFoundError, StoreUnavailableError,
+from client.errors import (ArtifactFSError, AuthenticationError, DigestMismatchError, InvalidNameError, NotFoundError, StoreUnavailableError,
                            error_code)
 from client.hashing import is_md5_hex
 from client.names import validate_entity
@@ -41,6 +41,7 @@ from client.registry import LocalBlobBackend, Registry
 from client.store.base import CommitRequest, VersionRecord
 from client.store.http import record_to_json
 
+from . import observe
 from .auth import AuthDB, Principal, normalise_db_url
 from .blobs import MULTIPART_THRESHOLD, S3BlobBackend, open_backend
 
@@ -153,12 +154,16 @@ def periodic_gc(server: Server, interval: float, stop: threading.Event) -> None:
 
 
 def _error_response(exc: ArtifactFSError) -> JSONResponse:
+    observe.ERRORS.labels(error_code(exc)).inc()
     return JSONResponse({"error": {"code": error_code(exc), "message": str(exc)}}, status_code=exc.http_status)
 
 
 def create_app(server: Server | None = None) -> FastAPI:
     """The FastAPI app; without ``server`` it is configured from the environment (uvicorn workers)."""
     if server is None:
+        if not logging.getLogger().handlers:  # a uvicorn worker process: log as the parent was told to
+            logging.basicConfig(level=os.environ.get("ARTIFACTFS_LOG_LEVEL", "info").upper(),
+                                format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         server = Server(
             os.environ.get("ARTIFACTFS_SERVER_DB", "sqlite:///artifactfs-server.db"),
             os.environ.get("ARTIFACTFS_SERVER_BLOBS", "./artifactfs-blobs"),
@@ -184,6 +189,7 @@ def create_app(server: Server | None = None) -> FastAPI:
     app = FastAPI(title="artifactfs registry", version="1", lifespan=lifespan,
                   description="Versioned artifacts (entity/project/collection:vN) shared by many machines.")
     app.state.server = server
+    app.add_middleware(observe.ObservedApp)
     reg, auth = server.registry, server.auth
 
     @app.exception_handler(ArtifactFSError)
@@ -206,15 +212,40 @@ def create_app(server: Server | None = None) -> FastAPI:
         """The caller; from the auth cache on the event loop, else the database in a thread."""
         header = request.headers.get("authorization", "")
         key = header[7:].strip() if header.lower().startswith("bearer ") else None
-        return auth.cached(key) or await run_in_threadpool(auth.authenticate, key)
+        try:
+            p = auth.cached(key) or await run_in_threadpool(auth.authenticate, key)
+        except AuthenticationError as exc:
+            observe.AUTH_REFUSED.inc()
+            observe.audit("auth_refused", reason=str(exc), key_id=_public_key_id(key), route=request.url.path,
+                          client=request.client.host if request.client else None)
+            raise
+        request.state.user = p.user
+        return p
 
     def readable(p: Principal, versions: list[VersionRecord]) -> list[dict[str, Any]]:
         return [record_to_json(v) for v in versions if p.role_in(v.entity)]
 
     # -- health and identity -----------------------------------------------------------------
     @app.get("/healthz", tags=["meta"])
-    def healthz() -> dict[str, str]:
+    async def healthz() -> dict[str, str]:
+        """The process is alive and serving (touches nothing else: see /readyz)."""
         return {"status": "ok"}
+
+    @app.get("/readyz", tags=["meta"])
+    def readyz() -> JSONResponse:
+        """Ready for traffic: the database answers a query and the blob backend is reachable."""
+        checks = {"database": observe.check_database(reg.engine), "blobs": observe.check_blobs(server.blobs)}
+        ok = all(v is None for v in checks.values())
+        if not ok:
+            log.warning("not ready: %s", {k: v for k, v in checks.items() if v})
+        return JSONResponse({"status": "ready" if ok else "unavailable",
+                             **{k: v or "ok" for k, v in checks.items()}}, status_code=200 if ok else 503)
+
+    @app.get("/metrics", tags=["meta"])
+    def metrics() -> Response:
+        """Prometheus metrics (text exposition format)."""
+        body, content_type = observe.metrics_text()
+        return Response(body, media_type=content_type)
 
     @app.get("/api/v1/whoami", tags=["meta"])
     def whoami(p: Principal = Depends(principal)) -> dict[str, Any]:
@@ -247,6 +278,15 @@ def create_app(server: Server | None = None) -> FastAPI:
                          p: Principal = Depends(principal)) -> list[dict[str, Any]]:
         p.require(entity)
         return [record_to_json(c) for c in reg.list_collections(entity, project, type)]
+
+    @app.get("/api/v1/entities/{entity}/projects/{project}/listing", tags=["namespace"])
+    def list_project(entity: str, project: str, p: Principal = Depends(principal)) -> dict[str, Any]:
+        """The project's collections (with aliases) and all their committed versions: one call
+        for a mount's ``ls`` of a project, in a constant number of queries."""
+        p.require(entity)
+        collections, versions = reg.list_project(entity, project)
+        return {"collections": [record_to_json(c) for c in collections],
+                "versions": [record_to_json(v) for v in versions]}
 
     @app.get("/api/v1/entities/{entity}/projects/{project}/types", tags=["namespace"])
     def list_types(entity: str, project: str, p: Principal = Depends(principal)) -> list[str]:
@@ -285,6 +325,9 @@ def create_app(server: Server | None = None) -> FastAPI:
         p.require(body.entity, write=True)
         req = CommitRequest(**{**body.model_dump(), "aliases": tuple(body.aliases), "tags": tuple(body.tags)})
         version, created = reg.commit(req)
+        observe.COMMITS.labels(str(created).lower()).inc()
+        observe.audit("commit", user=p.user, entity=body.entity, version=version.qualified_name, id=version.id,
+                      created=created, manifest_md5=body.manifest_md5)
         return {"version": record_to_json(version), "created": created}
 
     @app.patch("/api/v1/versions/{version_id}", tags=["versions"])
@@ -297,8 +340,10 @@ def create_app(server: Server | None = None) -> FastAPI:
 
     @app.delete("/api/v1/versions/{version_id}", tags=["versions"], status_code=204)
     def delete_version(version_id: str, delete_aliases: bool = False, p: Principal = Depends(principal)) -> Response:
-        version_for(p, version_id, write=True)
+        rec = version_for(p, version_id, write=True)
         reg.delete_version(version_id, delete_aliases)
+        observe.audit("delete_version", user=p.user, entity=rec.entity, version=rec.qualified_name, id=version_id,
+                      delete_aliases=delete_aliases)
         return Response(status_code=204)
 
     @app.post("/api/v1/versions/{version_id}/link", tags=["versions"])
@@ -309,8 +354,9 @@ def create_app(server: Server | None = None) -> FastAPI:
 
     @app.post("/api/v1/versions/{version_id}/unlink", tags=["versions"], status_code=204)
     def unlink_version(version_id: str, p: Principal = Depends(principal)) -> Response:
-        version_for(p, version_id, write=True)
+        rec = version_for(p, version_id, write=True)
         reg.unlink_version(version_id)
+        observe.audit("unlink_version", user=p.user, entity=rec.entity, version=rec.qualified_name, id=version_id)
         return Response(status_code=204)
 
     @app.put("/api/v1/entities/{entity}/default-ttl", tags=["versions"], status_code=204)
@@ -327,7 +373,10 @@ def create_app(server: Server | None = None) -> FastAPI:
     @app.post("/api/v1/gc", tags=["versions"])
     def gc_expired(p: Principal = Depends(principal)) -> list[dict[str, Any]]:
         """Delete versions whose TTL ran out (any caller may trigger it: they are expired anyway)."""
-        return readable(p, reg.gc_expired())
+        gone = reg.gc_expired()
+        if gone:
+            observe.audit("gc_expired", user=p.user, deleted_versions=[v.qualified_name for v in gone])
+        return readable(p, gone)
 
     @app.get("/api/v1/versions/{version_id}/runs", tags=["lineage"])
     def runs_using(version_id: str, p: Principal = Depends(principal)) -> list[dict[str, Any]]:
@@ -357,7 +406,10 @@ def create_app(server: Server | None = None) -> FastAPI:
     def delete_run(entity: str, project: str, run_id: str, delete_artifacts: bool = False,
                    p: Principal = Depends(principal)) -> list[dict[str, Any]]:
         p.require(entity, write=True)
-        return [record_to_json(v) for v in reg.delete_run(entity, project, run_id, delete_artifacts)]
+        gone = reg.delete_run(entity, project, run_id, delete_artifacts)
+        observe.audit("delete_run", user=p.user, entity=entity, project=project, run_id=run_id,
+                      deleted_versions=[v.qualified_name for v in gone])
+        return [record_to_json(v) for v in gone]
 
     @app.post(runs_path + "/{run_id}/finish", tags=["lineage"], status_code=204)
     def finish_run(entity: str, project: str, run_id: str, body: FinishBody,
@@ -393,10 +445,12 @@ def create_app(server: Server | None = None) -> FastAPI:
 
     def signed(op: str, entity: str, md5: str) -> str:
         expires = int(time.time()) + server.url_ttl
+        observe.SIGNED_URLS.labels(op).inc()
         return f"/blobdata/{entity}/{md5}?op={op}&expires={expires}&sig={auth.sign(op, entity, md5, expires)}"
 
     def single_put_plan(entity: str, md5: str) -> dict[str, Any]:
         if isinstance(server.blobs, S3BlobBackend):
+            observe.SIGNED_URLS.labels("put").inc()
             return server.blobs.plan_upload(entity, md5, 0, server.url_ttl)
         # The server's own URL verifies and registers while it receives: no /complete needed.
         return {"method": "put", "url": signed("put", entity, md5), "headers": {}, "complete": False}
@@ -420,7 +474,9 @@ def create_app(server: Server | None = None) -> FastAPI:
         blob_key(p, entity, md5, write=True)
         if not reg.missing_blobs(entity, [md5], check_files=True):
             return {"method": "exists"}
+        observe.SIGNED_BYTES.inc(body.size)
         if isinstance(server.blobs, S3BlobBackend):
+            observe.SIGNED_URLS.labels("put").inc(max(1, len(body.part_md5s or ())))
             return server.blobs.plan_upload(entity, md5, body.size, server.url_ttl, body.part_md5s)
         return single_put_plan(entity, md5)
 
@@ -450,6 +506,7 @@ def create_app(server: Server | None = None) -> FastAPI:
 
     def url_for(entity: str, md5: str) -> str:
         if isinstance(server.blobs, S3BlobBackend):
+            observe.SIGNED_URLS.labels("get").inc()
             return server.blobs.presign_get(entity, md5, server.url_ttl)
         return signed("get", entity, md5)
 
@@ -503,6 +560,14 @@ def create_app(server: Server | None = None) -> FastAPI:
         return Response(status_code=204)
 
     return app
+
+
+def _public_key_id(key: str | None) -> str | None:
+    """The id part of an ``afs_<id>_<secret>`` key (public, like an AWS access key id); never the secret."""
+    if not key:
+        return None
+    parts = key.split("_")
+    return parts[1][:16] if len(parts) >= 3 and parts[0] == "afs" else "malformed"
 
 
 class _BodyReader:

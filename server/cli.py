@@ -31,23 +31,40 @@ DEFAULT_DB = "sqlite:///artifactfs-server.db"
 @click.option("--url-ttl", default=300, show_default=True, type=int, help="lifetime of blob URLs, seconds")
 @click.option("--gc-interval", default=3600.0, show_default=True, type=float, envvar="ARTIFACTFS_GC_INTERVAL",
               help="seconds between sweeps deleting versions whose TTL ran out (0: never)")
+@click.option("--tls-cert", type=click.Path(exists=True, dir_okay=False), envvar="ARTIFACTFS_TLS_CERT",
+              help="serve HTTPS with this PEM certificate (chain); with --tls-key")
+@click.option("--tls-key", type=click.Path(exists=True, dir_okay=False), envvar="ARTIFACTFS_TLS_KEY",
+              help="the PEM private key of --tls-cert")
 @click.option("--log-level", default="info", show_default=True)
 def server_command(db_url: str, blobs_url: str, s3_endpoint_url: str | None, host: str, port: int, workers: int,
-                   url_ttl: int, gc_interval: float, log_level: str) -> None:
-    """Run the registry server (HTTP API; OpenAPI at /openapi.json)."""
+                   url_ttl: int, gc_interval: float, tls_cert: str | None, tls_key: str | None, log_level: str) -> None:
+    """Run the registry server (HTTP API; OpenAPI at /openapi.json).
+
+    HTTPS: give --tls-cert and --tls-key (uvicorn's own TLS), or put a reverse proxy that
+    terminates TLS in front of a server listening on 127.0.0.1 (see docs/ARCHITECTURE.md).
+    """
+    if bool(tls_cert) != bool(tls_key):
+        raise click.UsageError("give both --tls-cert and --tls-key (or neither)")
     os.environ["ARTIFACTFS_GC_INTERVAL"] = str(gc_interval)
     os.environ["ARTIFACTFS_SERVER_DB"] = db_url
     os.environ["ARTIFACTFS_SERVER_BLOBS"] = blobs_url
     os.environ["ARTIFACTFS_URL_TTL"] = str(url_ttl)
+    os.environ["ARTIFACTFS_LOG_LEVEL"] = log_level
     if s3_endpoint_url:
         os.environ["ARTIFACTFS_S3_ENDPOINT_URL"] = s3_endpoint_url
+    if workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        # Each worker writes its metrics there; /metrics on any worker sums them all.
+        import tempfile
+
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="artifactfs-metrics-")
     # Fail fast on a bad --db/--blobs before uvicorn forks workers.
     from .app import Server
 
     Server(db_url, blobs_url, s3_endpoint_url, url_ttl).close()
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = TcpConfig("server.app:create_app", factory=True, host=host, port=port, workers=workers,
-                        log_level=log_level, access_log=log_level == "debug", timeout_keep_alive=30)
+                        log_level=log_level, access_log=False, timeout_keep_alive=30,
+                        ssl_certfile=tls_cert, ssl_keyfile=tls_key)
     server = uvicorn.Server(config)
     if workers > 1:
         from uvicorn.supervisors import Multiprocess

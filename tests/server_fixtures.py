@@ -40,7 +40,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_for_http(url: str, proc: subprocess.Popen[bytes] | None, log: Path | None, timeout: float = 30.0) -> None:
+def wait_for_http(url: str, proc: subprocess.Popen[bytes] | None, log: Path | None, timeout: float = 30.0,
+                  verify: str | bool = True) -> None:
     """Poll ``url`` until it answers; fail fast (with the log) if the process died."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -48,7 +49,7 @@ def wait_for_http(url: str, proc: subprocess.Popen[bytes] | None, log: Path | No
             text = log.read_text(errors="replace")[-3000:] if log and log.exists() else ""
             raise RuntimeError(f"process for {url} exited with {proc.returncode}:\n{text}")
         try:
-            requests.get(url, timeout=1)
+            requests.get(url, timeout=1, verify=verify)
             return
         except requests.RequestException:
             time.sleep(0.05)
@@ -266,6 +267,46 @@ class CuttingProxy:
         self._sock.close()
 
 
+# -- TLS ------------------------------------------------------------------------------------------
+def make_tls_files(tmp: Path, host_ip: str = "127.0.0.1") -> tuple[Path, Path, Path]:
+    """A throwaway CA and a server certificate it signed for ``host_ip``: (cert, key, ca)."""
+    import datetime as dt
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = dt.datetime.now(dt.timezone.utc)
+
+    def build(subject: str, issuer: x509.Name | None, issuer_key: Any, pub: Any, ca: bool) -> x509.Certificate:
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)])
+        b = (x509.CertificateBuilder().subject_name(name).issuer_name(issuer or name).public_key(pub)
+             .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(minutes=5))
+             .not_valid_after(now + dt.timedelta(days=1))
+             .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+        if ca:
+            b = b.add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
+                                              content_commitment=False, key_encipherment=False,
+                                              data_encipherment=False, key_agreement=False,
+                                              encipher_only=False, decipher_only=False), critical=True)
+        else:
+            b = b.add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(host_ip))]),
+                                critical=False)
+        return b.sign(issuer_key, hashes.SHA256())
+
+    ca_key, srv_key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca_cert = build("artifactfs test CA", None, ca_key, ca_key.public_key(), True)
+    srv_cert = build(host_ip, ca_cert.subject, ca_key, srv_key.public_key(), False)
+    pem = serialization.Encoding.PEM
+    cert, key, ca = tmp / "server.pem", tmp / "server.key", tmp / "ca.pem"
+    cert.write_bytes(srv_cert.public_bytes(pem))
+    key.write_bytes(srv_key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    ca.write_bytes(ca_cert.public_bytes(pem))
+    return cert, key, ca
+
+
 # -- registry servers ---------------------------------------------------------------------------
 @dataclass
 class RegistryServer:
@@ -303,7 +344,8 @@ class ServerFactory:
         return self._auth
 
     def start(self, *, workers: int = 1, s3_endpoint: str | None = None, port: int | None = None,
-              env: dict[str, str] | None = None) -> RegistryServer:
+              env: dict[str, str] | None = None, tls: tuple[Path, Path, Path] | None = None) -> RegistryServer:
+        """``tls``: (certificate, key, CA that signed it): serve https on 127.0.0.1."""
         port = port or free_port()
         log = self.tmp / f"server-{port}.log"
         endpoint = s3_endpoint or self.s3_endpoint
@@ -312,10 +354,12 @@ class ServerFactory:
                "--url-ttl", str(self.url_ttl), "--log-level", "warning"]
         if endpoint:
             cmd += ["--s3-endpoint-url", endpoint]
+        if tls:
+            cmd += ["--tls-cert", str(tls[0]), "--tls-key", str(tls[1])]
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=open(log, "wb"), stderr=subprocess.STDOUT,
                                 env={**os.environ, **S3_ENV, **(env or {}), "PYTHONPATH": str(ROOT)})
-        url = f"http://127.0.0.1:{port}"
-        wait_for_http(url + "/healthz", proc, log)
+        url = f"{'https' if tls else 'http'}://127.0.0.1:{port}"
+        wait_for_http(url + "/healthz", proc, log, verify=str(tls[2]) if tls else True)
         srv = RegistryServer(url, self.db_url, self.blobs_url, proc, log, endpoint)
         self.servers.append(srv)
         return srv

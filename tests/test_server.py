@@ -96,7 +96,7 @@ def test_missing_bad_and_revoked_keys_and_viewers(registry: SharedRegistry, tmp_
     runner = CliRunner()
     out = runner.invoke(admin_command, ["--db", registry.factory.db_url, "create-key", owner])
     assert out.exit_code == 0, out.output
-    fresh = out.stdout.strip()
+    fresh = out.stdout.strip()  # the key alone; "shown once" goes to stderr
     key_id = fresh.split("_")[1]
     assert runner.invoke(admin_command, ["--db", registry.factory.db_url, "revoke-key", key_id]).exit_code == 0
     with pytest.raises(AuthenticationError):

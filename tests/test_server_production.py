@@ -211,3 +211,346 @@ def test_admin_commands_print_a_key_once_and_say_so(registry: SharedRegistry) ->
     res = runner.invoke(main, ["admin", "--db", registry.factory.db_url, "create-key", "carol-once"],
                         catch_exceptions=False)
     assert res.exit_code == 0 and "shown once" in res.stderr and res.stdout.strip().startswith("afs_")
+
+
+# -- item 2: TLS ---------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tls_server(registry: SharedRegistry, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    from tests.server_fixtures import make_tls_files
+
+    files = make_tls_files(tmp_path_factory.mktemp("tls"))
+    srv = registry.factory.start(tls=files, env={"ARTIFACTFS_S3_MULTIPART_THRESHOLD": str(6 << 20)})
+    yield srv, files[2]
+    srv.stop()
+
+
+def test_https_server_with_its_own_tls_and_a_client_that_verifies(
+        registry: SharedRegistry, tls_server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    from client.errors import StoreUnavailableError
+    from client.store import open_store
+    from tests.util import commit_files
+
+    srv, ca = tls_server
+    assert srv.url.startswith("https://")
+    team = registry.new_team("sec")
+    _, key = registry.new_user("alice", teams=(team,))
+
+    # no CA bundle: the test CA is not in the system store: refused at once, with what to do
+    with pytest.raises(StoreUnavailableError) as info:
+        open_store(srv.url, key).whoami()  # type: ignore[attr-defined]
+    assert "ARTIFACTFS_CA_BUNDLE" in str(info.value) and "attempts" not in str(info.value)
+    # https to a server without TLS
+    with pytest.raises(StoreUnavailableError) as info:
+        open_store(registry.server.url.replace("http://", "https://"), key).whoami()  # type: ignore[attr-defined]
+    assert "does not speak TLS" in str(info.value)
+
+    monkeypatch.setenv("ARTIFACTFS_CA_BUNDLE", str(ca))
+    store = open_store(srv.url, key)
+    files = {"a.bin": os.urandom(70_000), "__init__.py": b""}
+    v0, created = commit_files(store, tmp_path, files, entity=team)
+    assert created
+    out = tmp_path / "out"
+    for name, data in files.items():
+        md5 = md5_bytes(data)
+        store.download_blob(team, md5, out)
+        assert out.read_bytes() == data
+
+    # the README's steps over https: login, whoami, get
+    for var in ("ARTIFACTFS_STORE", "ARTIFACTFS_ENTITY"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("ARTIFACTFS_CACHE_DIR", str(tmp_path / "cache"))
+    code, out_text, err = _cli("login", srv.url, "--key", key)
+    assert code == 0, err
+    code, out_text, err = _cli("get", "proj/ds", str(tmp_path / "got"))
+    assert code == 0, err
+    assert (tmp_path / "got" / "a.bin").read_bytes() == files["a.bin"]
+    from client import run as run_mod
+
+    run_mod._reset_for_tests()
+
+
+@pytest.mark.fuse
+@pytest.mark.timeout(180)
+def test_mount_over_https_with_a_ca_bundle(registry: SharedRegistry, tls_server, tmp_path: Path,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    from tests.mount_helpers import mounted, requires_fuse
+    from tests.util import commit_files
+
+    if requires_fuse.args and requires_fuse.args[0]:
+        pytest.skip(requires_fuse.kwargs.get("reason", "needs FUSE"))
+    srv, ca = tls_server
+    team = registry.new_team("sec")
+    _, key = registry.new_user("alice", teams=(team,))
+    commit_files(make_store(registry.server.url, key), tmp_path, {"w.bin": b"weights" * 1000}, entity=team)
+    monkeypatch.setenv("ARTIFACTFS_API_KEY", key)
+    monkeypatch.setenv("ARTIFACTFS_CA_BUNDLE", str(ca))
+    with mounted(srv.url, tmp_path) as m:  # type: ignore[arg-type]
+        assert (m.path / team / "proj" / "ds:latest" / "w.bin").read_bytes() == b"weights" * 1000
+
+
+# -- item 5: health, readiness, metrics, access and audit logs ------------------------------------
+def _scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    import requests
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+    for family in text_string_to_metric_families(requests.get(url + "/metrics", timeout=10).text):
+        for sample in family.samples:
+            out[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return out
+
+
+def _value(samples: dict, name: str, **labels: str) -> float:  # type: ignore[type-arg]
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def test_metrics_count_requests_by_route_commits_and_refusals(registry: SharedRegistry, tmp_path: Path) -> None:
+    import requests
+
+    from client.errors import AuthenticationError
+    from tests.util import commit_files
+
+    url = registry.server.url
+    user, key = registry.new_user("metric")
+    store = make_store(url, key)
+    before = _scrape(url)
+    for _ in range(3):
+        store.whoami()
+    with pytest.raises(AuthenticationError):
+        make_store(url, "afs_0badc0de_notakey").whoami()
+    with pytest.raises(NotFoundError):
+        store.get_version("no-such-version")
+    commit_files(store, tmp_path, {"a.bin": b"a" * 1000}, entity=user)
+    after = _scrape(url)
+
+    def delta(name: str, **labels: str) -> float:
+        return _value(after, name, **labels) - _value(before, name, **labels)
+
+    assert delta("artifactfs_http_requests_total", route="/api/v1/whoami", method="GET", status="200") == 3
+    assert delta("artifactfs_http_requests_total", route="/api/v1/whoami", method="GET", status="401") == 1
+    assert delta("artifactfs_http_requests_total", route="/api/v1/versions/{version_id}", method="GET",
+                 status="404") == 1
+    assert delta("artifactfs_http_request_duration_seconds_count", route="/api/v1/whoami", method="GET") == 4
+    assert delta("artifactfs_commits_total", created="true") == 1
+    assert delta("artifactfs_auth_refused_total") == 1
+    assert delta("artifactfs_errors_total", code="NotFoundError") == 1
+    assert delta("artifactfs_signed_urls_total", op="put") == 2  # the file and the manifest
+    # probes answer without a key
+    assert requests.get(url + "/healthz", timeout=5).json() == {"status": "ok"}
+    ready = requests.get(url + "/readyz", timeout=5)
+    assert ready.status_code == 200 and ready.json() == {"status": "ready", "database": "ok", "blobs": "ok"}
+
+
+def test_metrics_of_a_multi_worker_server_sum_its_workers(registry: SharedRegistry) -> None:
+    _, key = registry.new_user("mw")
+    url = registry.second.url  # two worker processes
+    before = _scrape(url)
+    stores = [make_store(url, key) for _ in range(8)]  # separate connections: both workers answer
+    for store in stores:
+        for _ in range(5):
+            store.whoami()
+    after = _scrape(url)
+    labels = {"route": "/api/v1/whoami", "method": "GET", "status": "200"}
+    assert _value(after, "artifactfs_http_requests_total", **labels) - \
+        _value(before, "artifactfs_http_requests_total", **labels) == 40
+
+
+@pytest.mark.parametrize("backend", ["sqlite-local", "postgres-s3"])
+def test_readyz_fails_while_the_blob_backend_or_database_is_down(backend: str, request: pytest.FixtureRequest,
+                                                                tmp_path: Path) -> None:
+    import requests
+
+    from tests.server_fixtures import new_factory, start_inprocess_server, start_moto, stop_process
+
+    moto = None
+    if backend == "sqlite-local":
+        factory = new_factory(backend, request, tmp_path)
+        blobs = factory.blobs_url
+    else:
+        pg = request.getfixturevalue("postgres")
+        moto = start_moto(tmp_path)  # our own S3, so this test may stop it
+        factory = new_factory("sqlite-local", request, tmp_path)
+        factory.db_url, blobs = pg.new_database(), f"s3://{moto.new_bucket()}/blobs"
+    srv = start_inprocess_server(factory.db_url, blobs, moto.url if moto else None)
+    try:
+        ok = requests.get(srv.url + "/readyz", timeout=30)
+        assert ok.status_code == 200, ok.text
+        if moto is None:
+            os.rename(blobs, blobs + ".away")  # the blob directory vanished (an unmounted volume)
+        else:
+            stop_process(moto.proc)
+        down = requests.get(srv.url + "/readyz", timeout=60)
+        assert down.status_code == 503
+        assert down.json()["status"] == "unavailable" and down.json()["blobs"] != "ok"
+        assert down.json()["database"] == "ok"
+        assert requests.get(srv.url + "/healthz", timeout=5).status_code == 200  # alive all the same
+        if moto is None:
+            os.rename(blobs + ".away", blobs)
+            assert requests.get(srv.url + "/readyz", timeout=30).status_code == 200
+        else:  # and the database gone too
+            import psycopg
+
+            name = factory.db_url.split("@/")[1].split("?")[0]
+            with psycopg.connect(host=str(pg.sockdir), user="postgres", dbname="postgres", autocommit=True) as c:
+                c.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+            both = requests.get(srv.url + "/readyz", timeout=60)
+            assert both.status_code == 503 and both.json()["database"] != "ok"
+    finally:
+        srv.stop()
+        if moto is not None:
+            stop_process(moto.proc)
+
+
+def test_access_and_audit_logs_name_who_did_what_without_secrets(tmp_path: Path,
+                                                                  caplog: pytest.LogCaptureFixture) -> None:
+    import json
+    import logging
+
+    from client.errors import AuthenticationError
+    from tests.server_fixtures import start_inprocess_server
+    from tests.util import commit_files
+
+    srv = start_inprocess_server(f"sqlite:///{tmp_path / 'r.db'}", str(tmp_path / "blobs"))
+    caplog.set_level(logging.INFO, logger="artifactfs")
+    try:
+        key = srv.user("auditor")
+        store = make_store(srv.url, key)
+        v0, _ = commit_files(store, tmp_path, {"a.bin": b"payload" * 100}, entity="auditor")
+        store.download_blob("auditor", md5_bytes(b"payload" * 100), tmp_path / "out")
+        with pytest.raises(AuthenticationError):
+            make_store(srv.url, "afs_feedf00d_topsecretpart").whoami()
+        store.delete_version(v0.id)
+    finally:
+        srv.stop()
+    access = [json.loads(r.getMessage()) for r in caplog.records if r.name == "artifactfs.access"]
+    audit = [json.loads(r.getMessage()) for r in caplog.records if r.name == "artifactfs.audit"]
+    everything = "\n".join(r.getMessage() for r in caplog.records)
+    assert key.split("_")[2] not in everything and "topsecretpart" not in everything
+    assert "sig=" not in everything and "expires=" not in everything
+    commit_line = [a for a in access if a["route"] == "/api/v1/commit"][0]
+    assert commit_line["user"] == "auditor" and commit_line["status"] == 200 and commit_line["ms"] >= 0
+    assert any(a["route"] == "/blobdata/{entity}/{md5}" and a["method"] == "PUT" and a["entity"] == "auditor"
+               for a in access)
+    assert any(a["status"] == 401 and a["user"] is None for a in access)
+    events = {a["event"]: a for a in audit}
+    assert events["auth_refused"]["key_id"] == "feedf00d"
+    assert events["commit"]["user"] == "auditor" and events["commit"]["version"] == "auditor/proj/ds:v0"
+    assert events["delete_version"]["id"] == v0.id and events["delete_version"]["user"] == "auditor"
+
+
+# -- item 6: listings in a constant number of queries, indexes, the write lock --------------------
+def _statements(engine):  # type: ignore[no-untyped-def]
+    import sqlalchemy as sa
+
+    seen: list[str] = []
+
+    def record(conn, cursor, statement, *args):  # type: ignore[no-untyped-def]
+        seen.append(statement)
+
+    sa.event.listen(engine, "before_cursor_execute", record)
+    return seen, lambda: sa.event.remove(engine, "before_cursor_execute", record)
+
+
+def test_listing_collections_costs_the_same_queries_for_3_or_40_collections(local_store, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from tests.util import commit_files
+
+    for i in range(40):
+        commit_files(local_store, tmp_path, {"a": b"%d" % i}, collection=f"c{i:02d}", aliases=("best",))
+        commit_files(local_store, tmp_path, {"a": b"x%d" % i}, collection=f"c{i:02d}", tags=("t",))
+        if i == 2:
+            seen, stop = _statements(local_store.registry.engine)
+            three = local_store.list_collections("ent", "proj")
+            stop()
+            queries_for_3 = len(seen)
+    seen, stop = _statements(local_store.registry.engine)
+    forty = local_store.list_collections("ent", "proj")
+    stop()
+    assert len(forty) == 40 and len(three) == 3
+    assert forty[5].aliases == {"best": 0, "latest": 1} and forty[5].version_count == 2
+    assert len(seen) == queries_for_3 <= 8, seen
+
+
+def test_commit_checks_blobs_outside_the_write_transaction(local_store, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from tests.util import commit_files
+
+    commit_files(local_store, tmp_path, {"a": b"1"})
+    seen, stop = _statements(local_store.registry.engine)
+    commit_files(local_store, tmp_path, {f"f{i}": b"%d" % i for i in range(20)})
+    stop()
+    begin = [i for i, s in enumerate(seen) if s.startswith("BEGIN IMMEDIATE")]
+    assert begin, seen
+    in_commit_tx = seen[begin[-1]:]  # the commit's write transaction is the last one
+    assert any("INSERT INTO versions" in s for s in in_commit_tx)
+    assert not any("FROM blobs" in s for s in in_commit_tx), in_commit_tx
+
+
+def test_indexes_on_versions_run_pk_and_usages_version_id_also_on_an_existing_database(tmp_path: Path) -> None:
+    import sqlalchemy as sa
+
+    from client.registry import LocalBlobBackend, Registry
+
+    url = f"sqlite:///{tmp_path / 'r.db'}"
+    reg = Registry(url, LocalBlobBackend(tmp_path / "blobs"))
+
+    def indexes() -> set[str]:
+        insp = sa.inspect(reg.engine)
+        return {i["name"] for table in ("versions", "usages") for i in insp.get_indexes(table)}
+
+    assert {"versions_by_run", "usages_by_version"} <= indexes()
+    with reg.engine.begin() as c:  # a database made before these indexes existed
+        c.exec_driver_sql("DROP INDEX versions_by_run")
+        c.exec_driver_sql("DROP INDEX usages_by_version")
+    reg.close()
+    reg = Registry(url, LocalBlobBackend(tmp_path / "blobs"))
+    assert {"versions_by_run", "usages_by_version"} <= indexes()
+    plan = " ".join(str(r) for r in reg.engine.connect().exec_driver_sql(
+        "EXPLAIN QUERY PLAN SELECT run_pk FROM usages WHERE version_id = 'x'"))
+    assert "usages_by_version" in plan
+    reg.close()
+
+
+def test_project_listing_is_one_request_and_constant_queries(local_store, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from tests.util import commit_files
+
+    for i in range(12):
+        for rev in range(2):
+            commit_files(local_store, tmp_path, {"a": b"%d-%d" % (i, rev)}, collection=f"c{i:02d}")
+    seen, stop = _statements(local_store.registry.engine)
+    collections, versions = local_store.list_project("ent", "proj")
+    stop()
+    assert [c.name for c in collections] == [f"c{i:02d}" for i in range(12)]
+    assert [(v.collection, v.version) for v in versions][:3] == [("c00", "v0"), ("c00", "v1"), ("c01", "v0")]
+    assert len(versions) == 24 and len(seen) <= 10, seen
+    assert versions == [v for c in collections for v in local_store.list_versions("ent", "proj", c.name)]
+
+
+@pytest.mark.fuse
+@pytest.mark.timeout(180)
+def test_mount_lists_a_project_of_30_collections_in_one_request(registry: SharedRegistry, tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    from tests.mount_helpers import mounted, requires_fuse
+    from tests.util import commit_files
+
+    if requires_fuse.args and requires_fuse.args[0]:
+        pytest.skip(requires_fuse.kwargs.get("reason", "needs FUSE"))
+    team = registry.new_team("big")
+    _, key = registry.new_user("alice", teams=(team,))
+    store = make_store(registry.server.url, key)
+    for i in range(30):
+        commit_files(store, tmp_path, {"a": b"%d" % i}, entity=team, collection=f"c{i:02d}", aliases=("best",))
+    monkeypatch.setenv("ARTIFACTFS_API_KEY", key)
+    with mounted(registry.server.url, tmp_path) as m:  # type: ignore[arg-type]
+        before = _scrape(registry.server.url)
+        names = os.listdir(m.path / team / "proj")
+        after = _scrape(registry.server.url)
+    assert len(names) == 90 and "c07:best" in names and "c29:latest" in names
+
+    def calls(route: str) -> float:
+        labels = {"route": route, "method": "GET", "status": "200"}
+        return (_value(after, "artifactfs_http_requests_total", **labels)
+                - _value(before, "artifactfs_http_requests_total", **labels))
+
+    project = "/api/v1/entities/{entity}/projects/{project}"
+    assert calls(project + "/listing") == 1
+    assert calls(project + "/collections/{collection}/versions") == 0
+    assert calls(project + "/collections") == 0

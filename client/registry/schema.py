@@ -85,6 +85,8 @@ versions = sa.Table(
     sa.UniqueConstraint("collection_id", "idx"),
 )
 sa.Index("versions_by_source", versions.c.source_id)
+#: runs -> versions they logged (versions_logged_by, delete_run, ON DELETE SET NULL)
+versions_by_run = sa.Index("versions_by_run", versions.c.run_pk)
 
 aliases = sa.Table(
     "aliases", metadata,
@@ -106,6 +108,11 @@ usages = sa.Table(
     sa.Column("version_id", sa.String(32), sa.ForeignKey("versions.id", ondelete="CASCADE"), primary_key=True),
     sa.Column("use_as", sa.String(128), nullable=True),
 )
+#: versions -> runs using them (runs_using, ON DELETE CASCADE from versions)
+usages_by_version = sa.Index("usages_by_version", usages.c.version_id)
+
+#: indexes added after the first release: also created on databases whose tables exist
+ADDED_INDEXES = (versions_by_run, usages_by_version)
 
 blobs = sa.Table(
     "blobs", metadata,

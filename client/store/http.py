@@ -25,6 +25,7 @@ import functools
 import logging
 import os
 import random
+import ssl
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -186,6 +187,40 @@ def _content_range(header: str) -> tuple[int, int, int]:
         raise TransientHTTPError(f"ranged response without a usable Content-Range: {header!r}") from None
 
 
+def trusted_cas(ca_bundle: str | None = None) -> str | bool:
+    """What https connections verify certificates against: ``ca_bundle`` or ARTIFACTFS_CA_BUNDLE
+    (a PEM file or a c_rehash'd directory), else the operating system's CA store, else
+    requests' own (certifi).  Never "no verification"."""
+    chosen = ca_bundle or settings_ca_bundle()
+    if chosen:
+        if not os.path.exists(chosen):
+            raise StoreUnavailableError(f"ARTIFACTFS_CA_BUNDLE {chosen!r} does not exist")
+        return chosen
+    paths = ssl.get_default_verify_paths()
+    for candidate in (paths.cafile, paths.openssl_cafile):
+        if candidate and os.path.isfile(candidate):
+            return candidate
+    return True
+
+
+def settings_ca_bundle() -> str | None:
+    from .. import settings
+
+    return settings.ca_bundle()
+
+
+def _tls_error(base: str, exc: requests.exceptions.SSLError) -> StoreUnavailableError:
+    """A TLS failure is not worth retrying: the certificate or the scheme is wrong."""
+    text = str(exc)
+    if "WRONG_VERSION_NUMBER" in text or "wrong version number" in text:
+        hint = "the server does not speak TLS there: use http://, or start it with --tls-cert/--tls-key"
+    elif "CERTIFICATE_VERIFY_FAILED" in text:
+        hint = "its certificate is not trusted: set ARTIFACTFS_CA_BUNDLE to the PEM file of the CA that signed it"
+    else:
+        hint = "check the URL and the server's certificate"
+    return StoreUnavailableError(f"TLS connection to {base} failed ({hint}): {text}")
+
+
 def _q(segment: str) -> str:
     return quote(segment, safe="")
 
@@ -195,7 +230,7 @@ class HttpStore:
 
     def __init__(self, url: str, api_key: str | None = None, *, timeout: float = 60.0,
                  connect_timeout: float = 5.0, attempts: int = 6, backoff: float = 0.1,
-                 pool_size: int = 64) -> None:
+                 pool_size: int = 64, ca_bundle: str | None = None) -> None:
         self.base = url.rstrip("/")
         self.location = self.base
         self.api_key = api_key
@@ -203,6 +238,10 @@ class HttpStore:
         self.attempts = max(1, attempts)
         self.backoff = backoff
         self.session = requests.Session()
+        self.session.verify = trusted_cas(ca_bundle)
+        #: given per request, so ARTIFACTFS_CA_BUNDLE wins over REQUESTS_CA_BUNDLE (which requests
+        #: lets override the session's setting); None leaves REQUESTS_CA_BUNDLE, then the system store
+        self._verify = self.session.verify if (ca_bundle or settings_ca_bundle()) else None
         adapter = requests.adapters.HTTPAdapter(pool_connections=16, pool_maxsize=pool_size, max_retries=0)
         self.session.mount("http://", adapter)
         self.session.mount("https://", adapter)
@@ -221,7 +260,10 @@ class HttpStore:
     def _send(self, method: str, path: str, *, idempotent: bool, **kwargs: Any) -> requests.Response:
         url = path if path.startswith("http") else self.base + path
         try:
-            resp = self.session.request(method, url, headers=self._headers(), timeout=self.timeout, **kwargs)
+            resp = self.session.request(method, url, headers=self._headers(), timeout=self.timeout,
+                                        verify=self._verify, **kwargs)
+        except requests.exceptions.SSLError as exc:
+            raise _tls_error(self.base, exc) from exc
         except requests.RequestException as exc:
             if idempotent or not _never_sent(exc):
                 if idempotent:
@@ -270,6 +312,12 @@ class HttpStore:
 
     def list_versions(self, entity: str, project: str, collection: str) -> list[VersionRecord]:
         return [version_from_json(d) for d in self._get(f"{self._collection(entity, project, collection)}/versions")]
+
+    def list_project(self, entity: str, project: str) -> tuple[list[CollectionRecord], list[VersionRecord]]:
+        """One request for what a mount lists of a project (was one per collection)."""
+        out = self._get(f"{self._project(entity, project)}/listing")
+        return ([collection_from_json(d) for d in out["collections"]],
+                [version_from_json(d) for d in out["versions"]])
 
     def list_types(self, entity: str, project: str) -> list[str]:
         return self._get(f"{self._project(entity, project)}/types")
@@ -460,7 +508,7 @@ class HttpStore:
             # Content-Length: 0, which leaves the server waiting for a body: send no body at all.
             body = b""
         # No Authorization header: presigned URLs carry their own credentials.
-        resp = self.session.put(url, data=body, headers=headers, timeout=self.timeout)
+        resp = self.session.put(url, data=body, headers=headers, timeout=self.timeout, verify=self._verify)
         _raise_for(resp)
         return resp
 
@@ -541,7 +589,7 @@ class HttpStore:
             url, size = self._download_url(entity, md5_hex, refresh=refresh)
             if size is not None and start >= size:
                 return b"", size
-            resp = self.session.get(url, headers={"Range": rng}, timeout=self.timeout)
+            resp = self.session.get(url, headers={"Range": rng}, timeout=self.timeout, verify=self._verify)
             if resp.status_code == 403 and not refresh:
                 continue  # most likely an expired URL: ask the server for a fresh one
             if resp.status_code == 416:

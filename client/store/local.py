@@ -52,6 +52,9 @@ class LocalStore:
     def get_collection(self, entity: str, project: str, collection: str) -> CollectionRecord:
         return self.registry.get_collection(entity, project, collection)
 
+    def list_project(self, entity: str, project: str) -> tuple[list[CollectionRecord], list[VersionRecord]]:
+        return self.registry.list_project(entity, project)
+
     def list_versions(self, entity: str, project: str, collection: str) -> list[VersionRecord]:
         return self.registry.list_versions(entity, project, collection)
 
