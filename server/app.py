@@ -42,6 +42,7 @@ from client.store.http import record_to_json
 from . import observe
 from .auth import AuthDB, Principal, normalise_db_url
 from .blobs import MULTIPART_THRESHOLD, S3BlobBackend, open_backend
+from .registrar import BlobRegistrar
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +130,7 @@ class Server:
             self.blobs.ensure_bucket()
         self.registry = Registry(normalise_db_url(db_url), self.blobs)
         self.auth = AuthDB(self.registry.engine)
+        self.registrar = BlobRegistrar(self.registry)
         self.url_ttl = url_ttl
 
     def close(self) -> None:
@@ -485,7 +487,7 @@ def create_app(server: Server | None = None) -> FastAPI:
         if isinstance(server.blobs, S3BlobBackend):
             if reg.missing_blobs(entity, [md5]) or body.upload:
                 server.blobs.complete_upload(entity, md5, body.size, body.upload, body.etags)
-                reg.register_blob(entity, md5, body.size)
+                server.registrar.register(entity, md5, body.size)
         elif reg.missing_blobs(entity, [md5]):
             raise DigestMismatchError(f"blob {md5} was not uploaded (or did not match its md5); upload it again")
         return Response(status_code=204)
@@ -539,7 +541,7 @@ def create_app(server: Server | None = None) -> FastAPI:
         backend = check_signed("put", entity, md5, expires, sig)
         validate_entity(entity)
         size = backend.put_stream(entity, md5, _BodyReader(request))
-        reg.register_blob(entity, md5, size)
+        server.registrar.register(entity, md5, size)
         return Response(status_code=204)
 
     return app
