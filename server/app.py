@@ -44,6 +44,7 @@ from client.store.http import record_to_json
 from . import observe
 from .auth import AuthDB, Principal, normalise_db_url
 from .blobs import MULTIPART_THRESHOLD, S3BlobBackend, open_backend
+from .registrar import BlobRegistrar
 
 log = logging.getLogger(__name__)
 
@@ -131,6 +132,7 @@ class Server:
             self.blobs.ensure_bucket()
         self.registry = Registry(normalise_db_url(db_url), self.blobs)
         self.auth = AuthDB(self.registry.engine)
+        self.registrar = BlobRegistrar(self.registry)
         self.url_ttl = url_ttl
 
     def close(self) -> None:
@@ -488,7 +490,7 @@ def create_app(server: Server | None = None) -> FastAPI:
             if reg.missing_blobs(entity, [md5]) or body.upload:
                 hasher = BlockHasher()
                 server.blobs.complete_upload(entity, md5, body.size, body.upload, body.etags, hasher)
-                reg.register_blob(entity, md5, body.size)
+                server.registrar.register(entity, md5, body.size)
                 if hasher.result().size == body.size and wants_map(body.size):  # the server read the bytes
                     reg.register_blockmap(entity, md5, hasher.result())
         elif reg.missing_blobs(entity, [md5]):
@@ -554,7 +556,7 @@ def create_app(server: Server | None = None) -> FastAPI:
         validate_entity(entity)
         hasher = BlockHasher()
         size = backend.put_stream(entity, md5, _BodyReader(request), hasher)
-        reg.register_blob(entity, md5, size)
+        server.registrar.register(entity, md5, size)
         if wants_map(size):
             reg.register_blockmap(entity, md5, hasher.result())
         return Response(status_code=204)

@@ -554,3 +554,45 @@ def test_mount_lists_a_project_of_30_collections_in_one_request(registry: Shared
     assert calls(project + "/listing") == 1
     assert calls(project + "/collections/{collection}/versions") == 0
     assert calls(project + "/collections") == 0
+
+
+def test_concurrent_blob_registrations_share_one_write_transaction(tmp_path: Path) -> None:
+    import threading
+    import time
+
+    from client.registry import LocalBlobBackend, Registry
+    from server.registrar import BlobRegistrar
+
+    reg = Registry(f"sqlite:///{tmp_path / 'r.db'}", LocalBlobBackend(tmp_path / "blobs"))
+    registrar = BlobRegistrar(reg)
+    real, entered, gate = reg.register_blobs, threading.Event(), threading.Event()
+
+    def held_first_write(blobs):  # type: ignore[no-untyped-def]
+        if not entered.is_set():
+            entered.set()
+            assert gate.wait(30)
+        return real(blobs)
+
+    reg.register_blobs = held_first_write  # type: ignore[method-assign]
+    md5s = [hashlib.md5(b"%d" % i).hexdigest() for i in range(21)]
+    threads = [threading.Thread(target=registrar.register, args=("ent", md5s[0], 1))]
+    threads[0].start()
+    assert entered.wait(30)  # the leader is inside its (held) write
+    threads += [threading.Thread(target=registrar.register, args=("ent", m, 1)) for m in md5s[1:]]
+    for th in threads[1:]:
+        th.start()
+    deadline = time.monotonic() + 30
+    while registrar.pending() < 20 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert registrar.pending() == 20
+    seen, stop = _statements(reg.engine)
+    gate.set()
+    for th in threads:
+        th.join(30)
+    stop()
+    assert registrar.transactions == 2  # the leader's own, then all 20 that queued meanwhile
+    assert sum(s.startswith("BEGIN IMMEDIATE") for s in seen) == 2
+    assert reg.missing_blobs("ent", md5s) == set()
+    registrar.register("ent", md5s[0], 1)  # alone: written at once, no waiting for company
+    assert registrar.transactions == 3 and registrar.pending() == 0
+    reg.close()

@@ -109,6 +109,13 @@ class Registry:
             from sqlalchemy.dialects.sqlite import insert
         conn.execute(insert(table).values(**values).on_conflict_do_nothing())
 
+    def _insert_ignore_many(self, conn: Connection, table: sa.Table, rows: list[dict[str, Any]]) -> None:
+        if self._pg:
+            from sqlalchemy.dialects.postgresql import insert
+        else:
+            from sqlalchemy.dialects.sqlite import insert
+        conn.execute(insert(table).values(rows).on_conflict_do_nothing())
+
     # -- id lookups ---------------------------------------------------------------------------
     def _entity_id(self, conn: Connection, entity: str, create: bool = False) -> int:
         if create:
@@ -600,11 +607,22 @@ class Registry:
 
     def register_blob(self, entity: str, md5_hex: str, size: int) -> None:
         """Record a blob whose bytes the backend has verified against ``md5_hex``."""
-        if not is_md5_hex(md5_hex):
-            raise InvalidNameError(f"{md5_hex!r} is not an md5 hex digest")
+        self.register_blobs([(entity, md5_hex, size)])
+
+    def register_blobs(self, blobs: Iterable[tuple[str, str, int]]) -> None:
+        """Record many verified blobs ``(entity, md5, size)`` in one write transaction."""
+        items = list(blobs)
+        for _, md5_hex, _ in items:
+            if not is_md5_hex(md5_hex):
+                raise InvalidNameError(f"{md5_hex!r} is not an md5 hex digest")
+        if not items:
+            return
+        now = utcnow()
         with self._write() as c:
-            eid = self._entity_id(c, entity, create=True)
-            self._insert_ignore(c, t.blobs, entity_id=eid, md5=md5_hex, size=size, created_at=utcnow())
+            ids = {e: self._entity_id(c, e, create=True) for e in dict.fromkeys(e for e, _, _ in items)}
+            rows = [{"entity_id": ids[e], "md5": m, "size": n, "created_at": now} for e, m, n in items]
+            for i in range(0, len(rows), _BLOB_BATCH):
+                self._insert_ignore_many(c, t.blobs, rows[i:i + _BLOB_BATCH])
 
     # -- links (portfolios / registries), TTL ---------------------------------------------------
     def link_version(self, version_id: str, entity: str, project: str, collection: str,

@@ -37,6 +37,7 @@ import requests
 import requests.adapters
 import urllib3.exceptions
 
+from .. import settings
 from ..errors import (ArtifactFSError, DigestMismatchError, PermissionDeniedError, StoreUnavailableError,
                       error_from_code)
 from ..blockmap import BlockMap
@@ -191,7 +192,7 @@ def trusted_cas(ca_bundle: str | None = None) -> str | bool:
     """What https connections verify certificates against: ``ca_bundle`` or ARTIFACTFS_CA_BUNDLE
     (a PEM file or a c_rehash'd directory), else the operating system's CA store, else
     requests' own (certifi).  Never "no verification"."""
-    chosen = ca_bundle or settings_ca_bundle()
+    chosen = ca_bundle or settings.ca_bundle()
     if chosen:
         if not os.path.exists(chosen):
             raise StoreUnavailableError(f"ARTIFACTFS_CA_BUNDLE {chosen!r} does not exist")
@@ -201,12 +202,6 @@ def trusted_cas(ca_bundle: str | None = None) -> str | bool:
         if candidate and os.path.isfile(candidate):
             return candidate
     return True
-
-
-def settings_ca_bundle() -> str | None:
-    from .. import settings
-
-    return settings.ca_bundle()
 
 
 def _tls_error(base: str, exc: requests.exceptions.SSLError) -> StoreUnavailableError:
@@ -241,7 +236,7 @@ class HttpStore:
         self.session.verify = trusted_cas(ca_bundle)
         #: given per request, so ARTIFACTFS_CA_BUNDLE wins over REQUESTS_CA_BUNDLE (which requests
         #: lets override the session's setting); None leaves REQUESTS_CA_BUNDLE, then the system store
-        self._verify = self.session.verify if (ca_bundle or settings_ca_bundle()) else None
+        self._verify = self.session.verify if (ca_bundle or settings.ca_bundle()) else None
         adapter = requests.adapters.HTTPAdapter(pool_connections=16, pool_maxsize=pool_size, max_retries=0)
         self.session.mount("http://", adapter)
         self.session.mount("https://", adapter)
