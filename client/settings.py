@@ -8,6 +8,7 @@
 | ARTIFACTFS_CACHE_SIZE    | cache bound, bytes or with K/M/G/T suffix            | 20G                             |
 | ARTIFACTFS_ENTITY        | default entity when a name has none                 | the login user name             |
 | ARTIFACTFS_PROJECT       | default project when a name has none                | uncategorized                   |
+| ARTIFACTFS_REQUEST_TIMEOUT | most seconds one call/FUSE request waits (client/retry.py) | 30                      |
 
 Functions, not module constants: tests change the environment between cases.
 """
