@@ -12,6 +12,7 @@
 |                          |                                                     | user's one team); else the OS   |
 |                          |                                                     | login name                      |
 | ARTIFACTFS_PROJECT       | default project when a name has none                | uncategorized                   |
+| ARTIFACTFS_REQUEST_TIMEOUT | most seconds one call/FUSE request waits (client/retry.py) | 30                      |
 
 Functions, not module constants: tests change the environment between cases.  Keys saved by
 ``artifactfs login`` live in :mod:`client.credentials` (a 0600 file); the environment wins.

@@ -33,6 +33,12 @@ log = logging.getLogger(__name__)
 FSNAME = "artifactfs"
 
 
+def _request_timeout() -> float:
+    from client.retry import request_timeout
+
+    return request_timeout()
+
+
 @dataclass
 class MountOptions:
     mountpoint: str
@@ -46,7 +52,7 @@ class MountOptions:
     parallel: int = 8
     attempts: int = 4
     backoff: float = 0.1
-    timeout: float = 30.0
+    timeout: float = dataclasses.field(default_factory=lambda: _request_timeout())  #: bound per request, s
     readahead_kb: int = 4096  #: kernel readahead for the mount (bdi read_ahead_kb); 0 = leave it
     local_blobs: bool = True  #: serve an embedded store's blob files in place (False: fetch into the cache)
     debug: bool = False
@@ -138,10 +144,6 @@ def run(options: MountOptions) -> int:
     logging.basicConfig(level=logging.DEBUG if options.debug else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     store = open_store(options.store)
-    if hasattr(store, "attempts"):
-        # The read path retries each block itself (options.attempts); an HTTP store retrying
-        # inside every one of those attempts would multiply the wait before EIO.
-        store.attempts = 2
     cache = Cache(options.cache_dir, options.cache_size)
     # The embedded store reads local files (no hang short of a dead disk) and the HTTP store
     # enforces its own timeouts; only other stores need the watchdog thread per request.

@@ -22,6 +22,7 @@ Concurrency rule: every method here runs in worker threads, never on the trio lo
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import errno
 import hashlib
 import logging
@@ -33,6 +34,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, TypeVar
@@ -41,6 +43,7 @@ from client.blockmap import BlockMap, BlockMismatchError
 from client.cache import Cache
 from client.errors import (ArtifactFSError, AuthenticationError, InvalidNameError, PermissionDeniedError,
                            StoreUnavailableError)
+from client.retry import RetryPolicy, attempt_timeout, request_timeout
 from client.store.base import Store
 
 
@@ -70,7 +73,8 @@ class FetchConfig:
     small_object: int = 2 * MiB  #: objects up to this size are fetched whole in one request
     attempts: int = 4
     backoff: float = 0.1  #: first retry delay, doubled per attempt
-    timeout: float = 30.0  #: per request
+    #: the most one request may take, all tries together (ARTIFACTFS_REQUEST_TIMEOUT, default 30 s)
+    timeout: float = dataclasses.field(default_factory=request_timeout)
     #: enforce ``timeout`` by running each request in a watchdog thread pool; needed for a store
     #: without its own timeouts, a wasted thread hop (~0.5 ms) for one that has them
     watchdog: bool = True
@@ -89,27 +93,25 @@ def is_temp_failure(exc: BaseException) -> bool:
 
 def retrying(call: Callable[[], _R], expected: int | None, cfg: FetchConfig, io_pool: ThreadPoolExecutor,
              what: str) -> _R:
-    """Run ``call`` with a timeout per attempt and bounded retries; FetchError at the end.
+    """Run ``call`` under the one retry policy (:mod:`client.retry`): ``cfg.attempts`` tries,
+    all within ``cfg.timeout`` seconds; FetchError at the end.
 
-    The timeout is enforced by waiting on a future: a request that truly hangs keeps one
-    I/O thread busy, but the reader gets its EIO on time.
+    With the watchdog the bound is enforced by waiting on a future: a request that truly
+    hangs keeps one I/O thread busy, but the reader gets its EIO on time.  A store that
+    retries itself (HttpStore) runs inside this call's deadline and makes single attempts.
     """
-    delay = cfg.backoff
-    for attempt in range(1, cfg.attempts + 1):
-        try:
-            data = io_pool.submit(call).result(timeout=cfg.timeout) if cfg.watchdog else call()
-            if expected is not None and isinstance(data, bytes) and len(data) != expected:
-                raise ShortReadError(f"{what}: got {len(data)} bytes, expected {expected}")
-            return data
-        except BaseException as exc:  # noqa: BLE001 - classified right below
-            if not is_temp_failure(exc):
-                raise
-            if attempt == cfg.attempts:
-                raise FetchError(f"{what}: failed after {attempt} attempts: {exc!r}") from exc
-            log.info("%s: attempt %d failed (%r); retrying in %.2fs", what, attempt, exc, delay)
-            time.sleep(delay)
-            delay *= 2
-    raise AssertionError("unreachable")
+    def attempt() -> _R:
+        if cfg.watchdog:
+            data = io_pool.submit(contextvars.copy_context().run, call).result(timeout=attempt_timeout(cfg.timeout))
+        else:
+            data = call()
+        if expected is not None and isinstance(data, bytes) and len(data) != expected:
+            raise ShortReadError(f"{what}: got {len(data)} bytes, expected {expected}")
+        return data
+
+    policy = RetryPolicy(tries=cfg.attempts, backoff=cfg.backoff, deadline=cfg.timeout, attempt_timeout=cfg.timeout)
+    return policy.call(attempt, is_temp=is_temp_failure, what=what, logger=log,
+                       give_up=lambda exc, n: FetchError(f"{what}: failed after {n} attempts: {exc!r}"))
 
 
 # -- block storage -----------------------------------------------------------------------

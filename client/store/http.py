@@ -24,7 +24,6 @@ import datetime as _dt
 import functools
 import logging
 import os
-import random
 import ssl
 import threading
 import time
@@ -42,6 +41,7 @@ from ..errors import (ArtifactFSError, DigestMismatchError, PermissionDeniedErro
                       error_from_code)
 from ..blockmap import BlockMap
 from ..hashing import md5_bytes
+from ..retry import DeadlineExceeded, RetryPolicy, attempt_timeout
 from .base import CollectionRecord, CommitRequest, RunRecord, VersionRecord
 
 log = logging.getLogger(__name__)
@@ -103,7 +103,7 @@ class _NotSent(Exception):
 
 def is_temp_failure(exc: BaseException) -> bool:
     """Whether another attempt may succeed: the network or the server hiccupped, not the request."""
-    if isinstance(exc, (TransientHTTPError, _NotSent)):
+    if isinstance(exc, (TransientHTTPError, _NotSent, DeadlineExceeded)):
         return True
     if isinstance(exc, (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError,
                         requests.exceptions.ContentDecodingError, urllib3.exceptions.ProtocolError)):
@@ -123,30 +123,18 @@ def _never_sent(exc: BaseException) -> bool:
 
 
 def retrying(fn: Callable[..., T]) -> Callable[..., T]:
-    """Retry a method of HttpStore while :func:`is_temp_failure` says so, with backoff.
-
-    Reads ``self.attempts`` and ``self.backoff``.  Gives up with StoreUnavailableError.
-    """
+    """Run a method of HttpStore under its :class:`~client.retry.RetryPolicy` (``self.policy``):
+    retried while :func:`is_temp_failure` says so, within the policy's total time bound.
+    Gives up with StoreUnavailableError."""
 
     @functools.wraps(fn)
     def wrapper(self: "HttpStore", *args: Any, **kwargs: Any) -> T:
-        delay = self.backoff
-        for attempt in range(1, self.attempts + 1):
-            try:
-                return fn(self, *args, **kwargs)
-            except Exception as exc:  # noqa: BLE001 - classified right below
-                if not is_temp_failure(exc):
-                    raise
-                cause = exc.__cause__ if isinstance(exc, _NotSent) and exc.__cause__ else exc
-                if attempt == self.attempts:
-                    raise StoreUnavailableError(
-                        f"registry at {self.location} unreachable after {attempt} attempts: {cause}"
-                    ) from cause
-                log.info("%s failed (%s); attempt %d/%d in %.2fs", fn.__name__, cause, attempt + 1,
-                         self.attempts, delay)
-                time.sleep(delay * (0.5 + random.random()))
-                delay = min(delay * 2, 5.0)
-        raise AssertionError("unreachable")
+        def give_up(exc: BaseException, attempts: int) -> BaseException:
+            cause = exc.__cause__ if isinstance(exc, _NotSent) and exc.__cause__ else exc
+            return StoreUnavailableError(f"registry at {self.location} unreachable after {attempts} attempts: {cause}")
+
+        return self.policy.call(lambda: fn(self, *args, **kwargs), is_temp=is_temp_failure, give_up=give_up,
+                                what=fn.__name__, logger=log)
 
     return wrapper
 
@@ -223,15 +211,16 @@ def _q(segment: str) -> str:
 class HttpStore:
     """Store protocol over a registry server.  Thread-safe: one pooled session for all threads."""
 
-    def __init__(self, url: str, api_key: str | None = None, *, timeout: float = 60.0,
+    def __init__(self, url: str, api_key: str | None = None, *, timeout: float = 20.0,
                  connect_timeout: float = 5.0, attempts: int = 6, backoff: float = 0.1,
-                 pool_size: int = 64, ca_bundle: str | None = None) -> None:
+                 deadline: float | None = None, pool_size: int = 64, ca_bundle: str | None = None) -> None:
+        """``timeout``: most one attempt waits for the next bytes; ``deadline``: total bound of
+        one call, all attempts together (None: ARTIFACTFS_REQUEST_TIMEOUT, default 30 s)."""
         self.base = url.rstrip("/")
         self.location = self.base
         self.api_key = api_key
-        self.timeout = (connect_timeout, timeout)
-        self.attempts = max(1, attempts)
-        self.backoff = backoff
+        self.connect_timeout, self.read_timeout = connect_timeout, timeout
+        self.policy = RetryPolicy(tries=max(1, attempts), backoff=backoff, deadline=deadline, attempt_timeout=timeout)
         self.session = requests.Session()
         self.session.verify = trusted_cas(ca_bundle)
         #: given per request, so ARTIFACTFS_CA_BUNDLE wins over REQUESTS_CA_BUNDLE (which requests
@@ -249,6 +238,12 @@ class HttpStore:
         return f"HttpStore({self.base!r})"
 
     # -- plumbing ----------------------------------------------------------------------------
+    @property
+    def timeout(self) -> tuple[float, float]:
+        """(connect, read) timeouts for the next attempt: capped by the running call's deadline."""
+        read = attempt_timeout(self.read_timeout)
+        return min(self.connect_timeout, read), read
+
     def _headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
 

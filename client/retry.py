@@ -1,0 +1,116 @@
+"""The one retry policy of every network path: which failures are temporary, how many tries,
+backoff with jitter, and a total time bound per call.
+
+``RetryPolicy.call(fn)`` runs ``fn`` until it succeeds, fails for good, runs out of tries or
+reaches the policy's deadline (``ARTIFACTFS_REQUEST_TIMEOUT`` seconds, default 30).  Each
+attempt is given the time that is left (:func:`attempt_timeout`), so a stopped endpoint
+(SIGSTOP, a network partition) makes a call fail within the deadline, never later.
+
+Nesting: a call made while an outer ``call`` runs (in the same context, e.g. the mount's read
+path calling ``HttpStore.read_blob``) shares the outer deadline and makes a single attempt: the
+outermost loop owns the retries, so loops never multiply.  Whoever hops threads passes the
+context along (``contextvars.copy_context().run``).
+
+Which failures are temporary is decided by the caller's classifier (``is_temp``); HTTP's lives
+in ``client.store.http.is_temp_failure``.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+import os
+import random
+import time
+from dataclasses import dataclass
+from typing import Callable, TypeVar
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+#: default total bound of one call, seconds (ARTIFACTFS_REQUEST_TIMEOUT overrides)
+DEFAULT_DEADLINE = 30.0
+
+_deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar("artifactfs_retry_deadline", default=None)
+
+
+def request_timeout() -> float:
+    """ARTIFACTFS_REQUEST_TIMEOUT: the most one call may wait for an endpoint, in seconds."""
+    text = os.environ.get("ARTIFACTFS_REQUEST_TIMEOUT")
+    if not text:
+        return DEFAULT_DEADLINE
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"ARTIFACTFS_REQUEST_TIMEOUT={text!r}: use a number of seconds") from None
+    if not 0 < value <= 86400:
+        raise ValueError(f"ARTIFACTFS_REQUEST_TIMEOUT={text!r}: must be in (0, 86400] seconds")
+    return value
+
+
+class DeadlineExceeded(TimeoutError):
+    """The call's total time bound was reached before an attempt could start or finish."""
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    tries: int = 6
+    backoff: float = 0.1  #: first delay; doubled per try, with jitter (x0.5 .. x1.5)
+    max_backoff: float = 5.0
+    #: total bound of one call in seconds; None: ARTIFACTFS_REQUEST_TIMEOUT at call time
+    deadline: float | None = None
+    #: most one attempt may wait for an answer (socket read/connect), within the deadline
+    attempt_timeout: float = 10.0
+
+    def total(self) -> float:
+        return request_timeout() if self.deadline is None else self.deadline
+
+    def call(self, fn: Callable[[], T], *, is_temp: Callable[[BaseException], bool],
+             give_up: Callable[[BaseException, int], BaseException], what: str = "request",
+             logger: logging.Logger | None = None) -> T:
+        """Run ``fn`` under the policy.  ``give_up(last_error, attempts)`` makes the final error;
+        retries are logged (INFO) to ``logger`` (the caller's, default this module's)."""
+        outer = _deadline.get()
+        own = time.monotonic() + self.total()
+        deadline = own if outer is None else min(own, outer)
+        tries = self.tries if outer is None else 1
+        token = _deadline.set(deadline)
+        try:
+            delay = self.backoff
+            attempt = 0
+            while True:
+                attempt += 1
+                try:
+                    return fn()
+                except BaseException as exc:  # noqa: BLE001 - classified right below
+                    if not is_temp(exc):
+                        raise
+                    left = deadline - time.monotonic()
+                    pause = min(delay * (0.5 + random.random()), self.max_backoff)
+                    if attempt >= tries or left <= pause:
+                        raise give_up(exc, attempt) from exc
+                    (logger or log).info("%s failed (%s); attempt %d/%d in %.2fs (%.1fs left)", what, exc,
+                                         attempt + 1, tries, pause, left)
+                    time.sleep(pause)
+                    delay = min(delay * 2, self.max_backoff)
+        finally:
+            _deadline.reset(token)
+
+
+def remaining() -> float | None:
+    """Seconds left of the running call's deadline (None outside any call)."""
+    deadline = _deadline.get()
+    return None if deadline is None else deadline - time.monotonic()
+
+
+def attempt_timeout(cap: float) -> float:
+    """The time one attempt may wait: ``cap``, or less when the call's deadline is nearer.
+
+    Raises DeadlineExceeded when nothing is left (so no attempt starts after the bound).
+    """
+    left = remaining()
+    if left is None:
+        return cap
+    if left <= 0:
+        raise DeadlineExceeded("the call's time bound (ARTIFACTFS_REQUEST_TIMEOUT) was reached")
+    return max(0.05, min(cap, left))
