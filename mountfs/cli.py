@@ -33,10 +33,14 @@ def _parse_size(_ctx: click.Context, _param: click.Parameter, value: str | None)
 
 def start_background(options: MountOptions, log_path: Path, timeout: float = _START_TIMEOUT) -> int:
     """Start the daemon detached; return its pid once the mount is live."""
+    from client.pyexec import safe_env
+
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as log_file:
+        # cwd "/": the daemon outlives the shell and must not pin (or import from) its folder.
         proc = subprocess.Popen(spawn_command(options), stdin=subprocess.DEVNULL, stdout=log_file,
-                                stderr=subprocess.STDOUT, start_new_session=True, close_fds=True)
+                                stderr=subprocess.STDOUT, start_new_session=True, close_fds=True,
+                                cwd="/", env=safe_env())
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if is_mounted(options.mountpoint):
@@ -47,6 +51,13 @@ def start_background(options: MountOptions, log_path: Path, timeout: float = _ST
         time.sleep(0.05)
     proc.terminate()
     raise click.ClickException(f"the mount did not come up within {timeout:.0f}s; see {log_path}")
+
+
+def _absolute_store(store: str) -> str:
+    """A store location that still means the same after the daemon's chdir to /."""
+    if "://" in store:
+        return store
+    return os.path.abspath(os.path.expanduser(store))
 
 
 @click.command("mount")
@@ -68,6 +79,10 @@ def mount_command(mountpoint: str, store: str | None, cache_dir: str | None, cac
     if is_mounted(mp):
         raise click.ClickException(f"{mp} is already an artifactfs mount (artifactfs umount {mp})")
     mp.mkdir(parents=True, exist_ok=True)
+    from client import settings
+
+    store = _absolute_store(store or settings.store_location())
+    cache_dir = os.path.abspath(os.path.expanduser(cache_dir)) if cache_dir else None
     options = MountOptions(str(mp), store=store, cache_dir=cache_dir, cache_size=cache_size,
                            alias_ttl=alias_ttl, allow_other=allow_other, debug=debug)
     if foreground:

@@ -215,7 +215,9 @@ def run(options: MountOptions) -> int:
 
 def spawn_command(options: MountOptions) -> list[str]:
     """The command line of a daemon process for ``options`` (CLI background mode, tests)."""
-    return [sys.executable, "-m", "mountfs.daemon", options.to_json()]
+    from client.pyexec import python_argv
+
+    return python_argv("-m", "mountfs.daemon", options.to_json())
 
 
 def main(argv: list[str] | None = None) -> int:

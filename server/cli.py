@@ -52,6 +52,7 @@ def server_command(db_url: str, blobs_url: str, s3_endpoint_url: str | None, hos
     if workers > 1:
         from uvicorn.supervisors import Multiprocess
 
+        os.environ["PYTHONSAFEPATH"] = "1"  # spawned workers must not import from the cwd (client/pyexec.py)
         Multiprocess(config, sockets=[config.bind_socket()]).run()
     else:
         config.load_app()
