@@ -60,6 +60,42 @@ def _absolute_store(store: str) -> str:
     return os.path.abspath(os.path.expanduser(store))
 
 
+def check_store(location: str, lazy: bool) -> None:
+    """Open the store and make one authenticated call, so a mount that cannot serve never starts.
+
+    Raises :class:`client.cli.UserError` (one line, documented exit code).  ``lazy`` checks
+    only the spelling (boot ordering: the server may come up after the mount).
+    """
+    from client.cli import UserError, check_store_location, exit_code_for
+    from client.errors import ArtifactFSError
+    from client.store import open_store
+
+    check_store_location(location, must_exist=True)
+    if lazy:
+        return
+    try:
+        store = open_store(location)
+        try:
+            store.list_entities()
+        finally:
+            store.close()
+    except ArtifactFSError as exc:
+        raise UserError(f"cannot mount {location}: {exc}", exit_code_for(exc)) from None
+
+
+def check_mountpoint(mp: Path, allow_non_empty: bool) -> None:
+    """An existing, empty directory (rclone's rule; --allow-non-empty opts out)."""
+    from client.cli import EXIT_NOT_FOUND, EXIT_USAGE, UserError
+
+    if not os.path.lexists(mp):
+        raise UserError(f"mountpoint {mp} does not exist (create it first: mkdir {mp})", EXIT_NOT_FOUND)
+    if not mp.is_dir():
+        raise UserError(f"mountpoint {mp} is not a directory", EXIT_USAGE)
+    if not allow_non_empty and any(os.scandir(mp)):
+        raise UserError(f"mountpoint {mp} is not empty: mounting would hide its files "
+                        "(empty it, or pass --allow-non-empty)", EXIT_USAGE)
+
+
 @click.command("mount")
 @click.argument("mountpoint", type=click.Path(file_okay=False))
 @click.option("--store", "store", default=None, envvar="ARTIFACTFS_STORE",
@@ -69,25 +105,34 @@ def _absolute_store(store: str) -> str:
 @click.option("--alias-ttl", default=5.0, show_default=True, type=float,
               help="Seconds an alias (e.g. :latest) stays resolved before it is looked up again.")
 @click.option("--allow-other", is_flag=True, help="Let other users see the mount (needs user_allow_other).")
+@click.option("--allow-non-empty", is_flag=True, help="Mount over a directory that holds files (they are hidden meanwhile).")
+@click.option("--lazy-connect", is_flag=True,
+              help="Do not check the store before mounting (boot ordering); errors then show up as EIO.")
 @click.option("--foreground", "-f", is_flag=True, help="Stay in the foreground (for systemd, debugging).")
 @click.option("--debug", is_flag=True, hidden=True)
 def mount_command(mountpoint: str, store: str | None, cache_dir: str | None, cache_size: int | None,
-                  alias_ttl: float, allow_other: bool, foreground: bool, debug: bool) -> None:
-    """Mount the artifact store at MOUNTPOINT: MOUNTPOINT/<entity>/<project>/<name>:<version> (read-only);
-    mkdir <name>:draft in a project for a writable draft, touch <draft>/.commit to commit it."""
+                  alias_ttl: float, allow_other: bool, allow_non_empty: bool, lazy_connect: bool,
+                  foreground: bool, debug: bool) -> None:
+    """Mount the artifact store at MOUNTPOINT (an existing, empty directory).
+
+    MOUNTPOINT/<entity>/<project>/<name>:<version> is read-only; mkdir <name>:draft in a
+    project for a writable draft, touch <draft>/.commit to commit it.  The store is checked
+    first (reachable, key accepted) unless --lazy-connect.
+    """
+    from client import settings
+    from client.cli import UserError
+
     mp = Path(mount_path(mountpoint))
     if is_mounted(mp):
-        raise click.ClickException(f"{mp} is already an artifactfs mount (artifactfs umount {mp})")
-    mp.mkdir(parents=True, exist_ok=True)
-    from client import settings
-
+        raise UserError(f"{mp} is already an artifactfs mount (artifactfs umount {mp})")
+    check_mountpoint(mp, allow_non_empty)
     store = _absolute_store(store or settings.store_location())
+    check_store(store, lazy_connect)
     cache_dir = os.path.abspath(os.path.expanduser(cache_dir)) if cache_dir else None
     options = MountOptions(str(mp), store=store, cache_dir=cache_dir, cache_size=cache_size,
                            alias_ttl=alias_ttl, allow_other=allow_other, debug=debug)
     if foreground:
         raise SystemExit(run(options))
-    from client import settings
 
     log_path = Path(cache_dir or settings.cache_dir()) / "logs" / f"mount-{str(mp).strip('/').replace('/', '_')}.log"
     pid = start_background(options, log_path)

@@ -102,6 +102,13 @@ def mount_device(mountpoint: str | os.PathLike[str]) -> str | None:
     return None
 
 
+def mount_source(location: str) -> str:
+    """What findmnt/df show as the mount's source: ``artifactfs:<store>`` (credentials and
+    query strings cut from a URL; commas escaped for the FUSE option parser)."""
+    location = re.sub(r"^(\w+://)[^/@]*@", r"\1", location).split("?", 1)[0]
+    return f"{FSNAME}:{location}".replace("\\", "\\\\").replace(",", "\\,")
+
+
 def tune_readahead(mountpoint: str, kb: int) -> None:
     """Raise the kernel readahead of the mount.
 
@@ -161,7 +168,7 @@ def run(options: MountOptions) -> int:
     ops = Operations(ns, content, max_threads=options.threads, drafts=drafts)
 
     fuse_options = set(pyfuse3.default_options)
-    fuse_options |= {f"fsname={FSNAME}", f"subtype={FSNAME}", "noatime"}
+    fuse_options |= {f"fsname={mount_source(store.location)}", f"subtype={FSNAME}", "noatime"}
     if options.allow_other:
         fuse_options.add("allow_other")
     if options.debug:
