@@ -233,3 +233,81 @@ def test_mount_source_names_the_local_store(tmp_path: Path, store_with_data: Pat
     res = cli("mount", str(mp), "--store", str(store_with_data), "--cache-dir", str(tmp_path / "c"), cwd=tmp_path)
     assert res.returncode == 0, res.stderr
     assert mount_source(mp) == f"artifactfs:{store_with_data}"
+
+
+# -- item 5: mount options the anchors have ---------------------------------------------------------
+
+@requires_fuse
+@pytest.mark.parametrize("flag", [["--read-only"], ["-o", "ro"]])
+def test_read_only_mount_refuses_drafts(tmp_path: Path, store_with_data: Path, mountpoints: list[Path],
+                                        flag: list[str]) -> None:
+    mp = tmp_path / "mnt"
+    mp.mkdir()
+    mountpoints.append(mp)
+    res = cli("mount", str(mp), *flag, "--store", str(store_with_data), "--cache-dir", str(tmp_path / "c"), cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert (mp / "alice/proj/ds:v0/a.txt").read_text() == "A"
+    with pytest.raises(OSError) as err:
+        (mp / "alice" / "proj" / "new:draft").mkdir()
+    assert err.value.errno == 30  # EROFS
+    opts = next(line.split()[5] for line in Path("/proc/self/mountinfo").read_text().splitlines()
+                if line.split()[4] == str(mp))
+    assert "ro" in opts.split(",")
+
+
+@requires_fuse
+def test_mount_owner_modes_and_logging_options(tmp_path: Path, store_with_data: Path,
+                                               mountpoints: list[Path]) -> None:
+    mp = tmp_path / "mnt"
+    mp.mkdir()
+    mountpoints.append(mp)
+    log = tmp_path / "logs" / "m.log"
+    res = cli("mount", str(mp), "--store", str(store_with_data), "--cache-dir", str(tmp_path / "c"),
+              "--uid", "4242", "--gid", "4343", "--file-mode", "0440", "--dir-mode", "0550",
+              "--metadata-ttl", "1", "--attr-timeout", "7", "--log-file", str(log), "--log-level", "debug",
+              "-o", "default_permissions", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    f = (mp / "alice/proj/ds:v0/a.txt").stat()
+    d = (mp / "alice/proj/ds:v0").stat()
+    assert (f.st_uid, f.st_gid, f.st_mode & 0o7777) == (4242, 4343, 0o440)
+    assert (d.st_uid, d.st_gid, d.st_mode & 0o7777) == (4242, 4343, 0o550)
+    assert log.exists() and "DEBUG" in log.read_text()
+    status = cli("status", cwd=tmp_path)
+    assert status.returncode == 0, status.stderr
+    row = next(line for line in status.stdout.splitlines() if str(mp) in line)
+    assert str(store_with_data) in row and str(tmp_path / "c") in row
+    header = status.stdout.splitlines()[0].split()
+    assert header[:4] == ["MOUNTPOINT", "STORE", "CACHE", "PID"]
+    assert Path(f"/proc/{row.split()[3]}/cmdline").read_bytes().count(b"mountfs.daemon") == 1
+
+
+def test_mount_rejects_bad_log_level(tmp_path: Path) -> None:
+    res = cli("mount", str(tmp_path), "--log-level", "verbose", cwd=tmp_path)
+    one_line_error(res, 2, "--log-level")
+
+
+@requires_fuse
+def test_foreground_mount_notifies_systemd_when_live(tmp_path: Path, store_with_data: Path,
+                                                     mountpoints: list[Path]) -> None:
+    import socket
+
+    mp = tmp_path / "mnt"
+    mp.mkdir()
+    mountpoints.append(mp)
+    sock_path = tmp_path / "notify.sock"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(sock_path))
+    sock.settimeout(60)
+    full = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    full["NOTIFY_SOCKET"] = str(sock_path)
+    proc = subprocess.Popen([str(EXE), "mount", "-f", str(mp), "--store", str(store_with_data),
+                             "--cache-dir", str(tmp_path / "c")], cwd=tmp_path, env=full,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        msg = sock.recv(4096).decode()
+        assert "READY=1" in msg.split("\n")
+        assert is_mounted(mp)  # live when READY=1 arrives
+    finally:
+        force_unmount(mp)
+        proc.wait(timeout=30)
+        sock.close()
