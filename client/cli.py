@@ -5,7 +5,8 @@ with heavy dependencies (pyfuse3, FastAPI); the group imports them only when tha
 runs, so ``artifactfs --help`` and the SDK commands work on a machine without them.
 
 Errors we raise on purpose (:class:`ArtifactFSError`) print one line saying what to do and
-exit with status 1; a missing optional feature exits with status 2.
+exit with a status that tells the kind of failure (:data:`EXIT_CODES`, also in ``--help``);
+a missing optional feature exits with status 2.
 """
 
 from __future__ import annotations
@@ -22,10 +23,76 @@ import click
 from . import names, settings
 from .errors import ArtifactFSError, AuthenticationError, NotFoundError, StoreUnavailableError
 
+EXIT_ERROR, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_AUTH, EXIT_UNREACHABLE = 1, 2, 3, 4, 5
+#: documented in --help; scripts can tell a typo from a missing version from a dead server
+EXIT_CODES = {
+    0: "success",
+    EXIT_ERROR: "other error",
+    EXIT_USAGE: "usage: a bad option, name, URL or setting",
+    EXIT_NOT_FOUND: "not found: no such store, path, entity, project, collection or version",
+    EXIT_AUTH: "authentication or permission refused (check ARTIFACTFS_API_KEY)",
+    EXIT_UNREACHABLE: "store unreachable: server, database or disk did not answer",
+}
+
+
+class UserError(click.ClickException):
+    """A one-line error with one of the documented exit codes."""
+
+    def __init__(self, message: str, exit_code: int = EXIT_ERROR) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+    def show(self, file: Any = None) -> None:
+        click.echo(f"artifactfs: error: {self.format_message()}", err=True)
+
+
+def exit_code_for(exc: BaseException) -> int:
+    """The documented exit code of an error we raised on purpose."""
+    from .errors import AuthenticationError, InvalidNameError, InvalidPathError, PermissionDeniedError
+
+    if isinstance(exc, NotFoundError):
+        return EXIT_NOT_FOUND
+    if isinstance(exc, (AuthenticationError, PermissionDeniedError)):
+        return EXIT_AUTH
+    if isinstance(exc, StoreUnavailableError):
+        return EXIT_UNREACHABLE
+    if isinstance(exc, (InvalidNameError, InvalidPathError, settings.SettingError)):
+        return EXIT_USAGE
+    return EXIT_ERROR
+
+
+def check_store_location(location: str, *, must_exist: bool) -> None:
+    """Refuse a store spelling that is surely a typo, before anything is created.
+
+    A URL must be http(s); a directory must hold a registry (``registry.db``) unless the
+    caller is allowed to create one (``log``).
+    """
+    if "://" in location or location.lower().startswith(("http:", "https:")):
+        if not location.startswith(("http://", "https://")):
+            raise UserError(f"store {location!r} is neither a directory nor an http:// or https:// URL", EXIT_USAGE)
+        return
+    root = Path(location).expanduser()
+    if root.exists() and not root.is_dir():
+        raise UserError(f"{root} is not a store (it is a file); give a store directory or an http(s) URL "
+                        "with --store", EXIT_NOT_FOUND)
+    if must_exist and not (root / "registry.db").is_file():
+        raise UserError(f"no store at {root.resolve()} (check --store / ARTIFACTFS_STORE; "
+                        "'artifactfs log' creates one)", EXIT_NOT_FOUND)
+
+
+def _existing_store() -> Any:
+    """The store for a reading command: never created by reading it."""
+    from .transfer import get_store
+
+    check_store_location(settings.store_location(), must_exist=True)
+    return get_store()
+
+
 #: command name -> (module, attribute, one-line help shown without importing the module)
 LAZY_COMMANDS: dict[str, tuple[str, str, str]] = {
     "mount": ("mountfs.cli", "mount_command", "Mount the registry as a filesystem (FUSE)."),
     "umount": ("mountfs.cli", "umount_command", "Unmount a mounted registry."),
+    "status": ("mountfs.cli", "status_command", "List live mounts with their store, cache and pid."),
     "server": ("server.cli", "server_command", "Run the registry server."),
     "admin": ("server.cli", "admin_command", "Manage users, teams and API keys of a registry server."),
 }
@@ -46,7 +113,28 @@ class _MissingFeature(click.Command):
 
 
 class LazyGroup(click.Group):
-    """A group whose lazy commands are imported only when invoked (or asked for help)."""
+    """A group whose lazy commands are imported only when invoked (or asked for help).
+
+    Usage errors are one line too (click's default prints the usage block and a hint).
+    """
+
+    def main(self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None,
+             standalone_mode: bool = True, **extra: Any) -> Any:
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        try:
+            rv = super().main(args, prog_name, complete_var, False, **extra)
+        except click.UsageError as exc:
+            where = exc.ctx.command_path if exc.ctx else "artifactfs"
+            click.echo(f"artifactfs: error: {exc.format_message()} (see: {where} --help)", err=True)
+            sys.exit(EXIT_USAGE)
+        except click.ClickException as exc:
+            exc.show()
+            sys.exit(exc.exit_code)
+        except click.Abort:
+            click.echo("artifactfs: interrupted", err=True)
+            sys.exit(130)
+        sys.exit(rv if isinstance(rv, int) else 0)
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted([*super().list_commands(ctx), *LAZY_COMMANDS])
@@ -82,10 +170,13 @@ class LazyGroup(click.Group):
             return super().invoke(ctx)
         except ArtifactFSError as exc:
             click.echo(f"artifactfs: error: {exc}{_hint(exc)}", err=True)
-            ctx.exit(1)
-        except (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError) as exc:
+            ctx.exit(exit_code_for(exc))
+        except (FileNotFoundError, NotADirectoryError) as exc:
             click.echo(f"artifactfs: error: {exc}", err=True)
-            ctx.exit(1)
+            ctx.exit(EXIT_NOT_FOUND)
+        except (IsADirectoryError, PermissionError) as exc:
+            click.echo(f"artifactfs: error: {exc}", err=True)
+            ctx.exit(EXIT_ERROR)
 
 
 def _hint(exc: ArtifactFSError) -> str:
@@ -99,7 +190,10 @@ def _hint(exc: ArtifactFSError) -> str:
     return ""
 
 
-@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+_EPILOG = "\b\nExit status:\n" + "\n".join(f"  {code}  {text}" for code, text in EXIT_CODES.items())
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]}, epilog=_EPILOG)
 @click.option("--store", envvar="ARTIFACTFS_STORE", metavar="DIR|URL",
               help="Where artifacts live: a directory (embedded store) or an http(s) registry URL "
                    "[env ARTIFACTFS_STORE; default ~/.local/share/artifactfs].")
@@ -111,6 +205,7 @@ def cli(store: str | None) -> None:
     (defaults: ARTIFACTFS_ENTITY or your user name, ARTIFACTFS_PROJECT or 'uncategorized').
     """
     if store:
+        check_store_location(store, must_exist=False)
         # Every layer (SDK, mount, server) reads it through client.settings; restored on exit
         # so an in-process caller (tests, notebooks) keeps its own environment.
         previous = os.environ.get("ARTIFACTFS_STORE")
@@ -150,6 +245,10 @@ def log_cmd(directory: Path, name: str, type_: str, aliases: tuple[str, ...], ta
     path = _parse(name)
     if path.selector:
         raise click.BadParameter("give the collection without ':' (use --alias to name the version)", param_hint="--name")
+    location = settings.store_location()
+    check_store_location(location, must_exist=False)
+    if "://" not in location and not (Path(location).expanduser() / "registry.db").exists():
+        click.echo(f"artifactfs: created a new store at {Path(location).expanduser().resolve()}", err=True)
     meta: dict[str, Any] = {}
     if metadata:
         try:
@@ -179,6 +278,7 @@ def get_cmd(name: str, dest: Path | None, path_prefix: str | None, skip_cache: b
     from .api import Api
 
     path = _parse(name)
+    _existing_store()
     art = Api().artifact(str(path) if path.selector else f"{path}:latest")
     root = art.download(dest, skip_cache=skip_cache, path_prefix=path_prefix)
     click.echo(f"{art.qualified_name} -> {root}")
@@ -188,12 +288,10 @@ def get_cmd(name: str, dest: Path | None, path_prefix: str | None, skip_cache: b
 @click.argument("prefix", required=False, metavar="[ENTITY[/PROJECT[/COLLECTION]]]")
 def ls_cmd(prefix: str | None) -> None:
     """List entities, projects, collections, or the versions of a collection."""
-    from .transfer import get_store
-
-    store = get_store()
     parts = [p for p in (prefix or "").split("/") if p]
     if len(parts) > 3:
         raise click.BadParameter("at most ENTITY/PROJECT/COLLECTION", param_hint="PREFIX")
+    store = _existing_store()
     if not parts:
         for e in store.list_entities():
             click.echo(e)
@@ -243,9 +341,7 @@ def format_duration(seconds: float | None) -> str:
 @cli.command("gc")
 def gc_cmd() -> None:
     """Delete every version whose TTL has run out (their aliases go with them)."""
-    from .transfer import get_store
-
-    gone = get_store().gc_expired()
+    gone = _existing_store().gc_expired()
     for v in gone:
         click.echo(f"deleted {v.qualified_name}\t{v.digest}\tttl {format_duration(v.ttl_seconds)}")
     click.echo(f"{len(gone)} expired version(s) deleted")
@@ -256,9 +352,12 @@ def gc_cmd() -> None:
 @click.argument("duration", required=False, metavar="[DURATION|none]")
 def ttl_default_cmd(entity: str, duration: str | None) -> None:
     """Show or set the TTL new versions of ENTITY inherit (e.g. 30d, 12h, none)."""
-    from .transfer import get_store
+    if duration is None:
+        store = _existing_store()
+    else:  # setting it is a write, like log
+        from .transfer import get_store
 
-    store = get_store()
+        store = get_store()
     names.validate_entity(entity)
     if duration is not None:
         try:

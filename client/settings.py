@@ -25,7 +25,15 @@ import os
 import re
 from pathlib import Path
 
+from .errors import ArtifactFSError
+
 DEFAULT_PROJECT = "uncategorized"
+
+
+class SettingError(ArtifactFSError, ValueError):
+    """An environment variable holding a value artifactfs cannot use."""
+
+    http_status = 400
 
 
 def _xdg(var: str, fallback: str) -> Path:
@@ -69,7 +77,10 @@ def cache_dir() -> Path:
 
 
 def cache_size() -> int:
-    return parse_size(os.environ.get("ARTIFACTFS_CACHE_SIZE") or "20G")
+    try:
+        return parse_size(os.environ.get("ARTIFACTFS_CACHE_SIZE") or "20G")
+    except ValueError as exc:
+        raise SettingError(f"ARTIFACTFS_CACHE_SIZE: {exc}") from None
 
 
 def default_entity() -> str:

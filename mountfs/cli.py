@@ -15,7 +15,7 @@ from pathlib import Path
 
 import click
 
-from .daemon import MountOptions, is_mounted, mount_path, run, spawn_command
+from .daemon import LOG_LEVELS, MountOptions, is_mounted, mount_path, run, spawn_command
 
 _START_TIMEOUT = 60.0
 
@@ -33,10 +33,14 @@ def _parse_size(_ctx: click.Context, _param: click.Parameter, value: str | None)
 
 def start_background(options: MountOptions, log_path: Path, timeout: float = _START_TIMEOUT) -> int:
     """Start the daemon detached; return its pid once the mount is live."""
+    from client.pyexec import safe_env
+
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as log_file:
+        # cwd "/": the daemon outlives the shell and must not pin (or import from) its folder.
         proc = subprocess.Popen(spawn_command(options), stdin=subprocess.DEVNULL, stdout=log_file,
-                                stderr=subprocess.STDOUT, start_new_session=True, close_fds=True)
+                                stderr=subprocess.STDOUT, start_new_session=True, close_fds=True,
+                                cwd="/", env=safe_env())
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if is_mounted(options.mountpoint):
@@ -49,33 +53,127 @@ def start_background(options: MountOptions, log_path: Path, timeout: float = _ST
     raise click.ClickException(f"the mount did not come up within {timeout:.0f}s; see {log_path}")
 
 
+def _absolute_store(store: str) -> str:
+    """A store location that still means the same after the daemon's chdir to /."""
+    if "://" in store:
+        return store
+    return os.path.abspath(os.path.expanduser(store))
+
+
+def _octal(value: str, param: click.Parameter) -> int:
+    try:
+        mode = int(value, 8)
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not an octal mode like 0444") from None
+    if not 0 <= mode <= 0o7777:
+        raise click.BadParameter(f"{value!r} is not a permission mode (0000-7777)")
+    return mode
+
+
+def check_store(location: str, lazy: bool) -> None:
+    """Open the store and make one authenticated call, so a mount that cannot serve never starts.
+
+    Raises :class:`client.cli.UserError` (one line, documented exit code).  ``lazy`` checks
+    only the spelling (boot ordering: the server may come up after the mount).
+    """
+    from client.cli import UserError, check_store_location, exit_code_for
+    from client.errors import ArtifactFSError
+    from client.store import open_store
+
+    check_store_location(location, must_exist=True)
+    if lazy:
+        return
+    try:
+        store = open_store(location)
+        try:
+            store.list_entities()
+        finally:
+            store.close()
+    except ArtifactFSError as exc:
+        raise UserError(f"cannot mount {location}: {exc}", exit_code_for(exc)) from None
+
+
+def check_mountpoint(mp: Path, allow_non_empty: bool) -> None:
+    """An existing, empty directory (rclone's rule; --allow-non-empty opts out)."""
+    from client.cli import EXIT_NOT_FOUND, EXIT_USAGE, UserError
+
+    if not os.path.lexists(mp):
+        raise UserError(f"mountpoint {mp} does not exist (create it first: mkdir {mp})", EXIT_NOT_FOUND)
+    if not mp.is_dir():
+        raise UserError(f"mountpoint {mp} is not a directory", EXIT_USAGE)
+    if not allow_non_empty and any(os.scandir(mp)):
+        raise UserError(f"mountpoint {mp} is not empty: mounting would hide its files "
+                        "(empty it, or pass --allow-non-empty)", EXIT_USAGE)
+
+
 @click.command("mount")
 @click.argument("mountpoint", type=click.Path(file_okay=False))
 @click.option("--store", "store", default=None, envvar="ARTIFACTFS_STORE",
               help="Store directory or http(s) URL (default: ARTIFACTFS_STORE).")
 @click.option("--cache-dir", default=None, envvar="ARTIFACTFS_CACHE_DIR", help="Local cache directory.")
 @click.option("--cache-size", default=None, callback=_parse_size, help="Cache bound, e.g. 20G.")
-@click.option("--alias-ttl", default=5.0, show_default=True, type=float,
-              help="Seconds an alias (e.g. :latest) stays resolved before it is looked up again.")
+@click.option("--metadata-ttl", "--alias-ttl", "alias_ttl", default=5.0, show_default=True, type=float,
+              help="Seconds listings and aliases (e.g. :latest) are trusted before they are looked up again.")
+@click.option("--attr-timeout", default=86400.0, show_default=True, type=float,
+              help="Seconds the kernel caches entries and attributes of immutable versions.")
+@click.option("--read-only", "-r", is_flag=True, help="No drafts: every write answers EROFS (also: -o ro).")
+@click.option("-o", "fuse_opts", multiple=True, metavar="OPT[,OPT...]",
+              help="FUSE mount options (ro, default_permissions, ...), passed through; repeatable.")
+@click.option("--uid", type=int, default=None, help="Owner shown for every file (default: your user).")
+@click.option("--gid", type=int, default=None, help="Group shown for every file (default: your group).")
+@click.option("--file-mode", default="0444", show_default=True, callback=lambda c, p, v: _octal(v, p),
+              help="Permission bits of version files (octal).")
+@click.option("--dir-mode", default="0555", show_default=True, callback=lambda c, p, v: _octal(v, p),
+              help="Permission bits of directories (octal).")
 @click.option("--allow-other", is_flag=True, help="Let other users see the mount (needs user_allow_other).")
+@click.option("--allow-root", is_flag=True, help="Let root (besides you) see the mount (needs user_allow_other).")
+@click.option("--log-file", type=click.Path(dir_okay=False), default=None,
+              help="Rotating daemon log (10 MiB x 3) [default: <cache>/logs/mount-<path>.log; stderr with -f].")
+@click.option("--log-level", type=click.Choice(LOG_LEVELS, case_sensitive=False), default="info", show_default=True)
+@click.option("--allow-non-empty", is_flag=True, help="Mount over a directory that holds files (they are hidden meanwhile).")
+@click.option("--lazy-connect", is_flag=True,
+              help="Do not check the store before mounting (boot ordering); errors then show up as EIO.")
 @click.option("--foreground", "-f", is_flag=True, help="Stay in the foreground (for systemd, debugging).")
 @click.option("--debug", is_flag=True, hidden=True)
 def mount_command(mountpoint: str, store: str | None, cache_dir: str | None, cache_size: int | None,
-                  alias_ttl: float, allow_other: bool, foreground: bool, debug: bool) -> None:
-    """Mount the artifact store at MOUNTPOINT: MOUNTPOINT/<entity>/<project>/<name>:<version> (read-only);
-    mkdir <name>:draft in a project for a writable draft, touch <draft>/.commit to commit it."""
+                  alias_ttl: float, attr_timeout: float, read_only: bool, fuse_opts: tuple[str, ...],
+                  uid: int | None, gid: int | None, file_mode: int, dir_mode: int, allow_other: bool,
+                  allow_root: bool, log_file: str | None, log_level: str, allow_non_empty: bool,
+                  lazy_connect: bool, foreground: bool, debug: bool) -> None:
+    """Mount the artifact store at MOUNTPOINT (an existing, empty directory).
+
+    MOUNTPOINT/<entity>/<project>/<name>:<version> is read-only; mkdir <name>:draft in a
+    project for a writable draft, touch <draft>/.commit to commit it.  The store is checked
+    first (reachable, key accepted) unless --lazy-connect.
+    """
+    from client import settings
+    from client.cli import UserError
+
     mp = Path(mount_path(mountpoint))
     if is_mounted(mp):
-        raise click.ClickException(f"{mp} is already an artifactfs mount (artifactfs umount {mp})")
-    mp.mkdir(parents=True, exist_ok=True)
-    options = MountOptions(str(mp), store=store, cache_dir=cache_dir, cache_size=cache_size,
-                           alias_ttl=alias_ttl, allow_other=allow_other, debug=debug)
+        raise UserError(f"{mp} is already an artifactfs mount (artifactfs umount {mp})")
+    check_mountpoint(mp, allow_non_empty)
+    store = _absolute_store(store or settings.store_location())
+    check_store(store, lazy_connect)
+    cache_dir = os.path.abspath(os.path.expanduser(cache_dir)) if cache_dir else None
+    passthrough = [o.strip() for group in fuse_opts for o in group.split(",") if o.strip()]
+    read_only = read_only or "ro" in passthrough
+    allow_other = allow_other or "allow_other" in passthrough
+    passthrough = [o for o in passthrough if o not in ("ro", "rw", "allow_other")]
+    cache_root = Path(cache_dir or settings.cache_dir())
+    if log_file is None and not foreground:
+        log_file = str(cache_root / "logs" / f"mount-{str(mp).strip('/').replace('/', '_')}.log")
+    options = MountOptions(str(mp), store=store, cache_dir=str(cache_root), cache_size=cache_size,
+                           alias_ttl=alias_ttl, attr_timeout=attr_timeout, allow_other=allow_other,
+                           allow_root=allow_root, read_only=read_only, uid=uid, gid=gid, file_mode=file_mode,
+                           dir_mode=dir_mode, fuse_options=passthrough,
+                           log_file=os.path.abspath(log_file) if log_file else None, log_level=log_level.lower(),
+                           debug=debug)
     if foreground:
         raise SystemExit(run(options))
-    from client import settings
 
-    log_path = Path(cache_dir or settings.cache_dir()) / "logs" / f"mount-{str(mp).strip('/').replace('/', '_')}.log"
-    pid = start_background(options, log_path)
+    log_path = Path(options.log_file or cache_root / "logs" / "mount.log")
+    pid = start_background(options, log_path.with_name(log_path.name + ".stderr"))
     click.echo(f"mounted at {mp} (daemon pid {pid}, log {log_path}); unmount with: artifactfs umount {mp}")
 
 
@@ -103,6 +201,68 @@ def umount_command(mountpoint: str, lazy: bool) -> None:
     click.echo(f"unmounted {mp}")
 
 
+def list_mounts() -> list[dict[str, object]]:
+    """Live artifactfs mounts of this mount namespace with their store, cache and daemon pid.
+
+    Mountpoint and store come from mountinfo (the source ``artifactfs:<store>``); cache and
+    pid from the daemon's command line (``python -m mountfs.daemon <options JSON>``, or a
+    foreground ``artifactfs mount -f``).  Nothing is stat'ed on the mount: a hung daemon
+    cannot hang ``status``.
+    """
+    from .daemon import FSNAME, _unescape
+
+    daemons: dict[str, tuple[int, MountOptions | None]] = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = Path(entry.path, "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        args = [a.decode(errors="replace") for a in argv if a]
+        if "mountfs.daemon" in args and args[-1].startswith("{"):
+            try:
+                opts = MountOptions.from_json(args[-1])
+            except (ValueError, TypeError):
+                continue
+            daemons[opts.mountpoint] = (int(entry.name), opts)
+        elif "mount" in args and ("-f" in args or "--foreground" in args):
+            for a in args[args.index("mount") + 1:]:
+                if not a.startswith("-"):
+                    daemons.setdefault(mount_path(a), (int(entry.name), None))
+                    break
+    rows = []
+    with open("/proc/self/mountinfo", encoding="utf-8") as f:
+        for line in f:
+            fields = line.split()
+            sep = fields.index("-")
+            if not fields[sep + 1].startswith(f"fuse.{FSNAME}"):
+                continue
+            point, source = _unescape(fields[4]), _unescape(fields[sep + 2])
+            pid, opts = daemons.get(point, (None, None))
+            rows.append({"mountpoint": point, "store": source.removeprefix(f"{FSNAME}:"),
+                         "cache": opts.cache_dir if opts and opts.cache_dir else "-", "pid": pid,
+                         "read_only": "ro" in fields[5].split(",")})
+    return rows
+
+
+@click.command("status")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per mount.")
+def status_command(as_json: bool) -> None:
+    """List live artifactfs mounts: mountpoint, store, cache directory and daemon pid."""
+    import json
+
+    rows = list_mounts()
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    click.echo("MOUNTPOINT\tSTORE\tCACHE\tPID\tMODE")
+    for r in rows:
+        click.echo(f"{r['mountpoint']}\t{r['store']}\t{r['cache']}\t{r['pid'] or '-'}\t{'ro' if r['read_only'] else 'rw'}")
+    if not rows:
+        click.echo("(no artifactfs mounts)", err=True)
+
+
 @click.group()
 def _main() -> None:
     """Standalone entry (python -m mountfs.cli) for when the SDK CLI is not installed."""
@@ -110,6 +270,7 @@ def _main() -> None:
 
 _main.add_command(mount_command)
 _main.add_command(umount_command)
+_main.add_command(status_command)
 
 if __name__ == "__main__":
     _main()

@@ -25,7 +25,7 @@ import os
 import re
 import signal
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -56,6 +56,16 @@ class MountOptions:
     readahead_kb: int = 4096  #: kernel readahead for the mount (bdi read_ahead_kb); 0 = leave it
     local_blobs: bool = True  #: serve an embedded store's blob files in place (False: fetch into the cache)
     debug: bool = False
+    read_only: bool = False  #: no drafts: every write answers EROFS, mounted with the kernel's ro
+    allow_root: bool = False
+    uid: int | None = None  #: owner shown for every node (default: the daemon's user)
+    gid: int | None = None
+    file_mode: int = 0o444  #: permission bits of version files
+    dir_mode: int = 0o555  #: permission bits of directories
+    attr_timeout: float = 86400.0  #: kernel entry/attr timeout of immutable version nodes
+    fuse_options: list[str] = field(default_factory=list)  #: passed through to FUSE (-o)
+    log_file: str | None = None  #: rotating log file (default: stderr, which the CLI sends to its log)
+    log_level: str = "info"
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self))
@@ -109,6 +119,64 @@ def mount_device(mountpoint: str | os.PathLike[str]) -> str | None:
     return None
 
 
+LOG_LEVELS = ["critical", "error", "warning", "info", "debug"]
+LOG_MAX_BYTES = 10 << 20
+LOG_BACKUPS = 3
+
+
+def setup_logging(options: MountOptions) -> None:
+    """stderr, or a rotating ``--log-file`` (10 MiB x 3); secrets are redacted either way."""
+    from logging.handlers import RotatingFileHandler
+
+    handler: logging.Handler
+    if options.log_file:
+        Path(options.log_file).parent.mkdir(parents=True, exist_ok=True)
+        handler = RotatingFileHandler(options.log_file, maxBytes=LOG_MAX_BYTES, backupCount=LOG_BACKUPS)
+    else:
+        handler = logging.StreamHandler()
+    handler.setFormatter(RedactingFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    level = "DEBUG" if options.debug else options.log_level.upper()
+    logging.basicConfig(level=level, handlers=[handler], force=True)
+
+
+#: query parameters that carry credentials (S3/GCS/Azure presigned URLs, our own signed URLs)
+_SECRET = re.compile(r"(?i)([?&](?:x-amz-signature|x-amz-credential|x-amz-security-token|signature|sig|token|"
+                     r"x-goog-signature|x-goog-credential|expires|key)=)[^&\s\"']+")
+_BEARER = re.compile(r"(?i)(bearer\s+|afs_[0-9a-f]{8}_)[A-Za-z0-9._~+/=-]+")
+
+
+def redact(text: str) -> str:
+    """``text`` with URL signatures, credentials and API keys replaced by ``***``."""
+    return _BEARER.sub(r"\1***", _SECRET.sub(r"\1***", text))
+
+
+class RedactingFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return redact(super().format(record))
+
+
+def notify_ready(status: str) -> None:
+    """sd_notify(READY=1) for ``Type=notify`` units: one datagram to $NOTIFY_SOCKET, if set."""
+    import socket
+
+    path = os.environ.get("NOTIFY_SOCKET")
+    if not path:
+        return
+    address = "\0" + path[1:] if path.startswith("@") else path
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.sendto(f"READY=1\nSTATUS={status}".encode(), address)
+    except OSError as exc:
+        log.warning("could not notify systemd (%s): %s", path, exc)
+
+
+def mount_source(location: str) -> str:
+    """What findmnt/df show as the mount's source: ``artifactfs:<store>`` (credentials and
+    query strings cut from a URL; commas escaped for the FUSE option parser)."""
+    location = re.sub(r"^(\w+://)[^/@]*@", r"\1", location).split("?", 1)[0]
+    return f"{FSNAME}:{location}".replace("\\", "\\\\").replace(",", "\\,")
+
+
 def tune_readahead(mountpoint: str, kb: int) -> None:
     """Raise the kernel readahead of the mount.
 
@@ -141,8 +209,7 @@ def run(options: MountOptions) -> int:
     from .namespace import Namespace, NamespaceConfig
     from .ops import Operations
 
-    logging.basicConfig(level=logging.DEBUG if options.debug else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging(options)
     store = open_store(options.store)
     cache = Cache(options.cache_dir, options.cache_size)
     # The embedded store reads local files (no hang short of a dead disk) and the HTTP store
@@ -152,21 +219,36 @@ def run(options: MountOptions) -> int:
         block_size=options.block_size, parallel=options.parallel, attempts=options.attempts,
         backoff=options.backoff, timeout=options.timeout, watchdog=watchdog, local_blobs=options.local_blobs))
     indexes = IndexStore(cache.root / "index", content.manifest_path)
-    manager = DraftManager(cache.root / "drafts", store, cache)
-    for result in manager.recover_commits():
-        log.info("recovered an interrupted commit: %s %s", result.state, result.version or result.error or "")
-    drafts = DraftFS(manager, invalidate=lambda inode_p, name: pyfuse3.invalidate_entry_async(
-        inode_p, os.fsencode(name), ignore_enoent=True))
-    ns = Namespace(store, indexes, NamespaceConfig(alias_ttl=options.alias_ttl), drafts=drafts,
+    manager: DraftManager | None = None
+    drafts: DraftFS | None = None
+    if not options.read_only:  # a read-only mount has no drafts: mkdir/create answer EROFS
+        manager = DraftManager(cache.root / "drafts", store, cache)
+        for result in manager.recover_commits():
+            log.info("recovered an interrupted commit: %s %s", result.state, result.version or result.error or "")
+        drafts = DraftFS(manager, invalidate=lambda inode_p, name: pyfuse3.invalidate_entry_async(
+            inode_p, os.fsencode(name), ignore_enoent=True))
+    ns_config = NamespaceConfig(alias_ttl=options.alias_ttl, version_ttl=options.attr_timeout,
+                                file_mode=options.file_mode, dir_mode=options.dir_mode)
+    if options.uid is not None:
+        ns_config.uid = options.uid
+    if options.gid is not None:
+        ns_config.gid = options.gid
+    ns = Namespace(store, indexes, ns_config, drafts=drafts,
                    stats=lambda: {**content.stats(), "inodes": len(ns), "index_builds": indexes.builds,
                                   "requests": dict(ops.requests)})
-    drafts.attach(ns)
+    if drafts is not None:
+        drafts.attach(ns)
     ops = Operations(ns, content, max_threads=options.threads, drafts=drafts)
 
     fuse_options = set(pyfuse3.default_options)
-    fuse_options |= {f"fsname={FSNAME}", f"subtype={FSNAME}", "noatime"}
+    fuse_options |= {f"fsname={mount_source(store.location)}", f"subtype={FSNAME}", "noatime"}
     if options.allow_other:
         fuse_options.add("allow_other")
+    if options.allow_root:
+        fuse_options.add("allow_root")
+    if options.read_only:
+        fuse_options.add("ro")
+    fuse_options |= set(options.fuse_options)
     if options.debug:
         fuse_options.add("debug")
 
@@ -185,6 +267,7 @@ def run(options: MountOptions) -> int:
                 await initialised.wait()
                 await trio.sleep(0.2)
                 await trio.to_thread.run_sync(tune_readahead, options.mountpoint, options.readahead_kb)
+                notify_ready(f"serving {store.location} at {options.mountpoint}")
 
             initialised = trio.Event()
             ops.on_init = initialised.set
@@ -199,18 +282,20 @@ def run(options: MountOptions) -> int:
         trio.run(serve)
     except BaseException:
         pyfuse3.close(unmount=False)
-        manager.close()  # staged data stays; the next mount recovers it
+        if manager is not None:
+            manager.close()  # staged data stays; the next mount recovers it
         content.shutdown()
         store.close()
         raise
     pyfuse3.close(unmount=True)
     log.info("unmounted %s; committing drafts", options.mountpoint)
     try:
-        for result in manager.commit_all():
+        for result in manager.commit_all() if manager is not None else ():
             if result.state != "noop":
                 log.info("unmount commit: %s %s", result.state, result.version or result.error or "")
     finally:
-        manager.close()
+        if manager is not None:
+            manager.close()
         content.shutdown()
         store.close()
     return 0
@@ -218,7 +303,9 @@ def run(options: MountOptions) -> int:
 
 def spawn_command(options: MountOptions) -> list[str]:
     """The command line of a daemon process for ``options`` (CLI background mode, tests)."""
-    return [sys.executable, "-m", "mountfs.daemon", options.to_json()]
+    from client.pyexec import python_argv
+
+    return python_argv("-m", "mountfs.daemon", options.to_json())
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -42,6 +42,7 @@ from cachetools import LRUCache
 
 from client.errors import ManifestError
 from client.hashing import b64_to_hex
+from client.pyexec import python_argv
 
 log = logging.getLogger(__name__)
 
@@ -245,7 +246,7 @@ def build_index(manifest: Path, dest: Path, *, tmp_dir: Path | None = None,
         tmp.unlink()
         if in_subprocess:
             proc = subprocess.run(
-                [sys.executable, "-m", "mountfs.manifest_index", str(manifest), str(tmp)],
+                python_argv("-m", "mountfs.manifest_index", str(manifest), str(tmp)),
                 capture_output=True, text=True, timeout=3600,
             )
             if proc.returncode != 0:

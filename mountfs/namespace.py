@@ -39,6 +39,7 @@ import errno
 import json
 import logging
 import os
+import stat
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -189,6 +190,8 @@ class NamespaceConfig:
     version_ttl: float = 86400.0  #: kernel entry/attr timeout for immutable nodes
     uid: int = field(default_factory=os.getuid)
     gid: int = field(default_factory=os.getgid)
+    file_mode: int = 0o444  #: permission bits of version files (--file-mode)
+    dir_mode: int = 0o555  #: permission bits of directories (--dir-mode)
 
 
 class Namespace:
@@ -504,12 +507,12 @@ class Namespace:
             entry_timeout = cfg.alias_ttl if node.kind is Kind.ALIAS_DIR else cfg.version_ttl
             if node.kind is Kind.TREE_FILE:
                 assert node.entry is not None
-                return Attr(node.inode, FILE_MODE, 1, node.entry.size, mtime, cfg.uid, cfg.gid,
+                return Attr(node.inode, stat.S_IFREG | cfg.file_mode, 1, node.entry.size, mtime, cfg.uid, cfg.gid,
                             entry_timeout, cfg.version_ttl)
             # nlink 1 on version roots means "unknown" to find(1) and costs no index build.
             nlink = 2 + node.entry.subdirs if node.entry is not None else 1
-            return Attr(node.inode, DIR_MODE, nlink, 0, mtime, cfg.uid, cfg.gid, entry_timeout, cfg.version_ttl)
-        return Attr(node.inode, DIR_MODE, 1, 0, self._mounted_ns, cfg.uid, cfg.gid, cfg.alias_ttl, cfg.alias_ttl)
+            return Attr(node.inode, stat.S_IFDIR | cfg.dir_mode, nlink, 0, mtime, cfg.uid, cfg.gid, entry_timeout, cfg.version_ttl)
+        return Attr(node.inode, stat.S_IFDIR | cfg.dir_mode, 1, 0, self._mounted_ns, cfg.uid, cfg.gid, cfg.alias_ttl, cfg.alias_ttl)
 
     def getattr(self, inode: int) -> Attr:
         node = self.node(inode)

@@ -15,8 +15,59 @@ import sys
 import click
 import uvicorn
 
-DB_HELP = "sqlite:///path (one machine) or postgresql://user@host/db"
+DB_HELP = "sqlite:////abs/path/registry.db (one machine) or postgresql://user@host/db"
 DEFAULT_DB = "sqlite:///artifactfs-server.db"
+LOG_LEVELS = ["critical", "error", "warning", "info", "debug"]
+
+
+def check_db_url(url: str, *, create: bool) -> str:
+    """Refuse a --db that is surely a mistake, in one line, before anything is created."""
+    from client.cli import EXIT_NOT_FOUND, EXIT_USAGE, UserError
+
+    if not url:
+        raise UserError("no database: give --db sqlite:////path/registry.db or postgresql://user@host/db "
+                        "(or ARTIFACTFS_SERVER_DB)", EXIT_USAGE)
+    if "://" not in url:
+        hint = f"sqlite:///{url}" if url.startswith("/") else f"sqlite:///{url} (relative) or sqlite:////abs/path"
+        raise UserError(f"--db {url!r} is not a database URL; did you mean {hint}?", EXIT_USAGE)
+    scheme = url.split("://", 1)[0].split("+", 1)[0]
+    if scheme not in ("sqlite", "postgresql", "postgres"):
+        raise UserError(f"--db {url!r}: unsupported database {scheme!r}; use sqlite:/// or postgresql://", EXIT_USAGE)
+    if scheme == "sqlite":
+        path = url.split(":///", 1)[1] if ":///" in url else ""
+        if not path or path == ":memory:":
+            raise UserError(f"--db {url!r}: give a file, e.g. sqlite:////var/lib/artifactfs/registry.db", EXIT_USAGE)
+        parent = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(parent):
+            raise UserError(f"--db {url!r}: the directory {parent} does not exist (create it first)", EXIT_NOT_FOUND)
+        if not create and not os.path.exists(path):
+            raise UserError(f"--db {url!r}: no database at {os.path.abspath(path)} (start 'artifactfs server "
+                            "--db ...' once to create it)", EXIT_NOT_FOUND)
+    return url
+
+
+def database_errors(url: str):  # type: ignore[no-untyped-def]
+    """Context: a database that cannot be reached is one line (exit 5), not a traceback."""
+    import contextlib
+
+    import sqlalchemy.exc
+
+    from client.cli import EXIT_UNREACHABLE, UserError
+
+    @contextlib.contextmanager
+    def guard():  # type: ignore[no-untyped-def]
+        try:
+            yield
+        except sqlalchemy.exc.OperationalError as exc:
+            reason = str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc).splitlines()[0]
+            raise UserError(f"cannot reach the database {_redact_password(url)}: {reason}", EXIT_UNREACHABLE) from None
+    return guard()
+
+
+def _redact_password(url: str) -> str:
+    import re
+
+    return re.sub(r"://([^:/@]+):[^@/]*@", r"://\1:***@", url)
 
 
 @click.command("server")
@@ -35,7 +86,7 @@ DEFAULT_DB = "sqlite:///artifactfs-server.db"
               help="serve HTTPS with this PEM certificate (chain); with --tls-key")
 @click.option("--tls-key", type=click.Path(exists=True, dir_okay=False), envvar="ARTIFACTFS_TLS_KEY",
               help="the PEM private key of --tls-cert")
-@click.option("--log-level", default="info", show_default=True)
+@click.option("--log-level", default="info", show_default=True, type=click.Choice(LOG_LEVELS, case_sensitive=False))
 def server_command(db_url: str, blobs_url: str, s3_endpoint_url: str | None, host: str, port: int, workers: int,
                    url_ttl: int, gc_interval: float, tls_cert: str | None, tls_key: str | None, log_level: str) -> None:
     """Run the registry server (HTTP API; OpenAPI at /openapi.json).
@@ -45,6 +96,7 @@ def server_command(db_url: str, blobs_url: str, s3_endpoint_url: str | None, hos
     """
     if bool(tls_cert) != bool(tls_key):
         raise click.UsageError("give both --tls-cert and --tls-key (or neither)")
+    check_db_url(db_url, create=True)
     os.environ["ARTIFACTFS_GC_INTERVAL"] = str(gc_interval)
     os.environ["ARTIFACTFS_SERVER_DB"] = db_url
     os.environ["ARTIFACTFS_SERVER_BLOBS"] = blobs_url
@@ -60,7 +112,8 @@ def server_command(db_url: str, blobs_url: str, s3_endpoint_url: str | None, hos
     # Fail fast on a bad --db/--blobs before uvicorn forks workers.
     from .app import Server
 
-    Server(db_url, blobs_url, s3_endpoint_url, url_ttl).close()
+    with database_errors(db_url):
+        Server(db_url, blobs_url, s3_endpoint_url, url_ttl).close()
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = TcpConfig("server.app:create_app", factory=True, host=host, port=port, workers=workers,
                         log_level=log_level, access_log=False, timeout_keep_alive=30,
@@ -69,6 +122,7 @@ def server_command(db_url: str, blobs_url: str, s3_endpoint_url: str | None, hos
     if workers > 1:
         from uvicorn.supervisors import Multiprocess
 
+        os.environ["PYTHONSAFEPATH"] = "1"  # spawned workers must not import from the cwd (client/pyexec.py)
         Multiprocess(config, sockets=[config.bind_socket()]).run()
     else:
         config.load_app()
@@ -91,16 +145,41 @@ class TcpConfig(uvicorn.Config):
         return tcp
 
 
-@click.group("admin")
-@click.option("--db", "db_url", default=DEFAULT_DB, show_default=True, envvar="ARTIFACTFS_SERVER_DB", help=DB_HELP)
+class _AdminGroup(click.Group):
+    """Database errors of any admin command are one line (exit 5)."""
+
+    def invoke(self, ctx: click.Context) -> object:
+        with database_errors(ctx.params.get("db_url") or ""):
+            return super().invoke(ctx)
+
+
+@click.group("admin", cls=_AdminGroup)
+@click.option("--db", "db_url", default=None, envvar="ARTIFACTFS_SERVER_DB",
+              help=DB_HELP + " [required; env ARTIFACTFS_SERVER_DB]")
 @click.pass_context
-def admin_command(ctx: click.Context, db_url: str) -> None:
-    """Manage users, teams (entities), memberships and API keys of a registry server."""
-    from client.registry.core import make_engine
+def admin_command(ctx: click.Context, db_url: str | None) -> None:
+    """Manage users, teams (entities), memberships and API keys of a registry server.
 
-    from .auth import AuthDB, normalise_db_url
+    Works on the server's database directly (no API key); the database must exist.
+    """
+    ctx.obj = _LazyAuth(db_url or "")
 
-    ctx.obj = AuthDB(make_engine(normalise_db_url(db_url)))
+
+class _LazyAuth:
+    """The AuthDB, opened (and --db checked) on first use, so ``admin CMD --help`` needs no --db."""
+
+    def __init__(self, url: str) -> None:
+        self._url, self._db = url, None
+
+    def __getattr__(self, name: str) -> object:
+        if self._db is None:
+            from client.registry.core import make_engine
+
+            from .auth import AuthDB, normalise_db_url
+
+            check_db_url(self._url, create=False)
+            self._db = AuthDB(make_engine(normalise_db_url(self._url)))
+        return getattr(self._db, name)
 
 
 def _fail(exc: Exception) -> None:
@@ -167,6 +246,7 @@ def add_member(auth, team: str, user: str, role: str) -> None:  # type: ignore[n
 @click.argument("user")
 @click.pass_obj
 def remove_member(auth, team: str, user: str) -> None:  # type: ignore[no-untyped-def]
+    """Take USER out of TEAM (their keys stay; they lose access to the team's artifacts)."""
     auth.remove_member(team, user)
 
 
@@ -200,14 +280,16 @@ def revoke_key(auth, key_id: str) -> None:  # type: ignore[no-untyped-def]
 @admin_command.command("list-users")
 @click.pass_obj
 def list_users(auth) -> None:  # type: ignore[no-untyped-def]
+    """List users with their teams and roles (TEAM:ROLE)."""
     for user, roles in auth.list_users():
         click.echo(f"{user}\t" + ", ".join(f"{t}:{r}" for t, r in roles))
 
 
 @admin_command.command("list-keys")
-@click.option("--user", default=None)
+@click.option("--user", default=None, help="only this user's keys")
 @click.pass_obj
 def list_keys(auth, user: str | None) -> None:  # type: ignore[no-untyped-def]
+    """List API keys (id, user, active/revoked, created, description); never the secrets."""
     for k in auth.list_keys(user):
         state = "revoked" if k["revoked"] else "active"
         click.echo(f"{k['key_id']}\t{k['user']}\t{state}\t{k['created_at']}\t{k['description'] or ''}")

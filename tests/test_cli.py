@@ -76,6 +76,7 @@ def test_log_single_file_and_immutable_policy(sdk_env: dict[str, Path]) -> None:
 ])
 def test_errors_are_one_clear_line(sdk_env: dict[str, Path], args: list[str], expect: str) -> None:
     src = write_tree(sdk_env["tmp"] / "e", {"x": "1"})
+    assert run("log", str(src), "--name", "seed", "--type", "dataset")[0] == 0  # a store to read
     res = CliRunner().invoke(cli, [a.replace("{src}", str(src)) for a in args])
     assert res.exit_code != 0
     assert expect in res.stderr
@@ -87,7 +88,8 @@ def test_store_option_selects_the_store(sdk_env: dict[str, Path]) -> None:
     other = sdk_env["tmp"] / "other-store"
     assert run("--store", str(other), "log", str(src), "--name", "ds", "--type", "dataset")[0] == 0
     assert (other / "registry.db").exists()
-    assert run("ls")[1].strip() == ""  # the default store (ARTIFACTFS_STORE) is still empty
+    code, _, err = run("ls")  # the default store (ARTIFACTFS_STORE) was not created by it
+    assert code == 3 and "no store at" in err
 
 
 def test_cache_info_and_prune(sdk_env: dict[str, Path]) -> None:
@@ -146,8 +148,10 @@ def test_console_script_entry_point(sdk_env: dict[str, Path]) -> None:
     exe = Path(sys.executable).with_name("artifactfs")
     if not exe.exists():
         pytest.skip("artifactfs console script not installed in this venv")
+    src = write_tree(sdk_env["tmp"] / "s", {"x": "1"})
+    assert run("log", str(src), "--name", "ds", "--type", "dataset")[0] == 0
     out = subprocess.run([str(exe), "get", "alice/proj/none:latest"], capture_output=True, text=True, timeout=60)
-    assert out.returncode == 1 and out.stderr.count("\n") == 1 and "not found" in out.stderr
+    assert out.returncode == 3 and out.stderr.count("\n") == 1 and "not found" in out.stderr
     js = subprocess.run([str(exe), "cache", "info"], capture_output=True, text=True, timeout=60)
     assert js.returncode == 0 and json.dumps(str(sdk_env["cache"]))[1:-1] in js.stdout
 

@@ -314,6 +314,7 @@ def test_cli_background_mount_helper_and_umount(tmp_path: Path) -> None:
     commit_tree(store, tmp_path / "a", tmp_path)
     store.close()
     mnt = tmp_path / "mnt"
+    mnt.mkdir()  # mount never creates its mountpoint (issue 16 item 2)
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent),
            "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
            "ARTIFACTFS_CACHE_DIR": str(tmp_path / "cache")}

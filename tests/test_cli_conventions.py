@@ -1,0 +1,313 @@
+"""The CLI behaves as users of rclone/mount-s3/gcsfuse/wandb expect (issue 16; issue 13 item 4).
+
+Every test here runs the real console script (``.venv/bin/artifactfs``) in a subprocess, with
+a working directory the test controls, and mounts for real where a mount is involved.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from mountfs.daemon import is_mounted
+from tests.mount_helpers import requires_fuse
+
+EXE = Path(sys.executable).with_name("artifactfs")
+pytestmark = pytest.mark.skipif(not EXE.exists(), reason="artifactfs console script not installed in this venv")
+
+
+def cli(*args: str, cwd: Path, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    full = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    full.update(env or {})
+    return subprocess.run([str(EXE), *args], cwd=cwd, env=full, capture_output=True, text=True, timeout=timeout)
+
+
+def force_unmount(mp: Path) -> None:
+    if is_mounted(mp):
+        subprocess.run(["fusermount3", "-u", str(mp)], capture_output=True)
+        deadline = time.monotonic() + 15
+        while is_mounted(mp) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    if is_mounted(mp):
+        subprocess.run(["fusermount3", "-u", "-z", str(mp)], capture_output=True)
+
+
+@pytest.fixture
+def store_with_data(tmp_path: Path) -> Path:
+    """An embedded store holding alice/proj/ds:v0 (a.txt), made through the CLI."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.txt").write_text("A")
+    store = tmp_path / "store"
+    res = cli("--store", str(store), "log", str(src), "--name", "alice/proj/ds", "--type", "dataset", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    return store
+
+
+@pytest.fixture
+def mountpoints(tmp_path: Path) -> Iterator[list[Path]]:
+    made: list[Path] = []
+    yield made
+    for mp in made:
+        force_unmount(mp)
+
+
+# -- item 1: code from the current directory never runs ------------------------------------------
+
+@requires_fuse
+def test_mount_never_imports_code_from_the_current_directory(tmp_path: Path, store_with_data: Path,
+                                                               mountpoints: list[Path]) -> None:
+    evil = tmp_path / "evil"
+    evil.mkdir()
+    marker = tmp_path / "pwned"
+    for module in ("client", "mountfs", "server", "pyfuse3", "trio"):
+        (evil / f"{module}.py").write_text(f"open({str(marker)!r}, 'a').write('{module}\\n')\n")
+    mp = tmp_path / "mnt"
+    mp.mkdir()
+    mountpoints.append(mp)
+    res = cli("mount", str(mp), "--store", str(store_with_data), "--cache-dir", str(tmp_path / "cache"), cwd=evil)
+    assert res.returncode == 0, res.stderr
+    assert (mp / "alice" / "proj" / "ds:v0" / "a.txt").read_text() == "A"
+    force_unmount(mp)
+    assert not marker.exists(), marker.read_text()
+
+
+# -- item 2: typos create no state -----------------------------------------------------------------
+
+def one_line_error(res: subprocess.CompletedProcess, code: int, *words: str) -> None:
+    assert res.returncode == code, (res.returncode, res.stdout, res.stderr)
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in res.stderr, res.stderr
+    for w in words:
+        assert w in lines[0], lines[0]
+
+
+def test_reading_commands_never_create_a_store(tmp_path: Path) -> None:
+    for args in (["ls"], ["ls", "alice/proj"], ["get", "alice/proj/ds"], ["gc"]):
+        res = cli("--store", "./stor-typo", *args, cwd=tmp_path)
+        one_line_error(res, 3, "no store at", "stor-typo")
+    assert not (tmp_path / "stor-typo").exists()
+
+
+def test_store_with_an_unknown_scheme_is_refused(tmp_path: Path) -> None:
+    for args in (["ls"], ["log", str(tmp_path), "--name", "ds", "--type", "dataset"]):
+        res = cli("--store", "htp://registry:8600", *args, cwd=tmp_path)
+        one_line_error(res, 2, "htp://", "http://")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_log_creates_a_store_and_says_so(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a").write_text("a")
+    res = cli("--store", "./fresh", "log", str(src), "--name", "alice/p/ds", "--type", "dataset", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert f"created a new store at {tmp_path / 'fresh'}" in res.stderr
+    again = cli("--store", "./fresh", "log", str(src), "--name", "alice/p/ds", "--type", "dataset", cwd=tmp_path)
+    assert again.returncode == 0 and "created a new store" not in again.stderr
+    assert "alice/p/ds" in cli("--store", "./fresh", "ls", "alice/p", cwd=tmp_path).stdout
+
+
+def test_admin_without_db_creates_nothing(tmp_path: Path) -> None:
+    env = {"ARTIFACTFS_SERVER_DB": ""}
+    res = cli("admin", "list-users", cwd=tmp_path, env=env)
+    one_line_error(res, 2, "--db")
+    assert list(tmp_path.iterdir()) == []
+
+
+@requires_fuse
+def test_mount_of_a_missing_path_fails_and_creates_nothing(tmp_path: Path, store_with_data: Path) -> None:
+    deep = tmp_path / "no" / "such" / "dir"
+    res = cli("mount", str(deep), "--store", str(store_with_data), cwd=tmp_path)
+    one_line_error(res, 3, str(deep), "mkdir")
+    assert not (tmp_path / "no").exists()
+
+
+@requires_fuse
+def test_mount_refuses_a_non_empty_mountpoint(tmp_path: Path, store_with_data: Path,
+                                              mountpoints: list[Path]) -> None:
+    mp = tmp_path / "full"
+    mp.mkdir()
+    (mp / "mine.txt").write_text("keep")
+    res = cli("mount", str(mp), "--store", str(store_with_data), "--cache-dir", str(tmp_path / "c"), cwd=tmp_path)
+    one_line_error(res, 2, "not empty", "--allow-non-empty")
+    assert not is_mounted(mp)
+    mountpoints.append(mp)
+    res = cli("mount", str(mp), "--allow-non-empty", "--store", str(store_with_data),
+              "--cache-dir", str(tmp_path / "c"), cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert (mp / "alice" / "proj" / "ds:v0" / "a.txt").read_text() == "A"
+    force_unmount(mp)
+    assert (mp / "mine.txt").read_text() == "keep"
+
+
+# -- item 3: one-line errors with distinct exit codes -----------------------------------------------
+
+@pytest.mark.parametrize("args, env, code, words", [
+    (["cache", "info"], {"ARTIFACTFS_CACHE_SIZE": "abc"}, 2, ["ARTIFACTFS_CACHE_SIZE", "20G"]),
+    (["admin", "--db", "/path/reg.db", "list-users"], {}, 2, ["sqlite:////path/reg.db"]),
+    (["admin", "--db", "sqlite:///no/such/dir/reg.db", "list-users"], {}, 3, ["no/such/dir"]),
+    (["admin", "--db", "postgresql://u@127.0.0.1:1/db", "list-users"], {}, 5, ["cannot reach", "127.0.0.1:1"]),
+    (["server", "--log-level", "verbose"], {}, 2, ["--log-level", "debug"]),
+])
+def test_user_errors_are_one_line(tmp_path: Path, args: list[str], env: dict[str, str], code: int,
+                                  words: list[str]) -> None:
+    one_line_error(cli(*args, cwd=tmp_path, env=env), code, *words)
+    assert list(tmp_path.iterdir()) == []
+
+
+@requires_fuse
+def test_mount_of_a_file_as_store_is_one_line(tmp_path: Path) -> None:
+    f = tmp_path / "not-a-store"
+    f.write_text("x")
+    mp = tmp_path / "mnt"
+    mp.mkdir()
+    res = cli("mount", str(mp), "--store", str(f), cwd=tmp_path)
+    one_line_error(res, 3, "not a store", str(f))
+    assert not is_mounted(mp)
+
+
+def test_help_documents_the_exit_codes(tmp_path: Path) -> None:
+    out = cli("--help", cwd=tmp_path).stdout
+    for line in ("3  not found", "4  authentication", "5  store unreachable", "2  usage"):
+        assert line in " ".join(out.split("\n")) or line in out, out
+
+
+# -- issue 13 item 4: mount checks the store before it reports success --------------------------------
+
+def mount_source(mp: Path) -> str:
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        fields = line.split()
+        if fields[4] == str(mp):
+            return fields[fields.index("-") + 2]
+    raise AssertionError(f"{mp} not mounted")
+
+
+@pytest.fixture
+def sqlite_server(tmp_path: Path) -> Iterator[tuple[str, str]]:
+    from tests.server_fixtures import new_factory
+
+    factory = new_factory("sqlite-local", None, tmp_path / "srv")  # type: ignore[arg-type]
+    (tmp_path / "srv").mkdir()
+    try:
+        srv = factory.start()
+        yield srv.url, factory.user("alice")
+    finally:
+        factory.stop_all()
+
+
+@requires_fuse
+def test_mount_checks_the_server_first(tmp_path: Path, sqlite_server: tuple[str, str],
+                                       mountpoints: list[Path]) -> None:
+    url, key = sqlite_server
+    mp = tmp_path / "mnt"
+    mp.mkdir()
+    mountpoints.append(mp)
+    common = ["--cache-dir", str(tmp_path / "cache")]
+    one_line_error(cli("mount", str(mp), "--store", url, *common, cwd=tmp_path), 4, "API key")
+    one_line_error(cli("mount", str(mp), "--store", url, *common, cwd=tmp_path,
+                       env={"ARTIFACTFS_API_KEY": "afs_00000000_wrong"}), 4, url)
+    one_line_error(cli("mount", str(mp), "--store", "http://127.0.0.1:1", *common, cwd=tmp_path,
+                       env={"ARTIFACTFS_API_KEY": key}), 5, "127.0.0.1:1")
+    assert not is_mounted(mp)
+    res = cli("mount", str(mp), "--store", url, *common, cwd=tmp_path, env={"ARTIFACTFS_API_KEY": key})
+    assert res.returncode == 0, res.stderr
+    assert mount_source(mp) == f"artifactfs:{url}"
+    force_unmount(mp)
+    res = cli("mount", str(mp), "--lazy-connect", "--store", "http://127.0.0.1:1", *common, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert is_mounted(mp)
+
+
+@requires_fuse
+def test_mount_source_names_the_local_store(tmp_path: Path, store_with_data: Path, mountpoints: list[Path]) -> None:
+    mp = tmp_path / "mnt"
+    mp.mkdir()
+    mountpoints.append(mp)
+    res = cli("mount", str(mp), "--store", str(store_with_data), "--cache-dir", str(tmp_path / "c"), cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert mount_source(mp) == f"artifactfs:{store_with_data}"
+
+
+# -- item 5: mount options the anchors have ---------------------------------------------------------
+
+@requires_fuse
+@pytest.mark.parametrize("flag", [["--read-only"], ["-o", "ro"]])
+def test_read_only_mount_refuses_drafts(tmp_path: Path, store_with_data: Path, mountpoints: list[Path],
+                                        flag: list[str]) -> None:
+    mp = tmp_path / "mnt"
+    mp.mkdir()
+    mountpoints.append(mp)
+    res = cli("mount", str(mp), *flag, "--store", str(store_with_data), "--cache-dir", str(tmp_path / "c"), cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert (mp / "alice/proj/ds:v0/a.txt").read_text() == "A"
+    with pytest.raises(OSError) as err:
+        (mp / "alice" / "proj" / "new:draft").mkdir()
+    assert err.value.errno == 30  # EROFS
+    opts = next(line.split()[5] for line in Path("/proc/self/mountinfo").read_text().splitlines()
+                if line.split()[4] == str(mp))
+    assert "ro" in opts.split(",")
+
+
+@requires_fuse
+def test_mount_owner_modes_and_logging_options(tmp_path: Path, store_with_data: Path,
+                                               mountpoints: list[Path]) -> None:
+    mp = tmp_path / "mnt"
+    mp.mkdir()
+    mountpoints.append(mp)
+    log = tmp_path / "logs" / "m.log"
+    res = cli("mount", str(mp), "--store", str(store_with_data), "--cache-dir", str(tmp_path / "c"),
+              "--uid", "4242", "--gid", "4343", "--file-mode", "0440", "--dir-mode", "0550",
+              "--metadata-ttl", "1", "--attr-timeout", "7", "--log-file", str(log), "--log-level", "debug",
+              "-o", "default_permissions", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    f = (mp / "alice/proj/ds:v0/a.txt").stat()
+    d = (mp / "alice/proj/ds:v0").stat()
+    assert (f.st_uid, f.st_gid, f.st_mode & 0o7777) == (4242, 4343, 0o440)
+    assert (d.st_uid, d.st_gid, d.st_mode & 0o7777) == (4242, 4343, 0o550)
+    assert log.exists() and "DEBUG" in log.read_text()
+    status = cli("status", cwd=tmp_path)
+    assert status.returncode == 0, status.stderr
+    row = next(line for line in status.stdout.splitlines() if str(mp) in line)
+    assert str(store_with_data) in row and str(tmp_path / "c") in row
+    header = status.stdout.splitlines()[0].split()
+    assert header[:4] == ["MOUNTPOINT", "STORE", "CACHE", "PID"]
+    assert Path(f"/proc/{row.split()[3]}/cmdline").read_bytes().count(b"mountfs.daemon") == 1
+
+
+def test_mount_rejects_bad_log_level(tmp_path: Path) -> None:
+    res = cli("mount", str(tmp_path), "--log-level", "verbose", cwd=tmp_path)
+    one_line_error(res, 2, "--log-level")
+
+
+@requires_fuse
+def test_foreground_mount_notifies_systemd_when_live(tmp_path: Path, store_with_data: Path,
+                                                     mountpoints: list[Path]) -> None:
+    import socket
+
+    mp = tmp_path / "mnt"
+    mp.mkdir()
+    mountpoints.append(mp)
+    sock_path = tmp_path / "notify.sock"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(sock_path))
+    sock.settimeout(60)
+    full = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    full["NOTIFY_SOCKET"] = str(sock_path)
+    proc = subprocess.Popen([str(EXE), "mount", "-f", str(mp), "--store", str(store_with_data),
+                             "--cache-dir", str(tmp_path / "c")], cwd=tmp_path, env=full,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        msg = sock.recv(4096).decode()
+        assert "READY=1" in msg.split("\n")
+        assert is_mounted(mp)  # live when READY=1 arrives
+    finally:
+        force_unmount(mp)
+        proc.wait(timeout=30)
+        sock.close()
