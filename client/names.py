@@ -9,12 +9,18 @@ place would alias two different things or escape a directory.  Errors say what i
 from __future__ import annotations
 
 import json
+import logging
 import math
+import os
 import re
+import stat
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 
 from .errors import InvalidNameError, InvalidPathError
+
+log = logging.getLogger(__name__)
 
 MAX_NAME = 128
 MAX_PATH = 4096
@@ -169,6 +175,42 @@ def validate_entry_path(path: object) -> str:
         if len(seg.encode("utf-8", "surrogateescape")) > MAX_SEGMENT_BYTES:
             raise InvalidPathError(f"entry path {path!r} has a segment longer than {MAX_SEGMENT_BYTES} bytes")
     return path
+
+
+def local_tree(root: str | os.PathLike[str]) -> Iterator[tuple[str, str]]:
+    """Every regular file under ``root`` as (full path, entry path), sorted; never skips one
+    silently.  A directory that cannot be listed, a path the OS cannot reach (longer than
+    PATH_MAX), a dangling link and a name that is not UTF-8 are errors (InvalidPathError)
+    naming the path; sockets, FIFOs and devices are skipped with a warning."""
+    def refuse(exc: OSError) -> None:
+        raise InvalidPathError(f"cannot read {_shown(exc.filename)}: {exc.strerror}; nothing was added") from None
+
+    for dirpath, dirnames, filenames in os.walk(root, onerror=refuse):
+        dirnames.sort()
+        rel_dir = os.path.relpath(dirpath, root)
+        for fn in sorted(filenames):
+            full = os.path.join(dirpath, fn)
+            rel = fn if rel_dir == "." else f"{rel_dir}/{fn}"
+            try:
+                rel.encode("utf-8")
+            except UnicodeEncodeError:
+                raise InvalidPathError(f"file name {_shown(full)} is not UTF-8; manifest paths are UTF-8: rename it "
+                                       "(e.g. convmv) or leave it out") from None
+            try:
+                st = os.stat(full)
+            except OSError as exc:
+                refuse(exc)
+            if stat.S_ISREG(st.st_mode):
+                yield full, entry_path_from_local(rel)
+            else:
+                log.warning("skipping %s: not a regular file (socket, FIFO or device)", _shown(full))
+
+
+def _shown(path: object) -> str:
+    """A path for a message: undecodable bytes as backslash escapes, never an encoding error."""
+    if isinstance(path, bytes):
+        path = os.fsdecode(path)
+    return "'" + str(path).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace") + "'"
 
 
 def entry_path_from_local(relpath: str) -> str:
