@@ -341,16 +341,7 @@ class Artifact(LinkMixin):
         if not root.is_dir():
             raise NotADirectoryError(f"not a directory: {root}")
         prefix = names.entry_path_from_local(str(name)).rstrip("/") + "/" if name else ""
-        jobs: list[tuple[Path, str]] = []
-        for dirpath, dirnames, filenames in os.walk(root):
-            dirnames.sort()
-            rel_dir = os.path.relpath(dirpath, root)
-            for fn in sorted(filenames):
-                full = Path(dirpath, fn)
-                if not full.is_file():
-                    continue  # sockets, fifos, dangling links
-                rel = fn if rel_dir == "." else f"{rel_dir}/{fn}"
-                jobs.append((full, names.entry_path_from_local(prefix + rel)))
+        jobs = [(Path(full), names.entry_path_from_local(prefix + rel)) for full, rel in names.local_tree(root)]
         staging = self._staging_dir
         workers = min(32, (os.cpu_count() or 4) * 2)
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="artifactfs-hash") as pool:

@@ -8,16 +8,29 @@ place would alias two different things or escape a directory.  Errors say what i
 
 from __future__ import annotations
 
+import json
+import logging
+import math
+import os
 import re
+import stat
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 
 from .errors import InvalidNameError, InvalidPathError
 
+log = logging.getLogger(__name__)
+
 MAX_NAME = 128
 MAX_PATH = 4096
 MAX_SEGMENT_BYTES = 255  # NAME_MAX on Linux: a longer segment could never be shown on the mount
 MAX_METADATA_KEYS = 100
+MAX_METADATA_BYTES = 1 << 20  #: metadata as JSON (UTF-8)
+MAX_DESCRIPTION = 64 * 1024  #: characters
+MAX_TTL_SECONDS = 100 * 366 * 86400  #: a TTL is 0 s .. about 100 years
+MAX_ENTRIES = 10_000_000  #: entries in one manifest
+MAX_ENTRY_SIZE = (1 << 63) - 1  #: bytes of one entry, and of a whole version
 
 _NAME_RE = re.compile(r"[A-Za-z0-9_\-.]+")
 _VERSION_RE = re.compile(r"v(0|[1-9][0-9]*)")
@@ -105,7 +118,37 @@ def validate_metadata(metadata: object) -> dict:
     for key in metadata:
         if not isinstance(key, str):
             raise InvalidNameError(f"metadata keys must be strings, got {key!r}")
+    try:
+        encoded = json.dumps(metadata, allow_nan=False).encode("utf-8", "surrogatepass")
+    except (TypeError, ValueError, RecursionError) as exc:
+        raise InvalidNameError(f"metadata must be JSON (finite numbers, not nested too deeply): {exc}") from None
+    if len(encoded) > MAX_METADATA_BYTES:
+        raise InvalidNameError(f"metadata is {len(encoded)} bytes as JSON; the limit is {MAX_METADATA_BYTES}")
     return metadata
+
+
+def validate_description(description: object) -> str | None:
+    """A version's description: None or text of at most MAX_DESCRIPTION characters."""
+    if description is None:
+        return None
+    if not isinstance(description, str):
+        raise InvalidNameError(f"description must be a string, got {type(description).__name__}")
+    if len(description) > MAX_DESCRIPTION:
+        raise InvalidNameError(f"description is {len(description)} characters; the limit is {MAX_DESCRIPTION}")
+    return description
+
+
+def validate_ttl(ttl: object, *, sentinels: tuple[str, ...] = ()) -> float | str | None:
+    """A TTL in seconds: None (no TTL), a number in [0, MAX_TTL_SECONDS], or one of ``sentinels``."""
+    if ttl is None or (isinstance(ttl, str) and ttl in sentinels):
+        return ttl
+    if isinstance(ttl, bool) or not isinstance(ttl, (int, float)):
+        allowed = ", ".join(repr(x) for x in sentinels)
+        raise InvalidNameError(f"ttl_seconds must be a number of seconds or null{', ' + allowed if allowed else ''}; "
+                               f"got {ttl!r}")
+    if not (math.isfinite(ttl) and 0 <= ttl <= MAX_TTL_SECONDS):
+        raise InvalidNameError(f"ttl_seconds {ttl!r} is out of range: 0 to {MAX_TTL_SECONDS} seconds (about 100 years)")
+    return float(ttl)
 
 
 def validate_entry_path(path: object) -> str:
@@ -132,6 +175,42 @@ def validate_entry_path(path: object) -> str:
         if len(seg.encode("utf-8", "surrogateescape")) > MAX_SEGMENT_BYTES:
             raise InvalidPathError(f"entry path {path!r} has a segment longer than {MAX_SEGMENT_BYTES} bytes")
     return path
+
+
+def local_tree(root: str | os.PathLike[str]) -> Iterator[tuple[str, str]]:
+    """Every regular file under ``root`` as (full path, entry path), sorted; never skips one
+    silently.  A directory that cannot be listed, a path the OS cannot reach (longer than
+    PATH_MAX), a dangling link and a name that is not UTF-8 are errors (InvalidPathError)
+    naming the path; sockets, FIFOs and devices are skipped with a warning."""
+    def refuse(exc: OSError) -> None:
+        raise InvalidPathError(f"cannot read {_shown(exc.filename)}: {exc.strerror}; nothing was added") from None
+
+    for dirpath, dirnames, filenames in os.walk(root, onerror=refuse):
+        dirnames.sort()
+        rel_dir = os.path.relpath(dirpath, root)
+        for fn in sorted(filenames):
+            full = os.path.join(dirpath, fn)
+            rel = fn if rel_dir == "." else f"{rel_dir}/{fn}"
+            try:
+                rel.encode("utf-8")
+            except UnicodeEncodeError:
+                raise InvalidPathError(f"file name {_shown(full)} is not UTF-8; manifest paths are UTF-8: rename it "
+                                       "(e.g. convmv) or leave it out") from None
+            try:
+                st = os.stat(full)
+            except OSError as exc:
+                refuse(exc)
+            if stat.S_ISREG(st.st_mode):
+                yield full, entry_path_from_local(rel)
+            else:
+                log.warning("skipping %s: not a regular file (socket, FIFO or device)", _shown(full))
+
+
+def _shown(path: object) -> str:
+    """A path for a message: undecodable bytes as backslash escapes, never an encoding error."""
+    if isinstance(path, bytes):
+        path = os.fsdecode(path)
+    return "'" + str(path).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace") + "'"
 
 
 def entry_path_from_local(relpath: str) -> str:

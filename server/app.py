@@ -28,6 +28,7 @@ import botocore.exceptions
 import sqlalchemy.exc
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, JSONResponse, Response
 from pydantic import BaseModel, Field
@@ -111,12 +112,12 @@ class MissingBody(BaseModel):
 
 
 class UploadBody(BaseModel):
-    size: int = Field(ge=0)
+    size: int = Field(ge=0, lt=1 << 63)
     part_md5s: list[str] | None = None
 
 
 class CompleteBody(BaseModel):
-    size: int = Field(ge=0)
+    size: int = Field(ge=0, lt=1 << 63)
     upload: dict[str, Any] | None = None
     etags: list[str] | None = None
 
@@ -208,7 +209,23 @@ def create_app(server: Server | None = None) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def _bad_request(_: Request, exc: RequestValidationError) -> JSONResponse:
-        return _error_response(InvalidNameError(f"invalid request: {exc.errors()}"))
+        return _error_response(InvalidNameError(f"invalid request: {str(exc.errors())[:2000]}"))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        # FastAPI's own refusals (a body that is not JSON, an unknown route) in our error format
+        cls = NotFoundError if exc.status_code == 404 else InvalidNameError
+        resp = _error_response(cls(f"{exc.detail}"))
+        resp.status_code = exc.status_code
+        return resp
+
+    @app.exception_handler(RecursionError)
+    @app.exception_handler(UnicodeDecodeError)
+    @app.exception_handler(OverflowError)
+    async def _malformed(_: Request, exc: Exception) -> JSONResponse:
+        # Input no rule caught earlier (nesting too deep, bad UTF-8, a number too large for the
+        # database): the request's fault, so a 400 with the reason, never a 500.
+        return _error_response(InvalidNameError(f"malformed request: {type(exc).__name__}: {str(exc)[:300]}"))
 
     async def principal(request: Request) -> Principal:
         """The caller; from the auth cache on the event loop, else the database in a thread."""

@@ -20,7 +20,7 @@ import pytest
 
 from client.errors import StoreUnavailableError
 from client.retry import RetryPolicy
-from tests.server_fixtures import RegistryServer, ServerFactory, make_store
+from tests.server_fixtures import MotoS3, RegistryServer, ServerFactory, make_store, moto_s3  # noqa: F401
 from tests.util import commit_files
 
 pytestmark = pytest.mark.timeout(180)
@@ -146,3 +146,28 @@ def test_mount_read_from_a_stopped_server_is_eio_within_the_bound_then_recovers(
         assert os.pread(fd_big, 4096, 2 << 20) == big[2 << 20:(2 << 20) + 4096]  # recovered by itself
         os.close(fd_big)
         os.close(fd_small)
+
+
+def test_sdk_read_from_a_stopped_s3_endpoint_fails_within_the_bound(moto_s3: MotoS3, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Blob bytes go straight to S3 (presigned URLs): a stopped S3 is bounded the same way."""
+    factory = ServerFactory(f"sqlite:///{tmp_path / 'registry.db'}", f"s3://{moto_s3.new_bucket()}/blobs", tmp_path,
+                            s3_endpoint=moto_s3.url)
+    try:
+        srv = factory.start()
+        monkeypatch.setenv("ARTIFACTFS_REQUEST_TIMEOUT", str(BOUND))
+        store = make_store(srv.url, factory.user("alice"))
+        data = os.urandom(100_000)
+        commit_files(store, tmp_path, {"x.bin": data}, entity="alice")
+        from client.hashing import md5_bytes
+
+        os.kill(moto_s3.proc.pid, signal.SIGSTOP)
+        try:
+            error, took = outcome_within(lambda: store.read_blob("alice", md5_bytes(data), 0, 1000), BOUND + SLACK)
+            assert isinstance(error, StoreUnavailableError), error
+            assert took < BOUND + 2.0
+        finally:
+            os.kill(moto_s3.proc.pid, signal.SIGCONT)
+        assert store.read_blob("alice", md5_bytes(data), 0, 1000) == data[:1000]  # recovered by itself
+    finally:
+        factory.stop_all()

@@ -188,3 +188,46 @@ def test_ttl_default_and_gc(sdk_env: dict[str, Path]) -> None:
     assert run("gc")[1].strip() == "0 expired version(s) deleted"
     code, out, _ = run("ttl-default", "alice", "none")
     assert code == 0 and out.strip() == "alice: default ttl none"
+
+
+# -- names log/add_dir cannot store: errors naming the path, never a silent skip ----------------
+def _deep_path(base: Path, total: int) -> Path:
+    """Create a file whose absolute path is longer than ``total`` bytes (built with dir fds)."""
+    import os
+
+    seg = "d" * 200
+    fd = os.open(base, os.O_RDONLY)
+    depth = total // (len(seg) + 1) + 1
+    try:
+        for _ in range(depth):
+            os.mkdir(seg, dir_fd=fd)
+            nfd = os.open(seg, os.O_RDONLY, dir_fd=fd)
+            os.close(fd)
+            fd = nfd
+        os.close(os.open("deep.bin", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd))
+    finally:
+        os.close(fd)
+    return base / "/".join([seg] * depth) / "deep.bin"
+
+
+@pytest.mark.parametrize("case", ["non-utf8", "over-long", "dangling-link"])
+def test_log_refuses_names_it_cannot_store_and_names_the_path(sdk_env: dict[str, Path], case: str) -> None:
+    import os
+
+    src = write_tree(sdk_env["tmp"] / f"data-{case}", {"ok.txt": "fine"})
+    if case == "non-utf8":
+        with open(os.path.join(os.fsencode(src), b"bad\xffname.txt"), "wb") as f:
+            f.write(b"x")
+        expected = "bad\\xffname.txt"
+    elif case == "over-long":
+        deep = _deep_path(src, 4200)
+        expected = "deep.bin" if len(os.fsencode(deep)) < 4096 else "File name too long"
+    else:
+        (src / "link.txt").symlink_to(src / "missing")
+        expected = "link.txt"
+    code, out, err = run("log", str(src), "--name", f"proj/ds-{case}", "--type", "dataset")
+    assert code == 1, (out, err)
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert expected in err, err
+    code, out, err = run("ls", "proj")
+    assert f"ds-{case}" not in out  # nothing was logged

@@ -13,6 +13,7 @@ number of writers, on any number of machines sharing the database.  SQLite gets
 
 from __future__ import annotations
 
+import codecs
 import datetime as dt
 import logging
 import uuid
@@ -23,7 +24,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
 from .. import names
-from ..errors import ConflictError, InvalidNameError, MissingBlobError, NotFoundError
+from ..errors import ConflictError, InvalidNameError, ManifestError, MissingBlobError, NotFoundError
 from ..hashing import b64_to_hex, is_md5_hex
 from ..blockmap import BlockMap
 from ..manifest import compute_digest, iter_entries
@@ -34,6 +35,17 @@ from .blobs import BlobBackend
 log = logging.getLogger(__name__)
 
 KEEP = "keep"
+
+
+def _expired(rec: VersionRecord, now: dt.datetime) -> bool:
+    """Whether a version's TTL has run out; a TTL beyond the calendar (stored before TTLs were
+    checked) never runs out, rather than failing the sweep."""
+    if rec.ttl_seconds is None:
+        return False
+    try:
+        return rec.created_at + dt.timedelta(seconds=rec.ttl_seconds) <= now
+    except (OverflowError, ValueError, TypeError):
+        return False
 INHERIT = "inherit"
 _BLOB_BATCH = 500
 
@@ -309,22 +321,57 @@ class Registry:
         with self._read() as c:
             return self._record(c, version_id)
 
-    def _manifest_summary(self, entity: str, manifest_md5: str) -> tuple[str, int, int, list[str]]:
-        """Validate a manifest blob; return (digest, size, file_count, content md5s)."""
+    def _manifest_summary(self, entity: str, manifest_md5: str) -> tuple[str, int, int, dict[str, tuple[int, str]]]:
+        """Validate a manifest blob; return (digest, size, file_count, {content md5: (size, path)}).
+
+        Refused (ManifestError): invalid UTF-8, bytes after the closing brace, nesting too deep,
+        sizes outside [0, 2^63), more than MAX_ENTRIES entries, a path listed twice, a path that
+        is both a file and a directory (``a`` and ``a/b``).
+        """
+        with self.blobs.open(entity, manifest_md5) as f:
+            decoder = codecs.getincrementaldecoder("utf-8")("strict")
+            try:
+                while chunk := f.read(1 << 20):
+                    decoder.decode(chunk)
+                decoder.decode(b"", final=True)
+            except UnicodeDecodeError as exc:
+                raise ManifestError(f"manifest {manifest_md5} is not valid UTF-8 (byte {exc.start} of a chunk)") from None
         pairs: list[tuple[str, str]] = []
         size = 0
-        content: list[str] = []
+        content: dict[str, tuple[int, str]] = {}
         with self.blobs.open(entity, manifest_md5) as f:
-            for e in iter_entries(f):
-                pairs.append((e.path, e.digest))
-                size += e.size or 0
-                if e.ref is None:
-                    try:
-                        content.append(b64_to_hex(e.digest))
-                    except ValueError:
-                        raise MissingBlobError(f"entry {e.path!r} has digest {e.digest!r}, not a base64 md5") from None
-        if len({p for p, _ in pairs}) != len(pairs):
+            try:
+                for e in iter_entries(f):
+                    if len(pairs) >= names.MAX_ENTRIES:
+                        raise ManifestError(f"manifest has more than {names.MAX_ENTRIES} entries")
+                    esize = e.size or 0
+                    if isinstance(esize, bool) or not isinstance(esize, int) or not 0 <= esize <= names.MAX_ENTRY_SIZE:
+                        raise ManifestError(f"entry {e.path!r} has size {e.size!r}; sizes are 0 to 2^63-1 bytes")
+                    pairs.append((e.path, e.digest))
+                    size += esize
+                    if e.ref is None:
+                        try:
+                            content[b64_to_hex(e.digest)] = (esize, e.path)
+                        except ValueError:
+                            raise MissingBlobError(f"entry {e.path!r} has digest {e.digest!r}, not a base64 md5") from None
+                trailing = f.read(4096)
+            except RecursionError:
+                raise ManifestError(f"manifest {manifest_md5} is nested too deeply") from None
+            except (UnicodeDecodeError, OverflowError, TypeError) as exc:
+                raise ManifestError(f"manifest {manifest_md5} is not readable: {exc}") from None
+        if trailing.strip():
+            raise ManifestError(f"manifest {manifest_md5} has bytes after its closing brace: {trailing[:40]!r}")
+        if size > names.MAX_ENTRY_SIZE:
+            raise ManifestError(f"manifest sizes add up to {size} bytes; a version holds at most 2^63-1")
+        paths = {p for p, _ in pairs}
+        if len(paths) != len(pairs):
             raise InvalidNameError("manifest lists a path more than once")
+        for p in paths:
+            parts = p.split("/")
+            for k in range(1, len(parts)):
+                if "/".join(parts[:k]) in paths:
+                    raise ManifestError(f"manifest lists {'/'.join(parts[:k])!r} as a file and as a directory "
+                                        f"(of {p!r})")
         return compute_digest(pairs), size, len(pairs), content
 
     def commit(self, req: CommitRequest) -> tuple[VersionRecord, bool]:
@@ -335,16 +382,26 @@ class Registry:
         user_aliases = [names.validate_alias(a) for a in req.aliases if a != "latest"]
         tags = [names.validate_tag(x) for x in req.tags]
         meta = names.validate_metadata(req.metadata)
+        description = names.validate_description(req.description)
+        req_ttl = names.validate_ttl(req.ttl_seconds, sentinels=(INHERIT,))
         if not is_md5_hex(req.manifest_md5):
             raise InvalidNameError("manifest_md5 must be an md5 hex digest")
         digest, size, file_count, content = self._manifest_summary(req.entity, req.manifest_md5)
         # Outside the write transaction (SQLite's single writer is not held for the batches):
         # blob registrations are never removed, so what is present now is present at commit.
-        missing = self.missing_blobs(req.entity, content + [req.manifest_md5])
+        with self._read() as c:
+            try:
+                have = self._blob_sizes(c, self._entity_id(c, req.entity), [*content, req.manifest_md5])
+            except NotFoundError:
+                have = {}
+        missing = set(content) - set(have) | ({req.manifest_md5} - set(have))
         if missing:
             raise MissingBlobError(
                 f"{len(missing)} blob(s) referenced by the manifest were never uploaded "
                 f"(e.g. {sorted(missing)[0]}); upload them before committing")
+        for md5, (esize, path) in content.items():
+            if have[md5] != esize:
+                raise ManifestError(f"entry {path!r} claims {esize} bytes but its blob {md5} holds {have[md5]}")
         now = utcnow()
         with self._write() as c:
             pid = self._project_id(c, req.entity, req.project, create=True)
@@ -370,12 +427,12 @@ class Registry:
             idx = col.next_index
             c.execute(t.collections.update().where(t.collections.c.id == col.id).values(next_index=idx + 1))
             vid = uuid.uuid4().hex
-            ttl = req.ttl_seconds
+            ttl = req_ttl
             if ttl == INHERIT:
                 ttl = c.execute(sa.select(t.entities.c.default_ttl_seconds).where(t.entities.c.id == eid)).scalar()
             c.execute(t.versions.insert().values(
                 id=vid, collection_id=col.id, idx=idx, digest=digest, manifest_md5=req.manifest_md5,
-                size=size, file_count=file_count, description=req.description, meta=meta,
+                size=size, file_count=file_count, description=description, meta=meta,
                 created_at=now, updated_at=now, ttl_seconds=ttl, state="COMMITTED", run_pk=run_pk,
                 source_id=None))
             self._add_aliases(c, col.id, vid, ["latest", *user_aliases])
@@ -399,6 +456,8 @@ class Registry:
         new_aliases = None if aliases is None else [names.validate_alias(a) for a in aliases if a != "latest"]
         new_tags = None if tags is None else [names.validate_tag(x) for x in tags]
         meta = None if metadata is None else names.validate_metadata(metadata)
+        description = names.validate_description(description)
+        ttl_seconds = names.validate_ttl(ttl_seconds, sentinels=(INHERIT, KEEP))
         with self._write() as c:
             row = c.execute(sa.select(t.versions).where(t.versions.c.id == version_id)).first()
             if row is None or row.state != "COMMITTED":
@@ -547,6 +606,16 @@ class Registry:
             return [self._run_record(r, r.e_name, r.p_name) for r in c.execute(q)]
 
     # -- blobs ------------------------------------------------------------------------------------
+    def _blob_sizes(self, c: Connection, entity_id: int, md5s: list[str]) -> dict[str, int]:
+        """Recorded sizes of those of ``md5s`` the entity holds."""
+        ordered = sorted(set(md5s))
+        have: dict[str, int] = {}
+        for i in range(0, len(ordered), _BLOB_BATCH):
+            chunk = ordered[i:i + _BLOB_BATCH]
+            have.update((r[0], int(r[1])) for r in c.execute(sa.select(t.blobs.c.md5, t.blobs.c.size).where(
+                t.blobs.c.entity_id == entity_id, t.blobs.c.md5.in_(chunk))))
+        return have
+
     def _missing(self, c: Connection, entity_id: int, md5s: list[str]) -> set[str]:
         wanted = set(md5s)
         have: set[str] = set()
@@ -686,6 +755,7 @@ class Registry:
             return c.execute(sa.select(t.entities.c.default_ttl_seconds).where(t.entities.c.id == eid)).scalar()
 
     def set_entity_default_ttl(self, entity: str, ttl_seconds: float | None) -> None:
+        ttl_seconds = names.validate_ttl(ttl_seconds)  # type: ignore[assignment]
         with self._write() as c:
             eid = self._entity_id(c, entity, create=True)
             c.execute(t.entities.update().where(t.entities.c.id == eid).values(default_ttl_seconds=ttl_seconds))
@@ -696,11 +766,15 @@ class Registry:
         with self._read() as c:
             rows = c.execute(self._version_query().where(t.versions.c.ttl_seconds.is_not(None),
                                                          t.versions.c.state == "COMMITTED")).all()
-            expired = [r for r in self._records(c, rows)
-                       if r.ttl_seconds is not None and r.created_at + dt.timedelta(seconds=r.ttl_seconds) <= now]
+            expired = [r for r in self._records(c, rows) if _expired(r, now)]
+        done = []
         for rec in expired:
+            # One version's trouble never stops the sweep for the others (of any entity).
             try:
                 self.delete_version(rec.id, delete_aliases=True)
+                done.append(rec)
             except NotFoundError:
                 pass  # deleted concurrently
-        return expired
+            except Exception:  # noqa: BLE001 - logged; the next sweep tries again
+                log.exception("ttl gc: could not delete expired version %s", rec.id)
+        return done
