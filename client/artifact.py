@@ -28,9 +28,11 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Literal
+from urllib.parse import urlparse
 
 from . import names
-from .errors import ArtifactFinalizedError, ArtifactFSError, ArtifactNotLoggedError, NotFoundError
+from .errors import (ArtifactFinalizedError, ArtifactFSError, ArtifactNotLoggedError, InvalidPathError,
+                     NotFoundError)
 from .hashing import b64_to_hex
 from .api import Paginator
 from .manifest import Manifest
@@ -391,8 +393,10 @@ class Artifact(LinkMixin):
             with self._lock:
                 return [self._put_entry(e.path, Hashed(e.digest, e.size, None, None, False), overwrite=True,
                                         ref=e.ref, extra=e.extra)]
+        if not isinstance(uri, str) or not urlparse(uri).scheme:
+            raise InvalidPathError(f"references must be URIs, got {uri!r}; to reference a local file, use file://")
         if (target := parse_file_uri(uri)) is not None and not target.exists():
-            raise FileNotFoundError(f"reference target does not exist: {target}")
+            raise InvalidPathError(f"reference {uri}: no such file or directory {target}")
         out = []
         for e in references.iter_entries_for_reference(uri, name, checksum, max_objects):
             h = Hashed(e.digest, e.size, None, None, False)

@@ -414,10 +414,11 @@ def test_file_references(sdk_env: dict[str, Path]) -> None:
     many = art.add_reference(ext.as_uri(), name="tree")
     assert sorted(e.path for e in many) == ["tree/one.txt", "tree/sub/two.txt"]
     nock = art.add_reference((ext / "sub").as_uri(), name="lazy", checksum=False)
-    assert len(nock) == 1 and is_uri_digest(nock[0]) and nock[0].size is None  # not expanded, not read
-    capped = art.add_reference(ext.as_uri(), name="capped", max_objects=1)
-    assert [e.path for e in capped] == ["capped/one.txt"]
-    with pytest.raises(FileNotFoundError):
+    assert len(nock) == 1 and is_uri_digest(nock[0]) and nock[0].size == 2  # expanded, not read
+    with pytest.raises(ValueError, match="Exceeded 1"):
+        art.add_reference(ext.as_uri(), name="capped", max_objects=1)
+    capped = art.add_reference(ext.as_uri(), name="capped", max_objects=2)
+    with pytest.raises(ValueError):
         art.add_reference((ext / "absent").as_uri())
     with pytest.raises(ArtifactNotLoggedError):
         art.add_reference(single[0])  # an entry of a draft: nothing to point at yet
