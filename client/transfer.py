@@ -460,7 +460,9 @@ def verify_tree(dest: Path, manifest: Manifest, name: str) -> None:
             continue
         p = dest / e.path
         if not p.is_file():
-            raise ValueError(f"{e.path!r} of artifact {name!r} is missing from {dest}")
+            from .errors import LocalPathError  # a ValueError and, as in W&B, a FileNotFoundError
+
+            raise LocalPathError(f"{e.path!r} of artifact {name!r} is missing from {dest}")
         if hex_to_b64(_copy_hashing(p)[0]) != e.digest:
             raise ValueError(f"digest mismatch for {e.path!r} in {dest}: it differs from artifact {name!r}")
 

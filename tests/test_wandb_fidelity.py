@@ -22,6 +22,7 @@ import pytest
 
 from client.manifest import Manifest
 from client.references import entries_for_reference, is_uri_digest, uri_digest
+from tests._sdk_fixtures import sdk_env  # noqa: F401
 from tests.util import write_tree
 
 import client
@@ -254,3 +255,118 @@ def test_s3_live_against_wandb(s3_wandb_env) -> None:
              ("s3://fidelity/data/sub/b.txt", {"checksum": False})]
     for (uri, kw), theirs in zip(cases, wandb_add_reference(cases, env=s3_wandb_env)):
         assert_same(ours(uri, **kw), theirs)
+
+
+# --------------------------------------------------------------------------- names and symlinks (add_file / add_dir)
+# Observed with wandb 0.31.0 offline: add_file(name="back\\slash.txt") and add_dir of a file named
+# so keep the backslash; "a:b.txt" (a letter + ':' first) is "Invalid artifact path" (ValueError)
+# for add_file, new_file and add_dir; "ab:c.txt" and "x/a:b.txt" are accepted; add_dir follows a
+# directory symlink (entry "linkdir/o.txt") and raises FileNotFoundError on a dangling link.
+
+
+def test_backslash_kept_literally_everywhere(tmp_path: Path) -> None:
+    src = write_tree(tmp_path / "src", {"back\\slash.txt": b"q"})
+    art = client.Artifact("names", "dataset")
+    art.add_dir(src)
+    art.add_file(src / "back\\slash.txt", name="sub\\x.txt")
+    with art.new_file("new\\file.txt") as f:
+        f.write("z")
+    assert sorted(art.manifest.entries) == ["back\\slash.txt", "new\\file.txt", "sub\\x.txt"]
+
+
+def test_drive_letter_names_are_refused_like_wandb(tmp_path: Path) -> None:
+    src = write_tree(tmp_path / "src", {"f.txt": b"1"}) / "f.txt"
+    art = client.Artifact("names", "dataset")
+    for bad in ("a:b.txt", "Z:x"):
+        with pytest.raises(ValueError, match="Invalid artifact path"):
+            art.add_file(src, name=bad)
+    with pytest.raises(ValueError):
+        with art.new_file("a:b.txt") as f:
+            f.write("z")
+    drv = write_tree(tmp_path / "drv", {"c:x.txt": b"1"})
+    with pytest.raises(ValueError):
+        art.add_dir(drv)
+    art.add_file(src, name="ab:c.txt")
+    art.add_file(src, name="x/a:b.txt")
+    assert sorted(art.manifest.entries) == ["ab:c.txt", "x/a:b.txt"]
+
+
+def test_add_dir_follows_directory_symlinks_and_fails_on_dangling(tmp_path: Path) -> None:
+    outside = write_tree(tmp_path / "outside", {"o.txt": b"x\n"})
+    root = write_tree(tmp_path / "d", {"a.txt": b"a\n"})
+    (root / "linkdir").symlink_to(outside, target_is_directory=True)
+    (root / "loop").symlink_to(root, target_is_directory=True)  # ours: walked once, never forever
+    art = client.Artifact("links", "dataset")
+    art.add_dir(root)
+    assert sorted(art.manifest.entries) == ["a.txt", "linkdir/o.txt"]
+    (root / "bad").symlink_to(tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError):
+        client.Artifact("links", "dataset").add_dir(root)
+
+
+# --------------------------------------------------------------------------- errors (observed types)
+
+
+def test_not_logged_and_finalized_errors_are_attribute_errors(sdk_env) -> None:
+    from client.errors import ArtifactFinalizedError, ArtifactNotLoggedError
+
+    assert issubclass(ArtifactNotLoggedError, AttributeError) and issubclass(ArtifactFinalizedError, AttributeError)
+    draft = client.Artifact("errs", "dataset")
+    assert getattr(draft, "version", None) is None  # wandb: None, via AttributeError
+    for attr in ("aliases", "tags"):  # wandb: ArtifactNotLoggedError on get and set
+        with pytest.raises(ArtifactNotLoggedError):
+            getattr(draft, attr)
+        with pytest.raises(ArtifactNotLoggedError):
+            setattr(draft, attr, ["x"])
+    draft.finalize()
+    with pytest.raises(AttributeError):
+        draft.add_reference("foo://x", name="x")
+
+
+def test_local_path_errors_are_value_errors(tmp_path: Path, sdk_env) -> None:
+    src = write_tree(tmp_path / "src", {"f.txt": b"1"})
+    art = client.Artifact("errs", "dataset")
+    for call in (lambda: art.add_file(tmp_path / "nope"), lambda: art.add_file(src),
+                 lambda: art.add_dir(tmp_path / "nope"), lambda: art.add_dir(src / "f.txt")):
+        with pytest.raises(ValueError, match="Path is not a"):  # wandb: "Path is not a file/directory: ..."
+            call()
+    art.add_dir(src)
+    with client.init() as run:
+        run.log_artifact(art)
+    out = Path(art.download(tmp_path / "out"))
+    (out / "f.txt").unlink()
+    with pytest.raises(FileNotFoundError):  # wandb: FileNotFoundError for a missing file
+        art.verify(out)
+
+
+def test_missing_artifact_is_a_comm_error(sdk_env) -> None:
+    from client.errors import CommError
+
+    with pytest.raises(CommError):  # wandb: wandb.errors.CommError
+        client.Api().artifact("proj/nothing:latest")
+
+
+def test_types_follow_wandb() -> None:
+    for ok in ("my type", "a/b", "ünï", "dataset:x", "run_table", "code"):
+        assert client.Artifact("t", ok).type == ok
+    for reserved, name in (("job", "t"), ("wandb-history", "t"), ("run_table", "run-x"), ("code", "source-x")):
+        with pytest.raises(ValueError, match="reserved"):
+            client.Artifact(name, reserved)
+
+
+def test_metadata_normalised_like_wandb() -> None:
+    import datetime
+
+    art = client.Artifact("m", "dataset")
+    art.metadata = {"s": {1, 2}, "d": datetime.datetime(2024, 1, 2, 3, 4, 5), "day": datetime.date(2024, 1, 2),
+                    "n": float("nan"), 1: "a", "t": (1, 2)}
+    assert art.metadata == {"s": [1, 2], "d": "2024-01-02T03:04:05", "day": "2024-01-02", "n": None, "1": "a",
+                            "t": [1, 2]}
+    art.metadata = '{"a": 1}'
+    assert art.metadata == {"a": 1}
+    with pytest.raises(ValueError):  # wandb: "Out of range float values are not JSON compliant"
+        art.metadata = {"x": float("inf")}
+    with pytest.raises(ValueError):
+        client.Artifact("m", "dataset", metadata={"x": float("-inf")})
+    with pytest.raises(TypeError):  # wandb: "Object of type object is not JSON serializable"
+        art.metadata = {"o": object()}
