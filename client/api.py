@@ -174,7 +174,6 @@ class ArtifactCollection:
         """Every alias held by some version of the collection."""
         return sorted(self._record.aliases)
 
-    @property
     def is_sequence(self) -> bool:
         """False for a portfolio (its versions are links, e.g. a registry collection)."""
         r = self._record

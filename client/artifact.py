@@ -508,7 +508,7 @@ class Artifact(LinkMixin):
         Files already present with the right md5 are left alone; others are written atomically.
         """
         self._ensure_logged("download")
-        dest = Path(root) if root is not None else default_root(self.name)
+        dest = Path(root).absolute() if root is not None else default_root(self.name)
         prefix = str(path_prefix).lstrip("/") if path_prefix else ""
         entries = [e for e in self.manifest if e.path.startswith(prefix)]
         assert self._store is not None
@@ -595,7 +595,7 @@ class Artifact(LinkMixin):
         """Log a draft (through the current run, or an auto run of job type "auto"), or persist
         edited aliases, tags, metadata, description and ttl of a logged version."""
         if self._record is None:
-            from . import run as run_mod
+            from . import live_run as run_mod
 
             current = run_mod.current_run()
             if current is not None:

@@ -8,6 +8,7 @@
 | ARTIFACTFS_CACHE_SIZE    | cache bound, bytes or with K/M/G/T suffix            | 20G                             |
 | ARTIFACTFS_ENTITY        | default entity when a name has none                 | the login user name             |
 | ARTIFACTFS_PROJECT       | default project when a name has none                | uncategorized                   |
+| ARTIFACTFS_ARTIFACT_DIR  | where ``download()`` puts an artifact with no root   | WANDB_ARTIFACT_DIR, ./artifacts |
 
 Functions, not module constants: tests change the environment between cases.
 """
@@ -58,6 +59,13 @@ def default_entity() -> str:
 def default_organization() -> str | None:
     """ARTIFACTFS_ORGANIZATION: the entity registries (``wandb-registry-*`` projects) live in."""
     return os.environ.get("ARTIFACTFS_ORGANIZATION") or None
+
+
+def artifact_dir() -> Path:
+    """Download root when ``download()`` gets none.  WANDB_ARTIFACT_DIR is honoured when ours is
+    unset, so a wandb set-up keeps its layout; WANDB_CACHE_DIR is not (our cache's layout differs
+    from wandb's, and the two must not share a directory)."""
+    return Path(os.environ.get("ARTIFACTFS_ARTIFACT_DIR") or os.environ.get("WANDB_ARTIFACT_DIR") or "artifacts")
 
 
 def default_project() -> str:

@@ -74,8 +74,11 @@ def get_cache() -> Cache:
 
 
 def default_root(name: str) -> Path:
-    """W&B's default download directory: ``./artifacts/<collection>:<version>``."""
-    return Path("artifacts") / name
+    """W&B's default download directory, absolute: ``<artifact dir>/<collection>:<version>``
+    (settings.artifact_dir: ARTIFACTFS_ARTIFACT_DIR, else WANDB_ARTIFACT_DIR, else ./artifacts)."""
+    from . import settings
+
+    return (settings.artifact_dir() / name).absolute()
 
 
 def parse_file_uri(uri: str) -> Path | None:

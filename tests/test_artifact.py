@@ -290,7 +290,7 @@ def test_get_entry_get_path_files_and_entry_download(sdk_env: dict[str, Path]) -
 def test_file_single_and_multiple(sdk_env: dict[str, Path]) -> None:
     single = logged(sdk_env["tmp"], {"model.pt": "weights"}, name="model")
     p = single.file()
-    assert Path(p) == Path("artifacts/model:v0/model.pt") and Path(p).read_text() == "weights"
+    assert Path(p) == Path("artifacts/model:v0/model.pt").absolute() and Path(p).read_text() == "weights"
     multi = logged(sdk_env["tmp"], {"a": "1", "b": "2"}, name="multi")
     with pytest.raises(ValueError):
         multi.file()
@@ -300,7 +300,7 @@ def test_download_default_root_prefix_skip_and_repair(sdk_env: dict[str, Path]) 
     files = {"a.txt": "A", "sub/b.txt": "B", "sub/c.txt": "C"}
     art = logged(sdk_env["tmp"], files)
     root = Path(art.download())
-    assert root == Path("artifacts/ds:v0") and tree_of(root) == {k: v.encode() for k, v in files.items()}
+    assert root == Path("artifacts/ds:v0").absolute() and tree_of(root) == {k: v.encode() for k, v in files.items()}
     ino = (root / "a.txt").stat().st_ino
     (root / "sub/b.txt").write_text("corrupted")
     (root / "keep-me").write_text("user file")

@@ -458,7 +458,7 @@ def test_artifact_logs_downloads_and_verifies_http_and_s3_references(http_site, 
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     """add_reference -> log -> download (fetching from the sources) -> verify, end to end."""
     import client
-    from client import run as run_mod
+    from client import live_run as run_mod
 
     monkeypatch.setenv("ARTIFACTFS_STORE", str(tmp_path / "store"))
     monkeypatch.setenv("ARTIFACTFS_CACHE_DIR", str(tmp_path / "cache"))

@@ -370,3 +370,95 @@ def test_metadata_normalised_like_wandb() -> None:
         client.Artifact("m", "dataset", metadata={"x": float("-inf")})
     with pytest.raises(TypeError):  # wandb: "Object of type object is not JSON serializable"
         art.metadata = {"o": object()}
+
+
+# --------------------------------------------------------------------------- module surface and a wandb script
+
+WANDB_USER_SCRIPT = '''
+import os
+import wandb
+
+os.makedirs("data/train", exist_ok=True)
+with open("data/train/a.csv", "w") as f:
+    f.write("x,y\\n1,2\\n")
+with open("data/labels.txt", "w") as f:
+    f.write("cat\\ndog\\n")
+
+wandb.login()
+run = wandb.init(project="proj", job_type="prep", config={"lr": 0.01})
+assert wandb.run is run and wandb.run.id == run.id and wandb.config.lr == 0.01
+ds = wandb.Artifact("mnist", type="dataset", description="raw data", metadata={"rows": 1})
+ds.add_dir("data")
+run.log_artifact(ds, aliases=["best", "raw"])
+run.log({"loss": 0.5})
+wandb.finish()
+assert wandb.run is None
+
+run = wandb.init(project="proj", job_type="train")
+art = run.use_artifact("mnist:best")
+root = art.download()
+assert os.path.isabs(root) and open(os.path.join(root, "train/a.csv")).read() == "x,y\\n1,2\\n"
+draft = art.new_draft()
+with open("extra.txt", "w") as f:
+    f.write("more")
+draft.add_file("extra.txt")
+table = wandb.Table(columns=["id", "label"], data=[[1, "cat"], [2, "dog"]])
+draft.add(table, "predictions")
+run.log_artifact(draft)
+wandb.finish()
+
+api = wandb.Api()
+latest = api.artifact("proj/mnist:latest")
+assert latest.version == "v1" and "latest" in latest.aliases, latest.aliases
+assert set(api.artifact("proj/mnist:v0").aliases) >= {"best", "raw"}
+assert sorted(a.version for a in api.artifacts("dataset", "proj/mnist")) == ["v0", "v1"]
+latest.metadata["epochs"] = 3
+latest.description = "with predictions"
+latest.save()
+again = api.artifact("proj/mnist:latest")
+assert again.metadata == {"rows": 1, "epochs": 3} and again.description == "with predictions"
+got = again.get("predictions")
+assert got.get_column("label") == ["cat", "dog"]
+print("SCRIPT OK", run.id)
+'''
+
+
+def test_wandb_user_script_runs_with_only_the_import_changed(sdk_env) -> None:
+    script = WANDB_USER_SCRIPT.replace("import wandb\n", "import client as wandb\n", 1)
+    assert script.count("import") == WANDB_USER_SCRIPT.count("import")  # one line changed, nothing else
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.run([os.sys.executable, "-c", script], cwd=sdk_env["work"], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "SCRIPT OK" in proc.stdout
+
+
+def test_module_surface(sdk_env) -> None:
+    assert client.run is None and isinstance(client.config, dict)
+    assert client.Table is not None and client.Classes is not None and client.login() is True
+    with client.init(project="proj", config={"lr": 0.1}, tags=["exp"]) as run:
+        assert client.run is run and client.config.lr == 0.1 and run.tags == ("exp",)
+        run.log({"acc": 0.5})
+        run.log({"acc": 0.7, "loss": 1.0})
+        assert run.summary == {"acc": 0.7, "loss": 1.0}
+        assert run.url.endswith(f"/alice/proj/runs/{run.id}")
+        model = write_tree(sdk_env["tmp"] / "m", {"w.bin": b"weights"})
+        logged = run.log_model(model, name="net", aliases=["prod"])
+        assert logged.type == "model" and "prod" in logged.aliases
+        path = run.use_model("net:prod")
+        assert Path(path).is_absolute() and (Path(path) / "w.bin").read_bytes() == b"weights"
+    assert client.run is None
+    col = client.Api().artifact("proj/net:latest").collection
+    assert col.is_sequence() is True
+
+
+def test_download_root_is_absolute_and_honours_artifact_dir(sdk_env, monkeypatch: pytest.MonkeyPatch) -> None:
+    src = write_tree(sdk_env["tmp"] / "src", {"f.txt": b"1"})
+    with client.init(project="proj") as run:
+        art = run.log_artifact(src, name="d", type="dataset")
+    assert art.download() == str(sdk_env["work"] / "artifacts" / "d:v0")
+    monkeypatch.setenv("WANDB_ARTIFACT_DIR", str(sdk_env["tmp"] / "wandb-dir"))
+    assert art.download() == str(sdk_env["tmp"] / "wandb-dir" / "d:v0")
+    monkeypatch.setenv("ARTIFACTFS_ARTIFACT_DIR", str(sdk_env["tmp"] / "ours"))
+    assert art.download() == str(sdk_env["tmp"] / "ours" / "d:v0")
+    assert art.download("rel") == str(sdk_env["work"] / "rel")
