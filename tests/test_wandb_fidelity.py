@@ -462,3 +462,30 @@ def test_download_root_is_absolute_and_honours_artifact_dir(sdk_env, monkeypatch
     monkeypatch.setenv("ARTIFACTFS_ARTIFACT_DIR", str(sdk_env["tmp"] / "ours"))
     assert art.download() == str(sdk_env["tmp"] / "ours" / "d:v0")
     assert art.download("rel") == str(sdk_env["work"] / "rel")
+
+
+# --------------------------------------------------------------------------- Table / Classes bytes
+# Digests below are those wandb 0.31.0 printed for the same objects (Artifact.add(...).digest,
+# offline); they follow from its rule: json.dumps(to_json, sort_keys=True), every column typed
+# as a union of "none" and its values' type, "log_mode": "IMMUTABLE".
+
+
+@pytest.mark.parametrize("columns, data, wandb_digest", [
+    (["id", "label", "score"], [[1, "cat", 0.5], [2, "dog", None]], "Mlw9zXJXmdwUjU4azcJEFQ=="),
+    (["a"], [["x"]], "yn4NtnR2ohGJXBb2JtZ5Fw=="),
+    (["b"], [[True], [False]], "M9jd7lvvxmGYNfpEF5wHiw=="),
+    (["a"], [], "bdtGWt8hc2doiqV/V9N/EA=="),
+    (["u"], [["é☃"]], "UuZ3owtb2ugZBYEAOTIZeA=="),
+    (["n"], [[None]], "RdDhIYlmyqVZCd2aL/pS7Q=="),
+    (["m"], [[1], [2.5]], "jSJX4Onwdqok+aqcrUdwcw=="),
+])
+def test_table_bytes_match_wandb(columns, data, wandb_digest) -> None:
+    art = client.Artifact("objs", "dataset")
+    entry = art.add(client.Table(columns=columns, data=data), "t")
+    assert entry.path == "t.table.json" and entry.digest == wandb_digest
+
+
+def test_classes_bytes_match_wandb() -> None:
+    art = client.Artifact("objs", "dataset")
+    entry = art.add(client.Classes([{"id": 1, "name": "cat"}, {"id": 2, "name": "dog"}]), "cls")
+    assert entry.path == "cls.classes.json" and entry.digest == "wPdKyqRPqps85aitLECPvw=="
