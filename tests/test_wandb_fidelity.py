@@ -489,3 +489,17 @@ def test_classes_bytes_match_wandb() -> None:
     art = client.Artifact("objs", "dataset")
     entry = art.add(client.Classes([{"id": 1, "name": "cat"}, {"id": 2, "name": "dog"}]), "cls")
     assert entry.path == "cls.classes.json" and entry.digest == "wPdKyqRPqps85aitLECPvw=="
+
+
+def test_api_from_path_and_manifest_json(sdk_env) -> None:
+    src = write_tree(sdk_env["tmp"] / "src", {"f.txt": b"1"})
+    with client.init(project="proj") as run:
+        art = run.log_artifact(src, name="d", type="dataset")
+    api = client.Api()
+    assert api.from_path("alice/proj/artifacts/dataset/d:v0").id == art.id
+    assert api.from_path("alice/proj/d:latest").id == art.id
+    assert api.from_path(f"alice/proj/runs/{run.id}").id == run.id
+    with pytest.raises(ValueError):
+        api.from_path("alice/proj")
+    manifest = api.artifact("proj/d:v0").manifest.to_manifest_json()
+    assert manifest["version"] == 1 and list(manifest["contents"]) == ["f.txt"]
