@@ -503,3 +503,10 @@ def test_api_from_path_and_manifest_json(sdk_env) -> None:
         api.from_path("alice/proj")
     manifest = api.artifact("proj/d:v0").manifest.to_manifest_json()
     assert manifest["version"] == 1 and list(manifest["contents"]) == ["f.txt"]
+
+
+def test_ttl_int_is_refused() -> None:
+    # wandb 0.31.0: `art.ttl = 3600` raises AttributeError ('int' ... 'total_seconds'); ours
+    # refuses it too, with a ValueError naming the accepted values.
+    with pytest.raises(ValueError, match="timedelta"):
+        client.Artifact("t", "dataset").ttl = 3600
