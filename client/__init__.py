@@ -15,10 +15,25 @@ from .api import Api
 from .artifact import Artifact, ArtifactManifestEntry, ArtifactTTL
 from .errors import (ArtifactFinalizedError, ArtifactFSError, ArtifactNotLoggedError, DigestMismatchError,
                      NotFoundError)
-from .run import Run, current_run, init, log_artifact, use_artifact
+from .live_run import Run, current_run, finish, init, log_artifact, login, use_artifact
+from .objects import Classes, Table
+
+from typing import Any as _Any
 
 __all__ = [
     "Api", "Artifact", "ArtifactFSError", "ArtifactTTL", "ArtifactFinalizedError", "ArtifactManifestEntry",
-    "ArtifactNotLoggedError", "DigestMismatchError", "NotFoundError", "Run", "current_run", "errors", "init",
-    "log_artifact", "use_artifact",
+    "ArtifactNotLoggedError", "Classes", "DigestMismatchError", "NotFoundError", "Run", "Table", "current_run",
+    "errors", "finish", "init", "log_artifact", "login", "use_artifact",
 ]
+
+
+def __getattr__(name: str) -> _Any:
+    """``client.run`` is the current run (None before ``init``) and ``client.config`` its config,
+    as ``wandb.run`` / ``wandb.config``: looked up on each access, so they follow init/finish."""
+    from . import live_run
+
+    if name == "run":
+        return live_run.current_run()
+    if name == "config":
+        return live_run.config()
+    raise AttributeError(f"module 'client' has no attribute {name!r}")

@@ -174,7 +174,6 @@ class ArtifactCollection:
         """Every alias held by some version of the collection."""
         return sorted(self._record.aliases)
 
-    @property
     def is_sequence(self) -> bool:
         """False for a portfolio (its versions are links, e.g. a registry collection)."""
         r = self._record
@@ -355,6 +354,20 @@ class Api:
                 return []
 
         return Projects(fetch, per_page)
+
+    def from_path(self, path: str) -> Run | Artifact:
+        """``Api.from_path``: a run for ``entity/project/runs/<id>``, an artifact for
+        ``entity/project/artifacts/<type>/<name>:<version>`` or any ``[..]/name:version``."""
+        parts = [p for p in path.strip("/").split("/") if p]
+        if "runs" in parts:
+            return self.run(path)
+        if "artifacts" in parts:
+            i = parts.index("artifacts")
+            return self.artifact("/".join(parts[:i] + parts[i + 2:]), type=parts[i + 1] if len(parts) > i + 2 else None)
+        if ":" in path:
+            return self.artifact(path)
+        raise InvalidNameError(f"cannot tell what {path!r} names: give entity/project/runs/<id> or "
+                               "entity/project/artifacts/<type>/<name>:<version>")
 
     def run(self, path: str = "") -> Run:
         """``entity/project/run_id``, ``project/run_id`` or ``run_id`` (defaults fill the rest)."""

@@ -28,9 +28,11 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Literal
+from urllib.parse import urlparse
 
 from . import names
-from .errors import ArtifactFinalizedError, ArtifactFSError, ArtifactNotLoggedError, NotFoundError
+from .errors import (ArtifactFinalizedError, ArtifactFSError, ArtifactNotLoggedError, InvalidPathError,
+                     LocalPathError, NotFoundError)
 from .hashing import b64_to_hex
 from .api import Paginator
 from .manifest import Manifest
@@ -62,11 +64,14 @@ class Artifact(LinkMixin):
                  metadata: dict[str, Any] | None = None, incremental: bool = False,
                  use_as: str | None = None) -> None:
         self._name = names.validate_collection(name)
-        self._type = names.validate_type(type)
+        self._type = names.validate_type(type, name)
         self._description = description
         self._metadata: dict[str, Any] = dict(names.validate_metadata(metadata))
         self._incremental = bool(incremental)
-        self._use_as = use_as
+        if use_as is not None:  # W&B 0.31 ignores it too (Artifact("a", "t", use_as="x").use_as is None)
+            warnings.warn("Artifact(use_as=...) is deprecated and ignored; pass use_as to use_artifact",
+                          DeprecationWarning, stacklevel=2)
+        self._use_as: str | None = None
         self._manifest: Manifest | None = Manifest()
         self._aliases: list[str] = []
         self._tags: list[str] = []
@@ -199,19 +204,25 @@ class Artifact(LinkMixin):
 
     @property
     def aliases(self) -> list[str]:
-        """Mutable list; ``save()`` persists edits on a logged artifact."""
+        """Mutable list; ``save()`` persists edits.  ArtifactNotLoggedError on a draft, as in
+        W&B: give a draft's aliases to ``log_artifact(art, aliases=...)``."""
+        self._ensure_logged("Artifact.aliases")
         return self._aliases
 
     @aliases.setter
     def aliases(self, value: list[str]) -> None:
+        self._ensure_logged("Artifact.aliases")
         self._aliases = [a if a == "latest" else names.validate_alias(a) for a in value]
 
     @property
     def tags(self) -> list[str]:
+        """ArtifactNotLoggedError on a draft, as in W&B (pass ``tags=`` to log_artifact)."""
+        self._ensure_logged("Artifact.tags")
         return self._tags
 
     @tags.setter
     def tags(self, value: list[str]) -> None:
+        self._ensure_logged("Artifact.tags")
         self._tags = [names.validate_tag(t) for t in value]
 
     @property
@@ -242,6 +253,8 @@ class Artifact(LinkMixin):
 
     @property
     def use_as(self) -> str | None:
+        """Deprecated (as in W&B): the ``use_as`` given to ``use_artifact``, else None."""
+        warnings.warn("Artifact.use_as is deprecated", DeprecationWarning, stacklevel=2)
         return self._use_as
 
     @property
@@ -317,7 +330,7 @@ class Artifact(LinkMixin):
         policy = self._check_policy(policy)
         src = Path(local_path)
         if not src.is_file():
-            raise FileNotFoundError(f"no such file: {src}")
+            raise LocalPathError(f"Path is not a file: {str(src)!r}")
         entry_name = names.entry_path_from_local(str(name) if name is not None else src.name)
         h = hash_into_staging(src, policy, bool(skip_cache), self._staging_dir)
         if is_tmp:
@@ -339,7 +352,7 @@ class Artifact(LinkMixin):
         policy = self._check_policy(policy)
         root = Path(local_path)
         if not root.is_dir():
-            raise NotADirectoryError(f"not a directory: {root}")
+            raise LocalPathError(f"Path is not a directory: {str(root)!r}")
         prefix = names.entry_path_from_local(str(name)).rstrip("/") + "/" if name else ""
         jobs = [(Path(full), names.entry_path_from_local(prefix + rel)) for full, rel in names.local_tree(root)]
         staging = self._staging_dir
@@ -382,13 +395,15 @@ class Artifact(LinkMixin):
             with self._lock:
                 return [self._put_entry(e.path, Hashed(e.digest, e.size, None, None, False), overwrite=True,
                                         ref=e.ref, extra=e.extra)]
+        if not isinstance(uri, str) or not urlparse(uri).scheme:
+            raise InvalidPathError(f"references must be URIs, got {uri!r}; to reference a local file, use file://")
         if (target := parse_file_uri(uri)) is not None and not target.exists():
-            raise FileNotFoundError(f"reference target does not exist: {target}")
+            raise InvalidPathError(f"reference {uri}: no such file or directory {target}")
         out = []
         for e in references.iter_entries_for_reference(uri, name, checksum, max_objects):
             h = Hashed(e.digest, e.size, None, None, False)
             with self._lock:
-                out.append(self._put_entry(names.validate_entry_path(e.path), h, overwrite=True, ref=e.ref,
+                out.append(self._put_entry(names.validate_new_entry_path(e.path), h, overwrite=True, ref=e.ref,
                                            extra=e.extra))
         return out
 
@@ -473,7 +488,7 @@ class Artifact(LinkMixin):
         Files already present with the right md5 are left alone; others are written atomically.
         """
         self._ensure_logged("download")
-        dest = Path(root) if root is not None else default_root(self.name)
+        dest = Path(root).absolute() if root is not None else default_root(self.name)
         prefix = str(path_prefix).lstrip("/") if path_prefix else ""
         entries = [e for e in self.manifest if e.path.startswith(prefix)]
         assert self._store is not None
@@ -560,7 +575,7 @@ class Artifact(LinkMixin):
         """Log a draft (through the current run, or an auto run of job type "auto"), or persist
         edited aliases, tags, metadata, description and ttl of a logged version."""
         if self._record is None:
-            from . import run as run_mod
+            from . import live_run as run_mod
 
             current = run_mod.current_run()
             if current is not None:
@@ -585,7 +600,7 @@ class Artifact(LinkMixin):
         alias_list = list(dict.fromkeys([*(self._aliases if self._record is None else []), *(aliases or [])]))
         alias_list = [a if a == "latest" else names.validate_alias(a) for a in alias_list]
         tag_list = [names.validate_tag(t) for t in dict.fromkeys([*self._tags, *(tags or [])])]
-        names.validate_metadata(self._metadata)
+        self._metadata = names.validate_metadata(self._metadata)  # a caller may have edited it in place
         if self._record is not None:  # re-logging a logged version: a digest no-op adding aliases/tags
             if (self._record.entity, self._record.project) != (entity, project):
                 raise ArtifactFSError(f"{self.qualified_name} belongs to {self._record.entity}/{self._record.project}; "

@@ -240,7 +240,7 @@ def log_cmd(directory: Path, name: str, type_: str, aliases: tuple[str, ...], ta
             metadata: str | None, description: str | None, policy: str) -> None:
     """Log DIRECTORY (or a single file) as the next version of a collection."""
     from .artifact import Artifact
-    from .run import init
+    from .live_run import init
 
     path = _parse(name)
     if path.selector:

@@ -26,6 +26,11 @@ class InvalidNameError(ArtifactFSError, ValueError):
     http_status = 400
 
 
+class InvalidMetadataError(InvalidNameError, TypeError):
+    """Metadata that is not a dict (or JSON object) or holds a value JSON cannot represent:
+    a TypeError as in W&B, and a ValueError like the other invalid names."""
+
+
 class InvalidPathError(ArtifactFSError, ValueError):
     """An entry path that is absolute, climbs out with ``..``, or holds NUL/empty segments."""
 
@@ -38,20 +43,41 @@ class ManifestError(ArtifactFSError, ValueError):
     http_status = 400
 
 
-class NotFoundError(ArtifactFSError, LookupError):
+class CommError(ArtifactFSError):
+    """Talking to the store failed or was refused: the base of NotFoundError, the auth errors and
+    StoreUnavailableError, so ``except wandb.errors.CommError`` ports as
+    ``except client.errors.CommError`` (the W&B SDK raises CommError, e.g. from ``Api.artifact``
+    of a missing artifact)."""
+
+    http_status = 500
+
+
+class NotFoundError(CommError, LookupError):
     """An entity, project, collection, version, alias, run or blob that does not exist."""
 
     http_status = 404
 
 
-class ArtifactNotLoggedError(ArtifactFSError, RuntimeError):
-    """The operation needs a logged (saved) artifact, and this one is still a draft."""
+class LocalPathError(InvalidPathError, FileNotFoundError):
+    """``add_file`` of a missing path or a directory, ``add_dir`` of a missing path or a file.
+
+    A ValueError as in the W&B SDK, and still a FileNotFoundError as it was here before."""
 
     http_status = 400
 
 
-class ArtifactFinalizedError(ArtifactFSError, RuntimeError):
-    """The artifact is finalized; log a new version (``new_draft()``) to change it."""
+class ArtifactNotLoggedError(ArtifactFSError, AttributeError):
+    """The operation needs a logged (saved) artifact, and this one is still a draft.
+
+    An AttributeError as in the W&B SDK, so ``getattr(draft, "version", None)`` is None."""
+
+    http_status = 400
+
+
+class ArtifactFinalizedError(ArtifactFSError, AttributeError):
+    """The artifact is finalized; log a new version (``new_draft()``) to change it.
+
+    An AttributeError as in the W&B SDK."""
 
     http_status = 400
 
@@ -74,19 +100,19 @@ class MissingBlobError(ArtifactFSError, LookupError):
     http_status = 409
 
 
-class AuthenticationError(ArtifactFSError, PermissionError):
+class AuthenticationError(CommError, PermissionError):
     """No API key, or an unknown one: set ARTIFACTFS_API_KEY."""
 
     http_status = 401
 
 
-class PermissionDeniedError(ArtifactFSError, PermissionError):
+class PermissionDeniedError(CommError, PermissionError):
     """The key's user is not a member of the entity it tried to read or write."""
 
     http_status = 403
 
 
-class StoreUnavailableError(ArtifactFSError, ConnectionError):
+class StoreUnavailableError(CommError, ConnectionError):
     """The store (server, S3, disk) could not be reached after the allowed retries."""
 
     http_status = 503

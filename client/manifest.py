@@ -153,6 +153,10 @@ class Manifest:
             "contents": {e.path: e.to_json() for e in self},
         }
 
+    def to_manifest_json(self) -> dict[str, Any]:
+        """W&B's name for :meth:`to_json` (the v1 manifest as a dict)."""
+        return self.to_json()
+
     def to_bytes(self) -> bytes:
         buf = io.StringIO()
         write_manifest(buf, self, storage_policy=self.storage_policy,

@@ -8,6 +8,7 @@ place would alias two different things or escape a directory.  Errors say what i
 
 from __future__ import annotations
 
+import datetime as _dt
 import json
 import logging
 import math
@@ -18,7 +19,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 
-from .errors import InvalidNameError, InvalidPathError
+from .errors import InvalidMetadataError, InvalidNameError, InvalidPathError, LocalPathError
 
 log = logging.getLogger(__name__)
 
@@ -65,8 +66,27 @@ def validate_collection(name: str) -> str:
     return _check_simple("artifact name", name)
 
 
-def validate_type(name: str) -> str:
-    return _check_simple("artifact type", name)
+MAX_TYPE = 512
+RESERVED_TYPE_PREFIX = "wandb-"
+#: W&B's reserved artifact names per type ("" reserves every name of that type).
+RESERVED_NAME_PREFIX_BY_TYPE = {"job": "", "run_table": "run-", "code": "source-"}
+
+
+def validate_type(name: str, artifact_name: str | None = None) -> str:
+    """Artifact types follow W&B: any non-empty string (``my type``, ``a/b``, unicode) except
+    the reserved ``wandb-*`` types and ``job`` (and ``run_table``/``code`` for the artifact names
+    W&B reserves for them: ``run-*``/``source-*``).  Ours on top: no control characters (they
+    would break the xattr and one-line outputs) and at most MAX_TYPE characters."""
+    if not isinstance(name, str) or not name:
+        raise InvalidNameError(f"artifact type must be a non-empty string, got {name!r}")
+    if len(name) > MAX_TYPE or any(ord(c) < 32 or ord(c) == 127 for c in name):
+        raise InvalidNameError(f"invalid artifact type {name[:40]!r}: at most {MAX_TYPE} characters, "
+                               "no control characters")
+    bad_prefix = RESERVED_NAME_PREFIX_BY_TYPE.get(name)
+    if name.startswith(RESERVED_TYPE_PREFIX) or (
+            bad_prefix is not None and artifact_name is not None and artifact_name.startswith(bad_prefix)):
+        raise InvalidNameError(f"Artifact type {name!r} is reserved for internal use. Please use a different type.")
+    return name
 
 
 def is_version_selector(selector: str) -> bool:
@@ -106,25 +126,51 @@ def validate_tag(tag: str) -> str:
     return tag
 
 
+def _json_friendly(value: object) -> object:
+    """W&B's metadata conversions before JSON: sets and tuples become lists, dates and datetimes
+    ISO strings, NaN None, numpy-style scalars their Python value."""
+    if isinstance(value, dict):
+        return {k: _json_friendly(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        items = sorted(value, key=repr) if isinstance(value, (set, frozenset)) else value
+        return [_json_friendly(v) for v in items]
+    if isinstance(value, (_dt.datetime, _dt.date)):
+        return value.isoformat()
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if hasattr(value, "item") and callable(value.item) and type(value).__module__ == "numpy":
+        return _json_friendly(value.item())
+    return value
+
+
 def validate_metadata(metadata: object) -> dict:
-    if metadata is None:
+    """Normalise metadata as W&B does and return the new dict: a JSON string is parsed; values
+    pass through :func:`_json_friendly` and a JSON round trip (so int keys become strings).
+    Infinity is a ValueError, a value JSON cannot hold a TypeError, more than 100 keys a
+    ValueError, all at assignment rather than at log time."""
+    if metadata is None or metadata == "":
         return {}
+    if isinstance(metadata, str):
+        try:
+            metadata = json.loads(metadata)
+        except ValueError as exc:
+            raise InvalidNameError(f"metadata string is not JSON: {exc}") from None
     if not isinstance(metadata, dict):
-        raise InvalidNameError(f"metadata must be a dict, got {type(metadata).__name__}")
-    if len(metadata) > MAX_METADATA_KEYS:
-        raise InvalidNameError(
-            f"metadata has {len(metadata)} keys; the limit is {MAX_METADATA_KEYS} (nest values to group them)"
-        )
-    for key in metadata:
-        if not isinstance(key, str):
-            raise InvalidNameError(f"metadata keys must be strings, got {key!r}")
+        raise InvalidMetadataError(f"Cannot parse {type(metadata).__name__} as artifact metadata (give a dict)")
     try:
-        encoded = json.dumps(metadata, allow_nan=False).encode("utf-8", "surrogatepass")
-    except (TypeError, ValueError, RecursionError) as exc:
-        raise InvalidNameError(f"metadata must be JSON (finite numbers, not nested too deeply): {exc}") from None
+        out = json.loads(json.dumps(_json_friendly(metadata), allow_nan=False))
+    except ValueError as exc:
+        raise InvalidNameError(f"metadata: {exc} (Infinity cannot be stored)") from None
+    except TypeError as exc:
+        raise InvalidMetadataError(f"metadata: {exc}") from None
+    if len(out) > MAX_METADATA_KEYS:
+        raise InvalidNameError(
+            f"metadata has {len(out)} keys; the limit is {MAX_METADATA_KEYS} (nest values to group them)"
+        )
+    encoded = json.dumps(out).encode("utf-8", "surrogatepass")
     if len(encoded) > MAX_METADATA_BYTES:
         raise InvalidNameError(f"metadata is {len(encoded)} bytes as JSON; the limit is {MAX_METADATA_BYTES}")
-    return metadata
+    return out
 
 
 def validate_description(description: object) -> str | None:
@@ -185,8 +231,21 @@ def local_tree(root: str | os.PathLike[str]) -> Iterator[tuple[str, str]]:
     def refuse(exc: OSError) -> None:
         raise InvalidPathError(f"cannot read {_shown(exc.filename)}: {exc.strerror}; nothing was added") from None
 
-    for dirpath, dirnames, filenames in os.walk(root, onerror=refuse):
-        dirnames.sort()
+    top = os.stat(root)
+    seen_dirs = {(top.st_dev, top.st_ino)}
+    # Directory symlinks are followed, as W&B does; a directory reached twice (a symlink loop,
+    # or two links to one place) is walked once, so the walk always ends.
+    for dirpath, dirnames, filenames in os.walk(root, onerror=refuse, followlinks=True):
+        kept = []
+        for d in sorted(dirnames):
+            try:
+                dst = os.stat(os.path.join(dirpath, d))
+            except OSError as exc:
+                refuse(exc)
+            if (dst.st_dev, dst.st_ino) not in seen_dirs:
+                seen_dirs.add((dst.st_dev, dst.st_ino))
+                kept.append(d)
+        dirnames[:] = kept
         rel_dir = os.path.relpath(dirpath, root)
         for fn in sorted(filenames):
             full = os.path.join(dirpath, fn)
@@ -199,6 +258,9 @@ def local_tree(root: str | os.PathLike[str]) -> Iterator[tuple[str, str]]:
             try:
                 st = os.stat(full)
             except OSError as exc:
+                if os.path.islink(full):  # W&B fails here too (FileNotFoundError)
+                    raise LocalPathError(f"dangling symlink {_shown(full)} points to nothing; "
+                                         "remove it or point it at a file") from None
                 refuse(exc)
             if stat.S_ISREG(st.st_mode):
                 yield full, entry_path_from_local(rel)
@@ -213,9 +275,23 @@ def _shown(path: object) -> str:
     return "'" + str(path).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace") + "'"
 
 
+_DRIVE_RE = re.compile(r"[A-Za-z]:")
+
+
+def validate_new_entry_path(path: object) -> str:
+    """:func:`validate_entry_path` plus W&B's refusal of a path that starts like a Windows
+    drive (``a:b.txt``), for names given to an artifact built here (not for manifests read
+    back, which may come from elsewhere)."""
+    path = validate_entry_path(path)
+    if _DRIVE_RE.match(path):
+        raise InvalidPathError(f"Invalid artifact path: {path!r} (it starts like a Windows drive, 'x:')")
+    return path
+
+
 def entry_path_from_local(relpath: str) -> str:
-    """Turn a local relative path (possibly with OS separators) into an entry path."""
-    return validate_entry_path(PurePosixPath(*PurePosixPath(relpath.replace("\\", "/")).parts).as_posix())
+    """Turn a local relative path into an entry path.  Only the OS separator is a separator: a
+    backslash on POSIX is part of the name and kept literally, as W&B does."""
+    return validate_new_entry_path(PurePosixPath(*PurePosixPath(relpath.replace(os.sep, "/")).parts).as_posix())
 
 
 @dataclass(frozen=True)

@@ -77,10 +77,14 @@ def _wb_type(values: Iterable[Any]) -> dict[str, Any]:
             kinds.add("string")
         else:
             kinds.add("any")
-    if not kinds:
-        return {"wb_type": "unknown"}
-    if len(kinds) == 1:
-        return {"wb_type": kinds.pop()}
+    scalar = kinds - {"none"}
+    if len(scalar) <= 1 and scalar <= {"boolean", "number", "string"}:
+        # W&B 0.31 (observed): every column is nullable, union of "none" and the values' type
+        # ("unknown" when there are none), the two sorted by name.
+        pair = sorted({"none", scalar.pop() if scalar else "unknown"})
+        return {"params": {"allowed_types": [{"wb_type": k} for k in pair]}, "wb_type": "union"}
+    # Lists, dicts, mixed columns: W&B types these more finely (or refuses mixed ones); ours
+    # stays a plain union, so such a table's bytes differ from W&B's (docs/API.md says so).
     return {"wb_type": "union", "params": {"allowed_types": [{"wb_type": k} for k in sorted(kinds)]}}
 
 
@@ -210,6 +214,7 @@ class Table:
             "column_types": {"params": {"type_map": type_map}, "wb_type": "typedDict"},
             "columns": self.columns,
             "data": self.data,
+            "log_mode": "IMMUTABLE",
             "ncols": self.ncols,
             "nrows": self.nrows,
         }
@@ -284,9 +289,11 @@ def entry_name_for(obj: Any, name: str) -> str:
 
 
 def serialize(obj: Any, name: str) -> tuple[str, bytes]:
-    """``(entry name, bytes)`` to store for ``Artifact.add(obj, name)``; deterministic bytes."""
+    """``(entry name, bytes)`` to store for ``Artifact.add(obj, name)``: the bytes W&B writes
+    (``json.dumps(..., sort_keys=True)``: default separators, ASCII escapes), so the digest of a
+    table or classes entry is the one W&B computes for the same object."""
     entry_name = entry_name_for(obj, name)
-    payload = json.dumps(obj.to_json(), ensure_ascii=False, separators=(",", ":"))
+    payload = json.dumps(obj.to_json(), sort_keys=True)
     return entry_name, payload.encode("utf-8")
 
 

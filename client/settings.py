@@ -13,6 +13,7 @@
 |                          |                                                     | login name                      |
 | ARTIFACTFS_PROJECT       | default project when a name has none                | uncategorized                   |
 | ARTIFACTFS_REQUEST_TIMEOUT | most seconds one call/FUSE request waits (client/retry.py) | 30                      |
+| ARTIFACTFS_ARTIFACT_DIR  | where ``download()`` puts an artifact with no root   | WANDB_ARTIFACT_DIR, ./artifacts |
 
 Functions, not module constants: tests change the environment between cases.  Keys saved by
 ``artifactfs login`` live in :mod:`client.credentials` (a 0600 file); the environment wins.
@@ -106,6 +107,13 @@ def default_entity() -> str:
 def default_organization() -> str | None:
     """ARTIFACTFS_ORGANIZATION: the entity registries (``wandb-registry-*`` projects) live in."""
     return os.environ.get("ARTIFACTFS_ORGANIZATION") or None
+
+
+def artifact_dir() -> Path:
+    """Download root when ``download()`` gets none.  WANDB_ARTIFACT_DIR is honoured when ours is
+    unset, so a wandb set-up keeps its layout; WANDB_CACHE_DIR is not (our cache's layout differs
+    from wandb's, and the two must not share a directory)."""
+    return Path(os.environ.get("ARTIFACTFS_ARTIFACT_DIR") or os.environ.get("WANDB_ARTIFACT_DIR") or "artifacts")
 
 
 def default_project() -> str:

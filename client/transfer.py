@@ -74,8 +74,11 @@ def get_cache() -> Cache:
 
 
 def default_root(name: str) -> Path:
-    """W&B's default download directory: ``./artifacts/<collection>:<version>``."""
-    return Path("artifacts") / name
+    """W&B's default download directory, absolute: ``<artifact dir>/<collection>:<version>``
+    (settings.artifact_dir: ARTIFACTFS_ARTIFACT_DIR, else WANDB_ARTIFACT_DIR, else ./artifacts)."""
+    from . import settings
+
+    return (settings.artifact_dir() / name).absolute()
 
 
 def parse_file_uri(uri: str) -> Path | None:
@@ -460,7 +463,9 @@ def verify_tree(dest: Path, manifest: Manifest, name: str) -> None:
             continue
         p = dest / e.path
         if not p.is_file():
-            raise ValueError(f"{e.path!r} of artifact {name!r} is missing from {dest}")
+            from .errors import LocalPathError  # a ValueError and, as in W&B, a FileNotFoundError
+
+            raise LocalPathError(f"{e.path!r} of artifact {name!r} is missing from {dest}")
         if hex_to_b64(_copy_hashing(p)[0]) != e.digest:
             raise ValueError(f"digest mismatch for {e.path!r} in {dest}: it differs from artifact {name!r}")
 

@@ -27,7 +27,7 @@ def sdk_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[st
     monkeypatch.setenv("ARTIFACTFS_ENTITY", "alice")
     monkeypatch.setenv("ARTIFACTFS_PROJECT", "proj")
     monkeypatch.chdir(work)
-    from client import run as run_mod
+    from client import live_run as run_mod
 
     run_mod._reset_for_tests()
     yield {"store": store, "cache": cache, "work": work, "tmp": tmp_path}

@@ -72,7 +72,7 @@ def test_artifact_exists(populated: dict[str, client.Artifact]) -> None:
 def test_artifact_collection_and_exists(populated: dict[str, client.Artifact]) -> None:
     api = client.Api()
     col = api.artifact_collection("dataset", "alice/proj/ds")
-    assert (col.name, col.type, col.entity, col.project, col.is_sequence) == ("ds", "dataset", "alice", "proj", True)
+    assert (col.name, col.type, col.entity, col.project, col.is_sequence()) == ("ds", "dataset", "alice", "proj", True)
     assert col.aliases == ["best", "latest"] and col.description is None and col.tags == []
     assert [a.version for a in col.versions()] == ["v1", "v0"]
     with pytest.raises(NotFoundError):

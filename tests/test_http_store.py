@@ -158,7 +158,7 @@ def test_sdk_logs_and_downloads_through_the_server(registry: SharedRegistry, tmp
     """The SDK unchanged, pointed at the server by ARTIFACTFS_STORE/ARTIFACTFS_API_KEY; the
     consumer is another "machine" (its own cache) talking to another server process."""
     import client
-    from client import run as run_mod
+    from client import live_run as run_mod
 
     team = registry.new_team("lab")
     _, key = registry.new_user("alice", teams=(team,))

@@ -62,7 +62,7 @@ def test_link_resolve_read_and_unlink(sdk_env: dict[str, Path], monkeypatch: pyt
     assert (got.source_entity, got.source_project, got.source_name, got.source_version) == (
         "alice", "proj", "net:v0", "v0")
     assert got.source_qualified_name == "alice/proj/net:v0" and got.source_collection.name == "net"
-    assert got.collection.name == "resnet" and not got.collection.is_sequence and src.collection.is_sequence
+    assert got.collection.name == "resnet" and not got.collection.is_sequence() and src.collection.is_sequence()
     assert got.digest == src.digest and got.type == "model"
     out = Path(got.download(sdk_env["tmp"] / "dl"))  # content comes from the source entity's blobs
     assert tree_of(out) == {"w.pt": b"weights"}

@@ -54,8 +54,9 @@ def test_entry_paths_refused(bad):
         names.validate_entry_path(bad)
 
 
-def test_entry_path_from_windows_separators():
-    assert names.entry_path_from_local("sub\\dir\\f.txt") == "sub/dir/f.txt"
+def test_entry_path_keeps_backslashes_literally():
+    # W&B 0.31 keeps a backslash in a name on POSIX (observed: add_file(name="back\\slash.txt")).
+    assert names.entry_path_from_local("sub\\dir\\f.txt") == "sub\\dir\\f.txt"
 
 
 def test_parse_artifact_path_forms():

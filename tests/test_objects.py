@@ -94,7 +94,8 @@ def test_wandb_json_layout_and_round_trip() -> None:
     assert obj["columns"] == ["a", "b", "c"]
     assert obj["data"] == [[0, 0, 1], [1, 2, 2], [2, 4, 4], [3, 6, 8]]
     assert (obj["ncols"], obj["nrows"]) == (3, 4)
-    assert obj["column_types"]["params"]["type_map"]["a"] == {"wb_type": "number"}
+    assert obj["column_types"]["params"]["type_map"]["a"] == {"params": {"allowed_types": [{"wb_type": "none"}, {"wb_type": "number"}]},
+                                                       "wb_type": "union"}  # W&B 0.31: nullable columns
     back = deserialize(entry, data)
     assert isinstance(back, Table) and back == t
     assert Table.from_json(t.to_json()) == t

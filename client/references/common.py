@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import IO, Iterator, Protocol
 from urllib.parse import unquote, urlparse
 
-from ..errors import ArtifactFSError, DigestMismatchError, NotFoundError
+from ..errors import ArtifactFSError, DigestMismatchError, InvalidPathError, NotFoundError
 from ..hashing import b64_to_hex, hex_to_b64
 from ..manifest import ManifestEntry
 
@@ -25,13 +25,27 @@ DEFAULT_MAX_OBJECTS = 10_000_000
 # --------------------------------------------------------------------------- helpers
 
 def uri_digest(uri: str) -> str:
-    """The digest of a reference whose content is not read: base64 md5 of the URI string."""
+    """base64 md5 of a URI string: the digest W&B gives a ``file://`` entry with checksum=False
+    (of the resolved file's URI), and the one artifactfs gave every unchecked entry before it
+    followed W&B (kept so such manifests are still recognised)."""
     return hex_to_b64(hashlib.md5(uri.encode("utf-8"), usedforsecurity=False).hexdigest())
 
 
 def is_uri_digest(entry: ManifestEntry) -> bool:
-    """True when the entry's digest only names its URI (checksum=False or an unknown scheme)."""
-    return entry.ref is not None and entry.digest == uri_digest(entry.ref)
+    """True when the entry's digest only names its URI, not its bytes: the URI string itself
+    (W&B's digest for http(s)/s3/gs with checksum=False, http without an ETag and unknown
+    schemes), the md5 of a file's URI (file:// with checksum=False), or the md5 of the ref
+    (manifests written by earlier artifactfs versions)."""
+    ref = entry.ref
+    if ref is None:
+        return False
+    if entry.digest == ref or entry.digest == uri_digest(ref):
+        return True
+    if urlparse(ref).scheme.lower() == "file":
+        from .file import _local_path
+
+        return entry.digest == uri_digest(_local_path(ref).resolve().as_uri())
+    return False
 
 
 def _md5_b64_to_hex(digest: str) -> str | None:
@@ -45,7 +59,9 @@ def _md5_b64_to_hex(digest: str) -> str | None:
 
 
 def _strip_quotes(etag: str) -> str:
-    return etag[1:-1] if len(etag) >= 2 and etag[0] == etag[-1] == '"' else etag
+    """W&B's digest of an ETag: every leading and trailing double quote removed
+    (``str.strip('"')``), so a weak ``W/"x"`` becomes ``W/"x``."""
+    return etag.strip('"')
 
 
 def _is_single_part_etag(etag: str) -> bool:
@@ -59,6 +75,11 @@ def _entry_name(name: str | None, default: str) -> str:
 
 def _join(name: str | None, rel: str) -> str:
     return posixpath.join(name, rel) if name else rel
+
+
+def _too_many(uri: str, max_objects: int) -> ValueError:
+    """W&B's error when a file:// directory holds more than max_objects files."""
+    return InvalidPathError(f"Exceeded {max_objects!r} objects tracked under {uri}, pass max_objects to add_reference")
 
 
 def _warn_truncated(uri: str, max_objects: int) -> None:
@@ -94,10 +115,12 @@ def _atomic_dest(dest: Path) -> Iterator[IO[bytes]]:
 
 
 
-def _unchecked_bucket_entry(uri: str, name: str | None, bucket: str, key: str) -> ManifestEntry:
-    """checksum=False for a bucket URI: one entry named after the key, digest of the URI."""
-    return ManifestEntry(path=_entry_name(name, posixpath.basename(key.rstrip("/")) or bucket),
-                         digest=uri_digest(uri), ref=uri)
+def _unchecked_bucket_entry(scheme: str, name: str | None, bucket: str, key: str) -> ManifestEntry:
+    """checksum=False for a bucket URI, as W&B: the ref is ``scheme://bucket/key`` (a query
+    string such as ``?versionId=`` dropped), the digest is that ref string, the entry is named
+    by the whole key (the bucket when there is none), no size."""
+    ref = f"{scheme}://{bucket}/{key}"
+    return ManifestEntry(path=_entry_name(name, key or bucket), digest=ref, ref=ref)
 
 
 def _check_size(entry: ManifestEntry, got: int, what: str) -> None:
@@ -136,15 +159,16 @@ class ReferenceHandler(Protocol):
 # --------------------------------------------------------------------------- other schemes
 
 class TrackingHandler:
-    """Any other scheme: the URI is tracked, never read (digest = md5 of the URI, size None)."""
+    """Any other scheme: the URI is tracked, never read (digest = the URI string, size None,
+    ``name`` required), as in W&B."""
 
     schemes: tuple[str, ...] = ()
 
     def entries(self, uri: str, name: str | None, checksum: bool,
                 max_objects: int) -> Iterator[ManifestEntry]:
-        parsed = urlparse(uri)
-        default = posixpath.basename(parsed.path.rstrip("/")) or parsed.netloc or "reference"
-        yield ManifestEntry(path=_entry_name(name, default), digest=uri_digest(uri), ref=uri)
+        if not name:  # W&B's rule: an untracked scheme has no natural entry name
+            raise InvalidPathError(f'pass name="<entry_name>" when tracking references with unknown schemes: {uri}')
+        yield ManifestEntry(path=name, digest=uri, ref=uri)
 
     def _refuse(self, entry: ManifestEntry) -> ArtifactFSError:
         return NotFoundError(f"reference {entry.ref} ({entry.path}): artifactfs cannot read "

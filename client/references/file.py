@@ -18,7 +18,7 @@ from .common import (
     _entry_name,
     _join,
     _md5_b64_to_hex,
-    _warn_truncated,
+    _too_many,
     is_uri_digest,
     uri_digest,
 )
@@ -39,35 +39,44 @@ class FileHandler:
 
     def entries(self, uri: str, name: str | None, checksum: bool,
                 max_objects: int) -> Iterator[ManifestEntry]:
+        """W&B's rules: a file is one entry, a directory one entry per file below it (directory
+        symlinks are not followed, as ``os.walk`` does by default; file symlinks are read), each
+        with its size; the digest is the md5 of the bytes, or with ``checksum=False`` the md5 of
+        the file's resolved ``file://`` URI.  More than ``max_objects`` files, or a target that
+        does not exist, is a ValueError."""
         path = _local_path(uri)
-        if not checksum:
-            yield ManifestEntry(path=_entry_name(name, path.name), digest=uri_digest(uri), ref=uri)
-            return
+        digest = self._content_digest if checksum else self._path_digest
         if path.is_file():
-            yield self._entry(path, _entry_name(name, path.name), uri)
+            yield self._entry(path, _entry_name(name, path.name), uri, digest)
             return
         if not path.is_dir():
-            raise NotFoundError(f"reference {uri}: no such file or directory {path}")
-        files = sorted(p for p in self._walk(path))
+            raise InvalidPathError(f"reference {uri}: no such file or directory {path}")
+        files = sorted(self._walk(path))
         if len(files) > max_objects:
-            _warn_truncated(uri, max_objects)
-            files = files[:max_objects]
+            raise _too_many(uri, max_objects)
         base = uri.rstrip("/")
         for rel in files:
-            yield self._entry(path / rel, _join(name, rel), f"{base}/{rel}")
+            yield self._entry(path / rel, _join(name, rel), f"{base}/{rel}", digest)
 
     @staticmethod
     def _walk(root: Path) -> Iterator[str]:
-        for dirpath, _dirs, names in os.walk(root, followlinks=True):
+        for dirpath, _dirs, names in os.walk(root):
             rel_dir = os.path.relpath(dirpath, root)
             for n in names:
                 if os.path.isfile(os.path.join(dirpath, n)):
                     yield n if rel_dir == "." else posixpath.join(rel_dir.replace(os.sep, "/"), n)
 
     @staticmethod
-    def _entry(path: Path, entry_path: str, uri: str) -> ManifestEntry:
-        return ManifestEntry(path=entry_path, digest=hex_to_b64(md5_file(path)),
-                             size=path.stat().st_size, ref=uri)
+    def _content_digest(path: Path) -> str:
+        return hex_to_b64(md5_file(path))
+
+    @staticmethod
+    def _path_digest(path: Path) -> str:
+        return uri_digest(path.resolve().as_uri())
+
+    @staticmethod
+    def _entry(path: Path, entry_path: str, uri: str, digest) -> ManifestEntry:
+        return ManifestEntry(path=entry_path, digest=digest(path), size=path.stat().st_size, ref=uri)
 
     def _open(self, entry: ManifestEntry) -> IO[bytes]:
         path = _local_path(entry.ref or "")
@@ -79,7 +88,8 @@ class FileHandler:
             raise InvalidPathError(f"reference {entry.ref} is a directory, not a file") from None
         except OSError as exc:
             raise StoreUnavailableError(f"reference {entry.ref}: {exc}") from exc
-        _check_size(entry, os.fstat(f.fileno()).st_size, "now has")
+        if not is_uri_digest(entry):  # an unchecked reference follows the file as it is now
+            _check_size(entry, os.fstat(f.fileno()).st_size, "now has")
         return f
 
     def fetch(self, entry: ManifestEntry, dest: Path) -> None:

@@ -23,7 +23,6 @@ from .common import (
     _strip_quotes,
     _warn_truncated,
     is_uri_digest,
-    uri_digest,
 )
 
 
@@ -74,7 +73,7 @@ class GcsHandler:
                 max_objects: int) -> Iterator[ManifestEntry]:
         bucket_name, key, _version = _parse_bucket_uri(uri)
         if not checksum:
-            yield _unchecked_bucket_entry(uri, name, bucket_name, key)
+            yield _unchecked_bucket_entry("gs", name, bucket_name, key)
             return
         client = _gcs_client()
         bucket = self._call(f"gs://{bucket_name}", client.get_bucket, bucket_name)

@@ -19,7 +19,6 @@ from .common import (
     _is_single_part_etag,
     _strip_quotes,
     is_uri_digest,
-    uri_digest,
 )
 
 
@@ -73,9 +72,11 @@ class HttpHandler:
 
     def entries(self, uri: str, name: str | None, checksum: bool,
                 max_objects: int) -> Iterator[ManifestEntry]:
-        entry_name = _entry_name(name, posixpath.basename(urlparse(uri).path) or urlparse(uri).netloc)
+        # W&B names the entry by the basename of the whole URI string, query included
+        # (``file.bin?x=1``), and uses the URI string as the digest of anything it does not read.
+        entry_name = _entry_name(name, posixpath.basename(uri) or urlparse(uri).netloc)
         if not checksum:
-            yield ManifestEntry(path=entry_name, digest=uri_digest(uri), ref=uri)
+            yield ManifestEntry(path=entry_name, digest=uri, ref=uri)
             return
         resp = self._request("HEAD", uri, allow_redirects=True)
         if resp.status_code >= 400:  # a server that refuses HEAD: ask with GET, read no body
@@ -84,7 +85,7 @@ class HttpHandler:
         headers = resp.headers
         etag = headers.get("ETag")
         size = int(headers["Content-Length"]) if headers.get("Content-Length") else None
-        yield ManifestEntry(path=entry_name, digest=_strip_quotes(etag) if etag else uri_digest(uri),
+        yield ManifestEntry(path=entry_name, digest=_strip_quotes(etag) if etag else uri,
                             size=size, ref=uri, extra={"etag": etag} if etag else {})
 
     def _check_etag(self, entry: ManifestEntry, headers) -> None:

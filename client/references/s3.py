@@ -23,7 +23,6 @@ from .common import (
     _strip_quotes,
     _warn_truncated,
     is_uri_digest,
-    uri_digest,
 )
 
 
@@ -34,9 +33,14 @@ _s3_clients: dict[str | None, object] = {}
 
 
 def s3_endpoint_url() -> str | None:
-    """``ARTIFACTFS_S3_ENDPOINT_URL`` (ours) or ``AWS_ENDPOINT_URL`` (boto's) for S3-compatible
-    stores such as MinIO, Ceph or moto; None means AWS itself."""
-    return os.environ.get("ARTIFACTFS_S3_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL") or None
+    """The S3 endpoint for S3-compatible stores such as MinIO, Ceph or moto; None means AWS itself.
+
+    First set of ``ARTIFACTFS_S3_ENDPOINT_URL`` (ours), ``AWS_S3_ENDPOINT_URL`` (what the W&B SDK
+    reads, so a wandb set-up talks to the same store) and ``AWS_ENDPOINT_URL`` (boto's)."""
+    for var in ("ARTIFACTFS_S3_ENDPOINT_URL", "AWS_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL"):
+        if os.environ.get(var):
+            return os.environ[var]
+    return None
 
 
 def _s3_client():
@@ -91,7 +95,7 @@ class S3Handler:
                 max_objects: int) -> Iterator[ManifestEntry]:
         bucket, key, version = _parse_bucket_uri(uri)
         if not checksum:
-            yield _unchecked_bucket_entry(uri, name, bucket, key)
+            yield _unchecked_bucket_entry("s3", name, bucket, key)
             return
         client = _s3_client()
         versioned = self._versioned(bucket)
@@ -111,6 +115,8 @@ class S3Handler:
         prefix = key.rstrip("/") + "/" if key else ""
         count = 0
         for obj_key, etag, size, vid in self._list(bucket, prefix, versioned):
+            if size == 0:
+                continue  # W&B skips empty objects (folder markers among them) under a prefix
             if count >= max_objects:
                 _warn_truncated(uri, max_objects)
                 return

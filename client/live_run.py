@@ -22,18 +22,80 @@ from .errors import ArtifactFSError, InvalidNameError
 from .store import Store
 from .transfer import close_stores, get_store
 
-__all__ = ["Run", "current_run", "init", "log_artifact", "use_artifact"]
+__all__ = ["Config", "Run", "current_run", "finish", "init", "log_artifact", "login", "use_artifact"]
 
 _current: Run | None = None
 _current_lock = threading.Lock()
 
 
-class Run(PublicRun):
-    """A live run: adds finishing and the context-manager protocol to the public Run."""
+class Config(dict):
+    """``wandb.config``: a dict whose keys also read and write as attributes."""
 
-    def __init__(self, store: Store, record: Any) -> None:
+    def __getattr__(self, key: str) -> Any:
+        try:
+            return self[key]
+        except KeyError:
+            raise AttributeError(key) from None
+
+    def __setattr__(self, key: str, value: Any) -> None:
+        self[key] = value
+
+    def setdefaults(self, values: dict[str, Any]) -> None:
+        for k, v in values.items():
+            self.setdefault(k, v)
+
+
+class Run(PublicRun):
+    """A live run: adds finishing, ``log``/``summary``, ``config`` and the context-manager
+    protocol to the public Run.
+
+    ``log`` and ``summary`` live in this process only (the store keeps no history); ``config``
+    is the one given to ``init`` (stored) plus in-process edits.
+    """
+
+    def __init__(self, store: Store, record: Any, tags: Sequence[str] = ()) -> None:
         super().__init__(store, record)
         self._finished = False
+        self._config = Config(record.config or {})
+        self.summary: dict[str, Any] = {}
+        self.tags: tuple[str, ...] = tuple(tags)
+        self._step = 0
+
+    @property  # type: ignore[override]
+    def config(self) -> Config:
+        return self._config
+
+    @property
+    def url(self) -> str:
+        base = self._store.location
+        if not base.startswith(("http://", "https://")):
+            base = Path(base).as_uri()
+        return f"{base.rstrip('/')}/{self.entity}/{self.project}/runs/{self.id}"
+
+    def log(self, data: dict[str, Any], step: int | None = None, commit: bool | None = None) -> None:
+        """``run.log(dict)``: the last value of each key becomes the run's summary (in process)."""
+        self._check_live()
+        if not isinstance(data, dict):
+            raise TypeError(f"run.log takes a dict, got {type(data).__name__}")
+        self.summary.update(data)
+        self._step = (step if step is not None else self._step) + 1
+
+    def link_artifact(self, artifact: Artifact, target_path: str, aliases: Sequence[str] | None = None) -> Artifact:
+        """``run.link_artifact``: link a logged version into a portfolio / registry collection."""
+        self._check_live()
+        return artifact.link(target_path, list(aliases) if aliases else None)
+
+    def log_model(self, path: str | os.PathLike[str], name: str | None = None,
+                  aliases: Sequence[str] | None = None) -> Artifact:
+        """``run.log_model``: log a file or directory as an artifact of type "model"."""
+        return self.log_artifact(path, name=name, type="model", aliases=aliases)
+
+    def use_model(self, name: str) -> str:
+        """``run.use_model``: use a "model" artifact and return the path it was downloaded to."""
+        art = self.use_artifact(name)
+        if art.type != "model":
+            raise InvalidNameError(f"artifact {name!r} has type {art.type!r}, not 'model'")
+        return art.download()
 
     def log_artifact(self, artifact_or_path: Artifact | str | os.PathLike[str], name: str | None = None,
                      type: str | None = None, aliases: Sequence[str] | None = None,
@@ -114,7 +176,8 @@ def current_run() -> Run | None:
 
 def init(entity: str | None = None, project: str | None = None, job_type: str | None = None,
          name: str | None = None, config: dict[str, Any] | None = None, id: str | None = None,
-         reinit: bool | str = False, store: str | None = None, **_ignored: Any) -> Run:
+         reinit: bool | str = False, store: str | None = None, tags: Sequence[str] | None = None,
+         **_ignored: Any) -> Run:
     """Start a run and make it the current one.
 
     ``reinit``: False returns the current run if one is active (W&B's script behaviour);
@@ -135,7 +198,7 @@ def init(entity: str | None = None, project: str | None = None, job_type: str | 
     project = names.validate_project(project or settings.default_project())
     run_id = id or uuid.uuid4().hex[:8]
     record = st.create_run(entity, project, run_id, name=name, job_type=job_type, config=config)
-    run = Run(st, record)
+    run = Run(st, record, tags or ())
     with _current_lock:
         _current = run
     return run
@@ -154,6 +217,32 @@ def use_artifact(artifact_or_name: Artifact | str, type: str | None = None,
     """``wandb.use_artifact``: declare an input of the current run (call ``init()`` first)."""
     run = _require_run("use_artifact")
     return run.use_artifact(artifact_or_name, type=type, aliases=aliases, use_as=use_as)
+
+
+def finish(exit_code: int | None = None) -> None:
+    """``wandb.finish``: finish the current run, if any."""
+    run = _current
+    if run is not None:
+        run.finish(exit_code)
+
+
+def login(key: str | None = None, relogin: bool | None = None, host: str | None = None, **_ignored: Any) -> bool:
+    """``wandb.login``: accepted so scripts run.  A ``key`` sets ARTIFACTFS_API_KEY for this
+    process and a ``host`` ARTIFACTFS_STORE; the key is checked by the server on first use."""
+    if key:
+        os.environ["ARTIFACTFS_API_KEY"] = key
+    if host:
+        os.environ["ARTIFACTFS_STORE"] = host
+    return True
+
+
+_idle_config = Config()
+
+
+def config() -> Config:
+    """``wandb.config``: the current run's config (a detached one before ``init``)."""
+    run = _current
+    return run.config if run is not None else _idle_config
 
 
 def _require_run(what: str) -> Run:
