@@ -311,3 +311,38 @@ def test_foreground_mount_notifies_systemd_when_live(tmp_path: Path, store_with_
         force_unmount(mp)
         proc.wait(timeout=30)
         sock.close()
+
+
+# -- item 8: the mount log rotates and holds no secrets ---------------------------------------------
+
+def test_log_redaction_of_signatures_and_keys() -> None:
+    from mountfs.daemon import redact
+
+    line = ("GET https://b.s3.amazonaws.com/blobs/ab/cd?X-Amz-Algorithm=AWS4&X-Amz-Credential=AKIA123%2F2026"
+            "&X-Amz-Signature=deadbeef01&X-Amz-Expires=300 failed; key afs_0a1b2c3d_SECRETSECRET; "
+            "Authorization: Bearer afs_0a1b2c3d_SECRETSECRET; http://127.0.0.1/blobdata/e/x?exp=1&sig=abc123")
+    out = redact(line)
+    for secret in ("deadbeef01", "AKIA123", "SECRETSECRET", "abc123"):
+        assert secret not in out, out
+    assert "X-Amz-Algorithm=AWS4" in out and "afs_0a1b2c3d_***" in out and "/blobs/ab/cd" in out
+
+
+@requires_fuse
+def test_mount_log_rotates(tmp_path: Path, store_with_data: Path, mountpoints: list[Path]) -> None:
+    mp = tmp_path / "mnt"
+    mp.mkdir()
+    mountpoints.append(mp)
+    log = tmp_path / "m.log"
+    for _ in range(4):  # each mount/unmount cycle logs ~1 KiB at debug level
+        res = cli("mount", str(mp), "--store", str(store_with_data), "--cache-dir", str(tmp_path / "c"),
+                  "--log-file", str(log), "--log-level", "debug", cwd=tmp_path,
+                  env={"ARTIFACTFS_MOUNT_LOG_SIZE": "1K"})
+        assert res.returncode == 0, res.stderr
+        assert (mp / "alice/proj/ds:v0/a.txt").read_text() == "A"
+        force_unmount(mp)
+        deadline = time.monotonic() + 10
+        while "committing drafts" not in log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.05)
+    rotated = sorted(p.name for p in tmp_path.glob("m.log*"))
+    assert rotated[:2] == ["m.log", "m.log.1"], rotated
+    assert "m.log.4" not in rotated and all(p.stat().st_size <= 2048 for p in tmp_path.glob("m.log*"))
