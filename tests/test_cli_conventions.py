@@ -346,3 +346,79 @@ def test_mount_log_rotates(tmp_path: Path, store_with_data: Path, mountpoints: l
     rotated = sorted(p.name for p in tmp_path.glob("m.log*"))
     assert rotated[:2] == ["m.log", "m.log.1"], rotated
     assert "m.log.4" not in rotated and all(p.stat().st_size <= 2048 for p in tmp_path.glob("m.log*"))
+
+
+# -- item 7: systemd units and the fstab helper -------------------------------------------------------
+
+REPO = Path(__file__).resolve().parents[1]
+PREFIX = Path(sys.executable).parent.parent  # the units' /opt/artifactfs, here: this venv
+requires_systemd_analyze = pytest.mark.skipif(
+    subprocess.run(["sh", "-c", "command -v systemd-analyze"], capture_output=True).returncode != 0,
+    reason="systemd-analyze is not installed")
+
+
+def installed_units(tmp_path: Path) -> dict[str, Path]:
+    """The units as `make install-systemd` writes them, with PREFIX this venv."""
+    out = {}
+    for name, dest in (("artifactfs-server.service", "artifactfs-server.service"),
+                       ("artifactfs-mount@.service", "artifactfs-mount@mnt-artifacts.service")):
+        text = (REPO / "systemd" / name).read_text().replace("/opt/artifactfs", str(PREFIX))
+        (tmp_path / dest).write_text(text)
+        out[name] = tmp_path / dest
+    return out
+
+
+@requires_systemd_analyze
+def test_units_verify_and_are_hardened(tmp_path: Path) -> None:
+    units = installed_units(tmp_path)
+    res = subprocess.run(["systemd-analyze", "verify", *map(str, units.values())], capture_output=True,
+                         text=True, cwd=tmp_path, timeout=60)
+    assert res.returncode == 0 and "artifactfs" not in res.stderr, res.stderr
+    exposure = {}
+    for name, path in units.items():
+        out = subprocess.run(["systemd-analyze", "security", "--offline=true", str(path)], capture_output=True,
+                             text=True, cwd=tmp_path, timeout=60)
+        exposure[name] = float(out.stdout.strip().splitlines()[-1].split("level for")[1].split(":")[1].split()[0])
+    assert exposure["artifactfs-server.service"] <= 2.0, exposure  # was 7.7 EXPOSED
+    assert exposure["artifactfs-mount@.service"] <= 5.0, exposure  # was 9.6 UNSAFE
+    server = units["artifactfs-server.service"].read_text()
+    assert "UMask=0077" in server and "0.0.0.0" not in server.split("[Service]")[1]
+    assert "--host ${ARTIFACTFS_SERVER_HOST}" in server
+    listen = (REPO / "systemd" / "artifactfs-server.service.d" / "listen.conf").read_text()
+    assert "Environment=ARTIFACTFS_SERVER_HOST=" in listen
+    mount = units["artifactfs-mount@.service"].read_text()
+    assert "Type=notify" in mount and "DeviceAllow=/dev/fuse rw" in mount
+    for namespacing in ("ProtectSystem=", "PrivateTmp=", "ProtectHome=", "PrivateDevices="):
+        assert f"\n{namespacing}" not in mount  # a private mount namespace would hide the FUSE mount
+
+
+@requires_fuse
+@pytest.mark.skipif(os.geteuid() != 0 or os.path.exists("/sbin/mount.fuse.artifactfs"),
+                    reason="needs root and no installed /sbin/mount.fuse.artifactfs to install the helper briefly")
+def test_fstab_helper_with_mount_t_and_env_file(tmp_path: Path, store_with_data: Path,
+                                                mountpoints: list[Path]) -> None:
+    helper = Path("/sbin/mount.fuse.artifactfs")
+    helper.write_text((REPO / "systemd" / "mount.fuse.artifactfs").read_text()
+                      .replace("/opt/artifactfs/bin", str(PREFIX / "bin")))
+    helper.chmod(0o755)
+    mp = tmp_path / "mnt"
+    mp.mkdir()
+    mountpoints.append(mp)
+    env_file = tmp_path / "mount.env"
+    marker = tmp_path / "ran"
+    env_file.write_text(f"# the unit's own example\nARTIFACTFS_MOUNT_OPTS=--read-only --metadata-ttl 5\n"
+                        f"ARTIFACTFS_CACHE_DIR=\"{tmp_path / 'hc'}\"\nX=$(touch {marker})\n")
+    try:
+        res = subprocess.run(["mount", "-t", "fuse.artifactfs", "-o", f"noauto,_netdev,env={env_file},uid=4242",
+                              str(store_with_data), str(mp)], capture_output=True, text=True, timeout=120,
+                             env={k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "ARTIFACTFS_CACHE_DIR")})
+        assert res.returncode == 0, res.stderr
+        assert (mp / "alice/proj/ds:v0/a.txt").read_text() == "A"
+        assert (mp / "alice/proj/ds:v0/a.txt").stat().st_uid == 4242
+        with pytest.raises(OSError) as err:
+            (mp / "alice" / "proj" / "x:draft").mkdir()
+        assert err.value.errno == 30  # --read-only from ARTIFACTFS_MOUNT_OPTS
+        assert (tmp_path / "hc").is_dir() and not marker.exists()  # data, never run as shell
+    finally:
+        force_unmount(mp)
+        helper.unlink()
