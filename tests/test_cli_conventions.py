@@ -422,3 +422,41 @@ def test_fstab_helper_with_mount_t_and_env_file(tmp_path: Path, store_with_data:
     finally:
         force_unmount(mp)
         helper.unlink()
+
+
+# -- item 6: a colon-free spelling of every version and alias directory -------------------------------
+
+@requires_fuse
+def test_colon_free_spelling_works_with_rsync_tar_and_pythonpath(tmp_path: Path, mountpoints: list[Path]) -> None:
+    import tarfile
+
+    src = tmp_path / "tools"
+    (src / "lib").mkdir(parents=True)
+    (src / "lib" / "afs_tool_mod.py").write_text("VALUE = 42\n")
+    with tarfile.open(src / "arch.tar", "w") as tar:
+        tar.add(src / "lib" / "afs_tool_mod.py", arcname="inner.py")
+    store = tmp_path / "store"
+    res = cli("--store", str(store), "log", str(src), "--name", "alice/proj/tools", "--type", "code",
+              "--alias", "best", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    mp = tmp_path / "mnt"
+    mp.mkdir()
+    mountpoints.append(mp)
+    assert cli("mount", str(mp), "--store", str(store), "--cache-dir", str(tmp_path / "c"), cwd=tmp_path).returncode == 0
+    proj = mp / "alice" / "proj"
+    os.chdir(proj)  # relative paths, as a user inside a project types them
+    try:
+        out = tmp_path / "out"
+        r = subprocess.run(["rsync", "-a", "tools@v0/", str(out)], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        assert (out / "lib" / "afs_tool_mod.py").read_text() == "VALUE = 42\n"
+        r = subprocess.run(["tar", "-tf", "tools@best/arch.tar"], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0 and r.stdout.split() == ["inner.py"], r.stderr
+        r = subprocess.run([sys.executable, "-c", "import afs_tool_mod; print(afs_tool_mod.VALUE)"],
+                           env={**os.environ, "PYTHONPATH": str(proj / "tools@latest" / "lib")},
+                           capture_output=True, text=True, timeout=60)
+        assert r.stdout.strip() == "42", r.stderr
+        assert not os.path.exists("tools@v7") and not os.path.exists("tools@")
+        assert "tools@v0" not in os.listdir(".")  # documented, not listed twice
+    finally:
+        os.chdir(tmp_path)
