@@ -460,3 +460,49 @@ def test_colon_free_spelling_works_with_rsync_tar_and_pythonpath(tmp_path: Path,
         assert "tools@v0" not in os.listdir(".")  # documented, not listed twice
     finally:
         os.chdir(tmp_path)
+
+
+# -- item 10: small CLI items --------------------------------------------------------------------------
+
+def test_ls_header_plurals_aliases_type_and_json(tmp_path: Path) -> None:
+    import json
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a").write_text("a")
+    store = ["--store", str(tmp_path / "store")]
+    for name, type_ in (("alice/proj/ds", "dataset"), ("alice/proj/net", "model")):
+        assert cli(*store, "log", str(src), "--name", name, "--type", type_, "--alias", "best", cwd=tmp_path).returncode == 0
+    (src / "b").write_text("b")
+    assert cli(*store, "log", str(src), "--name", "alice/proj/net", "--type", "model", cwd=tmp_path).returncode == 0
+    out = cli(*store, "ls", "alice/proj", cwd=tmp_path).stdout.splitlines()
+    assert out[0].split() == ["COLLECTION", "TYPE", "VERSIONS", "ALIASES"]
+    assert out[1].split("\t") == ["alice/proj/ds", "dataset", "1 version", "best:v0,latest:v0"]
+    assert out[2].split("\t") == ["alice/proj/net", "model", "2 versions", "best:v0,latest:v1"]
+    typed = cli(*store, "ls", "--type", "model", "alice/proj", cwd=tmp_path).stdout.splitlines()
+    assert [line.split("\t")[0] for line in typed[1:]] == ["alice/proj/net"]
+    rows = json.loads(cli(*store, "ls", "--json", "alice/proj/net", cwd=tmp_path).stdout)
+    assert [r["version"] for r in rows] == ["v0", "v1"] and rows[1]["aliases"] == ["latest"]
+    assert rows[0]["files"] == 1 and rows[1]["size"] == 2
+    assert json.loads(cli(*store, "ls", "--json", cwd=tmp_path).stdout) == ["alice"]
+    versions = cli(*store, "ls", "alice/proj/net", cwd=tmp_path).stdout.splitlines()
+    assert versions[0].split() == ["VERSION", "ALIASES", "FILES", "SIZE", "DIGEST", "CREATED"]
+    assert "\t1 file\t" in versions[1] and "\t2 files\t" in versions[2]
+
+
+def test_cache_info_human_units_and_every_part(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a").write_bytes(b"x" * 3000)
+    env = {"ARTIFACTFS_CACHE_DIR": str(tmp_path / "cache"), "ARTIFACTFS_CACHE_SIZE": "2G"}
+    assert cli("--store", str(tmp_path / "s"), "log", str(src), "--name", "a/p/d", "--type", "t",
+               cwd=tmp_path, env=env).returncode == 0
+    (tmp_path / "cache" / "logs").mkdir(parents=True, exist_ok=True)
+    (tmp_path / "cache" / "logs" / "mount-x.log").write_bytes(b"l" * 2048)
+    out = cli("cache", "info", cwd=tmp_path, env=env).stdout
+    lines = {line.split()[0]: line for line in out.splitlines()}
+    assert "1 entry" in lines["objects"] and "2.9 KiB" in lines["objects"] and "bound 2.0 GiB" in lines["objects"]
+    for part in ("partial", "tmp", "index", "drafts"):
+        assert lines[part].split()[1:] == ["0", "B"], out
+    assert lines["logs"].split()[1:] == ["2.0", "KiB"]
+    assert lines["total"].split()[1:] == ["4.9", "KiB"]
