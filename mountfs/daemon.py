@@ -1,7 +1,7 @@
 """The mount daemon: wires store, cache, index, namespace and ops, then runs the FUSE loop.
 
 ``run(options)`` is the foreground daemon (``artifactfs mount --foreground``).  The CLI's
-background mode starts ``python -m mountfs.daemon '<options as JSON>'`` in a new session and
+background mode starts ``python -P -m mountfs.daemon '<options as JSON>'`` (client/pyexec.py) from / in a new session and
 waits until the mount shows up in /proc/self/mountinfo (or the child dies); tests use the
 same entry point, so what they mount is exactly what users run.
 
