@@ -8,13 +8,15 @@ BIN := $(VENV)/bin
 MOUNT ?= /tmp/artifactfs
 APT_PACKAGES := fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv rsync attr postgresql procps psmisc
 
-.PHONY: run test deps system-deps venv demo mount umount bench clean help install-systemd
+.PHONY: run test deps system-deps venv demo mount umount bench clean help install install-systemd uninstall
 
 help:
 	@echo "make run    - set up, log a demo artifact into the embedded store, mount it at $(MOUNT)"
 	@echo "make test   - set up, run all tests"
 	@echo "make umount - unmount $(MOUNT)"
 	@echo "make bench  - run the benchmarks in bench/ (ratio tables)"
+	@echo "make install [PREFIX=/opt/artifactfs] - system-wide install usable by any user"
+	@echo "make install-systemd - units, the server's user, the fstab helper (after make install)"
 
 system-deps:
 	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
@@ -63,13 +65,43 @@ test: deps
 bench: deps
 	for b in bench/hash_dir bench/mount_read bench/draft_commit bench/remote; do [ -x $$b ] && $(BIN)/python $$b || true; done
 
-# Make the units in systemd/ work as written: they call /usr/local/bin/artifactfs.
-install-systemd: deps
-	ln -sf $(CURDIR)/$(BIN)/artifactfs /usr/local/bin/artifactfs
-	install -m 0644 systemd/artifactfs-mount@.service systemd/artifactfs-server.service /etc/systemd/system/
-	install -m 0755 systemd/mount.fuse.artifactfs /sbin/mount.fuse.artifactfs
+# System-wide install, usable by any user: a venv of its own under $(PREFIX) (not an editable
+# install pointing into this checkout or a home directory), world-readable, and the command on PATH.
+PREFIX ?= /opt/artifactfs
+BINDIR ?= /usr/local/bin
+SYSTEMD_DIR ?= /etc/systemd/system
+
+install:
+	$(PY) -m venv $(PREFIX)
+	$(PREFIX)/bin/pip install -q --upgrade pip
+	$(PREFIX)/bin/pip install -q --no-cache-dir '.'
+	install -d -m 0755 $(PREFIX)/share/doc/artifactfs
+	install -m 0644 README.md docs/*.md $(PREFIX)/share/doc/artifactfs/
+	chmod -R a+rX $(PREFIX)
+	ln -sf $(PREFIX)/bin/artifactfs $(BINDIR)/artifactfs
+	@echo "installed $(PREFIX); $(BINDIR)/artifactfs -> $(PREFIX)/bin/artifactfs"
+
+# The units call $(PREFIX)/bin/artifactfs; the server runs as the system user artifactfs.
+install-systemd:
+	@[ -x $(PREFIX)/bin/artifactfs ] || { echo "run 'make install' first"; exit 1; }
+	getent group artifactfs >/dev/null || groupadd --system artifactfs
+	getent passwd artifactfs >/dev/null || useradd --system --gid artifactfs --home-dir /var/lib/artifactfs \
+	  --no-create-home --shell /usr/sbin/nologin artifactfs
+	install -d -m 0755 /etc/artifactfs $(SYSTEMD_DIR)/artifactfs-server.service.d
+	for u in artifactfs-mount@.service artifactfs-server.service artifactfs-mount.automount; do \
+	  sed 's|/opt/artifactfs|$(PREFIX)|g' systemd/$$u > $(SYSTEMD_DIR)/$$u && chmod 0644 $(SYSTEMD_DIR)/$$u; done
+	[ -e $(SYSTEMD_DIR)/artifactfs-server.service.d/listen.conf ] || \
+	  install -m 0644 systemd/artifactfs-server.service.d/listen.conf $(SYSTEMD_DIR)/artifactfs-server.service.d/
+	sed 's|/opt/artifactfs|$(PREFIX)|g' systemd/mount.fuse.artifactfs > /sbin/mount.fuse.artifactfs
+	chmod 0755 /sbin/mount.fuse.artifactfs
 	-systemctl daemon-reload
 	@echo 'now e.g.: systemctl enable --now "artifactfs-mount@$$(systemd-escape --path /mnt/artifacts).service"'
+
+uninstall:
+	rm -f $(BINDIR)/artifactfs /sbin/mount.fuse.artifactfs $(SYSTEMD_DIR)/artifactfs-mount@.service \
+	  $(SYSTEMD_DIR)/artifactfs-server.service $(SYSTEMD_DIR)/artifactfs-mount.automount
+	rm -rf $(PREFIX)
+	-systemctl daemon-reload
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

@@ -284,28 +284,66 @@ def get_cmd(name: str, dest: Path | None, path_prefix: str | None, skip_cache: b
     click.echo(f"{art.qualified_name} -> {root}")
 
 
+def plural(n: int, word: str, words: str | None = None) -> str:
+    """'1 version', '2 versions'; '1 entry', '2 entries' (with ``words``)."""
+    return f"{n} {word}" if n == 1 else f"{n} {words or word + 's'}"
+
+
+def human_size(n: float) -> str:
+    """Binary units as ls -h and du -h: '8 B', '2.9 KiB', '1.0 GiB'."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{int(n)} B" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
 @cli.command("ls")
 @click.argument("prefix", required=False, metavar="[ENTITY[/PROJECT[/COLLECTION]]]")
-def ls_cmd(prefix: str | None) -> None:
-    """List entities, projects, collections, or the versions of a collection."""
+@click.option("--type", "-t", "type_", default=None, help="Only collections of this artifact type (e.g. dataset).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def ls_cmd(prefix: str | None, type_: str | None, as_json: bool) -> None:
+    """List entities, projects, collections (with their aliases), or the versions of a collection."""
     parts = [p for p in (prefix or "").split("/") if p]
     if len(parts) > 3:
         raise click.BadParameter("at most ENTITY/PROJECT/COLLECTION", param_hint="PREFIX")
     store = _existing_store()
+    rows: list[Any]
     if not parts:
-        for e in store.list_entities():
-            click.echo(e)
+        rows = list(store.list_entities())
+        _emit(rows, as_json, None, lambda e: [e])
     elif len(parts) == 1:
-        for p in store.list_projects(parts[0]):
-            click.echo(f"{parts[0]}/{p}")
+        rows = [f"{parts[0]}/{p}" for p in store.list_projects(parts[0])]
+        _emit(rows, as_json, None, lambda p: [p])
     elif len(parts) == 2:
-        for c in store.list_collections(parts[0], parts[1]):
-            click.echo(f"{c.entity}/{c.project}/{c.name}\t{c.type}\t{c.version_count} versions")
+        colls = [c for c in store.list_collections(parts[0], parts[1]) if type_ is None or c.type == type_]
+        rows = [{"collection": f"{c.entity}/{c.project}/{c.name}", "type": c.type, "versions": c.version_count,
+                 "aliases": {a: f"v{i}" for a, i in sorted(c.aliases.items())}} for c in colls]
+        _emit(rows, as_json, ["COLLECTION", "TYPE", "VERSIONS", "ALIASES"],
+              lambda r: [r["collection"], r["type"], plural(r["versions"], "version"),
+                         ",".join(f"{a}:{v}" for a, v in r["aliases"].items()) or "-"])
     else:
         collection, _, _sel = parts[2].partition(":")
-        for v in store.list_versions(parts[0], parts[1], collection):
-            click.echo(f"{v.qualified_name}\t{','.join(v.aliases) or '-'}\t{v.file_count} files\t{v.size} bytes\t"
-                       f"{v.digest}\t{v.created_at:%Y-%m-%d %H:%M:%S}")
+        versions = store.list_versions(parts[0], parts[1], collection)
+        if type_ is not None:
+            versions = [v for v in versions if v.type == type_]
+        rows = [{"name": v.qualified_name, "version": f"v{v.index}", "aliases": list(v.aliases),
+                 "files": v.file_count, "size": v.size, "digest": v.digest,
+                 "created_at": v.created_at.isoformat()} for v in versions]
+        _emit(rows, as_json, ["VERSION", "ALIASES", "FILES", "SIZE", "DIGEST", "CREATED"],
+              lambda r: [r["name"], ",".join(r["aliases"]) or "-", plural(r["files"], "file"),
+                         human_size(r["size"]), r["digest"], r["created_at"][:19].replace("T", " ")])
+
+
+def _emit(rows: list[Any], as_json: bool, header: list[str] | None, cells: Any) -> None:
+    """Rows as JSON, or tab-separated lines under a header (plain names need none)."""
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    if header and rows:
+        click.echo("\t".join(header))
+    for row in rows:
+        click.echo("\t".join(cells(row)))
 
 
 _DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
@@ -376,13 +414,35 @@ def cache_group() -> None:
     """Inspect or shrink the local content cache (ARTIFACTFS_CACHE_DIR)."""
 
 
+#: cache subdirectories besides objects/, in the order ``cache info`` shows them
+CACHE_PARTS = ("partial", "tmp", "index", "drafts", "logs")
+
+
+def _tree_bytes(path: Path) -> int:
+    total = 0
+    for root, _dirs, files in os.walk(path):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(root, name)).st_size
+            except OSError:
+                pass
+    return total
+
+
 @cache_group.command("info")
 def cache_info() -> None:
-    """Show the cache's location, size and bound."""
+    """Show the cache's location, its bound and the size of each part (objects, partial
+    downloads, in-flight writes, manifest indexes, mount drafts, mount logs)."""
     from .cache import Cache
 
     info = Cache().info()
-    click.echo(f"root {info.root}\nentries {info.entries}\nbytes {info.bytes}\nmax_bytes {info.max_bytes}")
+    parts = {name: _tree_bytes(info.root / name) for name in CACHE_PARTS}
+    click.echo(f"root     {info.root}")
+    click.echo(f"objects  {human_size(info.bytes)}  {plural(info.entries, 'entry', 'entries')}"
+               f"  (bound {human_size(info.max_bytes)}; prune with: artifactfs cache prune)")
+    for name, size in parts.items():
+        click.echo(f"{name:<8} {human_size(size)}")
+    click.echo(f"total    {human_size(info.bytes + sum(parts.values()))}")
 
 
 @cache_group.command("prune")
@@ -398,7 +458,8 @@ def cache_prune(max_size: str | None) -> None:
     cache = Cache()
     freed = cache.prune(limit)
     info = cache.info()
-    click.echo(f"freed {freed} bytes; {info.entries} entries, {info.bytes} bytes remain")
+    click.echo(f"freed {human_size(freed)}; {plural(info.entries, 'entry', 'entries')}, "
+               f"{human_size(info.bytes)} remain")
 
 
 from .cli_login import register as _register_login  # noqa: E402 - the login/logout/whoami block

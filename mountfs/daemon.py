@@ -1,7 +1,7 @@
 """The mount daemon: wires store, cache, index, namespace and ops, then runs the FUSE loop.
 
 ``run(options)`` is the foreground daemon (``artifactfs mount --foreground``).  The CLI's
-background mode starts ``python -m mountfs.daemon '<options as JSON>'`` in a new session and
+background mode starts ``python -P -m mountfs.daemon '<options as JSON>'`` (client/pyexec.py) from / in a new session and
 waits until the mount shows up in /proc/self/mountinfo (or the child dies); tests use the
 same entry point, so what they mount is exactly what users run.
 
@@ -125,13 +125,17 @@ LOG_BACKUPS = 3
 
 
 def setup_logging(options: MountOptions) -> None:
-    """stderr, or a rotating ``--log-file`` (10 MiB x 3); secrets are redacted either way."""
+    """stderr, or a rotating ``--log-file`` (ARTIFACTFS_MOUNT_LOG_SIZE, default 10 MiB, x 3 old
+    files); secrets are redacted either way."""
     from logging.handlers import RotatingFileHandler
 
     handler: logging.Handler
     if options.log_file:
         Path(options.log_file).parent.mkdir(parents=True, exist_ok=True)
-        handler = RotatingFileHandler(options.log_file, maxBytes=LOG_MAX_BYTES, backupCount=LOG_BACKUPS)
+        from client.settings import parse_size
+
+        size = parse_size(os.environ.get("ARTIFACTFS_MOUNT_LOG_SIZE") or str(LOG_MAX_BYTES))
+        handler = RotatingFileHandler(options.log_file, maxBytes=size, backupCount=LOG_BACKUPS)
     else:
         handler = logging.StreamHandler()
     handler.setFormatter(RedactingFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))

@@ -65,6 +65,9 @@ def blob_entity(entity: str, version: VersionRecord) -> str:
 
 
 ROOT_INODE = 1  # pyfuse3.ROOT_INODE; repeated here so this module never imports pyfuse3
+#: ``ds@v3`` and ``ds@latest`` name the same trees as ``ds:v3`` and ``ds:latest`` (``@`` cannot
+#: occur in a collection or alias name); looked up on demand, not listed a second time.
+COLON_FREE_SEP = "@"
 DIR_MODE = 0o040555
 FILE_MODE = 0o100444
 
@@ -468,6 +471,8 @@ class Namespace:
         if self.drafts is not None and self.drafts.is_draft_name(name):
             return self.drafts.lookup(self, parent, name)
         collection, sep, selector = name.rpartition(":")
+        if not sep:  # the colon-free spelling <collection>@<version or alias> (rsync, tar, PYTHONPATH)
+            collection, sep, selector = name.rpartition(COLON_FREE_SEP)
         if not sep or not collection or not selector:
             raise NotFoundError(f"{name!r} is not <collection>:<version or alias>")
         names.validate_collection(collection)  # InvalidNameError -> ENOENT: such a name cannot exist

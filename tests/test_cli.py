@@ -38,7 +38,7 @@ def test_log_get_ls_round_trip(sdk_env: dict[str, Path]) -> None:
     assert code == 0 and "ds:v0" in out and "uploaded 0 bytes" in out  # unchanged: a no-op
     assert run("ls")[1].split() == ["alice"]
     assert run("ls", "alice")[1].split() == ["alice/proj"]
-    assert "alice/proj/ds\tdataset\t1 versions" in run("ls", "alice/proj")[1]
+    assert "alice/proj/ds\tdataset\t1 version\tbest:v0,latest:v0,prod:v0" in run("ls", "alice/proj")[1]
     listing = run("ls", "alice/proj/ds")[1]
     assert "alice/proj/ds:v0" in listing and "best" in listing and "prod" in listing
     dest = sdk_env["tmp"] / "dest"
@@ -96,10 +96,10 @@ def test_cache_info_and_prune(sdk_env: dict[str, Path]) -> None:
     src = write_tree(sdk_env["tmp"] / "c", {"x": "12345", "y": "678"})
     run("log", str(src), "--name", "ds", "--type", "dataset")
     code, out, _ = run("cache", "info")
-    assert code == 0 and "entries 2" in out and "bytes 8" in out and str(sdk_env["cache"]) in out
+    assert code == 0 and "objects  8 B  2 entries" in out and str(sdk_env["cache"]) in out
     code, out, _ = run("cache", "prune", "--max-size", "0")
-    assert code == 0 and "freed 8 bytes" in out
-    assert "entries 0" in run("cache", "info")[1]
+    assert code == 0 and "freed 8 B" in out
+    assert "objects  0 B  0 entries" in run("cache", "info")[1]
 
 
 def test_help_everywhere() -> None:

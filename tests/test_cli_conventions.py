@@ -311,3 +311,198 @@ def test_foreground_mount_notifies_systemd_when_live(tmp_path: Path, store_with_
         force_unmount(mp)
         proc.wait(timeout=30)
         sock.close()
+
+
+# -- item 8: the mount log rotates and holds no secrets ---------------------------------------------
+
+def test_log_redaction_of_signatures_and_keys() -> None:
+    from mountfs.daemon import redact
+
+    line = ("GET https://b.s3.amazonaws.com/blobs/ab/cd?X-Amz-Algorithm=AWS4&X-Amz-Credential=AKIA123%2F2026"
+            "&X-Amz-Signature=deadbeef01&X-Amz-Expires=300 failed; key afs_0a1b2c3d_SECRETSECRET; "
+            "Authorization: Bearer afs_0a1b2c3d_SECRETSECRET; http://127.0.0.1/blobdata/e/x?exp=1&sig=abc123")
+    out = redact(line)
+    for secret in ("deadbeef01", "AKIA123", "SECRETSECRET", "abc123"):
+        assert secret not in out, out
+    assert "X-Amz-Algorithm=AWS4" in out and "afs_0a1b2c3d_***" in out and "/blobs/ab/cd" in out
+
+
+@requires_fuse
+def test_mount_log_rotates(tmp_path: Path, store_with_data: Path, mountpoints: list[Path]) -> None:
+    mp = tmp_path / "mnt"
+    mp.mkdir()
+    mountpoints.append(mp)
+    log = tmp_path / "m.log"
+    for _ in range(4):  # each mount/unmount cycle logs ~1 KiB at debug level
+        res = cli("mount", str(mp), "--store", str(store_with_data), "--cache-dir", str(tmp_path / "c"),
+                  "--log-file", str(log), "--log-level", "debug", cwd=tmp_path,
+                  env={"ARTIFACTFS_MOUNT_LOG_SIZE": "1K"})
+        assert res.returncode == 0, res.stderr
+        assert (mp / "alice/proj/ds:v0/a.txt").read_text() == "A"
+        force_unmount(mp)
+        deadline = time.monotonic() + 10
+        while "committing drafts" not in log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.05)
+    rotated = sorted(p.name for p in tmp_path.glob("m.log*"))
+    assert rotated[:2] == ["m.log", "m.log.1"], rotated
+    assert "m.log.4" not in rotated and all(p.stat().st_size <= 2048 for p in tmp_path.glob("m.log*"))
+
+
+# -- item 7: systemd units and the fstab helper -------------------------------------------------------
+
+REPO = Path(__file__).resolve().parents[1]
+PREFIX = Path(sys.executable).parent.parent  # the units' /opt/artifactfs, here: this venv
+requires_systemd_analyze = pytest.mark.skipif(
+    subprocess.run(["sh", "-c", "command -v systemd-analyze"], capture_output=True).returncode != 0,
+    reason="systemd-analyze is not installed")
+
+
+def installed_units(tmp_path: Path) -> dict[str, Path]:
+    """The units as `make install-systemd` writes them, with PREFIX this venv."""
+    out = {}
+    for name, dest in (("artifactfs-server.service", "artifactfs-server.service"),
+                       ("artifactfs-mount@.service", "artifactfs-mount@mnt-artifacts.service")):
+        text = (REPO / "systemd" / name).read_text().replace("/opt/artifactfs", str(PREFIX))
+        (tmp_path / dest).write_text(text)
+        out[name] = tmp_path / dest
+    return out
+
+
+@requires_systemd_analyze
+def test_units_verify_and_are_hardened(tmp_path: Path) -> None:
+    units = installed_units(tmp_path)
+    res = subprocess.run(["systemd-analyze", "verify", *map(str, units.values())], capture_output=True,
+                         text=True, cwd=tmp_path, timeout=60)
+    assert res.returncode == 0 and "artifactfs" not in res.stderr, res.stderr
+    exposure = {}
+    for name, path in units.items():
+        out = subprocess.run(["systemd-analyze", "security", "--offline=true", str(path)], capture_output=True,
+                             text=True, cwd=tmp_path, timeout=60)
+        exposure[name] = float(out.stdout.strip().splitlines()[-1].split("level for")[1].split(":")[1].split()[0])
+    assert exposure["artifactfs-server.service"] <= 2.0, exposure  # was 7.7 EXPOSED
+    assert exposure["artifactfs-mount@.service"] <= 5.0, exposure  # was 9.6 UNSAFE
+    server = units["artifactfs-server.service"].read_text()
+    assert "UMask=0077" in server and "0.0.0.0" not in server.split("[Service]")[1]
+    assert "--host ${ARTIFACTFS_SERVER_HOST}" in server
+    listen = (REPO / "systemd" / "artifactfs-server.service.d" / "listen.conf").read_text()
+    assert "Environment=ARTIFACTFS_SERVER_HOST=" in listen
+    mount = units["artifactfs-mount@.service"].read_text()
+    assert "Type=notify" in mount and "DeviceAllow=/dev/fuse rw" in mount
+    for namespacing in ("ProtectSystem=", "PrivateTmp=", "ProtectHome=", "PrivateDevices="):
+        assert f"\n{namespacing}" not in mount  # a private mount namespace would hide the FUSE mount
+
+
+@requires_fuse
+@pytest.mark.skipif(os.geteuid() != 0 or os.path.exists("/sbin/mount.fuse.artifactfs"),
+                    reason="needs root and no installed /sbin/mount.fuse.artifactfs to install the helper briefly")
+def test_fstab_helper_with_mount_t_and_env_file(tmp_path: Path, store_with_data: Path,
+                                                mountpoints: list[Path]) -> None:
+    helper = Path("/sbin/mount.fuse.artifactfs")
+    helper.write_text((REPO / "systemd" / "mount.fuse.artifactfs").read_text()
+                      .replace("/opt/artifactfs/bin", str(PREFIX / "bin")))
+    helper.chmod(0o755)
+    mp = tmp_path / "mnt"
+    mp.mkdir()
+    mountpoints.append(mp)
+    env_file = tmp_path / "mount.env"
+    marker = tmp_path / "ran"
+    env_file.write_text(f"# the unit's own example\nARTIFACTFS_MOUNT_OPTS=--read-only --metadata-ttl 5\n"
+                        f"ARTIFACTFS_CACHE_DIR=\"{tmp_path / 'hc'}\"\nX=$(touch {marker})\n")
+    try:
+        res = subprocess.run(["mount", "-t", "fuse.artifactfs", "-o", f"noauto,_netdev,env={env_file},uid=4242",
+                              str(store_with_data), str(mp)], capture_output=True, text=True, timeout=120,
+                             env={k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "ARTIFACTFS_CACHE_DIR")})
+        assert res.returncode == 0, res.stderr
+        assert (mp / "alice/proj/ds:v0/a.txt").read_text() == "A"
+        assert (mp / "alice/proj/ds:v0/a.txt").stat().st_uid == 4242
+        with pytest.raises(OSError) as err:
+            (mp / "alice" / "proj" / "x:draft").mkdir()
+        assert err.value.errno == 30  # --read-only from ARTIFACTFS_MOUNT_OPTS
+        assert (tmp_path / "hc").is_dir() and not marker.exists()  # data, never run as shell
+    finally:
+        force_unmount(mp)
+        helper.unlink()
+
+
+# -- item 6: a colon-free spelling of every version and alias directory -------------------------------
+
+@requires_fuse
+def test_colon_free_spelling_works_with_rsync_tar_and_pythonpath(tmp_path: Path, mountpoints: list[Path]) -> None:
+    import tarfile
+
+    src = tmp_path / "tools"
+    (src / "lib").mkdir(parents=True)
+    (src / "lib" / "afs_tool_mod.py").write_text("VALUE = 42\n")
+    with tarfile.open(src / "arch.tar", "w") as tar:
+        tar.add(src / "lib" / "afs_tool_mod.py", arcname="inner.py")
+    store = tmp_path / "store"
+    res = cli("--store", str(store), "log", str(src), "--name", "alice/proj/tools", "--type", "code",
+              "--alias", "best", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    mp = tmp_path / "mnt"
+    mp.mkdir()
+    mountpoints.append(mp)
+    assert cli("mount", str(mp), "--store", str(store), "--cache-dir", str(tmp_path / "c"), cwd=tmp_path).returncode == 0
+    proj = mp / "alice" / "proj"
+    os.chdir(proj)  # relative paths, as a user inside a project types them
+    try:
+        out = tmp_path / "out"
+        r = subprocess.run(["rsync", "-a", "tools@v0/", str(out)], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        assert (out / "lib" / "afs_tool_mod.py").read_text() == "VALUE = 42\n"
+        r = subprocess.run(["tar", "-tf", "tools@best/arch.tar"], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0 and r.stdout.split() == ["inner.py"], r.stderr
+        r = subprocess.run([sys.executable, "-c", "import afs_tool_mod; print(afs_tool_mod.VALUE)"],
+                           env={**os.environ, "PYTHONPATH": str(proj / "tools@latest" / "lib")},
+                           capture_output=True, text=True, timeout=60)
+        assert r.stdout.strip() == "42", r.stderr
+        assert not os.path.exists("tools@v7") and not os.path.exists("tools@")
+        assert "tools@v0" not in os.listdir(".")  # documented, not listed twice
+    finally:
+        os.chdir(tmp_path)
+
+
+# -- item 10: small CLI items --------------------------------------------------------------------------
+
+def test_ls_header_plurals_aliases_type_and_json(tmp_path: Path) -> None:
+    import json
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a").write_text("a")
+    store = ["--store", str(tmp_path / "store")]
+    for name, type_ in (("alice/proj/ds", "dataset"), ("alice/proj/net", "model")):
+        assert cli(*store, "log", str(src), "--name", name, "--type", type_, "--alias", "best", cwd=tmp_path).returncode == 0
+    (src / "b").write_text("b")
+    assert cli(*store, "log", str(src), "--name", "alice/proj/net", "--type", "model", cwd=tmp_path).returncode == 0
+    out = cli(*store, "ls", "alice/proj", cwd=tmp_path).stdout.splitlines()
+    assert out[0].split() == ["COLLECTION", "TYPE", "VERSIONS", "ALIASES"]
+    assert out[1].split("\t") == ["alice/proj/ds", "dataset", "1 version", "best:v0,latest:v0"]
+    assert out[2].split("\t") == ["alice/proj/net", "model", "2 versions", "best:v0,latest:v1"]
+    typed = cli(*store, "ls", "--type", "model", "alice/proj", cwd=tmp_path).stdout.splitlines()
+    assert [line.split("\t")[0] for line in typed[1:]] == ["alice/proj/net"]
+    rows = json.loads(cli(*store, "ls", "--json", "alice/proj/net", cwd=tmp_path).stdout)
+    assert [r["version"] for r in rows] == ["v0", "v1"] and rows[1]["aliases"] == ["latest"]
+    assert rows[0]["files"] == 1 and rows[1]["size"] == 2
+    assert json.loads(cli(*store, "ls", "--json", cwd=tmp_path).stdout) == ["alice"]
+    versions = cli(*store, "ls", "alice/proj/net", cwd=tmp_path).stdout.splitlines()
+    assert versions[0].split() == ["VERSION", "ALIASES", "FILES", "SIZE", "DIGEST", "CREATED"]
+    assert "\t1 file\t" in versions[1] and "\t2 files\t" in versions[2]
+
+
+def test_cache_info_human_units_and_every_part(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a").write_bytes(b"x" * 3000)
+    env = {"ARTIFACTFS_CACHE_DIR": str(tmp_path / "cache"), "ARTIFACTFS_CACHE_SIZE": "2G"}
+    assert cli("--store", str(tmp_path / "s"), "log", str(src), "--name", "a/p/d", "--type", "t",
+               cwd=tmp_path, env=env).returncode == 0
+    (tmp_path / "cache" / "logs").mkdir(parents=True, exist_ok=True)
+    (tmp_path / "cache" / "logs" / "mount-x.log").write_bytes(b"l" * 2048)
+    out = cli("cache", "info", cwd=tmp_path, env=env).stdout
+    lines = {line.split()[0]: line for line in out.splitlines()}
+    assert "1 entry" in lines["objects"] and "2.9 KiB" in lines["objects"] and "bound 2.0 GiB" in lines["objects"]
+    for part in ("partial", "tmp", "index", "drafts"):
+        assert lines[part].split()[1:] == ["0", "B"], out
+    assert lines["logs"].split()[1:] == ["2.0", "KiB"]
+    assert lines["total"].split()[1:] == ["4.9", "KiB"]
