@@ -26,7 +26,7 @@ QUICK = {"timeout": 10.0, "attempts": 2, "backoff": 0.05}
 
 
 def _use_server(monkeypatch: pytest.MonkeyPatch, url: str, key: str, cache: Path) -> None:
-    from client import run as run_mod
+    from client import live_run as run_mod
 
     run_mod._reset_for_tests()
     monkeypatch.setenv("ARTIFACTFS_STORE", url)
@@ -95,7 +95,7 @@ def test_zero_byte_files_log_and_get_with_the_sdk_and_the_cli(registry: SharedRe
         assert {p.relative_to(dest).as_posix(): p.read_bytes() for p in dest.rglob("*") if p.is_file()} == files
     with pytest.raises(NotFoundError):
         client.Api().artifact(f"{team}/proj/none:v0")
-    from client import run as run_mod
+    from client import live_run as run_mod
 
     run_mod._reset_for_tests()
 
@@ -144,7 +144,7 @@ def test_login_saves_the_key_0600_and_the_keys_user_is_the_default_entity(
     import stat
 
     from client import credentials
-    from client import run as run_mod
+    from client import live_run as run_mod
 
     team = registry.new_team("vision")
     alice, key = registry.new_user("alice", teams=(team,))
@@ -264,7 +264,7 @@ def test_https_server_with_its_own_tls_and_a_client_that_verifies(
     code, out_text, err = _cli("get", "proj/ds", str(tmp_path / "got"))
     assert code == 0, err
     assert (tmp_path / "got" / "a.bin").read_bytes() == files["a.bin"]
-    from client import run as run_mod
+    from client import live_run as run_mod
 
     run_mod._reset_for_tests()
 
