@@ -47,6 +47,8 @@ from .namespace import DRAFT_KINDS, Attr, FileRef, Kind, Namespace, Node
 log = logging.getLogger(__name__)
 
 STATUS_XATTR = "user.artifact.draft.status"
+#: reading the status (file or xattr) waits this long at most for a requested commit to finish
+STATUS_WAIT_SECONDS = 150.0
 
 
 @dataclass(slots=True)
@@ -131,6 +133,7 @@ class DraftFS:
         draft = self._draft(node)
         out = {"user.artifact.draft": f"{draft.entity}/{draft.project}/{draft.dirname}".encode()}
         if node.kind is Kind.DRAFT_DIR:
+            draft.tree.wait_commits(STATUS_WAIT_SECONDS)
             out[STATUS_XATTR] = json.dumps(draft.status(), sort_keys=True).encode()
         elif node.kind is Kind.DRAFT_FILE:
             a = draft.tree.getattr(node.nid)
@@ -273,6 +276,9 @@ class DraftFS:
         """Open a draft file.  Returns a FileRef when the read side should serve it (read-only
         open of unchanged base content: ranged fetches, nothing copied)."""
         node, draft = self._in_draft(inode)
+        a = draft.tree.getattr(node.nid)
+        if a.parent == ROOT_ID and a.name == STATUS_NAME:
+            draft.tree.wait_commits(STATUS_WAIT_SECONDS)
         fh = self._ns().new_fh()
         ref = None
         if (flags & os.O_ACCMODE) == os.O_RDONLY and not flags & os.O_TRUNC:
@@ -374,12 +380,11 @@ class DraftFS:
 
     # -- commits -------------------------------------------------------------------------------
     def _commit_on_sentinel(self, draft: Draft) -> None:
-        """Commit now (close of ``.commit`` waits for it), then make the new version visible."""
-        result = self.manager.commit(draft)
-        if result.state == "created":
+        """A sentinel request (last release of ``.commit``, or a bare utimens): commit once the
+        draft is quiet, then make the new version visible.  Readers of the status wait for it."""
+        result = self.manager.commit_when_ready(draft)
+        if result is not None and result.state == "created":
             self.show_new_version(draft)
-        if result.state == "failed":
-            raise OSError(errno.EIO, f"commit of {draft.dirname} failed: {result.error}")
 
     def show_new_version(self, draft: Draft) -> None:
         """Forget cached listings and aliases of the collection; drop the kernel's alias dentries."""

@@ -126,6 +126,12 @@ def _err(code: int, msg: str) -> OSError:
     return OSError(code, f"{os.strerror(code)}: {msg}")
 
 
+def row_is_file(tree: "DraftTree", nid: int) -> bool:
+    """Whether ``nid`` is a node other than the sentinel (False once it is gone)."""
+    row = tree.db.execute("SELECT parent, name FROM nodes WHERE id = ?", (nid,)).fetchone()
+    return row is not None and not (row[0] == ROOT_ID and row[1] == COMMIT_NAME)
+
+
 def check_name(name: str) -> str:
     """A name usable in a draft directory (becomes one segment of a manifest path)."""
     if not name or name in (".", "..") or "/" in name or "\x00" in name:
@@ -164,6 +170,9 @@ class DraftTree:
         self._hashed: set[int] = {r[0] for r in self.db.execute(
             "SELECT id FROM nodes WHERE staged = 1 AND digest IS NOT NULL")}
         self._armed = False  #: the sentinel was created/written/touched since the last request
+        self._requests = 0  #: commit requests made and not finished yet
+        #: monotonic time of the last change to a file or directory other than the sentinel
+        self.last_change = 0.0
         self._dir_synced: set[int] = set()
 
     # -- plumbing -----------------------------------------------------------------------
@@ -314,6 +323,7 @@ class DraftTree:
             raise _err(errno.EEXIST, name)
 
     def _touch_dir(self, c: sqlite3.Connection, nid: int) -> None:
+        self.last_change = time.monotonic()
         c.execute("UPDATE nodes SET mtime_ns = ? WHERE id = ?", (time.time_ns(), nid))
 
     def mkdir(self, parent: int, name: str, mode: int = 0o755) -> NodeAttr:
@@ -382,18 +392,9 @@ class DraftTree:
             return self._new_handle(nid, flags & ~(os.O_CREAT | os.O_EXCL | os.O_TRUNC))
 
     def flush(self, fh: int) -> None:
-        """close(2) of a handle: closing the changed sentinel commits, and close() waits for it.
-
-        The commit's failure surfaces as this close's error (EIO), so ``touch .commit`` or
-        ``echo '{...}' > .commit`` report a failed commit to the shell.
-        """
-        with self.lock:
-            nid = self.handle_node(fh)
-            request = self._armed and self._is_sentinel(nid)
-            if request:
-                self._armed = False
-        if request:
-            self._request_commit()
+        """close(2) of a handle: nothing to do.  A commit never runs on flush: a shell's
+        ``echo … > .commit`` flushes a duplicate descriptor before it writes the JSON."""
+        self.handle_node(fh)
 
     def release(self, fh: int) -> None:
         """Drop a handle; the last release of a still-armed sentinel requests a commit."""
@@ -413,6 +414,9 @@ class DraftTree:
                     self._purge(h.node)
                 elif row is not None and row[0] == ROOT_ID and row[1] == COMMIT_NAME and self._armed:
                     self._armed, request = False, True
+                    self._requests += 1
+            if (h.flags & os.O_ACCMODE) != os.O_RDONLY and row_is_file(self, h.node):
+                self.last_change = time.monotonic()
         if request:
             try:
                 self._request_commit()
@@ -420,8 +424,55 @@ class DraftTree:
                 log.warning("commit requested on release failed: %s", exc)
 
     def _request_commit(self) -> None:
-        if self.on_commit_request is not None:
-            self.on_commit_request()
+        """Run the commit requested by the caller (which counted it in ``_requests``)."""
+        try:
+            if self.on_commit_request is not None:
+                self.on_commit_request()
+        finally:
+            with self.lock:
+                self._requests -= 1
+
+    def commit_expected(self) -> bool:
+        """A commit is running or waiting, or will run when an armed sentinel's last handle closes."""
+        if self._requests > 0:
+            return True
+        if not self._armed:
+            return False
+        row = self._child(ROOT_ID, COMMIT_NAME)
+        return row is not None and self._open.get(row[0], 0) > 0
+
+    def wait_commits(self, timeout: float) -> bool:
+        """Wait (bounded) until no commit is expected; False if one still is at the deadline.
+        Never holds the lock while sleeping (the commit it waits for needs it)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not self.lock.acquire(timeout=left):
+                return False
+            try:
+                if not self.commit_expected():
+                    return True
+            finally:
+                self.lock.release()
+            time.sleep(min(0.02, max(left, 0)))
+
+    def open_writers(self) -> list[int]:
+        """Nodes (other than the sentinel) that have a handle open for writing."""
+        with self.lock:
+            nodes = {h.node for h in self._handles.values() if (h.flags & os.O_ACCMODE) != os.O_RDONLY}
+            return sorted(n for n in nodes if row_is_file(self, n))
+
+    def path_of(self, nid: int) -> str:
+        """The path of a node inside the draft (for messages)."""
+        parts: list[str] = []
+        with self.lock:
+            while nid not in (ROOT_ID, 0):
+                r = self.db.execute("SELECT parent, name FROM nodes WHERE id = ?", (nid,)).fetchone()
+                if r is None:
+                    break
+                parts.append(r[1])
+                nid = r[0] if r[0] is not None else 0
+        return "/".join(reversed(parts))
 
     def _fd(self, nid: int) -> int:
         fd = self._fds.get(nid)
@@ -476,6 +527,8 @@ class DraftTree:
                 del self._seq[nid]
         if row[1] == ROOT_ID and row[2] == COMMIT_NAME:
             self._armed = True
+        else:
+            self.last_change = time.monotonic()
         return n
 
     # -- the event loop's fast paths --------------------------------------------------------
@@ -505,8 +558,7 @@ class DraftTree:
         if not self.lock.acquire(blocking=False):
             return False
         try:
-            h = self._handles.get(fh)
-            return h is not None and not (self._armed and self._is_sentinel(h.node))
+            return fh in self._handles
         finally:
             self.lock.release()
 
@@ -631,6 +683,7 @@ class DraftTree:
                         self._armed = True
                     else:
                         request = True
+                        self._requests += 1
             attr = self._attr(self._row(nid))
         if request:
             self._request_commit()
@@ -732,6 +785,7 @@ class DraftTree:
                 # editors save by renaming a temp file over the target: that is a write of .commit
                 request = self._open.get(src[0], 0) == 0
                 self._armed = not request
+                self._requests += int(request)
         if request:
             self._request_commit()
 
