@@ -7,6 +7,7 @@ with the daemon's own error message when it died first.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -59,9 +60,11 @@ def start_background(options: MountOptions, log_path: Path, timeout: float = _ST
               help="Seconds an alias (e.g. :latest) stays resolved before it is looked up again.")
 @click.option("--allow-other", is_flag=True, help="Let other users see the mount (needs user_allow_other).")
 @click.option("--foreground", "-f", is_flag=True, help="Stay in the foreground (for systemd, debugging).")
+@click.option("--no-commit-on-unmount", "no_commit", is_flag=True,
+              help="Keep drafts for the next mount instead of committing them at unmount.")
 @click.option("--debug", is_flag=True, hidden=True)
 def mount_command(mountpoint: str, store: str | None, cache_dir: str | None, cache_size: int | None,
-                  alias_ttl: float, allow_other: bool, foreground: bool, debug: bool) -> None:
+                  alias_ttl: float, allow_other: bool, foreground: bool, debug: bool, no_commit: bool = False) -> None:
     """Mount the artifact store at MOUNTPOINT: MOUNTPOINT/<entity>/<project>/<name>:<version> (read-only);
     mkdir <name>:draft in a project for a writable draft, touch <draft>/.commit to commit it."""
     mp = Path(mount_path(mountpoint))
@@ -69,7 +72,8 @@ def mount_command(mountpoint: str, store: str | None, cache_dir: str | None, cac
         raise click.ClickException(f"{mp} is already an artifactfs mount (artifactfs umount {mp})")
     mp.mkdir(parents=True, exist_ok=True)
     options = MountOptions(str(mp), store=store, cache_dir=cache_dir, cache_size=cache_size,
-                           alias_ttl=alias_ttl, allow_other=allow_other, debug=debug)
+                           alias_ttl=alias_ttl, allow_other=allow_other, debug=debug,
+                           commit_on_unmount=not no_commit)
     if foreground:
         raise SystemExit(run(options))
     from client import settings
@@ -88,19 +92,67 @@ def unmount(mountpoint: str | os.PathLike[str], lazy: bool = False) -> None:
     subprocess.run([*cmd, str(mountpoint)], check=True, capture_output=True, text=True)
 
 
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` still runs (a zombie has finished)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def _report_lines(path: Path | None) -> list[dict]:
+    if path is None:
+        return []
+    try:
+        return [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
+    except (OSError, ValueError):
+        return []
+
+
 @click.command("umount")
 @click.argument("mountpoint", type=click.Path(file_okay=False))
 @click.option("--lazy", "-z", is_flag=True, help="Detach now even if busy (finishes when no longer in use).")
-def umount_command(mountpoint: str, lazy: bool) -> None:
-    """Unmount an artifactfs mount."""
+@click.option("--timeout", default=3600.0, show_default=True, type=float,
+              help="Seconds to wait for the daemon to finish committing drafts.")
+def umount_command(mountpoint: str, lazy: bool, timeout: float) -> None:
+    """Unmount an artifactfs mount; returns once the daemon has committed the drafts (exit 1 if a commit failed)."""
     mp = Path(mount_path(mountpoint))
     if not is_mounted(mp):
         raise click.ClickException(f"{mp} is not an artifactfs mount")
     try:
+        info = json.loads(os.getxattr(mp, "user.artifactfs.stats"))
+    except (OSError, ValueError):
+        info = {}
+    pid, report = info.get("pid"), info.get("unmount_report")
+    report_path = Path(report) if report else None
+    try:
         unmount(mp, lazy=lazy)
     except subprocess.CalledProcessError as exc:
         raise click.ClickException(f"unmount failed: {exc.stderr.strip()} (busy? try --lazy)") from None
+    start = time.monotonic()
+    next_note = start + 2.0
+    while pid and _alive(int(pid)):
+        now = time.monotonic()
+        if now - start > timeout:
+            raise click.ClickException(f"unmounted {mp}, but the daemon (pid {pid}) is still committing "
+                                       f"after {timeout:.0f}s; see its log")
+        if now >= next_note:
+            done = len(_report_lines(report_path))
+            click.echo(f"waiting for the daemon to commit drafts ({done} done, {now - start:.0f}s)", err=True)
+            next_note = now + 5.0
+        time.sleep(0.05)
+    failed = False
+    for line in _report_lines(report_path):
+        state = line.get("state")
+        if state == "created":
+            click.echo(f"committed {line.get('version')} (from {line.get('draft')})")
+        elif state != "noop":
+            failed = True
+            click.echo(f"NOT committed {line.get('draft')}: {state}: {line.get('error')}")
     click.echo(f"unmounted {mp}")
+    if failed:
+        raise SystemExit(1)
 
 
 @click.group()

@@ -48,6 +48,7 @@ class MountOptions:
     backoff: float = 0.1
     timeout: float = 30.0
     readahead_kb: int = 4096  #: kernel readahead for the mount (bdi read_ahead_kb); 0 = leave it
+    commit_on_unmount: bool = True  #: False: drafts are kept for the next mount, not committed
     debug: bool = False
 
     def to_json(self) -> str:
@@ -150,13 +151,15 @@ def run(options: MountOptions) -> int:
         backoff=options.backoff, timeout=options.timeout, watchdog=watchdog))
     indexes = IndexStore(cache.root / "index", content.manifest_path)
     manager = DraftManager(cache.root / "drafts", store, cache)
+    report = cache.root / "logs" / f"unmount-{os.getpid()}.jsonl"  #: read by `artifactfs umount`
     for result in manager.recover_commits():
         log.info("recovered an interrupted commit: %s %s", result.state, result.version or result.error or "")
     drafts = DraftFS(manager, invalidate=lambda inode_p, name: pyfuse3.invalidate_entry_async(
         inode_p, os.fsencode(name), ignore_enoent=True))
     ns = Namespace(store, indexes, NamespaceConfig(alias_ttl=options.alias_ttl), drafts=drafts,
                    stats=lambda: {**content.stats(), "inodes": len(ns), "index_builds": indexes.builds,
-                                  "requests": dict(ops.requests)})
+                                  "requests": dict(ops.requests), "pid": os.getpid(),
+                                  "unmount_report": str(report)})
     drafts.attach(ns)
     ops = Operations(ns, content, max_threads=options.threads, drafts=drafts)
 
@@ -201,16 +204,34 @@ def run(options: MountOptions) -> int:
         store.close()
         raise
     pyfuse3.close(unmount=True)
-    log.info("unmounted %s; committing drafts", options.mountpoint)
+    status = 0
     try:
-        for result in manager.commit_all():
-            if result.state != "noop":
-                log.info("unmount commit: %s %s", result.state, result.version or result.error or "")
+        if options.commit_on_unmount:
+            log.info("unmounted %s; committing drafts", options.mountpoint)
+            status = _commit_at_unmount(manager, report)
+        else:
+            log.info("unmounted %s; drafts kept for the next mount (--no-commit-on-unmount)", options.mountpoint)
     finally:
         manager.close()
         content.shutdown()
         store.close()
-    return 0
+    return status
+
+
+def _commit_at_unmount(manager: "DraftManager", report: Path) -> int:  # noqa: F821
+    """commit_all, one JSON line per draft in ``report`` (written as each commit ends, so
+    `artifactfs umount` can show progress).  Returns 1 if a commit failed, else 0."""
+    report.parent.mkdir(parents=True, exist_ok=True)
+    failed = False
+    with open(report, "a", encoding="utf-8") as out:
+        for draft, result in manager.commit_all():
+            line = {"draft": f"{draft.entity}/{draft.project}/{draft.dirname}", **result.to_json()}
+            out.write(json.dumps(line) + "\n")
+            out.flush()
+            failed |= result.state not in ("created", "noop")
+            if result.state != "noop":
+                log.info("unmount commit: %s %s", result.state, result.version or result.error or "")
+    return 1 if failed else 0
 
 
 def spawn_command(options: MountOptions) -> list[str]:

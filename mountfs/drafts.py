@@ -382,9 +382,23 @@ class DraftManager:
         if result is not None and result.state == "failed":
             raise OSError(errno.EIO, f"commit failed: {result.error}")
 
-    def commit_all(self) -> list[CommitResult]:
-        """Unmount: commit every draft (unchanged ones are no-ops)."""
-        return [self.commit(d) for d in self.list()]
+    def commit_all(self) -> list[tuple[Draft, CommitResult]]:
+        """Unmount: commit every draft (unchanged ones are no-ops).  A draft with a file still
+        open for writing (the daemon was stopped under a writer) is not committed: it is kept
+        for the next mount and its status says why."""
+        out: list[tuple[Draft, CommitResult]] = []
+        for d in self.list():
+            writers = d.tree.open_writers()
+            if writers:
+                paths = ", ".join(d.tree.path_of(n) for n in writers[:5])
+                result = CommitResult("failed", error=f"not committed at unmount: {len(writers)} file(s) open "
+                                                      f"for writing ({paths}); the draft is kept")
+                d.record(result)
+                log.warning("unmount: %r %s", d, result.error)
+            else:
+                result = self.commit(d)
+            out.append((d, result))
+        return out
 
     def recover_commits(self) -> list[CommitResult]:
         """At mount: finish commits interrupted after the registry commit, retry the others."""

@@ -368,9 +368,13 @@ def _attempts(m) -> int:
 
 
 def _versions(store: Path, collection: str = "ds") -> list:
+    from client.errors import NotFoundError
+
     s = LocalStore(store)
     try:
         return s.list_versions("ent", "proj", collection)
+    except NotFoundError:
+        return []
     finally:
         s.close()
 
@@ -548,3 +552,64 @@ def test_drafts_belong_to_their_store_not_to_the_cache(world: Path) -> None:
     assert _versions(world / "other") == []
     with mounted(world / "store", world / "a", cache_dir=cache, commit_on_unmount=False) as m:
         assert (m.path / PROJ / "ds:draft" / "x.txt").read_text() == "x"
+
+
+# -- issue 11: unmount you can rely on ---------------------------------------------------------------
+def _cli_umount(mp: Path) -> subprocess.CompletedProcess:
+    exe = Path(__file__).resolve().parent.parent / ".venv" / "bin" / "artifactfs"
+    return subprocess.run([str(exe), "umount", str(mp)], capture_output=True, text=True, timeout=120)
+
+
+def test_umount_returns_after_the_commits_and_reports_them(world: Path) -> None:
+    payload = os.urandom(20 * MiB)
+    with mounted(world / "store", world) as m:
+        d = m.path / PROJ / "ds:draft"
+        os.makedirs(d)
+        (d / "big.bin").write_bytes(payload)
+        (d / "small.txt").write_text("s")
+        out = _cli_umount(m.path)
+        assert out.returncode == 0, out.stderr
+        assert "committed ent/proj/ds:v0" in out.stdout, out.stdout
+        assert [v.index for v in _versions(world / "store")] == [0]  # there when umount returns
+        assert m.proc.wait(timeout=5) == 0
+    # a commit that fails at unmount: non-zero exit, the reason printed, the draft kept
+    with mounted(world / "store", world) as m:
+        d = m.path / PROJ / "ds:draft"
+        (d / "more.txt").write_text("more")
+        (d / ".commit").write_text("{not json")
+        assert status(d)["state"] == "failed"
+        out = _cli_umount(m.path)
+        assert out.returncode != 0 and "JSON" in out.stdout + out.stderr, (out.stdout, out.stderr)
+    assert [v.index for v in _versions(world / "store")] == [0]
+
+
+def test_mount_without_commit_on_unmount_keeps_drafts(world: Path) -> None:
+    with mounted(world / "store", world, commit_on_unmount=False) as m:
+        d = m.path / PROJ / "ds:draft"
+        os.makedirs(d)
+        (d / "x.txt").write_text("x")
+        out = _cli_umount(m.path)
+        assert out.returncode == 0 and "committed" not in out.stdout, out.stdout
+    assert _versions(world / "store") == []
+    with mounted(world / "store", world) as m:
+        assert (m.path / PROJ / "ds:draft" / "x.txt").read_text() == "x"
+
+
+def test_files_open_for_writing_at_unmount_are_not_committed(world: Path) -> None:
+    opts = MountOptions(str(world / "mnt"), store=str(world / "store"), cache_dir=str(world / "cache"))
+    proc = start_daemon(opts, world / "daemon.log")
+    try:
+        wait_for_mount(proc, world / "mnt", world / "daemon.log")
+        d = world / "mnt" / PROJ / "ds:draft"
+        os.makedirs(d)
+        f = open(d / "half.bin", "wb")
+        f.write(b"h" * 1000)
+        f.flush()
+        proc.send_signal(signal.SIGTERM)  # the daemon stops while half.bin is open for writing
+        assert proc.wait(timeout=30) == 1  # a draft was not committed
+        with contextlib.suppress(OSError):
+            f.close()
+    finally:
+        unmount_and_reap(proc, world / "mnt")
+    assert _versions(world / "store") == []
+    assert "open for writing" in (world / "daemon.log").read_text()
