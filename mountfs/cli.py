@@ -155,6 +155,36 @@ def umount_command(mountpoint: str, lazy: bool, timeout: float) -> None:
         raise SystemExit(1)
 
 
+@click.command("commit")
+@click.argument("draft", type=click.Path(file_okay=False, exists=True))
+@click.option("--alias", "aliases", multiple=True, help="Alias for the new version (repeatable).")
+@click.option("--tag", "tags", multiple=True, help="Tag for the new version (repeatable).")
+@click.option("--description", default=None, help="Description of the new version.")
+def commit_command(draft: str, aliases: tuple[str, ...], tags: tuple[str, ...], description: str | None) -> None:
+    """Commit a mounted draft (MOUNT/<entity>/<project>/<coll>:draft) now and print the result;
+    exit 1 if no version could be made.  Options given here replace the JSON in .commit."""
+    from .draft_fs import COMMIT_XATTR, STATUS_XATTR
+
+    options: dict = {"aliases": list(aliases), "tags": list(tags)}
+    if description is not None:
+        options["description"] = description
+    error = None
+    try:
+        os.setxattr(draft, COMMIT_XATTR, json.dumps(options).encode())
+    except OSError as exc:
+        error = exc
+    try:
+        last = json.loads(os.getxattr(draft, STATUS_XATTR)).get("last_commit") or {}
+    except (OSError, ValueError) as exc:
+        raise click.ClickException(f"{draft} is not a draft on an artifactfs mount ({error or exc})") from None
+    state = last.get("state")
+    if error is None and state in ("created", "noop"):
+        click.echo(f"{state} {last.get('version')} ({last.get('blobs_uploaded', 0)} blobs, "
+                   f"{last.get('bytes_uploaded', 0)} bytes uploaded)")
+        return
+    raise click.ClickException(f"commit failed: {state}: {last.get('error') or error}")
+
+
 @click.group()
 def _main() -> None:
     """Standalone entry (python -m mountfs.cli) for when the SDK CLI is not installed."""
@@ -162,6 +192,7 @@ def _main() -> None:
 
 _main.add_command(mount_command)
 _main.add_command(umount_command)
+_main.add_command(commit_command)
 
 if __name__ == "__main__":
     _main()

@@ -40,13 +40,15 @@ from dataclasses import dataclass
 
 from client import names
 
-from .drafts import Draft, DraftManager, StatFs, is_draft_name
+from .drafts import CommitOptions, CommitResult, Draft, DraftManager, StatFs, is_draft_name
 from .draft_store import ROOT_ID, STATUS_NAME, NodeAttr
 from .namespace import DRAFT_KINDS, Attr, FileRef, Kind, Namespace, Node
 
 log = logging.getLogger(__name__)
 
 STATUS_XATTR = "user.artifact.draft.status"
+#: setxattr on a draft directory commits it now, synchronously, with the value's JSON options
+COMMIT_XATTR = "user.artifact.draft.commit"
 #: reading the status (file or xattr) waits this long at most for a requested commit to finish
 STATUS_WAIT_SECONDS = 150.0
 
@@ -385,6 +387,26 @@ class DraftFS:
         result = self.manager.commit_when_ready(draft)
         if result is not None and result.state == "created":
             self.show_new_version(draft)
+
+    def commit_xattr(self, inode: int, value: bytes) -> None:
+        """``artifactfs commit``: commit the draft (options from ``value``, not from ``.commit``)
+        once it is quiet, and return when done; EINVAL for bad options, EIO if it failed."""
+        node, draft = self._in_draft(inode)
+        if node.kind is not Kind.DRAFT_DIR:
+            raise OSError(errno.EINVAL, f"{COMMIT_XATTR} is set on a draft directory")
+        try:
+            options = CommitOptions.parse(value)
+        except ValueError as exc:
+            draft.record(CommitResult("failed", error=str(exc)))
+            raise OSError(errno.EINVAL, str(exc)) from None
+        result = self.manager.commit_when_ready(draft, options)
+        if result is None:  # joined a request already waiting: its attempt is the answer
+            draft.tree.wait_commits(STATUS_WAIT_SECONDS)
+            result = draft.last_result
+        if result is not None and result.state == "created":
+            self.show_new_version(draft)
+        if result is None or result.state not in ("created", "noop"):
+            raise OSError(errno.EIO, f"commit of {draft.dirname} failed")
 
     def show_new_version(self, draft: Draft) -> None:
         """Forget cached listings and aliases of the collection; drop the kernel's alias dentries."""

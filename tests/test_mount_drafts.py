@@ -613,3 +613,20 @@ def test_files_open_for_writing_at_unmount_are_not_committed(world: Path) -> Non
         unmount_and_reap(proc, world / "mnt")
     assert _versions(world / "store") == []
     assert "open for writing" in (world / "daemon.log").read_text()
+
+
+def test_artifactfs_commit_is_synchronous_and_fails_loudly(world: Path) -> None:
+    exe = Path(__file__).resolve().parent.parent / ".venv" / "bin" / "artifactfs"
+    with mounted(world / "store", world) as m:
+        d = m.path / PROJ / "ds:draft"
+        os.makedirs(d)
+        (d / "w.bin").write_bytes(b"w" * 5000)
+        out = subprocess.run([str(exe), "commit", str(d), "--alias", "best"], capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.startswith("created ent/proj/ds:v0"), out.stdout
+        assert "best" in os.getxattr(m.path / PROJ / "ds:best", "user.artifact.aliases").decode()
+        (d / "x.bin").write_bytes(b"x")
+        out = subprocess.run([str(exe), "commit", str(d), "--alias", "bad alias!"], capture_output=True, text=True,
+                             timeout=60)
+        assert out.returncode != 0 and "alias" in out.stderr, (out.stdout, out.stderr)
+        assert [v.index for v in _versions(world / "store")] == [0]
