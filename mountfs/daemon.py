@@ -129,7 +129,7 @@ def run(options: MountOptions) -> int:
     from client.store import open_store
 
     from .draft_fs import DraftFS
-    from .drafts import DraftManager
+    from .drafts import DraftManager, staging_root
     from .fetch import ContentReader, FetchConfig
     from .manifest_index import IndexStore
     from .namespace import Namespace, NamespaceConfig
@@ -150,7 +150,7 @@ def run(options: MountOptions) -> int:
         block_size=options.block_size, parallel=options.parallel, attempts=options.attempts,
         backoff=options.backoff, timeout=options.timeout, watchdog=watchdog))
     indexes = IndexStore(cache.root / "index", content.manifest_path)
-    manager = DraftManager(cache.root / "drafts", store, cache)
+    manager = DraftManager(staging_root(cache.root, store.location), store, cache)
     report = cache.root / "logs" / f"unmount-{os.getpid()}.jsonl"  #: read by `artifactfs umount`
     for result in manager.recover_commits():
         log.info("recovered an interrupted commit: %s %s", result.state, result.version or result.error or "")

@@ -25,7 +25,7 @@ Inside a draft (see :class:`mountfs.draft_store.DraftTree` for the operations):
   that is both a file and a directory) are carried into every next version unchanged.
 * ``rmdir`` of a draft whose tree is empty discards it (``rm -rf`` works); otherwise ENOTEMPTY.
 
-Staging layout (under the mount's ``<cache dir>/drafts/``)::
+Staging layout (under the mount's ``<cache dir>/drafts/store-<key>/``, see :func:`staging_root`)::
 
     <staging_root>/<draft id>/          one draft (see mountfs.draft_store for its inside)
     <staging_root>/tmp-<id>/            a draft being created or removed (deleted at startup)
@@ -152,6 +152,19 @@ def make_fetch_base(store: Store, cache: Cache) -> Callable[[BaseRef], Path]:
     return fetch
 
 
+def staging_root(cache_root: Path | str, store_location: str) -> Path:
+    """Where the drafts of one store live: ``<cache>/drafts/<store key>/``.
+
+    Drafts belong to their store, not to the cache: the key is derived from the store's
+    canonical location (the resolved directory of an embedded store, the URL of a server), so
+    a mount of another store sharing the cache never lists or commits them.
+    """
+    import hashlib
+
+    key = hashlib.sha256(store_location.rstrip("/").encode("utf-8")).hexdigest()[:16]
+    return Path(cache_root) / "drafts" / f"store-{key}"
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -194,6 +207,8 @@ class DraftManager:
         """Open every draft; remove half-created/half-removed ones; repair after a crash."""
         for entry in sorted(os.scandir(self.root), key=lambda e: e.name):
             if not entry.is_dir(follow_symlinks=False):
+                continue
+            if entry.name.startswith("store-"):  # another store's drafts (the parent's layout)
                 continue
             if entry.name.startswith("tmp-"):
                 shutil.rmtree(entry.path, ignore_errors=True)

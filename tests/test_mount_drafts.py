@@ -535,7 +535,6 @@ def test_commit_merges_onto_a_moved_latest_and_reports_conflicts(world: Path, mo
         assert status(da)["state"] == "conflict"
 
 
-@pytest.mark.xfail(strict=True, reason="issue 11 item 4 (drafts keyed by store identity) is not implemented yet")
 def test_drafts_belong_to_their_store_not_to_the_cache(world: Path) -> None:
     LocalStore(world / "other").close()
     cache = world / "shared-cache"
