@@ -110,6 +110,9 @@ class BaseRef:
 class _Handle:
     node: int
     flags: int
+    #: opened for writing or written since its last flush: close(2) (which flushes) has not
+    #: happened yet, so more data may come; a flushed handle waits only for its release
+    dirty: bool = False
 
 
 class _SeqHash:
@@ -365,7 +368,7 @@ class DraftTree:
         with self.lock:
             fh = self._next_fh
             self._next_fh += 1
-            self._handles[fh] = _Handle(nid, flags)
+            self._handles[fh] = _Handle(nid, flags, (flags & os.O_ACCMODE) != os.O_RDONLY)
             self._open[nid] += 1
             return fh
 
@@ -392,9 +395,13 @@ class DraftTree:
             return self._new_handle(nid, flags & ~(os.O_CREAT | os.O_EXCL | os.O_TRUNC))
 
     def flush(self, fh: int) -> None:
-        """close(2) of a handle: nothing to do.  A commit never runs on flush: a shell's
+        """close(2) of a handle: marks it flushed.  A commit never runs on flush: a shell's
         ``echo … > .commit`` flushes a duplicate descriptor before it writes the JSON."""
-        self.handle_node(fh)
+        with self.lock:
+            h = self._handles.get(fh)
+            if h is None:
+                raise _err(errno.EBADF, f"file handle {fh}")
+            h.dirty = False
 
     def release(self, fh: int) -> None:
         """Drop a handle; the last release of a still-armed sentinel requests a commit."""
@@ -457,9 +464,11 @@ class DraftTree:
             time.sleep(min(0.02, max(left, 0)))
 
     def open_writers(self) -> list[int]:
-        """Nodes (other than the sentinel) that have a handle open for writing."""
+        """Nodes (other than the sentinel) with a handle open for writing that was written (or
+        opened) since its last flush: close(2) flushes, so these are files still being written.
+        A flushed handle only waits for its (asynchronous) release and does not count."""
         with self.lock:
-            nodes = {h.node for h in self._handles.values() if (h.flags & os.O_ACCMODE) != os.O_RDONLY}
+            nodes = {h.node for h in self._handles.values() if h.dirty}
             return sorted(n for n in nodes if row_is_file(self, n))
 
     def path_of(self, nid: int) -> str:
@@ -514,6 +523,7 @@ class DraftTree:
             if not row[7]:
                 self._copy_up(row, covers_all=(off == 0 and len(data) >= row[5]))
             self._changed(nid)
+            h.dirty = True
             return self._write_staged(nid, row, off, data)
 
     def _write_staged(self, nid: int, row: tuple, off: int, data: bytes | memoryview) -> int:
@@ -547,6 +557,7 @@ class DraftTree:
             row = self._row(h.node)
             if not row[7]:
                 return None
+            h.dirty = True
             if h.flags & os.O_APPEND:
                 off = self._attr(row).size
             return self._write_staged(h.node, row, off, data)
@@ -558,7 +569,11 @@ class DraftTree:
         if not self.lock.acquire(blocking=False):
             return False
         try:
-            return fh in self._handles
+            h = self._handles.get(fh)
+            if h is None:
+                return False
+            h.dirty = False
+            return True
         finally:
             self.lock.release()
 
