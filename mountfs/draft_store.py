@@ -877,6 +877,41 @@ class DraftTree:
                 c.executemany("UPDATE nodes SET staged = 0, size = ?, mtime_ns = ?, entry = NULL WHERE id = ?",
                               [(size, mtime_ns, nid) for nid, size, mtime_ns in rows])
 
+    def apply_base_entries(self, changes: list[tuple[str, Any]]) -> None:
+        """Bring paths to a newer version's entries (a merged commit): ``(path, ManifestEntry)``
+        sets a base file (directories made as needed), ``(path, None)`` removes the file.
+        Entries that cannot be files (references, a path under a file) go to ``hidden``."""
+        now = time.time_ns()
+        with self.txn() as c:
+            for path, entry in changes:
+                c.execute("DELETE FROM hidden WHERE path = ?", (path,))
+                *dirs, name = path.split("/")
+                parent: int | None = ROOT_ID
+                for d in dirs:
+                    row = self._child(parent, d)
+                    if row is None:
+                        parent = None if entry is None else int(c.execute(
+                            "INSERT INTO nodes (parent, name, is_dir, mode, size, mtime_ns) VALUES (?, ?, 1, ?, 0, ?)",
+                            (parent, d, 0o755, now)).lastrowid)
+                    else:
+                        parent = row[0] if row[3] else None
+                    if parent is None:
+                        break
+                row = self._child(parent, name) if parent is not None else None
+                if row is not None and not row[3]:
+                    self._drop_file(c, row[0])
+                if entry is None:
+                    continue
+                js = entry.to_json()
+                if parent is None or entry.ref is not None or (row is not None and row[3]) \
+                        or (parent == ROOT_ID and name in CONTROL_NAMES):
+                    c.execute("INSERT OR REPLACE INTO hidden VALUES (?, ?, ?)", (path, entry.digest, json.dumps(js)))
+                    continue
+                extra = {k: v for k, v in js.items() if k not in ("digest", "size")}
+                c.execute("INSERT INTO nodes (parent, name, is_dir, mode, size, mtime_ns, digest, entry) "
+                          "VALUES (?, ?, 0, ?, ?, ?, ?, ?)", (parent, name, 0o644, entry.size or 0, now, entry.digest,
+                                                              json.dumps(extra) if extra else None))
+
     def read_control(self, name: str) -> bytes:
         """Content of a control file at the root (empty if absent)."""
         with self.lock:

@@ -255,10 +255,12 @@ def test_two_mounts_commit_concurrently(world: Path) -> None:
             t.join(60)
         assert sorted(r["index"] for r in results.values()) == [1, 2]
         assert all(r["state"] == "created" for r in results.values())
-        for d, name in zip(drafts, ("from-a.txt", "from-b.txt")):
-            index = results[str(d)]["index"]
-            tree = sha256_tree(ma.path / PROJ / f"ds:v{index}")
-            assert name in tree and set(tree) - {name} == set(sha256_tree(src))
+        for d, name, other in zip(drafts, ("from-a.txt", "from-b.txt"), ("from-b.txt", "from-a.txt")):
+            res = results[str(d)]
+            tree = sha256_tree(ma.path / PROJ / f"ds:v{res['index']}")
+            # its own file on top of the base; the other's too exactly when it was merged onto it
+            assert name in tree and set(sha256_tree(src)) <= set(tree)
+            assert (other in tree) == (res["merged_onto"] is not None), res
 
 
 # -- POSIX behaviour ---------------------------------------------------------------------------------
@@ -481,7 +483,6 @@ def test_a_copy_holding_the_sentinel_yields_one_complete_version(world: Path) ->
         assert len(_versions(world / "store", "cp")) == 1
 
 
-@pytest.mark.xfail(strict=True, reason="issue 11 item 3 (merge onto a moved latest) is not implemented yet")
 def test_commit_merges_onto_a_moved_latest_and_reports_conflicts(world: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     src = world / "src"
     src.mkdir()
@@ -525,9 +526,12 @@ def test_commit_merges_onto_a_moved_latest_and_reports_conflicts(world: Path, mo
         assert (da / "from-sdk.txt").read_text() == "SDK\n" and not (da / "b.txt").exists()
 
         # a conflict: both sides change a.txt differently
-        (db / "a.txt").write_text("B changed a\n")  # db's base is v1: rebased draft of B
         (da / "a.txt").write_text("A changed a again\n")
-        assert commit(db)["index"] == 4
+        art = api.artifact("ent/proj/ds:latest").new_draft()
+        (world / "sdk-a.txt").write_text("SDK changed a\n")
+        art.add_file(str(world / "sdk-a.txt"), "a.txt", overwrite=True)
+        with client.init(entity="ent", project="proj") as run:
+            run.log_artifact(art)
         res = commit(da)
         assert res["state"] == "conflict" and res["conflicts"] == ["a.txt"], res
         assert len(_versions(world / "store")) == 5
