@@ -93,6 +93,7 @@ LAZY_COMMANDS: dict[str, tuple[str, str, str]] = {
     "mount": ("mountfs.cli", "mount_command", "Mount the registry as a filesystem (FUSE)."),
     "umount": ("mountfs.cli", "umount_command", "Unmount a mounted registry."),
     "status": ("mountfs.cli", "status_command", "List live mounts with their store, cache and pid."),
+    "commit": ("mountfs.cli", "commit_command", "Commit a draft on a mount now (synchronous)."),
     "server": ("server.cli", "server_command", "Run the registry server."),
     "admin": ("server.cli", "admin_command", "Manage users, teams and API keys of a registry server."),
 }

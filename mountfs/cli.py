@@ -7,6 +7,7 @@ with the daemon's own error message when it died first.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -134,12 +135,14 @@ def check_mountpoint(mp: Path, allow_non_empty: bool) -> None:
 @click.option("--lazy-connect", is_flag=True,
               help="Do not check the store before mounting (boot ordering); errors then show up as EIO.")
 @click.option("--foreground", "-f", is_flag=True, help="Stay in the foreground (for systemd, debugging).")
+@click.option("--no-commit-on-unmount", "no_commit", is_flag=True,
+              help="Keep drafts for the next mount instead of committing them at unmount.")
 @click.option("--debug", is_flag=True, hidden=True)
 def mount_command(mountpoint: str, store: str | None, cache_dir: str | None, cache_size: int | None,
                   alias_ttl: float, attr_timeout: float, read_only: bool, fuse_opts: tuple[str, ...],
                   uid: int | None, gid: int | None, file_mode: int, dir_mode: int, allow_other: bool,
                   allow_root: bool, log_file: str | None, log_level: str, allow_non_empty: bool,
-                  lazy_connect: bool, foreground: bool, debug: bool) -> None:
+                  lazy_connect: bool, foreground: bool, debug: bool, no_commit: bool = False) -> None:
     """Mount the artifact store at MOUNTPOINT (an existing, empty directory).
 
     MOUNTPOINT/<entity>/<project>/<name>:<version> is read-only; mkdir <name>:draft in a
@@ -168,7 +171,7 @@ def mount_command(mountpoint: str, store: str | None, cache_dir: str | None, cac
                            allow_root=allow_root, read_only=read_only, uid=uid, gid=gid, file_mode=file_mode,
                            dir_mode=dir_mode, fuse_options=passthrough,
                            log_file=os.path.abspath(log_file) if log_file else None, log_level=log_level.lower(),
-                           debug=debug)
+                           debug=debug, commit_on_unmount=not no_commit)
     if foreground:
         raise SystemExit(run(options))
 
@@ -186,19 +189,97 @@ def unmount(mountpoint: str | os.PathLike[str], lazy: bool = False) -> None:
     subprocess.run([*cmd, str(mountpoint)], check=True, capture_output=True, text=True)
 
 
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` still runs (a zombie has finished)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def _report_lines(path: Path | None) -> list[dict]:
+    if path is None:
+        return []
+    try:
+        return [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
+    except (OSError, ValueError):
+        return []
+
+
 @click.command("umount")
 @click.argument("mountpoint", type=click.Path(file_okay=False))
 @click.option("--lazy", "-z", is_flag=True, help="Detach now even if busy (finishes when no longer in use).")
-def umount_command(mountpoint: str, lazy: bool) -> None:
-    """Unmount an artifactfs mount."""
+@click.option("--timeout", default=3600.0, show_default=True, type=float,
+              help="Seconds to wait for the daemon to finish committing drafts.")
+def umount_command(mountpoint: str, lazy: bool, timeout: float) -> None:
+    """Unmount an artifactfs mount; returns once the daemon has committed the drafts (exit 1 if a commit failed)."""
     mp = Path(mount_path(mountpoint))
     if not is_mounted(mp):
         raise click.ClickException(f"{mp} is not an artifactfs mount")
     try:
+        info = json.loads(os.getxattr(mp, "user.artifactfs.stats"))
+    except (OSError, ValueError):
+        info = {}
+    pid, report = info.get("pid"), info.get("unmount_report")
+    report_path = Path(report) if report else None
+    try:
         unmount(mp, lazy=lazy)
     except subprocess.CalledProcessError as exc:
         raise click.ClickException(f"unmount failed: {exc.stderr.strip()} (busy? try --lazy)") from None
+    start = time.monotonic()
+    next_note = start + 2.0
+    while pid and _alive(int(pid)):
+        now = time.monotonic()
+        if now - start > timeout:
+            raise click.ClickException(f"unmounted {mp}, but the daemon (pid {pid}) is still committing "
+                                       f"after {timeout:.0f}s; see its log")
+        if now >= next_note:
+            done = len(_report_lines(report_path))
+            click.echo(f"waiting for the daemon to commit drafts ({done} done, {now - start:.0f}s)", err=True)
+            next_note = now + 5.0
+        time.sleep(0.05)
+    failed = False
+    for line in _report_lines(report_path):
+        state = line.get("state")
+        if state == "created":
+            click.echo(f"committed {line.get('version')} (from {line.get('draft')})")
+        elif state != "noop":
+            failed = True
+            click.echo(f"NOT committed {line.get('draft')}: {state}: {line.get('error')}")
     click.echo(f"unmounted {mp}")
+    if failed:
+        raise SystemExit(1)
+
+
+@click.command("commit")
+@click.argument("draft", type=click.Path(file_okay=False, exists=True))
+@click.option("--alias", "aliases", multiple=True, help="Alias for the new version (repeatable).")
+@click.option("--tag", "tags", multiple=True, help="Tag for the new version (repeatable).")
+@click.option("--description", default=None, help="Description of the new version.")
+def commit_command(draft: str, aliases: tuple[str, ...], tags: tuple[str, ...], description: str | None) -> None:
+    """Commit a mounted draft (MOUNT/<entity>/<project>/<coll>:draft) now and print the result;
+    exit 1 if no version could be made.  Options given here replace the JSON in .commit."""
+    from .draft_fs import COMMIT_XATTR, STATUS_XATTR
+
+    options: dict = {"aliases": list(aliases), "tags": list(tags)}
+    if description is not None:
+        options["description"] = description
+    error = None
+    try:
+        os.setxattr(draft, COMMIT_XATTR, json.dumps(options).encode())
+    except OSError as exc:
+        error = exc
+    try:
+        last = json.loads(os.getxattr(draft, STATUS_XATTR)).get("last_commit") or {}
+    except (OSError, ValueError) as exc:
+        raise click.ClickException(f"{draft} is not a draft on an artifactfs mount ({error or exc})") from None
+    state = last.get("state")
+    if error is None and state in ("created", "noop"):
+        click.echo(f"{state} {last.get('version')} ({last.get('blobs_uploaded', 0)} blobs, "
+                   f"{last.get('bytes_uploaded', 0)} bytes uploaded)")
+        return
+    raise click.ClickException(f"commit failed: {state}: {last.get('error') or error}")
 
 
 def list_mounts() -> list[dict[str, object]]:
@@ -271,6 +352,7 @@ def _main() -> None:
 _main.add_command(mount_command)
 _main.add_command(umount_command)
 _main.add_command(status_command)
+_main.add_command(commit_command)
 
 if __name__ == "__main__":
     _main()

@@ -55,6 +55,7 @@ class MountOptions:
     timeout: float = dataclasses.field(default_factory=lambda: _request_timeout())  #: bound per request, s
     readahead_kb: int = 4096  #: kernel readahead for the mount (bdi read_ahead_kb); 0 = leave it
     local_blobs: bool = True  #: serve an embedded store's blob files in place (False: fetch into the cache)
+    commit_on_unmount: bool = True  #: False: drafts are kept for the next mount, not committed
     debug: bool = False
     read_only: bool = False  #: no drafts: every write answers EROFS, mounted with the kernel's ro
     allow_root: bool = False
@@ -207,7 +208,7 @@ def run(options: MountOptions) -> int:
     from client.store import open_store
 
     from .draft_fs import DraftFS
-    from .drafts import DraftManager
+    from .drafts import DraftManager, staging_root
     from .fetch import ContentReader, FetchConfig
     from .manifest_index import IndexStore
     from .namespace import Namespace, NamespaceConfig
@@ -225,8 +226,9 @@ def run(options: MountOptions) -> int:
     indexes = IndexStore(cache.root / "index", content.manifest_path)
     manager: DraftManager | None = None
     drafts: DraftFS | None = None
+    report = cache.root / "logs" / f"unmount-{os.getpid()}.jsonl"  #: read by `artifactfs umount`
     if not options.read_only:  # a read-only mount has no drafts: mkdir/create answer EROFS
-        manager = DraftManager(cache.root / "drafts", store, cache)
+        manager = DraftManager(staging_root(cache.root, store.location), store, cache)
         for result in manager.recover_commits():
             log.info("recovered an interrupted commit: %s %s", result.state, result.version or result.error or "")
         drafts = DraftFS(manager, invalidate=lambda inode_p, name: pyfuse3.invalidate_entry_async(
@@ -239,7 +241,8 @@ def run(options: MountOptions) -> int:
         ns_config.gid = options.gid
     ns = Namespace(store, indexes, ns_config, drafts=drafts,
                    stats=lambda: {**content.stats(), "inodes": len(ns), "index_builds": indexes.builds,
-                                  "requests": dict(ops.requests)})
+                                  "requests": dict(ops.requests), "pid": os.getpid(),
+                                  "unmount_report": str(report)})
     if drafts is not None:
         drafts.attach(ns)
     ops = Operations(ns, content, max_threads=options.threads, drafts=drafts)
@@ -292,17 +295,37 @@ def run(options: MountOptions) -> int:
         store.close()
         raise
     pyfuse3.close(unmount=True)
-    log.info("unmounted %s; committing drafts", options.mountpoint)
+    status = 0
     try:
-        for result in manager.commit_all() if manager is not None else ():
-            if result.state != "noop":
-                log.info("unmount commit: %s %s", result.state, result.version or result.error or "")
+        if manager is None:
+            pass  # read-only: no drafts
+        elif options.commit_on_unmount:
+            log.info("unmounted %s; committing drafts", options.mountpoint)
+            status = _commit_at_unmount(manager, report)
+        else:
+            log.info("unmounted %s; drafts kept for the next mount (--no-commit-on-unmount)", options.mountpoint)
     finally:
         if manager is not None:
             manager.close()
         content.shutdown()
         store.close()
-    return 0
+    return status
+
+
+def _commit_at_unmount(manager: "DraftManager", report: Path) -> int:  # noqa: F821
+    """commit_all, one JSON line per draft in ``report`` (written as each commit ends, so
+    `artifactfs umount` can show progress).  Returns 1 if a commit failed, else 0."""
+    report.parent.mkdir(parents=True, exist_ok=True)
+    failed = False
+    with open(report, "a", encoding="utf-8") as out:
+        for draft, result in manager.commit_all():
+            line = {"draft": f"{draft.entity}/{draft.project}/{draft.dirname}", **result.to_json()}
+            out.write(json.dumps(line) + "\n")
+            out.flush()
+            failed |= result.state not in ("created", "noop")
+            if result.state != "noop":
+                log.info("unmount commit: %s %s", result.state, result.version or result.error or "")
+    return 1 if failed else 0
 
 
 def spawn_command(options: MountOptions) -> list[str]:

@@ -24,9 +24,10 @@ redone (on rows whose recorded digest is still valid).  Otherwise no version exi
 is dropped and the commit is retried (``DraftManager.recover_commits``) or left to the user.
 
 Concurrency: the draft's lock is held for the whole commit, so FUSE operations on *this* draft
-wait (other drafts do not).  Two mounts committing the same collection get consecutive
-versions from the registry (its version creation is atomic); each version is the snapshot of
-its draft (last writer's tree wins for ``latest``, the other version stays in history).
+wait (other drafts do not).  When ``latest`` moved past the draft's base, the draft's changes
+are merged onto it (:func:`three_way`; conflicts make no version).  The registry has no
+compare-and-swap on ``latest``: two commits racing between their ``latest`` check and the
+registry commit are both made from the same ``latest``.
 """
 
 from __future__ import annotations
@@ -46,7 +47,8 @@ from client import names
 from client.cache import Cache
 from client.errors import ArtifactFSError, StoreUnavailableError
 from client.hashing import HashingWriter, b64_to_hex, md5_file
-from client.manifest import DigestBuilder, ManifestEntry, write_manifest
+from client.manifest import DigestBuilder, ManifestEntry, iter_entries, write_manifest
+from client.errors import NotFoundError
 from client.store.base import CommitRequest, Store, VersionRecord
 
 from .draft_store import COMMIT_NAME, DraftTree
@@ -144,6 +146,8 @@ class CommitResult:
     error: str | None = None
     at: str = field(default_factory=_now)
     resumed: bool = False  #: completed by a restarted manager
+    conflicts: list[str] = field(default_factory=list)  #: "conflict": paths changed on both sides
+    merged_onto: str | None = None  #: the newer latest the draft's changes were applied onto
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -378,16 +382,120 @@ def resolve_intent(draft: Draft, store: Store, cache: Cache) -> CommitResult | N
     return result
 
 
+def _manifest_entries(store: Store, cache: Cache, entity: str, md5: str, tmp: Path) -> dict[str, ManifestEntry]:
+    """path -> entry of a stored manifest (cache first)."""
+    path = cache.lookup(md5)
+    if path is None:
+        store.download_blob(entity, md5, tmp)
+        path = tmp
+    try:
+        with open(path, "rb") as f:
+            return {e.path: e for e in iter_entries(f)}
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+
+
+def _same(a: ManifestEntry | None, b: ManifestEntry | None) -> bool:
+    if a is None or b is None:
+        return a is b
+    return (a.digest, a.ref) == (b.digest, b.ref)
+
+
+def three_way(base: dict[str, ManifestEntry], mine: dict[str, ManifestEntry],
+              theirs: dict[str, ManifestEntry]) -> tuple[dict[str, ManifestEntry], list[str]]:
+    """The draft's changes (mine vs base: adds, modifications, deletions; a rename is a deletion
+    plus an add) applied onto ``theirs``.  A path both sides changed differently is a conflict,
+    as is a file of one side where the other has a directory."""
+    result = dict(theirs)
+    conflicts: list[str] = []
+    for path in set(base) | set(mine):
+        b, m = base.get(path), mine.get(path)
+        if _same(b, m):
+            continue
+        t = theirs.get(path)
+        if _same(t, b) or _same(t, m):
+            if m is None:
+                result.pop(path, None)
+            else:
+                result[path] = m
+        else:
+            conflicts.append(path)
+    for path in result:  # file/directory clashes: a file at a parent path of another file
+        head = path
+        while "/" in head:
+            head = head.rpartition("/")[0]
+            if head in result:
+                conflicts.append(head)
+    return result, sorted(set(conflicts))
+
+
+def _merge_plan(draft: Draft, store: Store, cache: Cache, plan: _Plan, latest: VersionRecord
+                ) -> tuple[_Plan, list[tuple[str, ManifestEntry | None]], list[str]]:
+    """Re-plan a commit whose base is no longer latest: merged manifest, tree updates, conflicts."""
+    base = draft.base
+    base_entries = (_manifest_entries(store, cache, draft.entity, base.manifest_md5, draft.root / "base.tmp")
+                    if base else {})
+    theirs = _manifest_entries(store, cache, latest.entity, latest.manifest_md5, draft.root / "latest.tmp")
+    with open(plan.manifest_path, "rb") as f:
+        mine = {e.path: e for e in iter_entries(f)}
+    merged, conflicts = three_way(base_entries, mine, theirs)
+    if conflicts:
+        return plan, [], conflicts
+    updates = [(p, merged.get(p)) for p in sorted(set(merged) | set(mine)) if not _same(merged.get(p), mine.get(p))]
+    digest = DigestBuilder()
+    ordered = [merged[p] for p in sorted(merged)]
+    for e in ordered:
+        digest.update(e.path, e.digest)
+    tmp = draft.root / "manifest-merged.json.tmp"
+    with open(tmp, "wb") as raw:
+        sink = HashingWriter(raw)  # type: ignore[arg-type]
+        write_manifest(_Utf8Sink(sink), ordered)  # type: ignore[arg-type]
+        raw.flush()
+        os.fsync(raw.fileno())
+    plan.manifest_path.unlink(missing_ok=True)
+    return (_Plan(digest.hexdigest(), sink.hexdigest(), tmp, sink.size, plan.uploads, plan.staged, len(ordered)),
+            updates, [])
+
+
+def _latest(store: Store, draft: Draft) -> VersionRecord | None:
+    try:
+        return store.resolve(draft.entity, draft.project, draft.collection, "latest")
+    except NotFoundError:
+        return None
+
+
 def commit_draft(draft: Draft, store: Store, cache: Cache, options: CommitOptions) -> CommitResult:
-    """Steps 1-5 (module docstring).  Caller holds the draft's lock.  Raises on failure."""
+    """Steps 1-5 (module docstring).  Caller holds the draft's lock.  Raises on failure.
+
+    No lost updates: when ``latest`` is no longer the draft's base, the draft's changes
+    relative to its base are applied onto ``latest`` (:func:`three_way`); on a conflict no
+    version is made and the draft is left as it is."""
     tree = draft.tree
     _hash_staged(tree)
     plan = _build(draft)
+    updates: list[tuple[str, ManifestEntry | None]] = []
+    merged_onto = None
     try:
+        latest = _latest(store, draft)
+        if latest is not None and (draft.base is None or latest.id != draft.base.id):
+            plan, updates, conflicts = _merge_plan(draft, store, cache, plan, latest)
+            if conflicts:
+                return CommitResult("conflict", error=f"changed here and in {latest.qualified_name}: "
+                                    f"{', '.join(conflicts[:10])}", conflicts=conflicts)
+            merged_onto = latest.qualified_name
+            if plan.digest == latest.digest:  # the draft's changes are all in latest already
+                tree.apply_base_entries(updates)
+                _rebase(draft, cache, latest, plan.staged)
+                return CommitResult("noop", latest.qualified_name, latest.index, latest.digest,
+                                    merged_onto=merged_onto)
         base = draft.base
-        if (base is not None and plan.digest == base.digest) or (base is None and plan.file_count == 0):
+        if merged_onto is None and ((base is not None and plan.digest == base.digest)
+                                    or (base is None and plan.file_count == 0)):
             return CommitResult("noop", f"{draft.entity}/{draft.project}/{draft.collection}:v{base.index}"
                                 if base else None, base.index if base else None, plan.digest)
+        if merged_onto is not None:
+            base = BaseInfo.of(latest)  # type: ignore[arg-type]  # the new version follows latest
         typ = options.type or (base.type if base else None) or draft.type or DEFAULT_TYPE
         tree.sync_db()  # recorded digests must be durable before the intent refers to them
         _write_intent(draft, {"manifest_md5": plan.manifest_md5, "digest": plan.digest,
@@ -411,9 +519,11 @@ def commit_draft(draft: Draft, store: Store, cache: Cache, options: CommitOption
                 (draft.root / INTENT).unlink()  # definite refusal: no version exists
             raise
         _checkpoint("after_store_commit")
+        if updates:
+            tree.apply_base_entries(updates)
         _rebase(draft, cache, rec, plan.staged)
         return CommitResult("created" if created else "noop", rec.qualified_name, rec.index, rec.digest,
-                            files, nbytes)
+                            files, nbytes, merged_onto=merged_onto)
     finally:
         with contextlib.suppress(FileNotFoundError):
             plan.manifest_path.unlink()

@@ -40,13 +40,17 @@ from dataclasses import dataclass
 
 from client import names
 
-from .drafts import Draft, DraftManager, StatFs, is_draft_name
+from .drafts import CommitOptions, CommitResult, Draft, DraftManager, StatFs, is_draft_name
 from .draft_store import ROOT_ID, STATUS_NAME, NodeAttr
 from .namespace import DRAFT_KINDS, Attr, FileRef, Kind, Namespace, Node
 
 log = logging.getLogger(__name__)
 
 STATUS_XATTR = "user.artifact.draft.status"
+#: setxattr on a draft directory commits it now, synchronously, with the value's JSON options
+COMMIT_XATTR = "user.artifact.draft.commit"
+#: reading the status (file or xattr) waits this long at most for a requested commit to finish
+STATUS_WAIT_SECONDS = 150.0
 
 
 @dataclass(slots=True)
@@ -131,6 +135,7 @@ class DraftFS:
         draft = self._draft(node)
         out = {"user.artifact.draft": f"{draft.entity}/{draft.project}/{draft.dirname}".encode()}
         if node.kind is Kind.DRAFT_DIR:
+            draft.tree.wait_commits(STATUS_WAIT_SECONDS)
             out[STATUS_XATTR] = json.dumps(draft.status(), sort_keys=True).encode()
         elif node.kind is Kind.DRAFT_FILE:
             a = draft.tree.getattr(node.nid)
@@ -273,6 +278,9 @@ class DraftFS:
         """Open a draft file.  Returns a FileRef when the read side should serve it (read-only
         open of unchanged base content: ranged fetches, nothing copied)."""
         node, draft = self._in_draft(inode)
+        a = draft.tree.getattr(node.nid)
+        if a.parent == ROOT_ID and a.name == STATUS_NAME:
+            draft.tree.wait_commits(STATUS_WAIT_SECONDS)
         fh = self._ns().new_fh()
         ref = None
         if (flags & os.O_ACCMODE) == os.O_RDONLY and not flags & os.O_TRUNC:
@@ -374,12 +382,31 @@ class DraftFS:
 
     # -- commits -------------------------------------------------------------------------------
     def _commit_on_sentinel(self, draft: Draft) -> None:
-        """Commit now (close of ``.commit`` waits for it), then make the new version visible."""
-        result = self.manager.commit(draft)
-        if result.state == "created":
+        """A sentinel request (last release of ``.commit``, or a bare utimens): commit once the
+        draft is quiet, then make the new version visible.  Readers of the status wait for it."""
+        result = self.manager.commit_when_ready(draft)
+        if result is not None and result.state == "created":
             self.show_new_version(draft)
-        if result.state == "failed":
-            raise OSError(errno.EIO, f"commit of {draft.dirname} failed: {result.error}")
+
+    def commit_xattr(self, inode: int, value: bytes) -> None:
+        """``artifactfs commit``: commit the draft (options from ``value``, not from ``.commit``)
+        once it is quiet, and return when done; EINVAL for bad options, EIO if it failed."""
+        node, draft = self._in_draft(inode)
+        if node.kind is not Kind.DRAFT_DIR:
+            raise OSError(errno.EINVAL, f"{COMMIT_XATTR} is set on a draft directory")
+        try:
+            options = CommitOptions.parse(value)
+        except ValueError as exc:
+            draft.record(CommitResult("failed", error=str(exc)))
+            raise OSError(errno.EINVAL, str(exc)) from None
+        result = self.manager.commit_when_ready(draft, options)
+        if result is None:  # joined a request already waiting: its attempt is the answer
+            draft.tree.wait_commits(STATUS_WAIT_SECONDS)
+            result = draft.last_result
+        if result is not None and result.state == "created":
+            self.show_new_version(draft)
+        if result is None or result.state not in ("created", "noop"):
+            raise OSError(errno.EIO, f"commit of {draft.dirname} failed")
 
     def show_new_version(self, draft: Draft) -> None:
         """Forget cached listings and aliases of the collection; drop the kernel's alias dentries."""

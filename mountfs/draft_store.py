@@ -110,6 +110,9 @@ class BaseRef:
 class _Handle:
     node: int
     flags: int
+    #: opened for writing or written since its last flush: close(2) (which flushes) has not
+    #: happened yet, so more data may come; a flushed handle waits only for its release
+    dirty: bool = False
 
 
 class _SeqHash:
@@ -124,6 +127,12 @@ class _SeqHash:
 
 def _err(code: int, msg: str) -> OSError:
     return OSError(code, f"{os.strerror(code)}: {msg}")
+
+
+def row_is_file(tree: "DraftTree", nid: int) -> bool:
+    """Whether ``nid`` is a node other than the sentinel (False once it is gone)."""
+    row = tree.db.execute("SELECT parent, name FROM nodes WHERE id = ?", (nid,)).fetchone()
+    return row is not None and not (row[0] == ROOT_ID and row[1] == COMMIT_NAME)
 
 
 def check_name(name: str) -> str:
@@ -164,6 +173,9 @@ class DraftTree:
         self._hashed: set[int] = {r[0] for r in self.db.execute(
             "SELECT id FROM nodes WHERE staged = 1 AND digest IS NOT NULL")}
         self._armed = False  #: the sentinel was created/written/touched since the last request
+        self._requests = 0  #: commit requests made and not finished yet
+        #: monotonic time of the last change to a file or directory other than the sentinel
+        self.last_change = 0.0
         self._dir_synced: set[int] = set()
 
     # -- plumbing -----------------------------------------------------------------------
@@ -314,6 +326,7 @@ class DraftTree:
             raise _err(errno.EEXIST, name)
 
     def _touch_dir(self, c: sqlite3.Connection, nid: int) -> None:
+        self.last_change = time.monotonic()
         c.execute("UPDATE nodes SET mtime_ns = ? WHERE id = ?", (time.time_ns(), nid))
 
     def mkdir(self, parent: int, name: str, mode: int = 0o755) -> NodeAttr:
@@ -355,7 +368,7 @@ class DraftTree:
         with self.lock:
             fh = self._next_fh
             self._next_fh += 1
-            self._handles[fh] = _Handle(nid, flags)
+            self._handles[fh] = _Handle(nid, flags, (flags & os.O_ACCMODE) != os.O_RDONLY)
             self._open[nid] += 1
             return fh
 
@@ -382,18 +395,13 @@ class DraftTree:
             return self._new_handle(nid, flags & ~(os.O_CREAT | os.O_EXCL | os.O_TRUNC))
 
     def flush(self, fh: int) -> None:
-        """close(2) of a handle: closing the changed sentinel commits, and close() waits for it.
-
-        The commit's failure surfaces as this close's error (EIO), so ``touch .commit`` or
-        ``echo '{...}' > .commit`` report a failed commit to the shell.
-        """
+        """close(2) of a handle: marks it flushed.  A commit never runs on flush: a shell's
+        ``echo … > .commit`` flushes a duplicate descriptor before it writes the JSON."""
         with self.lock:
-            nid = self.handle_node(fh)
-            request = self._armed and self._is_sentinel(nid)
-            if request:
-                self._armed = False
-        if request:
-            self._request_commit()
+            h = self._handles.get(fh)
+            if h is None:
+                raise _err(errno.EBADF, f"file handle {fh}")
+            h.dirty = False
 
     def release(self, fh: int) -> None:
         """Drop a handle; the last release of a still-armed sentinel requests a commit."""
@@ -413,6 +421,9 @@ class DraftTree:
                     self._purge(h.node)
                 elif row is not None and row[0] == ROOT_ID and row[1] == COMMIT_NAME and self._armed:
                     self._armed, request = False, True
+                    self._requests += 1
+            if (h.flags & os.O_ACCMODE) != os.O_RDONLY and row_is_file(self, h.node):
+                self.last_change = time.monotonic()
         if request:
             try:
                 self._request_commit()
@@ -420,8 +431,57 @@ class DraftTree:
                 log.warning("commit requested on release failed: %s", exc)
 
     def _request_commit(self) -> None:
-        if self.on_commit_request is not None:
-            self.on_commit_request()
+        """Run the commit requested by the caller (which counted it in ``_requests``)."""
+        try:
+            if self.on_commit_request is not None:
+                self.on_commit_request()
+        finally:
+            with self.lock:
+                self._requests -= 1
+
+    def commit_expected(self) -> bool:
+        """A commit is running or waiting, or will run when an armed sentinel's last handle closes."""
+        if self._requests > 0:
+            return True
+        if not self._armed:
+            return False
+        row = self._child(ROOT_ID, COMMIT_NAME)
+        return row is not None and self._open.get(row[0], 0) > 0
+
+    def wait_commits(self, timeout: float) -> bool:
+        """Wait (bounded) until no commit is expected; False if one still is at the deadline.
+        Never holds the lock while sleeping (the commit it waits for needs it)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not self.lock.acquire(timeout=left):
+                return False
+            try:
+                if not self.commit_expected():
+                    return True
+            finally:
+                self.lock.release()
+            time.sleep(min(0.02, max(left, 0)))
+
+    def open_writers(self) -> list[int]:
+        """Nodes (other than the sentinel) with a handle open for writing that was written (or
+        opened) since its last flush: close(2) flushes, so these are files still being written.
+        A flushed handle only waits for its (asynchronous) release and does not count."""
+        with self.lock:
+            nodes = {h.node for h in self._handles.values() if h.dirty}
+            return sorted(n for n in nodes if row_is_file(self, n))
+
+    def path_of(self, nid: int) -> str:
+        """The path of a node inside the draft (for messages)."""
+        parts: list[str] = []
+        with self.lock:
+            while nid not in (ROOT_ID, 0):
+                r = self.db.execute("SELECT parent, name FROM nodes WHERE id = ?", (nid,)).fetchone()
+                if r is None:
+                    break
+                parts.append(r[1])
+                nid = r[0] if r[0] is not None else 0
+        return "/".join(reversed(parts))
 
     def _fd(self, nid: int) -> int:
         fd = self._fds.get(nid)
@@ -463,6 +523,7 @@ class DraftTree:
             if not row[7]:
                 self._copy_up(row, covers_all=(off == 0 and len(data) >= row[5]))
             self._changed(nid)
+            h.dirty = True
             return self._write_staged(nid, row, off, data)
 
     def _write_staged(self, nid: int, row: tuple, off: int, data: bytes | memoryview) -> int:
@@ -476,6 +537,8 @@ class DraftTree:
                 del self._seq[nid]
         if row[1] == ROOT_ID and row[2] == COMMIT_NAME:
             self._armed = True
+        else:
+            self.last_change = time.monotonic()
         return n
 
     # -- the event loop's fast paths --------------------------------------------------------
@@ -494,6 +557,7 @@ class DraftTree:
             row = self._row(h.node)
             if not row[7]:
                 return None
+            h.dirty = True
             if h.flags & os.O_APPEND:
                 off = self._attr(row).size
             return self._write_staged(h.node, row, off, data)
@@ -506,7 +570,10 @@ class DraftTree:
             return False
         try:
             h = self._handles.get(fh)
-            return h is not None and not (self._armed and self._is_sentinel(h.node))
+            if h is None:
+                return False
+            h.dirty = False
+            return True
         finally:
             self.lock.release()
 
@@ -631,6 +698,7 @@ class DraftTree:
                         self._armed = True
                     else:
                         request = True
+                        self._requests += 1
             attr = self._attr(self._row(nid))
         if request:
             self._request_commit()
@@ -732,6 +800,7 @@ class DraftTree:
                 # editors save by renaming a temp file over the target: that is a write of .commit
                 request = self._open.get(src[0], 0) == 0
                 self._armed = not request
+                self._requests += int(request)
         if request:
             self._request_commit()
 
@@ -807,6 +876,41 @@ class DraftTree:
             with self.txn() as c:
                 c.executemany("UPDATE nodes SET staged = 0, size = ?, mtime_ns = ?, entry = NULL WHERE id = ?",
                               [(size, mtime_ns, nid) for nid, size, mtime_ns in rows])
+
+    def apply_base_entries(self, changes: list[tuple[str, Any]]) -> None:
+        """Bring paths to a newer version's entries (a merged commit): ``(path, ManifestEntry)``
+        sets a base file (directories made as needed), ``(path, None)`` removes the file.
+        Entries that cannot be files (references, a path under a file) go to ``hidden``."""
+        now = time.time_ns()
+        with self.txn() as c:
+            for path, entry in changes:
+                c.execute("DELETE FROM hidden WHERE path = ?", (path,))
+                *dirs, name = path.split("/")
+                parent: int | None = ROOT_ID
+                for d in dirs:
+                    row = self._child(parent, d)
+                    if row is None:
+                        parent = None if entry is None else int(c.execute(
+                            "INSERT INTO nodes (parent, name, is_dir, mode, size, mtime_ns) VALUES (?, ?, 1, ?, 0, ?)",
+                            (parent, d, 0o755, now)).lastrowid)
+                    else:
+                        parent = row[0] if row[3] else None
+                    if parent is None:
+                        break
+                row = self._child(parent, name) if parent is not None else None
+                if row is not None and not row[3]:
+                    self._drop_file(c, row[0])
+                if entry is None:
+                    continue
+                js = entry.to_json()
+                if parent is None or entry.ref is not None or (row is not None and row[3]) \
+                        or (parent == ROOT_ID and name in CONTROL_NAMES):
+                    c.execute("INSERT OR REPLACE INTO hidden VALUES (?, ?, ?)", (path, entry.digest, json.dumps(js)))
+                    continue
+                extra = {k: v for k, v in js.items() if k not in ("digest", "size")}
+                c.execute("INSERT INTO nodes (parent, name, is_dir, mode, size, mtime_ns, digest, entry) "
+                          "VALUES (?, ?, 0, ?, ?, ?, ?, ?)", (parent, name, 0o644, entry.size or 0, now, entry.digest,
+                                                              json.dumps(extra) if extra else None))
 
     def read_control(self, name: str) -> bytes:
         """Content of a control file at the root (empty if absent)."""

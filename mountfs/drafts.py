@@ -10,10 +10,11 @@ shadowed by these names on the mount (it stays reachable as ``:vN`` and through 
 Inside a draft (see :class:`mountfs.draft_store.DraftTree` for the operations):
 
 * ``.commit`` (root) is the sentinel.  Creating it, writing it, or touching it (utimens, or an
-  editor renaming a file over it) commits the draft when the handle is flushed (close(2) waits
-  for the commit, and fails with EIO if it failed) or at once for a bare utimens.  Its optional
-  JSON gives ``aliases``, ``tags``, ``description``, ``metadata``, ``type``; it stays in place,
-  so the same options apply to the next touch.  Neither control file is ever committed.
+  editor renaming a file over it) requests one commit when its last handle is released (never
+  on flush), or at once for a bare utimens; the commit waits until the draft is quiet
+  (:meth:`DraftManager.commit_when_ready`).  Its optional JSON gives ``aliases``, ``tags``,
+  ``description``, ``metadata``, ``type``; it stays in place, so the same options apply to the
+  next touch.  Neither control file is ever committed.
 * ``.commit.status`` (root, read-only, written by artifactfs) holds the JSON of
   :meth:`Draft.status`: the draft, its base version and the last result (``created`` with the new
   version, ``noop`` or ``failed`` with the error text).  Propose: also ``user.artifact.draft.status``.
@@ -24,7 +25,7 @@ Inside a draft (see :class:`mountfs.draft_store.DraftTree` for the operations):
   that is both a file and a directory) are carried into every next version unchanged.
 * ``rmdir`` of a draft whose tree is empty discards it (``rm -rf`` works); otherwise ENOTEMPTY.
 
-Staging layout (under the mount's ``<cache dir>/drafts/``)::
+Staging layout (under the mount's ``<cache dir>/drafts/store-<key>/``, see :func:`staging_root`)::
 
     <staging_root>/<draft id>/          one draft (see mountfs.draft_store for its inside)
     <staging_root>/tmp-<id>/            a draft being created or removed (deleted at startup)
@@ -64,6 +65,10 @@ log = logging.getLogger(__name__)
 DRAFT_SELECTOR = "draft"
 _LABEL_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 _READ_CHUNK = 8 << 20
+#: a requested commit runs once the draft has had no change for this long (a copy in progress)
+QUIET_SECONDS = 0.5
+#: ... and no file of it is open for writing; after this long the request fails (status says why)
+WRITERS_WAIT_SECONDS = 120.0
 
 __all__ = ["BaseInfo", "BaseRef", "COMMIT_NAME", "CommitOptions", "CommitResult", "Draft", "DraftManager",
            "DraftTree", "NodeAttr", "ROOT_ID", "STATUS_NAME", "StatFs", "draft_dirname", "parse_draft_dirname"]
@@ -147,6 +152,19 @@ def make_fetch_base(store: Store, cache: Cache) -> Callable[[BaseRef], Path]:
     return fetch
 
 
+def staging_root(cache_root: Path | str, store_location: str) -> Path:
+    """Where the drafts of one store live: ``<cache>/drafts/<store key>/``.
+
+    Drafts belong to their store, not to the cache: the key is derived from the store's
+    canonical location (the resolved directory of an embedded store, the URL of a server), so
+    a mount of another store sharing the cache never lists or commits them.
+    """
+    import hashlib
+
+    key = hashlib.sha256(store_location.rstrip("/").encode("utf-8")).hexdigest()[:16]
+    return Path(cache_root) / "drafts" / f"store-{key}"
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -175,6 +193,7 @@ class DraftManager:
         self.sync_metadata = sync_metadata
         self._lock = threading.RLock()
         self._drafts: dict[str, Draft] = {}
+        self._waiting: set[str] = set()  #: drafts with a commit request waiting to run
         self._load()
 
     # -- loading --------------------------------------------------------------------------
@@ -188,6 +207,8 @@ class DraftManager:
         """Open every draft; remove half-created/half-removed ones; repair after a crash."""
         for entry in sorted(os.scandir(self.root), key=lambda e: e.name):
             if not entry.is_dir(follow_symlinks=False):
+                continue
+            if entry.name.startswith("store-"):  # another store's drafts (the parent's layout)
                 continue
             if entry.name.startswith("tmp-"):
                 shutil.rmtree(entry.path, ignore_errors=True)
@@ -332,17 +353,67 @@ class DraftManager:
             log.info("commit of %r: %s %s", draft, result.state, result.version or result.error or "")
             return result
 
+    def commit_when_ready(self, draft: Draft, options: CommitOptions | None = None, *,
+                          quiet: float = QUIET_SECONDS, max_wait: float = WRITERS_WAIT_SECONDS) -> CommitResult | None:
+        """A requested commit: wait (bounded) until no file of the draft is open for writing and
+        the draft has had no change for ``quiet`` seconds, then commit under the draft's lock.
+
+        A request arriving while another one of the same draft waits joins it (returns None):
+        one attempt, which reads ``.commit`` when it runs, so it sees the newest JSON.
+        """
+        with self._lock:
+            if draft.id in self._waiting:
+                return None
+            self._waiting.add(draft.id)
+        try:
+            deadline = time.monotonic() + max_wait
+            while True:
+                with draft.tree.lock:
+                    writers = draft.tree.open_writers()
+                    calm = time.monotonic() - draft.tree.last_change >= quiet
+                    if not writers and calm:
+                        with self._lock:
+                            self._waiting.discard(draft.id)
+                        return self.commit(draft, options)
+                    if time.monotonic() >= deadline:
+                        paths = ", ".join(draft.tree.path_of(n) for n in writers[:5])
+                        why = (f"{len(writers)} file(s) still open for writing ({paths})" if writers
+                               else "the draft kept changing")
+                        result = CommitResult("failed", error=f"not committed: {why} after {max_wait:.0f} s; "
+                                                              "close them and touch .commit again")
+                        draft.record(result)
+                        log.warning("commit of %r: %s", draft, result.error)
+                        return result
+                time.sleep(0.05)
+        finally:
+            with self._lock:
+                self._waiting.discard(draft.id)
+
     def _sentinel(self, draft: Draft) -> None:
         if self.commit_runner is not None:
             self.commit_runner(draft)
             return
-        result = self.commit(draft)
-        if result.state == "failed":
+        result = self.commit_when_ready(draft)
+        if result is not None and result.state == "failed":
             raise OSError(errno.EIO, f"commit failed: {result.error}")
 
-    def commit_all(self) -> list[CommitResult]:
-        """Unmount: commit every draft (unchanged ones are no-ops)."""
-        return [self.commit(d) for d in self.list()]
+    def commit_all(self) -> list[tuple[Draft, CommitResult]]:
+        """Unmount: commit every draft (unchanged ones are no-ops).  A draft with a file still
+        open for writing (the daemon was stopped under a writer) is not committed: it is kept
+        for the next mount and its status says why."""
+        out: list[tuple[Draft, CommitResult]] = []
+        for d in self.list():
+            writers = d.tree.open_writers()
+            if writers:
+                paths = ", ".join(d.tree.path_of(n) for n in writers[:5])
+                result = CommitResult("failed", error=f"not committed at unmount: {len(writers)} file(s) open "
+                                                      f"for writing ({paths}); the draft is kept")
+                d.record(result)
+                log.warning("unmount: %r %s", d, result.error)
+            else:
+                result = self.commit(d)
+            out.append((d, result))
+        return out
 
     def recover_commits(self) -> list[CommitResult]:
         """At mount: finish commits interrupted after the registry commit, retry the others."""

@@ -34,7 +34,7 @@ import trio
 from client.errors import (AuthenticationError, ConflictError, InvalidNameError, InvalidPathError, NotFoundError,
                            PermissionDeniedError, StoreUnavailableError)
 
-from .draft_fs import DraftFS
+from .draft_fs import COMMIT_XATTR, DraftFS
 from .fetch import ContentReader, Handle
 from .namespace import DRAFT_KINDS, Attr, Namespace, NeedsIO
 
@@ -331,6 +331,9 @@ class Operations(pyfuse3.Operations):
 
     @_fuse_errors
     async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext) -> None:
+        if self.drafts is not None and name == COMMIT_XATTR.encode():  # `artifactfs commit`
+            await self._draft(self.drafts.commit_xattr, inode, value)
+            return
         self.ns.check_writable(inode)
 
     @_fuse_errors

@@ -255,10 +255,12 @@ def test_two_mounts_commit_concurrently(world: Path) -> None:
             t.join(60)
         assert sorted(r["index"] for r in results.values()) == [1, 2]
         assert all(r["state"] == "created" for r in results.values())
-        for d, name in zip(drafts, ("from-a.txt", "from-b.txt")):
-            index = results[str(d)]["index"]
-            tree = sha256_tree(ma.path / PROJ / f"ds:v{index}")
-            assert name in tree and set(tree) - {name} == set(sha256_tree(src))
+        for d, name, other in zip(drafts, ("from-a.txt", "from-b.txt"), ("from-b.txt", "from-a.txt")):
+            res = results[str(d)]
+            tree = sha256_tree(ma.path / PROJ / f"ds:v{res['index']}")
+            # its own file on top of the base; the other's too exactly when it was merged onto it
+            assert name in tree and set(sha256_tree(src)) <= set(tree)
+            assert (other in tree) == (res["merged_onto"] is not None), res
 
 
 # -- POSIX behaviour ---------------------------------------------------------------------------------
@@ -355,9 +357,279 @@ def test_commit_json_options(world: Path) -> None:
         assert os.getxattr(vdir, "user.artifact.tags") == b"baseline"
         assert os.getxattr(vdir, "user.artifact.type") == b"model"
         assert (vdir / "w.bin").read_bytes() == b"weights"
-        # a malformed .commit fails the close, reports why, and keeps the staged files
-        with pytest.raises(OSError) as info:
-            (d / ".commit").write_text("{not json")
-        assert info.value.errno == errno.EIO
+        # a malformed .commit creates no version, the status says why, the staged files stay
+        (d / ".commit").write_text("{not json")
         assert status(d)["state"] == "failed" and "JSON" in status(d)["error"]
         assert (d / "w.bin").read_bytes() == b"weights"
+
+
+# -- issue 11: one commit per intent, no partial versions, no lost updates -------------------------
+def _attempts(m) -> int:
+    """Commit attempts the daemon ran so far (it logs one line per attempt)."""
+    return m.log_text().count("commit of Draft(")
+
+
+def _versions(store: Path, collection: str = "ds") -> list:
+    from client.errors import NotFoundError
+
+    s = LocalStore(store)
+    try:
+        return s.list_versions("ent", "proj", collection)
+    except NotFoundError:
+        return []
+    finally:
+        s.close()
+
+
+def _sh(cmd: str, cwd: Path) -> None:
+    subprocess.run(["bash", "-c", cmd], cwd=cwd, check=True, timeout=60)
+
+
+def test_every_way_of_writing_the_sentinel_commits_once_with_its_json(world: Path) -> None:
+    ways = [
+        ("touch", "touch .commit", None),
+        ("colon", ": > .commit", None),
+        ("echo", """echo '{"aliases": ["v2-candidate"]}' > .commit""", "v2-candidate"),
+        ("printf", """printf '{"aliases": ["pf"]}' > .commit""", "pf"),
+        ("tee", """echo '{"aliases": ["teed"]}' | tee .commit > /dev/null""", "teed"),
+        ("python", """python3 -c 'f = open(".commit", "w"); f.write("{\\"aliases\\": [\\"py\\"]}"); f.close()'""", "py"),
+        ("touch-again", "touch .commit", None),
+    ]
+    with mounted(world / "store", world) as m:
+        draft = m.path / PROJ / "ds:draft"
+        os.makedirs(draft)
+        for i, (label, cmd, alias) in enumerate(ways):
+            (draft / f"{label}.txt").write_text(label)
+            before = _attempts(m)
+            _sh(cmd, draft)
+            st = json.loads((draft / ".commit.status").read_text())["last_commit"]  # waits for the commit
+            assert (label, st["state"], st["index"]) == (label, "created", i), st
+            assert _attempts(m) == before + 1, (label, m.log_text()[-2000:])
+            if alias is not None:
+                aliases = os.getxattr(m.path / PROJ / f"ds:v{i}", "user.artifact.aliases").decode().split(",")
+                assert alias in aliases, (label, aliases)
+        assert len(_versions(world / "store")) == len(ways)
+        # a second touch with nothing changed: one attempt, a no-op that says so
+        before = _attempts(m)
+        _sh("touch .commit", draft)
+        assert status(draft)["state"] == "noop" and _attempts(m) == before + 1
+        # invalid JSON: no version, and the status says why
+        (draft / "more.txt").write_text("more")
+        _sh("echo '{not json' > .commit", draft)
+        st = status(draft)
+        assert st["state"] == "failed" and "JSON" in st["error"]
+        assert len(_versions(world / "store")) == len(ways)
+        # .commit.status is read-only: no write, truncate or rename over it (unlink works: rm -rf)
+        assert _errno(os.open, draft / ".commit.status", os.O_WRONLY) in (errno.EACCES, errno.EPERM)
+        assert _errno(os.truncate, draft / ".commit.status", 0) in (errno.EACCES, errno.EPERM)
+        assert _errno(os.rename, draft / "more.txt", draft / ".commit.status") in (errno.EACCES, errno.EPERM)
+        assert (draft / ".commit.status").exists()
+
+
+def test_readme_commit_example_works_as_printed(world: Path) -> None:
+    with mounted(world / "store", world) as m:
+        draft = m.path / PROJ / "cifar:draft"
+        os.makedirs(draft)
+        (draft / "img.png").write_bytes(b"png")
+        out = subprocess.run(["bash", "-c", f"""echo '{{"aliases": ["v2-candidate"]}}' > {draft}/.commit
+                              cat {draft}/.commit.status"""], capture_output=True, text=True, check=True)
+        st = json.loads(out.stdout)["last_commit"]
+        assert st["state"] == "created" and st["version"] == "ent/proj/cifar:v0"
+        assert "v2-candidate" in os.getxattr(m.path / PROJ / "cifar:v2-candidate", "user.artifact.aliases").decode()
+
+
+def test_no_commit_captures_a_file_open_for_writing(world: Path) -> None:
+    with mounted(world / "store", world) as m:
+        draft = m.path / PROJ / "ds:draft"
+        os.makedirs(draft)
+        with open(draft / "big.bin", "wb") as f:
+            f.write(b"a" * MiB)
+            f.flush()
+            _sh("touch .commit", draft)  # arrives while big.bin is half written
+            f.write(b"b" * MiB)
+        st = status(draft)
+        assert st["state"] == "created"
+        assert (m.path / PROJ / "ds:v0" / "big.bin").stat().st_size == 2 * MiB
+        assert len(_versions(world / "store")) == 1
+
+
+def test_a_copy_holding_the_sentinel_yields_one_complete_version(world: Path) -> None:
+    src = world / "src"
+    (src / "files").mkdir(parents=True)
+    for i in range(200):
+        (src / "files" / f"f{i:03d}.txt").write_text(f"file {i}\n")
+    (src / ".commit").write_text('{"aliases": ["full"]}')
+    with mounted(world / "store", world) as m:
+        # a copier that writes .commit in the middle (as cp -r does in readdir order)
+        d1 = m.path / PROJ / "ds:draft"
+        os.makedirs(d1)
+        names = sorted(os.listdir(src / "files"))
+        os.mkdir(d1 / "files")
+        for i, name in enumerate(names):
+            if i == 100:
+                (d1 / ".commit").write_bytes((src / ".commit").read_bytes())
+            (d1 / "files" / name).write_bytes((src / "files" / name).read_bytes())
+        st = status(d1)
+        assert st["state"] == "created", st
+        assert len(os.listdir(m.path / PROJ / "ds:full" / "files")) == 200
+        assert len(_versions(world / "store")) == 1
+        # and the real cp -r
+        d2 = m.path / PROJ / "cp:draft"
+        d2.mkdir()
+        subprocess.run(["cp", "-r", f"{src}/.", str(d2)], check=True)
+        st = status(d2)
+        assert st["state"] == "created", st
+        assert len(os.listdir(m.path / PROJ / "cp:full" / "files")) == 200
+        assert len(_versions(world / "store", "cp")) == 1
+
+
+def test_commit_merges_onto_a_moved_latest_and_reports_conflicts(world: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    src = world / "src"
+    src.mkdir()
+    for name in ("a.txt", "b.txt", "c.txt", "same.txt"):
+        (src / name).write_text(f"base {name}\n")
+    store = LocalStore(world / "store")
+    commit_tree(store, src, world)  # v0
+    store.close()
+    (world / "a").mkdir()
+    (world / "b").mkdir()
+    with mounted(world / "store", world / "a") as ma, mounted(world / "store", world / "b") as mb:
+        da = ma.path / PROJ / "ds:draft"
+        da.mkdir()  # from v0
+        (da / "a.txt").write_text("A changed a\n")
+        (da / "from-a.txt").write_text("A\n")
+        os.unlink(da / "c.txt")
+        os.rename(da / "same.txt", da / "moved.txt")
+        # mount B commits v1 on top of v0: adds a file, deletes b.txt
+        db = mb.path / PROJ / "ds:draft"
+        db.mkdir()
+        (db / "from-b.txt").write_text("B\n")
+        os.unlink(db / "b.txt")
+        assert commit(db)["index"] == 1
+        # an SDK writer commits v2 on top of v1
+        api = sdk_api(world / "store", monkeypatch)
+        import client
+
+        art = api.artifact("ent/proj/ds:latest").new_draft()
+        (world / "sdk.txt").write_text("SDK\n")
+        art.add_file(str(world / "sdk.txt"), "from-sdk.txt")
+        with client.init(entity="ent", project="proj") as run:
+            run.log_artifact(art)
+        assert _versions(world / "store")[0].index == 2 or max(v.index for v in _versions(world / "store")) == 2
+        # A commits: its changes relative to v0 applied on top of v2
+        res = commit(da)
+        assert res["state"] == "created" and res["index"] == 3, res
+        tree = {k: open(ma.path / PROJ / "ds:v3" / k).read() for k in sha256_tree(ma.path / PROJ / "ds:v3")}
+        assert tree == {"a.txt": "A changed a\n", "from-a.txt": "A\n", "from-b.txt": "B\n", "from-sdk.txt": "SDK\n",
+                        "moved.txt": "base same.txt\n"}
+        # the draft goes on from the merged version: it shows what the others added
+        assert (da / "from-sdk.txt").read_text() == "SDK\n" and not (da / "b.txt").exists()
+
+        # a conflict: both sides change a.txt differently
+        (da / "a.txt").write_text("A changed a again\n")
+        art = api.artifact("ent/proj/ds:latest").new_draft()
+        (world / "sdk-a.txt").write_text("SDK changed a\n")
+        art.add_file(str(world / "sdk-a.txt"), "a.txt", overwrite=True)
+        with client.init(entity="ent", project="proj") as run:
+            run.log_artifact(art)
+        res = commit(da)
+        assert res["state"] == "conflict" and res["conflicts"] == ["a.txt"], res
+        assert len(_versions(world / "store")) == 5
+        assert (da / "a.txt").read_text() == "A changed a again\n"  # the draft is kept untouched
+        assert status(da)["state"] == "conflict"
+
+
+def test_drafts_belong_to_their_store_not_to_the_cache(world: Path) -> None:
+    LocalStore(world / "other").close()
+    cache = world / "shared-cache"
+    (world / "a").mkdir()
+    (world / "b").mkdir()
+    with mounted(world / "store", world / "a", cache_dir=cache) as m:
+        d = m.path / PROJ / "ds:draft"
+        os.makedirs(d)
+        (d / "x.txt").write_text("x")
+        assert commit(d)["state"] == "created"
+        (d / "y.txt").write_text("y")  # pending change, left for the next mount of this store
+    with mounted(world / "other", world / "b", cache_dir=cache) as m:
+        assert "ent" not in os.listdir(m.path)
+    assert _versions(world / "other") == []
+    with mounted(world / "store", world / "a", cache_dir=cache, commit_on_unmount=False) as m:
+        assert (m.path / PROJ / "ds:draft" / "x.txt").read_text() == "x"
+
+
+# -- issue 11: unmount you can rely on ---------------------------------------------------------------
+def _cli_umount(mp: Path) -> subprocess.CompletedProcess:
+    exe = Path(__file__).resolve().parent.parent / ".venv" / "bin" / "artifactfs"
+    return subprocess.run([str(exe), "umount", str(mp)], capture_output=True, text=True, timeout=120)
+
+
+def test_umount_returns_after_the_commits_and_reports_them(world: Path) -> None:
+    payload = os.urandom(20 * MiB)
+    with mounted(world / "store", world) as m:
+        d = m.path / PROJ / "ds:draft"
+        os.makedirs(d)
+        (d / "big.bin").write_bytes(payload)
+        (d / "small.txt").write_text("s")
+        out = _cli_umount(m.path)
+        assert out.returncode == 0, out.stderr
+        assert "committed ent/proj/ds:v0" in out.stdout, out.stdout
+        assert [v.index for v in _versions(world / "store")] == [0]  # there when umount returns
+        assert m.proc.wait(timeout=5) == 0
+    # a commit that fails at unmount: non-zero exit, the reason printed, the draft kept
+    with mounted(world / "store", world) as m:
+        d = m.path / PROJ / "ds:draft"
+        (d / "more.txt").write_text("more")
+        (d / ".commit").write_text("{not json")
+        assert status(d)["state"] == "failed"
+        out = _cli_umount(m.path)
+        assert out.returncode != 0 and "JSON" in out.stdout + out.stderr, (out.stdout, out.stderr)
+    assert [v.index for v in _versions(world / "store")] == [0]
+
+
+def test_mount_without_commit_on_unmount_keeps_drafts(world: Path) -> None:
+    with mounted(world / "store", world, commit_on_unmount=False) as m:
+        d = m.path / PROJ / "ds:draft"
+        os.makedirs(d)
+        (d / "x.txt").write_text("x")
+        out = _cli_umount(m.path)
+        assert out.returncode == 0 and "committed" not in out.stdout, out.stdout
+    assert _versions(world / "store") == []
+    with mounted(world / "store", world) as m:
+        assert (m.path / PROJ / "ds:draft" / "x.txt").read_text() == "x"
+
+
+def test_files_open_for_writing_at_unmount_are_not_committed(world: Path) -> None:
+    opts = MountOptions(str(world / "mnt"), store=str(world / "store"), cache_dir=str(world / "cache"))
+    proc = start_daemon(opts, world / "daemon.log")
+    try:
+        wait_for_mount(proc, world / "mnt", world / "daemon.log")
+        d = world / "mnt" / PROJ / "ds:draft"
+        os.makedirs(d)
+        f = open(d / "half.bin", "wb")
+        f.write(b"h" * 1000)
+        f.flush()
+        proc.send_signal(signal.SIGTERM)  # the daemon stops while half.bin is open for writing
+        assert proc.wait(timeout=30) == 1  # a draft was not committed
+        with contextlib.suppress(OSError):
+            f.close()
+    finally:
+        unmount_and_reap(proc, world / "mnt")
+    assert _versions(world / "store") == []
+    assert "open for writing" in (world / "daemon.log").read_text()
+
+
+def test_artifactfs_commit_is_synchronous_and_fails_loudly(world: Path) -> None:
+    exe = Path(__file__).resolve().parent.parent / ".venv" / "bin" / "artifactfs"
+    with mounted(world / "store", world) as m:
+        d = m.path / PROJ / "ds:draft"
+        os.makedirs(d)
+        (d / "w.bin").write_bytes(b"w" * 5000)
+        out = subprocess.run([str(exe), "commit", str(d), "--alias", "best"], capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.startswith("created ent/proj/ds:v0"), out.stdout
+        assert "best" in os.getxattr(m.path / PROJ / "ds:best", "user.artifact.aliases").decode()
+        (d / "x.bin").write_bytes(b"x")
+        out = subprocess.run([str(exe), "commit", str(d), "--alias", "bad alias!"], capture_output=True, text=True,
+                             timeout=60)
+        assert out.returncode != 0 and "alias" in out.stderr, (out.stdout, out.stderr)
+        assert [v.index for v in _versions(world / "store")] == [0]
