@@ -596,3 +596,29 @@ def test_concurrent_blob_registrations_share_one_write_transaction(tmp_path: Pat
     registrar.register("ent", md5s[0], 1)  # alone: written at once, no waiting for company
     assert registrar.transactions == 3 and registrar.pending() == 0
     reg.close()
+
+
+# -- item 6: URL caches that keep their recent entries -------------------------------------------
+def test_url_cache_evicts_least_recent_and_expired_entries_not_everything(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A client that has seen more than 100k blobs kept signing URLs again for all of them (the
+    cache emptied itself at the threshold); now only the least recently used entry leaves, and
+    expired entries leave on their own.  The store points at a closed port: a cache miss would
+    be a request, and fail."""
+    import time
+
+    import requests
+
+    store = make_store("http://127.0.0.1:9", None, attempts=1, connect_timeout=0.5)
+    md5s = [f"{i:032x}" for i in range(100_001)]
+    for m in md5s:
+        store._remember_url("e", m, f"/blobdata/e/{m}", 600.0, 1)
+    assert store._download_url("e", md5s[1]) == (f"http://127.0.0.1:9/blobdata/e/{md5s[1]}", 1)
+    assert store._download_url("e", md5s[-1])[0].endswith(md5s[-1])
+    with pytest.raises(requests.ConnectionError):
+        store._download_url("e", md5s[0])  # the least recently used one went, and only it
+    assert len(store._urls) == 100_000
+
+    short = make_store("http://127.0.0.1:9", None, attempts=1, connect_timeout=0.5)
+    short._remember_url("e", md5s[0], "/u", 0.02, None)  # valid for expires_in / 2 = 10 ms
+    time.sleep(0.05)
+    assert len(short._urls) == 0

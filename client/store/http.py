@@ -36,6 +36,7 @@ from urllib.parse import quote, urljoin
 import requests
 import requests.adapters
 import urllib3.exceptions
+from cachetools import TLRUCache
 
 from .. import settings
 from ..errors import (ArtifactFSError, DigestMismatchError, PermissionDeniedError, StoreUnavailableError,
@@ -216,6 +217,15 @@ def _tls_error(base: str, exc: requests.exceptions.SSLError) -> StoreUnavailable
     return StoreUnavailableError(f"TLS connection to {base} failed ({hint}): {text}")
 
 
+#: signed URLs and upload plans kept per HttpStore (a few hundred bytes each)
+URL_CACHE_SIZE = 100_000
+
+
+def _url_cache() -> TLRUCache:  # type: ignore[type-arg]
+    """Entries are (…, valid_until, …) tuples: each expires at its own valid_until (monotonic)."""
+    return TLRUCache(maxsize=URL_CACHE_SIZE, ttu=lambda _key, value, _now: value[1], timer=time.monotonic)
+
+
 def _q(segment: str) -> str:
     return quote(segment, safe="")
 
@@ -240,10 +250,12 @@ class HttpStore:
         adapter = requests.adapters.HTTPAdapter(pool_connections=16, pool_maxsize=pool_size, max_retries=0)
         self.session.mount("http://", adapter)
         self.session.mount("https://", adapter)
-        self._urls: dict[tuple[str, str], tuple[str, float, int | None]] = {}  # (entity, md5) -> (url, valid_until, size)
+        #: (entity, md5) -> (url, valid_until, size); an entry leaves at valid_until, the least
+        #: recently used one when full (never the whole cache at once)
+        self._urls: TLRUCache[tuple[str, str], tuple[str, float, int | None]] = _url_cache()
         self._urls_lock = threading.Lock()
         #: upload plans that came with missing_blobs: (entity, md5) -> (plan, valid_until, put_limit)
-        self._plans: dict[tuple[str, str], tuple[dict[str, Any], float, int | None]] = {}
+        self._plans: TLRUCache[tuple[str, str], tuple[dict[str, Any], float, int | None]] = _url_cache()
 
     def __repr__(self) -> str:
         return f"HttpStore({self.base!r})"
@@ -419,8 +431,6 @@ class HttpStore:
                 until = time.monotonic() + float(out["expires_in"]) / 2
                 limit = out.get("put_limit")
                 with self._urls_lock:
-                    if len(self._plans) > 100_000:
-                        self._plans.clear()
                     for md5, plan in out["uploads"].items():
                         self._plans[(entity, md5)] = (plan, until, limit)
         return missing
@@ -542,8 +552,6 @@ class HttpStore:
     def _remember_url(self, entity: str, md5_hex: str, url: str, expires_in: float, size: int | None) -> str:
         url = urljoin(self.base + "/", url)
         with self._urls_lock:
-            if len(self._urls) > 100_000:
-                self._urls.clear()
             self._urls[(entity, md5_hex)] = (url, time.monotonic() + expires_in / 2, size)
         return url
 
