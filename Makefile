@@ -61,7 +61,7 @@ test: deps
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
 bench: deps
-	for b in bench/hash_dir bench/mount_read bench/draft_commit bench/remote; do [ -x $$b ] && $(BIN)/python $$b || true; done
+	for b in bench/hash_dir bench/mount_read bench/draft_commit bench/remote bench/load; do [ -x $$b ] && $(BIN)/python $$b || true; done
 
 # Make the units in systemd/ work as written: they call /usr/local/bin/artifactfs.
 install-systemd: deps
