@@ -63,7 +63,7 @@ test: deps
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
 bench: deps
-	for b in bench/hash_dir bench/mount_read bench/draft_commit bench/remote; do [ -x $$b ] && $(BIN)/python $$b || true; done
+	for b in bench/hash_dir bench/mount_read bench/draft_commit bench/remote bench/load; do [ -x $$b ] && $(BIN)/python $$b || true; done
 
 # System-wide install, usable by any user: a venv of its own under $(PREFIX) (not an editable
 # install pointing into this checkout or a home directory), world-readable, and the command on PATH.

@@ -135,10 +135,10 @@ def test_signed_urls_are_scoped_and_expire(registry: SharedRegistry, request: py
             src = tmp_path / "later"
             src.write_bytes(later)
             assert store.missing_blobs(alice, [md5_bytes(later)]) == {md5_bytes(later)}  # caches the plan
-            time.sleep(2.1)
-            # the client still believes the plan is fresh (as under load or clock skew)
             key_ = (alice, md5_bytes(later))
             plan, _until, limit = store._plans[key_]
+            time.sleep(2.1)
+            # the client still believes the plan is fresh (as under load or clock skew)
             store._plans[key_] = (plan, time.monotonic() + 60, limit)
             store.put_blob(alice, md5_bytes(later), src, len(later))
             assert store.missing_blobs(alice, [md5_bytes(later)]) == set()

@@ -17,7 +17,7 @@ from client.errors import NotFoundError
 from client.hashing import hex_to_b64, md5_bytes
 from client.manifest import Manifest, ManifestEntry
 from client.store.base import CommitRequest
-from tests.server_fixtures import SharedRegistry, make_store, moto_s3, postgres, registry  # noqa: F401
+from tests.server_fixtures import SharedRegistry, make_store, moto_s3, on_each, postgres, registry  # noqa: F401
 
 pytestmark = pytest.mark.timeout(120)
 EMPTY_MD5 = hashlib.md5(b"").hexdigest()
@@ -596,3 +596,89 @@ def test_concurrent_blob_registrations_share_one_write_transaction(tmp_path: Pat
     registrar.register("ent", md5s[0], 1)  # alone: written at once, no waiting for company
     assert registrar.transactions == 3 and registrar.pending() == 0
     reg.close()
+
+
+# -- item 6: URL caches that keep their recent entries -------------------------------------------
+def test_url_cache_evicts_least_recent_and_expired_entries_not_everything(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A client that has seen more than 100k blobs kept signing URLs again for all of them (the
+    cache emptied itself at the threshold); now only the least recently used entry leaves, and
+    expired entries leave on their own.  The store points at a closed port: a cache miss would
+    be a request, and fail."""
+    import time
+
+    import requests
+
+    store = make_store("http://127.0.0.1:9", None, attempts=1, connect_timeout=0.5)
+    md5s = [f"{i:032x}" for i in range(100_001)]
+    for m in md5s:
+        store._remember_url("e", m, f"/blobdata/e/{m}", 600.0, 1)
+    assert store._download_url("e", md5s[1]) == (f"http://127.0.0.1:9/blobdata/e/{md5s[1]}", 1)
+    assert store._download_url("e", md5s[-1])[0].endswith(md5s[-1])
+    with pytest.raises(requests.ConnectionError):
+        store._download_url("e", md5s[0])  # the least recently used one went, and only it
+    assert len(store._urls) == 100_000
+
+    short = make_store("http://127.0.0.1:9", None, attempts=1, connect_timeout=0.5)
+    short._remember_url("e", md5s[0], "/u", 0.02, None)  # valid for expires_in / 2 = 10 ms
+    time.sleep(0.05)
+    assert len(short._urls) == 0
+
+
+# -- item 6: bounded client memory ---------------------------------------------------------------
+def test_parallel_transfers_share_one_bounded_pool_and_buffer_budget(registry: SharedRegistry, tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """8 callers each moving a multi-part blob used to start 8 part threads each (8 x 8 part
+    buffers of 16 MiB, ~1 GiB): now every part of every transfer of a store goes through one
+    pool of TRANSFER_THREADS threads, and at most that many part buffers are alive at once."""
+    import threading
+    import time
+
+    from client.store import http
+
+    monkeypatch.setattr(http, "DOWNLOAD_PART", 1 << 20)
+    monkeypatch.setattr(http, "PARALLEL_DOWNLOAD_THRESHOLD", 2 << 20)
+    user, key = registry.new_user("mem")
+    store = make_store(registry.second.url, key)  # the second server has 6 MiB multipart thresholds
+    blobs = []
+    for i in range(8):
+        p = tmp_path / f"b{i}"
+        p.write_bytes(os.urandom(12 << 20))
+        blobs.append((p, hashlib.md5(p.read_bytes()).hexdigest()))
+    lock = threading.Lock()
+    state = {"now": 0, "peak": 0, "threads": 0}
+    base_threads = threading.active_count()
+
+    def counted(fn):  # type: ignore[no-untyped-def]
+        def wrapper(*args, **kwargs):  # type: ignore[no-untyped-def]
+            with lock:
+                state["now"] += 1
+                state["peak"] = max(state["peak"], state["now"])
+                state["threads"] = max(state["threads"], threading.active_count() - base_threads)
+            try:
+                time.sleep(0.02)  # let the callers overlap: the counts are what is asserted
+                return fn(*args, **kwargs)
+            finally:
+                with lock:
+                    state["now"] -= 1
+        return wrapper
+
+    store._ranged_get = counted(store._ranged_get)
+    store._put_data = counted(store._put_data)
+    on_each(lambda b: store.put_blob(user, b[1], b[0], 12 << 20), blobs, threads=8)
+    assert store.missing_blobs(user, [m for _, m in blobs]) == set()
+    if registry.backend == "postgres-s3":  # multipart: 3 parts of 5 MiB each, 24 in all
+        assert state["peak"] == http.TRANSFER_THREADS
+    state["peak"] = 0
+
+    def download(b: tuple[Path, str]) -> None:
+        out = tmp_path / f"out-{b[1]}"
+        store.download_blob(user, b[1], out)
+        assert hashlib.md5(out.read_bytes()).hexdigest() == b[1]
+
+    on_each(download, blobs, threads=8)  # 12 ranged GETs each, 96 in all
+    assert state["peak"] == http.TRANSFER_THREADS  # ranged GETs in flight, all callers together
+    assert store.part_budget.peak <= http.TRANSFER_THREADS
+    assert store.part_budget.in_use == 0
+    # 8 callers + one pool of TRANSFER_THREADS (was 8 callers x 8 threads each)
+    assert state["threads"] <= 8 + http.TRANSFER_THREADS
+    store.close()

@@ -19,6 +19,7 @@ class (:func:`client.errors.error_from_code`), so both stores raise the same typ
 from __future__ import annotations
 
 import base64
+import contextlib
 import dataclasses
 import datetime as _dt
 import functools
@@ -35,6 +36,7 @@ from urllib.parse import quote, urljoin
 import requests
 import requests.adapters
 import urllib3.exceptions
+from cachetools import TLRUCache
 
 from .. import settings
 from ..errors import (ArtifactFSError, DigestMismatchError, PermissionDeniedError, StoreUnavailableError,
@@ -52,7 +54,31 @@ API = "/api/v1"
 #: Blobs above this size are downloaded with parallel ranged GETs (like boto3's transfer manager).
 PARALLEL_DOWNLOAD_THRESHOLD = 32 << 20
 DOWNLOAD_PART = 16 << 20
+#: threads of a store's one transfer pool, and part buffers alive at once across all its
+#: transfers: with the SDK's 8 files at a time this bounds buffers to 8 parts (128 MiB), not 8 x 8
 TRANSFER_THREADS = 8
+
+
+class PartBudget:
+    """At most ``slots`` part buffers alive at once; ``peak`` is the most there ever were."""
+
+    def __init__(self, slots: int) -> None:
+        self._sem = threading.BoundedSemaphore(slots)
+        self._lock = threading.Lock()
+        self.in_use = 0
+        self.peak = 0
+
+    @contextlib.contextmanager
+    def slot(self) -> Any:
+        with self._sem:
+            with self._lock:
+                self.in_use += 1
+                self.peak = max(self.peak, self.in_use)
+            try:
+                yield
+            finally:
+                with self._lock:
+                    self.in_use -= 1
 
 
 # -- wire format (shared with server/app.py) -------------------------------------------------
@@ -204,6 +230,15 @@ def _tls_error(base: str, exc: requests.exceptions.SSLError) -> StoreUnavailable
     return StoreUnavailableError(f"TLS connection to {base} failed ({hint}): {text}")
 
 
+#: signed URLs and upload plans kept per HttpStore (a few hundred bytes each)
+URL_CACHE_SIZE = 100_000
+
+
+def _url_cache() -> TLRUCache:  # type: ignore[type-arg]
+    """Entries are (…, valid_until, …) tuples: each expires at its own valid_until (monotonic)."""
+    return TLRUCache(maxsize=URL_CACHE_SIZE, ttu=lambda _key, value, _now: value[1], timer=time.monotonic)
+
+
 def _q(segment: str) -> str:
     return quote(segment, safe="")
 
@@ -229,10 +264,16 @@ class HttpStore:
         adapter = requests.adapters.HTTPAdapter(pool_connections=16, pool_maxsize=pool_size, max_retries=0)
         self.session.mount("http://", adapter)
         self.session.mount("https://", adapter)
-        self._urls: dict[tuple[str, str], tuple[str, float, int | None]] = {}  # (entity, md5) -> (url, valid_until, size)
+        #: (entity, md5) -> (url, valid_until, size); an entry leaves at valid_until, the least
+        #: recently used one when full (never the whole cache at once)
+        self._urls: TLRUCache[tuple[str, str], tuple[str, float, int | None]] = _url_cache()
         self._urls_lock = threading.Lock()
         #: upload plans that came with missing_blobs: (entity, md5) -> (plan, valid_until, put_limit)
-        self._plans: dict[tuple[str, str], tuple[dict[str, Any], float, int | None]] = {}
+        self._plans: TLRUCache[tuple[str, str], tuple[dict[str, Any], float, int | None]] = _url_cache()
+        #: every multipart upload and parallel download of this store shares one pool and one
+        #: buffer budget, however many callers' threads use the store at once
+        self.part_budget = PartBudget(TRANSFER_THREADS)
+        self._transfer_pool = ThreadPoolExecutor(TRANSFER_THREADS, thread_name_prefix="artifactfs-transfer")
 
     def __repr__(self) -> str:
         return f"HttpStore({self.base!r})"
@@ -414,8 +455,6 @@ class HttpStore:
                 until = time.monotonic() + float(out["expires_in"]) / 2
                 limit = out.get("put_limit")
                 with self._urls_lock:
-                    if len(self._plans) > 100_000:
-                        self._plans.clear()
                     for md5, plan in out["uploads"].items():
                         self._plans[(entity, md5)] = (plan, until, limit)
         return missing
@@ -523,13 +562,13 @@ class HttpStore:
 
         def send(part: dict[str, Any]) -> str:
             offset = (int(part["number"]) - 1) * part_size
-            with open(src, "rb") as f:
-                f.seek(offset)
-                data = f.read(min(part_size, size - offset))
-            return self._put_data(part, data).headers.get("ETag", "")
+            with self.part_budget.slot():
+                with open(src, "rb") as f:
+                    f.seek(offset)
+                    data = f.read(min(part_size, size - offset))
+                return self._put_data(part, data).headers.get("ETag", "")
 
-        with ThreadPoolExecutor(TRANSFER_THREADS) as pool:
-            etags = list(pool.map(send, plan["parts"]))
+        etags = list(self._transfer_pool.map(send, plan["parts"]))
         self._call("POST", f"{self._blob(entity, md5_hex)}/complete",
                    {"size": size, "upload": plan["upload"], "etags": etags})
 
@@ -537,8 +576,6 @@ class HttpStore:
     def _remember_url(self, entity: str, md5_hex: str, url: str, expires_in: float, size: int | None) -> str:
         url = urljoin(self.base + "/", url)
         with self._urls_lock:
-            if len(self._urls) > 100_000:
-                self._urls.clear()
             self._urls[(entity, md5_hex)] = (url, time.monotonic() + expires_in / 2, size)
         return url
 
@@ -606,29 +643,33 @@ class HttpStore:
     def download_blob(self, entity: str, md5_hex: str, dest: Path) -> None:
         """Whole blob to ``dest``: the first part tells the size, the rest in parallel ranged
         GETs (like boto3's transfer manager), each retried on its own."""
-        first, size = self._first_part(entity, md5_hex)
-        with open(dest, "wb") as out:
-            out.write(first)
-            out.truncate(size)
-        parts = [(off, min(off + DOWNLOAD_PART, size)) for off in range(len(first), size, DOWNLOAD_PART)]
+        with self.part_budget.slot():
+            first, size = self._first_part(entity, md5_hex)
+            with open(dest, "wb") as out:
+                out.write(first)
+                out.truncate(size)
+            got = len(first)
+            del first
+        parts = [(off, min(off + DOWNLOAD_PART, size)) for off in range(got, size, DOWNLOAD_PART)]
         if not parts:
             return
         fd = os.open(dest, os.O_WRONLY)
         try:
             def fetch(rng: tuple[int, int]) -> None:
-                data = self.read_blob(entity, md5_hex, rng[0], rng[1] - rng[0])
-                if len(data) != rng[1] - rng[0]:
-                    raise StoreUnavailableError(f"blob {md5_hex} changed size while downloading")
-                os.pwrite(fd, data, rng[0])
+                with self.part_budget.slot():
+                    data = self.read_blob(entity, md5_hex, rng[0], rng[1] - rng[0])
+                    if len(data) != rng[1] - rng[0]:
+                        raise StoreUnavailableError(f"blob {md5_hex} changed size while downloading")
+                    os.pwrite(fd, data, rng[0])
 
             if size <= PARALLEL_DOWNLOAD_THRESHOLD:
                 for rng in parts:
                     fetch(rng)
             else:
-                with ThreadPoolExecutor(TRANSFER_THREADS) as pool:
-                    list(pool.map(fetch, parts))
+                list(self._transfer_pool.map(fetch, parts))
         finally:
             os.close(fd)
 
     def close(self) -> None:
+        self._transfer_pool.shutdown(wait=False, cancel_futures=True)
         self.session.close()
