@@ -11,6 +11,7 @@ a missing optional feature exits with status 2.
 
 from __future__ import annotations
 
+import errno
 import importlib
 import json
 import os
@@ -135,6 +136,12 @@ class LazyGroup(click.Group):
         except click.Abort:
             click.echo("artifactfs: interrupted", err=True)
             sys.exit(130)
+        except OSError as exc:  # the machine said no (full disk, permissions): one line, not a traceback
+            where = f": {exc.filename}" if exc.filename else ""
+            hint = (" (free some space, or point ARTIFACTFS_CACHE_DIR / the target elsewhere)"
+                    if exc.errno in (errno.ENOSPC, errno.EDQUOT) else "")
+            click.echo(f"artifactfs: error: {exc.strerror or exc}{where}{hint}", err=True)
+            sys.exit(EXIT_ERROR)
         sys.exit(rv if isinstance(rv, int) else 0)
 
     def list_commands(self, ctx: click.Context) -> list[str]:

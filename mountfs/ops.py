@@ -25,6 +25,7 @@ import errno
 import functools
 import logging
 import os
+import sqlite3
 from collections.abc import Awaitable, Callable
 from typing import Any, NewType, ParamSpec, TypeVar
 
@@ -64,6 +65,10 @@ def errno_for(exc: BaseException) -> int:
         return errno.EIO
     if isinstance(exc, ConflictError):
         return errno.EBUSY
+    if isinstance(exc, UnicodeError):  # a name that is not UTF-8 cannot be a manifest path
+        return errno.EILSEQ
+    if isinstance(exc, sqlite3.OperationalError) and "full" in str(exc):  # a draft's database on a full disk
+        return errno.ENOSPC
     if isinstance(exc, OSError) and exc.errno:
         return exc.errno
     log.exception("unexpected error in a FUSE handler; answering EIO", exc_info=exc)

@@ -506,3 +506,21 @@ def test_cache_info_human_units_and_every_part(tmp_path: Path) -> None:
         assert lines[part].split()[1:] == ["0", "B"], out
     assert lines["logs"].split()[1:] == ["2.0", "KiB"]
     assert lines["total"].split()[1:] == ["4.9", "KiB"]
+
+
+def test_get_onto_a_full_disk_is_one_line_enospc(tmp_path: Path) -> None:
+    """Issue 10: `get` on a full disk said ENOSPC with a raw traceback."""
+    from tests.test_integrity import small_tmpfs
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "big.bin").write_bytes(os.urandom(3 << 20))
+    env = {"ARTIFACTFS_STORE": str(tmp_path / "store"), "ARTIFACTFS_CACHE_DIR": str(tmp_path / "cache")}
+    r = cli("log", str(src), "--name", "alice/proj/big", "--type", "dataset", cwd=tmp_path, env=env)
+    assert r.returncode == 0, r.stderr
+    with small_tmpfs(tmp_path / "tiny", "1m") as tiny:
+        r = cli("get", "alice/proj/big:v0", str(tiny / "out"), cwd=tmp_path,
+                env={**env, "ARTIFACTFS_CACHE_DIR": str(tiny / "cache")})
+        assert r.returncode == 1, (r.stdout, r.stderr)
+        assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert "No space left on device" in r.stderr and "free some space" in r.stderr, r.stderr

@@ -633,3 +633,29 @@ def test_artifactfs_commit_is_synchronous_and_fails_loudly(world: Path) -> None:
                              timeout=60)
         assert out.returncode != 0 and "alias" in out.stderr, (out.stdout, out.stderr)
         assert [v.index for v in _versions(world / "store")] == [0]
+
+
+# -- issue 10: a draft on a full disk answers ENOSPC; a name that cannot be stored EILSEQ ----------
+def test_draft_on_a_full_disk_is_enospc_and_a_non_utf8_name_is_eilseq(world: Path) -> None:
+    from tests.test_integrity import small_tmpfs
+
+    with small_tmpfs(world / "cachefs", "4m") as cachefs:
+        with mounted(world / "store", world, cache_dir=cachefs / "c") as m:
+            d = m.path / PROJ / "ds:draft"
+            os.makedirs(d)
+            (d / "ok.txt").write_text("fits")
+            with pytest.raises(OSError) as info:
+                with open(d / "huge.bin", "wb") as f:
+                    for _ in range(16):
+                        f.write(os.urandom(1 << 20))
+                    f.flush()
+                    os.fsync(f.fileno())
+            assert info.value.errno == errno.ENOSPC, info.value
+            (d / "huge.bin").unlink()
+            with pytest.raises(OSError) as info:
+                os.open(os.path.join(os.fsencode(d), b"bad\xffname.txt"), os.O_CREAT | os.O_WRONLY, 0o644)
+            assert info.value.errno == errno.EILSEQ, info.value
+            assert (d / "ok.txt").read_text() == "fits"
+            assert commit(d)["state"] == "created"
+            assert (m.path / PROJ / "ds:v0" / "ok.txt").read_text() == "fits"
+            assert "Traceback" not in m.log.read_text(errors="replace")
