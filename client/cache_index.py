@@ -23,6 +23,7 @@ import contextlib
 import os
 import sqlite3
 import threading
+import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -56,13 +57,26 @@ class CacheIndex:
     def _db(self) -> Iterator[sqlite3.Connection]:
         with self._lock:
             if self._conn is None or self._pid != os.getpid():  # a forked child opens its own
-                conn = sqlite3.connect(self.path, timeout=30.0, isolation_level=None, check_same_thread=False)
+                self._conn, self._pid = self._open(), os.getpid()
+            self.queries += 1
+            yield self._conn
+
+    def _open(self) -> sqlite3.Connection:
+        """Connect and create the schema; switching a new file to WAL while another process
+        does the same can answer "locked" without waiting, so that step is retried (bounded)."""
+        deadline = time.monotonic() + 30.0
+        while True:
+            conn = sqlite3.connect(self.path, timeout=30.0, isolation_level=None, check_same_thread=False)
+            try:
                 conn.execute("PRAGMA journal_mode=WAL")
                 conn.execute("PRAGMA synchronous=NORMAL")
                 conn.executescript(_SCHEMA)
-                self._conn, self._pid = conn, os.getpid()
-            self.queries += 1
-            yield self._conn
+                return conn
+            except sqlite3.OperationalError as exc:
+                conn.close()
+                if "locked" not in str(exc) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.01)
 
     def built(self) -> bool:
         with self._db() as c:
