@@ -17,10 +17,12 @@ Why it is built this way:
 * Several processes share the directory.  :meth:`Cache.fetch` takes a per-key ``fcntl`` lock so
   concurrent readers of one key download it once; :meth:`Cache.evict` only removes objects whose
   key lock it can take without waiting, so an object being fetched is never evicted.
-* LRU is tracked with the object's atime (``lookup`` touches it; older caches used the mtime,
-  so the stamp is ``max(atime, mtime)``); scanning the directory is the source of truth, so
-  there is no index to corrupt.  A corrupt object (wrong size, failed verify) is dropped and
-  treated as a miss.  The mtime is left alone so that it keeps meaning "content last written".
+* Size and LRU order are kept incrementally in ``index.sqlite`` (:mod:`client.cache_index`):
+  a miss reads the total in O(1) and the oldest objects in O(log n), never rescanning the
+  directory.  ``lookup`` also touches the object's atime (the stamp a rebuild reads, as
+  ``max(atime, mtime)``).  The directory stays the truth: ``prune`` reconciles the index with
+  it.  A corrupt object (wrong size, failed verify) is dropped and treated as a miss.  The
+  mtime is left alone so that it keeps meaning "content last written".
 * Verified markers: an object whose bytes were hashed *and* are durable carries the xattr
   ``user.artifactfs.verified = "<md5> <size> <mtime_ns> <ino> <marked_ns>"``.  :meth:`Cache.checked` trusts
   an object whose marker matches its current stat instead of re-hashing it (1.7 s/GiB), so a
@@ -58,6 +60,7 @@ from . import settings
 from .errors import DigestMismatchError, InvalidNameError
 from .hashing import CHUNK as _CHUNK
 from .hashing import is_md5_hex, md5_file
+from .cache_index import CacheIndex
 
 log = logging.getLogger(__name__)
 
@@ -228,6 +231,9 @@ class Cache:
         for d in (self.objects_dir, self.tmp_dir, self.locks_dir, self.partial_dir):
             d.mkdir(parents=True, exist_ok=True)
         self._shards: set[str] = set()  #: shard dirs known to exist (saves a mkdir per insert)
+        self.index = CacheIndex(self.root / "index.sqlite")
+        if not self.index.built():  # a new index, or a cache from before the index: one scan
+            self.reindex()
 
     # -- addressing ------------------------------------------------------------------------
     def path(self, md5_hex: str) -> Path:
@@ -261,8 +267,10 @@ class Cache:
             return None
         now = time.time()
         if now - max(st.st_atime, st.st_mtime) > _TOUCH_GRANULARITY:
+            now_ns = time.time_ns()
             with contextlib.suppress(OSError):
-                os.utime(p, ns=(time.time_ns(), st.st_mtime_ns))  # atime = LRU; mtime stays
+                os.utime(p, ns=(now_ns, st.st_mtime_ns))  # atime = LRU; mtime stays
+            self.index.put(md5_hex, st.st_size, now_ns)  # also adds an object the index missed
         return p
 
     def verify(self, md5_hex: str) -> bool:
@@ -327,11 +335,17 @@ class Cache:
         if md5_hex[:2] not in self._shards:
             dest.parent.mkdir(parents=True, exist_ok=True)
             self._shards.add(md5_hex[:2])
+        self.index.put(md5_hex, os.stat(tmp).st_size, now_ns)  # row first: a crash never hides an object
         try:
-            os.replace(tmp, dest)
-        except FileNotFoundError:  # the shard dir was removed behind our back
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(tmp, dest)
+            try:
+                os.replace(tmp, dest)
+            except FileNotFoundError:  # the shard dir was removed behind our back
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(tmp, dest)
+        except BaseException:
+            if not dest.exists():
+                self.index.remove(md5_hex)
+            raise
         return dest
 
     def _finish(self, md5_hex: str, tmp: Path, hf: _HashingFile, size: int | None,
@@ -464,10 +478,16 @@ class Cache:
         """Remove an object if present (readers holding it open keep their bytes)."""
         with contextlib.suppress(FileNotFoundError):
             self.path(md5_hex).unlink()
+        self.index.remove(md5_hex)
 
-    def _scan(self) -> list[tuple[float, int, str]]:
-        """(LRU stamp, size, key) of every complete object."""
-        out: list[tuple[float, int, str]] = []
+    def reindex(self) -> None:
+        """Reconcile the size/LRU index with the objects directory (one full scan)."""
+        start = time.time_ns()
+        self.index.rebuild(self._scan(), start)
+
+    def _scan(self) -> list[tuple[str, int, int]]:
+        """(key, size, LRU stamp in ns) of every complete object: a full rescan, for rebuilds."""
+        out: list[tuple[str, int, int]] = []
         try:
             shards = list(os.scandir(self.objects_dir))
         except FileNotFoundError:
@@ -481,43 +501,51 @@ class Cache:
                         st = e.stat(follow_symlinks=False)
                     except FileNotFoundError:
                         continue
-                    out.append((max(st.st_atime, st.st_mtime), st.st_size, shard.name + e.name))
+                    key = shard.name + e.name
+                    if is_md5_hex(key):
+                        out.append((key, st.st_size, max(st.st_atime_ns, st.st_mtime_ns)))
         return out
 
     def evict(self, needed: int = 0, max_bytes: int | None = None) -> int:
         """Drop least recently used objects until ``total + needed <= max_bytes``.
 
         Objects whose key is locked (being fetched) are skipped.  Returns the bytes freed.
+        Reads the total and the oldest rows from the index: no directory scan.
         """
         limit = self.max_bytes if max_bytes is None else max_bytes
-        entries = self._scan()
-        total = sum(size for _, size, _ in entries)
-        if total + needed <= limit:
-            return 0
-        freed = 0
-        for _, size, key in sorted(entries):
-            if total + needed <= limit:
+        _, total = self.index.totals()
+        freed = skipped = 0
+        while total + needed > limit:
+            batch = self.index.oldest(32, skipped)
+            if not batch:
                 break
-            lock = self._lock(key)
-            if not lock.acquire(blocking=False):
-                continue
-            try:
+            for key, size in batch:
+                if total + needed <= limit:
+                    break
+                lock = self._lock(key)
+                if not lock.acquire(blocking=False):
+                    skipped += 1
+                    continue
                 try:
-                    self.path(key).unlink()
-                except FileNotFoundError:
-                    pass
-                else:
-                    freed += size
-                total -= size
-            finally:
-                lock.release()
+                    try:
+                        self.path(key).unlink()
+                    except FileNotFoundError:
+                        pass  # a row left by a crash: it only needs to go
+                    else:
+                        freed += size
+                    self.index.remove(key)
+                    total -= size
+                finally:
+                    lock.release()
         return freed
 
     def prune(self, max_bytes: int | None = None) -> int:
         """Shrink the cache to ``max_bytes`` (default: the configured bound); returns bytes freed.
 
-        Also removes temp files abandoned by crashed writers.
+        Also removes temp files abandoned by crashed writers, and reconciles the size/LRU index
+        with the directory (one full scan: the repair after a crash or a hand edit).
         """
+        self.reindex()
         freed = 0
         cutoff = time.time() - _STALE_TMP_SECONDS
         with contextlib.suppress(FileNotFoundError), os.scandir(self.tmp_dir) as it:
@@ -530,8 +558,8 @@ class Cache:
         return freed + self.evict(0, max_bytes=max_bytes)
 
     def info(self) -> CacheInfo:
-        entries = self._scan()
-        return CacheInfo(entries=len(entries), bytes=sum(s for _, s, _ in entries), max_bytes=self.max_bytes, root=self.root)
+        entries, nbytes = self.index.totals()
+        return CacheInfo(entries=entries, bytes=nbytes, max_bytes=self.max_bytes, root=self.root)
 
     def open(self, md5_hex: str) -> IO[bytes] | None:
         """Open a present object for reading (None on a miss); convenient for the mount."""

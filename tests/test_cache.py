@@ -253,3 +253,64 @@ def test_lookup_touches_atime_not_mtime(tmp_path: Path) -> None:
     assert c.lookup(md5) == p
     st = p.stat()
     assert st.st_mtime == 2000 and st.st_atime > 2000
+
+
+def _fill_objects_dir(root: Path, n: int, size: int) -> list[str]:
+    """n objects of ``size`` bytes written straight into objects/ (as a pre-index cache had them)."""
+    keys = []
+    for i in range(n):
+        key = md5hex(i.to_bytes(4, "big") * (size // 4))
+        d = root / "objects" / key[:2]
+        d.mkdir(parents=True, exist_ok=True)
+        (d / key[2:]).write_bytes(i.to_bytes(4, "big") * (size // 4))
+        os.utime(d / key[2:], (1_000_000 + i, 1_000_000 + i))  # LRU order = i
+        keys.append(key)
+    return keys
+
+
+def test_a_miss_does_not_rescan_20k_objects(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    n, size = 20_000, 8
+    keys = _fill_objects_dir(tmp_path / "c", n, size)
+    c = Cache(tmp_path / "c", max_bytes=n * size)  # the pre-index objects are indexed once, here
+    assert (c.info().entries, c.info().bytes) == (n, n * size)
+    calls = {"scandir": 0, "stat": 0}
+    real_scandir, real_stat = os.scandir, os.stat
+
+    def scandir(*a, **k):  # type: ignore[no-untyped-def]
+        calls["scandir"] += 1
+        return real_scandir(*a, **k)
+
+    def stat(*a, **k):  # type: ignore[no-untyped-def]
+        calls["stat"] += 1
+        return real_stat(*a, **k)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    monkeypatch.setattr(os, "stat", stat)
+    q0 = c.index.queries
+    data = b"new object, 24 bytes ok"
+    c.fetch(md5hex(data), len(data), lambda f: f.write(data))  # needs 3 of the oldest to go
+    monkeypatch.undo()
+    assert calls["scandir"] == 0
+    assert calls["stat"] < 20  # a handful for the new object, not one per cached object
+    assert c.index.queries - q0 < 20
+    assert [c.lookup(k) is None for k in keys[:4]] == [True, True, True, False]  # LRU order
+    assert c.info().bytes <= c.max_bytes and c.info().entries == n - 3 + 1
+
+
+def test_index_is_shared_by_processes_and_repaired_by_prune(tmp_path: Path) -> None:
+    a = Cache(tmp_path / "c", max_bytes=10_000)
+    b = Cache(tmp_path / "c", max_bytes=10_000)  # another process sharing the cache
+    k1 = _put(a, b"1" * 4000, 1_000_000)
+    k2 = _put(b, b"2" * 4000, 1_000_001)
+    assert a.info().bytes == b.info().bytes == 8000
+    data = b"3" * 4000
+    b.fetch(md5hex(data), len(data), lambda f: f.write(data))  # b evicts a's object k1
+    assert a.lookup(k1) is None and a.lookup(k2) is not None
+    assert a.info().bytes == 8000 and a.info().entries == 2
+    # a crash: an object present without a row, a row without an object
+    stray = _fill_objects_dir(tmp_path / "c", 1, 1000)[0]
+    a.index.put("f" * 32, 5000, 1)
+    assert a.info().bytes == 13_000
+    a.prune()
+    assert a.info().bytes == 9000 and a.info().entries == 3
+    assert a.lookup(stray) is not None

@@ -225,8 +225,11 @@ def test_content_reader_corrupt_cache_object_is_refetched(local_store, tmp_path:
     h = cr.open(FileRef("ent", md5, len(data), "v", "p"))
     assert cr.read(h, 0, len(data)) == data
     cr.close(h)
-    cr.shutdown()  # waits for the background cache install
-    assert md5_bytes(cache.path(md5).read_bytes()) == md5
+    cr.shutdown()  # waits for any background cache install
+    # the corrupt object was dropped; a small embedded-store blob is served in place and not
+    # copied back into the cache (perf decision, see mountfs/content.py)
+    assert not cache.path(md5).exists() or md5_bytes(cache.path(md5).read_bytes()) == md5
+    assert cache.lookup(md5) is None
 
 
 def test_content_reader_store_down_gives_fetch_error_then_recovers(local_store, tmp_path: Path) -> None:
@@ -337,8 +340,9 @@ def test_small_local_blob_is_copied_never_linked(local_store, tmp_path: Path) ->
     assert cr.read(h, 10, 100) == data[10:110]
     cr.close(h)
     cr.shutdown()
-    cached = cache.lookup(md5, len(data))
-    assert cached is not None and cached.stat().st_ino != local_store.blob_path("ent", md5).stat().st_ino
+    # served in place (verified) and not copied: the cache never shares the store blob's inode
+    assert cache.lookup(md5, len(data)) is None
+    assert local_store.blob_path("ent", md5).stat().st_nlink == 1
 
 
 def test_marked_cache_object_rewritten_in_place_is_rehashed_and_refetched(local_store, tmp_path: Path) -> None:
