@@ -6,6 +6,7 @@ a working directory the test controls, and mounts for real where a mount is invo
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -472,8 +473,7 @@ def test_colon_free_spelling_works_with_rsync_tar_and_pythonpath(tmp_path: Path,
 # -- item 10: small CLI items --------------------------------------------------------------------------
 
 def test_ls_header_plurals_aliases_type_and_json(tmp_path: Path) -> None:
-    import contextlib
-import json
+    import json
 
     src = tmp_path / "src"
     src.mkdir()
