@@ -198,19 +198,6 @@ def test_file_live_against_wandb(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- s3 (moto server)
 
 
-@pytest.fixture(scope="module")
-def moto_endpoint() -> Iterator[str]:
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    try:
-        yield f"http://{host}:{port}"
-    finally:
-        server.stop()
-
-
 @pytest.fixture
 def s3_wandb_env(moto_endpoint: str, monkeypatch: pytest.MonkeyPatch):
     """Configured the way a wandb user configures it: AWS_S3_ENDPOINT_URL, not our variable."""
