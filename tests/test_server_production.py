@@ -17,6 +17,7 @@ from client.errors import NotFoundError
 from client.hashing import hex_to_b64, md5_bytes
 from client.manifest import Manifest, ManifestEntry
 from client.store.base import CommitRequest
+from tests.mount_helpers import requires_fuse
 from tests.server_fixtures import SharedRegistry, make_store, moto_s3, on_each, postgres, registry  # noqa: F401
 
 pytestmark = pytest.mark.timeout(120)
@@ -100,16 +101,14 @@ def test_zero_byte_files_log_and_get_with_the_sdk_and_the_cli(registry: SharedRe
     run_mod._reset_for_tests()
 
 
+@requires_fuse
 @pytest.mark.fuse
 @pytest.mark.timeout(180)
 def test_zero_byte_file_commits_through_a_mounts_draft(registry: SharedRegistry, tmp_path: Path,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     import json
 
-    from tests.mount_helpers import mounted, requires_fuse
-
-    if requires_fuse.args and requires_fuse.args[0]:
-        pytest.skip(requires_fuse.kwargs.get("reason", "needs FUSE"))
+    from tests.mount_helpers import mounted
     team = registry.new_team("lab")
     _, key = registry.new_user("alice", teams=(team,))
     monkeypatch.setenv("ARTIFACTFS_API_KEY", key)
@@ -269,15 +268,13 @@ def test_https_server_with_its_own_tls_and_a_client_that_verifies(
     run_mod._reset_for_tests()
 
 
+@requires_fuse
 @pytest.mark.fuse
 @pytest.mark.timeout(180)
 def test_mount_over_https_with_a_ca_bundle(registry: SharedRegistry, tls_server, tmp_path: Path,
                                            monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
-    from tests.mount_helpers import mounted, requires_fuse
+    from tests.mount_helpers import mounted
     from tests.util import commit_files
-
-    if requires_fuse.args and requires_fuse.args[0]:
-        pytest.skip(requires_fuse.kwargs.get("reason", "needs FUSE"))
     srv, ca = tls_server
     team = registry.new_team("sec")
     _, key = registry.new_user("alice", teams=(team,))
@@ -524,15 +521,13 @@ def test_project_listing_is_one_request_and_constant_queries(local_store, tmp_pa
     assert versions == [v for c in collections for v in local_store.list_versions("ent", "proj", c.name)]
 
 
+@requires_fuse
 @pytest.mark.fuse
 @pytest.mark.timeout(180)
 def test_mount_lists_a_project_of_30_collections_in_one_request(registry: SharedRegistry, tmp_path: Path,
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    from tests.mount_helpers import mounted, requires_fuse
+    from tests.mount_helpers import mounted
     from tests.util import commit_files
-
-    if requires_fuse.args and requires_fuse.args[0]:
-        pytest.skip(requires_fuse.kwargs.get("reason", "needs FUSE"))
     team = registry.new_team("big")
     _, key = registry.new_user("alice", teams=(team,))
     store = make_store(registry.server.url, key)
