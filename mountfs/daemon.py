@@ -297,12 +297,10 @@ def run(options: MountOptions) -> int:
     pyfuse3.close(unmount=True)
     status = 0
     try:
-        if manager is None:
-            pass  # read-only: no drafts
-        elif options.commit_on_unmount:
+        if manager is not None and options.commit_on_unmount:  # a read-only mount has no drafts
             log.info("unmounted %s; committing drafts", options.mountpoint)
             status = _commit_at_unmount(manager, report)
-        else:
+        elif manager is not None:
             log.info("unmounted %s; drafts kept for the next mount (--no-commit-on-unmount)", options.mountpoint)
     finally:
         if manager is not None:

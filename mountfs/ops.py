@@ -67,12 +67,18 @@ def errno_for(exc: BaseException) -> int:
         return errno.EBUSY
     if isinstance(exc, UnicodeError):  # a name that is not UTF-8 cannot be a manifest path
         return errno.EILSEQ
-    if isinstance(exc, sqlite3.OperationalError) and "full" in str(exc):  # a draft's database on a full disk
+    if isinstance(exc, sqlite3.OperationalError) and _sqlite_full(exc):  # a draft's database on a full disk
         return errno.ENOSPC
     if isinstance(exc, OSError) and exc.errno:
         return exc.errno
     log.exception("unexpected error in a FUSE handler; answering EIO", exc_info=exc)
     return errno.EIO
+
+
+def _sqlite_full(exc: sqlite3.OperationalError) -> bool:
+    """SQLITE_FULL (the code where Python reports it, else its fixed message)."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    return code == 13 if code is not None else "database or disk is full" in str(exc)
 
 
 def _fuse_errors(fn: Callable[_P, Awaitable[_T]]) -> Callable[_P, Awaitable[_T]]:
