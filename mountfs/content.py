@@ -155,6 +155,28 @@ class _Object:
         self.promoting = False
         self.closed = False
         self.promotion: Future[None] | None = None
+        #: sources replaced while the object is open (a dropped cache copy, a partial file
+        #: given up for streaming): kept open until the object closes, because a reader on
+        #: another thread may still hold them, and a closed fd number can be reused by any
+        #: file (a read through it could return another file's bytes)
+        self.retired: list[PartialFile | BlobBlocks] = []
+
+    def close_sources(self) -> None:
+        """Close every fd this object holds (the object lock held, no reader left)."""
+        self.closed = True
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+        elif self.partial is not None:
+            self.partial.close()
+        elif self.blob is not None:
+            self.blob.close()
+        for old in self.retired:
+            with contextlib.suppress(OSError):
+                old.abandon() if isinstance(old, PartialFile) else old.close()
+        self.partial = self.reader = self.blob = None
+        self.retired = []
+        self.data = None
 
 
 @dataclass
@@ -295,11 +317,7 @@ class ContentReader:
             obj.refs -= 1
             self._objects.pop(obj.ref.md5, None)
         with obj.lock:
-            obj.closed = True
-            if obj.fd is not None:
-                os.close(obj.fd)
-                obj.fd = None
-            obj.data = None
+            obj.close_sources()
         return True
 
     def close(self, handle: Handle) -> None:
@@ -321,16 +339,7 @@ class ContentReader:
             with contextlib.suppress(BaseException):
                 obj.promotion.result(timeout=budget)
         with obj.lock:
-            obj.closed = True
-            if obj.fd is not None:
-                os.close(obj.fd)
-                obj.fd = None
-            elif obj.partial is not None:
-                obj.partial.close()
-            elif obj.blob is not None:
-                obj.blob.close()
-            obj.partial = obj.reader = obj.blob = None
-            obj.data = None
+            obj.close_sources()
 
     def read_nowait(self, handle: Handle, off: int, size: int) -> bytes | None:
         """Answer from local state without waiting (on the event loop), or None.
@@ -438,7 +447,7 @@ class ContentReader:
             with obj.lock:
                 self.cache.drop(ref.md5)
                 if obj.blob is not None:
-                    obj.blob.close()
+                    obj.retired.append(obj.blob)  # a concurrent read may still hold it
                 obj.blob = obj.reader = None
                 obj.skip_cache = True
             return True
@@ -474,7 +483,7 @@ class ContentReader:
             cfg = self.config
             if not reader.wait_idle(cfg.attempts * cfg.timeout):
                 raise FetchError(f"{ref.path}: fetches still running on a full cache disk")
-            partial.close()
+            obj.retired.append(partial)  # a concurrent read may still hold it: close at release
             for leftover in (partial.path, partial.bits_path):
                 with contextlib.suppress(FileNotFoundError):
                     leftover.unlink()

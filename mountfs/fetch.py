@@ -394,6 +394,10 @@ class PartialFile:
             self.flush()
         os.close(self.fd)
 
+    def abandon(self) -> None:
+        """Close without writing anything back (its files were removed: nothing to keep)."""
+        os.close(self.fd)
+
 
 # -- strategies --------------------------------------------------------------------------
 

@@ -366,3 +366,35 @@ def test_marked_cache_object_rewritten_in_place_is_rehashed_and_refetched(local_
     assert cr2.store_requests >= 1  # the corrupt object was dropped and fetched again
     cr2.close(h2)
     cr2.shutdown()
+
+
+def _open_fds() -> set[str]:
+    return set(os.listdir("/proc/self/fd"))
+
+
+def test_switch_to_streaming_keeps_the_old_partial_open_for_concurrent_readers(local_store, tmp_path: Path) -> None:
+    """CI saw EBADF: one kernel READ switched a full-cache object to streaming (closing its
+    partial file) while another READ was reading that partial on a second thread.  A closed
+    fd number can be reused by any file, so this could also have served another file's bytes.
+    The replaced source stays open until the object's last handle closes."""
+    data = os.urandom(4 * MiB)
+    md5 = upload_bytes(local_store, "ent", data, tmp_path)
+    before = _open_fds()
+    cr = ContentReader(local_store, Cache(tmp_path / "cache"), FetchConfig(block_size=MiB, local_blobs=False))
+    h = cr.open(FileRef("ent", md5, len(data), "v", "p"))
+    assert cr.read(h, 0, 4096) == data[:4096]
+    obj = h.obj
+    old = obj.reader
+    assert old is not None and obj.source == "partial"
+    cr._cache_full(obj, old)  # first ENOSPC: evict
+    cr._cache_full(obj, old)  # second: stream from now on
+    assert obj.source == "stream" and obj.reader is not old
+    assert not (cr.cache.partial_dir / f"{md5}.part").exists()  # the space is given back at once
+    # the reader that was in flight on another thread still reads its verified block
+    assert old.blocks.read(0, 4096) == data[:4096]
+    assert cr.read(h, 2 * MiB, 4096) == data[2 * MiB:2 * MiB + 4096]  # new reads stream
+    cr.close(h)
+    cr.shutdown()
+    assert not (cr.cache.partial_dir / f"{md5}.bits").exists()  # closing wrote no bitmap back
+    leaked = {os.readlink(f"/proc/self/fd/{f}") for f in _open_fds() - before if os.path.exists(f"/proc/self/fd/{f}")}
+    assert not [p for p in leaked if md5 in p], leaked
