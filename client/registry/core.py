@@ -96,6 +96,20 @@ class Registry:
             t.metadata.create_all(c)
             for index in t.ADDED_INDEXES:  # create_all skips the indexes of tables that exist
                 index.create(c, checkfirst=True)
+            self._add_missing_columns(c)
+
+    @staticmethod
+    def _add_missing_columns(c: Connection) -> None:
+        """``create_all`` never alters a table that exists: add the nullable columns of
+        ``schema.ADDED_COLUMNS`` a database made before them lacks (until migrations own this)."""
+        have: dict[str, set[str]] = {}
+        for col in t.ADDED_COLUMNS:
+            table = col.table.name
+            if table not in have:
+                have[table] = {x["name"] for x in sa.inspect(c).get_columns(table)}
+            if col.name not in have[table]:
+                ddl = col.type.compile(dialect=c.dialect)
+                c.exec_driver_sql(f'ALTER TABLE {table} ADD COLUMN {col.name} {ddl}')
 
     def close(self) -> None:
         self.engine.dispose()

@@ -61,7 +61,21 @@ runs = sa.Table(
     sa.Column("config", sa.JSON, nullable=False),
     sa.Column("state", sa.String(16), nullable=False),
     sa.Column("created_at", TS, nullable=False),
+    #: the last value of each key given to ``run.log`` / set in ``run.summary`` (JSON object)
+    sa.Column("summary", sa.JSON, nullable=True),
+    #: the run's tags (JSON list of strings; W&B run tags are free text, unlike artifact tags)
+    sa.Column("tags", sa.JSON, nullable=True),
     sa.UniqueConstraint("project_id", "run_id"),
+)
+
+#: files saved with a run (``Run.upload_file``): content is a blob of the run's entity
+run_files = sa.Table(
+    "run_files", metadata,
+    sa.Column("run_pk", sa.Integer, sa.ForeignKey("runs.pk", ondelete="CASCADE"), primary_key=True),
+    sa.Column("name", sa.String(1024), primary_key=True),  #: at most 1024 UTF-8 bytes (btree key)
+    sa.Column("md5", sa.String(32), nullable=False),
+    sa.Column("size", sa.BigInteger, nullable=False),
+    sa.Column("updated_at", TS, nullable=False),
 )
 
 versions = sa.Table(
@@ -113,6 +127,8 @@ usages_by_version = sa.Index("usages_by_version", usages.c.version_id)
 
 #: indexes added after the first release: also created on databases whose tables exist
 ADDED_INDEXES = (versions_by_run, usages_by_version)
+#: nullable columns added after the first release: added to databases whose tables exist
+ADDED_COLUMNS = (runs.c.summary, runs.c.tags)
 
 blobs = sa.Table(
     "blobs", metadata,
