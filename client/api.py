@@ -13,20 +13,22 @@ Collections returned by list methods are *paginated views*: iterating fetches pa
 from __future__ import annotations
 
 import dataclasses
+import os
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any, Generic, TypeVar
 
 from . import names, settings
-from .errors import InvalidNameError, NotFoundError
-from .store.base import CollectionRecord, RunRecord, Store
+from .errors import InvalidNameError, LocalPathError, NotFoundError
+from .store.base import CollectionRecord, RunFileRecord, RunRecord, Store
 from .transfer import get_store
 
 if TYPE_CHECKING:
     from .artifact import Artifact
     from .registries import Registries
 
-__all__ = ["Api", "ArtifactCollection", "ArtifactType", "Paginator", "Project", "Run"]
+__all__ = ["Api", "ArtifactCollection", "ArtifactType", "File", "Files", "Paginator", "Project", "Run"]
 
 T = TypeVar("T")
 
@@ -98,11 +100,21 @@ def _artifacts(store: Store, records: list[Any]) -> list[Artifact]:
 
 
 class Run:
-    """A run as the public API sees it (``Api().run(path)``), with its lineage."""
+    """A run as the public API sees it (``Api().run(path)``), with its lineage.
+
+    ``tags``, ``summary``, ``config`` and ``name`` are editable; ``update()`` saves them.
+    """
 
     def __init__(self, store: Store, record: RunRecord) -> None:
         self._store = store
+        self._set_record(record)
+
+    def _set_record(self, record: RunRecord) -> None:
         self._record = record
+        self._tags = list(record.tags)
+        self._summary: dict[str, Any] = dict(record.summary)
+        self._config: dict[str, Any] = dict(record.config)
+        self._name = record.name
 
     @classmethod
     def _from_record(cls, store: Store, record: RunRecord) -> Run:
@@ -111,17 +123,88 @@ class Run:
     id = property(lambda self: self._record.id)
     entity = property(lambda self: self._record.entity)
     project = property(lambda self: self._record.project)
-    name = property(lambda self: self._record.name)
     job_type = property(lambda self: self._record.job_type)
-    config = property(lambda self: dict(self._record.config))
     created_at = property(lambda self: self._record.created_at)
     path = property(lambda self: self._record.path)
+
+    @property
+    def name(self) -> str | None:
+        """The display name (W&B's ``display_name``); the id is ``id``."""
+        return self._name
+
+    @name.setter
+    def name(self, value: str) -> None:
+        self._name = value
+
+    display_name = name
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return self._config
+
+    @property
+    def summary(self) -> dict[str, Any]:
+        """The last value of each key the run logged (``summary_metrics`` is the same dict)."""
+        return self._summary
+
+    summary_metrics = summary
+
+    @property
+    def tags(self) -> list[str]:
+        return self._tags
+
+    @tags.setter
+    def tags(self, value: Sequence[str]) -> None:
+        self._tags = list(value)
+
+    def update(self) -> None:
+        """Save changes to ``tags``, ``summary``, ``config`` and ``name`` (W&B's ``Run.update``)."""
+        self._set_record(_store_method(self._store, "update_run")(
+            self.entity, self.project, self.id, summary=self._summary, tags=self._tags,
+            config=self._config, name=self._name))
+
+    def load(self, force: bool = False) -> None:
+        """Re-read the run from the store (local edits not yet saved are dropped)."""
+        self._set_record(self._store.get_run(self.entity, self.project, self.id))
 
     @property
     def state(self) -> str:
         """Re-read from the store: another process may have finished the run."""
         return self._store.get_run(self.entity, self.project, self.id).state
 
+    # -- files -----------------------------------------------------------------------------
+    def upload_file(self, path: str | os.PathLike[str], root: str = ".") -> File:
+        """Save a local file with the run as ``relpath(path, root)`` (replacing one of that name)."""
+        from .hashing import md5_file
+
+        src = Path(path)
+        if not src.is_file():
+            raise LocalPathError(f"Path is not a file: {str(path)!r}")
+        name = Path(os.path.relpath(src.resolve(), Path(root).resolve())).as_posix()
+        md5_hex, size = md5_file(src), src.stat().st_size
+        if md5_hex in self._store.missing_blobs(self.entity, [md5_hex]):
+            self._store.put_blob(self.entity, md5_hex, src, size)
+        return File(self, _store_method(self._store, "put_run_file")(
+            self.entity, self.project, self.id, name, md5_hex, size))
+
+    def files(self, names: Sequence[str] | None = None, per_page: int = 50) -> Files:
+        """The run's files, by name; only those in ``names`` when given (unknown names are left out)."""
+        wanted = set(names or ())
+
+        def fetch() -> list[File]:
+            records = _store_method(self._store, "list_run_files")(self.entity, self.project, self.id)
+            return [File(self, r) for r in records if not wanted or r.name in wanted]
+
+        return Files(fetch, per_page)
+
+    def file(self, name: str) -> File:
+        """The run's file ``name``; NotFoundError (W&B: an IndexError) when it has none."""
+        found = list(self.files([name]))
+        if not found:
+            raise NotFoundError(f"run {self.path} has no file {name!r}")
+        return found[0]
+
+    # -- lineage ---------------------------------------------------------------------------
     def logged_artifacts(self, per_page: int = 100) -> Paginator[Artifact]:
         return Paginator(lambda: _artifacts(self._store, self._store.versions_logged_by(
             self.entity, self.project, self.id)), per_page)
@@ -150,24 +233,120 @@ class Run:
         return f"<Run {self.path} ({self._record.state})>"
 
 
+class File:
+    """A file saved with a run (W&B's public ``File``): ``name``, ``size``, ``md5`` (base64, as
+    W&B shows it), ``updated_at``; ``download(root)`` writes ``root/name``."""
+
+    def __init__(self, run: Run, record: RunFileRecord) -> None:
+        self.run = run
+        self._record = record
+
+    name = property(lambda self: self._record.name)
+    size = property(lambda self: self._record.size)
+    updated_at = property(lambda self: self._record.updated_at)
+
+    @property
+    def md5(self) -> str:
+        from .hashing import hex_to_b64
+
+        return hex_to_b64(self._record.md5)
+
+    def download(self, root: str = ".", replace: bool = False, exist_ok: bool = False) -> IO[str]:
+        """Write the file to ``root/name`` and return it opened for reading, as W&B does.  An
+        existing file is a ValueError unless ``replace`` (overwrite) or ``exist_ok`` (keep it)."""
+        from .transfer import _atomic_write, _stream_blob
+
+        dest = Path(root) / self.name
+        if dest.exists() and not replace:
+            if exist_ok:
+                return open(dest)
+            raise ValueError(f"File already exists: {dest}; pass replace=True to overwrite "
+                             f"or exist_ok=True to leave it as is")
+        r, store = self._record, self.run._store
+        _atomic_write(dest, lambda out: _stream_blob(store, self.run.entity, r.md5, r.size, out), r.md5)
+        return open(dest)
+
+    def __repr__(self) -> str:
+        return f"<File {self.name} ({self.size} bytes)>"
+
+
+class Files(Paginator[File]):
+    pass
+
+
 class ArtifactCollection:
     """A named sequence of versions (``entity/project/name``) of one type."""
 
     def __init__(self, store: Store, record: CollectionRecord) -> None:
         self._store = store
-        self._record = record
+        self._set_record(record)
+
+    def _set_record(self, record: CollectionRecord) -> None:
+        self._record = record  # as saved; the attributes below are the edits save() writes
+        self._name, self._description, self._type = record.name, record.description, record.type
+        self._tags = list(record.tags)
 
     @classmethod
     def _load(cls, store: Store, entity: str, project: str, name: str) -> ArtifactCollection:
         return cls(store, store.get_collection(entity, project, name))
 
-    name = property(lambda self: self._record.name)
-    type = property(lambda self: self._record.type)
     entity = property(lambda self: self._record.entity)
     project = property(lambda self: self._record.project)
-    description = property(lambda self: self._record.description)
-    tags = property(lambda self: list(self._record.tags))
     created_at = property(lambda self: self._record.created_at)
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @name.setter
+    def name(self, value: str) -> None:
+        self._name = value
+
+    @property
+    def description(self) -> str | None:
+        return self._description
+
+    @description.setter
+    def description(self, value: str | None) -> None:
+        self._description = value
+
+    @property
+    def tags(self) -> list[str]:
+        return self._tags
+
+    @tags.setter
+    def tags(self, value: Sequence[str]) -> None:
+        self._tags = list(value)
+
+    @property
+    def type(self) -> str:
+        return self._type
+
+    @type.setter
+    def type(self, value: str) -> None:
+        if not self.is_sequence():
+            raise InvalidNameError("Type can only be changed if the artifact collection is a sequence.")
+        self._type = value
+
+    def save(self) -> None:
+        """Store the edited ``name``, ``description``, ``tags`` and ``type`` (W&B's save)."""
+        r = self._record
+        if self._type != r.type:
+            try:
+                names.validate_type(self._type)
+            except ValueError as exc:
+                raise InvalidNameError(f"Failed to save artifact collection {self._name!r}: {exc}") from exc
+        self._set_record(_store_method(self._store, "update_collection")(
+            r.entity, r.project, r.name,
+            name=self._name if self._name != r.name else None,
+            description=(self._description or "") if self._description != r.description else None,
+            tags=self._tags if set(self._tags) != set(r.tags) else None,
+            type=self._type if self._type != r.type else None))
+
+    def delete(self) -> None:
+        """Delete the collection: all its versions and their aliases, and links into portfolios."""
+        r = self._record
+        _store_method(self._store, "delete_collection")(r.entity, r.project, r.name)
 
     @property
     def aliases(self) -> list[str]:
@@ -401,7 +580,7 @@ class Api:
             return {"name": r.id, "id": r.id, "displayName": r.name, "display_name": r.name,
                     "jobType": r.job_type, "job_type": r.job_type, "state": r.state, "config": r.config,
                     "createdAt": r.created_at, "created_at": r.created_at, "entity": r.entity, "project": r.project,
-                    "username": r.entity, "tags": [], "summary_metrics": {}}
+                    "username": r.entity, "tags": list(r.tags), "summary_metrics": r.summary}
 
         def fetch() -> list[Run]:
             docs = [(doc(r), r) for r in lister(entity, project)]

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 import uuid
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from . import names, settings
 from .api import Run as PublicRun
@@ -45,25 +46,73 @@ class Config(dict):
             self.setdefault(k, v)
 
 
+class Summary(dict):
+    """``run.summary``: a dict that tells its run when it changes, so the change is stored."""
+
+    def __init__(self, on_change: Callable[[], None], values: dict[str, Any]) -> None:
+        super().__init__(values)
+        self._on_change = on_change
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        super().__setitem__(key, value)
+        self._on_change()
+
+    def __delitem__(self, key: str) -> None:
+        super().__delitem__(key)
+        self._on_change()
+
+    def update(self, *args: Any, **kwargs: Any) -> None:  # type: ignore[override]
+        super().update(*args, **kwargs)
+        self._on_change()
+
+
+#: a live run writes its summary/tags/config to the store at most this often (and at finish)
+SAVE_INTERVAL = 2.0
+
+
 class Run(PublicRun):
     """A live run: adds finishing, ``log``/``summary``, ``config`` and the context-manager
     protocol to the public Run.
 
-    ``log`` and ``summary`` live in this process only (the store keeps no history); ``config``
-    is the one given to ``init`` (stored) plus in-process edits.
+    ``log`` keeps the last value of each key in ``summary`` (there is no history); the summary,
+    the tags and the config are stored with the run on the first change, then at most every
+    SAVE_INTERVAL seconds, and at ``finish``, so ``Api().runs(filters=...)`` sees them.
     """
 
     def __init__(self, store: Store, record: Any, tags: Sequence[str] = ()) -> None:
+        self._last_save: float | None = None
         super().__init__(store, record)
         self._finished = False
-        self._config = Config(record.config or {})
-        self.summary: dict[str, Any] = {}
-        self.tags: tuple[str, ...] = tuple(tags)
         self._step = 0
+        if tags:
+            self.tags = tags  # type: ignore[assignment]
+
+    def _set_record(self, record: Any) -> None:
+        super()._set_record(record)
+        self._config = Config(record.config or {})
+        self._summary = Summary(self._changed, record.summary)
 
     @property  # type: ignore[override]
     def config(self) -> Config:
-        return self._config
+        return self._config  # type: ignore[return-value]
+
+    @property  # type: ignore[override]
+    def tags(self) -> tuple[str, ...]:
+        return tuple(self._tags)
+
+    @tags.setter
+    def tags(self, value: Sequence[str]) -> None:
+        self._tags = list(names.validate_run_tags(list(value)))
+        self._changed()
+
+    def _changed(self) -> None:
+        if self._last_save is None or time.monotonic() - self._last_save >= SAVE_INTERVAL:
+            self._save()
+
+    def _save(self) -> None:
+        self._last_save = time.monotonic()
+        self._record = self._store.update_run(self.entity, self.project, self.id, summary=dict(self._summary),
+                                              tags=list(self._tags), config=dict(self._config))
 
     @property
     def url(self) -> str:
@@ -73,11 +122,12 @@ class Run(PublicRun):
         return f"{base.rstrip('/')}/{self.entity}/{self.project}/runs/{self.id}"
 
     def log(self, data: dict[str, Any], step: int | None = None, commit: bool | None = None) -> None:
-        """``run.log(dict)``: the last value of each key becomes the run's summary (in process)."""
+        """``run.log(dict)``: the last value of each key becomes the run's summary (stored)."""
         self._check_live()
         if not isinstance(data, dict):
             raise TypeError(f"run.log takes a dict, got {type(data).__name__}")
-        self.summary.update(data)
+        names.validate_run_dict("log data", data)  # a value JSON cannot hold fails here, not at finish
+        self._summary.update(data)
         self._step = (step if step is not None else self._step) + 1
 
     def link_artifact(self, artifact: Artifact, target_path: str, aliases: Sequence[str] | None = None) -> Artifact:
@@ -153,6 +203,7 @@ class Run(PublicRun):
         if self._finished:
             return
         self._finished = True
+        self._save()
         self._store.finish_run(self.entity, self.project, self.id, "finished" if not exit_code else "crashed")
         with _current_lock:
             if _current is self:

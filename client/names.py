@@ -173,6 +173,50 @@ def validate_metadata(metadata: object) -> dict:
     return out
 
 
+MAX_RUN_TAG = 64  #: characters of one run tag (W&B's limit)
+
+
+def validate_run_tags(tags: object) -> list[str]:
+    """Run tags as W&B takes them: free text (unlike artifact tags), 1 to 64 characters without
+    control characters; the order is kept and repeats dropped."""
+    if isinstance(tags, (str, bytes)) or not isinstance(tags, (list, tuple, set, frozenset)):
+        raise InvalidNameError(f"run tags must be a list of strings, got {type(tags).__name__}")
+    for tag in tags:
+        if (not isinstance(tag, str) or not 0 < len(tag) <= MAX_RUN_TAG
+                or any(ord(c) < 32 or ord(c) == 127 for c in tag)):
+            raise InvalidNameError(f"invalid run tag {str(tag)[:40]!r}: 1 to {MAX_RUN_TAG} characters, "
+                                   f"no control characters")
+    return list(dict.fromkeys(tags))
+
+
+def _nonfinite_as_text(value: object) -> object:
+    if isinstance(value, float) and not math.isfinite(value):
+        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+    if isinstance(value, dict):
+        return {k: _nonfinite_as_text(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_nonfinite_as_text(v) for v in value]
+    return value
+
+
+def validate_run_dict(kind: str, value: object) -> dict:
+    """A run's ``summary`` or ``config``: a dict normalised like metadata (sets to lists,
+    datetimes to ISO strings, int keys to strings), except that NaN and infinities become the
+    strings "NaN", "Infinity" and "-Infinity" (a diverging loss is data, and JSON cannot hold
+    them); no key limit, at most MAX_METADATA_BYTES as JSON."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise InvalidMetadataError(f"run {kind} must be a dict, got {type(value).__name__}")
+    try:
+        out = json.loads(json.dumps(_json_friendly(_nonfinite_as_text(value)), allow_nan=False))
+    except (TypeError, ValueError) as exc:
+        raise InvalidMetadataError(f"run {kind}: {exc}") from None
+    if len(json.dumps(out).encode("utf-8", "surrogatepass")) > MAX_METADATA_BYTES:
+        raise InvalidNameError(f"run {kind} is over {MAX_METADATA_BYTES} bytes as JSON")
+    return out  # type: ignore[no-any-return]
+
+
 def validate_description(description: object) -> str | None:
     """A version's description: None or text of at most MAX_DESCRIPTION characters."""
     if description is None:

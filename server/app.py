@@ -97,6 +97,26 @@ class RunBody(BaseModel):
     config: dict[str, Any] = {}
 
 
+class RunUpdateBody(BaseModel):
+    summary: dict[str, Any] | None = None
+    tags: list[str] | None = None
+    config: dict[str, Any] | None = None
+    name: str | None = None
+
+
+class RunFileBody(BaseModel):
+    name: str
+    md5: str
+    size: int = Field(ge=0, lt=1 << 63)
+
+
+class CollectionBody(BaseModel):
+    name: str | None = None
+    description: str | None = None
+    tags: list[str] | None = None
+    type: str | None = None
+
+
 class FinishBody(BaseModel):
     state: str = "finished"
 
@@ -317,6 +337,21 @@ def create_app(server: Server | None = None) -> FastAPI:
         p.require(entity)
         return record_to_json(reg.get_collection(entity, project, collection))
 
+    @app.patch("/api/v1/entities/{entity}/projects/{project}/collections/{collection}", tags=["namespace"])
+    def update_collection(entity: str, project: str, collection: str, body: CollectionBody,
+                          p: Principal = Depends(principal)) -> dict[str, Any]:
+        p.require(entity, write=True)
+        return record_to_json(reg.update_collection(entity, project, collection, name=body.name,
+                                                    description=body.description, tags=body.tags, type=body.type))
+
+    @app.delete("/api/v1/entities/{entity}/projects/{project}/collections/{collection}", tags=["namespace"],
+                status_code=204)
+    def delete_collection(entity: str, project: str, collection: str, p: Principal = Depends(principal)) -> Response:
+        p.require(entity, write=True)
+        reg.delete_collection(entity, project, collection)
+        observe.audit("delete_collection", user=p.user, entity=entity, project=project, collection=collection)
+        return Response(status_code=204)
+
     @app.get("/api/v1/entities/{entity}/projects/{project}/collections/{collection}/versions", tags=["versions"])
     def list_versions(entity: str, project: str, collection: str, p: Principal = Depends(principal)) -> list[dict[str, Any]]:
         p.require(entity)
@@ -429,6 +464,24 @@ def create_app(server: Server | None = None) -> FastAPI:
         observe.audit("delete_run", user=p.user, entity=entity, project=project, run_id=run_id,
                       deleted_versions=[v.qualified_name for v in gone])
         return [record_to_json(v) for v in gone]
+
+    @app.patch(runs_path + "/{run_id}", tags=["lineage"])
+    def update_run(entity: str, project: str, run_id: str, body: RunUpdateBody,
+                   p: Principal = Depends(principal)) -> dict[str, Any]:
+        p.require(entity, write=True)
+        return record_to_json(reg.update_run(entity, project, run_id, summary=body.summary, tags=body.tags,
+                                             config=body.config, name=body.name))
+
+    @app.post(runs_path + "/{run_id}/files", tags=["lineage"])
+    def put_run_file(entity: str, project: str, run_id: str, body: RunFileBody,
+                     p: Principal = Depends(principal)) -> dict[str, Any]:
+        p.require(entity, write=True)
+        return record_to_json(reg.put_run_file(entity, project, run_id, body.name, body.md5, body.size))
+
+    @app.get(runs_path + "/{run_id}/files", tags=["lineage"])
+    def list_run_files(entity: str, project: str, run_id: str, p: Principal = Depends(principal)) -> list[dict[str, Any]]:
+        p.require(entity)
+        return [record_to_json(f) for f in reg.list_run_files(entity, project, run_id)]
 
     @app.post(runs_path + "/{run_id}/finish", tags=["lineage"], status_code=204)
     def finish_run(entity: str, project: str, run_id: str, body: FinishBody,

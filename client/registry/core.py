@@ -28,7 +28,7 @@ from ..errors import ConflictError, InvalidNameError, ManifestError, MissingBlob
 from ..hashing import b64_to_hex, is_md5_hex
 from ..blockmap import BlockMap
 from ..manifest import compute_digest, iter_entries
-from ..store.base import CollectionRecord, CommitRequest, RunRecord, VersionRecord
+from ..store.base import CollectionRecord, CommitRequest, RunFileRecord, RunRecord, VersionRecord
 from . import schema as t
 from .blobs import BlobBackend
 
@@ -306,6 +306,59 @@ class Registry:
             q = sa.select(t.collections.c.type).where(t.collections.c.project_id == pid).distinct()
             return sorted(r[0] for r in c.execute(q))
 
+    def update_collection(self, entity: str, project: str, collection: str, *, name: str | None = None,
+                          description: str | None = None, tags: Iterable[str] | None = None,
+                          type: str | None = None) -> CollectionRecord:
+        """``ArtifactCollection.save()``: rename, describe ("" clears), replace the tags, or
+        change the type (a sequence only, as in W&B: a portfolio's type is its versions')."""
+        new_name = None if name is None else names.validate_collection(name)
+        description = names.validate_description(description)
+        new_tags = None if tags is None else [names.validate_tag(x) for x in tags]
+        new_type = None if type is None else names.validate_type(type)
+        with self._write() as c:
+            row = self._collection_row(c, entity, project, collection, lock=True)
+            values: dict[str, Any] = {}
+            if new_type is not None and new_type != row.type:
+                if row.kind != "sequence":
+                    raise ConflictError(f"{entity}/{project}/{collection} is a portfolio (linked versions): "
+                                        f"only a sequence's type can be changed")
+                values["type"] = new_type
+            if new_name is not None and new_name != row.name:
+                taken = c.execute(sa.select(t.collections.c.id).where(
+                    t.collections.c.project_id == row.project_id, t.collections.c.name == new_name)).first()
+                if taken is not None:
+                    raise ConflictError(f"{entity}/{project}/{new_name} already exists; choose another name")
+                values["name"] = new_name
+            if description is not None:
+                values["description"] = description or None
+            if values:
+                c.execute(t.collections.update().where(t.collections.c.id == row.id).values(**values))
+            if new_tags is not None:
+                c.execute(t.collection_tags.delete().where(t.collection_tags.c.collection_id == row.id))
+                for tag in dict.fromkeys(new_tags):
+                    c.execute(t.collection_tags.insert().values(collection_id=row.id, tag=tag))
+            row = c.execute(sa.select(t.collections).where(t.collections.c.id == row.id)).one()
+            return self._collection_records(c, [row], entity, project)[0]
+
+    def delete_collection(self, entity: str, project: str, collection: str) -> None:
+        """Delete a collection, its versions and aliases, and the links into portfolios of its
+        versions (a portfolio that loses its ``latest`` gets its newest remaining link)."""
+        with self._write() as c:
+            row = self._collection_row(c, entity, project, collection, lock=True)
+            mine = sa.select(t.versions.c.id).where(t.versions.c.collection_id == row.id).scalar_subquery()
+            links = t.versions.c.source_id.in_(mine)
+            portfolios = {cid for (cid,) in c.execute(sa.select(t.versions.c.collection_id).where(links).distinct())}
+            c.execute(t.versions.delete().where(links))
+            c.execute(t.collections.delete().where(t.collections.c.id == row.id))  # cascades to versions, aliases
+            for cid in portfolios - {row.id}:
+                held = c.execute(sa.select(t.aliases.c.version_id).where(
+                    t.aliases.c.collection_id == cid, t.aliases.c.alias == "latest")).first()
+                newest = c.execute(sa.select(t.versions.c.id).where(
+                    t.versions.c.collection_id == cid, t.versions.c.state == "COMMITTED")
+                    .order_by(t.versions.c.idx.desc()).limit(1)).first()
+                if held is None and newest is not None:
+                    self._add_aliases(c, cid, newest.id, ["latest"])
+
     def list_versions(self, entity: str, project: str, collection: str) -> list[VersionRecord]:
         with self._read() as c:
             row = self._collection_row(c, entity, project, collection)
@@ -530,7 +583,51 @@ class Registry:
 
     def _run_record(self, row: sa.Row, entity: str, project: str) -> RunRecord:
         return RunRecord(entity=entity, project=project, id=row.run_id, name=row.name, job_type=row.job_type,
-                         config=dict(row.config or {}), state=row.state, created_at=_aware(row.created_at))
+                         config=dict(row.config or {}), state=row.state, created_at=_aware(row.created_at),
+                         summary=dict(row.summary or {}), tags=tuple(row.tags or ()))
+
+    def update_run(self, entity: str, project: str, run_id: str, *, summary: dict[str, Any] | None = None,
+                   tags: Iterable[str] | None = None, config: dict[str, Any] | None = None,
+                   name: str | None = None) -> RunRecord:
+        """Replace a run's summary, tags, config or display name (None: unchanged)."""
+        values: dict[str, Any] = {}
+        if summary is not None:
+            values["summary"] = names.validate_run_dict("summary", summary)
+        if config is not None:
+            values["config"] = names.validate_run_dict("config", config)
+        if tags is not None:
+            values["tags"] = names.validate_run_tags(tags)
+        if name is not None:
+            if not isinstance(name, str) or not 0 < len(name) <= 256:
+                raise InvalidNameError(f"a run name is 1 to 256 characters, got {str(name)[:40]!r}")
+            values["name"] = name
+        with self._write() as c:
+            pk = self._run_pk(c, self._project_id(c, entity, project), run_id)
+            if values:
+                c.execute(t.runs.update().where(t.runs.c.pk == pk).values(**values))
+            return self._run_record(c.execute(sa.select(t.runs).where(t.runs.c.pk == pk)).one(), entity, project)
+
+    def put_run_file(self, entity: str, project: str, run_id: str, name: str, md5_hex: str, size: int) -> RunFileRecord:
+        """Save (or replace) file ``name`` of a run: the entity's blob ``md5_hex`` of ``size`` bytes."""
+        names.validate_entry_path(name)
+        if len(name.encode("utf-8", "surrogateescape")) > 1024:
+            raise InvalidNameError(f"run file name {name[:40]!r}… is over 1024 bytes")
+        if not is_md5_hex(md5_hex):
+            raise InvalidNameError(f"{md5_hex!r} is not an md5 hex digest")
+        now = utcnow()
+        with self._write() as c:
+            pk = self._run_pk(c, self._project_id(c, entity, project), run_id)
+            if self._blob_sizes(c, self._entity_id(c, entity), [md5_hex]).get(md5_hex) != size:
+                raise MissingBlobError(f"no blob {md5_hex} of {size} bytes in {entity}; upload it first")
+            c.execute(t.run_files.delete().where(t.run_files.c.run_pk == pk, t.run_files.c.name == name))
+            c.execute(t.run_files.insert().values(run_pk=pk, name=name, md5=md5_hex, size=size, updated_at=now))
+        return RunFileRecord(name=name, md5=md5_hex, size=size, updated_at=now)
+
+    def list_run_files(self, entity: str, project: str, run_id: str) -> list[RunFileRecord]:
+        with self._read() as c:
+            pk = self._run_pk(c, self._project_id(c, entity, project), run_id)
+            rows = c.execute(sa.select(t.run_files).where(t.run_files.c.run_pk == pk).order_by(t.run_files.c.name))
+            return [RunFileRecord(name=r.name, md5=r.md5, size=r.size, updated_at=_aware(r.updated_at)) for r in rows]
 
     def create_run(self, entity: str, project: str, run_id: str | None = None, *, name: str | None = None,
                    job_type: str | None = None, config: dict[str, Any] | None = None) -> RunRecord:

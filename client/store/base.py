@@ -85,10 +85,22 @@ class RunRecord:
     config: dict[str, Any]
     state: str  #: "running" | "finished" | "crashed"
     created_at: _dt.datetime
+    summary: dict[str, Any] = field(default_factory=dict)  #: last logged value per key
+    tags: tuple[str, ...] = ()
 
     @property
     def path(self) -> str:
         return f"{self.entity}/{self.project}/{self.id}"
+
+
+@dataclass(frozen=True)
+class RunFileRecord:
+    """A file saved with a run (``Run.upload_file``); its bytes are the blob ``md5`` of the entity."""
+
+    name: str
+    md5: str  #: hex
+    size: int
+    updated_at: _dt.datetime
 
 
 @dataclass(frozen=True)
@@ -133,6 +145,14 @@ class Store(Protocol):
         """The project's collections and all their committed versions, at once."""
         ...
     def list_types(self, entity: str, project: str) -> list[str]: ...
+    def update_collection(self, entity: str, project: str, collection: str, *, name: str | None = None,
+                          description: str | None = None, tags: Iterable[str] | None = None,
+                          type: str | None = None) -> CollectionRecord:
+        """Rename / describe / retag / retype a collection (None = unchanged; type: sequences only)."""
+        ...
+    def delete_collection(self, entity: str, project: str, collection: str) -> None:
+        """Delete a collection with all its versions, aliases and the links into portfolios of them."""
+        ...
 
     # -- versions ------------------------------------------------------------------------
     def resolve(self, entity: str, project: str, collection: str, selector: str) -> VersionRecord:
@@ -193,6 +213,15 @@ class Store(Protocol):
     def get_run(self, entity: str, project: str, run_id: str) -> RunRecord: ...
     def list_runs(self, entity: str, project: str) -> list[RunRecord]: ...
     def finish_run(self, entity: str, project: str, run_id: str, state: str = "finished") -> None: ...
+    def update_run(self, entity: str, project: str, run_id: str, *, summary: dict[str, Any] | None = None,
+                   tags: Iterable[str] | None = None, config: dict[str, Any] | None = None,
+                   name: str | None = None) -> RunRecord:
+        """Replace the given fields of a run (None = unchanged)."""
+        ...
+    def put_run_file(self, entity: str, project: str, run_id: str, name: str, md5_hex: str, size: int) -> RunFileRecord:
+        """Save (or replace) file ``name`` of a run; the blob must already be uploaded."""
+        ...
+    def list_run_files(self, entity: str, project: str, run_id: str) -> list[RunFileRecord]: ...
     def record_use(self, entity: str, project: str, run_id: str, version_id: str, use_as: str | None = None) -> None: ...
     def versions_logged_by(self, entity: str, project: str, run_id: str) -> list[VersionRecord]: ...
     def versions_used_by(self, entity: str, project: str, run_id: str) -> list[VersionRecord]: ...

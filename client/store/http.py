@@ -43,8 +43,9 @@ from ..errors import (ArtifactFSError, DigestMismatchError, PermissionDeniedErro
                       error_from_code)
 from ..blockmap import BlockMap
 from ..hashing import md5_bytes
+from ..names import validate_run_dict
 from ..retry import DeadlineExceeded, RetryPolicy, attempt_timeout
-from .base import CollectionRecord, CommitRequest, RunRecord, VersionRecord
+from .base import CollectionRecord, CommitRequest, RunFileRecord, RunRecord, VersionRecord
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +115,12 @@ def collection_from_json(d: dict[str, Any]) -> CollectionRecord:
 def run_from_json(d: dict[str, Any]) -> RunRecord:
     d = dict(d)
     d["created_at"] = _dt_from(d["created_at"])
+    d["tags"] = tuple(d.get("tags") or ())
     return RunRecord(**d)
+
+
+def run_file_from_json(d: dict[str, Any]) -> RunFileRecord:
+    return RunFileRecord(**{**d, "updated_at": _dt_from(d["updated_at"])})
 
 
 # -- retries ----------------------------------------------------------------------------------
@@ -353,6 +359,17 @@ class HttpStore:
     def list_types(self, entity: str, project: str) -> list[str]:
         return self._get(f"{self._project(entity, project)}/types")
 
+    def update_collection(self, entity: str, project: str, collection: str, *, name: str | None = None,
+                          description: str | None = None, tags: Iterable[str] | None = None,
+                          type: str | None = None) -> CollectionRecord:
+        body = {"name": name, "description": description, "tags": None if tags is None else list(tags), "type": type}
+        # A rename cannot be repeated (the old name is gone); the other fields are replaced: idempotent.
+        return collection_from_json(self._call("PATCH", self._collection(entity, project, collection), body,
+                                               idempotent=name is None or name == collection))
+
+    def delete_collection(self, entity: str, project: str, collection: str) -> None:
+        self._call("DELETE", self._collection(entity, project, collection), idempotent=False)
+
     # -- versions ------------------------------------------------------------------------------
     def resolve(self, entity: str, project: str, collection: str, selector: str) -> VersionRecord:
         path = f"{self._collection(entity, project, collection)}/resolve/{_q(selector)}"
@@ -425,6 +442,22 @@ class HttpStore:
 
     def finish_run(self, entity: str, project: str, run_id: str, state: str = "finished") -> None:
         self._call("POST", f"{self._project(entity, project)}/runs/{_q(run_id)}/finish", {"state": state})
+
+    def update_run(self, entity: str, project: str, run_id: str, *, summary: dict[str, Any] | None = None,
+                   tags: Iterable[str] | None = None, config: dict[str, Any] | None = None,
+                   name: str | None = None) -> RunRecord:
+        # NaN/Infinity become text before sending: JSON on the wire cannot hold them
+        body = {"summary": None if summary is None else validate_run_dict("summary", summary),
+                "tags": None if tags is None else list(tags),
+                "config": None if config is None else validate_run_dict("config", config), "name": name}
+        return run_from_json(self._call("PATCH", f"{self._project(entity, project)}/runs/{_q(run_id)}", body))
+
+    def put_run_file(self, entity: str, project: str, run_id: str, name: str, md5_hex: str, size: int) -> RunFileRecord:
+        body = {"name": name, "md5": md5_hex, "size": size}
+        return run_file_from_json(self._call("POST", f"{self._project(entity, project)}/runs/{_q(run_id)}/files", body))
+
+    def list_run_files(self, entity: str, project: str, run_id: str) -> list[RunFileRecord]:
+        return [run_file_from_json(d) for d in self._get(f"{self._project(entity, project)}/runs/{_q(run_id)}/files")]
 
     def record_use(self, entity: str, project: str, run_id: str, version_id: str, use_as: str | None = None) -> None:
         self._call("POST", f"{self._project(entity, project)}/runs/{_q(run_id)}/use",

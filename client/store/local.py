@@ -20,7 +20,7 @@ from ..blockmap import BlockHasher, BlockMap, wants_map
 from ..errors import StoreUnavailableError
 from ..registry import LocalBlobBackend, Registry
 from ..registry.core import KEEP
-from .base import CollectionRecord, CommitRequest, RunRecord, VersionRecord
+from .base import CollectionRecord, CommitRequest, RunFileRecord, RunRecord, VersionRecord
 
 
 class LocalStore:
@@ -60,6 +60,15 @@ class LocalStore:
 
     def list_types(self, entity: str, project: str) -> list[str]:
         return self.registry.list_types(entity, project)
+
+    def update_collection(self, entity: str, project: str, collection: str, *, name: str | None = None,
+                          description: str | None = None, tags: Iterable[str] | None = None,
+                          type: str | None = None) -> CollectionRecord:
+        return self.registry.update_collection(entity, project, collection, name=name, description=description,
+                                               tags=tags, type=type)
+
+    def delete_collection(self, entity: str, project: str, collection: str) -> None:
+        self.registry.delete_collection(entity, project, collection)
 
     # versions
     def resolve(self, entity: str, project: str, collection: str, selector: str) -> VersionRecord:
@@ -115,6 +124,17 @@ class LocalStore:
 
     def finish_run(self, entity: str, project: str, run_id: str, state: str = "finished") -> None:
         self.registry.finish_run(entity, project, run_id, state)
+
+    def update_run(self, entity: str, project: str, run_id: str, *, summary: dict[str, Any] | None = None,
+                   tags: Iterable[str] | None = None, config: dict[str, Any] | None = None,
+                   name: str | None = None) -> RunRecord:
+        return self.registry.update_run(entity, project, run_id, summary=summary, tags=tags, config=config, name=name)
+
+    def put_run_file(self, entity: str, project: str, run_id: str, name: str, md5_hex: str, size: int) -> RunFileRecord:
+        return self.registry.put_run_file(entity, project, run_id, name, md5_hex, size)
+
+    def list_run_files(self, entity: str, project: str, run_id: str) -> list[RunFileRecord]:
+        return self.registry.list_run_files(entity, project, run_id)
 
     def record_use(self, entity: str, project: str, run_id: str, version_id: str, use_as: str | None = None) -> None:
         self.registry.record_use(entity, project, run_id, version_id, use_as)
