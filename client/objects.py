@@ -24,6 +24,7 @@ import json
 import math
 from typing import Any, Iterable, Sequence
 
+from . import wb_types
 from .errors import ArtifactFSError, ManifestError
 
 TABLE_SUFFIX = ".table.json"
@@ -36,6 +37,19 @@ class UnsupportedObjectError(ArtifactFSError, TypeError):
     """An object ``Artifact.add`` cannot store (only W&B value types are accepted)."""
 
     http_status = 400
+
+
+class IncompatibleCellError(ArtifactFSError, TypeError):
+    """A table cell whose type does not fit its column's (W&B refuses the row with a TypeError)."""
+
+
+def _assign(column: str, current: wb_types.WBType, value: Any) -> wb_types.WBType:
+    new = current.assign(value)
+    if new is wb_types.INVALID:
+        raise IncompatibleCellError(
+            f"Data row contained incompatible types: column {column!r}: {value!r} of type "
+            f"{wb_types.type_of(value)!r} is not assignable to {current!r}")
+    return new
 
 
 def _plain(value: Any, where: str) -> Any:
@@ -63,29 +77,15 @@ def _plain(value: Any, where: str) -> Any:
         f"str, or lists/dicts of those")
 
 
-def _wb_type(values: Iterable[Any]) -> dict[str, Any]:
-    """The W&B column type of a column's values (a summary for the UI; readers here ignore it)."""
-    kinds = set()
-    for v in values:
-        if v is None:
-            kinds.add("none")
-        elif isinstance(v, bool):
-            kinds.add("boolean")
-        elif isinstance(v, (int, float)):
-            kinds.add("number")
-        elif isinstance(v, str):
-            kinds.add("string")
-        else:
-            kinds.add("any")
-    scalar = kinds - {"none"}
-    if len(scalar) <= 1 and scalar <= {"boolean", "number", "string"}:
-        # W&B 0.31 (observed): every column is nullable, union of "none" and the values' type
-        # ("unknown" when there are none), the two sorted by name.
-        pair = sorted({"none", scalar.pop() if scalar else "unknown"})
-        return {"params": {"allowed_types": [{"wb_type": k} for k in pair]}, "wb_type": "union"}
-    # Lists, dicts, mixed columns: W&B types these more finely (or refuses mixed ones); ours
-    # stays a plain union, so such a table's bytes differ from W&B's (docs/API.md says so).
-    return {"wb_type": "union", "params": {"allowed_types": [{"wb_type": k} for k in sorted(kinds)]}}
+def _nan_as_null(value: Any) -> Any:
+    """W&B writes a NaN cell (also inside lists and dicts) as null; infinities stay as they are."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, list):
+        return [_nan_as_null(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _nan_as_null(v) for k, v in value.items()}
+    return value
 
 
 def _cells_equal(a: Any, b: Any) -> bool:
@@ -122,6 +122,8 @@ class Table:
             raise ValueError(f"column names must be unique, got {columns}")
         self._columns: list[str] = columns
         self._data: list[list[Any]] = []
+        #: each column's W&B type so far (client/wb_types.py): written as column_types
+        self._types: list[wb_types.WBType] = [wb_types.optional(wb_types.UNKNOWN) for _ in columns]
         for row in data or []:
             self.add_data(*row)
 
@@ -148,7 +150,9 @@ class Table:
         if len(data) != len(self._columns):
             raise ValueError(f"this table has {len(self._columns)} columns {self._columns}; "
                              f"the row has {len(data)} values")
-        self._data.append([_plain(v, f"row {len(self._data)}") for v in data])
+        row = [_plain(v, f"row {len(self._data)}") for v in data]
+        self._types = [_assign(c, t, v) for c, t, v in zip(self._columns, self._types, row)]
+        self._data.append(row)
 
     def add_column(self, name: str, data: Sequence[Any], optional: bool = False) -> None:
         """Append a column; it must have one value per existing row (any length if none yet)."""
@@ -156,15 +160,24 @@ class Table:
             raise ValueError(f"column names must be non-empty strings, got {name!r}")
         if name in self._columns:
             raise ValueError(f"column {name!r} already exists")
-        values = list(data)
+        values = [_plain(v, f"column {name!r}") for v in data]
         if self._data and len(values) != len(self._data):
             raise ValueError(f"column {name!r} has {len(values)} values but the table has "
                              f"{len(self._data)} rows")
+        # W&B types an added column from "unknown" ("none or unknown" if optional): a None in a
+        # column that is not optional is refused
+        new_type = wb_types.optional(wb_types.UNKNOWN) if optional else wb_types.UNKNOWN
+        for v in values:
+            new_type = _assign(name, new_type, v)
+        types = self._types
         if not self._data:
+            for _ in values:
+                types = [_assign(c, t, None) for c, t in zip(self._columns, types)]
             self._data = [[None] * len(self._columns) for _ in values]
+        self._types = [*types, new_type]
         self._columns.append(name)
         for row, v in zip(self._data, values):
-            row.append(_plain(v, f"column {name!r}"))
+            row.append(v)
 
     def get_column(self, name: str, convert_to: str | None = None) -> list[Any]:
         """The values of a column; ``convert_to="numpy"`` gives a numpy array if numpy is there."""
@@ -208,12 +221,12 @@ class Table:
     # -- W&B JSON layout
 
     def to_json(self) -> dict[str, Any]:
-        type_map = {c: _wb_type(r[i] for r in self._data) for i, c in enumerate(self._columns)}
+        type_map = {c: t.to_json() for c, t in zip(self._columns, self._types)}
         return {
             "_type": "table",
             "column_types": {"params": {"type_map": type_map}, "wb_type": "typedDict"},
             "columns": self.columns,
-            "data": self.data,
+            "data": [[_nan_as_null(v) for v in row] for row in self._data],
             "log_mode": "IMMUTABLE",
             "ncols": self.ncols,
             "nrows": self.nrows,

@@ -70,8 +70,10 @@ def test_cells_must_be_json_values() -> None:
         Table(columns=["a"], data=[[object()]])
     with pytest.raises(UnsupportedObjectError, match="keys must be strings"):
         Table(columns=["a"], data=[[{1: "x"}]])
-    t = Table(columns=["nested"], data=[[{"k": [1, 2.5, None, True]}], [(1, 2)]])
-    assert t.data == [[{"k": [1, 2.5, None, True]}], [[1, 2]]]
+    t = Table(columns=["nested", "pair"], data=[[{"k": [1, 2.5, None, True]}, (1, 2)]])
+    assert t.data == [[{"k": [1, 2.5, None, True]}, [1, 2]]]
+    with pytest.raises(TypeError, match="incompatible"):  # W&B refuses a list in a dict column
+        Table(columns=["nested"], data=[[{"k": [1]}], [(1, 2)]])
 
 
 def test_equality() -> None:
