@@ -372,12 +372,14 @@ with open("data/labels.txt", "w") as f:
     f.write("cat\\ndog\\n")
 
 wandb.login()
-run = wandb.init(project="proj", job_type="prep", config={"lr": 0.01})
+run = wandb.init(project="proj", job_type="prep", config={"lr": 0.01}, tags=["baseline"])
 assert wandb.run is run and wandb.run.id == run.id and wandb.config.lr == 0.01
+prep_id = run.id
 ds = wandb.Artifact("mnist", type="dataset", description="raw data", metadata={"rows": 1})
 ds.add_dir("data")
 run.log_artifact(ds, aliases=["best", "raw"])
 run.log({"loss": 0.5})
+run.summary["best_loss"] = 0.4
 wandb.finish()
 assert wandb.run is None
 
@@ -389,7 +391,7 @@ draft = art.new_draft()
 with open("extra.txt", "w") as f:
     f.write("more")
 draft.add_file("extra.txt")
-table = wandb.Table(columns=["id", "label"], data=[[1, "cat"], [2, "dog"]])
+table = wandb.Table(columns=["id", "label", "box"], data=[[1, "cat", [0, 1]], [2, "dog", [2, 3]]])
 draft.add(table, "predictions")
 run.log_artifact(draft)
 wandb.finish()
@@ -405,7 +407,17 @@ latest.save()
 again = api.artifact("proj/mnist:latest")
 assert again.metadata == {"rows": 1, "epochs": 3} and again.description == "with predictions"
 got = again.get("predictions")
-assert got.get_column("label") == ["cat", "dog"]
+assert got.get_column("label") == ["cat", "dog"] and got.get_column("box") == [[0, 1], [2, 3]]
+found = api.runs("proj", filters={"summary_metrics.loss": {"$lt": 1}, "tags": "baseline"})
+assert [r.id for r in found] == [prep_id], [r.id for r in found]
+prep = api.run("proj/" + prep_id)
+assert prep.summary["best_loss"] == 0.4 and prep.tags == ["baseline"] and prep.state == "finished"
+col = api.artifact_collection("dataset", "proj/mnist")
+col.description = "MNIST digits"
+col.tags = ["vision"]
+col.save()
+col = api.artifact_collection("dataset", "proj/mnist")
+assert col.description == "MNIST digits" and col.tags == ["vision"] and col.is_sequence()
 print("SCRIPT OK", run.id)
 '''
 
