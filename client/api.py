@@ -99,10 +99,33 @@ def _artifacts(store: Store, records: list[Any]) -> list[Artifact]:
     return [Artifact._from_record(store, r) for r in records]
 
 
+class Summary(dict):  # type: ignore[type-arg]
+    """``run.summary``: a dict that tells its run when it changes, so the change is stored."""
+
+    def __init__(self, on_change: Callable[[], None], values: dict[str, Any]) -> None:
+        super().__init__(values)
+        self._on_change = on_change
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        super().__setitem__(key, value)
+        self._on_change()
+
+    def __delitem__(self, key: str) -> None:
+        super().__delitem__(key)
+        self._on_change()
+
+    def update(self, *args: Any, **kwargs: Any) -> None:  # type: ignore[override]
+        """Merge values and store the summary (``summary.update()`` alone just stores it, the
+        W&B way of saving a public run's summary)."""
+        super().update(*args, **kwargs)
+        self._on_change()
+
+
 class Run:
     """A run as the public API sees it (``Api().run(path)``), with its lineage.
 
-    ``tags``, ``summary``, ``config`` and ``name`` are editable; ``update()`` saves them.
+    ``summary`` edits are stored at once (as W&B's public summary is); ``tags``, ``config`` and
+    ``name`` are editable and ``update()`` stores them.
     """
 
     def __init__(self, store: Store, record: RunRecord) -> None:
@@ -112,7 +135,7 @@ class Run:
     def _set_record(self, record: RunRecord) -> None:
         self._record = record
         self._tags = list(record.tags)
-        self._summary: dict[str, Any] = dict(record.summary)
+        self._summary = Summary(self._summary_changed, record.summary)
         self._config: dict[str, Any] = dict(record.config)
         self._name = record.name
 
@@ -149,6 +172,9 @@ class Run:
 
     summary_metrics = summary
 
+    def _summary_changed(self) -> None:
+        _store_method(self._store, "update_run")(self.entity, self.project, self.id, summary=dict(self._summary))
+
     @property
     def tags(self) -> list[str]:
         return self._tags
@@ -160,7 +186,7 @@ class Run:
     def update(self) -> None:
         """Save changes to ``tags``, ``summary``, ``config`` and ``name`` (W&B's ``Run.update``)."""
         self._set_record(_store_method(self._store, "update_run")(
-            self.entity, self.project, self.id, summary=self._summary, tags=self._tags,
+            self.entity, self.project, self.id, summary=dict(self._summary), tags=self._tags,
             config=self._config, name=self._name))
 
     def load(self, force: bool = False) -> None:

@@ -14,7 +14,7 @@ import time
 import uuid
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 from . import names, settings
 from .api import Run as PublicRun
@@ -46,26 +46,6 @@ class Config(dict):
             self.setdefault(k, v)
 
 
-class Summary(dict):
-    """``run.summary``: a dict that tells its run when it changes, so the change is stored."""
-
-    def __init__(self, on_change: Callable[[], None], values: dict[str, Any]) -> None:
-        super().__init__(values)
-        self._on_change = on_change
-
-    def __setitem__(self, key: str, value: Any) -> None:
-        super().__setitem__(key, value)
-        self._on_change()
-
-    def __delitem__(self, key: str) -> None:
-        super().__delitem__(key)
-        self._on_change()
-
-    def update(self, *args: Any, **kwargs: Any) -> None:  # type: ignore[override]
-        super().update(*args, **kwargs)
-        self._on_change()
-
-
 #: a live run writes its summary/tags/config to the store at most this often (and at finish)
 SAVE_INTERVAL = 2.0
 
@@ -90,7 +70,9 @@ class Run(PublicRun):
     def _set_record(self, record: Any) -> None:
         super()._set_record(record)
         self._config = Config(record.config or {})
-        self._summary = Summary(self._changed, record.summary)
+
+    def _summary_changed(self) -> None:
+        self._changed()
 
     @property  # type: ignore[override]
     def config(self) -> Config:
@@ -102,7 +84,7 @@ class Run(PublicRun):
 
     @tags.setter
     def tags(self, value: Sequence[str]) -> None:
-        self._tags = list(names.validate_run_tags(list(value)))
+        self._tags = names.validate_run_tags(value)
         self._changed()
 
     def _changed(self) -> None:

@@ -64,6 +64,8 @@ def test_summary_is_visible_while_the_run_is_live(sdk_env) -> None:
     seen = client.Api().run("proj/live")
     assert seen.state == "running" and seen.summary == {"loss": "NaN", "step_loss": 1.5}
     run.tags = ("a", "b")
+    with pytest.raises(ValueError):
+        run.tags = "a"  # a string is not a list of tags
     client.finish()
     assert client.Api().run("proj/live").tags == ["a", "b"]
 
@@ -73,7 +75,10 @@ def test_public_run_update_saves_tags_summary_config_and_name(sdk_env) -> None:
     api = client.Api()
     run = api.run(f"alice/proj/{r0}")
     run.tags.append("reviewed")
-    run.summary["note"] = "ok"
+    run.summary["note"] = "ok"  # a public run's summary is stored at once, as W&B's is
+    assert client.Api().run(f"alice/proj/{r0}").summary["note"] == "ok"
+    run.summary.update({"acc": 0.35})
+    assert client.Api().run(f"alice/proj/{r0}").summary["acc"] == 0.35
     run.config["lr"] = 1.0
     run.name = "renamed"
     run.update()

@@ -109,7 +109,8 @@ class Registry:
                 have[table] = {x["name"] for x in sa.inspect(c).get_columns(table)}
             if col.name not in have[table]:
                 ddl = col.type.compile(dialect=c.dialect)
-                c.exec_driver_sql(f'ALTER TABLE {table} ADD COLUMN {col.name} {ddl}')
+                guard = "IF NOT EXISTS " if c.dialect.name == "postgresql" else ""  # two servers starting at once
+                c.exec_driver_sql(f"ALTER TABLE {table} ADD COLUMN {guard}{col.name} {ddl}")
 
     def close(self) -> None:
         self.engine.dispose()
