@@ -31,6 +31,7 @@ TABLE_SUFFIX = ".table.json"
 CLASSES_SUFFIX = ".classes.json"
 SUPPORTED = ("Table", "Classes")
 _DEFAULT_COLUMNS = ["Input", "Output", "Expected"]  # W&B's Table() default
+LOG_MODES = ("IMMUTABLE", "MUTABLE", "INCREMENTAL")
 
 
 class UnsupportedObjectError(ArtifactFSError, TypeError):
@@ -102,7 +103,9 @@ class Table:
     _log_type = "table"
 
     def __init__(self, columns: Sequence[str] | None = None, data: Sequence[Sequence[Any]] | None = None,
-                 dataframe: Any = None, rows: Sequence[Sequence[Any]] | None = None) -> None:
+                 rows: Sequence[Sequence[Any]] | None = None, dataframe: Any = None,
+                 optional: bool | Sequence[bool] = True, allow_mixed_types: bool = False,
+                 log_mode: str = "IMMUTABLE") -> None:
         if dataframe is not None:
             if columns is not None or data is not None or rows is not None:
                 raise ValueError("pass either dataframe or columns/data, not both")
@@ -123,7 +126,14 @@ class Table:
         self._columns: list[str] = columns
         self._data: list[list[Any]] = []
         #: each column's W&B type so far (client/wb_types.py): written as column_types
-        self._types: list[wb_types.WBType] = [wb_types.optional(wb_types.UNKNOWN) for _ in columns]
+        if log_mode not in LOG_MODES:
+            raise ValueError(f"log_mode must be one of {', '.join(LOG_MODES)}, got {log_mode!r}")
+        self.log_mode = log_mode
+        flags = [optional] * len(columns) if isinstance(optional, bool) else list(optional)
+        if len(flags) != len(columns) or not all(isinstance(f, bool) for f in flags):
+            raise ValueError(f"optional must be a bool or one bool per column ({len(columns)}), got {optional!r}")
+        base = wb_types.ANY if allow_mixed_types else wb_types.UNKNOWN
+        self._types: list[wb_types.WBType] = [wb_types.optional(base) if f else base for f in flags]
         for row in data or []:
             self.add_data(*row)
 
@@ -227,7 +237,7 @@ class Table:
             "column_types": {"params": {"type_map": type_map}, "wb_type": "typedDict"},
             "columns": self.columns,
             "data": [[_nan_as_null(v) for v in row] for row in self._data],
-            "log_mode": "IMMUTABLE",
+            "log_mode": self.log_mode,
             "ncols": self.ncols,
             "nrows": self.nrows,
         }

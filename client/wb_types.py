@@ -8,8 +8,9 @@ rules, observed by running wandb offline (tests/test_wandb_fidelity.py holds its
   ``string``; a list ``list`` of an element type with a ``length``; a dict ``typedDict`` with one
   type per key.  A list's element type is folded over its items from ``unknown`` (``none or
   unknown`` when the list holds a None); items that do not fit make it ``invalid`` (kept);
-* a column starts as ``none or unknown`` (``unknown``, or ``none or unknown`` with
-  ``optional``, for ``add_column``) and each new cell is *assigned* to it: ``unknown`` takes the
+* a column starts as ``none or unknown`` (just ``unknown`` with ``Table(optional=False)``;
+  ``any`` instead of ``unknown`` with ``allow_mixed_types``; for ``add_column``, ``unknown``
+  unless ``optional``) and each new cell is *assigned* to it: ``unknown`` takes the
   cell's type, a list keeps its element type folded with the new items and takes the new length,
   a dict needs no keys beyond the first one's and assigns key by key (a missing key is None);
 * a cell that does not fit (a string into a number column, a new dict key) is refused with a
@@ -72,8 +73,16 @@ class _Unknown(WBType):
         return INVALID if other == NONE else other
 
 
+class _Any(WBType):
+    name = "any"  #: ``Table(allow_mixed_types=True)``: any value but None
+
+    def assign_type(self, other: WBType) -> WBType:
+        return INVALID if other == NONE or other is INVALID else self
+
+
 INVALID: WBType = _Invalid()
 UNKNOWN: WBType = _Unknown()
+ANY: WBType = _Any()
 NONE, STRING, NUMBER, BOOLEAN = _Simple("none"), _Simple("string"), _Simple("number"), _Simple("boolean")
 
 

@@ -544,6 +544,21 @@ def test_table_add_column_types_match_wandb() -> None:
         digest(["a"], [[1]], "b", [None], False)
 
 
+def test_table_optional_and_allow_mixed_types_match_wandb() -> None:
+    def digest(data, **kw):
+        return client.Artifact("objs", "dataset").add(client.Table(columns=["c"], data=data, **kw), "t").digest
+
+    # wandb 0.31.0: allow_mixed_types types columns "any or none"; optional=False drops "none"
+    assert digest([[1], ["a"]], allow_mixed_types=True) == "luoKZ/hw6nXxTTDVUfsuSg=="
+    assert digest([[None]], allow_mixed_types=True) == "oupUQtXHZA3sVfATLk/yng=="
+    assert digest([[1], [2]], optional=False) == "iEpEgNaszRXNyrO3sFQ6Mg=="
+    assert digest([[[1]]], optional=[False]) == "89fv3wi+B16GPbfdWjnUIg=="
+    with pytest.raises(TypeError):
+        digest([[None]], optional=False)
+    with pytest.raises(ValueError):
+        client.Table(columns=["c"], log_mode="SOMETIMES")
+
+
 _WANDB_TABLES = """
 import json, os, sys
 os.environ["WANDB_MODE"] = "offline"; os.environ["WANDB_SILENT"] = "true"
