@@ -407,6 +407,8 @@ class DraftTree:
             # Created inside the transaction: if the file cannot be made, the row is rolled back.
             fd = os.open(self.data_path(nid), os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
             self._fds[nid] = fd
+            born = os.fstat(fd).st_mtime_ns  # the data file's clock: atime = mtime = ctime at creation
+            c.execute("UPDATE nodes SET mtime_ns = ?, atime_ns = ?, ctime_ns = ? WHERE id = ?", (born, born, born, nid))
         self._seq[nid] = _SeqHash()
         self._arm_if_sentinel(parent, name)
         return self.getattr(nid), self._new_handle(nid, flags & ~(os.O_CREAT | os.O_EXCL | os.O_TRUNC))
