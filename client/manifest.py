@@ -30,6 +30,13 @@ from .names import validate_entry_path
 STORAGE_POLICY = "wandb-storage-policy-v1"
 STORAGE_POLICY_CONFIG: dict[str, Any] = {"storageLayout": "V2"}
 _DIGEST_PREFIX = b"wandb-artifact-manifest-v1\n"
+#: ``extra`` key of a symbolic link entry (value: the link's target).  The entry's blob holds
+#: the target's bytes (digest = their md5, size = their length), so a reader that does not know
+#: the key gets a small file naming the target, and the artifact digest of a tree without links
+#: is what W&B computes.  Written by the mount's draft commits (docs/SEMANTICS.md).
+SYMLINK_KEY = "symlink"
+#: ``extra`` key of a file committed with an execute bit (value: true)
+EXECUTABLE_KEY = "executable"
 
 
 @dataclass
@@ -80,6 +87,21 @@ class ManifestEntry:
     @property
     def is_reference(self) -> bool:
         return self.ref is not None
+
+    @property
+    def symlink_target(self) -> str | None:
+        """The target when the entry is a symbolic link (``extra["symlink"]``), else None."""
+        return symlink_target(self.extra)
+
+    @property
+    def is_executable(self) -> bool:
+        return self.extra.get(EXECUTABLE_KEY) is True
+
+
+def symlink_target(extra: dict[str, Any] | None) -> str | None:
+    """The symbolic link target an entry's ``extra`` names (None: not a link)."""
+    target = extra.get(SYMLINK_KEY) if extra else None
+    return target if isinstance(target, str) and target and "\x00" not in target else None
 
 
 class DigestBuilder:

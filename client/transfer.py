@@ -391,6 +391,16 @@ def download_entries(store: Store, entity: str, entries: list[ManifestEntry], de
 
     def one(e: ManifestEntry) -> int:
         target = dest / e.path
+        if e.symlink_target is not None:
+            _place_symlink(target, e.symlink_target)
+            return 0
+        written = fetch(e, target)
+        if e.is_executable and e.ref is None:  # x wherever r is (the umask-limited mode the file got)
+            mode = target.stat().st_mode
+            os.chmod(target, mode | ((mode & 0o444) >> 2))
+        return written
+
+    def fetch(e: ManifestEntry, target: Path) -> int:
         blob_entity = entity
         if e.ref is not None and e.ref.startswith(ARTIFACT_REF_SCHEME):
             try:
@@ -426,12 +436,33 @@ def download_entries(store: Store, entity: str, entries: list[ManifestEntry], de
     if prefetch is not None:  # one call for many download URLs instead of one per file
         prefetch(entity, [b64_to_hex(e.digest) for e in entries if e.ref is None])
     total = sum(e.size or 0 for e in entries)
+    # symbolic links after every file: no file of this download is written through a link it made
+    links = [e for e in entries if e.symlink_target is not None]
+    files = [e for e in entries if e.symlink_target is None]
     with _progress(total, "download") as bar, ThreadPoolExecutor(max_workers=_WORKERS) as pool:
         written = 0
-        for e, n in zip(entries, pool.map(one, entries)):
-            written += n
-            bar.update(e.size or 0)
+        for batch in (files, links):
+            for e, n in zip(batch, pool.map(one, batch)):
+                written += n
+                bar.update(e.size or 0)
     return written
+
+
+def _place_symlink(target: Path, link: str) -> None:
+    """Make ``target`` a symbolic link to ``link`` (atomically replacing a file or link there)."""
+    try:
+        if os.readlink(target) == link:
+            return
+    except (FileNotFoundError, OSError):
+        pass
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{target.name[:100]}.{uuid.uuid4().hex[:12]}.artifactfs-tmp"
+    os.symlink(link, tmp)
+    try:
+        os.replace(tmp, target)
+    except BaseException:
+        os.unlink(tmp)
+        raise
 
 
 # -- directory-level helpers used by Artifact ---------------------------------------------------------
@@ -453,8 +484,9 @@ def verify_tree(dest: Path, manifest: Manifest, name: str) -> None:
 
     Reference entries are not checked (W&B semantics): they may be absent or different.
     """
-    for dirpath, _dirs, files in os.walk(dest):
-        for fn in files:
+    for dirpath, dirs, files in os.walk(dest):
+        links = [d for d in dirs if os.path.islink(os.path.join(dirpath, d))]  # links to directories
+        for fn in files + links:
             rel = Path(dirpath, fn).relative_to(dest).as_posix()
             if rel not in manifest.entries:
                 raise ValueError(f"found {rel!r} in {dest}, which is not a file of artifact {name!r} (extra file)")
@@ -462,6 +494,11 @@ def verify_tree(dest: Path, manifest: Manifest, name: str) -> None:
         if e.ref is not None:
             continue
         p = dest / e.path
+        if e.symlink_target is not None:
+            if not p.is_symlink() or os.readlink(p) != e.symlink_target:
+                raise ValueError(f"{e.path!r} in {dest} is not the symbolic link to {e.symlink_target!r} "
+                                 f"of artifact {name!r}")
+            continue
         if not p.is_file():
             from .errors import LocalPathError  # a ValueError and, as in W&B, a FileNotFoundError
 

@@ -37,6 +37,7 @@ import datetime as _dt
 import json
 import logging
 import os
+import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -47,7 +48,7 @@ from client import names
 from client.cache import Cache
 from client.errors import ArtifactFSError, StoreUnavailableError
 from client.hashing import HashingWriter, b64_to_hex, md5_file
-from client.manifest import DigestBuilder, ManifestEntry, iter_entries, write_manifest
+from client.manifest import EXECUTABLE_KEY, DigestBuilder, ManifestEntry, iter_entries, write_manifest
 from client.errors import NotFoundError
 from client.store.base import CommitRequest, Store, VersionRecord
 
@@ -56,6 +57,7 @@ from .draft_store import COMMIT_NAME, DraftTree
 log = logging.getLogger(__name__)
 
 INTENT = "commit-intent.json"
+LINK_BLOBS = "link-blobs"  #: symbolic link targets as blobs, during a commit (removed after it)
 DEFAULT_TYPE = "dataset"
 _WORKERS = 8
 _OPTION_KEYS = frozenset({"aliases", "tags", "description", "metadata", "type"})
@@ -250,16 +252,23 @@ def _build(draft: Draft) -> _Plan:
     def entries() -> Any:
         nonlocal count
         for path, row in tree.iter_files():
-            nid, _, _, _, _, size, mtime_ns, is_staged, b64, extra = row
+            nid, _, _, _, mode, size, mtime_ns, is_staged, b64, extra = row
             if nid is None:  # hidden base entry (a control name at the base's root)
                 entry = ManifestEntry.from_json(path, json.loads(extra))
             elif is_staged:  # size and mtime as recorded with the digest by _hash_staged
                 md5 = b64_to_hex(b64)
                 uploads.setdefault(md5, (tree.data_path(nid), size))
                 staged.append((nid, md5, size, mtime_ns))
-                entry = ManifestEntry(path, b64, size)
+                entry = ManifestEntry(path, b64, size, extra={EXECUTABLE_KEY: True} if mode & 0o111 else {})
             else:
                 entry = ManifestEntry.from_json(path, {**json.loads(extra or "{}"), "digest": b64, "size": size})
+                target = entry.symlink_target
+                if target is not None:  # the target's bytes are the entry's blob
+                    uploads.setdefault(b64_to_hex(b64), (_link_blob(draft, b64_to_hex(b64), target), size))
+                elif entry.ref is None:
+                    entry.extra.pop(EXECUTABLE_KEY, None)
+                    if mode & 0o111:
+                        entry.extra[EXECUTABLE_KEY] = True
             digest.update(path, entry.digest)
             count += 1
             yield entry
@@ -271,6 +280,15 @@ def _build(draft: Draft) -> _Plan:
         raw.flush()
         os.fsync(raw.fileno())
     return _Plan(digest.hexdigest(), sink.hexdigest(), tmp, sink.size, uploads, staged, count)
+
+
+def _link_blob(draft: Draft, md5: str, target: str) -> Path:
+    """A file holding a symbolic link's target, to upload as the link entry's blob."""
+    path = draft.root / LINK_BLOBS / md5
+    if not path.exists():
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(target.encode("utf-8"))
+    return path
 
 
 def _write_intent(draft: Draft, data: dict[str, Any]) -> None:
@@ -527,6 +545,7 @@ def commit_draft(draft: Draft, store: Store, cache: Cache, options: CommitOption
     finally:
         with contextlib.suppress(FileNotFoundError):
             plan.manifest_path.unlink()
+        shutil.rmtree(draft.root / LINK_BLOBS, ignore_errors=True)
 
 
 __all__ = ["BaseInfo", "CommitOptions", "CommitResult", "Draft", "commit_draft", "resolve_intent"]

@@ -123,12 +123,27 @@ class DraftFS:
         cfg = ns.config
         # .commit.status is rewritten by commits, not through the kernel: never cache its size
         ttl = 0.0 if a.parent == ROOT_ID and a.name == STATUS_NAME else self.ttl
-        return Attr(node.inode, a.mode, a.nlink, a.size, a.mtime_ns, cfg.uid, cfg.gid, ttl, ttl)
+        return Attr(node.inode, a.mode, a.nlink, a.size, a.mtime_ns, cfg.uid, cfg.gid, ttl, ttl,
+                    a.atime_ns, a.ctime_ns)
 
     def readdir_page(self, ns: Namespace, node: Node, start_id: int, limit: int) -> list[tuple[int, str, Node]]:
+        """``.`` (cookie 1), ``..`` (2), then the entries (cookie: entry row + 2)."""
         ns._io()
         draft = self._draft(node)
-        return [(a.id, a.name, self._node(ns, node, draft, a)) for a in draft.tree.readdir(node.nid, start_id, limit)]
+        out: list[tuple[int, str, Node]] = []
+        if start_id < 1:
+            out.append((1, ".", node))
+        if start_id < 2:
+            try:
+                out.append((2, "..", ns.node(node.parent)))
+            except (KeyError, OSError, LookupError):
+                out.append((2, "..", node))
+        rows = draft.tree.readdir(node.nid, max(start_id - 2, 0), limit)
+        return out + [(a.row + 2, a.name, self._node(ns, node, draft, a)) for a in rows]
+
+    def readlink(self, inode: int) -> str:
+        node, draft = self._in_draft(inode)
+        return draft.tree.readlink(node.nid)
 
     def xattrs(self, ns: Namespace, node: Node) -> dict[str, bytes]:
         ns._io()
@@ -346,10 +361,11 @@ class DraftFS:
         h.draft.tree.fsync(h.nid, datasync)
 
     def setattr(self, inode: int, *, size: int | None, mode: int | None, atime_ns: int | None,
-                mtime_ns: int | None) -> Node:
-        """truncate, chmod, utimens (chown is accepted and ignored: a manifest has no owners)."""
+                mtime_ns: int | None, chown: bool = False) -> Node:
+        """truncate, chmod, utimens, chown (accepted and not kept: a manifest has no owners)."""
         node, draft = self._in_draft(inode)
-        node.dattr = draft.tree.setattr(node.nid, size=size, mode=mode, atime_ns=atime_ns, mtime_ns=mtime_ns)
+        node.dattr = draft.tree.setattr(node.nid, size=size, mode=mode, atime_ns=atime_ns, mtime_ns=mtime_ns,
+                                        chown=chown)
         return node
 
     def unlink(self, inode_p: int, name: str) -> None:
@@ -368,14 +384,17 @@ class DraftFS:
         draft.tree.rename(old.nid, name_old, new.nid, name_new, flags)
 
     def link(self, inode: int, inode_p_new: int, name: str) -> Node:
-        _, draft = self._in_draft(inode_p_new)
-        draft.tree.link(inode, inode_p_new, name)
-        raise AssertionError("unreachable: drafts have no hard links")
+        """link(2) within one draft; EXDEV from a version or another draft."""
+        ns = self._ns()
+        src = ns.node(inode)
+        parent, draft = self._in_draft(inode_p_new)
+        if src.kind not in DRAFT_KINDS or src.draft_id != parent.draft_id:
+            raise OSError(errno.EXDEV, "hard links only within one draft")
+        return self._node(ns, parent, draft, draft.tree.link(src.nid, parent.nid, name))
 
     def symlink(self, inode_p: int, name: str, target: str) -> Node:
-        _, draft = self._in_draft(inode_p)
-        draft.tree.symlink(inode_p, name, target)
-        raise AssertionError("unreachable: drafts have no symbolic links")
+        parent, draft = self._in_draft(inode_p)
+        return self._node(self._ns(), parent, draft, draft.tree.symlink(parent.nid, name, target))
 
     def statfs(self) -> StatFs:
         return self.manager.statfs()

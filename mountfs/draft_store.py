@@ -49,6 +49,7 @@ from pathlib import Path
 from typing import Any
 
 from client.hashing import hex_to_b64
+from client.manifest import SYMLINK_KEY, symlink_target
 
 log = logging.getLogger(__name__)
 
@@ -65,23 +66,35 @@ CREATE TABLE IF NOT EXISTS nodes (
     parent   INTEGER,            -- NULL: unlinked while open (purged on last release / restart)
     name     TEXT    NOT NULL,
     is_dir   INTEGER NOT NULL,
-    mode     INTEGER NOT NULL,   -- permission bits only
+    mode     INTEGER NOT NULL,   -- permission bits (S_IFLNK | 0777 for a symbolic link)
     size     INTEGER NOT NULL,   -- base files; staged files: refreshed from data/<id>
     mtime_ns INTEGER NOT NULL,   -- idem
     staged   INTEGER NOT NULL DEFAULT 0,
     digest   TEXT,               -- base64 md5: base content, or staged content as last hashed
-    entry    TEXT                -- JSON of a base entry's other fields (ref, extra, birthArtifactID)
+    entry    TEXT,               -- JSON of a base entry's other fields (ref, extra, birthArtifactID);
+                                 -- a symbolic link's target is its extra.symlink
+    atime_ns INTEGER,            -- NULL: mtime_ns
+    ctime_ns INTEGER,            -- NULL: mtime_ns; staged files: at least their data file's ctime
+    link_to  INTEGER             -- a further name (hard link) of node link_to; other columns unused
 );
 CREATE UNIQUE INDEX IF NOT EXISTS nodes_by_name ON nodes(parent, name);
 CREATE TABLE IF NOT EXISTS hidden (path TEXT PRIMARY KEY, digest TEXT NOT NULL, entry TEXT);
 """
+#: columns drafts made before links and times were kept lack (added in place when opened)
+_ADDED_COLUMNS = ("atime_ns INTEGER", "ctime_ns INTEGER", "link_to INTEGER")
+_INDEXES = """
+CREATE INDEX IF NOT EXISTS nodes_links ON nodes(link_to) WHERE link_to IS NOT NULL;
+CREATE INDEX IF NOT EXISTS nodes_subdirs ON nodes(parent) WHERE is_dir = 1;
+"""
+#: a row as the tree reads it; positions are used as row[i] below
+_COLS = "id, parent, name, is_dir, mode, size, mtime_ns, staged, digest, atime_ns, ctime_ns, link_to, entry"
 
 
 @dataclass(frozen=True, slots=True)
 class NodeAttr:
     """What getattr/lookup/readdir report for one node of a draft."""
 
-    id: int  #: stable within the draft (survives renames, commits and restarts)
+    id: int  #: stable within the draft (survives renames, commits and restarts); the inode
     parent: int
     name: str
     is_dir: bool
@@ -90,10 +103,14 @@ class NodeAttr:
     mtime_ns: int
     staged: bool  #: content lives in the draft (new or modified) rather than in the base version
     digest: str | None  #: base64 md5 when known without hashing (base files)
+    nlink: int = 1  #: directories 2 + subdirectories; files their names (0 once unlinked)
+    atime_ns: int = 0
+    ctime_ns: int = 0
+    row: int = 0  #: the directory entry's row (differs from ``id`` for a hard link): readdir cookie
 
     @property
-    def nlink(self) -> int:
-        return 1  # directories too: "unknown" to find(1), and no per-getattr child count
+    def is_symlink(self) -> bool:
+        return stat.S_ISLNK(self.mode)
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,6 +152,13 @@ def row_is_file(tree: "DraftTree", nid: int) -> bool:
     return row is not None and not (row[0] == ROOT_ID and row[1] == COMMIT_NAME)
 
 
+def entry_mode(entry: Any) -> int:
+    """The mode a base entry's node gets: a symbolic link, an executable or a plain file."""
+    if entry.symlink_target is not None:
+        return stat.S_IFLNK | 0o777
+    return 0o755 if entry.is_executable else 0o644
+
+
 def check_name(name: str) -> str:
     """A name usable in a draft directory (becomes one segment of a manifest path)."""
     if not name or name in (".", "..") or "/" in name or "\x00" in name:
@@ -165,6 +189,11 @@ class DraftTree:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute(f"PRAGMA synchronous={self._sync_pragma}")
         self.db.executescript(_SCHEMA)
+        have = {r[1] for r in self.db.execute("PRAGMA table_info(nodes)")}
+        for column in _ADDED_COLUMNS:
+            if column.split()[0] not in have:
+                self.db.execute(f"ALTER TABLE nodes ADD COLUMN {column}")
+        self.db.executescript(_INDEXES)
         self._handles: dict[int, _Handle] = {}
         self._next_fh = 1
         self._open: Counter[int] = Counter()
@@ -244,32 +273,46 @@ class DraftTree:
         self._hashed = {r[0] for r in self.db.execute("SELECT id FROM nodes WHERE staged = 1 AND digest IS NOT NULL")}
 
     # -- reading the tree ------------------------------------------------------------------
-    def _row(self, nid: int) -> sqlite3.Row | tuple:
-        row = self.db.execute("SELECT id, parent, name, is_dir, mode, size, mtime_ns, staged, digest "
-                              "FROM nodes WHERE id = ?", (nid,)).fetchone()
+    def _row(self, nid: int) -> tuple:
+        row = self.db.execute(f"SELECT {_COLS} FROM nodes WHERE id = ?", (nid,)).fetchone()
         if row is None:
             raise _err(errno.ENOENT, f"node {nid} is gone")
         return row
 
-    def _attr(self, row: tuple) -> NodeAttr:
-        nid, parent, name, is_dir, mode, size, mtime_ns, staged, digest = row
+    def _target(self, row: tuple) -> tuple:
+        """The node a directory entry names: itself, or for a hard link the linked node."""
+        return row if row[11] is None else self._row(row[11])
+
+    def _attr(self, row: tuple, entry: tuple | None = None) -> NodeAttr:
+        """Attributes of node ``row``, seen through directory entry ``entry`` (default: its own)."""
+        nid, parent, name, is_dir, mode, size, mtime_ns, staged, digest, atime_ns, ctime_ns = row[:11]
+        ctime_ns = ctime_ns or mtime_ns
         if staged:
             try:
                 st = os.stat(self.data_path(nid))
-                size, mtime_ns = st.st_size, st.st_mtime_ns
+                size, mtime_ns, ctime_ns = st.st_size, st.st_mtime_ns, max(ctime_ns, st.st_ctime_ns)
             except FileNotFoundError:
                 size = 0
-        kind = stat.S_IFDIR if is_dir else stat.S_IFREG
-        return NodeAttr(nid, parent if parent is not None else 0, name, bool(is_dir), kind | mode, size,
-                        mtime_ns, bool(staged), None if staged else digest)
+        if is_dir:
+            kind = stat.S_IFDIR
+            nlink = 2 + self.db.execute("SELECT count(*) FROM nodes WHERE parent = ? AND is_dir = 1",
+                                        (nid,)).fetchone()[0]
+        else:
+            kind = stat.S_IFLNK if stat.S_ISLNK(mode) else stat.S_IFREG
+            nlink = (parent is not None) + self.db.execute("SELECT count(*) FROM nodes WHERE link_to = ?",
+                                                           (nid,)).fetchone()[0]
+        entry = entry or row
+        return NodeAttr(nid, entry[1] if entry[1] is not None else 0, entry[2], bool(is_dir), kind | (mode & 0o7777),
+                        size, mtime_ns, bool(staged), None if staged else digest, nlink, atime_ns or mtime_ns,
+                        ctime_ns, entry[0])
 
     def getattr(self, nid: int) -> NodeAttr:
         with self.lock:
             return self._attr(self._row(nid))
 
     def _child(self, parent: int, name: str) -> tuple | None:
-        return self.db.execute("SELECT id, parent, name, is_dir, mode, size, mtime_ns, staged, digest "
-                               "FROM nodes WHERE parent = ? AND name = ?", (parent, name)).fetchone()
+        """The directory entry ``name`` of ``parent`` (a hard link's own row, see :meth:`_target`)."""
+        return self.db.execute(f"SELECT {_COLS} FROM nodes WHERE parent = ? AND name = ?", (parent, name)).fetchone()
 
     def _dir(self, nid: int) -> tuple:
         row = self._row(nid)
@@ -278,21 +321,33 @@ class DraftTree:
         return row
 
     def lookup(self, parent: int, name: str) -> NodeAttr:
+        if len(name.encode("utf-8", "surrogateescape")) > NAME_MAX:
+            raise _err(errno.ENAMETOOLONG, f"{name[:40]!r}…")
         with self.lock:
             self._dir(parent)
             row = self._child(parent, name)
             if row is None:
                 raise _err(errno.ENOENT, name)
-            return self._attr(row)
+            return self._attr(self._target(row), row)
 
     def readdir(self, parent: int, after: int = 0, limit: int = 256) -> list[NodeAttr]:
-        """One page of a directory in id order; pass the last id returned as ``after``."""
+        """One page of a directory in entry order; pass the last ``row`` returned as ``after``."""
         with self.lock:
             self._dir(parent)
-            rows = self.db.execute("SELECT id, parent, name, is_dir, mode, size, mtime_ns, staged, digest "
-                                   "FROM nodes WHERE parent = ? AND id > ? ORDER BY id LIMIT ?",
+            rows = self.db.execute(f"SELECT {_COLS} FROM nodes WHERE parent = ? AND id > ? ORDER BY id LIMIT ?",
                                    (parent, after, limit)).fetchall()
-            return [self._attr(r) for r in rows]
+            return [self._attr(self._target(r), r) for r in rows]
+
+    def readlink(self, nid: int) -> str:
+        """The target of a symbolic link (EINVAL for anything else)."""
+        with self.lock:
+            row = self._row(nid)
+        if not stat.S_ISLNK(row[4]):
+            raise _err(errno.EINVAL, f"{row[2]} is not a symbolic link")
+        target = symlink_target(json.loads(row[12] or "{}").get("extra"))
+        if target is None:
+            raise _err(errno.EIO, f"symbolic link {row[2]} has no target")
+        return target
 
     def has_open_files(self) -> bool:
         with self.lock:
@@ -311,8 +366,8 @@ class DraftTree:
             return self._base_ref(self._row(nid))
 
     def _base_ref(self, row: tuple) -> BaseRef | None:
-        nid, _, name, is_dir, _, size, _, staged, digest = row
-        if is_dir or staged or digest is None:
+        nid, _, name, is_dir, mode, size, _, staged, digest = row[:9]
+        if is_dir or staged or digest is None or stat.S_ISLNK(mode):
             return None
         from client.hashing import b64_to_hex
 
@@ -327,7 +382,8 @@ class DraftTree:
 
     def _touch_dir(self, c: sqlite3.Connection, nid: int) -> None:
         self.last_change = time.monotonic()
-        c.execute("UPDATE nodes SET mtime_ns = ? WHERE id = ?", (time.time_ns(), nid))
+        now = time.time_ns()
+        c.execute("UPDATE nodes SET mtime_ns = ?, ctime_ns = ? WHERE id = ?", (now, now, nid))
 
     def mkdir(self, parent: int, name: str, mode: int = 0o755) -> NodeAttr:
         with self.txn() as c:
@@ -351,6 +407,8 @@ class DraftTree:
             # Created inside the transaction: if the file cannot be made, the row is rolled back.
             fd = os.open(self.data_path(nid), os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
             self._fds[nid] = fd
+            born = os.fstat(fd).st_mtime_ns  # the data file's clock: atime = mtime = ctime at creation
+            c.execute("UPDATE nodes SET mtime_ns = ?, atime_ns = ?, ctime_ns = ? WHERE id = ?", (born, born, born, nid))
         self._seq[nid] = _SeqHash()
         self._arm_if_sentinel(parent, name)
         return self.getattr(nid), self._new_handle(nid, flags & ~(os.O_CREAT | os.O_EXCL | os.O_TRUNC))
@@ -676,29 +734,35 @@ class DraftTree:
 
     # -- attributes ----------------------------------------------------------------------
     def setattr(self, nid: int, *, size: int | None = None, mode: int | None = None,
-                atime_ns: int | None = None, mtime_ns: int | None = None) -> NodeAttr:
-        """truncate / chmod (permission bits, not committed) / utimens."""
+                atime_ns: int | None = None, mtime_ns: int | None = None, chown: bool = False) -> NodeAttr:
+        """truncate / chmod (the execute bit is committed) / utimens / chown (accepted, not kept:
+        a manifest has no owners).  Every change sets ctime."""
         request = False
         with self.lock:
+            row = self._row(nid)
+            if row[1] == ROOT_ID and row[2] == STATUS_NAME and (size, mode, atime_ns, mtime_ns) != (None,) * 4:
+                raise _err(errno.EPERM, f"{STATUS_NAME} is read-only")
             if size is not None:
                 self.truncate(nid, size)
-            row = self._row(nid)
-            if mode is not None:
-                with self.txn() as c:
-                    c.execute("UPDATE nodes SET mode = ? WHERE id = ?", (mode & 0o7777, nid))
-            if atime_ns is not None or mtime_ns is not None:
-                now = time.time_ns()
-                m = mtime_ns if mtime_ns is not None else now
-                if row[7]:
-                    os.utime(self.data_path(nid), ns=(atime_ns if atime_ns is not None else now, m))
-                with self.txn() as c:
-                    c.execute("UPDATE nodes SET mtime_ns = ? WHERE id = ?", (m, nid))
-                if self._is_sentinel(nid):
-                    if self._open[nid] > 0:
-                        self._armed = True
-                    else:
-                        request = True
-                        self._requests += 1
+            now = time.time_ns()
+            with self.txn() as c:
+                if mode is not None:
+                    keep = stat.S_IFMT(row[4])  # a symbolic link stays one
+                    c.execute("UPDATE nodes SET mode = ? WHERE id = ?", (keep | (mode & 0o7777), nid))
+                if atime_ns is not None or mtime_ns is not None:
+                    old = self._attr(row)
+                    a = atime_ns if atime_ns is not None else old.atime_ns
+                    m = mtime_ns if mtime_ns is not None else old.mtime_ns
+                    if row[7]:
+                        os.utime(self.data_path(nid), ns=(a, m))
+                    c.execute("UPDATE nodes SET atime_ns = ?, mtime_ns = ? WHERE id = ?", (a, m, nid))
+                c.execute("UPDATE nodes SET ctime_ns = ? WHERE id = ?", (now, nid))
+            if (atime_ns is not None or mtime_ns is not None) and self._is_sentinel(nid):
+                if self._open[nid] > 0:
+                    self._armed = True
+                else:
+                    request = True
+                    self._requests += 1
             attr = self._attr(self._row(nid))
         if request:
             self._request_commit()
@@ -714,10 +778,22 @@ class DraftTree:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.data_path(nid))
 
-    def _drop_file(self, c: sqlite3.Connection, nid: int) -> None:
-        """Remove a file node now, or orphan it until its last handle closes (POSIX unlink)."""
-        if self._open.get(nid, 0) > 0:
-            c.execute("UPDATE nodes SET parent = NULL, name = ? WHERE id = ?", (f"orphan-{nid}", nid))
+    def _drop_name(self, c: sqlite3.Connection, row: tuple) -> None:
+        """Remove the directory entry ``row`` of a file: a hard link's row goes; the node's own
+        name is taken over by one of its further names; a last name goes with the node (or
+        orphans it until its last handle closes, POSIX unlink)."""
+        now = time.time_ns()
+        if row[11] is not None:
+            c.execute("DELETE FROM nodes WHERE id = ?", (row[0],))
+            c.execute("UPDATE nodes SET ctime_ns = ? WHERE id = ?", (now, row[11]))
+            return
+        nid = row[0]
+        heir = c.execute("SELECT id, parent, name FROM nodes WHERE link_to = ? ORDER BY id LIMIT 1", (nid,)).fetchone()
+        if heir is not None:
+            c.execute("DELETE FROM nodes WHERE id = ?", (heir[0],))
+            c.execute("UPDATE nodes SET parent = ?, name = ?, ctime_ns = ? WHERE id = ?", (heir[1], heir[2], now, nid))
+        elif self._open.get(nid, 0) > 0:
+            c.execute("UPDATE nodes SET parent = NULL, name = ?, ctime_ns = ? WHERE id = ?", (f"orphan-{nid}", now, nid))
         else:
             c.execute("DELETE FROM nodes WHERE id = ?", (nid,))
             self._forget_fd(nid)
@@ -727,17 +803,21 @@ class DraftTree:
                 os.unlink(self.data_path(nid))
 
     def unlink(self, parent: int, name: str) -> None:
+        check_name(name)
         with self.txn() as c:
+            self._dir(parent)
             row = self._child(parent, name)
             if row is None:
                 raise _err(errno.ENOENT, name)
             if row[3]:
                 raise _err(errno.EISDIR, name)
-            self._drop_file(c, row[0])
+            self._drop_name(c, row)
             self._touch_dir(c, parent)
 
     def rmdir(self, parent: int, name: str) -> None:
+        check_name(name)
         with self.txn() as c:
+            self._dir(parent)
             row = self._child(parent, name)
             if row is None:
                 raise _err(errno.ENOENT, name)
@@ -759,15 +839,17 @@ class DraftTree:
         return nid == anc
 
     def rename(self, parent_old: int, name_old: str, parent_new: int, name_new: str, flags: int = 0) -> None:
-        """rename(2): files and directories; replaces a file or an empty directory."""
+        """rename(2): files, links and directories; replaces a file or an empty directory."""
         noreplace = getattr(os, "RENAME_NOREPLACE", 1)
         if flags & ~noreplace:
             raise _err(errno.EINVAL, "only RENAME_NOREPLACE is supported")
+        check_name(name_old)
         check_name(name_new)
         if STATUS_NAME in ((parent_old == ROOT_ID and name_old) or "", (parent_new == ROOT_ID and name_new) or ""):
             raise _err(errno.EPERM, f"{STATUS_NAME} is managed by artifactfs")
         request = False
         with self.txn() as c:
+            self._dir(parent_old)
             self._dir(parent_new)
             src = self._child(parent_old, name_old)
             if src is None:
@@ -776,12 +858,13 @@ class DraftTree:
                 return
             if src[3] and self._is_ancestor(src[0], parent_new):
                 raise _err(errno.EINVAL, "cannot move a directory into itself")
+            node = self._target(src)
             dst = self._child(parent_new, name_new)
             if dst is not None:
                 if flags & noreplace:
                     raise _err(errno.EEXIST, name_new)
-                if dst[0] == src[0]:
-                    return
+                if self._target(dst)[0] == node[0]:
+                    return  # two names of one file: POSIX says do nothing
                 if src[3] and not dst[3]:
                     raise _err(errno.ENOTDIR, name_new)
                 if not src[3] and dst[3]:
@@ -791,48 +874,82 @@ class DraftTree:
                         raise _err(errno.ENOTEMPTY, name_new)
                     c.execute("DELETE FROM nodes WHERE id = ?", (dst[0],))
                 else:
-                    self._drop_file(c, dst[0])
+                    self._drop_name(c, dst)
             c.execute("UPDATE nodes SET parent = ?, name = ? WHERE id = ?", (parent_new, name_new, src[0]))
+            c.execute("UPDATE nodes SET ctime_ns = ? WHERE id = ?", (time.time_ns(), node[0]))
             self._touch_dir(c, parent_old)
             if parent_new != parent_old:
                 self._touch_dir(c, parent_new)
             if parent_new == ROOT_ID and name_new == COMMIT_NAME and not src[3]:
                 # editors save by renaming a temp file over the target: that is a write of .commit
-                request = self._open.get(src[0], 0) == 0
+                request = self._open.get(node[0], 0) == 0
                 self._armed = not request
                 self._requests += int(request)
         if request:
             self._request_commit()
 
-    # -- unsupported ---------------------------------------------------------------------
-    @staticmethod
-    def link(*_: object) -> None:
-        raise _err(errno.ENOTSUP, "hard links are not supported in drafts (a manifest has no links)")
+    # -- links -------------------------------------------------------------------------------
+    def link(self, nid: int, parent: int, name: str) -> NodeAttr:
+        """link(2): one more name for a file or symbolic link (EPERM for directories and the
+        control files; ENOENT for a file already unlinked)."""
+        if parent == ROOT_ID and name in CONTROL_NAMES:
+            raise _err(errno.EPERM, f"{name} is managed by artifactfs")
+        with self.txn() as c:
+            row = self._row(nid)
+            if row[3]:
+                raise _err(errno.EPERM, "hard links to directories are not allowed")
+            if row[1] == ROOT_ID and row[2] in CONTROL_NAMES:
+                raise _err(errno.EPERM, f"{row[2]} is managed by artifactfs")
+            if row[1] is None:
+                raise _err(errno.ENOENT, "the file was unlinked")
+            self._check_new(parent, name)
+            c.execute("INSERT INTO nodes (parent, name, is_dir, mode, size, mtime_ns, link_to) "
+                      "VALUES (?, ?, 0, 0, 0, 0, ?)", (parent, name, nid))
+            c.execute("UPDATE nodes SET ctime_ns = ? WHERE id = ?", (time.time_ns(), nid))
+            self._touch_dir(c, parent)
+        return self.lookup(parent, name)
 
-    @staticmethod
-    def symlink(*_: object) -> None:
-        raise _err(errno.ENOTSUP, "symbolic links are not supported in drafts (a manifest has no links)")
+    def symlink(self, parent: int, name: str, target: str) -> NodeAttr:
+        """symlink(2).  The target is kept as text (committed in the entry's ``extra``)."""
+        if not target or "\x00" in target:
+            raise _err(errno.ENOENT if not target else errno.EINVAL, "empty or invalid symbolic link target")
+        if len(target.encode("utf-8", "surrogateescape")) >= 4096:
+            raise _err(errno.ENAMETOOLONG, "symbolic link target longer than PATH_MAX")
+        if parent == ROOT_ID and name in CONTROL_NAMES:
+            raise _err(errno.EPERM, f"{name} is managed by artifactfs")
+        data = target.encode("utf-8")  # UnicodeError (EILSEQ): a manifest holds UTF-8 text
+        digest = hex_to_b64(hashlib.md5(data, usedforsecurity=False).hexdigest())
+        with self.txn() as c:
+            self._check_new(parent, name)
+            cur = c.execute("INSERT INTO nodes (parent, name, is_dir, mode, size, mtime_ns, digest, entry) "
+                            "VALUES (?, ?, 0, ?, ?, ?, ?, ?)",
+                            (parent, name, stat.S_IFLNK | 0o777, len(data), time.time_ns(), digest,
+                             json.dumps({"extra": {SYMLINK_KEY: target}})))
+            nid = int(cur.lastrowid)
+            self._touch_dir(c, parent)
+        return self.getattr(nid)
 
     def mknod(self, parent: int, name: str, mode: int) -> NodeAttr:
         """Regular files only (some tools create with mknod); anything else is EPERM."""
         if not stat.S_ISREG(mode):
-            raise _err(errno.EPERM, "drafts hold regular files and directories only")
+            raise _err(errno.EPERM, "drafts hold regular files, symbolic links and directories only")
         attr, fh = self.create(parent, name, mode)
         self.release(fh)
         return attr
 
     # -- whole-tree queries (commit) --------------------------------------------------------
     def iter_files(self) -> Iterator[tuple[str, tuple]]:
-        """Every committed file as (path, row) in manifest (path) order; control files excluded."""
+        """Every committed file (and symbolic link) as (path, row) in manifest (path) order;
+        control files excluded.  Each name of a hard-linked file yields the file's row."""
         query = """
-        WITH RECURSIVE t(id, path) AS (
-            SELECT id, name FROM nodes WHERE parent = 1 AND NOT (is_dir = 0 AND name IN (?, ?))
+        WITH RECURSIVE t(id, path, node) AS (
+            SELECT id, name, COALESCE(link_to, id) FROM nodes WHERE parent = 1 AND NOT (is_dir = 0 AND name IN (?, ?))
             UNION ALL
-            SELECT n.id, t.path || '/' || n.name FROM nodes n JOIN t ON n.parent = t.id
+            SELECT n.id, t.path || '/' || n.name, COALESCE(n.link_to, n.id) FROM nodes n JOIN t ON n.parent = t.id
         )
         SELECT t.path, 0 AS hid, n.id, n.parent, n.name, n.is_dir, n.mode, n.size, n.mtime_ns, n.staged,
                n.digest, n.entry
-        FROM t JOIN nodes n ON n.id = t.id WHERE n.is_dir = 0
+        FROM t JOIN nodes n ON n.id = t.node WHERE n.is_dir = 0
         UNION ALL SELECT path, 1, NULL, NULL, NULL, 0, NULL, NULL, NULL, 0, digest, entry FROM hidden
         ORDER BY 1, 2
         """
@@ -874,8 +991,9 @@ class DraftTree:
                 self._seq.pop(nid, None)
                 self._hashed.discard(nid)
             with self.txn() as c:
-                c.executemany("UPDATE nodes SET staged = 0, size = ?, mtime_ns = ?, entry = NULL WHERE id = ?",
-                              [(size, mtime_ns, nid) for nid, size, mtime_ns in rows])
+                now = time.time_ns()  # the data file (whose ctime was shown) goes: keep ctime monotonic
+                c.executemany("UPDATE nodes SET staged = 0, size = ?, mtime_ns = ?, entry = NULL, ctime_ns = ? "
+                              "WHERE id = ?", [(size, mtime_ns, now, nid) for nid, size, mtime_ns in rows])
 
     def apply_base_entries(self, changes: list[tuple[str, Any]]) -> None:
         """Bring paths to a newer version's entries (a merged commit): ``(path, ManifestEntry)``
@@ -899,7 +1017,7 @@ class DraftTree:
                         break
                 row = self._child(parent, name) if parent is not None else None
                 if row is not None and not row[3]:
-                    self._drop_file(c, row[0])
+                    self._drop_name(c, row)
                 if entry is None:
                     continue
                 js = entry.to_json()
@@ -909,8 +1027,8 @@ class DraftTree:
                     continue
                 extra = {k: v for k, v in js.items() if k not in ("digest", "size")}
                 c.execute("INSERT INTO nodes (parent, name, is_dir, mode, size, mtime_ns, digest, entry) "
-                          "VALUES (?, ?, 0, ?, ?, ?, ?, ?)", (parent, name, 0o644, entry.size or 0, now, entry.digest,
-                                                              json.dumps(extra) if extra else None))
+                          "VALUES (?, ?, 0, ?, ?, ?, ?, ?)", (parent, name, entry_mode(entry), entry.size or 0, now,
+                                                              entry.digest, json.dumps(extra) if extra else None))
 
     def read_control(self, name: str) -> bytes:
         """Content of a control file at the root (empty if absent)."""

@@ -19,8 +19,9 @@ Inside a draft (see :class:`mountfs.draft_store.DraftTree` for the operations):
   :meth:`Draft.status`: the draft, its base version and the last result (``created`` with the new
   version, ``noop`` or ``failed`` with the error text).  Propose: also ``user.artifact.draft.status``.
 * Unmount commits every draft (``commit_all``); an unchanged draft creates no version.
-* Empty directories and permission bits are not committed (a W&B manifest lists files only).
-* Hard links and symlinks: ENOTSUP; FIFOs, sockets, devices: EPERM.
+* Empty directories, owners and permission bits other than the execute bit are not committed
+  (a W&B manifest lists files only).  Symbolic links, hard links and the execute bit are
+  (see docs/SEMANTICS.md "Links and modes"); FIFOs, sockets, devices: EPERM.
 * Base-version entries that cannot be shown as files (references, a root ``.commit``, a path
   that is both a file and a directory) are carried into every next version unchanged.
 * ``rmdir`` of a draft whose tree is empty discards it (``rm -rf`` works); otherwise ENOTEMPTY.
@@ -58,7 +59,7 @@ from client.store.base import Store, VersionRecord
 from .draft_commit import (INTENT, BaseInfo, CommitOptions, CommitResult, Draft, _read_intent,
                            commit_draft, resolve_intent)
 from .draft_store import (COMMIT_NAME, CONTROL_NAMES, ROOT_ID, STATUS_NAME, BaseRef, DraftTree,
-                          NodeAttr)
+                          NodeAttr, entry_mode)
 
 log = logging.getLogger(__name__)
 
@@ -488,6 +489,7 @@ def _insert_entries(c: sqlite3.Connection, entries, mtime_ns: int) -> None:
                 raise sqlite3.IntegrityError
             c.execute("INSERT INTO nodes (parent, name, is_dir, mode, size, mtime_ns, digest, entry) "
                       "VALUES (?, ?, 0, ?, ?, ?, ?, ?)",
-                      (parent, name, 0o644, e.size or 0, mtime_ns, e.digest, json.dumps(extra) if extra else None))
+                      (parent, name, entry_mode(e), e.size or 0, mtime_ns, e.digest,
+                       json.dumps(extra) if extra else None))
         except sqlite3.IntegrityError:
             hide(e)

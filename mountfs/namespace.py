@@ -51,6 +51,7 @@ from cachetools import TTLCache
 from client import names
 from client.errors import NotFoundError
 from client.hashing import hex_to_b64
+from client.manifest import EXECUTABLE_KEY, symlink_target
 from client.store.base import Store, VersionRecord
 
 from .manifest_index import ROOT_ID, IndexEntry, IndexStore, ManifestIndex
@@ -144,6 +145,8 @@ class Attr:
     gid: int
     entry_timeout: float
     attr_timeout: float
+    atime_ns: int | None = None  #: None: mtime_ns (so is ctime_ns)
+    ctime_ns: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -512,12 +515,34 @@ class Namespace:
             entry_timeout = cfg.alias_ttl if node.kind is Kind.ALIAS_DIR else cfg.version_ttl
             if node.kind is Kind.TREE_FILE:
                 assert node.entry is not None
-                return Attr(node.inode, stat.S_IFREG | cfg.file_mode, 1, node.entry.size, mtime, cfg.uid, cfg.gid,
+                return Attr(node.inode, self._file_mode(node.entry), 1, node.entry.size, mtime, cfg.uid, cfg.gid,
                             entry_timeout, cfg.version_ttl)
             # nlink 1 on version roots means "unknown" to find(1) and costs no index build.
             nlink = 2 + node.entry.subdirs if node.entry is not None else 1
             return Attr(node.inode, stat.S_IFDIR | cfg.dir_mode, nlink, 0, mtime, cfg.uid, cfg.gid, entry_timeout, cfg.version_ttl)
         return Attr(node.inode, stat.S_IFDIR | cfg.dir_mode, 1, 0, self._mounted_ns, cfg.uid, cfg.gid, cfg.alias_ttl, cfg.alias_ttl)
+
+    def _file_mode(self, entry: IndexEntry) -> int:
+        """st_mode of a version file: a symbolic link (``extra.symlink``) is 0777 like any
+        link; an executable (``extra.executable``) gets ``x`` wherever ``--file-mode`` has ``r``."""
+        mode = self.config.file_mode
+        if entry.extra is not None and ('"symlink"' in entry.extra or '"executable"' in entry.extra):
+            extra = json.loads(entry.extra)  # JSON text; most entries have none
+            if symlink_target(extra) is not None:
+                return stat.S_IFLNK | 0o777
+            if extra.get(EXECUTABLE_KEY) is True:
+                mode |= (mode & 0o444) >> 2
+        return stat.S_IFREG | mode
+
+    def readlink(self, inode: int) -> str:
+        """The target of a version's symbolic link (EINVAL for anything else)."""
+        node = self.node(inode)
+        target = None
+        if node.kind is Kind.TREE_FILE and node.entry is not None and node.entry.extra is not None:
+            target = symlink_target(json.loads(node.entry.extra))
+        if target is None:
+            raise OSError(errno.EINVAL, "not a symbolic link")
+        return target
 
     def getattr(self, inode: int) -> Attr:
         node = self.node(inode)

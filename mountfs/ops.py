@@ -51,6 +51,7 @@ _READDIR_PAGE = 256
 #: of 128 KiB ones: an eighth of the write requests (each also costs the kernel's
 #: security.capability getxattr).
 _BLKSIZE = 1 << 20
+_NAME_MAX = 255
 
 
 def errno_for(exc: BaseException) -> int:
@@ -117,8 +118,17 @@ def entry_attributes(a: Attr) -> pyfuse3.EntryAttributes:
     e.st_size = a.size
     e.st_blksize = _BLKSIZE
     e.st_blocks = (a.size + 511) // 512
-    e.st_atime_ns = e.st_mtime_ns = e.st_ctime_ns = a.mtime_ns
+    e.st_mtime_ns = a.mtime_ns
+    e.st_atime_ns = a.mtime_ns if a.atime_ns is None else a.atime_ns
+    e.st_ctime_ns = a.mtime_ns if a.ctime_ns is None else a.ctime_ns
     return e
+
+
+def _name(name: bytes) -> str:
+    """A name argument: ENAMETOOLONG over NAME_MAX bytes (the kernel leaves that to us)."""
+    if len(name) > _NAME_MAX:
+        raise pyfuse3.FUSEError(errno.ENAMETOOLONG)
+    return os.fsdecode(name)
 
 
 class Operations(pyfuse3.Operations):
@@ -174,7 +184,7 @@ class Operations(pyfuse3.Operations):
     # -- namespace -----------------------------------------------------------------------
     @_fuse_errors
     async def lookup(self, inode_p: int, name: bytes, ctx: pyfuse3.RequestContext | None = None) -> pyfuse3.EntryAttributes:
-        node = await self._ns(self.ns.lookup, inode_p, os.fsdecode(name))
+        node = await self._ns(self.ns.lookup, inode_p, _name(name))
         return entry_attributes(self.ns.attr(node))
 
     async def forget(self, inode_list: list[tuple[int, int]]) -> None:
@@ -198,7 +208,8 @@ class Operations(pyfuse3.Operations):
                 if not pyfuse3.readdir_reply(token, os.fsencode(name), entry_attributes(self.ns.attr(node)), next_id):
                     self.ns.release_unreferenced(node)
                     return
-                self.ns.remember(node)
+                if name not in (".", ".."):  # the kernel takes no reference on dot entries
+                    self.ns.remember(node)
             if len(page) < _READDIR_PAGE:
                 return
             page = await self._ns(self.ns.readdir_page, fh, page[-1][0], _READDIR_PAGE)
@@ -284,7 +295,9 @@ class Operations(pyfuse3.Operations):
 
     @_fuse_errors
     async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
-        raise OSError(errno.EINVAL, "no symbolic links on artifactfs")
+        if self.ns.node(inode).kind in DRAFT_KINDS:
+            return os.fsencode(await self._draft(self._writable().readlink, inode))
+        return os.fsencode(self.ns.readlink(inode))
 
     # -- writes: drafts take them (mountfs.draft_fs), anything else answers EROFS ------------
     @_fuse_errors
@@ -295,45 +308,46 @@ class Operations(pyfuse3.Operations):
                               size=attr.st_size if fields.update_size else None,
                               mode=attr.st_mode if fields.update_mode else None,
                               atime_ns=attr.st_atime_ns if fields.update_atime else None,
-                              mtime_ns=attr.st_mtime_ns if fields.update_mtime else None))
+                              mtime_ns=attr.st_mtime_ns if fields.update_mtime else None,
+                              chown=fields.update_uid or fields.update_gid))
         return entry_attributes(self.ns.attr(node))
 
     @_fuse_errors
     async def mkdir(self, inode_p: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        return self._reply(await self._draft(self._writable().mkdir, inode_p, os.fsdecode(name), mode))
+        return self._reply(await self._draft(self._writable().mkdir, inode_p, _name(name), mode))
 
     @_fuse_errors
     async def mknod(self, inode_p: int, name: bytes, mode: int, rdev: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        return self._reply(await self._draft(self._writable().mknod, inode_p, os.fsdecode(name), mode))
+        return self._reply(await self._draft(self._writable().mknod, inode_p, _name(name), mode))
 
     @_fuse_errors
     async def create(self, inode_p: int, name: bytes, mode: int, flags: int,
                      ctx: pyfuse3.RequestContext) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
-        fh, node = await self._draft(self._writable().create, inode_p, os.fsdecode(name), mode, flags)
+        fh, node = await self._draft(self._writable().create, inode_p, _name(name), mode, flags)
         return pyfuse3.FileInfo(fh=FileHandle(fh), keep_cache=False), self._reply(node)
 
     @_fuse_errors
     async def symlink(self, inode_p: int, name: bytes, target: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        return self._reply(await self._draft(self._writable().symlink, inode_p, os.fsdecode(name),
+        return self._reply(await self._draft(self._writable().symlink, inode_p, _name(name),
                                              os.fsdecode(target)))
 
     @_fuse_errors
     async def link(self, inode: int, new_inode_p: int, new_name: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        return self._reply(await self._draft(self._writable().link, inode, new_inode_p, os.fsdecode(new_name)))
+        return self._reply(await self._draft(self._writable().link, inode, new_inode_p, _name(new_name)))
 
     @_fuse_errors
     async def unlink(self, inode_p: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
-        await self._draft(self._writable().unlink, inode_p, os.fsdecode(name))
+        await self._draft(self._writable().unlink, inode_p, _name(name))
 
     @_fuse_errors
     async def rmdir(self, inode_p: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
-        await self._draft(self._writable().rmdir, inode_p, os.fsdecode(name))
+        await self._draft(self._writable().rmdir, inode_p, _name(name))
 
     @_fuse_errors
     async def rename(self, inode_p_old: int, name_old: bytes, inode_p_new: int, name_new: bytes,
                      flags: int, ctx: pyfuse3.RequestContext) -> None:
-        await self._draft(self._writable().rename, inode_p_old, os.fsdecode(name_old), inode_p_new,
-                          os.fsdecode(name_new), flags)
+        await self._draft(self._writable().rename, inode_p_old, _name(name_old), inode_p_new,
+                          _name(name_new), flags)
 
     @_fuse_errors
     async def write(self, fh: FileHandle, off: int, buf: bytes) -> int:

@@ -71,7 +71,7 @@ def listdir(tree: DraftTree, nid: int, page: int = 2) -> list[str]:
     out, after = [], 0
     while batch := tree.readdir(nid, after, page):
         out += [a.name for a in batch]
-        after = batch[-1].id
+        after = batch[-1].row
     return sorted(out)
 
 
@@ -294,8 +294,10 @@ def test_posix_errors_and_semantics(env) -> None:
     assert errno_of(t.rename, ROOT_ID, "d", ROOT_ID, "e") == errno.ENOTEMPTY
     assert errno_of(t.rename, ROOT_ID, "g", d, "f", os.RENAME_NOREPLACE if hasattr(os, "RENAME_NOREPLACE") else 1) \
         == errno.EEXIST
-    assert errno_of(t.link, walk(t, "g").id, ROOT_ID, "h") == errno.ENOTSUP
-    assert errno_of(t.symlink, ROOT_ID, "l", "g") == errno.ENOTSUP
+    assert errno_of(t.link, d, ROOT_ID, "h") == errno.EPERM  # no hard links to directories
+    assert errno_of(t.link, walk(t, "g").id, ROOT_ID, "d") == errno.EEXIST
+    assert errno_of(t.symlink, ROOT_ID, "g", "x") == errno.EEXIST
+    assert errno_of(t.symlink, ROOT_ID, "l", "") == errno.ENOENT
     assert errno_of(t.mknod, ROOT_ID, "fifo", 0o010644) == errno.EPERM
     assert errno_of(t.create, ROOT_ID, "a/b") == errno.EINVAL
     assert errno_of(t.create, ROOT_ID, "x" * 256) == errno.ENAMETOOLONG

@@ -319,8 +319,6 @@ def test_posix_suite(world: Path) -> None:
         df = subprocess.run(["df", "-P", str(d)], capture_output=True, text=True, check=True)
         assert str(m.path) in df.stdout
         # what a manifest cannot hold
-        assert _errno(os.link, d / "f.bin", d / "hard") == errno.ENOTSUP
-        assert _errno(os.symlink, "f.bin", d / "soft") == errno.ENOTSUP
         assert _errno(os.mkfifo, d / "fifo") == errno.EPERM
         assert _errno(os.setxattr, d / "f.bin", "user.x", b"1") == errno.ENOTSUP
         assert _errno(os.open, d / ".commit.status", os.O_WRONLY) in (errno.EACCES, errno.EPERM)
