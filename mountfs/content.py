@@ -515,6 +515,8 @@ class ContentReader:
         actual = partial.md5()
         if actual != obj.ref.md5:
             partial.reset()
+            if obj.ref.source is not None:  # a file:// source rewritten since it was logged
+                self._source_changed(obj.ref, f"its bytes hash to {actual}, the record says {obj.ref.md5}")
             raise BlockMismatchError(-1, f"the object hashes to {actual}")
         partial.mark_all_checked()
         obj.whole_pending = False

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import json
 import os
 import subprocess
 import threading
@@ -321,3 +322,87 @@ def test_mixed_artifact_cp_sha256sum_and_changed_file_source(s3, site, tmp_path:
             {rel: sha(data) for rel, data in expected.items()}
         assert read_errno(root / "local/later.txt") == errno.EIO
         assert "local/later.txt" in m.log_text()
+
+
+def test_file_sources_unchecked_and_large_changed(tmp_path: Path) -> None:
+    """checksum=False file:// entries are served with only their recorded size; a large
+    file:// source rewritten (same size) after logging is md5-checked whole: EIO."""
+    src = tmp_path / "share"
+    src.mkdir()
+    (src / "loose.txt").write_bytes(b"unchecked v1")
+    (src / "shrinks.txt").write_bytes(b"will shrink")
+    big = os.urandom(4 * MiB)
+    (src / "big.bin").write_bytes(big)
+    refs = (entries_for_reference((src / "loose.txt").as_uri(), checksum=False)
+            + entries_for_reference((src / "shrinks.txt").as_uri(), checksum=False)
+            + entries_for_reference((src / "big.bin").as_uri()))
+    vdir = commit(tmp_path / "store", tmp_path, refs)
+    (src / "loose.txt").write_bytes(b"unchecked v2")  # same size: nothing recorded tells them apart
+    (src / "shrinks.txt").write_bytes(b"short")
+    changed = bytearray(big)
+    changed[3 * MiB] ^= 0xFF
+    (src / "big.bin").write_bytes(bytes(changed))
+    with mounted(tmp_path / "store", tmp_path) as m:
+        root = m.path / vdir
+        assert (root / "loose.txt").read_bytes() == b"unchecked v2"
+        assert read_errno(root / "shrinks.txt") == errno.EIO
+        assert read_errno(root / "big.bin", 4096, 0) == errno.EIO  # whole md5 before the first byte
+        assert "big.bin" in m.log_text() and "changed since it was logged" in m.log_text()
+        (src / "big.bin").write_bytes(big)  # put back: the recorded bytes are served again
+        assert sha((root / "big.bin").read_bytes()) == sha(big)
+
+
+def test_gcs_reference_through_the_mount(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("google.cloud.storage")
+    server_mod = pytest.importorskip("gcp_storage_emulator.server")
+    import socket
+
+    from google.auth.credentials import AnonymousCredentials
+    from google.cloud import storage
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = server_mod.create_server("127.0.0.1", port, in_memory=True)
+    server.start()
+    try:
+        monkeypatch.setenv("STORAGE_EMULATOR_HOST", f"http://127.0.0.1:{port}")
+        bucket = storage.Client(project="artifactfs", credentials=AnonymousCredentials()).create_bucket("gsm")
+        data = os.urandom(3 * MiB + 1)
+        bucket.blob("d/obj.bin").upload_from_string(data)
+        bucket.blob("d/later.txt").upload_from_string(b"gcs logged")
+        vdir = commit(tmp_path / "store", tmp_path, entries_for_reference("gs://gsm/d"))
+        bucket.blob("d/later.txt").upload_from_string(b"GCS LOGGED")
+        with mounted(tmp_path / "store", tmp_path) as m:
+            root = m.path / vdir
+            assert os.stat(root / "obj.bin").st_size == len(data)
+            assert sha((root / "obj.bin").read_bytes()) == sha(data)
+            assert read_errno(root / "later.txt") == errno.EIO
+            assert "later.txt" in m.log_text()
+    finally:
+        server.stop()
+
+
+def test_draft_commit_keeps_references_without_touching_sources(site, tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    s, base = site
+    s.files["/r.bin"] = web = os.urandom(50_000)
+    refs = entries_for_reference(f"{base}/r.bin", name="data/r.bin")
+    commit(tmp_path / "store", tmp_path, refs, {"stored.txt": b"stored\n"})
+    s.requests.clear()
+    with mounted(tmp_path / "store", tmp_path) as m:
+        draft = m.path / "ent/proj/refs:draft"
+        draft.mkdir()
+        (draft / "new.txt").write_bytes(b"added in a draft\n")
+        (draft / ".commit").touch()
+        result = json.loads(os.getxattr(draft, "user.artifact.draft.status"))["last_commit"]
+        assert result["version"] == "ent/proj/refs:v1", result
+        assert s.requests == [] and ref_requests(m) == 0  # the commit downloaded no reference
+        assert (m.path / "ent/proj/refs:v1/data/r.bin").read_bytes() == web
+    monkeypatch.setenv("ARTIFACTFS_STORE", str(tmp_path / "store"))
+    import client
+
+    got = {e.path: e for e in client.Api().artifact("ent/proj/refs:v1").manifest}
+    assert sorted(got) == ["data/r.bin", "new.txt", "stored.txt"]
+    assert (got["data/r.bin"].ref, got["data/r.bin"].digest, got["data/r.bin"].extra) == \
+        (refs[0].ref, refs[0].digest, refs[0].extra)
