@@ -19,6 +19,10 @@ Where the bytes of an open file come from, in order:
    (the bitmap on disk is a hint, never a proof).  Without a map the whole object is fetched
    and md5-checked before its first byte is served.  Complete objects are promoted into the
    cache after their md5 matched.
+5. a reference entry (``FileRef.source``, see :mod:`mountfs.ref_source`): the same path as 4
+   with the reference's pinned ranged reads as the fetcher; blocks of pinned sources are
+   trusted as fetched (:class:`PinnedPartialFile`), ``file://`` is md5-checked whole first,
+   and the complete object is cached under its real md5.
 
 Integrity rule: no byte is served before it was verified.  A block that fails: dropped and
 fetched again once from the source; failing again, the read answers EIO and the log names
