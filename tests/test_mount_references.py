@@ -174,22 +174,22 @@ def test_s3_reference_reads_lazy_ranged_pinned(s3, tmp_path: Path) -> None:
     """stat/getfattr/ls/find never touch S3; a 4 KiB read of a large uncached object costs at
     most 2 requests; whole reads give the logged bytes; an object overwritten after logging
     answers EIO (never the new bytes) with a log line naming the entry."""
-    s3.create_bucket(Bucket="plain")
+    s3.create_bucket(Bucket="mnt-plain")
     big = os.urandom(12 * MiB)
-    multipart(s3, "plain", "set/big.bin", big)
-    s3.put_object(Bucket="plain", Key="set/small.txt", Body=b"small logged bytes\n")
-    s3.put_object(Bucket="plain", Key="set/changed.txt", Body=b"logged!")
-    refs = entries_for_reference("s3://plain/set", name="s3")
+    multipart(s3, "mnt-plain", "set/big.bin", big)
+    s3.put_object(Bucket="mnt-plain", Key="set/small.txt", Body=b"small logged bytes\n")
+    s3.put_object(Bucket="mnt-plain", Key="set/changed.txt", Body=b"logged!")
+    refs = entries_for_reference("s3://mnt-plain/set", name="s3")
     assert "-" in next(e for e in refs if e.path == "s3/big.bin").digest  # multipart: ETag is no md5
     vdir = commit(tmp_path / "store", tmp_path, refs)
-    s3.put_object(Bucket="plain", Key="set/changed.txt", Body=b"LOGGED!")  # same size, other bytes
+    s3.put_object(Bucket="mnt-plain", Key="set/changed.txt", Body=b"LOGGED!")  # same size, other bytes
     with mounted(tmp_path / "store", tmp_path) as m:
         root = m.path / vdir
         found = subprocess.run(["find", str(root), "-type", "f"], capture_output=True, text=True, check=True)
         assert sorted(Path(p).name for p in found.stdout.split()) == ["big.bin", "changed.txt", "small.txt"]
         subprocess.run(["ls", "-lR", str(root)], capture_output=True, check=True)
         assert os.stat(root / "s3/big.bin").st_size == len(big)
-        assert os.getxattr(root / "s3/big.bin", "user.artifact.ref") == b"s3://plain/set/big.bin"
+        assert os.getxattr(root / "s3/big.bin", "user.artifact.ref") == b"s3://mnt-plain/set/big.bin"
         etag = next(e for e in refs if e.path == "s3/big.bin").digest
         assert os.getxattr(root / "s3/big.bin", "user.artifact.etag").decode() == etag
         assert ref_requests(m) == 0
@@ -211,14 +211,14 @@ def test_s3_cache_is_keyed_by_reference_identity(s3, tmp_path: Path) -> None:
     """Read once, then the object is overwritten: the logged version is still served from the
     cache (those are its bytes), and a version logged after the overwrite gets the new bytes,
     never the old cache object."""
-    s3.create_bucket(Bucket="ident")
+    s3.create_bucket(Bucket="mnt-ident")
     old, new = os.urandom(6 * MiB), os.urandom(6 * MiB)
-    multipart(s3, "ident", "k.bin", old)
-    v_old = commit(tmp_path / "store", tmp_path, entries_for_reference("s3://ident/k.bin"))
+    multipart(s3, "mnt-ident", "k.bin", old)
+    v_old = commit(tmp_path / "store", tmp_path, entries_for_reference("s3://mnt-ident/k.bin"))
     with mounted(tmp_path / "store", tmp_path) as m:
         assert sha((m.path / v_old / "k.bin").read_bytes()) == sha(old)
-    multipart(s3, "ident", "k.bin", new)
-    v_new = commit(tmp_path / "store", tmp_path, entries_for_reference("s3://ident/k.bin"))
+    multipart(s3, "mnt-ident", "k.bin", new)
+    v_new = commit(tmp_path / "store", tmp_path, entries_for_reference("s3://mnt-ident/k.bin"))
     with mounted(tmp_path / "store", tmp_path) as m:  # same cache, new daemon
         assert sha((m.path / v_old / "k.bin").read_bytes()) == sha(old)
         assert ref_requests(m) == 0
@@ -227,23 +227,23 @@ def test_s3_cache_is_keyed_by_reference_identity(s3, tmp_path: Path) -> None:
 
 
 def test_s3_versioned_bucket_serves_logged_version(s3, tmp_path: Path) -> None:
-    s3.create_bucket(Bucket="versioned")
-    s3.put_bucket_versioning(Bucket="versioned", VersioningConfiguration={"Status": "Enabled"})
+    s3.create_bucket(Bucket="mnt-versioned")
+    s3.put_bucket_versioning(Bucket="mnt-versioned", VersioningConfiguration={"Status": "Enabled"})
     one = os.urandom(3 * MiB)
-    s3.put_object(Bucket="versioned", Key="d/f.bin", Body=one)
-    refs = entries_for_reference("s3://versioned/d/f.bin")
+    s3.put_object(Bucket="mnt-versioned", Key="d/f.bin", Body=one)
+    refs = entries_for_reference("s3://mnt-versioned/d/f.bin")
     vid = refs[0].extra["versionID"]
     vdir = commit(tmp_path / "store", tmp_path, refs)
-    s3.put_object(Bucket="versioned", Key="d/f.bin", Body=os.urandom(3 * MiB))
+    s3.put_object(Bucket="mnt-versioned", Key="d/f.bin", Body=os.urandom(3 * MiB))
     with mounted(tmp_path / "store", tmp_path) as m:
         assert os.getxattr(m.path / vdir / "f.bin", "user.artifact.version_id").decode() == vid
         assert sha((m.path / vdir / "f.bin").read_bytes()) == sha(one)
 
 
 def test_s3_missing_credentials_is_eacces(s3, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    s3.create_bucket(Bucket="creds")
-    s3.put_object(Bucket="creds", Key="a.txt", Body=b"secret")
-    vdir = commit(tmp_path / "store", tmp_path, entries_for_reference("s3://creds/a.txt"))
+    s3.create_bucket(Bucket="mnt-creds")
+    s3.put_object(Bucket="mnt-creds", Key="a.txt", Body=b"secret")
+    vdir = commit(tmp_path / "store", tmp_path, entries_for_reference("s3://mnt-creds/a.txt"))
     for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
@@ -302,10 +302,10 @@ def test_mixed_artifact_cp_sha256sum_and_changed_file_source(s3, site, tmp_path:
         (src / rel).write_bytes(data)
     (src / "later.txt").write_bytes(b"before")
     s.files["/w.bin"] = web = os.urandom(100_000)
-    s3.create_bucket(Bucket="mixed")
-    s3.put_object(Bucket="mixed", Key="m/obj.bin", Body=(obj := os.urandom(2 * MiB + 5)))
+    s3.create_bucket(Bucket="mnt-mixed")
+    s3.put_object(Bucket="mnt-mixed", Key="m/obj.bin", Body=(obj := os.urandom(2 * MiB + 5)))
     refs = (entries_for_reference(src.as_uri(), name="local") + entries_for_reference(f"{base}/w.bin", name="web/w.bin")
-            + entries_for_reference("s3://mixed/m", name="bucket"))
+            + entries_for_reference("s3://mnt-mixed/m", name="bucket"))
     stored = {"stored/readme.md": b"# mixed\n", "stored/big.bin": os.urandom(3 * MiB)}
     vdir = commit(tmp_path / "store", tmp_path, refs, stored)
     (src / "later.txt").write_bytes(b"after!")
