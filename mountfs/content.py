@@ -19,6 +19,10 @@ Where the bytes of an open file come from, in order:
    (the bitmap on disk is a hint, never a proof).  Without a map the whole object is fetched
    and md5-checked before its first byte is served.  Complete objects are promoted into the
    cache after their md5 matched.
+5. a reference entry (``FileRef.source``, see :mod:`mountfs.ref_source`): the same path as 4
+   with the reference's pinned ranged reads as the fetcher; blocks of pinned sources are
+   trusted as fetched (:class:`PinnedPartialFile`), ``file://`` is md5-checked whole first,
+   and the complete object is cached under its real md5.
 
 Integrity rule: no byte is served before it was verified.  A block that fails: dropped and
 fetched again once from the source; failing again, the read answers EIO and the log names
@@ -34,11 +38,13 @@ which run on the trio loop and never block.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import hashlib
 import logging
 import os
 import threading
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,11 +53,13 @@ from cachetools import LRUCache
 
 from client.blockmap import BlockMap, BlockMismatchError
 from client.cache import Cache, has_verified_marker, set_verified_marker
+from client.errors import DigestMismatchError, NotFoundError, PermissionDeniedError
 from client.store.base import Store
 
-from .fetch import (BlockReader, EvictedBlockError, FetchConfig, FetchError, MiB, PartialFile, ReadaheadWindow,
-                    StreamBlocks, retrying)
+from .fetch import (BlockReader, EvictedBlockError, FetchConfig, FetchError, MiB, PartialFile,
+                    ReadaheadWindow, StreamBlocks, is_temp_failure, retrying)
 from .namespace import FileRef
+from .ref_source import RefIdentities
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +126,24 @@ class BlobBlocks:
         os.close(self.fd)
 
 
+class PinnedPartialFile(PartialFile):
+    """A reference's partial file: blocks are trusted as written, because every fetch was
+    pinned to the recorded object (see :mod:`mountfs.ref_source`).  Never resumed from disk:
+    a bitmap left by an earlier daemon proves nothing, and no block map can check the blocks."""
+
+    def _load_bits(self) -> None:
+        return None
+
+    def write(self, i: int, data: bytes | memoryview) -> None:
+        self._checked[i] = 1  # before the bit: whoever sees the block present sees it checked
+        super().write(i, data)
+
+
+def _source_temp(exc: BaseException) -> bool:
+    """A reference source's answers that retrying cannot change: changed, gone, refused."""
+    return is_temp_failure(exc) and not isinstance(exc, (DigestMismatchError, NotFoundError))
+
+
 def _md5_fd(fd: int, size: int) -> str:
     h = hashlib.md5(usedforsecurity=False)
     for off in range(0, size, 4 * MiB):
@@ -139,6 +165,7 @@ class _Object:
 
     def __init__(self, ref: FileRef) -> None:
         self.ref = ref
+        self.key = ref.md5  #: key in ContentReader._objects (a reference's ref may be resolved later)
         self.refs = 0
         self.fd: int | None = None  #: complete, verified object
         self.data: bytes | None = None  #: a small object's verified bytes (installed in the background)
@@ -203,6 +230,8 @@ class ContentReader:
         self._bad: LRUCache[str, tuple] = LRUCache(maxsize=10_000)
         self._maps: LRUCache[tuple[str, str], BlockMap | None] = LRUCache(maxsize=10_000)
         self.store_requests = 0  #: ranged store requests issued (including retries)
+        self.reference_requests = 0  #: ranged requests to reference sources (including retries)
+        self._identities = RefIdentities(cache.root / "refs")
         self.blockmap_requests = 0  #: block map look-ups (once per large blob and daemon)
         self.verify_failures = 0  #: blocks or objects that failed verification
         self._installer = ThreadPoolExecutor(4, thread_name_prefix="artifactfs-install")
@@ -212,7 +241,8 @@ class ContentReader:
 
     def stats(self) -> dict[str, int]:
         with self._lock:
-            return {"store_requests": self.store_requests, "open_objects": len(self._objects),
+            return {"store_requests": self.store_requests, "reference_requests": self.reference_requests,
+                    "open_objects": len(self._objects),
                     "blockmap_requests": self.blockmap_requests, "verify_failures": self.verify_failures}
 
     # -- verification ------------------------------------------------------------------
@@ -223,6 +253,8 @@ class ContentReader:
         with the object it describes.  FetchError when the map says another size than the
         manifest entry (the mount never serves a prefix or a padded blob).
         """
+        if ref.source is not None:
+            return None  # a reference's bytes are not a store blob: no block map
         key = (ref.entity, ref.md5)
         if key in self._maps:
             bm = self._maps[key]
@@ -271,6 +303,63 @@ class ContentReader:
 
         return retrying(call, length, self.config, self._io, f"blob {md5}[{start}:+{length}]")
 
+    def _fetcher(self, ref: FileRef) -> Callable[[int, int], bytes]:
+        """Ranged reads of this file's content: the store's blob, or the reference's source."""
+        if ref.source is not None:
+            return lambda start, length: self._read_source(ref, start, length)
+        return lambda start, length: self.fetch_range(ref.entity, ref.md5, start, length)
+
+    def _read_source(self, ref: FileRef, start: int, length: int) -> bytes:
+        """One pinned ranged read of a reference (retried like a store request).  A source that
+        changed or vanished is EIO, refused credentials EACCES; either way one log line."""
+        src = ref.source
+        assert src is not None
+
+        def call() -> bytes:
+            with self._lock:
+                self.reference_requests += 1
+            return src.read(start, length)
+
+        try:
+            return retrying(call, length, self.config, self._io, f"{src.uri}[{start}:+{length}]", _source_temp)
+        except DigestMismatchError as exc:
+            self._source_changed(ref, str(exc))
+        except NotFoundError as exc:
+            self._source_changed(ref, f"it no longer exists ({exc})")
+        except PermissionDeniedError as exc:
+            log.error("%s: reading the reference %s was refused: %s; answering EACCES", ref.path, src.uri, exc)
+            raise
+        raise AssertionError("unreachable")
+
+    def _source_changed(self, ref: FileRef, what: str) -> None:
+        src = ref.source
+        assert src is not None
+        with self._lock:
+            self.verify_failures += 1
+        log.error("%s: the reference %s changed since it was logged (recorded: %s): %s; answering EIO",
+                  ref.path, src.uri, src.pinned_to(), what)
+        raise FetchError(f"{ref.path}: the reference {src.uri} changed since it was logged")
+
+    @staticmethod
+    def _expected_md5(ref: FileRef) -> str | None:
+        """The md5 the content must have: a stored blob's own, a reference's recorded one (if any)."""
+        return ref.md5 if ref.source is None else ref.source.content_md5
+
+    def _resolve_identity(self, obj: _Object) -> None:
+        """A reference without a recorded md5 that was fetched whole before: from now on it is
+        the md5 its pinned bytes had (cached under it, checked against it)."""
+        src = obj.ref.source
+        if src is None or not src.checked or src.content_md5 is not None:
+            return
+        known = self._identities.get(obj.ref.md5)
+        if known is not None:
+            obj.ref = dataclasses.replace(obj.ref, md5=known, source=dataclasses.replace(src, content_md5=known))
+
+    def _fetched_whole(self, ref: FileRef, actual: str) -> None:
+        """Remember which md5 a checked reference's complete bytes have (for the next open)."""
+        if ref.source is not None and ref.source.checked:
+            self._identities.put(ref.md5, actual)
+
     def manifest_path(self, entity: str, md5: str) -> Path:
         """The complete, verified manifest blob in the cache (IndexStore's source)."""
         hit = self.cache.lookup(md5)
@@ -315,7 +404,7 @@ class ContentReader:
             if obj.reader is not None or obj.promotion is not None:
                 return False
             obj.refs -= 1
-            self._objects.pop(obj.ref.md5, None)
+            self._objects.pop(obj.key, None)
         with obj.lock:
             obj.close_sources()
         return True
@@ -326,7 +415,7 @@ class ContentReader:
             obj.refs -= 1
             if obj.refs > 0:
                 return
-            self._objects.pop(obj.ref.md5, None)
+            self._objects.pop(obj.key, None)
         reader = obj.reader
         cfg = self.config
         budget = cfg.attempts * cfg.timeout + cfg.backoff * 2 ** cfg.attempts
@@ -430,6 +519,8 @@ class ContentReader:
         actual = partial.md5()
         if actual != obj.ref.md5:
             partial.reset()
+            if obj.ref.source is not None:  # a file:// source rewritten since it was logged
+                self._source_changed(obj.ref, f"its bytes hash to {actual}, the record says {obj.ref.md5}")
             raise BlockMismatchError(-1, f"the object hashes to {actual}")
         partial.mark_all_checked()
         obj.whole_pending = False
@@ -490,7 +581,7 @@ class ContentReader:
             blocks = StreamBlocks(bm, max(_STREAM_WINDOW, 2 * cfg.readahead_max) // cfg.block_size)
             obj.partial, obj.source = None, "stream"
             obj.reader = BlockReader(
-                ref.size, lambda start, length: self.fetch_range(ref.entity, ref.md5, start, length),
+                ref.size, self._fetcher(ref),
                 blocks, block_size=cfg.block_size, max_request=cfg.max_request, executor=self._executor)
         log.warning("%s: still no room in the cache: streaming it (verified per block, not cached)",
                     ref.path)
@@ -502,6 +593,7 @@ class ContentReader:
 
     def _prepare_locked(self, obj: _Object, local_only: bool = False) -> None:
         if obj.data is None and obj.fd is None and obj.reader is None:
+            self._resolve_identity(obj)
             ref = obj.ref
             if not obj.skip_cache and self._open_complete(obj, local_only):
                 return
@@ -515,20 +607,25 @@ class ContentReader:
             if ref.size <= self.config.small_object:
                 # One request for the whole object, checked before a byte is served; the
                 # reader gets it from memory while the cache write (fsync) happens behind it.
-                data = self.fetch_range(ref.entity, ref.md5, 0, ref.size)
-                if hashlib.md5(data, usedforsecurity=False).hexdigest() != ref.md5:
+                data = self._fetcher(ref)(0, ref.size)
+                actual, expected = hashlib.md5(data, usedforsecurity=False).hexdigest(), self._expected_md5(ref)
+                if expected is not None and actual != expected:
+                    if ref.source is not None:
+                        self._source_changed(ref, f"its bytes hash to {actual}, the record says {expected}")
                     raise FetchError(f"the store returned wrong bytes for {ref.md5}")
                 obj.data = data
-                self._install_later(ref.md5, data)
+                self._install_later(actual, data)
+                self._fetched_whole(ref, actual)
                 return
             bm = self.blockmap(ref)
             if not (self.cache.partial_dir / f"{ref.md5}.part").exists():
                 self.cache.evict(ref.size)  # make room once, when a new large object starts
-            obj.partial = PartialFile(self.cache.partial_dir, ref.md5, ref.size, self.config.block_size,
-                                      blockmap=bm)
-            obj.source, obj.whole_pending = "partial", bm is None
+            trusted = ref.source is not None and ref.source.trust_blocks  # pinned reads: see ref_source
+            obj.partial = (PinnedPartialFile if trusted else PartialFile)(
+                self.cache.partial_dir, ref.md5, ref.size, self.config.block_size, blockmap=bm)
+            obj.source, obj.whole_pending = "partial", bm is None and not trusted
             obj.reader = BlockReader(
-                ref.size, lambda start, length: self.fetch_range(ref.entity, ref.md5, start, length),
+                ref.size, self._fetcher(ref),
                 obj.partial, block_size=self.config.block_size, max_request=self.config.max_request,
                 executor=self._executor,
                 on_complete=lambda: None if obj.whole_pending else self._schedule_promotion(obj))
@@ -620,7 +717,7 @@ class ContentReader:
     def _blob_path(self, ref: FileRef) -> Path | None:
         """The store's own file for this blob, when the store is local and direct reads are on."""
         blob_path = getattr(self.store, "blob_path", None)
-        if not self.config.local_blobs or blob_path is None:
+        if not self.config.local_blobs or blob_path is None or ref.source is not None:
             return None
         try:
             return Path(blob_path(ref.entity, ref.md5))
@@ -723,15 +820,17 @@ class ContentReader:
             with obj.lock:
                 if obj.closed:
                     return
-                if actual != obj.ref.md5:
+                expected = self._expected_md5(obj.ref)
+                if expected is not None and actual != expected:
                     log.error("content fetched for %s (%s) hashes to %s: discarding it",
-                              obj.ref.path, obj.ref.md5, actual)
+                              obj.ref.path, expected, actual)
                     partial.reset()
                     return
-                dest = self.cache.adopt(obj.ref.md5, partial.path)
+                dest = self.cache.adopt(actual, partial.path)  # a reference's too: under its md5
                 partial.forget_bitmap()
+                self._fetched_whole(obj.ref, actual)
                 with contextlib.suppress(OSError):
-                    self._verified[_stat_key(obj.ref.md5, os.stat(dest))] = True
+                    self._verified[_stat_key(actual, os.stat(dest))] = True
                 # The fd now names the complete object (a rename keeps the inode); readers
                 # still holding the block reader keep using the same, still open, fd.
                 obj.fd = partial.fd

@@ -92,9 +92,10 @@ def is_temp_failure(exc: BaseException) -> bool:
 
 
 def retrying(call: Callable[[], _R], expected: int | None, cfg: FetchConfig, io_pool: ThreadPoolExecutor,
-             what: str) -> _R:
+             what: str, is_temp: Callable[[BaseException], bool] = is_temp_failure) -> _R:
     """Run ``call`` under the one retry policy (:mod:`client.retry`): ``cfg.attempts`` tries,
-    all within ``cfg.timeout`` seconds; FetchError at the end.
+    all within ``cfg.timeout`` seconds; FetchError at the end.  ``is_temp`` classifies
+    failures (default :func:`is_temp_failure`; reference sources add their final answers).
 
     With the watchdog the bound is enforced by waiting on a future: a request that truly
     hangs keeps one I/O thread busy, but the reader gets its EIO on time.  A store that
@@ -110,7 +111,7 @@ def retrying(call: Callable[[], _R], expected: int | None, cfg: FetchConfig, io_
         return data
 
     policy = RetryPolicy(tries=cfg.attempts, backoff=cfg.backoff, deadline=cfg.timeout, attempt_timeout=cfg.timeout)
-    return policy.call(attempt, is_temp=is_temp_failure, what=what, logger=log,
+    return policy.call(attempt, is_temp=is_temp, what=what, logger=log,
                        give_up=lambda exc, n: FetchError(f"{what}: failed after {n} attempts: {exc!r}"))
 
 

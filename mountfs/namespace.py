@@ -55,6 +55,7 @@ from client.manifest import EXECUTABLE_KEY, symlink_target
 from client.store.base import Store, VersionRecord
 
 from .manifest_index import ROOT_ID, IndexEntry, IndexStore, ManifestIndex
+from .ref_source import RefSource, describe
 
 log = logging.getLogger(__name__)
 
@@ -154,10 +155,11 @@ class FileRef:
     """What an open file is pinned to: content by md5, not by name, so aliases can move."""
 
     entity: str
-    md5: str
+    md5: str  #: the content's cache key: its md5 (a reference: :attr:`RefSource.key`)
     size: int
     version: str  #: qualified name, e.g. ``ent/proj/data:v3`` (for messages and logs)
     path: str
+    source: RefSource | None = None  #: a reference entry: where its bytes are and what was recorded
 
 
 @dataclass(slots=True)
@@ -638,10 +640,17 @@ class Namespace:
             raise OSError(errno.EROFS, "artifact versions are read-only")
         entry, version = node.entry, node.version
         assert entry is not None and version is not None
-        if entry.ref is not None or entry.md5 is None:
-            raise OSError(errno.ENOTSUP, f"{entry.name} is a reference ({entry.ref}); its content is not in the store")
-        ref = FileRef(blob_entity(node.entity, version), entry.md5, entry.size, version.qualified_name,
-                      self.path_of(node))
+        source = None
+        if entry.ref is not None:
+            self._io()  # describing a file:// reference may stat its path: a worker thread does it
+            source = describe(entry.ref, entry.md5, entry.size, entry.extra, self.path_of(node))
+            if source is None:
+                raise OSError(errno.ENOTSUP, f"{entry.name} is a reference ({entry.ref}) the mount cannot read "
+                                             "(a tracked-only scheme, or checksum=False without a size)")
+        elif entry.md5 is None:
+            raise OSError(errno.ENOTSUP, f"{entry.name} has no md5 digest; its content is not in the store")
+        ref = FileRef(blob_entity(node.entity, version), source.key if source else str(entry.md5), entry.size,
+                      version.qualified_name, self.path_of(node), source)
         with self._lock:
             fh = self._next_fh
             self._next_fh += 1
@@ -701,6 +710,11 @@ class Namespace:
                 out["user.artifact.ref"] = e.ref.encode()
             if e.extra:
                 out["user.artifact.extra"] = e.extra.encode()
+                recorded = json.loads(e.extra)
+                if e.ref is not None and recorded.get("etag"):
+                    out["user.artifact.etag"] = str(recorded["etag"]).strip('"').encode()
+                if e.ref is not None and recorded.get("versionID"):
+                    out["user.artifact.version_id"] = str(recorded["versionID"]).encode()
         return out
 
     def getxattr(self, inode: int, name: str) -> bytes:

@@ -251,7 +251,7 @@ class Operations(pyfuse3.Operations):
             if ref is not None:  # unchanged base content: the read side serves it
                 self._handles[fh] = self.content.open(ref)
             return pyfuse3.FileInfo(fh=FileHandle(fh), keep_cache=False)
-        fh, ref = self.ns.open(inode, flags)
+        fh, ref = await self._ns(self.ns.open, inode, flags)
         self._handles[fh] = self.content.open(ref)
         # Content under an inode never changes, so the kernel may keep its page cache.
         return pyfuse3.FileInfo(fh=FileHandle(fh), keep_cache=True)

@@ -32,9 +32,12 @@ All these rules were observed side by side with wandb 0.31.0 (tests/test_wandb_f
 
 Reading back (download and the mount) goes through :func:`fetch_reference` and
 :func:`read_reference_range`; both check what the source lets us check (size, the recorded ETag /
-version, md5 where the digest is an md5) and raise :class:`DigestMismatchError` when the source
-changed since it was logged, :class:`NotFoundError` when it is gone and
-:class:`StoreUnavailableError` when it cannot be reached.  ``allow_missing_references`` is the
+version, md5 where the digest is an md5).  Ranged reads are pinned to the record: S3 by
+``VersionId``, else ``If-Match`` on the ETag; HTTP by ``If-Match`` plus the answer's ETag and
+total size; GCS by the generation, else the md5 from the object's metadata.  They raise
+:class:`DigestMismatchError` when the source changed since it was logged, :class:`NotFoundError`
+when it is gone, :class:`PermissionDeniedError` when this machine's credentials are missing or
+refused and :class:`StoreUnavailableError` when it cannot be reached.  ``allow_missing_references`` is the
 caller's business: it catches ``NotFoundError``.
 
 Every scheme is one small :class:`ReferenceHandler`; adding a scheme means adding one class to

@@ -5,10 +5,11 @@ from __future__ import annotations
 import importlib
 import os
 import posixpath
+import threading
 from pathlib import Path
 from typing import Iterator
 
-from ..errors import ArtifactFSError, DigestMismatchError, NotFoundError, StoreUnavailableError
+from ..errors import ArtifactFSError, DigestMismatchError, NotFoundError, PermissionDeniedError, StoreUnavailableError
 from ..hashing import HashingWriter
 from ..manifest import ManifestEntry
 from .common import (
@@ -28,20 +29,41 @@ from .common import (
 
 # --------------------------------------------------------------------------- gs://
 
+_gcs_lock = threading.Lock()
+_gcs_clients: dict[str | None, object] = {}
+
+
 def _gcs_client():
-    """A google-cloud-storage client; honours ``STORAGE_EMULATOR_HOST`` like the library does."""
+    """A google-cloud-storage client (one per emulator host: finding the application default
+    credentials costs requests); honours ``STORAGE_EMULATOR_HOST`` like the library does.
+    No credentials: PermissionDeniedError naming what is looked for."""
     try:
         storage = importlib.import_module("google.cloud.storage")
     except ImportError:
         raise ArtifactFSError(
             "gs:// references need the google-cloud-storage package, which is not installed: "
             "pip install google-cloud-storage") from None
-    if os.environ.get("STORAGE_EMULATOR_HOST"):
-        from google.auth.credentials import AnonymousCredentials  # type: ignore[import-untyped]
+    emulator = os.environ.get("STORAGE_EMULATOR_HOST") or None
+    with _gcs_lock:
+        client = _gcs_clients.get(emulator)
+        if client is not None:
+            return client
+        if emulator:
+            from google.auth.credentials import AnonymousCredentials  # type: ignore[import-untyped]
 
-        return storage.Client(project=os.environ.get("GOOGLE_CLOUD_PROJECT", "artifactfs"),
-                              credentials=AnonymousCredentials())
-    return storage.Client()
+            client = storage.Client(project=os.environ.get("GOOGLE_CLOUD_PROJECT", "artifactfs"),
+                                    credentials=AnonymousCredentials())
+        else:
+            from google.auth.exceptions import DefaultCredentialsError  # type: ignore[import-untyped]
+
+            try:
+                client = storage.Client()
+            except DefaultCredentialsError as exc:
+                raise PermissionDeniedError(
+                    f"gs:// references need Google application default credentials "
+                    f"(GOOGLE_APPLICATION_CREDENTIALS, or `gcloud auth application-default login`): {exc}") from None
+        _gcs_clients[emulator] = client
+        return client
 
 
 class GcsHandler:
@@ -64,6 +86,8 @@ class GcsHandler:
             raise DigestMismatchError(f"{what}: the object changed since it was logged") from None
         except gexc.RequestRangeNotSatisfiable:
             return None
+        except (gexc.Unauthorized, gexc.Forbidden) as exc:
+            raise PermissionDeniedError(f"{what}: GCS refused this machine's credentials: {exc}") from None
         except (gexc.ServerError, gexc.RetryError) as exc:
             raise StoreUnavailableError(f"{what}: GCS unavailable: {exc}") from exc
         except gexc.GoogleAPICallError as exc:

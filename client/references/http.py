@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Iterator
 from urllib.parse import urlparse
 
-from ..errors import ArtifactFSError, DigestMismatchError, NotFoundError, StoreUnavailableError
+from ..errors import ArtifactFSError, DigestMismatchError, NotFoundError, PermissionDeniedError, StoreUnavailableError
 from ..hashing import HashingWriter, CHUNK
 from ..manifest import ManifestEntry
 from .common import (
@@ -64,6 +64,14 @@ class HttpHandler:
         if resp.status_code >= 500:
             resp.close()
             raise StoreUnavailableError(f"reference {uri} answered {resp.status_code}")
+        if resp.status_code == 412:
+            resp.close()
+            raise DigestMismatchError(f"reference {uri} answered 412 to If-Match: its ETag changed since it was logged")
+        if resp.status_code in (401, 403) and method == "GET":
+            resp.close()
+            raise PermissionDeniedError(
+                f"reference {uri} answered {resp.status_code}: no credentials of this machine are accepted for "
+                f"{urlparse(uri).hostname} (requests reads them from ~/.netrc or $NETRC)")
         tolerated = (403, 405) if method == "HEAD" else (416,)  # HEAD refused / range past the end
         if resp.status_code >= 400 and resp.status_code not in tolerated:
             resp.close()
@@ -116,15 +124,23 @@ class HttpHandler:
                                etag.lower() if _is_single_part_etag(etag) else None)
 
     def read_range(self, entry: ManifestEntry, start: int, length: int) -> bytes:
+        """A ranged GET pinned with ``If-Match`` on the recorded (strong) ETag; the answer's ETag
+        and the object's total size (``Content-Range``, or ``Content-Length`` of a 200) are
+        checked too, for servers that ignore the precondition or send no ETag at all."""
         if length <= 0:
             return b""
         headers = {"Range": f"bytes={start}-{start + length - 1}"}
+        unchecked = is_uri_digest(entry)
+        logged = entry.extra.get("etag")
+        if logged and not unchecked and not str(logged).startswith("W/"):
+            headers["If-Match"] = str(logged)  # weak ETags never match If-Match: checked below
         resp = self._request("GET", entry.ref or "", headers=headers, stream=True)
         with resp:
             if resp.status_code == 416:
                 return b""
-            if not is_uri_digest(entry):
+            if not unchecked:
                 self._check_etag(entry, resp.headers)
+            self._check_total(entry, resp)
             if resp.status_code == 206:
                 return resp.content
             # The server ignored Range: skip to start, keep length bytes, drop the rest.
@@ -138,6 +154,19 @@ class HttpHandler:
                 if pos >= start + length:
                     break
             return bytes(out)
+
+    @staticmethod
+    def _check_total(entry: ManifestEntry, resp) -> None:
+        """The object's size now (``Content-Range: bytes a-b/N``, or a 200's length) must be the logged one."""
+        if entry.size is None:
+            return
+        total: str | None = None
+        if resp.status_code == 206:
+            total = resp.headers.get("Content-Range", "").rpartition("/")[2] or None
+        elif resp.status_code == 200:
+            total = resp.headers.get("Content-Length")
+        if total is not None and total.isdigit():
+            _check_size(entry, int(total), "now has")
 
     def is_container(self, entry: ManifestEntry) -> bool:
         return False

@@ -8,7 +8,7 @@ import threading
 from pathlib import Path
 from typing import Iterator
 
-from ..errors import ArtifactFSError, DigestMismatchError, NotFoundError, StoreUnavailableError
+from ..errors import ArtifactFSError, DigestMismatchError, NotFoundError, PermissionDeniedError, StoreUnavailableError
 from ..hashing import HashingWriter, CHUNK
 from ..manifest import ManifestEntry
 from .common import (
@@ -59,6 +59,11 @@ def _s3_client():
         return client
 
 
+#: S3 error codes that mean "these credentials may not read this"
+_DENIED = frozenset({"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken",
+                     "InvalidToken", "AllAccessDisabled", "403"})
+
+
 class S3Handler:
     """``s3://`` references: ETag and size from the object metadata; the version id too when the
     bucket is versioned, so a download gets the bytes that were logged even after an overwrite."""
@@ -66,10 +71,14 @@ class S3Handler:
     schemes = ("s3",)
 
     def _call(self, what: str, fn, **kw):
-        from botocore.exceptions import BotoCoreError, ClientError
+        from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError, PartialCredentialsError
 
         try:
             return fn(**kw)
+        except (NoCredentialsError, PartialCredentialsError) as exc:
+            raise PermissionDeniedError(
+                f"{what}: no usable AWS credentials ({exc}); the boto3 default chain is used: "
+                f"AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE, ~/.aws/credentials, an instance role") from None
         except ClientError as exc:
             err = exc.response.get("Error", {})
             code = str(err.get("Code", ""))
@@ -80,6 +89,10 @@ class S3Handler:
                 raise DigestMismatchError(f"{what}: the object changed since it was logged") from None
             if code == "InvalidRange":
                 return None
+            if code in _DENIED or status == 403:
+                raise PermissionDeniedError(
+                    f"{what}: S3 refused the AWS credentials of this machine: {code} {err.get('Message', '')}".strip()
+                ) from None
             if status and status >= 500:
                 raise StoreUnavailableError(f"{what}: S3 answered {status} {code}") from exc
             raise ArtifactFSError(f"{what}: S3 refused: {code} {err.get('Message', '')}".strip()) from exc
@@ -162,9 +175,17 @@ class S3Handler:
                              extra=extra)
 
     def _get(self, entry: ManifestEntry, **kw):
+        """GET pinned to what was logged: the recorded version id, else ``If-Match`` on the
+        recorded ETag (412 -> DigestMismatchError); the answer's ETag is checked as well, for
+        S3-compatible stores that ignore the precondition."""
         bucket, key, version = _parse_bucket_uri(entry.ref or "")
         version = entry.extra.get("versionID") or version
-        args = {"Bucket": bucket, "Key": key} | ({"VersionId": version} if version else {}) | kw
+        args: dict[str, object] = {"Bucket": bucket, "Key": key}
+        if version:
+            args["VersionId"] = version
+        elif not is_uri_digest(entry):
+            args["IfMatch"] = f'"{entry.digest}"'
+        args |= kw
         resp = self._call(f"reference {entry.ref} ({entry.path})", _s3_client().get_object, **args)
         if resp is not None and not is_uri_digest(entry):
             now = _strip_quotes(resp.get("ETag", ""))

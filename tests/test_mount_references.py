@@ -1,0 +1,408 @@
+"""Reference entries read through a real mount: s3:// on moto (plain and versioned buckets),
+http:// on a loopback server (with and without ETag), file:// sources, and a mixed artifact.
+
+Requests are counted at the daemon (``reference_requests`` in the root's stats xattr) and, for
+HTTP, at the server itself; no test asserts on time."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from client.hashing import hex_to_b64, md5_bytes, md5_file
+from client.manifest import Manifest, ManifestEntry
+from client.references import entries_for_reference
+from client.store.base import CommitRequest
+from client.store.local import LocalStore
+from tests.mount_helpers import Mount, mounted, requires_fuse
+
+pytestmark = [requires_fuse, pytest.mark.fuse, pytest.mark.timeout(180)]
+
+MiB = 1 << 20
+
+
+# --------------------------------------------------------------------------- helpers
+
+def commit(store_dir: Path, work: Path, refs: list[ManifestEntry], stored: dict[str, bytes] | None = None,
+           collection: str = "refs") -> str:
+    """Commit a version holding ``refs`` (reference entries) and ``stored`` files; its dir name."""
+    store = LocalStore(store_dir)
+    try:
+        entries = list(refs)
+        for path, data in (stored or {}).items():
+            blob = work / f"blob-{time.monotonic_ns()}"
+            blob.write_bytes(data)
+            md5 = md5_bytes(data)
+            store.put_blob("ent", md5, blob, len(data))
+            entries.append(ManifestEntry(path, hex_to_b64(md5), len(data)))
+        manifest = work / f"manifest-{time.monotonic_ns()}.json"
+        manifest.write_bytes(Manifest(entries).to_bytes())
+        mmd5 = md5_file(manifest)
+        store.put_blob("ent", mmd5, manifest, manifest.stat().st_size)
+        rec, _ = store.commit(CommitRequest("ent", "proj", collection, "dataset", mmd5))
+        return rec.qualified_name
+    finally:
+        store.close()
+
+
+def ref_requests(m: Mount) -> int:
+    return m.stats()["reference_requests"]
+
+
+def read_errno(path: Path, size: int = 4096, offset: int = 0) -> int:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.pread(fd, size, offset)
+    except OSError as exc:
+        return exc.errno
+    finally:
+        os.close(fd)
+    return 0
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+@pytest.fixture
+def s3(moto_endpoint: str, monkeypatch: pytest.MonkeyPatch):
+    """boto3 client on moto; the daemon finds the endpoint the way the W&B SDK does."""
+    import boto3
+
+    monkeypatch.setenv("AWS_S3_ENDPOINT_URL", moto_endpoint)
+    monkeypatch.delenv("ARTIFACTFS_S3_ENDPOINT_URL", raising=False)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # never ask 169.254.169.254
+    return boto3.client("s3", endpoint_url=moto_endpoint, region_name="us-east-1",
+                        aws_access_key_id="testing", aws_secret_access_key="testing")
+
+
+def multipart(s3, bucket: str, key: str, data: bytes, part: int = 5 * MiB) -> None:
+    """Upload in parts: the ETag is ``<md5 of md5s>-N``, not the md5 of the bytes."""
+    up = s3.create_multipart_upload(Bucket=bucket, Key=key)["UploadId"]
+    parts = []
+    for n, off in enumerate(range(0, len(data), part), start=1):
+        etag = s3.upload_part(Bucket=bucket, Key=key, UploadId=up, PartNumber=n, Body=data[off:off + part])["ETag"]
+        parts.append({"ETag": etag, "PartNumber": n})
+    s3.complete_multipart_upload(Bucket=bucket, Key=key, UploadId=up, MultipartUpload={"Parts": parts})
+
+
+class Site:
+    """Loopback HTTP server: bytes by path, optional ETag, honours Range; logs every request."""
+
+    def __init__(self) -> None:
+        self.files: dict[str, bytes] = {}
+        self.etags = True
+        self.requests: list[tuple[str, str, str | None, str | None]] = []  #: method, path, Range, If-Match
+
+
+def _handler(site: Site) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+        def _serve(self, body: bool) -> None:
+            rng, if_match = self.headers.get("Range"), self.headers.get("If-Match")
+            site.requests.append((self.command, self.path, rng, if_match))
+            data = site.files.get(self.path)
+            if data is None:
+                self.send_response(404)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            etag = f'"{md5_bytes(data)}"' if site.etags else None
+            if if_match and etag and if_match != etag:
+                self.send_response(412)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            status, part, lo, hi = 200, data, 0, len(data) - 1
+            if rng:
+                lo_s, hi_s = rng.removeprefix("bytes=").split("-")
+                lo, hi = int(lo_s), min(int(hi_s), len(data) - 1)
+                status, part = 206, data[lo:hi + 1]
+            self.send_response(status)
+            if etag:
+                self.send_header("ETag", etag)
+            self.send_header("Content-Length", str(len(part)))
+            if status == 206:
+                self.send_header("Content-Range", f"bytes {lo}-{hi}/{len(data)}")
+            self.end_headers()
+            if body:
+                self.wfile.write(part)
+
+        def do_HEAD(self) -> None:
+            self._serve(body=False)
+
+        def do_GET(self) -> None:
+            self._serve(body=True)
+
+    return Handler
+
+
+@pytest.fixture
+def site() -> Iterator[tuple[Site, str]]:
+    s = Site()
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(s))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield s, f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+# --------------------------------------------------------------------------- s3://
+
+def test_s3_reference_reads_lazy_ranged_pinned(s3, tmp_path: Path) -> None:
+    """stat/getfattr/ls/find never touch S3; a 4 KiB read of a large uncached object costs at
+    most 2 requests; whole reads give the logged bytes; an object overwritten after logging
+    answers EIO (never the new bytes) with a log line naming the entry."""
+    s3.create_bucket(Bucket="mnt-plain")
+    big = os.urandom(12 * MiB)
+    multipart(s3, "mnt-plain", "set/big.bin", big)
+    s3.put_object(Bucket="mnt-plain", Key="set/small.txt", Body=b"small logged bytes\n")
+    s3.put_object(Bucket="mnt-plain", Key="set/changed.txt", Body=b"logged!")
+    refs = entries_for_reference("s3://mnt-plain/set", name="s3")
+    assert "-" in next(e for e in refs if e.path == "s3/big.bin").digest  # multipart: ETag is no md5
+    vdir = commit(tmp_path / "store", tmp_path, refs)
+    s3.put_object(Bucket="mnt-plain", Key="set/changed.txt", Body=b"LOGGED!")  # same size, other bytes
+    with mounted(tmp_path / "store", tmp_path) as m:
+        root = m.path / vdir
+        found = subprocess.run(["find", str(root), "-type", "f"], capture_output=True, text=True, check=True)
+        assert sorted(Path(p).name for p in found.stdout.split()) == ["big.bin", "changed.txt", "small.txt"]
+        subprocess.run(["ls", "-lR", str(root)], capture_output=True, check=True)
+        assert os.stat(root / "s3/big.bin").st_size == len(big)
+        assert os.getxattr(root / "s3/big.bin", "user.artifact.ref") == b"s3://mnt-plain/set/big.bin"
+        etag = next(e for e in refs if e.path == "s3/big.bin").digest
+        assert os.getxattr(root / "s3/big.bin", "user.artifact.etag").decode() == etag
+        assert ref_requests(m) == 0
+        with open(root / "s3/big.bin", "rb", buffering=0) as f:
+            f.seek(7 * MiB + 123)
+            assert f.read(4096) == big[7 * MiB + 123:7 * MiB + 123 + 4096]
+        assert 1 <= ref_requests(m) <= 2
+        assert sha((root / "s3/big.bin").read_bytes()) == sha(big)
+        assert (root / "s3/small.txt").read_bytes() == b"small logged bytes\n"
+        assert read_errno(root / "s3/changed.txt") == errno.EIO
+        assert "s3/changed.txt" in m.log_text() and "changed since it was logged" in m.log_text()
+        # A second read of the big file comes from the cache: no request.
+        before = ref_requests(m)
+        assert sha((root / "s3/big.bin").read_bytes()) == sha(big)
+        assert ref_requests(m) == before
+
+
+def test_s3_cache_is_keyed_by_reference_identity(s3, tmp_path: Path) -> None:
+    """Read once, then the object is overwritten: the logged version is still served from the
+    cache (those are its bytes), and a version logged after the overwrite gets the new bytes,
+    never the old cache object."""
+    s3.create_bucket(Bucket="mnt-ident")
+    old, new = os.urandom(6 * MiB), os.urandom(6 * MiB)
+    multipart(s3, "mnt-ident", "k.bin", old)
+    v_old = commit(tmp_path / "store", tmp_path, entries_for_reference("s3://mnt-ident/k.bin"))
+    with mounted(tmp_path / "store", tmp_path) as m:
+        assert sha((m.path / v_old / "k.bin").read_bytes()) == sha(old)
+    multipart(s3, "mnt-ident", "k.bin", new)
+    v_new = commit(tmp_path / "store", tmp_path, entries_for_reference("s3://mnt-ident/k.bin"))
+    with mounted(tmp_path / "store", tmp_path) as m:  # same cache, new daemon
+        assert sha((m.path / v_old / "k.bin").read_bytes()) == sha(old)
+        assert ref_requests(m) == 0
+        assert sha((m.path / v_new / "k.bin").read_bytes()) == sha(new)
+        assert ref_requests(m) >= 1
+
+
+def test_s3_versioned_bucket_serves_logged_version(s3, tmp_path: Path) -> None:
+    s3.create_bucket(Bucket="mnt-versioned")
+    s3.put_bucket_versioning(Bucket="mnt-versioned", VersioningConfiguration={"Status": "Enabled"})
+    one = os.urandom(3 * MiB)
+    s3.put_object(Bucket="mnt-versioned", Key="d/f.bin", Body=one)
+    refs = entries_for_reference("s3://mnt-versioned/d/f.bin")
+    vid = refs[0].extra["versionID"]
+    vdir = commit(tmp_path / "store", tmp_path, refs)
+    s3.put_object(Bucket="mnt-versioned", Key="d/f.bin", Body=os.urandom(3 * MiB))
+    with mounted(tmp_path / "store", tmp_path) as m:
+        assert os.getxattr(m.path / vdir / "f.bin", "user.artifact.version_id").decode() == vid
+        assert sha((m.path / vdir / "f.bin").read_bytes()) == sha(one)
+
+
+def test_s3_missing_credentials_is_eacces(s3, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    s3.create_bucket(Bucket="mnt-creds")
+    s3.put_object(Bucket="mnt-creds", Key="a.txt", Body=b"secret")
+    vdir = commit(tmp_path / "store", tmp_path, entries_for_reference("s3://mnt-creds/a.txt"))
+    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    with mounted(tmp_path / "store", tmp_path) as m:
+        assert read_errno(m.path / vdir / "a.txt") == errno.EACCES
+        assert "a.txt" in m.log_text() and "AWS credentials" in m.log_text()
+
+
+# --------------------------------------------------------------------------- http://
+
+def test_http_references_with_and_without_etag(site, tmp_path: Path) -> None:
+    s, base = site
+    tagged, plain = os.urandom(5 * MiB), b"no etag here\n"
+    s.files["/tagged.bin"] = tagged
+    s.files["/changes.txt"] = b"first"
+    refs = entries_for_reference(f"{base}/tagged.bin") + entries_for_reference(f"{base}/changes.txt")
+    s.etags = False
+    s.files["/plain.txt"] = plain
+    refs += entries_for_reference(f"{base}/plain.txt")
+    s.etags = True
+    vdir = commit(tmp_path / "store", tmp_path, refs)
+    s.files["/changes.txt"] = b"FIRST"
+    s.requests.clear()
+    with mounted(tmp_path / "store", tmp_path) as m:
+        root = m.path / vdir
+        subprocess.run(["find", str(root)], capture_output=True, check=True)
+        assert [os.stat(root / n).st_size for n in ("tagged.bin", "plain.txt")] == [len(tagged), len(plain)]
+        assert s.requests == []  # listing and stat never touch the source
+        with open(root / "tagged.bin", "rb", buffering=0) as f:
+            f.seek(3 * MiB)
+            assert f.read(4096) == tagged[3 * MiB:3 * MiB + 4096]
+        assert 1 <= len(s.requests) <= 2
+        assert all(r[3] == f'"{md5_bytes(tagged)}"' for r in s.requests)  # pinned with If-Match
+        assert sha((root / "tagged.bin").read_bytes()) == sha(tagged)
+        assert read_errno(root / "changes.txt") == errno.EIO
+        assert "changes.txt" in m.log_text()
+        s.etags = False  # served without an ETag: only the recorded size can be checked
+        assert (root / "plain.txt").read_bytes() == plain
+        s.files["/plain.txt"] = plain + b"grown"
+    with mounted(tmp_path / "store", tmp_path / "second") as m:
+        assert read_errno(m.path / vdir / "plain.txt") == errno.EIO
+
+
+# --------------------------------------------------------------------------- file:// + mixed
+
+def test_mixed_artifact_cp_sha256sum_and_changed_file_source(s3, site, tmp_path: Path) -> None:
+    """Stored, file://, http:// and s3:// entries in one version read by cp -r and sha256sum;
+    a file:// source rewritten after logging answers EIO."""
+    s, base = site
+    src = tmp_path / "nfs"
+    src.mkdir()
+    local = {"a.csv": b"id,x\n1,2\n", "deep/b.bin": os.urandom(3 * MiB + 7)}
+    for rel, data in local.items():
+        (src / rel).parent.mkdir(parents=True, exist_ok=True)
+        (src / rel).write_bytes(data)
+    (src / "later.txt").write_bytes(b"before")
+    s.files["/w.bin"] = web = os.urandom(100_000)
+    s3.create_bucket(Bucket="mnt-mixed")
+    s3.put_object(Bucket="mnt-mixed", Key="m/obj.bin", Body=(obj := os.urandom(2 * MiB + 5)))
+    refs = (entries_for_reference(src.as_uri(), name="local") + entries_for_reference(f"{base}/w.bin", name="web/w.bin")
+            + entries_for_reference("s3://mnt-mixed/m", name="bucket"))
+    stored = {"stored/readme.md": b"# mixed\n", "stored/big.bin": os.urandom(3 * MiB)}
+    vdir = commit(tmp_path / "store", tmp_path, refs, stored)
+    (src / "later.txt").write_bytes(b"after!")
+    expected = {**{f"local/{k}": v for k, v in local.items()}, "web/w.bin": web, "bucket/obj.bin": obj, **stored}
+    with mounted(tmp_path / "store", tmp_path) as m:
+        root = m.path / vdir
+        out = tmp_path / "copy"
+        result = subprocess.run(["cp", "-r", str(root), str(out)], capture_output=True, text=True)
+        assert result.returncode != 0 and "later.txt" in result.stderr  # the changed source: EIO
+        for rel, data in expected.items():
+            assert (out / rel).read_bytes() == data, rel
+        sums = subprocess.run(["sha256sum", *sorted(expected)], cwd=root, capture_output=True, text=True, check=True)
+        assert dict(reversed(line.split("  ", 1)) for line in sums.stdout.splitlines()) == \
+            {rel: sha(data) for rel, data in expected.items()}
+        assert read_errno(root / "local/later.txt") == errno.EIO
+        assert "local/later.txt" in m.log_text()
+
+
+def test_file_sources_unchecked_and_large_changed(tmp_path: Path) -> None:
+    """checksum=False file:// entries are served with only their recorded size; a large
+    file:// source rewritten (same size) after logging is md5-checked whole: EIO."""
+    src = tmp_path / "share"
+    src.mkdir()
+    (src / "loose.txt").write_bytes(b"unchecked v1")
+    (src / "shrinks.txt").write_bytes(b"will shrink")
+    big = os.urandom(4 * MiB)
+    (src / "big.bin").write_bytes(big)
+    refs = (entries_for_reference((src / "loose.txt").as_uri(), checksum=False)
+            + entries_for_reference((src / "shrinks.txt").as_uri(), checksum=False)
+            + entries_for_reference((src / "big.bin").as_uri()))
+    vdir = commit(tmp_path / "store", tmp_path, refs)
+    (src / "loose.txt").write_bytes(b"unchecked v2")  # same size: nothing recorded tells them apart
+    (src / "shrinks.txt").write_bytes(b"short")
+    changed = bytearray(big)
+    changed[3 * MiB] ^= 0xFF
+    (src / "big.bin").write_bytes(bytes(changed))
+    with mounted(tmp_path / "store", tmp_path) as m:
+        root = m.path / vdir
+        assert (root / "loose.txt").read_bytes() == b"unchecked v2"
+        assert read_errno(root / "shrinks.txt") == errno.EIO
+        assert read_errno(root / "big.bin", 4096, 0) == errno.EIO  # whole md5 before the first byte
+        assert "big.bin" in m.log_text() and "changed since it was logged" in m.log_text()
+        (src / "big.bin").write_bytes(big)  # put back: the recorded bytes are served again
+        assert sha((root / "big.bin").read_bytes()) == sha(big)
+
+
+def test_gcs_reference_through_the_mount(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("google.cloud.storage")
+    server_mod = pytest.importorskip("gcp_storage_emulator.server")
+    import socket
+
+    from google.auth.credentials import AnonymousCredentials
+    from google.cloud import storage
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = server_mod.create_server("127.0.0.1", port, in_memory=True)
+    server.start()
+    try:
+        monkeypatch.setenv("STORAGE_EMULATOR_HOST", f"http://127.0.0.1:{port}")
+        bucket = storage.Client(project="artifactfs", credentials=AnonymousCredentials()).create_bucket("gsm")
+        data = os.urandom(3 * MiB + 1)
+        bucket.blob("d/obj.bin").upload_from_string(data)
+        bucket.blob("d/later.txt").upload_from_string(b"gcs logged")
+        vdir = commit(tmp_path / "store", tmp_path, entries_for_reference("gs://gsm/d"))
+        bucket.blob("d/later.txt").upload_from_string(b"GCS LOGGED")
+        with mounted(tmp_path / "store", tmp_path) as m:
+            root = m.path / vdir
+            assert os.stat(root / "obj.bin").st_size == len(data)
+            assert sha((root / "obj.bin").read_bytes()) == sha(data)
+            assert read_errno(root / "later.txt") == errno.EIO
+            assert "later.txt" in m.log_text()
+    finally:
+        server.stop()
+
+
+def test_draft_commit_keeps_references_without_touching_sources(site, tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    s, base = site
+    s.files["/r.bin"] = web = os.urandom(50_000)
+    refs = entries_for_reference(f"{base}/r.bin", name="data/r.bin")
+    commit(tmp_path / "store", tmp_path, refs, {"stored.txt": b"stored\n"})
+    s.requests.clear()
+    with mounted(tmp_path / "store", tmp_path) as m:
+        draft = m.path / "ent/proj/refs:draft"
+        draft.mkdir()
+        (draft / "new.txt").write_bytes(b"added in a draft\n")
+        (draft / ".commit").touch()
+        result = json.loads(os.getxattr(draft, "user.artifact.draft.status"))["last_commit"]
+        assert result["version"] == "ent/proj/refs:v1", result
+        assert s.requests == [] and ref_requests(m) == 0  # the commit downloaded no reference
+        assert (m.path / "ent/proj/refs:v1/data/r.bin").read_bytes() == web
+    monkeypatch.setenv("ARTIFACTFS_STORE", str(tmp_path / "store"))
+    import client
+
+    got = {e.path: e for e in client.Api().artifact("ent/proj/refs:v1").manifest}
+    assert sorted(got) == ["data/r.bin", "new.txt", "stored.txt"]
+    assert (got["data/r.bin"].ref, got["data/r.bin"].digest, got["data/r.bin"].extra) == \
+        (refs[0].ref, refs[0].digest, refs[0].extra)
