@@ -34,11 +34,13 @@ which run on the trio loop and never block.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import hashlib
 import logging
 import os
 import threading
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,7 +52,7 @@ from client.cache import Cache, has_verified_marker, set_verified_marker
 from client.store.base import Store
 
 from .fetch import (BlockReader, EvictedBlockError, FetchConfig, FetchError, MiB, PartialFile, ReadaheadWindow,
-                    StreamBlocks, retrying)
+                    ShortReadError, StreamBlocks, Streamer, retrying)
 from .namespace import FileRef
 
 log = logging.getLogger(__name__)
@@ -270,6 +272,36 @@ class ContentReader:
             return self.store.read_blob(entity, md5, start, length)
 
         return retrying(call, length, self.config, self._io, f"blob {md5}[{start}:+{length}]")
+
+    def stream_range(self, entity: str, md5: str, start: int, length: int,
+                     deliver: Callable[[int, bytes | memoryview], None]) -> None:
+        """One streamed ranged request (``Store.stream_blob``), resumed where it stopped after
+        a failure.  No watchdog thread: the store bounds every socket read itself (a slow but
+        steady stream of 64 MiB is not a hang), the retry policy bounds the attempts, and an
+        attempt that made progress earns a fresh budget (so the loop ends: progress is finite)."""
+        pos, end = start, start + length
+        cfg = dataclasses.replace(self.config, watchdog=False)
+        while True:
+            begun = pos
+
+            def call() -> None:
+                nonlocal pos
+                with self._lock:
+                    self.store_requests += 1
+                for chunk in self.store.stream_blob(entity, md5, pos, end - pos):  # type: ignore[attr-defined]
+                    if len(chunk) > end - pos:
+                        raise ShortReadError(f"blob {md5}: the store sent more than [{start}, +{length})")
+                    deliver(pos, chunk)
+                    pos += len(chunk)
+                if pos != end:
+                    raise ShortReadError(f"blob {md5}: stream ended at {pos}, expected {end}")
+
+            try:
+                retrying(call, None, cfg, self._io, f"blob {md5}[{pos}:+{end - pos}] (streamed)")
+                return
+            except FetchError:
+                if pos == begun:
+                    raise
 
     def manifest_path(self, entity: str, md5: str) -> Path:
         """The complete, verified manifest blob in the cache (IndexStore's source)."""
@@ -531,9 +563,16 @@ class ContentReader:
                 ref.size, lambda start, length: self.fetch_range(ref.entity, ref.md5, start, length),
                 obj.partial, block_size=self.config.block_size, max_request=self.config.max_request,
                 executor=self._executor,
-                on_complete=lambda: None if obj.whole_pending else self._schedule_promotion(obj))
+                on_complete=lambda: None if obj.whole_pending else self._schedule_promotion(obj),
+                streamer=self._streamer(ref), max_stream=self.config.max_stream)
             if obj.partial.complete() and not obj.whole_pending:  # resumed a fully fetched partial
                 self._schedule_promotion(obj)
+
+    def _streamer(self, ref: FileRef) -> Streamer | None:
+        """Streamed readahead for this blob when the store can stream ranged reads."""
+        if getattr(self.store, "stream_blob", None) is None or self.config.max_stream <= self.config.max_request:
+            return None
+        return lambda start, length, deliver: self.stream_range(ref.entity, ref.md5, start, length, deliver)
 
     def _install_later(self, md5: str, data: bytes) -> None:
         """Write a verified small object into the shared cache off the read path (bounded)."""
