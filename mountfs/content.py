@@ -53,7 +53,7 @@ from client.store.base import Store
 
 from .fetch import (BlockReader, EvictedBlockError, FetchConfig, FetchError, MiB, PartialFile, ReadaheadWindow,
                     ShortReadError, StreamBlocks, Streamer, retrying)
-from .namespace import FileRef
+from .namespace import SIBLING_BATCH, FileRef
 
 log = logging.getLogger(__name__)
 
@@ -204,6 +204,8 @@ class ContentReader:
         #: store blob files that failed verification, by path -> _stat_key (until they change)
         self._bad: LRUCache[str, tuple] = LRUCache(maxsize=10_000)
         self._maps: LRUCache[tuple[str, str], BlockMap | None] = LRUCache(maxsize=10_000)
+        #: the namespace's ``directory_files``: siblings of an open file, for batched requests
+        self.directory_files: Callable[[str, tuple[str, int]], list[tuple[str, int]]] | None = None
         self.store_requests = 0  #: ranged store requests issued (including retries)
         self.blockmap_requests = 0  #: block map look-ups (once per large blob and daemon)
         self.verify_failures = 0  #: blocks or objects that failed verification
@@ -221,6 +223,9 @@ class ContentReader:
     def blockmap(self, ref: FileRef) -> BlockMap | None:
         """The blob's block map from the store (once per daemon), None if it has none.
 
+        One request carries the maps of the large siblings in the same directory too (see
+        :meth:`_siblings`), so opening many large files of one directory costs one request.
+
         Maps are kept in memory only: a map on the local disk could be rewritten together
         with the object it describes.  FetchError when the map says another size than the
         manifest entry (the mount never serves a prefix or a padded blob).
@@ -232,18 +237,39 @@ class ContentReader:
             source = getattr(self.store, "blockmaps", None)
             bm = None
             if source is not None:
-                def call() -> BlockMap | None:
+                # The maps of every large sibling not known yet come along in the same request:
+                # opening N large files of one directory costs one request, not N.
+                wanted = [ref.md5] + [m for m, size in self._siblings(ref)
+                                      if size > self.config.small_object and (ref.entity, m) not in self._maps
+                                      and m != ref.md5][:SIBLING_BATCH]
+
+                def call() -> dict[str, BlockMap]:
                     with self._lock:
                         self.blockmap_requests += 1
-                    return source(ref.entity, [ref.md5]).get(ref.md5)
+                    return source(ref.entity, wanted)
 
-                bm = retrying(call, None, self.config, self._io, f"block map of {ref.md5}")
-            if bm is not None and bm.block_size != self.config.block_size:
-                bm = None  # another block layout: verify the whole object instead
-            self._maps[key] = bm
+                got = retrying(call, None, self.config, self._io, f"block map of {ref.md5}")
+                for md5 in wanted:
+                    m = got.get(md5)
+                    if m is not None and m.block_size != self.config.block_size:
+                        m = None  # another block layout: verify the whole object instead
+                    self._maps[(ref.entity, md5)] = m
+                bm = self._maps.get(key)
+            else:
+                self._maps[key] = None
         if bm is not None and bm.size != ref.size:
             self._failed(ref, f"the manifest says {ref.size} bytes, the blob has {bm.size}")
         return bm
+
+    def _siblings(self, ref: FileRef) -> list[tuple[str, int]]:
+        """(md5, size) of the files next to ``ref`` (the namespace's hook), [] without one."""
+        if self.directory_files is None or ref.directory is None:
+            return []
+        try:
+            return self.directory_files(ref.entity, ref.directory)
+        except Exception as exc:  # noqa: BLE001 - only an optimisation: the file itself still works
+            log.debug("no siblings for %s: %s", ref.path, exc)
+            return []
 
     def _failed(self, ref: FileRef, what: str) -> None:
         with self._lock:

@@ -14,7 +14,7 @@ from client.hashing import md5_bytes
 from mountfs.fetch import ContentReader, FetchConfig
 from mountfs.namespace import FileRef
 from tests.server_fixtures import make_store, moto_s3, postgres, registry  # noqa: F401
-from tests.util import upload_bytes
+from tests.util import commit_files, upload_bytes
 
 KiB, MiB = 1 << 10, 1 << 20
 pytestmark = pytest.mark.timeout(180)
@@ -153,3 +153,44 @@ def test_streamed_sequential_read_over_the_server(registry, tmp_path: Path) -> N
 def _span(rng: str) -> int:
     a, b = rng.removeprefix("bytes=").split("-")
     return int(b) - int(a) + 1
+
+
+# -- batched look-ups for the siblings of a directory ------------------------------------------
+
+def _mounted_world(store, tmp_path: Path, files: dict[str, bytes], entity: str = "ent", **cfg):
+    """A Namespace + ContentReader wired like the daemon's (without FUSE)."""
+    from mountfs.manifest_index import IndexStore
+    from mountfs.namespace import Namespace
+
+    commit_files(store, tmp_path, files, entity=entity)
+    cache = Cache(tmp_path / "cache")
+    cr = ContentReader(store, cache, FetchConfig(**cfg))
+    ns = Namespace(store, IndexStore(cache.root / "index", cr.manifest_path))
+    cr.directory_files = ns.directory_files
+    return ns, cr
+
+
+def _open_read(ns, cr, path: str, off: int = 0, size: int = 4 * KiB) -> bytes:
+    node = ns.walk(path)
+    fh, ref = ns.open(node.inode, os.O_RDONLY)
+    h = cr.open(ref)
+    try:
+        return cr.read(h, off, size)
+    finally:
+        cr.close(h)
+        ns.release(fh)
+
+
+def test_opening_n_large_files_of_a_directory_costs_one_block_map_request(local_store, tmp_path: Path) -> None:
+    big = {f"d/big{i}.bin": _big(3) + bytes([i]) for i in range(6)}
+    files = {**big, "d/small.txt": b"small", "other/big.bin": _big(3) + b"other"}
+    store = CountingStore(local_store)
+    ns, cr = _mounted_world(store, tmp_path, files, local_blobs=False)
+    for path, data in big.items():
+        assert _open_read(ns, cr, f"ent/proj/ds:v0/{path}", MiB + 7) == data[MiB + 7:MiB + 7 + 4 * KiB]
+    # one request carried the maps of every large file in d/ (was: one per file, 6)
+    assert len(store.blockmap_calls) == 1 and cr.stats()["blockmap_requests"] == 1
+    assert sorted(store.blockmap_calls[0]) == sorted(md5_bytes(d) for d in big.values())
+    assert _open_read(ns, cr, "ent/proj/ds:v0/other/big.bin", 5) == files["other/big.bin"][5:5 + 4 * KiB]
+    assert len(store.blockmap_calls) == 2  # another directory: its own batch
+    cr.shutdown()
