@@ -56,9 +56,9 @@ from client.cache import Cache, has_verified_marker, set_verified_marker
 from client.errors import DigestMismatchError, NotFoundError, PermissionDeniedError
 from client.store.base import Store
 
-from .fetch import (BlockReader, EvictedBlockError, FetchConfig, FetchError, MiB, PartialFile,
-                    ReadaheadWindow, StreamBlocks, is_temp_failure, retrying)
-from .namespace import FileRef
+from .fetch import (BlockReader, EvictedBlockError, FetchConfig, FetchError, MiB, PartialFile, ReadaheadWindow,
+                    ShortReadError, StreamBlocks, Streamer, is_temp_failure, retrying)
+from .namespace import SIBLING_BATCH, FileRef
 from .ref_source import RefIdentities
 
 log = logging.getLogger(__name__)
@@ -229,6 +229,8 @@ class ContentReader:
         #: store blob files that failed verification, by path -> _stat_key (until they change)
         self._bad: LRUCache[str, tuple] = LRUCache(maxsize=10_000)
         self._maps: LRUCache[tuple[str, str], BlockMap | None] = LRUCache(maxsize=10_000)
+        #: the namespace's ``directory_files``: siblings of an open file, for batched requests
+        self.directory_files: Callable[[str, tuple[str, int]], list[tuple[str, int]]] | None = None
         self.store_requests = 0  #: ranged store requests issued (including retries)
         self.reference_requests = 0  #: ranged requests to reference sources (including retries)
         self._identities = RefIdentities(cache.root / "refs")
@@ -249,6 +251,9 @@ class ContentReader:
     def blockmap(self, ref: FileRef) -> BlockMap | None:
         """The blob's block map from the store (once per daemon), None if it has none.
 
+        One request carries the maps of the large siblings in the same directory too (see
+        :meth:`_siblings`), so opening many large files of one directory costs one request.
+
         Maps are kept in memory only: a map on the local disk could be rewritten together
         with the object it describes.  FetchError when the map says another size than the
         manifest entry (the mount never serves a prefix or a padded blob).
@@ -262,18 +267,39 @@ class ContentReader:
             source = getattr(self.store, "blockmaps", None)
             bm = None
             if source is not None:
-                def call() -> BlockMap | None:
+                # The maps of every large sibling not known yet come along in the same request:
+                # opening N large files of one directory costs one request, not N.
+                wanted = [ref.md5] + [m for m, size in self._siblings(ref)
+                                      if size > self.config.small_object and (ref.entity, m) not in self._maps
+                                      and m != ref.md5][:SIBLING_BATCH]
+
+                def call() -> dict[str, BlockMap]:
                     with self._lock:
                         self.blockmap_requests += 1
-                    return source(ref.entity, [ref.md5]).get(ref.md5)
+                    return source(ref.entity, wanted)
 
-                bm = retrying(call, None, self.config, self._io, f"block map of {ref.md5}")
-            if bm is not None and bm.block_size != self.config.block_size:
-                bm = None  # another block layout: verify the whole object instead
-            self._maps[key] = bm
+                got = retrying(call, None, self.config, self._io, f"block map of {ref.md5}")
+                for md5 in wanted:
+                    m = got.get(md5)
+                    if m is not None and m.block_size != self.config.block_size:
+                        m = None  # another block layout: verify the whole object instead
+                    self._maps[(ref.entity, md5)] = m
+                bm = self._maps.get(key)
+            else:
+                self._maps[key] = None
         if bm is not None and bm.size != ref.size:
             self._failed(ref, f"the manifest says {ref.size} bytes, the blob has {bm.size}")
         return bm
+
+    def _siblings(self, ref: FileRef) -> list[tuple[str, int]]:
+        """(md5, size) of the files next to ``ref`` (the namespace's hook), [] without one."""
+        if self.directory_files is None or ref.directory is None:
+            return []
+        try:
+            return self.directory_files(ref.entity, ref.directory)
+        except Exception as exc:  # noqa: BLE001 - only an optimisation: the file itself still works
+            log.debug("no siblings for %s: %s", ref.path, exc)
+            return []
 
     def _failed(self, ref: FileRef, what: str) -> None:
         with self._lock:
@@ -359,6 +385,36 @@ class ContentReader:
         """Remember which md5 a checked reference's complete bytes have (for the next open)."""
         if ref.source is not None and ref.source.checked:
             self._identities.put(ref.md5, actual)
+
+    def stream_range(self, entity: str, md5: str, start: int, length: int,
+                     deliver: Callable[[int, bytes | memoryview], None]) -> None:
+        """One streamed ranged request (``Store.stream_blob``), resumed where it stopped after
+        a failure.  No watchdog thread: the store bounds every socket read itself (a slow but
+        steady stream of 64 MiB is not a hang), the retry policy bounds the attempts, and an
+        attempt that made progress earns a fresh budget (so the loop ends: progress is finite)."""
+        pos, end = start, start + length
+        cfg = dataclasses.replace(self.config, watchdog=False)
+        while True:
+            begun = pos
+
+            def call() -> None:
+                nonlocal pos
+                with self._lock:
+                    self.store_requests += 1
+                for chunk in self.store.stream_blob(entity, md5, pos, end - pos):  # type: ignore[attr-defined]
+                    if len(chunk) > end - pos:
+                        raise ShortReadError(f"blob {md5}: the store sent more than [{start}, +{length})")
+                    deliver(pos, chunk)
+                    pos += len(chunk)
+                if pos != end:
+                    raise ShortReadError(f"blob {md5}: stream ended at {pos}, expected {end}")
+
+            try:
+                retrying(call, None, cfg, self._io, f"blob {md5}[{pos}:+{end - pos}] (streamed)")
+                return
+            except FetchError:
+                if pos == begun:
+                    raise
 
     def manifest_path(self, entity: str, md5: str) -> Path:
         """The complete, verified manifest blob in the cache (IndexStore's source)."""
@@ -628,9 +684,17 @@ class ContentReader:
                 ref.size, self._fetcher(ref),
                 obj.partial, block_size=self.config.block_size, max_request=self.config.max_request,
                 executor=self._executor,
-                on_complete=lambda: None if obj.whole_pending else self._schedule_promotion(obj))
+                on_complete=lambda: None if obj.whole_pending else self._schedule_promotion(obj),
+                streamer=self._streamer(ref), max_stream=self.config.max_stream)
             if obj.partial.complete() and not obj.whole_pending:  # resumed a fully fetched partial
                 self._schedule_promotion(obj)
+
+    def _streamer(self, ref: FileRef) -> Streamer | None:
+        """Streamed readahead for this blob when the store can stream ranged reads (a
+        reference's source is read by pinned ranged requests only)."""
+        if ref.source is not None or getattr(self.store, "stream_blob", None) is None or self.config.max_stream <= self.config.max_request:
+            return None
+        return lambda start, length, deliver: self.stream_range(ref.entity, ref.md5, start, length, deliver)
 
     def _install_later(self, md5: str, data: bytes) -> None:
         """Write a verified small object into the shared cache off the read path (bounded)."""

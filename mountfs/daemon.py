@@ -243,6 +243,7 @@ def run(options: MountOptions) -> int:
                    stats=lambda: {**content.stats(), "inodes": len(ns), "index_builds": indexes.builds,
                                   "requests": dict(ops.requests), "pid": os.getpid(),
                                   "unmount_report": str(report)})
+    content.directory_files = ns.directory_files  # batched block maps / URLs of siblings
     if drafts is not None:
         drafts.attach(ns)
     ops = Operations(ns, content, max_threads=options.threads, drafts=drafts)

@@ -13,6 +13,11 @@ Layers, bottom up:
   block wait for one fetch.  It counts requests and bytes so tests assert on counts.
 * :class:`ReadaheadWindow` — per open file: a sequential reader gets a window that doubles up
   to a maximum; a random reader gets none (a 4 KiB read costs one ranged request).
+* *streaming*: with a :data:`Streamer` (a store that can stream one ranged GET, see
+  ``HttpStore.stream_blob``), readahead requests grow with the window up to
+  ``FetchConfig.max_stream`` (64 MiB): a sequential reader costs a few large GETs instead of
+  one per 8 MiB, and each block is written, verified and handed to its waiters as it arrives,
+  so memory stays at one block per stream whatever the request size.
 * the content layer (:class:`ContentReader`, which glues these over Store + Cache) lives in
   :mod:`mountfs.content`, together with the zero-copy storage for an embedded store's blobs.
 
@@ -53,6 +58,9 @@ _R = TypeVar("_R")
 #: one ranged request; ``None`` means "confirmed in place" for zero-copy block storage that
 #: reads the bytes itself (an embedded store's blob file, see mountfs.content.BlobBlocks)
 Fetcher = Callable[[int, int], "bytes | None"]
+#: one streamed ranged request: ``streamer(start, length, deliver)`` calls ``deliver(offset,
+#: chunk)`` for consecutive chunks covering the range (resuming itself after a failure), or raises
+Streamer = Callable[[int, int, Callable[[int, "bytes | memoryview"], None]], None]
 MiB = 1 << 20
 
 
@@ -67,8 +75,10 @@ class ShortReadError(ArtifactFSError):
 @dataclass(frozen=True)
 class FetchConfig:
     block_size: int = 1 * MiB
-    max_request: int = 8 * MiB  #: largest single ranged request
-    readahead_max: int = 32 * MiB
+    max_request: int = 8 * MiB  #: largest single ranged request held in memory
+    #: largest streamed request (readahead of a sequential reader, never held in memory whole)
+    max_stream: int = 64 * MiB
+    readahead_max: int = 64 * MiB
     parallel: int = 8  #: concurrent ranged requests (all files together)
     small_object: int = 2 * MiB  #: objects up to this size are fetched whole in one request
     attempts: int = 4
@@ -155,6 +165,10 @@ class MemoryBlocks:
 
     def ready(self, off: int, size: int) -> bool:
         return True
+
+
+class _StreamAbort(Exception):
+    """Stops a stream from inside its deliver callback (not a store failure: never retried)."""
 
 
 class EvictedBlockError(ArtifactFSError):
@@ -437,10 +451,14 @@ class BlockReader:
 
     def __init__(self, size: int, fetcher: Fetcher, blocks: BlockStorage, *,
                  block_size: int, max_request: int, executor: ThreadPoolExecutor,
-                 on_complete: Callable[[], None] | None = None) -> None:
+                 on_complete: Callable[[], None] | None = None,
+                 streamer: Streamer | None = None, max_stream: int = 0) -> None:
         self.size, self.fetcher, self.blocks = size, fetcher, blocks
         self.block_size = block_size
         self.max_blocks = max(1, max_request // block_size)
+        self.streamer = streamer
+        #: blocks of the largest streamed request (readahead only; reads use ``fetcher``)
+        self.stream_blocks = max(self.max_blocks, max_stream // block_size) if streamer is not None else self.max_blocks
         self.executor = executor
         self.on_complete = on_complete
         self._lock = threading.Lock()
@@ -464,14 +482,73 @@ class BlockReader:
                 waits.append(fut)
         return mine, waits
 
-    def _runs(self, blocks: list[int]) -> list[tuple[int, int]]:
+    def _runs(self, blocks: list[int], limit: int | None = None) -> list[tuple[int, int]]:
+        limit = limit or self.max_blocks
         runs: list[tuple[int, int]] = []
         for i in blocks:
-            if runs and runs[-1][0] + runs[-1][1] == i and runs[-1][1] < self.max_blocks:
+            if runs and runs[-1][0] + runs[-1][1] == i and runs[-1][1] < limit:
                 runs[-1] = (runs[-1][0], runs[-1][1] + 1)
             else:
                 runs.append((i, 1))
         return runs
+
+    def _stream_run(self, first: int, count: int) -> None:
+        """One streamed request for blocks [first, first+count): each block is stored and its
+        waiters woken as soon as its bytes are in, so a reader never waits for the whole run."""
+        assert self.streamer is not None
+        start = first * self.block_size
+        length = min(count * self.block_size, self.size - start)
+        with self._lock:
+            self.requests += 1
+            self.bytes_requested += length
+        buf = bytearray()
+        state = {"next": first, "pos": start}
+        failure: list[BaseException] = []
+
+        def deliver(offset: int, chunk: bytes | memoryview) -> None:
+            if offset != state["pos"]:
+                raise ShortReadError(f"stream chunk at {offset}, expected {state['pos']}")
+            state["pos"] += len(chunk)
+            buf.extend(chunk)
+            while state["next"] < first + count:
+                i = state["next"]
+                want = min(self.block_size, self.size - i * self.block_size)
+                if len(buf) < want:
+                    return
+                try:
+                    self.blocks.write(i, memoryview(buf)[:want])
+                except BaseException as exc:  # noqa: BLE001 - given to the block's waiters
+                    failure.append(exc)
+                    raise _StreamAbort() from exc
+                del buf[:want]
+                state["next"] = i + 1
+                self._finish_blocks(i, 1, None)
+
+        error: BaseException | None = None
+        try:
+            self.streamer(start, length, deliver)
+            if state["next"] != first + count:
+                raise ShortReadError(f"stream of [{start}, +{length}) ended at {state['pos']}")
+        except _StreamAbort:
+            error = failure[0]
+        except BaseException as exc:  # noqa: BLE001 - handed to every waiter
+            error = exc
+        if error is not None:
+            self._finish_blocks(state["next"], first + count - state["next"], error)
+
+    def _finish_blocks(self, first: int, count: int, error: BaseException | None) -> None:
+        """Blocks [first, first+count) are stored (or failed with ``error``): wake their waiters."""
+        if error is None and self.on_complete is not None and self.blocks.complete():
+            self.on_complete()  # before waking waiters: a closer that waited sees the promotion
+        with self._lock:
+            futures = [self._inflight.pop(first + k) for k in range(count)]
+        for fut in futures:
+            if error is None:
+                fut.set_result(None)
+            else:
+                fut.set_exception(error)
+        if error is None:
+            self.blocks.settle()
 
     def _fetch_run(self, first: int, count: int) -> None:
         start = first * self.block_size
@@ -493,17 +570,7 @@ class BlockReader:
                     self.blocks.write(first + k, data[k * self.block_size:(k + 1) * self.block_size])
         except BaseException as exc:  # noqa: BLE001 - handed to every waiter
             error = exc
-        if error is None and self.on_complete is not None and self.blocks.complete():
-            self.on_complete()  # before waking waiters: a closer that waited sees the promotion
-        with self._lock:
-            futures = [self._inflight.pop(first + k) for k in range(count)]
-        for fut in futures:
-            if error is None:
-                fut.set_result(None)
-            else:
-                fut.set_exception(error)
-        if error is None:
-            self.blocks.settle()
+        self._finish_blocks(first, count, error)
 
     def _block_range(self, off: int, size: int) -> tuple[int, int] | None:
         end = min(off + size, self.size)
@@ -552,17 +619,27 @@ class BlockReader:
                 return False
 
     def prefetch(self, off: int, size: int) -> None:
-        """Start fetching [off, off+size) in the background; returns at once."""
+        """Start fetching [off, off+size) in the background; returns at once.
+
+        With a streamer, requests are as large as the window (``size``), up to
+        ``stream_blocks``: a growing window makes growing requests.
+        """
         rng = self._block_range(off, size)
         if rng is None:
             return
+        unit = self.max_blocks
+        if self.streamer is not None:
+            unit = min(self.stream_blocks, max(self.max_blocks, size // self.block_size))
         # Widen the end to a whole request: a sliding window would otherwise claim one new
         # block per read and degrade into 1-block requests.
         last_block = (self.size - 1) // self.block_size
-        hi = min(last_block, (rng[1] // self.max_blocks + 1) * self.max_blocks - 1)
+        hi = min(last_block, (rng[1] // unit + 1) * unit - 1)
         mine, _ = self._claim(rng[0], hi)
-        for run in self._runs(mine):
-            self.executor.submit(self._fetch_run, *run)
+        for first, count in self._runs(mine, unit):
+            if self.streamer is not None and count > self.max_blocks:
+                self.executor.submit(self._stream_run, first, count)
+            else:
+                self.executor.submit(self._fetch_run, first, count)
 
 
 # The content layer moved to mountfs.content; re-exported here for existing importers.  The

@@ -23,6 +23,13 @@ from pathlib import Path
 from typing import Any, Iterable, Protocol, runtime_checkable
 
 
+#: the most one chunk of ``stream_blob`` holds.  ``stream_blob(entity, md5_hex, start, length)``
+#: is optional (the mount looks for it): one ranged request whose bytes arrive as an iterator
+#: of chunks, so a 64 MiB readahead never sits in memory whole.  A single attempt: the caller
+#: resumes from where a failed stream stopped.
+STREAM_CHUNK = 1 << 20
+
+
 @dataclass(frozen=True)
 class VersionRecord:
     """One committed version of a collection, as the registry knows it."""

@@ -30,7 +30,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable, Iterable, TypeVar
+from typing import Any, Callable, Iterable, Iterator, TypeVar
 from urllib.parse import quote, urljoin
 
 import requests
@@ -45,7 +45,7 @@ from ..blockmap import BlockMap
 from ..hashing import md5_bytes
 from ..names import validate_run_dict
 from ..retry import DeadlineExceeded, RetryPolicy, attempt_timeout
-from .base import CollectionRecord, CommitRequest, RunFileRecord, RunRecord, VersionRecord
+from .base import STREAM_CHUNK, CollectionRecord, CommitRequest, RunFileRecord, RunRecord, VersionRecord
 
 log = logging.getLogger(__name__)
 
@@ -667,6 +667,54 @@ class HttpStore:
                                          f"for {first}-{last}/{total}, wanted {start}-{want_end - 1}")
             return data, total
         raise AssertionError("unreachable")
+
+    def stream_blob(self, entity: str, md5_hex: str, start: int, length: int) -> Iterator[bytes]:
+        """Bytes [start, start+length) of one ranged GET as chunks of at most STREAM_CHUNK,
+        read off the socket as they are consumed (never the whole range in memory).
+
+        A single attempt (the mount resumes a failed stream where it stopped); every socket
+        read is bounded by the read timeout.  A body cut short or a misplaced range raises
+        StoreUnavailableError; an expired URL is refreshed once before the body starts.
+        """
+        if length <= 0:
+            return
+        rng = f"bytes={start}-{start + length - 1}"
+        try:
+            for refresh in (False, True):
+                url, size = self._download_url(entity, md5_hex, refresh=refresh)
+                if size is not None and start + length > size:
+                    raise StoreUnavailableError(f"blob {md5_hex} has {size} bytes, asked for {rng}")
+                resp = self.session.get(url, headers={"Range": rng}, timeout=self.timeout, verify=self._verify,
+                                        stream=True)
+                with contextlib.closing(resp):
+                    if resp.status_code == 403 and not refresh:
+                        continue  # most likely an expired URL: ask the server for a fresh one
+                    _raise_for(resp)
+                    skip = 0
+                    if resp.status_code == 200:  # the store ignored Range: skip to start
+                        skip = start
+                    else:
+                        first, last, _total = _content_range(resp.headers.get("Content-Range", ""))
+                        if first != start or last != start + length - 1:
+                            raise TransientHTTPError(f"misplaced read of blob {md5_hex}: {first}-{last}, wanted {rng}")
+                    left = length
+                    for chunk in resp.iter_content(chunk_size=STREAM_CHUNK):
+                        if skip:
+                            cut = min(skip, len(chunk))
+                            chunk, skip = chunk[cut:], skip - cut
+                        chunk = chunk[:left]
+                        if chunk:
+                            left -= len(chunk)
+                            yield chunk
+                        if not left:
+                            return
+                    raise TransientHTTPError(f"short read of blob {md5_hex}: {length - left} of {length} bytes")
+        except ArtifactFSError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - classified: worth another attempt or not
+            if is_temp_failure(exc):
+                raise StoreUnavailableError(f"reading blob {md5_hex} [{rng}]: {exc}") from exc
+            raise
 
     @retrying
     def _first_part(self, entity: str, md5_hex: str) -> tuple[bytes, int]:

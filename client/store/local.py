@@ -14,13 +14,13 @@ from __future__ import annotations
 import os
 
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 from ..blockmap import BlockHasher, BlockMap, wants_map
 from ..errors import StoreUnavailableError
 from ..registry import LocalBlobBackend, Registry
 from ..registry.core import KEEP
-from .base import CollectionRecord, CommitRequest, RunFileRecord, RunRecord, VersionRecord
+from .base import STREAM_CHUNK, CollectionRecord, CommitRequest, RunFileRecord, RunRecord, VersionRecord
 
 
 class LocalStore:
@@ -172,6 +172,17 @@ class LocalStore:
 
     def read_blob(self, entity: str, md5_hex: str, start: int = 0, length: int | None = None) -> bytes:
         return self.blobs.read(entity, md5_hex, start, length)
+
+    def stream_blob(self, entity: str, md5_hex: str, start: int, length: int) -> Iterator[bytes]:
+        """Bytes [start, start+length) in chunks of at most STREAM_CHUNK (see HttpStore)."""
+        with self.blobs.open(entity, md5_hex) as f:
+            f.seek(start)
+            while length > 0:
+                chunk = f.read(min(STREAM_CHUNK, length))
+                if not chunk:
+                    return  # the caller checks that it got the whole range
+                length -= len(chunk)
+                yield chunk
 
     def download_blob(self, entity: str, md5_hex: str, dest: Path) -> None:
         self.blobs.copy_to(entity, md5_hex, Path(dest))

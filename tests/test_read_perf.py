@@ -1,0 +1,196 @@
+"""Read-path request counts (issue 17): streaming sequential reads, batched block maps, batched
+URLs.  Real stores (the embedded one, or the real server); only requests are counted, never time."""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+import pytest
+
+from client.cache import Cache
+from client.hashing import md5_bytes
+from mountfs.fetch import ContentReader, FetchConfig
+from mountfs.namespace import FileRef
+from tests.server_fixtures import make_store, moto_s3, postgres, registry  # noqa: F401
+from tests.util import commit_files, upload_bytes
+
+KiB, MiB = 1 << 10, 1 << 20
+pytestmark = pytest.mark.timeout(180)
+
+
+class CountingStore:
+    """The real store underneath; counts every content request the read path sends it."""
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+        self.lock = threading.Lock()
+        self.reads: list[tuple[int, int | None]] = []  #: read_blob (start, length)
+        self.streams: list[tuple[int, int]] = []  #: stream_blob (start, length)
+        self.blockmap_calls: list[list[str]] = []
+        self.chunk_max = 0  #: the largest piece a stream ever handed over at once
+
+    def read_blob(self, entity, md5_hex, start=0, length=None):
+        with self.lock:
+            self.reads.append((start, length))
+        return self.inner.read_blob(entity, md5_hex, start, length)
+
+    def stream_blob(self, entity, md5_hex, start, length):
+        with self.lock:
+            self.streams.append((start, length))
+        for chunk in self.inner.stream_blob(entity, md5_hex, start, length):
+            with self.lock:
+                self.chunk_max = max(self.chunk_max, len(chunk))
+            yield chunk
+
+    def blockmaps(self, entity, md5_hexes):
+        md5s = list(md5_hexes)
+        with self.lock:
+            self.blockmap_calls.append(md5s)
+        return self.inner.blockmaps(entity, md5s)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    @property
+    def requests(self) -> int:
+        return len(self.reads) + len(self.streams)
+
+
+def _big(n_mib: int) -> bytes:
+    """``n_mib`` MiB, every 1 MiB block different (cheaper than os.urandom of all of it)."""
+    base = os.urandom(MiB - 8)
+    return b"".join(i.to_bytes(8, "little") + base for i in range(n_mib))
+
+
+def _reader(local_store, tmp_path: Path, **cfg) -> tuple[ContentReader, CountingStore]:
+    store = CountingStore(local_store)
+    # local_blobs=False: the ranged path every remote store takes
+    return ContentReader(store, Cache(tmp_path / "cache"), FetchConfig(local_blobs=False, **cfg)), store
+
+
+def test_cold_sequential_read_streams_in_few_requests(local_store, tmp_path: Path) -> None:
+    data = _big(256)
+    md5 = upload_bytes(local_store, "ent", data, tmp_path)
+    (tmp_path / f"upload-{md5}").unlink()
+    cr, store = _reader(local_store, tmp_path)
+    ref = FileRef("ent", md5, len(data), "ent/p/c:v0", "p/c:v0/big")
+    h = cr.open(ref)
+    h_md5 = __import__("hashlib").md5()
+    for off in range(0, len(data), 128 * KiB):  # what the kernel sends a sequential reader
+        chunk = cr.read(h, off, 128 * KiB)
+        assert chunk == data[off:off + 128 * KiB]
+        h_md5.update(chunk)
+    cr.close(h)
+    assert h_md5.hexdigest() == md5
+    # Before: 33 ranged requests of <= 8 MiB.  Now the window grows 1 -> 64 MiB and large
+    # windows are streamed: a handful of requests, each one streamed a block at a time.
+    assert store.requests <= 12, (store.reads, store.streams)
+    assert all(length is not None and length <= 8 * MiB for _, length in store.reads)
+    assert max(length for _, length in store.streams) >= 64 * MiB
+    assert store.chunk_max <= MiB  # never a whole range in memory
+    assert sum(length for _, length in store.reads) + sum(length for _, length in store.streams) == len(data)
+    cr.shutdown()
+
+
+def test_4k_read_in_the_middle_of_a_large_file_costs_at_most_two_requests(local_store, tmp_path: Path) -> None:
+    data = _big(96)
+    md5 = upload_bytes(local_store, "ent", data, tmp_path)
+    cr, store = _reader(local_store, tmp_path)
+    h = cr.open(FileRef("ent", md5, len(data), "ent/p/c:v0", "p/c:v0/big"))
+    mid = 50 * MiB + 12345
+    assert cr.read(h, mid, 4 * KiB) == data[mid:mid + 4 * KiB]
+    # the kernel's own readahead right behind it
+    assert cr.read(h, mid + 4 * KiB, 124 * KiB) == data[mid + 4 * KiB:mid + 128 * KiB]
+    cr.close(h)
+    assert store.requests <= 2 and store.streams == []
+    assert sum(length for _, length in store.reads) <= 2 * MiB
+    cr.shutdown()
+
+
+# -- over the real server (SQLite + blob directory, PostgreSQL + S3 on moto) -----------------
+
+def _count_http(store) -> list[tuple[str, str, str]]:
+    """Every HTTP exchange of an HttpStore as (method, path, Range header): counted, not mocked."""
+    seen: list[tuple[str, str, str]] = []
+    lock = threading.Lock()
+
+    def hook(resp, *args, **kwargs):
+        req = resp.request
+        with lock:
+            seen.append((req.method, req.path_url.split("?")[0], req.headers.get("Range", "")))
+    store.session.hooks["response"].append(hook)
+    return seen
+
+
+def test_streamed_sequential_read_over_the_server(registry, tmp_path: Path) -> None:
+    user, key = registry.new_user("stream")
+    writer = make_store(registry.server.url, key)
+    data = _big(24) + b"tail"
+    md5 = upload_bytes(writer, user, data, tmp_path)
+    reader = make_store(registry.server.url, key)
+    seen = _count_http(reader)
+    # a scaled-down layout (2 MiB in memory, 8 MiB streamed) keeps the test small
+    cr = ContentReader(reader, Cache(tmp_path / "cache"), FetchConfig(
+        max_request=2 * MiB, max_stream=8 * MiB, readahead_max=8 * MiB, watchdog=False))
+    h = cr.open(FileRef(user, md5, len(data), "v", "p"))
+    out = bytearray()
+    for off in range(0, len(data), 128 * KiB):
+        out += cr.read(h, off, 128 * KiB)
+    cr.close(h)
+    assert md5_bytes(bytes(out)) == md5
+    ranged = [r for _, _, r in seen if r]
+    # <= 2 MiB requests until the window reaches 8 MiB, then 8 MiB streams (was: 13 x 2 MiB)
+    assert len(ranged) <= 7, seen
+    assert sum(1 for r in ranged if _span(r) == 8 * MiB) >= 1
+    assert sum(_span(r) for r in ranged) == len(data)  # every byte asked for once
+    cr.shutdown()
+    reader.close()
+    writer.close()
+
+
+def _span(rng: str) -> int:
+    a, b = rng.removeprefix("bytes=").split("-")
+    return int(b) - int(a) + 1
+
+
+# -- batched look-ups for the siblings of a directory ------------------------------------------
+
+def _mounted_world(store, tmp_path: Path, files: dict[str, bytes], entity: str = "ent", **cfg):
+    """A Namespace + ContentReader wired like the daemon's (without FUSE)."""
+    from mountfs.manifest_index import IndexStore
+    from mountfs.namespace import Namespace
+
+    commit_files(store, tmp_path, files, entity=entity)
+    cache = Cache(tmp_path / "cache")
+    cr = ContentReader(store, cache, FetchConfig(**cfg))
+    ns = Namespace(store, IndexStore(cache.root / "index", cr.manifest_path))
+    cr.directory_files = ns.directory_files
+    return ns, cr
+
+
+def _open_read(ns, cr, path: str, off: int = 0, size: int = 4 * KiB) -> bytes:
+    node = ns.walk(path)
+    fh, ref = ns.open(node.inode, os.O_RDONLY)
+    h = cr.open(ref)
+    try:
+        return cr.read(h, off, size)
+    finally:
+        cr.close(h)
+        ns.release(fh)
+
+
+def test_opening_n_large_files_of_a_directory_costs_one_block_map_request(local_store, tmp_path: Path) -> None:
+    big = {f"d/big{i}.bin": _big(3) + bytes([i]) for i in range(6)}
+    files = {**big, "d/small.txt": b"small", "other/big.bin": _big(3) + b"other"}
+    store = CountingStore(local_store)
+    ns, cr = _mounted_world(store, tmp_path, files, local_blobs=False)
+    for path, data in big.items():
+        assert _open_read(ns, cr, f"ent/proj/ds:v0/{path}", MiB + 7) == data[MiB + 7:MiB + 7 + 4 * KiB]
+    # one request carried the maps of every large file in d/ (was: one per file, 6)
+    assert len(store.blockmap_calls) == 1 and cr.stats()["blockmap_requests"] == 1
+    assert sorted(store.blockmap_calls[0]) == sorted(md5_bytes(d) for d in big.values())
+    assert _open_read(ns, cr, "ent/proj/ds:v0/other/big.bin", 5) == files["other/big.bin"][5:5 + 4 * KiB]
+    assert len(store.blockmap_calls) == 2  # another directory: its own batch
+    cr.shutdown()
