@@ -297,8 +297,10 @@ def log_cmd(directory: Path, name: str, type_: str, aliases: tuple[str, ...], ta
 def get_cmd(name: str, dest: Path | None, path_prefix: str | None, skip_cache: bool) -> None:
     """Download a version (default alias: latest) into DEST (default ./artifacts/NAME:vN).
 
-    Files already in DEST with the right content are kept, so after Ctrl-C (exit status 130)
-    the same command resumes where it stopped.
+    Into a non-empty DEST this does what wandb's download does: files with the artifact's
+    content are kept, a file whose content differs is OVERWRITTEN with the artifact's version
+    (each one is named on stderr), and files the artifact does not hold are left alone.  So
+    after Ctrl-C (exit status 130) the same command resumes where it stopped.
     """
     from . import progress
     from .api import Api
@@ -311,7 +313,11 @@ def get_cmd(name: str, dest: Path | None, path_prefix: str | None, skip_cache: b
         root = art.download(dest, skip_cache=skip_cache, path_prefix=path_prefix)
     got = sum(m.files_moved for m in meters)
     had = sum(m.files_present for m in meters)
-    click.echo(f"{art.qualified_name} -> {root}  ({got} files downloaded, {had} already present)")
+    replaced = sorted(p for m in meters for p in m.replaced)
+    for p in replaced:
+        click.echo(f"artifactfs: replaced {Path(root) / p}: its content differed from {art.qualified_name}", err=True)
+    click.echo(f"{art.qualified_name} -> {root}  ({got} files downloaded, {had} already present"
+               f"{f', {len(replaced)} of them replacing a different local copy' if replaced else ''})")
 
 
 def plural(n: int, word: str, words: str | None = None) -> str:

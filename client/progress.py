@@ -48,8 +48,9 @@ def check_interrupted() -> None:
 class Meter:
     """Bytes moved in one phase, from any thread; a bar on a terminal.
 
-    Also counts files: ``files_moved`` (bytes transferred for them) and ``files_present``
-    (already complete at the destination or in the store, skipped).
+    Also counts files: ``files_moved`` (bytes transferred for them), ``files_present``
+    (already complete at the destination or in the store, skipped) and ``replaced`` (paths
+    whose existing copy at the destination differed and was overwritten).
     """
 
     def __init__(self, total: int, desc: str) -> None:
@@ -58,6 +59,7 @@ class Meter:
         self.bytes = 0
         self.files_moved = 0
         self.files_present = 0
+        self.replaced: list[str] = []
         self._lock = threading.Lock()
         self._bar: Any = None
         if _collected is not None:
@@ -82,8 +84,10 @@ class Meter:
         """A meter for one file of ``size`` bytes, which never counts more than ``size``."""
         return EntryMeter(self, size)
 
-    def file_done(self, moved: bool) -> None:
+    def file_done(self, moved: bool, replaced: str | None = None) -> None:
         with self._lock:
+            if replaced is not None:
+                self.replaced.append(replaced)
             if moved:
                 self.files_moved += 1
             else:

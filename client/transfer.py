@@ -456,16 +456,19 @@ def download_entries(store: Store, entity: str, entries: list[ManifestEntry], de
             tick.finish()
             meter.file_done(moved=False)
             return 0
+        # wandb's download: a file whose content differs from the manifest is overwritten
+        # (counted, so the CLI can say so); files the artifact does not name are left alone
+        replaced = e.path if target.is_file() else None
         if cache is None:
             _atomic_write(target, lambda out: _stream_blob(store, blob_entity, md5, size, out, tick), md5)
-            meter.file_done(moved=True)
+            meter.file_done(moved=True, replaced=replaced)
             return size
         for attempt in (1, 2):
             obj = cache.fetch(md5, size, lambda out: _stream_blob(store, blob_entity, md5, size, out, tick))
             try:
                 _atomic_write(target, lambda out: _copy_file(obj, _Counted(out, tick)), md5)  # type: ignore[arg-type]
                 tick.finish()
-                meter.file_done(moved=True)
+                meter.file_done(moved=True, replaced=replaced)
                 return size
             except DigestMismatchError:
                 cache.drop(md5)  # a corrupted cache object: fetch it again once
