@@ -156,6 +156,11 @@ class FileRef:
     version: str  #: qualified name, e.g. ``ent/proj/data:v3`` (for messages and logs)
     path: str
 
+    @property
+    def where(self) -> str:
+        """``entity/project/collection:vN/path``: how log lines and errors name the file."""
+        return f"{self.version}/{self.path}"
+
 
 @dataclass(slots=True)
 class DirHandle:
