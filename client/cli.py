@@ -134,7 +134,9 @@ class LazyGroup(click.Group):
             exc.show()
             sys.exit(exc.exit_code)
         except click.Abort:
-            click.echo("artifactfs: interrupted", err=True)
+            from .progress import say_interrupted
+
+            say_interrupted()
             sys.exit(130)
         except OSError as exc:  # the machine said no (full disk, permissions): one line, not a traceback
             where = f": {exc.filename}" if exc.filename else ""
@@ -174,8 +176,12 @@ class LazyGroup(click.Group):
                 formatter.write_dl(rows)
 
     def invoke(self, ctx: click.Context) -> Any:
+        from .progress import TransferInterrupted
+
         try:
             return super().invoke(ctx)
+        except (KeyboardInterrupt, TransferInterrupted):
+            raise click.Abort() from None  # one line and status 130 (see main), no blank line first
         except ArtifactFSError as exc:
             click.echo(f"artifactfs: error: {exc}{_hint(exc)}", err=True)
             ctx.exit(exit_code_for(exc))
@@ -247,9 +253,11 @@ def _parse(name: str) -> names.ArtifactPath:
 def log_cmd(directory: Path, name: str, type_: str, aliases: tuple[str, ...], tags: tuple[str, ...],
             metadata: str | None, description: str | None, policy: str) -> None:
     """Log DIRECTORY (or a single file) as the next version of a collection."""
+    from . import progress
     from .artifact import Artifact
     from .live_run import init
 
+    progress.install_sigint_handler()
     path = _parse(name)
     if path.selector:
         raise click.BadParameter("give the collection without ':' (use --alias to name the version)", param_hint="--name")
@@ -266,14 +274,19 @@ def log_cmd(directory: Path, name: str, type_: str, aliases: tuple[str, ...], ta
         if not isinstance(meta, dict):
             raise click.BadParameter("must be a JSON object like '{\"k\": 1}'", param_hint="--metadata")
     art = Artifact(path.collection, type_, description=description, metadata=meta)
-    if directory.is_dir():
-        art.add_dir(directory, policy=policy)  # type: ignore[arg-type]
-    else:
-        art.add_file(directory, policy=policy)  # type: ignore[arg-type]
-    with init(entity=path.entity, project=path.project, job_type="cli-log", reinit="create_new") as run:
-        run.log_artifact(art, aliases=list(aliases), tags=list(tags))
+    with progress.hashing(progress.tree_size(directory)):
+        if directory.is_dir():
+            art.add_dir(directory, policy=policy)  # type: ignore[arg-type]
+        else:
+            art.add_file(directory, policy=policy)  # type: ignore[arg-type]
+    with progress.collect() as meters:
+        with init(entity=path.entity, project=path.project, job_type="cli-log", reinit="create_new") as run:
+            run.log_artifact(art, aliases=list(aliases), tags=list(tags))
+    sent = sum(m.files_moved for m in meters)
+    had = sum(m.files_present for m in meters)
     click.echo(f"{art.qualified_name}  digest {art.digest}  {art.file_count} files  {art.size} bytes  "
-               f"uploaded {art.bytes_uploaded} bytes  aliases {','.join(art.aliases)}")
+               f"uploaded {art.bytes_uploaded} bytes ({sent} files sent, {had} already in the store)  "
+               f"aliases {','.join(art.aliases)}")
 
 
 @cli.command("get")
@@ -282,14 +295,29 @@ def log_cmd(directory: Path, name: str, type_: str, aliases: tuple[str, ...], ta
 @click.option("--path-prefix", help="Only files whose path starts with this prefix.")
 @click.option("--skip-cache", is_flag=True, help="Download straight to DEST without filling the local cache.")
 def get_cmd(name: str, dest: Path | None, path_prefix: str | None, skip_cache: bool) -> None:
-    """Download a version (default alias: latest) into DEST (default ./artifacts/NAME:vN)."""
+    """Download a version (default alias: latest) into DEST (default ./artifacts/NAME:vN).
+
+    Into a non-empty DEST this does what wandb's download does: files with the artifact's
+    content are kept, a file whose content differs is OVERWRITTEN with the artifact's version
+    (each one is named on stderr), and files the artifact does not hold are left alone.  So
+    after Ctrl-C (exit status 130) the same command resumes where it stopped.
+    """
+    from . import progress
     from .api import Api
 
+    progress.install_sigint_handler()
     path = _parse(name)
     _existing_store()
     art = Api().artifact(str(path) if path.selector else f"{path}:latest")
-    root = art.download(dest, skip_cache=skip_cache, path_prefix=path_prefix)
-    click.echo(f"{art.qualified_name} -> {root}")
+    with progress.collect() as meters:
+        root = art.download(dest, skip_cache=skip_cache, path_prefix=path_prefix)
+    got = sum(m.files_moved for m in meters)
+    had = sum(m.files_present for m in meters)
+    replaced = sorted(p for m in meters for p in m.replaced)
+    for p in replaced:
+        click.echo(f"artifactfs: replaced {Path(root) / p}: its content differed from {art.qualified_name}", err=True)
+    click.echo(f"{art.qualified_name} -> {root}  ({got} files downloaded, {had} already present"
+               f"{f', {len(replaced)} of them replacing a different local copy' if replaced else ''})")
 
 
 def plural(n: int, word: str, words: str | None = None) -> str:

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from . import settings
+from . import progress, settings
 from .cache import Cache
 from .errors import ArtifactFSError, ArtifactNotLoggedError, DigestMismatchError, NotFoundError
 from .hashing import HashingWriter, b64_to_hex, hex_to_b64, is_md5_hex, md5_bytes
@@ -33,7 +33,6 @@ log = logging.getLogger(__name__)
 
 _CHUNK = 1 << 20
 _READ_CHUNK = 16 << 20  #: bytes per read_blob call when streaming from a store
-_PROGRESS_MIN_BYTES = 64 << 20  #: show a progress bar for transfers larger than this
 _WORKERS = 8
 
 _stores: dict[tuple[str, int, str | None], Store] = {}
@@ -166,8 +165,10 @@ class Hashed:
     cache_after_upload: bool  #: copy into the cache once uploaded (immutable, not skip_cache)
 
 
-def _copy_hashing(src: Path, out: BinaryIO | None = None) -> tuple[str, int]:
-    """(md5 hex, size) of ``src``, copying it to ``out`` in the same pass when given."""
+def _copy_hashing(src: Path, out: BinaryIO | None = None,
+                  on_chunk: Callable[[int], None] | None = None) -> tuple[str, int]:
+    """(md5 hex, size) of ``src``, copying it to ``out`` in the same pass when given;
+    ``on_chunk(n)`` after each chunk (progress; it raises to stop after Ctrl-C)."""
     h = hashlib.md5(usedforsecurity=False)
     size = 0
     buf = bytearray(_CHUNK)
@@ -178,6 +179,8 @@ def _copy_hashing(src: Path, out: BinaryIO | None = None) -> tuple[str, int]:
             if out is not None:
                 out.write(view[:n])
             size += n
+            if on_chunk is not None:
+                on_chunk(n)
     return h.hexdigest(), size
 
 
@@ -189,12 +192,12 @@ def hash_into_staging(src: Path, policy: str, skip_cache: bool, staging_dir: Cal
     """
     source = os.path.abspath(src)
     if policy == "immutable":
-        md5, size = _copy_hashing(src)
+        md5, size = _copy_hashing(src, on_chunk=progress.hashed)
         return Hashed(hex_to_b64(md5), size, source, source, not skip_cache)
     if skip_cache:
         fd, tmp = tempfile.mkstemp(prefix="staged-", dir=staging_dir())
         with os.fdopen(fd, "wb") as out:
-            md5, size = _copy_hashing(src, out)
+            md5, size = _copy_hashing(src, out, progress.hashed)
         os.chmod(tmp, 0o444)
         return Hashed(hex_to_b64(md5), size, tmp, source, False)
     cache = get_cache()
@@ -208,7 +211,7 @@ def hash_into_staging(src: Path, policy: str, skip_cache: bool, staging_dir: Cal
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
         with os.fdopen(fd, "wb") as out:
-            md5, size = _copy_hashing(src, out)
+            md5, size = _copy_hashing(src, out, progress.hashed)
         hit = cache.lookup(md5, size)
         path = hit if hit is not None else cache.adopt(md5, tmp, fsync=False)
     finally:
@@ -217,12 +220,26 @@ def hash_into_staging(src: Path, policy: str, skip_cache: bool, staging_dir: Cal
     return Hashed(hex_to_b64(md5), size, str(path), source, False)
 
 
-def _progress(total: int, desc: str) -> Any:
-    """A tqdm bar on a terminal for long transfers; a no-op object otherwise."""
-    from tqdm import tqdm
+def _parallel(fn: Callable[[Any], int], jobs: list[Any]) -> list[int]:
+    """``fn`` over ``jobs`` on the worker pool, results in job order.
 
-    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc, leave=False,
-                disable=None if total >= _PROGRESS_MIN_BYTES else True)
+    The first failure, or Ctrl-C in the calling thread, cancels the jobs not started yet; the
+    running ones stop at their next chunk (:data:`progress.INTERRUPTED`), so the call returns
+    promptly instead of finishing the whole transfer first.
+    """
+    pool = ThreadPoolExecutor(max_workers=_WORKERS)
+    try:
+        futures = [pool.submit(fn, job) for job in jobs]
+        return [f.result() for f in futures]
+    except KeyboardInterrupt:
+        already = progress.INTERRUPTED.is_set()
+        progress.INTERRUPTED.set()
+        pool.shutdown(wait=True, cancel_futures=True)
+        if not already:  # an in-process caller (not the CLI, which exits): later calls work again
+            progress.INTERRUPTED.clear()
+        raise
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def upload_entries(store: Store, entity: str, entries: Iterable[ManifestEntry], cache: Cache) -> int:
@@ -249,15 +266,18 @@ def upload_entries(store: Store, entity: str, entries: Iterable[ManifestEntry], 
         if path is None:
             continue  # the commit reports it as a MissingBlobError with a clear message
         jobs.append((md5, path, size))
-    total = sum(size for _, _, size in jobs)
-    with _progress(total, "upload") as bar, ThreadPoolExecutor(max_workers=_WORKERS) as pool:
+    with progress.Meter(sum(size for _, _, size in jobs), "upload") as meter:
+        meter.files_present = len(sources) - len(missing)
+
         def put(job: tuple[str, Path, int]) -> int:
             md5, path, size = job
-            store.put_blob(entity, md5, path, size)
-            bar.update(size)
+            tick = meter.entry(size)
+            store.put_blob(entity, md5, path, size, progress=tick)
+            tick.finish()
+            meter.file_done(moved=True)
             return size
 
-        uploaded = sum(pool.map(put, jobs))
+        uploaded = sum(_parallel(put, jobs))
     for md5, local in to_cache:
         if cache.lookup(md5) is None:
             try:
@@ -293,13 +313,29 @@ def read_blob_cached(store: Store, entity: str, md5: str) -> bytes:
     return data
 
 
-def _stream_blob(store: Store, entity: str, md5: str, size: int, out: BinaryIO) -> None:
+class _Counted:
+    """A writer that reports each write's length (progress) before passing it on."""
+
+    def __init__(self, out: BinaryIO, tick: Callable[[int], None]) -> None:
+        self._out, self._tick = out, tick
+
+    def write(self, data: Any) -> int:
+        n = self._out.write(data)
+        self._tick(len(data) if n is None else n)
+        return n
+
+
+def _stream_blob(store: Store, entity: str, md5: str, size: int, out: BinaryIO,
+                 tick: Callable[[int], None] | None = None) -> None:
+    """Write the blob to ``out``; ``tick(n)`` as bytes arrive (progress, Ctrl-C)."""
     local = getattr(store, "blob_path", None)
     if local is not None:
         try:
             f = open(local(entity, md5), "rb", buffering=0)
         except FileNotFoundError:
             raise NotFoundError(f"blob {md5} is missing from the store {store.location}") from None
+        if tick is not None:
+            out = _Counted(out, tick)  # type: ignore[assignment]
         with f:
             buf = bytearray(_CHUNK)
             view = memoryview(buf)
@@ -310,12 +346,12 @@ def _stream_blob(store: Store, entity: str, md5: str, size: int, out: BinaryIO) 
         # a remote store downloads large blobs as parallel ranged GETs into a file of its own
         with tempfile.TemporaryDirectory(prefix="artifactfs-dl-") as tmp:
             part = Path(tmp) / md5
-            store.download_blob(entity, md5, part)
+            store.download_blob(entity, md5, part, progress=tick)
             _copy_file(part, out)
         return
     offset = 0
     while offset < size:
-        data = store.read_blob(entity, md5, offset, min(_READ_CHUNK, size - offset))
+        data = store.read_blob(entity, md5, offset, min(_READ_CHUNK, size - offset), progress=tick)
         if not data:
             raise ArtifactFSError(f"blob {md5} ended after {offset} of {size} bytes")
         out.write(data)
@@ -348,17 +384,18 @@ def _copy_file(src: Path, out: BinaryIO) -> None:
             out.write(view[:n])
 
 
-def _present_and_valid(target: Path, md5: str, size: int | None) -> bool:
+def _present_and_valid(target: Path, md5: str, size: int | None,
+                       tick: Callable[[int], None] | None = None) -> bool:
     try:
         st = target.stat()
     except FileNotFoundError:
         return False
     if size is not None and st.st_size != size:
         return False
-    return _copy_hashing(target)[0] == md5
+    return _copy_hashing(target, on_chunk=tick)[0] == md5
 
 
-def _download_reference(e: ManifestEntry, dest: Path, allow_missing: bool) -> int:
+def _download_reference(e: ManifestEntry, dest: Path, allow_missing: bool, meter: progress.Meter) -> int:
     """Fetch a reference entry (or, for an unexpanded directory reference, what is under it now)."""
     from . import references
 
@@ -370,6 +407,7 @@ def _download_reference(e: ManifestEntry, dest: Path, allow_missing: bool) -> in
         except ValueError:
             md5 = None  # an ETag or a URI digest: the handler verifies what it can
         if md5 is not None and _present_and_valid(target, md5, sub.size):
+            meter.file_done(moved=False)
             continue
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -380,14 +418,21 @@ def _download_reference(e: ManifestEntry, dest: Path, allow_missing: bool) -> in
                                     "pass allow_missing_references=True to skip it") from None
             log.warning("skipping missing reference %s", sub.ref)
             continue
+        meter.add(sub.size or 0)
+        meter.file_done(moved=True)
         written += sub.size or 0
     return written
 
 
 def download_entries(store: Store, entity: str, entries: list[ManifestEntry], dest: Path, *,
                      skip_cache: bool = False, allow_missing_references: bool = False) -> int:
-    """Download ``entries`` under ``dest`` in parallel; returns the bytes written."""
+    """Download ``entries`` under ``dest`` in parallel; returns the bytes written.
+
+    Files already at ``dest`` with the right md5 are kept (a rerun after Ctrl-C resumes);
+    progress is counted by bytes as they arrive (a bar on a terminal).
+    """
     cache = None if skip_cache else get_cache()
+    meter = progress.Meter(sum(e.size or 0 for e in entries), "download")
 
     def one(e: ManifestEntry) -> int:
         target = dest / e.path
@@ -412,19 +457,28 @@ def download_entries(store: Store, entity: str, entries: list[ManifestEntry], de
                 log.warning("skipping missing reference %s", e.ref)
                 return 0
         elif e.ref is not None:
-            return _download_reference(e, dest, allow_missing_references)
+            return _download_reference(e, dest, allow_missing_references, meter)
         md5, size = b64_to_hex(e.digest), e.size or 0
         if not is_md5_hex(md5):
             raise DigestMismatchError(f"entry {e.path!r} has an invalid digest")
-        if _present_and_valid(target, md5, e.size):
+        tick = meter.entry(size)
+        if _present_and_valid(target, md5, e.size, tick):
+            tick.finish()
+            meter.file_done(moved=False)
             return 0
+        # wandb's download: a file whose content differs from the manifest is overwritten
+        # (counted, so the CLI can say so); files the artifact does not name are left alone
+        replaced = e.path if target.is_file() else None
         if cache is None:
-            _atomic_write(target, lambda out: _stream_blob(store, blob_entity, md5, size, out), md5)
+            _atomic_write(target, lambda out: _stream_blob(store, blob_entity, md5, size, out, tick), md5)
+            meter.file_done(moved=True, replaced=replaced)
             return size
         for attempt in (1, 2):
-            obj = cache.fetch(md5, size, lambda out: _stream_blob(store, blob_entity, md5, size, out))
+            obj = cache.fetch(md5, size, lambda out: _stream_blob(store, blob_entity, md5, size, out, tick))
             try:
-                _atomic_write(target, lambda out: _copy_file(obj, out), md5)
+                _atomic_write(target, lambda out: _copy_file(obj, _Counted(out, tick)), md5)  # type: ignore[arg-type]
+                tick.finish()
+                meter.file_done(moved=True, replaced=replaced)
                 return size
             except DigestMismatchError:
                 cache.drop(md5)  # a corrupted cache object: fetch it again once
@@ -435,17 +489,11 @@ def download_entries(store: Store, entity: str, entries: list[ManifestEntry], de
     prefetch = getattr(store, "prefetch_urls", None)
     if prefetch is not None:  # one call for many download URLs instead of one per file
         prefetch(entity, [b64_to_hex(e.digest) for e in entries if e.ref is None])
-    total = sum(e.size or 0 for e in entries)
     # symbolic links after every file: no file of this download is written through a link it made
     links = [e for e in entries if e.symlink_target is not None]
     files = [e for e in entries if e.symlink_target is None]
-    with _progress(total, "download") as bar, ThreadPoolExecutor(max_workers=_WORKERS) as pool:
-        written = 0
-        for batch in (files, links):
-            for e, n in zip(batch, pool.map(one, batch)):
-                written += n
-                bar.update(e.size or 0)
-    return written
+    with meter:
+        return sum(_parallel(one, files)) + sum(_parallel(one, links))
 
 
 def _place_symlink(target: Path, link: str) -> None:

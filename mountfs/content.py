@@ -304,8 +304,8 @@ class ContentReader:
     def _failed(self, ref: FileRef, what: str) -> None:
         with self._lock:
             self.verify_failures += 1
-        log.error("%s (blob %s): %s; answering EIO", ref.path, ref.md5, what)
-        raise FetchError(f"{ref.path}: {what}")
+        log.error("%s (blob %s): %s; answering EIO", ref.where, ref.md5, what)
+        raise FetchError(f"{ref.where}: {what}")
 
     def _trusted(self, fd: int, md5: str, st: os.stat_result) -> bool:
         """Whether this open file is known to hash to ``md5`` (this daemon's check or a marker)."""
@@ -478,7 +478,7 @@ class ContentReader:
         if reader is not None and not reader.wait_idle(budget):
             # Background prefetches may still write into the partial file: closing its fd
             # now could let the number be reused under them.  Leak it instead (rare).
-            log.warning("fetches of %s still running at close; leaving its file open", obj.ref.md5)
+            log.warning("fetches of %s still running at close; leaving its file open", obj.ref.where)
             return
         if obj.promotion is not None:  # let a verification in progress finish and adopt
             with contextlib.suppress(BaseException):
@@ -533,7 +533,7 @@ class ContentReader:
         while True:
             self._prepare(obj)
             if obj.bad:
-                raise FetchError(f"{obj.ref.path}: the store's blob {obj.ref.md5} failed verification")
+                raise FetchError(f"{obj.ref.where}: the store's blob {obj.ref.md5} failed verification")
             data, fd, reader = obj.data, obj.fd, obj.reader
             if data is not None:
                 return data[off:off + size]
@@ -553,7 +553,7 @@ class ContentReader:
             except EvictedBlockError:
                 evicted += 1
                 if evicted > 3:
-                    raise FetchError(f"{obj.ref.path}: the stream window is too small for this read") from None
+                    raise FetchError(f"{obj.ref.where}: the stream window is too small for this read") from None
                 continue
             except OSError as exc:
                 if exc.errno != errno.ENOSPC or obj.source != "partial":
@@ -590,7 +590,7 @@ class ContentReader:
             self.verify_failures += 1
         if obj.source == "cache":
             log.warning("%s: %s of the cached object %s failed verification: dropping it, reading the store",
-                        ref.path, what, ref.md5)
+                        ref.where, what, ref.md5)
             with obj.lock:
                 self.cache.drop(ref.md5)
                 if obj.blob is not None:
@@ -600,7 +600,7 @@ class ContentReader:
             return True
         if not final:
             log.warning("%s: %s of blob %s failed verification (%s); fetching it again",
-                        ref.path, what, ref.md5, obj.source)
+                        ref.where, what, ref.md5, obj.source)
             return False
         if obj.source == "store":
             obj.bad = True
@@ -608,8 +608,8 @@ class ContentReader:
             if path is not None and obj.blob_stat is not None:
                 self._bad[str(path)] = _stat_key(ref.md5, obj.blob_stat)
         log.error("%s: %s of blob %s failed verification twice (%s); answering EIO",
-                  ref.path, what, ref.md5, obj.source)
-        raise FetchError(f"{ref.path}: {what} of blob {ref.md5} failed verification") from exc
+                  ref.where, what, ref.md5, obj.source)
+        raise FetchError(f"{ref.where}: {what} of blob {ref.md5} failed verification") from exc
 
     def _cache_full(self, obj: _Object, reader: BlockReader) -> None:
         """ENOSPC writing a block: evict once and retry; then stream without caching."""
@@ -618,7 +618,7 @@ class ContentReader:
             obj.evicted = True
             used = self.cache.info().bytes
             freed = self.cache.evict(0, max_bytes=max(0, used - ref.size))
-            log.warning("%s: the cache disk is full; evicted %d bytes", ref.path, freed)
+            log.warning("%s: the cache disk is full; evicted %d bytes", ref.where, freed)
             return
         with obj.lock:
             partial = obj.partial
@@ -629,7 +629,7 @@ class ContentReader:
                 self._failed(ref, "the cache disk is full and the blob has no block map to stream it verified")
             cfg = self.config
             if not reader.wait_idle(cfg.attempts * cfg.timeout):
-                raise FetchError(f"{ref.path}: fetches still running on a full cache disk")
+                raise FetchError(f"{ref.where}: fetches still running on a full cache disk")
             obj.retired.append(partial)  # a concurrent read may still hold it: close at release
             for leftover in (partial.path, partial.bits_path):
                 with contextlib.suppress(FileNotFoundError):
@@ -640,7 +640,7 @@ class ContentReader:
                 ref.size, self._fetcher(ref),
                 blocks, block_size=cfg.block_size, max_request=cfg.max_request, executor=self._executor)
         log.warning("%s: still no room in the cache: streaming it (verified per block, not cached)",
-                    ref.path)
+                    ref.where)
 
     def _prepare(self, obj: _Object) -> None:
         """Give ``obj`` its content source: bytes, a complete object's fd, or a block reader."""
@@ -668,7 +668,7 @@ class ContentReader:
                 if expected is not None and actual != expected:
                     if ref.source is not None:
                         self._source_changed(ref, f"its bytes hash to {actual}, the record says {expected}")
-                    raise FetchError(f"the store returned wrong bytes for {ref.md5}")
+                    raise FetchError(f"{ref.where}: the store returned wrong bytes for blob {ref.md5}")
                 obj.data = data
                 self._install_later(actual, data)
                 self._fetched_whole(ref, actual)
@@ -746,7 +746,7 @@ class ContentReader:
             except FileNotFoundError:
                 return False
             if hashlib.md5(data, usedforsecurity=False).hexdigest() != ref.md5:
-                log.warning("cache object %s is corrupt: dropping it", ref.md5)
+                log.warning("%s: its cache object %s is corrupt: dropping it, reading the store", ref.where, ref.md5)
                 self.cache.drop(ref.md5)
                 return False
             obj.data = data
@@ -771,7 +771,7 @@ class ContentReader:
         actual = _md5_fd(fd, ref.size)
         if actual != ref.md5:
             os.close(fd)
-            log.warning("cache object %s hashes to %s: dropping it", ref.md5, actual)
+            log.warning("%s: its cache object %s hashes to %s: dropping it, reading the store", ref.where, ref.md5, actual)
             self.cache.drop(ref.md5)
             return False
         self._mark_verified(fd, ref.md5)
@@ -806,7 +806,7 @@ class ContentReader:
             self._failed(ref, f"the manifest says {ref.size} bytes, the store's blob has {st.st_size}")
         if self._bad.get(str(path)) == _stat_key(ref.md5, st):
             os.close(fd)
-            raise FetchError(f"{ref.path}: the store's blob {ref.md5} failed verification")
+            raise FetchError(f"{ref.where}: the store's blob {ref.md5} failed verification")
         with self._lock:
             self.store_requests += 1
         if ref.size <= self.config.small_object:
@@ -887,7 +887,7 @@ class ContentReader:
                 expected = self._expected_md5(obj.ref)
                 if expected is not None and actual != expected:
                     log.error("content fetched for %s (%s) hashes to %s: discarding it",
-                              obj.ref.path, expected, actual)
+                              obj.ref.where, expected, actual)
                     partial.reset()
                     return
                 dest = self.cache.adopt(actual, partial.path)  # a reference's too: under its md5
@@ -900,7 +900,7 @@ class ContentReader:
                 obj.fd = partial.fd
                 obj.partial = obj.reader = None
         except OSError as exc:
-            log.warning("could not promote %s into the cache: %s", obj.ref.md5, exc)
+            log.warning("could not promote %s (%s) into the cache: %s", obj.ref.where, obj.ref.md5, exc)
         finally:
             obj.promoting = False
 
@@ -919,7 +919,7 @@ class ContentReader:
                 path = self._blob_path(obj.ref)
                 if actual != obj.ref.md5:
                     log.error("%s: the store's blob %s hashes to %s: refusing to serve it",
-                              obj.ref.path, obj.ref.md5, actual)
+                              obj.ref.where, obj.ref.md5, actual)
                     obj.bad = True
                     if path is not None:
                         self._bad[str(path)] = _stat_key(obj.ref.md5, st)
@@ -930,7 +930,7 @@ class ContentReader:
                 obj.fd = blob.fd  # the same open file, now verified
                 obj.blob = obj.reader = None
         except OSError as exc:
-            log.warning("could not verify the store's blob %s: %s", obj.ref.md5, exc)
+            log.warning("could not verify the store's blob %s of %s: %s", obj.ref.md5, obj.ref.where, exc)
         finally:
             obj.promoting = False
 

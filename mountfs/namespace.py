@@ -164,6 +164,11 @@ class FileRef:
     #: its siblings (:meth:`Namespace.directory_files`); None when not opened from a version
     directory: tuple[str, int] | None = field(default=None, compare=False)
 
+    @property
+    def where(self) -> str:
+        """``entity/project/collection:vN/path``: how log lines and errors name the file."""
+        return f"{self.version}/{self.path}"
+
 
 #: most siblings one batched look-up (block maps, signed URLs) covers
 SIBLING_BATCH = 1000

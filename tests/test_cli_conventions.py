@@ -532,3 +532,66 @@ def test_get_onto_a_full_disk_is_one_line_enospc(tmp_path: Path) -> None:
         assert r.returncode == 1, (r.stdout, r.stderr)
         assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
         assert "No space left on device" in r.stderr and "free some space" in r.stderr, r.stderr
+
+
+# -- item 10: get into a non-empty folder does what wandb's download does, and says so -----------
+
+def test_get_into_a_non_empty_folder_overwrites_differing_files_and_says_so(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    for name, text in {"a.txt": "A", "sub/b.txt": "B", "c.txt": "C"}.items():
+        (src / name).write_text(text)
+    env = {"ARTIFACTFS_STORE": str(tmp_path / "store"), "ARTIFACTFS_CACHE_DIR": str(tmp_path / "cache")}
+    assert cli("log", str(src), "--name", "alice/proj/ds", "--type", "dataset", cwd=tmp_path, env=env).returncode == 0
+    dest = tmp_path / "dest"
+    (dest / "sub").mkdir(parents=True)
+    (dest / "a.txt").write_text("A")  # same content: kept as is
+    (dest / "sub" / "b.txt").write_text("edited locally")  # differs: overwritten, and named
+    (dest / "extra.txt").write_text("mine")  # not in the artifact: left alone
+    ino = (dest / "a.txt").stat().st_ino
+
+    res = cli("get", "alice/proj/ds:v0", str(dest), cwd=tmp_path, env=env)
+    assert res.returncode == 0, res.stderr
+    assert "2 files downloaded, 1 already present, 1 of them replacing a different local copy" in res.stdout
+    assert res.stderr.strip().splitlines() == [
+        f"artifactfs: replaced {dest / 'sub' / 'b.txt'}: its content differed from alice/proj/ds:v0"]
+    assert (dest / "sub" / "b.txt").read_text() == "B" and (dest / "c.txt").read_text() == "C"
+    assert (dest / "a.txt").stat().st_ino == ino
+    assert (dest / "extra.txt").read_text() == "mine"
+    helptext = cli("get", "--help", cwd=tmp_path).stdout
+    assert "OVERWRITTEN" in helptext and "left alone" in helptext
+
+
+# -- item 8: the mount log names files, not blob md5s -------------------------------------------
+
+@requires_fuse
+def test_mount_log_names_the_file_of_a_corrupt_cache_object(tmp_path: Path, mountpoints: list[Path]) -> None:
+    from client.cache import Cache
+    from client.hashing import md5_bytes
+
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    payload = b"the bytes of the file\n" * 100
+    (src / "sub" / "a.bin").write_bytes(payload)
+    store, cache_dir, log_file = tmp_path / "store", tmp_path / "cache", tmp_path / "mount.log"
+    res = cli("--store", str(store), "log", str(src), "--name", "alice/proj/ds", "--type", "dataset", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    mp = tmp_path / "mnt"
+    mp.mkdir()
+    mountpoints.append(mp)
+    args = ["mount", str(mp), "--store", str(store), "--cache-dir", str(cache_dir), "--log-file", str(log_file)]
+    target = mp / "alice" / "proj" / "ds:v0" / "sub" / "a.bin"
+    assert cli(*args, cwd=tmp_path).returncode == 0
+    assert target.read_bytes() == payload  # fills the cache
+    force_unmount(mp)
+
+    md5 = md5_bytes(payload)
+    obj = Cache(cache_dir).path(md5)
+    obj.chmod(0o644)
+    obj.write_bytes(b"X" * len(payload))  # same size, wrong bytes
+    assert cli(*args, cwd=tmp_path).returncode == 0
+    assert target.read_bytes() == payload  # served from the store, never the corrupt copy
+    force_unmount(mp)
+    lines = [ln for ln in log_file.read_text().splitlines() if md5 in ln]
+    assert lines, log_file.read_text()
+    assert all("alice/proj/ds:v0/sub/a.bin" in ln for ln in lines), lines

@@ -17,6 +17,7 @@ import hashlib
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
@@ -56,7 +57,8 @@ class LocalBlobBackend:
         check_key(entity, md5_hex)
         return self.root / entity / md5_hex[:2] / md5_hex[2:]
 
-    def put_file(self, entity: str, md5_hex: str, src: Path, hasher: BlockHasher | None = None) -> int:
+    def put_file(self, entity: str, md5_hex: str, src: Path, hasher: BlockHasher | None = None,
+                 progress: Callable[[int], None] | None = None) -> int:
         """Store ``src`` (verified); a blob already present is kept only if it is intact."""
         dest = self.path(entity, md5_hex)
         if dest.exists() and self.intact(entity, md5_hex, hasher):
@@ -64,12 +66,14 @@ class LocalBlobBackend:
         if hasher is not None:
             hasher.reset()  # fed again by the copy
         with open(src, "rb") as f:
-            return self.put_stream(entity, md5_hex, f, hasher)
+            return self.put_stream(entity, md5_hex, f, hasher, progress)
 
-    def put_stream(self, entity: str, md5_hex: str, stream: BinaryIO, hasher: BlockHasher | None = None) -> int:
+    def put_stream(self, entity: str, md5_hex: str, stream: BinaryIO, hasher: BlockHasher | None = None,
+                   progress: Callable[[int], None] | None = None) -> int:
         """Copy a stream in, hashing as it goes; refuse it if the md5 differs from the name.
 
-        ``hasher`` is fed the same bytes (the blob's block map, at no extra read).
+        ``hasher`` is fed the same bytes (the blob's block map, at no extra read);
+        ``progress(n)`` is told each chunk's length (it may raise to stop the copy).
         """
         dest = self.path(entity, md5_hex)
         fd, tmp = tempfile.mkstemp(dir=self.root / ".tmp", prefix=md5_hex + ".")
@@ -83,6 +87,8 @@ class LocalBlobBackend:
                         hasher.update(chunk)
                     out.write(chunk)
                     size += len(chunk)
+                    if progress is not None:
+                        progress(len(chunk))
                 out.flush()
                 os.fsync(out.fileno())
                 if h.hexdigest() == md5_hex:

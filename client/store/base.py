@@ -20,6 +20,7 @@ from __future__ import annotations
 import datetime as _dt
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any, Iterable, Protocol, runtime_checkable
 
 
@@ -236,16 +237,23 @@ class Store(Protocol):
 
     # -- blobs (content-addressed by md5 hex, scoped per entity) -------------------------
     def missing_blobs(self, entity: str, md5_hexes: Iterable[str]) -> set[str]: ...
-    def put_blob(self, entity: str, md5_hex: str, src: Path, size: int) -> None:
-        """Upload ``src``; the store verifies its md5 before anything may reference it."""
+    def put_blob(self, entity: str, md5_hex: str, src: Path, size: int,
+                 progress: Callable[[int], None] | None = None) -> None:
+        """Upload ``src``; the store verifies its md5 before anything may reference it.
+
+        ``progress(n)`` as bytes go out (it may raise to stop the upload)."""
         ...
 
-    def read_blob(self, entity: str, md5_hex: str, start: int = 0, length: int | None = None) -> bytes:
-        """Bytes ``[start, start+length)`` of a blob (to its end if length is None)."""
+    def read_blob(self, entity: str, md5_hex: str, start: int = 0, length: int | None = None,
+                  progress: Callable[[int], None] | None = None) -> bytes:
+        """Bytes ``[start, start+length)`` of a blob (to its end if length is None); ``progress(n)``
+        as they arrive (it may raise to stop the read)."""
         ...
 
-    def download_blob(self, entity: str, md5_hex: str, dest: Path) -> None:
-        """Write the whole blob to ``dest`` (the caller verifies and renames)."""
+    def download_blob(self, entity: str, md5_hex: str, dest: Path,
+                      progress: Callable[[int], None] | None = None) -> None:
+        """Write the whole blob to ``dest`` (the caller verifies and renames); ``progress(n)``
+        as bytes arrive (it may raise to stop the download)."""
         ...
 
     def close(self) -> None: ...

@@ -249,6 +249,37 @@ def _q(segment: str) -> str:
     return quote(segment, safe="")
 
 
+#: bytes per chunk of a streamed download (how often progress is told and Ctrl-C checked)
+STREAM_CHUNK = 64 << 10
+
+
+def _read_reporting(resp: requests.Response, progress: Callable[[int], None]) -> bytes:
+    """The whole body of a streamed response, telling ``progress`` of each chunk."""
+    parts = []
+    try:
+        for chunk in resp.iter_content(STREAM_CHUNK):
+            parts.append(chunk)
+            progress(len(chunk))
+    finally:
+        resp.close()
+    return b"".join(parts)
+
+
+class _ReportingReader:
+    """A file for a request body that reports each read's length (upload progress)."""
+
+    def __init__(self, f: Any, size: int, progress: Callable[[int], None]) -> None:
+        self._f, self._size, self._progress = f, size, progress
+
+    def __len__(self) -> int:  # requests sends Content-Length, not chunked encoding
+        return self._size
+
+    def read(self, n: int = -1) -> bytes:
+        data = self._f.read(n)
+        self._progress(len(data))
+        return data
+
+
 class HttpStore:
     """Store protocol over a registry server.  Thread-safe: one pooled session for all threads."""
 
@@ -511,16 +542,18 @@ class HttpStore:
             return None
         return plan
 
-    def put_blob(self, entity: str, md5_hex: str, src: Path, size: int) -> None:
+    def put_blob(self, entity: str, md5_hex: str, src: Path, size: int,
+                 progress: Callable[[int], None] | None = None) -> None:
         """Upload by the server's plan: nothing (already there), one PUT, or parallel parts.
 
         Each step is retried on its own (all are idempotent: the blob is named by its content).
+        ``progress(n)`` as bytes are sent (a single PUT) or as parts complete.
         """
         def upload(plan: dict[str, Any]) -> None:
             if plan["method"] == "multipart":
-                self._put_multipart(entity, md5_hex, Path(src), size, plan)
+                self._put_multipart(entity, md5_hex, Path(src), size, plan, progress)
             else:
-                self._put_file(plan, Path(src), size)
+                self._put_file(plan, Path(src), size, progress)
                 if plan.get("complete", True):
                     self._call("POST", f"{self._blob(entity, md5_hex)}/complete", {"size": size})
 
@@ -575,15 +608,17 @@ class HttpStore:
         return resp
 
     @retrying
-    def _put_file(self, target: dict[str, Any], src: Path, size: int) -> requests.Response:
+    def _put_file(self, target: dict[str, Any], src: Path, size: int,
+                  progress: Callable[[int], None] | None = None) -> requests.Response:
         with open(src, "rb") as f:
-            return self._put_once(target, f, size)
+            return self._put_once(target, f if progress is None else _ReportingReader(f, size, progress), size)
 
     @retrying
     def _put_data(self, target: dict[str, Any], data: bytes) -> requests.Response:
         return self._put_once(target, data, len(data))
 
-    def _put_multipart(self, entity: str, md5_hex: str, src: Path, size: int, plan: dict[str, Any]) -> None:
+    def _put_multipart(self, entity: str, md5_hex: str, src: Path, size: int, plan: dict[str, Any],
+                       progress: Callable[[int], None] | None = None) -> None:
         part_size = int(plan["part_size"])
         part_md5s = []
         with open(src, "rb") as f:
@@ -599,7 +634,10 @@ class HttpStore:
                 with open(src, "rb") as f:
                     f.seek(offset)
                     data = f.read(min(part_size, size - offset))
-                return self._put_data(part, data).headers.get("ETag", "")
+                etag = self._put_data(part, data).headers.get("ETag", "")
+            if progress is not None:
+                progress(len(data))
+            return etag
 
         etags = list(self._transfer_pool.map(send, plan["parts"]))
         self._call("POST", f"{self._blob(entity, md5_hex)}/complete",
@@ -633,29 +671,36 @@ class HttpStore:
                 self._remember_url(entity, md5, url, float(out["expires_in"]), None)
 
     @retrying
-    def read_blob(self, entity: str, md5_hex: str, start: int = 0, length: int | None = None) -> bytes:
+    def read_blob(self, entity: str, md5_hex: str, start: int = 0, length: int | None = None,
+                  progress: Callable[[int], None] | None = None) -> bytes:
         if length == 0:
             return b""
-        return self._ranged_get(entity, md5_hex, start, length)[0]
+        return self._ranged_get(entity, md5_hex, start, length, progress)[0]
 
-    def _ranged_get(self, entity: str, md5_hex: str, start: int, length: int | None) -> tuple[bytes, int | None]:
+    def _ranged_get(self, entity: str, md5_hex: str, start: int, length: int | None,
+                    progress: Callable[[int], None] | None = None) -> tuple[bytes, int | None]:
         """Bytes [start, start+length) (to the end if None) and the blob's size if learnt.
 
         Refreshes an expired URL once.  Checks that the bytes are exactly the range the store
-        says it sent; a short body is a transient failure (retried), never returned.
+        says it sent; a short body is a transient failure (retried), never returned.  With
+        ``progress`` the body is streamed and ``progress(n)`` told of each chunk (it may raise
+        to stop: the connection is closed, nothing is returned).
         """
         rng = f"bytes={start}-" if length is None else f"bytes={start}-{start + length - 1}"
         for refresh in (False, True):
             url, size = self._download_url(entity, md5_hex, refresh=refresh)
             if size is not None and start >= size:
                 return b"", size
-            resp = self.session.get(url, headers={"Range": rng}, timeout=self.timeout, verify=self._verify)
+            resp = self.session.get(url, headers={"Range": rng}, timeout=self.timeout, verify=self._verify,
+                                    stream=progress is not None)
             if resp.status_code == 403 and not refresh:
+                resp.close()
                 continue  # most likely an expired URL: ask the server for a fresh one
             if resp.status_code == 416:
+                resp.close()
                 return b"", None  # start at or past the end
             _raise_for(resp)
-            data = resp.content
+            data = resp.content if progress is None else _read_reporting(resp, progress)
             if resp.status_code == 200:  # the store ignored Range: it sent the whole blob
                 total = len(data)
                 data = data[start:] if length is None else data[start:start + length]
@@ -717,15 +762,19 @@ class HttpStore:
             raise
 
     @retrying
-    def _first_part(self, entity: str, md5_hex: str) -> tuple[bytes, int]:
-        data, total = self._ranged_get(entity, md5_hex, 0, DOWNLOAD_PART)
+    def _first_part(self, entity: str, md5_hex: str,
+                    progress: Callable[[int], None] | None = None) -> tuple[bytes, int]:
+        data, total = self._ranged_get(entity, md5_hex, 0, DOWNLOAD_PART, progress)
         return data, len(data) if total is None else total
 
-    def download_blob(self, entity: str, md5_hex: str, dest: Path) -> None:
+    def download_blob(self, entity: str, md5_hex: str, dest: Path,
+                      progress: Callable[[int], None] | None = None) -> None:
         """Whole blob to ``dest``: the first part tells the size, the rest in parallel ranged
-        GETs (like boto3's transfer manager), each retried on its own."""
+        GETs (like boto3's transfer manager), each retried on its own; ``progress(n)`` as
+        parts arrive (it may raise to stop: parts not started yet then do nothing)."""
+        report = progress or (lambda n: None)  # report(0) raises once the transfer was stopped
         with self.part_budget.slot():
-            first, size = self._first_part(entity, md5_hex)
+            first, size = self._first_part(entity, md5_hex, progress)
             with open(dest, "wb") as out:
                 out.write(first)
                 out.truncate(size)
@@ -737,8 +786,9 @@ class HttpStore:
         fd = os.open(dest, os.O_WRONLY)
         try:
             def fetch(rng: tuple[int, int]) -> None:
+                report(0)  # raises once the transfer was stopped
                 with self.part_budget.slot():
-                    data = self.read_blob(entity, md5_hex, rng[0], rng[1] - rng[0])
+                    data = self.read_blob(entity, md5_hex, rng[0], rng[1] - rng[0], progress)
                     if len(data) != rng[1] - rng[0]:
                         raise StoreUnavailableError(f"blob {md5_hex} changed size while downloading")
                     os.pwrite(fd, data, rng[0])

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
@@ -152,9 +153,10 @@ class LocalStore:
     def missing_blobs(self, entity: str, md5_hexes: Iterable[str]) -> set[str]:
         return self.registry.missing_blobs(entity, md5_hexes, check_files=True)  # a damaged blob is re-sent
 
-    def put_blob(self, entity: str, md5_hex: str, src: Path, size: int) -> None:
+    def put_blob(self, entity: str, md5_hex: str, src: Path, size: int,
+                 progress: Callable[[int], None] | None = None) -> None:
         hasher = BlockHasher() if wants_map(size) else None
-        written = self.blobs.put_file(entity, md5_hex, Path(src), hasher)
+        written = self.blobs.put_file(entity, md5_hex, Path(src), hasher, progress)
         self.registry.register_blob(entity, md5_hex, written)
         if hasher is not None and wants_map(written):
             self.registry.register_blockmap(entity, md5_hex, hasher.result())
@@ -170,8 +172,12 @@ class LocalStore:
         written = self.blobs.put_stream(entity, md5_hex, io.BytesIO(data))
         self.registry.register_blob(entity, md5_hex, written)
 
-    def read_blob(self, entity: str, md5_hex: str, start: int = 0, length: int | None = None) -> bytes:
-        return self.blobs.read(entity, md5_hex, start, length)
+    def read_blob(self, entity: str, md5_hex: str, start: int = 0, length: int | None = None,
+                  progress: Callable[[int], None] | None = None) -> bytes:
+        data = self.blobs.read(entity, md5_hex, start, length)
+        if progress is not None:
+            progress(len(data))
+        return data
 
     def stream_blob(self, entity: str, md5_hex: str, start: int, length: int) -> Iterator[bytes]:
         """Bytes [start, start+length) in chunks of at most STREAM_CHUNK (see HttpStore)."""
@@ -184,8 +190,11 @@ class LocalStore:
                 length -= len(chunk)
                 yield chunk
 
-    def download_blob(self, entity: str, md5_hex: str, dest: Path) -> None:
+    def download_blob(self, entity: str, md5_hex: str, dest: Path,
+                      progress: Callable[[int], None] | None = None) -> None:
         self.blobs.copy_to(entity, md5_hex, Path(dest))
+        if progress is not None:
+            progress(os.path.getsize(dest))
 
     def blob_path(self, entity: str, md5_hex: str) -> Path:
         """Local stores can hand out the file itself (zero-copy reads for the mount)."""
