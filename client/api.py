@@ -17,6 +17,7 @@ import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
+from . import filters as flt
 from . import names, settings
 from .errors import InvalidNameError, NotFoundError
 from .store.base import CollectionRecord, RunRecord, Store
@@ -56,7 +57,7 @@ class Paginator(Sequence[T], Generic[T]):
     def __len__(self) -> int:
         return len(self._all())
 
-    def __getitem__(self, i):  # type: ignore[no-untyped-def,override]
+    def __getitem__(self, i):
         return self._all()[i]
 
     def __repr__(self) -> str:
@@ -88,7 +89,7 @@ def _store_method(store: Store, name: str) -> Callable[..., Any]:
     method = getattr(store, name, None)
     if method is None:
         raise NotImplementedError(f"this store ({type(store).__name__}) does not support {name} yet")
-    return method  # type: ignore[no-any-return]
+    return method
 
 
 def _artifacts(store: Store, records: list[Any]) -> list[Artifact]:
@@ -388,8 +389,6 @@ class Api:
         Filterable fields: ``name`` (the run id), ``displayName``/``display_name``,
         ``jobType``/``job_type``, ``state``, ``createdAt``/``created_at``, ``config.*``.
         """
-        from . import filters as flt
-
         entity, project = self._project_path(path)
         lister = getattr(self._store, "list_runs", None)
         if lister is None:

@@ -42,6 +42,7 @@ import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 
 from cachetools import LRUCache
 
@@ -243,7 +244,7 @@ class ContentReader:
             self._failed(ref, f"the manifest says {ref.size} bytes, the blob has {bm.size}")
         return bm
 
-    def _failed(self, ref: FileRef, what: str) -> None:
+    def _failed(self, ref: FileRef, what: str) -> NoReturn:
         with self._lock:
             self.verify_failures += 1
         log.error("%s (blob %s): %s; answering EIO", ref.path, ref.md5, what)

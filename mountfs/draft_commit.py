@@ -266,7 +266,7 @@ def _build(draft: Draft) -> _Plan:
 
     tmp = draft.root / "manifest.json.tmp"
     with open(tmp, "wb") as raw:
-        sink = HashingWriter(raw)  # type: ignore[arg-type]
+        sink = HashingWriter(raw)
         write_manifest(_Utf8Sink(sink), entries())  # type: ignore[arg-type]
         raw.flush()
         os.fsync(raw.fileno())
@@ -449,7 +449,7 @@ def _merge_plan(draft: Draft, store: Store, cache: Cache, plan: _Plan, latest: V
         digest.update(e.path, e.digest)
     tmp = draft.root / "manifest-merged.json.tmp"
     with open(tmp, "wb") as raw:
-        sink = HashingWriter(raw)  # type: ignore[arg-type]
+        sink = HashingWriter(raw)
         write_manifest(_Utf8Sink(sink), ordered)  # type: ignore[arg-type]
         raw.flush()
         os.fsync(raw.fileno())

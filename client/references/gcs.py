@@ -37,7 +37,7 @@ def _gcs_client():
             "gs:// references need the google-cloud-storage package, which is not installed: "
             "pip install google-cloud-storage") from None
     if os.environ.get("STORAGE_EMULATOR_HOST"):
-        from google.auth.credentials import AnonymousCredentials  # type: ignore[import-untyped]
+        from google.auth.credentials import AnonymousCredentials
 
         return storage.Client(project=os.environ.get("GOOGLE_CLOUD_PROJECT", "artifactfs"),
                               credentials=AnonymousCredentials())
@@ -52,7 +52,7 @@ class GcsHandler:
 
     def _call(self, what: str, fn, *args, **kw):
         try:
-            from google.api_core import exceptions as gexc  # type: ignore[import-untyped]
+            from google.api_core import exceptions as gexc
         except ImportError:
             _gcs_client()  # raises the "not installed" error
             raise

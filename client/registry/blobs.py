@@ -18,7 +18,10 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import BinaryIO, Protocol
+from typing import TYPE_CHECKING, BinaryIO, Protocol
+
+if TYPE_CHECKING:
+    from _typeshed import SupportsRead
 
 from ..blockmap import BlockHasher
 from ..cache import has_verified_marker, set_verified_marker
@@ -66,7 +69,7 @@ class LocalBlobBackend:
         with open(src, "rb") as f:
             return self.put_stream(entity, md5_hex, f, hasher)
 
-    def put_stream(self, entity: str, md5_hex: str, stream: BinaryIO, hasher: BlockHasher | None = None) -> int:
+    def put_stream(self, entity: str, md5_hex: str, stream: SupportsRead[bytes], hasher: BlockHasher | None = None) -> int:
         """Copy a stream in, hashing as it goes; refuse it if the md5 differs from the name.
 
         ``hasher`` is fed the same bytes (the blob's block map, at no extra read).
