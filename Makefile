@@ -1,6 +1,6 @@
 # artifactfs: two commands on a fresh Debian machine, as root:
 #   make run    install everything, log a demo artifact, mount the drive at $(MOUNT) and list it
-#   make test   install everything, run the whole test suite
+#   make test   install everything, type-check (mypy, configured in pyproject.toml), run the whole test suite
 SHELL := /bin/bash
 PY ?= python3
 VENV := .venv
@@ -60,6 +60,7 @@ umount:
 
 test: deps
 	$(BIN)/python -m compileall -q client mountfs server tests >/dev/null
+	$(BIN)/python -m mypy
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
 bench: deps

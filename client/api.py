@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Generic, TypeVar
 
+from . import filters as flt
 from . import names, settings
 from .errors import InvalidNameError, LocalPathError, NotFoundError
 from .store.base import CollectionRecord, RunFileRecord, RunRecord, Store
@@ -58,7 +59,7 @@ class Paginator(Sequence[T], Generic[T]):
     def __len__(self) -> int:
         return len(self._all())
 
-    def __getitem__(self, i):  # type: ignore[no-untyped-def,override]
+    def __getitem__(self, i):
         return self._all()[i]
 
     def __repr__(self) -> str:
@@ -90,7 +91,7 @@ def _store_method(store: Store, name: str) -> Callable[..., Any]:
     method = getattr(store, name, None)
     if method is None:
         raise NotImplementedError(f"this store ({type(store).__name__}) does not support {name} yet")
-    return method  # type: ignore[no-any-return]
+    return method
 
 
 def _artifacts(store: Store, records: list[Any]) -> list[Artifact]:
@@ -593,8 +594,6 @@ class Api:
         Filterable fields: ``name`` (the run id), ``displayName``/``display_name``,
         ``jobType``/``job_type``, ``state``, ``createdAt``/``created_at``, ``config.*``.
         """
-        from . import filters as flt
-
         entity, project = self._project_path(path)
         lister = getattr(self._store, "list_runs", None)
         if lister is None:

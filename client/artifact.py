@@ -27,23 +27,21 @@ import warnings
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any, Literal
+from typing import IO, Any, Literal
 from urllib.parse import urlparse
 
-from . import names
+from . import names, objects, references
 from .errors import (ArtifactFinalizedError, ArtifactFSError, ArtifactNotLoggedError, InvalidPathError,
                      LocalPathError, NotFoundError)
 from .hashing import b64_to_hex
-from .api import Paginator
+from .api import ArtifactCollection, Paginator
+from .api import Run as PublicRun
 from .manifest import Manifest
 from .registries import LinkMixin
+from .store.base import CommitRequest, Store, VersionRecord
 from .transfer import (ArtifactManifestEntry, Hashed, artifact_entry_reference, default_root, download_entries,
                        get_cache, hash_into_staging, read_blob_cached, parse_file_uri, remove_extra_files, upload_entries, upload_manifest,
                        verify_tree)
-
-if TYPE_CHECKING:
-    from .api import ArtifactCollection, Run as PublicRun
-    from .store.base import Store, VersionRecord
 
 __all__ = ["Artifact", "ArtifactFiles", "ArtifactManifestEntry", "ArtifactTTL"]
 
@@ -151,8 +149,6 @@ class Artifact(LinkMixin):
 
     @property
     def collection(self) -> ArtifactCollection:
-        from .api import ArtifactCollection
-
         rec = self._ensure_logged("collection")
         return ArtifactCollection._load(self._store, rec.entity, rec.project, rec.collection)  # type: ignore[arg-type]
 
@@ -181,7 +177,7 @@ class Artifact(LinkMixin):
     @property
     def url(self) -> str:
         rec = self._ensure_logged("url")
-        base = self._store.location if self._store else ""  # type: ignore[union-attr]
+        base = self._store.location if self._store else ""
         if not base.startswith(("http://", "https://")):
             base = Path(base).as_uri()
         return f"{base.rstrip('/')}/{rec.entity}/{rec.project}/artifacts/{rec.type}/{rec.collection}/{rec.version}"
@@ -236,7 +232,7 @@ class Artifact(LinkMixin):
         if self._ttl is ArtifactTTL.INHERIT:
             raise ArtifactNotLoggedError("this artifact's TTL is inherited from its entity's default and is known "
                                          "once it is logged (or saved); log it first")
-        return self._ttl  # type: ignore[return-value]
+        return self._ttl
 
     @ttl.setter
     def ttl(self, value: dt.timedelta | ArtifactTTL | None) -> None:
@@ -249,7 +245,7 @@ class Artifact(LinkMixin):
     def _ttl_for_store(self) -> float | str | None:
         if self._ttl is ArtifactTTL.INHERIT:
             return "inherit"
-        return None if self._ttl is None else self._ttl.total_seconds()  # type: ignore[union-attr]
+        return None if self._ttl is None else self._ttl.total_seconds()
 
     @property
     def use_as(self) -> str | None:
@@ -295,10 +291,10 @@ class Artifact(LinkMixin):
 
     @staticmethod
     def _check_policy(policy: str | None) -> str:
-        policy = policy or "mutable"
-        if policy not in ("mutable", "immutable"):
-            raise ValueError(f"policy must be 'mutable' or 'immutable', got {policy!r}")
-        return policy
+        checked = policy or "mutable"
+        if checked not in ("mutable", "immutable"):
+            raise ValueError(f"policy must be 'mutable' or 'immutable', got {checked!r}")
+        return checked
 
     def _put_entry(self, name: str, h: Hashed, overwrite: bool, ref: str | None = None,
                    extra: dict[str, Any] | None = None) -> ArtifactManifestEntry:
@@ -327,12 +323,12 @@ class Artifact(LinkMixin):
         uploaded; ``"immutable"`` trusts the caller not to touch it (no copy).
         """
         self._ensure_draft()
-        policy = self._check_policy(policy)
+        mode = self._check_policy(policy)
         src = Path(local_path)
         if not src.is_file():
             raise LocalPathError(f"Path is not a file: {str(src)!r}")
         entry_name = names.entry_path_from_local(str(name) if name is not None else src.name)
-        h = hash_into_staging(src, policy, bool(skip_cache), self._staging_dir)
+        h = hash_into_staging(src, mode, bool(skip_cache), self._staging_dir)
         if is_tmp:
             head, _, base = entry_name.rpartition("/")
             parts = base.split(".")
@@ -349,7 +345,7 @@ class Artifact(LinkMixin):
         directory's version wins).
         """
         self._ensure_draft()
-        policy = self._check_policy(policy)
+        mode = self._check_policy(policy)
         root = Path(local_path)
         if not root.is_dir():
             raise LocalPathError(f"Path is not a directory: {str(root)!r}")
@@ -358,7 +354,7 @@ class Artifact(LinkMixin):
         staging = self._staging_dir
         workers = min(32, (os.cpu_count() or 4) * 2)
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="artifactfs-hash") as pool:
-            hashed = list(pool.map(lambda j: hash_into_staging(j[0], policy, bool(skip_cache), staging), jobs))
+            hashed = list(pool.map(lambda j: hash_into_staging(j[0], mode, bool(skip_cache), staging), jobs))
         with self._lock:
             for (_, entry_name), h in zip(jobs, hashed):
                 self._put_entry(entry_name, h, overwrite=merge)
@@ -387,8 +383,6 @@ class Artifact(LinkMixin):
         Digests and sizes come from the source (client.references has the per-scheme rules);
         nothing is uploaded.  A directory or prefix becomes one entry per object.
         """
-        from . import references
-
         self._ensure_draft()
         if isinstance(uri, ArtifactManifestEntry):
             e = artifact_entry_reference(uri, name)
@@ -426,8 +420,6 @@ class Artifact(LinkMixin):
 
     def add(self, obj: Any, name: str, overwrite: bool = False) -> ArtifactManifestEntry:
         """Add a W&B object (Table, Classes: see client.objects) as ``<name>.<kind>.json``."""
-        from . import objects
-
         self._ensure_draft()
         entry_name, data = objects.serialize(obj, name)
         path = Path(tempfile.mkdtemp(dir=self._staging_dir(), prefix="object-")) / entry_name
@@ -440,8 +432,6 @@ class Artifact(LinkMixin):
 
     def get(self, name: str) -> Any:
         """The object stored by ``add(obj, name)``, or None if there is none."""
-        from . import objects
-
         self._ensure_logged("get")
         for candidate in objects.candidate_entry_names(str(name)):
             entry = self.manifest.entries.get(candidate)
@@ -492,7 +482,7 @@ class Artifact(LinkMixin):
         prefix = str(path_prefix).lstrip("/") if path_prefix else ""
         entries = [e for e in self.manifest if e.path.startswith(prefix)]
         assert self._store is not None
-        download_entries(self._store, self._blob_entity, entries, dest, skip_cache=bool(skip_cache),  # type: ignore[arg-type]
+        download_entries(self._store, self._blob_entity, entries, dest, skip_cache=bool(skip_cache),
                          allow_missing_references=allow_missing_references)
         return str(dest)
 
@@ -541,8 +531,6 @@ class Artifact(LinkMixin):
         self._record = self._store.get_version(rec.id)
 
     def logged_by(self) -> PublicRun | None:
-        from .api import Run as PublicRun
-
         rec = self._ensure_logged("logged_by")
         if not rec.logged_by_run:
             return None
@@ -551,8 +539,6 @@ class Artifact(LinkMixin):
         return PublicRun._from_record(self._store, self._store.get_run(entity, project, run_id))
 
     def used_by(self) -> list[PublicRun]:
-        from .api import Run as PublicRun
-
         rec = self._ensure_logged("used_by")
         assert self._store is not None
         return [PublicRun._from_record(self._store, r) for r in self._store.runs_using(rec.id)]
@@ -595,8 +581,6 @@ class Artifact(LinkMixin):
     def _log(self, store: Store, entity: str, project: str, run_id: str | None,
              aliases: Sequence[str] | None = None, tags: Sequence[str] | None = None) -> Artifact:
         """Upload what the store lacks, upload the manifest, commit.  Used by Run.log_artifact."""
-        from .store.base import CommitRequest
-
         alias_list = list(dict.fromkeys([*(self._aliases if self._record is None else []), *(aliases or [])]))
         alias_list = [a if a == "latest" else names.validate_alias(a) for a in alias_list]
         tag_list = [names.validate_tag(t) for t in dict.fromkeys([*self._tags, *(tags or [])])]

@@ -415,7 +415,7 @@ class Cache:
                     return self._install(md5_hex, tmp)
             with open(src, "rb") as fin, open(tmp, "wb") as raw:
                 hf = _HashingFile(raw)
-                shutil.copyfileobj(fin, hf, _CHUNK)  # type: ignore[arg-type]
+                shutil.copyfileobj(fin, hf, _CHUNK)
                 dest = self._finish(md5_hex, tmp, hf, None,
                                     os.fstat(fin.fileno()).st_mtime_ns if keep_mtime else None)
             if move:

@@ -41,7 +41,8 @@ class UserError(click.ClickException):
 
     def __init__(self, message: str, exit_code: int = EXIT_ERROR) -> None:
         super().__init__(message)
-        self.exit_code = exit_code
+        # click types exit_code a ClassVar but reads it from the instance; one class serves every code
+        self.exit_code = exit_code  # type: ignore[misc]
 
     def show(self, file: Any = None) -> None:
         click.echo(f"artifactfs: error: {self.format_message()}", err=True)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import click
 
@@ -22,7 +23,7 @@ def _server_url(url: str | None) -> str:
     raise click.UsageError("which registry? give its URL (e.g. artifactfs login https://registry.internal:8600)")
 
 
-def _identity(url: str, key: str | None) -> dict[str, object]:
+def _identity(url: str, key: str | None) -> dict[str, Any]:
     from .store.http import HttpStore
 
     store = HttpStore(url, key, attempts=3)
@@ -73,7 +74,7 @@ def whoami_cmd() -> None:
     source = ("ARTIFACTFS_API_KEY" if os.environ.get("ARTIFACTFS_API_KEY")
               else str(credentials.credentials_path()) if key else "none")
     who = _identity(location, key)
-    teams = ", ".join(f"{t['name']}:{t['role']}" for t in who.get("teams", []))  # type: ignore[union-attr]
+    teams = ", ".join(f"{t['name']}:{t['role']}" for t in who.get("teams", []))
     click.echo(f"registry        {location}")
     click.echo(f"user            {who['user']}")
     click.echo(f"default entity  {settings.default_entity()}")

@@ -12,12 +12,22 @@ the code back to the class with :func:`error_from_code`, so both stores raise th
 
 from __future__ import annotations
 
+#: wire code (class name) -> class; every subclass enters itself when it is defined
+_BY_CODE: dict[str, type[ArtifactFSError]] = {}
+
 
 class ArtifactFSError(Exception):
     """Base class of every error artifactfs raises on purpose."""
 
     #: HTTP status the server answers with for this error.
     http_status = 500
+
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        _BY_CODE[cls.__name__] = cls
+
+
+_BY_CODE[ArtifactFSError.__name__] = ArtifactFSError
 
 
 class InvalidNameError(ArtifactFSError, ValueError):
@@ -118,17 +128,6 @@ class StoreUnavailableError(CommError, ConnectionError):
     http_status = 503
 
 
-_BY_CODE: dict[str, type[ArtifactFSError]] = {}
-
-
-def _register() -> None:
-    stack: list[type[ArtifactFSError]] = [ArtifactFSError]
-    while stack:
-        cls = stack.pop()
-        _BY_CODE[cls.__name__] = cls
-        stack.extend(cls.__subclasses__())
-
-
 def error_code(exc: ArtifactFSError) -> str:
     """The wire code of an error: its class name."""
     return type(exc).__name__
@@ -136,6 +135,4 @@ def error_code(exc: ArtifactFSError) -> str:
 
 def error_from_code(code: str, message: str) -> ArtifactFSError:
     """Rebuild the exception a server reported, falling back to the base class."""
-    if not _BY_CODE:
-        _register()
     return _BY_CODE.get(code, ArtifactFSError)(message)

@@ -6,7 +6,7 @@ import base64
 import hashlib
 import os
 from pathlib import Path
-from typing import BinaryIO
+from typing import IO
 
 CHUNK = 1 << 20
 
@@ -44,7 +44,7 @@ def is_md5_hex(text: str) -> bool:
 class HashingWriter:
     """Write to ``raw`` while hashing, so content is read exactly once (downloads, copies)."""
 
-    def __init__(self, raw: BinaryIO | None = None) -> None:
+    def __init__(self, raw: IO[bytes] | None = None) -> None:
         self.raw = raw
         self.md5 = hashlib.md5(usedforsecurity=False)
         self.size = 0

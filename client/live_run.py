@@ -74,7 +74,7 @@ class Run(PublicRun):
     def _summary_changed(self) -> None:
         self._changed()
 
-    @property  # type: ignore[override]
+    @property
     def config(self) -> Config:
         return self._config  # type: ignore[return-value]
 
@@ -129,7 +129,8 @@ class Run(PublicRun):
             raise InvalidNameError(f"artifact {name!r} has type {art.type!r}, not 'model'")
         return art.download()
 
-    def log_artifact(self, artifact_or_path: Artifact | str | os.PathLike[str], name: str | None = None,
+    # W&B's live run and public Run take different arguments (wandb.Run vs wandb.apis.public.Run)
+    def log_artifact(self, artifact_or_path: Artifact | str | os.PathLike[str], name: str | None = None,  # type: ignore[override]
                      type: str | None = None, aliases: Sequence[str] | None = None,
                      tags: Sequence[str] | None = None) -> Artifact:
         """Log an artifact (or a file/directory path, wrapped in a new artifact) as an output.
@@ -152,7 +153,7 @@ class Run(PublicRun):
                 raise FileNotFoundError(f"nothing to log at {path}")
         return artifact._log(self._store, self.entity, self.project, self.id, aliases, tags)
 
-    def use_artifact(self, artifact_or_name: Artifact | str, type: str | None = None,
+    def use_artifact(self, artifact_or_name: Artifact | str, type: str | None = None,  # type: ignore[override]
                      aliases: Sequence[str] | None = None, use_as: str | None = None) -> Artifact:
         """Declare an artifact as an input of this run and return it (logged).
 

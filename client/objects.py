@@ -342,7 +342,7 @@ def deserialize(entry_name: str, data: bytes) -> Table | Classes:
                 obj = json.loads(data.decode("utf-8"))
             except (UnicodeDecodeError, json.JSONDecodeError) as exc:
                 raise ManifestError(f"{entry_name} is not valid JSON: {exc}") from None
-            return cls.from_json(obj)  # type: ignore[attr-defined,no-any-return]
+            return cls.from_json(obj)  # type: ignore[attr-defined]
     raise UnsupportedObjectError(
         f"{entry_name} is not a stored object: Artifact.get() reads entries ending in "
         f"{', '.join(_TYPE_BY_SUFFIX)}; use get_entry()/download() for plain files")

@@ -22,9 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from . import progress, settings
+from . import progress, references, settings
 from .cache import Cache
-from .errors import ArtifactFSError, ArtifactNotLoggedError, DigestMismatchError, NotFoundError
+from .errors import ArtifactFSError, ArtifactNotLoggedError, DigestMismatchError, LocalPathError, NotFoundError
 from .hashing import HashingWriter, b64_to_hex, hex_to_b64, is_md5_hex, md5_bytes
 from .manifest import Manifest, ManifestEntry
 from .store import Store, open_store
@@ -75,8 +75,6 @@ def get_cache() -> Cache:
 def default_root(name: str) -> Path:
     """W&B's default download directory, absolute: ``<artifact dir>/<collection>:<version>``
     (settings.artifact_dir: ARTIFACTFS_ARTIFACT_DIR, else WANDB_ARTIFACT_DIR, else ./artifacts)."""
-    from . import settings
-
     return (settings.artifact_dir() / name).absolute()
 
 
@@ -397,8 +395,6 @@ def _present_and_valid(target: Path, md5: str, size: int | None,
 
 def _download_reference(e: ManifestEntry, dest: Path, allow_missing: bool, meter: progress.Meter) -> int:
     """Fetch a reference entry (or, for an unexpanded directory reference, what is under it now)."""
-    from . import references
-
     written = 0
     for sub in references.entries_to_download(e):
         target = dest / sub.path
@@ -548,8 +544,6 @@ def verify_tree(dest: Path, manifest: Manifest, name: str) -> None:
                                  f"of artifact {name!r}")
             continue
         if not p.is_file():
-            from .errors import LocalPathError  # a ValueError and, as in W&B, a FileNotFoundError
-
             raise LocalPathError(f"{e.path!r} of artifact {name!r} is missing from {dest}")
         if hex_to_b64(_copy_hashing(p)[0]) != e.digest:
             raise ValueError(f"digest mismatch for {e.path!r} in {dest}: it differs from artifact {name!r}")

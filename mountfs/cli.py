@@ -312,7 +312,7 @@ def list_mounts() -> list[dict[str, object]]:
                 if not a.startswith("-"):
                     daemons.setdefault(mount_path(a), (int(entry.name), None))
                     break
-    rows = []
+    rows: list[dict[str, object]] = []
     with open("/proc/self/mountinfo", encoding="utf-8") as f:
         for line in f:
             fields = line.split()
@@ -320,9 +320,9 @@ def list_mounts() -> list[dict[str, object]]:
             if not fields[sep + 1].startswith(f"fuse.{FSNAME}"):
                 continue
             point, source = _unescape(fields[4]), _unescape(fields[sep + 2])
-            pid, opts = daemons.get(point, (None, None))
+            pid, found = daemons.get(point, (None, None))
             rows.append({"mountpoint": point, "store": source.removeprefix(f"{FSNAME}:"),
-                         "cache": opts.cache_dir if opts and opts.cache_dir else "-", "pid": pid,
+                         "cache": found.cache_dir if found and found.cache_dir else "-", "pid": pid,
                          "read_only": "ro" in fields[5].split(",")})
     return rows
 

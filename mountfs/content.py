@@ -48,6 +48,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 
 from cachetools import LRUCache
 
@@ -301,7 +302,7 @@ class ContentReader:
             log.debug("no siblings for %s: %s", ref.path, exc)
             return []
 
-    def _failed(self, ref: FileRef, what: str) -> None:
+    def _failed(self, ref: FileRef, what: str) -> NoReturn:
         with self._lock:
             self.verify_failures += 1
         log.error("%s (blob %s): %s; answering EIO", ref.where, ref.md5, what)

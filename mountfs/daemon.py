@@ -27,6 +27,10 @@ import signal
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # imported lazily at run time: `artifactfs` commands start without the mount stack
+    from .drafts import DraftManager
 
 log = logging.getLogger(__name__)
 
@@ -207,9 +211,10 @@ def run(options: MountOptions) -> int:
     from client.cache import Cache
     from client.store import open_store
 
+    from .content import ContentReader
     from .draft_fs import DraftFS
     from .drafts import DraftManager, staging_root
-    from .fetch import ContentReader, FetchConfig
+    from .fetch import FetchConfig
     from .manifest_index import IndexStore
     from .namespace import Namespace, NamespaceConfig
     from .ops import Operations
@@ -311,7 +316,7 @@ def run(options: MountOptions) -> int:
     return status
 
 
-def _commit_at_unmount(manager: "DraftManager", report: Path) -> int:  # noqa: F821
+def _commit_at_unmount(manager: DraftManager, report: Path) -> int:
     """commit_all, one JSON line per draft in ``report`` (written as each commit ends, so
     `artifactfs umount` can show progress).  Returns 1 if a commit failed, else 0."""
     report.parent.mkdir(parents=True, exist_ok=True)

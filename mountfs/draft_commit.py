@@ -275,7 +275,7 @@ def _build(draft: Draft) -> _Plan:
 
     tmp = draft.root / "manifest.json.tmp"
     with open(tmp, "wb") as raw:
-        sink = HashingWriter(raw)  # type: ignore[arg-type]
+        sink = HashingWriter(raw)
         write_manifest(_Utf8Sink(sink), entries())  # type: ignore[arg-type]
         raw.flush()
         os.fsync(raw.fileno())
@@ -467,7 +467,7 @@ def _merge_plan(draft: Draft, store: Store, cache: Cache, plan: _Plan, latest: V
         digest.update(e.path, e.digest)
     tmp = draft.root / "manifest-merged.json.tmp"
     with open(tmp, "wb") as raw:
-        sink = HashingWriter(raw)  # type: ignore[arg-type]
+        sink = HashingWriter(raw)
         write_manifest(_Utf8Sink(sink), ordered)  # type: ignore[arg-type]
         raw.flush()
         os.fsync(raw.fileno())

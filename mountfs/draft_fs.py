@@ -267,7 +267,7 @@ class DraftFS:
                                       else self.manager.list(parent.entity, name))
                     if has_drafts:
                         raise OSError(errno.ENOTEMPTY, name)
-                    made.discard(key)  # type: ignore[arg-type]
+                    made.discard(key)
                     ns.forget_listings(parent.entity or name, "")
                     return
         raise _erofs()

@@ -146,6 +146,12 @@ def _err(code: int, msg: str) -> OSError:
     return OSError(code, f"{os.strerror(code)}: {msg}")
 
 
+def _rowid(cur: sqlite3.Cursor) -> int:
+    """The id of the row an INSERT just made (sqlite3 types it Optional: None only without one)."""
+    assert cur.lastrowid is not None
+    return cur.lastrowid
+
+
 def row_is_file(tree: "DraftTree", nid: int) -> bool:
     """Whether ``nid`` is a node other than the sentinel (False once it is gone)."""
     row = tree.db.execute("SELECT parent, name FROM nodes WHERE id = ?", (nid,)).fetchone()
@@ -310,7 +316,7 @@ class DraftTree:
         with self.lock:
             return self._attr(self._row(nid))
 
-    def _child(self, parent: int, name: str) -> tuple | None:
+    def _child(self, parent: int | None, name: str) -> tuple | None:
         """The directory entry ``name`` of ``parent`` (a hard link's own row, see :meth:`_target`)."""
         return self.db.execute(f"SELECT {_COLS} FROM nodes WHERE parent = ? AND name = ?", (parent, name)).fetchone()
 
@@ -391,7 +397,7 @@ class DraftTree:
             cur = c.execute("INSERT INTO nodes (parent, name, is_dir, mode, size, mtime_ns) VALUES (?, ?, 1, ?, 0, ?)",
                             (parent, name, mode & 0o7777, time.time_ns()))
             self._touch_dir(c, parent)
-            nid = cur.lastrowid
+            nid = _rowid(cur)
         return self.getattr(nid)
 
     def create(self, parent: int, name: str, mode: int = 0o644, flags: int = os.O_RDWR) -> tuple[NodeAttr, int]:
@@ -402,7 +408,7 @@ class DraftTree:
             self._check_new(parent, name)
             cur = c.execute("INSERT INTO nodes (parent, name, is_dir, mode, size, mtime_ns, staged) "
                             "VALUES (?, ?, 0, ?, 0, ?, 1)", (parent, name, mode & 0o7777, time.time_ns()))
-            nid = int(cur.lastrowid)
+            nid = _rowid(cur)
             self._touch_dir(c, parent)
             # Created inside the transaction: if the file cannot be made, the row is rolled back.
             fd = os.open(self.data_path(nid), os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -1008,9 +1014,9 @@ class DraftTree:
                 for d in dirs:
                     row = self._child(parent, d)
                     if row is None:
-                        parent = None if entry is None else int(c.execute(
+                        parent = None if entry is None else _rowid(c.execute(
                             "INSERT INTO nodes (parent, name, is_dir, mode, size, mtime_ns) VALUES (?, ?, 1, ?, 0, ?)",
-                            (parent, d, 0o755, now)).lastrowid)
+                            (parent, d, 0o755, now)))
                     else:
                         parent = row[0] if row[3] else None
                     if parent is None:
@@ -1048,7 +1054,7 @@ class DraftTree:
                 with self.txn() as c:
                     cur = c.execute("INSERT INTO nodes (parent, name, is_dir, mode, size, mtime_ns, staged) "
                                     "VALUES (1, ?, 0, ?, 0, ?, 1)", (STATUS_NAME, 0o444, time.time_ns()))
-                    nid = int(cur.lastrowid)
+                    nid = _rowid(cur)
             else:
                 nid = row[0]
             self._forget_fd(nid)

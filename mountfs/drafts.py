@@ -34,6 +34,7 @@ Staging layout (under the mount's ``<cache dir>/drafts/store-<key>/``, see :func
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import errno
 import json
@@ -232,7 +233,7 @@ class DraftManager:
                            if (entity is None or d.entity == entity) and (project is None or d.project == project)),
                           key=lambda d: (d.entity, d.project, d.dirname))
 
-    def names(self, entity: str, project: str) -> list[str]:
+    def names(self, entity: str, project: str) -> builtins.list[str]:
         """Directory names of the drafts of one project (for the project listing)."""
         return [d.dirname for d in self.list(entity, project)]
 
@@ -398,7 +399,7 @@ class DraftManager:
         if result is not None and result.state == "failed":
             raise OSError(errno.EIO, f"commit failed: {result.error}")
 
-    def commit_all(self) -> list[tuple[Draft, CommitResult]]:
+    def commit_all(self) -> builtins.list[tuple[Draft, CommitResult]]:
         """Unmount: commit every draft (unchanged ones are no-ops).  A draft with a file still
         open for writing (the daemon was stopped under a writer) is not committed: it is kept
         for the next mount and its status says why."""
@@ -416,7 +417,7 @@ class DraftManager:
             out.append((d, result))
         return out
 
-    def recover_commits(self) -> list[CommitResult]:
+    def recover_commits(self) -> builtins.list[CommitResult]:
         """At mount: finish commits interrupted after the registry commit, retry the others."""
         out: list[CommitResult] = []
         for d in self.list():

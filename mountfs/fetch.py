@@ -641,7 +641,3 @@ class BlockReader:
             else:
                 self.executor.submit(self._fetch_run, first, count)
 
-
-# The content layer moved to mountfs.content; re-exported here for existing importers.  The
-# import sits at the bottom because content.py imports the strategies defined above.
-from .content import ContentReader, Handle  # noqa: E402,F401

@@ -303,7 +303,8 @@ class Namespace:
         still have cached, for the daemon to invalidate (their entry timeout would also expire).
         """
         with self._lock:
-            for key in (("entities",), ("projects", entity), ("project", entity, project)):
+            listings: tuple[tuple[str, ...], ...] = (("entities",), ("projects", entity), ("project", entity, project))
+            for key in listings:
                 self._listings.pop(key, None)
             if collection is None:
                 return []
@@ -414,9 +415,9 @@ class Namespace:
             with self._lock:
                 for name, kind, rec in out:
                     if rec is not None:
-                        coll, _, sel = name.rpartition(":")
+                        coll_name, _, sel = name.rpartition(":")
                         cache = self._versions if kind is Kind.VERSION_DIR else self._aliases
-                        cache[(entity, project, coll, sel)] = rec
+                        cache[(entity, project, coll_name, sel)] = rec
             return out
 
         return self._listing(("project", entity, project), fetch)
@@ -463,6 +464,7 @@ class Namespace:
             index = self._index(parent)
             entry = index.lookup(parent.dir_id, name)
             if entry is None:
+                assert parent.version is not None  # a versioned node always has its version
                 raise NotFoundError(f"{parent.version.qualified_name} has no {name!r} here")
             return self._child(parent, name, Kind.TREE_DIR if entry.is_dir else Kind.TREE_FILE, entry=entry)
         raise NotFoundError(f"{name!r} not found")

@@ -26,7 +26,7 @@ import functools
 import logging
 import os
 import sqlite3
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, NewType, ParamSpec, TypeVar
 
 import pyfuse3
@@ -36,7 +36,7 @@ from client.errors import (AuthenticationError, ConflictError, InvalidNameError,
                            PermissionDeniedError, StoreUnavailableError)
 
 from .draft_fs import COMMIT_XATTR, DraftFS
-from .fetch import ContentReader, Handle
+from .content import ContentReader, Handle
 from .namespace import DRAFT_KINDS, Attr, Namespace, NeedsIO
 
 log = logging.getLogger(__name__)
@@ -82,7 +82,7 @@ def _sqlite_full(exc: sqlite3.OperationalError) -> bool:
     return code == 13 if code is not None else "database or disk is full" in str(exc)
 
 
-def _fuse_errors(fn: Callable[_P, Awaitable[_T]]) -> Callable[_P, Awaitable[_T]]:
+def _fuse_errors(fn: Callable[_P, Coroutine[Any, Any, _T]]) -> Callable[_P, Coroutine[Any, Any, _T]]:
     """Turn any exception of a handler into the FUSEError the kernel understands."""
 
     name = fn.__name__
@@ -187,7 +187,7 @@ class Operations(pyfuse3.Operations):
         node = await self._ns(self.ns.lookup, inode_p, _name(name))
         return entry_attributes(self.ns.attr(node))
 
-    async def forget(self, inode_list: list[tuple[int, int]]) -> None:
+    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         self.requests["forget"] = self.requests.get("forget", 0) + 1
         for inode, nlookup in inode_list:
             self.ns.forget(inode, nlookup)
@@ -201,7 +201,7 @@ class Operations(pyfuse3.Operations):
         return DirHandle(self.ns.opendir(inode))
 
     @_fuse_errors
-    async def readdir(self, fh: DirHandle, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         page = await self._ns(self.ns.readdir_page, fh, start_id, _READDIR_PAGE)
         while page:
             for next_id, name, node in page:
@@ -215,7 +215,7 @@ class Operations(pyfuse3.Operations):
             page = await self._ns(self.ns.readdir_page, fh, page[-1][0], _READDIR_PAGE)
 
     @_fuse_errors
-    async def releasedir(self, fh: DirHandle) -> None:
+    async def releasedir(self, fh: int) -> None:
         self.ns.releasedir(fh)
 
     @_fuse_errors
@@ -257,7 +257,7 @@ class Operations(pyfuse3.Operations):
         return pyfuse3.FileInfo(fh=FileHandle(fh), keep_cache=True)
 
     @_fuse_errors
-    async def read(self, fh: FileHandle, off: int, size: int) -> bytes:
+    async def read(self, fh: int, off: int, size: int) -> bytes:
         handle = self._handles.get(fh)
         if handle is None:
             return await self._draft(self._writable().read, fh, off, size)
@@ -267,14 +267,14 @@ class Operations(pyfuse3.Operations):
         return data
 
     @_fuse_errors
-    async def flush(self, fh: FileHandle) -> None:
+    async def flush(self, fh: int) -> None:
         # close(2) of ``.commit`` commits and waits; other draft files and versions: nothing to do
         if self.drafts is not None and self.drafts.is_draft_handle(fh) and fh not in self._handles:
             if not self.drafts.flush_nowait(fh):
                 await self._draft(self.drafts.flush, fh)
 
     @_fuse_errors
-    async def release(self, fh: FileHandle) -> None:
+    async def release(self, fh: int) -> None:
         self.ns.release(fh)
         handle = self._handles.pop(fh, None)
         if handle is not None and not self.content.close_nowait(handle):
@@ -283,12 +283,12 @@ class Operations(pyfuse3.Operations):
             await self._draft(self.drafts.release, fh)
 
     @_fuse_errors
-    async def fsync(self, fh: FileHandle, datasync: bool) -> None:
+    async def fsync(self, fh: int, datasync: bool) -> None:
         if self.drafts is not None and self.drafts.is_draft_handle(fh):
             await self._draft(self.drafts.fsync, fh, datasync)
 
     @_fuse_errors
-    async def fsyncdir(self, fh: DirHandle, datasync: bool) -> None:
+    async def fsyncdir(self, fh: int, datasync: bool) -> None:
         inode = self.ns.dir_inode(fh)
         if self.ns.node(inode).kind in DRAFT_KINDS:
             await self._draft(self._writable().fsyncdir, inode)
@@ -302,7 +302,7 @@ class Operations(pyfuse3.Operations):
     # -- writes: drafts take them (mountfs.draft_fs), anything else answers EROFS ------------
     @_fuse_errors
     async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields,
-                      fh: FileHandle | None, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+                      fh: int | None, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         node = await self._draft(
             functools.partial(self._writable().setattr, inode,
                               size=attr.st_size if fields.update_size else None,
@@ -350,7 +350,7 @@ class Operations(pyfuse3.Operations):
                           _name(name_new), flags)
 
     @_fuse_errors
-    async def write(self, fh: FileHandle, off: int, buf: bytes) -> int:
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
         n = self._writable().write_nowait(fh, off, buf)
         return n if n is not None else await self._draft(self._writable().write, fh, off, buf)
 

@@ -252,7 +252,9 @@ def create_app(server: Server | None = None) -> FastAPI:
         header = request.headers.get("authorization", "")
         key = header[7:].strip() if header.lower().startswith("bearer ") else None
         try:
-            p = auth.cached(key) or await run_in_threadpool(auth.authenticate, key)
+            p = auth.cached(key)
+            if p is None:
+                p = await run_in_threadpool(auth.authenticate, key)
         except AuthenticationError as exc:
             observe.AUTH_REFUSED.inc()
             observe.audit("auth_refused", reason=str(exc), key_id=_public_key_id(key), route=request.url.path,

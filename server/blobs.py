@@ -157,7 +157,7 @@ class S3BlobBackend:
     def open(self, entity: str, md5_hex: str) -> BinaryIO:
         resp = self._call(self.client.get_object, Bucket=self.bucket, Key=self.key(entity, md5_hex),
                           not_found=f"blob {md5_hex} not found in {entity}")
-        return io.BufferedReader(_StreamingReader(resp["Body"]), buffer_size=1 << 20)  # type: ignore[return-value]
+        return io.BufferedReader(_StreamingReader(resp["Body"]), buffer_size=1 << 20)
 
     def read(self, entity: str, md5_hex: str, start: int = 0, length: int | None = None) -> bytes:
         if length == 0:

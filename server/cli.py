@@ -7,13 +7,19 @@ Admin commands talk to the database directly, as server operators do, and need n
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
 import sys
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
 
 import click
 import uvicorn
+
+if TYPE_CHECKING:  # the server stack is imported when a command runs, so `--help` stays fast
+    from .auth import AuthDB
 
 DB_HELP = "sqlite:////abs/path/registry.db (one machine) or postgresql://user@host/db"
 DEFAULT_DB = "sqlite:///artifactfs-server.db"
@@ -46,16 +52,14 @@ def check_db_url(url: str, *, create: bool) -> str:
     return url
 
 
-def database_errors(url: str):  # type: ignore[no-untyped-def]
+def database_errors(url: str) -> contextlib.AbstractContextManager[None]:
     """Context: a database that cannot be reached is one line (exit 5), not a traceback."""
-    import contextlib
-
     import sqlalchemy.exc
 
     from client.cli import EXIT_UNREACHABLE, UserError
 
     @contextlib.contextmanager
-    def guard():  # type: ignore[no-untyped-def]
+    def guard() -> Iterator[None]:
         try:
             yield
         except sqlalchemy.exc.OperationalError as exc:
@@ -169,9 +173,10 @@ class _LazyAuth:
     """The AuthDB, opened (and --db checked) on first use, so ``admin CMD --help`` needs no --db."""
 
     def __init__(self, url: str) -> None:
-        self._url, self._db = url, None
+        self._url = url
+        self._db: AuthDB | None = None
 
-    def __getattr__(self, name: str) -> object:
+    def __getattr__(self, name: str) -> Any:
         if self._db is None:
             from client.registry.core import make_engine
 
@@ -198,7 +203,7 @@ def _print_new_key(user: str, key: str) -> None:
 @click.option("--key/--no-key", default=True, show_default=True,
               help="also create an API key and print it (once; no need for create-key)")
 @click.pass_obj
-def create_user(auth, name: str, key: bool) -> None:  # type: ignore[no-untyped-def]
+def create_user(auth: AuthDB, name: str, key: bool) -> None:
     """Create a user (and its personal entity of the same name)."""
     from client.errors import ArtifactFSError
 
@@ -214,7 +219,7 @@ def create_user(auth, name: str, key: bool) -> None:  # type: ignore[no-untyped-
 @click.argument("name")
 @click.option("--member", "members", multiple=True, help="user to add as a member (repeatable)")
 @click.pass_obj
-def create_team(auth, name: str, members: tuple[str, ...]) -> None:  # type: ignore[no-untyped-def]
+def create_team(auth: AuthDB, name: str, members: tuple[str, ...]) -> None:
     """Create a team: an entity several users share."""
     from client.errors import ArtifactFSError
 
@@ -231,7 +236,7 @@ def create_team(auth, name: str, members: tuple[str, ...]) -> None:  # type: ign
 @click.argument("user")
 @click.option("--role", type=click.Choice(["member", "viewer"]), default="member", show_default=True)
 @click.pass_obj
-def add_member(auth, team: str, user: str, role: str) -> None:  # type: ignore[no-untyped-def]
+def add_member(auth: AuthDB, team: str, user: str, role: str) -> None:
     """Give USER a role in TEAM (member: read+write, viewer: read)."""
     from client.errors import ArtifactFSError
 
@@ -245,7 +250,7 @@ def add_member(auth, team: str, user: str, role: str) -> None:  # type: ignore[n
 @click.argument("team")
 @click.argument("user")
 @click.pass_obj
-def remove_member(auth, team: str, user: str) -> None:  # type: ignore[no-untyped-def]
+def remove_member(auth: AuthDB, team: str, user: str) -> None:
     """Take USER out of TEAM (their keys stay; they lose access to the team's artifacts)."""
     auth.remove_member(team, user)
 
@@ -254,7 +259,7 @@ def remove_member(auth, team: str, user: str) -> None:  # type: ignore[no-untype
 @click.argument("user")
 @click.option("--description", default=None)
 @click.pass_obj
-def create_key(auth, user: str, description: str | None) -> None:  # type: ignore[no-untyped-def]
+def create_key(auth: AuthDB, user: str, description: str | None) -> None:
     """Print a new API key for USER (shown once; only its hash is stored)."""
     from client.errors import ArtifactFSError
 
@@ -267,7 +272,7 @@ def create_key(auth, user: str, description: str | None) -> None:  # type: ignor
 @admin_command.command("revoke-key")
 @click.argument("key_id")
 @click.pass_obj
-def revoke_key(auth, key_id: str) -> None:  # type: ignore[no-untyped-def]
+def revoke_key(auth: AuthDB, key_id: str) -> None:
     """Revoke a key by its id (the 8 hex digits after ``afs_``)."""
     from client.errors import ArtifactFSError
 
@@ -279,7 +284,7 @@ def revoke_key(auth, key_id: str) -> None:  # type: ignore[no-untyped-def]
 
 @admin_command.command("list-users")
 @click.pass_obj
-def list_users(auth) -> None:  # type: ignore[no-untyped-def]
+def list_users(auth: AuthDB) -> None:
     """List users with their teams and roles (TEAM:ROLE)."""
     for user, roles in auth.list_users():
         click.echo(f"{user}\t" + ", ".join(f"{t}:{r}" for t, r in roles))
@@ -288,7 +293,7 @@ def list_users(auth) -> None:  # type: ignore[no-untyped-def]
 @admin_command.command("list-keys")
 @click.option("--user", default=None, help="only this user's keys")
 @click.pass_obj
-def list_keys(auth, user: str | None) -> None:  # type: ignore[no-untyped-def]
+def list_keys(auth: AuthDB, user: str | None) -> None:
     """List API keys (id, user, active/revoked, created, description); never the secrets."""
     for k in auth.list_keys(user):
         state = "revoked" if k["revoked"] else "active"

@@ -12,8 +12,8 @@ import pytest
 from client.blockmap import BlockHasher, BlockMismatchError
 from client.cache import Cache
 from client.hashing import md5_bytes
-from mountfs.fetch import (BlockReader, ContentReader, FetchConfig, FetchError, MemoryBlocks, PartialFile,
-                           ReadaheadWindow)
+from mountfs.content import ContentReader
+from mountfs.fetch import BlockReader, FetchConfig, FetchError, MemoryBlocks, PartialFile, ReadaheadWindow
 from mountfs.namespace import FileRef
 from tests.util import upload_bytes
 

@@ -13,7 +13,7 @@ from client.cache import Cache
 from client.errors import NotFoundError
 from client.hashing import hex_to_b64, md5_bytes
 from client.manifest import Manifest, ManifestEntry
-from mountfs.fetch import ContentReader
+from mountfs.content import ContentReader
 from mountfs.manifest_index import ROOT_ID, IndexStore, ManifestIndex, build_index
 from mountfs.namespace import DIR_MODE, FILE_MODE, ROOT_INODE, Kind, Namespace, NamespaceConfig
 from tests.util import commit_files

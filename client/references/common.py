@@ -142,7 +142,10 @@ def _check_md5(entry: ManifestEntry, md5_hex: str, expected_hex: str | None) -> 
 class ReferenceHandler(Protocol):
     """One URI scheme: list what a URI names, fetch it whole, read a byte range of it."""
 
-    schemes: tuple[str, ...]
+    @property
+    def schemes(self) -> tuple[str, ...]:
+        """The URI schemes it serves (read-only, so a handler may declare a fixed-length tuple)."""
+        ...
 
     def entries(self, uri: str, name: str | None, checksum: bool,
                 max_objects: int) -> Iterator[ManifestEntry]: ...

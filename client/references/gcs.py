@@ -74,7 +74,7 @@ class GcsHandler:
 
     def _call(self, what: str, fn, *args, **kw):
         try:
-            from google.api_core import exceptions as gexc  # type: ignore[import-untyped]
+            from google.api_core import exceptions as gexc
         except ImportError:
             _gcs_client()  # raises the "not installed" error
             raise

@@ -19,7 +19,10 @@ import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import BinaryIO, Protocol
+from typing import TYPE_CHECKING, BinaryIO, Protocol
+
+if TYPE_CHECKING:
+    from _typeshed import SupportsRead
 
 from ..blockmap import BlockHasher
 from ..cache import has_verified_marker, set_verified_marker
@@ -68,7 +71,7 @@ class LocalBlobBackend:
         with open(src, "rb") as f:
             return self.put_stream(entity, md5_hex, f, hasher, progress)
 
-    def put_stream(self, entity: str, md5_hex: str, stream: BinaryIO, hasher: BlockHasher | None = None,
+    def put_stream(self, entity: str, md5_hex: str, stream: SupportsRead[bytes], hasher: BlockHasher | None = None,
                    progress: Callable[[int], None] | None = None) -> int:
         """Copy a stream in, hashing as it goes; refuse it if the md5 differs from the name.
 

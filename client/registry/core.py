@@ -18,9 +18,10 @@ import datetime as dt
 import logging
 import uuid
 from contextlib import contextmanager
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Sequence
 
 import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
 
 from .. import names
@@ -130,18 +131,14 @@ class Registry:
                 yield conn
 
     def _insert_ignore(self, conn: Connection, table: sa.Table, **values: Any) -> None:
-        if self._pg:
-            from sqlalchemy.dialects.postgresql import insert
-        else:
-            from sqlalchemy.dialects.sqlite import insert
-        conn.execute(insert(table).values(**values).on_conflict_do_nothing())
+        self._insert_ignore_many(conn, table, [values])
 
     def _insert_ignore_many(self, conn: Connection, table: sa.Table, rows: list[dict[str, Any]]) -> None:
+        """INSERT … ON CONFLICT DO NOTHING in the dialect of the engine."""
         if self._pg:
-            from sqlalchemy.dialects.postgresql import insert
+            conn.execute(postgresql.insert(table).values(rows).on_conflict_do_nothing())
         else:
-            from sqlalchemy.dialects.sqlite import insert
-        conn.execute(insert(table).values(rows).on_conflict_do_nothing())
+            conn.execute(sqlite.insert(table).values(rows).on_conflict_do_nothing())
 
     # -- id lookups ---------------------------------------------------------------------------
     def _entity_id(self, conn: Connection, entity: str, create: bool = False) -> int:
@@ -187,7 +184,7 @@ class Registry:
                 .join(t.projects, t.collections.c.project_id == t.projects.c.id)
                 .join(t.entities, t.projects.c.entity_id == t.entities.c.id))
 
-    def _records(self, conn: Connection, rows: list[sa.Row]) -> list[VersionRecord]:
+    def _records(self, conn: Connection, rows: Sequence[sa.Row[Any]]) -> list[VersionRecord]:
         if not rows:
             return []
         ids = [r.id for r in rows]

@@ -240,7 +240,7 @@ def _tls_error(base: str, exc: requests.exceptions.SSLError) -> StoreUnavailable
 URL_CACHE_SIZE = 100_000
 
 
-def _url_cache() -> TLRUCache:  # type: ignore[type-arg]
+def _url_cache() -> TLRUCache:
     """Entries are (…, valid_until, …) tuples: each expires at its own valid_until (monotonic)."""
     return TLRUCache(maxsize=URL_CACHE_SIZE, ttu=lambda _key, value, _now: value[1], timer=time.monotonic)
 
