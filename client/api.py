@@ -100,7 +100,7 @@ def _artifacts(store: Store, records: list[Any]) -> list[Artifact]:
     return [Artifact._from_record(store, r) for r in records]
 
 
-class Summary(dict):  # type: ignore[type-arg]
+class Summary(dict[str, Any]):
     """``run.summary``: a dict that tells its run when it changes, so the change is stored."""
 
     def __init__(self, on_change: Callable[[], None], values: dict[str, Any]) -> None:
@@ -115,7 +115,7 @@ class Summary(dict):  # type: ignore[type-arg]
         super().__delitem__(key)
         self._on_change()
 
-    def update(self, *args: Any, **kwargs: Any) -> None:  # type: ignore[override]
+    def update(self, *args: Any, **kwargs: Any) -> None:
         """Merge values and store the summary (``summary.update()`` alone just stores it, the
         W&B way of saving a public run's summary)."""
         super().update(*args, **kwargs)

@@ -65,7 +65,7 @@ class Run(PublicRun):
         self._finished = False
         self._step = 0
         if tags:
-            self.tags = tags  # type: ignore[assignment]
+            self.tags = tags
 
     def _set_record(self, record: Any) -> None:
         super()._set_record(record)

@@ -214,7 +214,7 @@ def validate_run_dict(kind: str, value: object) -> dict:
         raise InvalidMetadataError(f"run {kind}: {exc}") from None
     if len(json.dumps(out).encode("utf-8", "surrogatepass")) > MAX_METADATA_BYTES:
         raise InvalidNameError(f"run {kind} is over {MAX_METADATA_BYTES} bytes as JSON")
-    return out  # type: ignore[no-any-return]
+    return out
 
 
 def validate_description(description: object) -> str | None:

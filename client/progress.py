@@ -216,4 +216,8 @@ def install_sigint_handler() -> Callable[[], None]:
     if threading.current_thread() is not threading.main_thread():
         return lambda: None
     previous = signal.signal(signal.SIGINT, _on_sigint)
-    return lambda: signal.signal(signal.SIGINT, previous)
+
+    def undo() -> None:
+        signal.signal(signal.SIGINT, previous)
+
+    return undo

@@ -43,7 +43,7 @@ class WBType:
         return {"wb_type": self.name}
 
     def __eq__(self, other: object) -> bool:
-        return type(self) is type(other) and self.params() == other.params()  # type: ignore[attr-defined]
+        return type(self) is type(other) and self.params() == other.params()
 
     __hash__ = None  # type: ignore[assignment]
 
@@ -163,6 +163,7 @@ class Union(WBType):
     name = "union"
 
     def __init__(self, members: list[WBType]) -> None:
+        self.members: list[WBType]
         flat: list[WBType] = []
         for m in members:
             flat.extend(m.members if isinstance(m, Union) else [m])

@@ -931,7 +931,8 @@ class DraftTree:
                             "VALUES (?, ?, 0, ?, ?, ?, ?, ?)",
                             (parent, name, stat.S_IFLNK | 0o777, len(data), time.time_ns(), digest,
                              json.dumps({"extra": {SYMLINK_KEY: target}})))
-            nid = int(cur.lastrowid)
+            assert cur.lastrowid is not None
+            nid = cur.lastrowid
             self._touch_dir(c, parent)
         return self.getattr(nid)
 

@@ -252,6 +252,7 @@ class Operations(pyfuse3.Operations):
                 self._handles[fh] = self.content.open(ref)
             return pyfuse3.FileInfo(fh=FileHandle(fh), keep_cache=False)
         fh, ref = await self._ns(self.ns.open, inode, flags)
+        assert ref is not None  # a version's file is always pinned to content
         self._handles[fh] = self.content.open(ref)
         # Content under an inode never changes, so the kernel may keep its page cache.
         return pyfuse3.FileInfo(fh=FileHandle(fh), keep_cache=True)

@@ -49,12 +49,12 @@ def _gcs_client():
         if client is not None:
             return client
         if emulator:
-            from google.auth.credentials import AnonymousCredentials  # type: ignore[import-untyped]
+            from google.auth.credentials import AnonymousCredentials
 
             client = storage.Client(project=os.environ.get("GOOGLE_CLOUD_PROJECT", "artifactfs"),
                                     credentials=AnonymousCredentials())
         else:
-            from google.auth.exceptions import DefaultCredentialsError  # type: ignore[import-untyped]
+            from google.auth.exceptions import DefaultCredentialsError
 
             try:
                 client = storage.Client()
