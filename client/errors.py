@@ -118,6 +118,13 @@ class StoreUnavailableError(CommError, ConnectionError):
     http_status = 503
 
 
+class SchemaVersionError(ArtifactFSError):
+    """The registry database has another schema version than this code (client/registry/migrate.py):
+    older (run ``artifactfs server --migrate``) or newer (upgrade artifactfs)."""
+
+    http_status = 503
+
+
 _BY_CODE: dict[str, type[ArtifactFSError]] = {}
 
 
