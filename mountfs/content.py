@@ -51,6 +51,7 @@ from client.store.base import Store
 
 from .fetch import (BlockReader, EvictedBlockError, FetchConfig, FetchError, MiB, PartialFile, ReadaheadWindow,
                     StreamBlocks, retrying)
+from .metrics import FetchMetrics
 from .namespace import FileRef
 
 log = logging.getLogger(__name__)
@@ -203,6 +204,7 @@ class ContentReader:
         self._bad: LRUCache[str, tuple] = LRUCache(maxsize=10_000)
         self._maps: LRUCache[tuple[str, str], BlockMap | None] = LRUCache(maxsize=10_000)
         self.store_requests = 0  #: ranged store requests issued (including retries)
+        self.metrics = FetchMetrics()  #: cache hits/misses, fetched bytes, fetch latency (mountfs/metrics.py)
         self.blockmap_requests = 0  #: block map look-ups (once per large blob and daemon)
         self.verify_failures = 0  #: blocks or objects that failed verification
         self._installer = ThreadPoolExecutor(4, thread_name_prefix="artifactfs-install")
@@ -267,7 +269,10 @@ class ContentReader:
         def call() -> bytes:
             with self._lock:
                 self.store_requests += 1
-            return self.store.read_blob(entity, md5, start, length)
+            with self.metrics.fetching():
+                data = self.store.read_blob(entity, md5, start, length)
+            self.metrics.fetched_bytes.inc(len(data))
+            return data
 
         return retrying(call, length, self.config, self._io, f"blob {md5}[{start}:+{length}]")
 
@@ -279,7 +284,9 @@ class ContentReader:
         tmp = self.cache.partial_dir / f"{md5}.manifest.{os.getpid()}.{threading.get_ident()}"
 
         def call() -> bytes:
-            self.store.download_blob(entity, md5, tmp)
+            with self.metrics.fetching():
+                self.store.download_blob(entity, md5, tmp)
+            self.metrics.fetched_bytes.inc(tmp.stat().st_size)
             return b""
 
         try:
@@ -504,14 +511,17 @@ class ContentReader:
         if obj.data is None and obj.fd is None and obj.reader is None:
             ref = obj.ref
             if not obj.skip_cache and self._open_complete(obj, local_only):
+                self.metrics.cache_hits.inc()
                 return
             blob = self._blob_path(ref)
             if local_only and (blob is None or ref.size > _INLINE_PREPARE_MAX):
                 return  # only local files are read on the event loop
             if blob is not None and self._open_blob(obj, blob):
+                self.metrics.cache_misses.inc()  # served by the (local) store's own file
                 return
             if local_only:
                 return
+            self.metrics.cache_misses.inc()  # fetched from the store below
             if ref.size <= self.config.small_object:
                 # One request for the whole object, checked before a byte is served; the
                 # reader gets it from memory while the cache write (fsync) happens behind it.
