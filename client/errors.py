@@ -128,6 +128,13 @@ class StoreUnavailableError(CommError, ConnectionError):
     http_status = 503
 
 
+class SchemaVersionError(ArtifactFSError):
+    """The registry database has another schema version than this code (client/registry/migrate.py):
+    older (run ``artifactfs server --migrate``) or newer (upgrade artifactfs)."""
+
+    http_status = 503
+
+
 def error_code(exc: ArtifactFSError) -> str:
     """The wire code of an error: its class name."""
     return type(exc).__name__

@@ -134,6 +134,11 @@ def check_mountpoint(mp: Path, allow_non_empty: bool) -> None:
 @click.option("--allow-non-empty", is_flag=True, help="Mount over a directory that holds files (they are hidden meanwhile).")
 @click.option("--lazy-connect", is_flag=True,
               help="Do not check the store before mounting (boot ordering); errors then show up as EIO.")
+@click.option("--metrics-port", type=click.IntRange(1, 65535), default=None,
+              help="Serve Prometheus metrics of this mount at http://ADDRESS:PORT/metrics.")
+@click.option("--metrics-address", default="127.0.0.1", show_default=True, help="Address of --metrics-port.")
+@click.option("--metrics-file", type=click.Path(dir_okay=False), default=None,
+              help="Write the metrics to this file (node_exporter textfile) every 15 s and at unmount.")
 @click.option("--foreground", "-f", is_flag=True, help="Stay in the foreground (for systemd, debugging).")
 @click.option("--no-commit-on-unmount", "no_commit", is_flag=True,
               help="Keep drafts for the next mount instead of committing them at unmount.")
@@ -142,7 +147,9 @@ def mount_command(mountpoint: str, store: str | None, cache_dir: str | None, cac
                   alias_ttl: float, attr_timeout: float, read_only: bool, fuse_opts: tuple[str, ...],
                   uid: int | None, gid: int | None, file_mode: int, dir_mode: int, allow_other: bool,
                   allow_root: bool, log_file: str | None, log_level: str, allow_non_empty: bool,
-                  lazy_connect: bool, foreground: bool, debug: bool, no_commit: bool = False) -> None:
+                  lazy_connect: bool, foreground: bool, debug: bool, no_commit: bool = False,
+                  metrics_port: int | None = None, metrics_address: str = "127.0.0.1",
+                  metrics_file: str | None = None) -> None:
     """Mount the artifact store at MOUNTPOINT (an existing, empty directory).
 
     MOUNTPOINT/<entity>/<project>/<name>:<version> is read-only; mkdir <name>:draft in a
@@ -158,6 +165,13 @@ def mount_command(mountpoint: str, store: str | None, cache_dir: str | None, cac
     check_mountpoint(mp, allow_non_empty)
     store = _absolute_store(store or settings.store_location())
     check_store(store, lazy_connect)
+    if metrics_port is not None:
+        from .metrics import check_address
+
+        try:
+            check_address(metrics_address, metrics_port)
+        except OSError as exc:
+            raise UserError(f"cannot mount: {exc.strerror}") from None
     cache_dir = os.path.abspath(os.path.expanduser(cache_dir)) if cache_dir else None
     passthrough = [o.strip() for group in fuse_opts for o in group.split(",") if o.strip()]
     read_only = read_only or "ro" in passthrough
@@ -171,7 +185,9 @@ def mount_command(mountpoint: str, store: str | None, cache_dir: str | None, cac
                            allow_root=allow_root, read_only=read_only, uid=uid, gid=gid, file_mode=file_mode,
                            dir_mode=dir_mode, fuse_options=passthrough,
                            log_file=os.path.abspath(log_file) if log_file else None, log_level=log_level.lower(),
-                           debug=debug, commit_on_unmount=not no_commit)
+                           debug=debug, commit_on_unmount=not no_commit, metrics_port=metrics_port,
+                           metrics_address=metrics_address,
+                           metrics_file=os.path.abspath(metrics_file) if metrics_file else None)
     if foreground:
         raise SystemExit(run(options))
 

@@ -59,6 +59,7 @@ from client.store.base import Store
 
 from .fetch import (BlockReader, EvictedBlockError, FetchConfig, FetchError, MiB, PartialFile, ReadaheadWindow,
                     ShortReadError, StreamBlocks, Streamer, is_temp_failure, retrying)
+from .metrics import FetchMetrics
 from .namespace import SIBLING_BATCH, FileRef
 from .ref_source import RefIdentities
 
@@ -235,6 +236,7 @@ class ContentReader:
         self.store_requests = 0  #: ranged store requests issued (including retries)
         self.reference_requests = 0  #: ranged requests to reference sources (including retries)
         self._identities = RefIdentities(cache.root / "refs")
+        self.metrics = FetchMetrics()  #: cache hits/misses, fetched bytes, fetch latency (mountfs/metrics.py)
         self.blockmap_requests = 0  #: block map look-ups (once per large blob and daemon)
         self.verify_failures = 0  #: blocks or objects that failed verification
         self._installer = ThreadPoolExecutor(4, thread_name_prefix="artifactfs-install")
@@ -326,7 +328,10 @@ class ContentReader:
         def call() -> bytes:
             with self._lock:
                 self.store_requests += 1
-            return self.store.read_blob(entity, md5, start, length)
+            with self.metrics.fetching():
+                data = self.store.read_blob(entity, md5, start, length)
+            self.metrics.fetched_bytes.inc(len(data))
+            return data
 
         return retrying(call, length, self.config, self._io, f"blob {md5}[{start}:+{length}]")
 
@@ -425,7 +430,9 @@ class ContentReader:
         tmp = self.cache.partial_dir / f"{md5}.manifest.{os.getpid()}.{threading.get_ident()}"
 
         def call() -> bytes:
-            self.store.download_blob(entity, md5, tmp)
+            with self.metrics.fetching():
+                self.store.download_blob(entity, md5, tmp)
+            self.metrics.fetched_bytes.inc(tmp.stat().st_size)
             return b""
 
         try:
@@ -653,14 +660,17 @@ class ContentReader:
             self._resolve_identity(obj)
             ref = obj.ref
             if not obj.skip_cache and self._open_complete(obj, local_only):
+                self.metrics.cache_hits.inc()
                 return
             blob = self._blob_path(ref)
             if local_only and (blob is None or ref.size > _INLINE_PREPARE_MAX):
                 return  # only local files are read on the event loop
             if blob is not None and self._open_blob(obj, blob):
+                self.metrics.cache_misses.inc()  # served by the (local) store's own file
                 return
             if local_only:
                 return
+            self.metrics.cache_misses.inc()  # fetched from the store below
             if ref.size <= self.config.small_object:
                 # One request for the whole object, checked before a byte is served; the
                 # reader gets it from memory while the cache write (fsync) happens behind it.

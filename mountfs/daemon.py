@@ -71,6 +71,9 @@ class MountOptions:
     fuse_options: list[str] = field(default_factory=list)  #: passed through to FUSE (-o)
     log_file: str | None = None  #: rotating log file (default: stderr, which the CLI sends to its log)
     log_level: str = "info"
+    metrics_port: int | None = None  #: serve Prometheus /metrics there (mountfs/metrics.py)
+    metrics_address: str = "127.0.0.1"
+    metrics_file: str | None = None  #: or/and rewrite this textfile (node_exporter) every 15 s and at unmount
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self))
@@ -252,6 +255,18 @@ def run(options: MountOptions) -> int:
     if drafts is not None:
         drafts.attach(ns)
     ops = Operations(ns, content, max_threads=options.threads, drafts=drafts)
+    metrics = None
+    if options.metrics_port is not None or options.metrics_file:
+        from .metrics import MetricsExport, MountCollector
+
+        try:
+            metrics = MetricsExport(MountCollector(ops.requests, ops.errors, content.metrics, content.stats),
+                                    port=options.metrics_port, host=options.metrics_address, path=options.metrics_file)
+        except OSError as exc:
+            log.error("cannot export metrics: %s", exc)
+            content.shutdown()
+            store.close()
+            return 1
 
     fuse_options = set(pyfuse3.default_options)
     fuse_options |= {f"fsname={mount_source(store.location)}", f"subtype={FSNAME}", "noatime"}
@@ -298,6 +313,8 @@ def run(options: MountOptions) -> int:
         if manager is not None:
             manager.close()  # staged data stays; the next mount recovers it
         content.shutdown()
+        if metrics is not None:
+            metrics.close()
         store.close()
         raise
     pyfuse3.close(unmount=True)
@@ -312,6 +329,8 @@ def run(options: MountOptions) -> int:
         if manager is not None:
             manager.close()
         content.shutdown()
+        if metrics is not None:
+            metrics.close()  # after the installs landed: the file holds the final counters
         store.close()
     return status
 

@@ -89,14 +89,16 @@ def _fuse_errors(fn: Callable[_P, Coroutine[Any, Any, _T]]) -> Callable[_P, Coro
 
     @functools.wraps(fn)
     async def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _T:
-        counts = args[0].requests  # type: ignore[attr-defined]
+        counts, errors = args[0].requests, args[0].errors  # type: ignore[attr-defined]
         counts[name] = counts.get(name, 0) + 1
         try:
             return await fn(*args, **kwargs)
-        except pyfuse3.FUSEError:
+        except pyfuse3.FUSEError as exc:
+            errors[exc.errno] = errors.get(exc.errno, 0) + 1
             raise
         except Exception as exc:  # trio.Cancelled is a BaseException and passes through
             code = errno_for(exc)
+            errors[code] = errors.get(code, 0) + 1
             if code == errno.EIO:
                 log.warning("%s -> EIO: %s", fn.__name__, exc)
             raise pyfuse3.FUSEError(code) from exc
@@ -147,6 +149,8 @@ class Operations(pyfuse3.Operations):
         #: FUSE requests served, per operation (shown in the root's ``user.artifactfs.stats``
         #: as ``requests``, so tests can count what the kernel sends for find / ls / cp)
         self.requests: dict[str, int] = {}
+        #: error replies by errno (``artifactfs_mount_fuse_errors_total``, mountfs/metrics.py)
+        self.errors: dict[int, int] = {}
         #: called once the kernel's INIT has been answered (the daemon tunes the mount then)
         self.on_init: Callable[[], None] | None = None
 

@@ -147,11 +147,12 @@ class Server:
     """What the routes share: the registry core, the blob backend and the auth database."""
 
     def __init__(self, db_url: str, blobs_url: str, s3_endpoint_url: str | None = None,
-                 url_ttl: int = DEFAULT_URL_TTL) -> None:
+                 url_ttl: int = DEFAULT_URL_TTL, *, migrate: bool = False) -> None:
+        """``migrate``: upgrade an older database schema (else SchemaVersionError; a new one is created)."""
         self.blobs = open_backend(blobs_url, s3_endpoint_url)
         if isinstance(self.blobs, S3BlobBackend):
             self.blobs.ensure_bucket()
-        self.registry = Registry(normalise_db_url(db_url), self.blobs)
+        self.registry = Registry(normalise_db_url(db_url), self.blobs, migrate=migrate)
         self.auth = AuthDB(self.registry.engine)
         self.registrar = BlobRegistrar(self.registry)
         self.url_ttl = url_ttl

@@ -90,13 +90,19 @@ def _redact_password(url: str) -> str:
               help="serve HTTPS with this PEM certificate (chain); with --tls-key")
 @click.option("--tls-key", type=click.Path(exists=True, dir_okay=False), envvar="ARTIFACTFS_TLS_KEY",
               help="the PEM private key of --tls-cert")
+@click.option("--migrate", is_flag=True,
+              help="first upgrade an older database to this version's schema (back it up first); "
+                   "without it the server refuses to start on one")
 @click.option("--log-level", default="info", show_default=True, type=click.Choice(LOG_LEVELS, case_sensitive=False))
 def server_command(db_url: str, blobs_url: str, s3_endpoint_url: str | None, host: str, port: int, workers: int,
-                   url_ttl: int, gc_interval: float, tls_cert: str | None, tls_key: str | None, log_level: str) -> None:
+                   url_ttl: int, gc_interval: float, tls_cert: str | None, tls_key: str | None, migrate: bool,
+                   log_level: str) -> None:
     """Run the registry server (HTTP API; OpenAPI at /openapi.json).
 
     HTTPS: give --tls-cert and --tls-key (uvicorn's own TLS), or put a reverse proxy that
     terminates TLS in front of a server listening on 127.0.0.1 (see docs/ARCHITECTURE.md).
+    A new database is created; an older one is upgraded only with --migrate
+    (docs/OPERATIONS.md, "Schema migrations").
     """
     if bool(tls_cert) != bool(tls_key):
         raise click.UsageError("give both --tls-cert and --tls-key (or neither)")
@@ -113,11 +119,17 @@ def server_command(db_url: str, blobs_url: str, s3_endpoint_url: str | None, hos
         import tempfile
 
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="artifactfs-metrics-")
-    # Fail fast on a bad --db/--blobs before uvicorn forks workers.
+    # Fail fast on a bad --db/--blobs (or a schema to migrate) before uvicorn forks workers.
+    from client.cli import UserError
+    from client.errors import SchemaVersionError
+
     from .app import Server
 
     with database_errors(db_url):
-        Server(db_url, blobs_url, s3_endpoint_url, url_ttl).close()
+        try:
+            Server(db_url, blobs_url, s3_endpoint_url, url_ttl, migrate=migrate).close()
+        except SchemaVersionError as exc:
+            raise UserError(str(exc)) from None
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = TcpConfig("server.app:create_app", factory=True, host=host, port=port, workers=workers,
                         log_level=log_level, access_log=False, timeout_keep_alive=30,

@@ -344,8 +344,9 @@ class ServerFactory:
         return self._auth
 
     def start(self, *, workers: int = 1, s3_endpoint: str | None = None, port: int | None = None,
-              env: dict[str, str] | None = None, tls: tuple[Path, Path, Path] | None = None) -> RegistryServer:
-        """``tls``: (certificate, key, CA that signed it): serve https on 127.0.0.1."""
+              env: dict[str, str] | None = None, tls: tuple[Path, Path, Path] | None = None,
+              args: tuple[str, ...] = ()) -> RegistryServer:
+        """``tls``: (certificate, key, CA that signed it): serve https on 127.0.0.1; ``args``: more options."""
         port = port or free_port()
         log = self.tmp / f"server-{port}.log"
         endpoint = s3_endpoint or self.s3_endpoint
@@ -356,6 +357,7 @@ class ServerFactory:
             cmd += ["--s3-endpoint-url", endpoint]
         if tls:
             cmd += ["--tls-cert", str(tls[0]), "--tls-key", str(tls[1])]
+        cmd += list(args)
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=open(log, "wb"), stderr=subprocess.STDOUT,
                                 env={**os.environ, **S3_ENV, **(env or {}), "PYTHONPATH": str(ROOT)})
         url = f"{'https' if tls else 'http'}://127.0.0.1:{port}"

@@ -32,6 +32,7 @@ from ..manifest import compute_digest, iter_entries
 from ..store.base import CollectionRecord, CommitRequest, RunFileRecord, RunRecord, VersionRecord
 from . import schema as t
 from .blobs import BlobBackend
+from .migrate import prepare as prepare_schema
 
 log = logging.getLogger(__name__)
 
@@ -88,30 +89,18 @@ def make_engine(db_url: str) -> Engine:
 class Registry:
     """All registry rules.  ``blobs`` is where manifest bytes are read from at commit time."""
 
-    def __init__(self, db_url: str, blobs: BlobBackend) -> None:
+    def __init__(self, db_url: str, blobs: BlobBackend, *, migrate: bool = True) -> None:
+        """``migrate``: upgrade an older database to this code's schema (client/registry/migrate.py);
+        without it an older database raises SchemaVersionError (an empty one is always created)."""
         self.db_url = db_url
         self.engine = make_engine(db_url)
         self.blobs = blobs
         self._pg = self.engine.dialect.name == "postgresql"
-        with self._write() as c:
-            t.metadata.create_all(c)
-            for index in t.ADDED_INDEXES:  # create_all skips the indexes of tables that exist
-                index.create(c, checkfirst=True)
-            self._add_missing_columns(c)
-
-    @staticmethod
-    def _add_missing_columns(c: Connection) -> None:
-        """``create_all`` never alters a table that exists: add the nullable columns of
-        ``schema.ADDED_COLUMNS`` a database made before them lacks (until migrations own this)."""
-        have: dict[str, set[str]] = {}
-        for col in t.ADDED_COLUMNS:
-            table = col.table.name
-            if table not in have:
-                have[table] = {x["name"] for x in sa.inspect(c).get_columns(table)}
-            if col.name not in have[table]:
-                ddl = col.type.compile(dialect=c.dialect)
-                guard = "IF NOT EXISTS " if c.dialect.name == "postgresql" else ""  # two servers starting at once
-                c.exec_driver_sql(f"ALTER TABLE {table} ADD COLUMN {guard}{col.name} {ddl}")
+        try:
+            prepare_schema(self.engine, upgrade=migrate)
+        except BaseException:
+            self.engine.dispose()
+            raise
 
     def close(self) -> None:
         self.engine.dispose()

@@ -4,6 +4,10 @@ Gapless version numbers come from ``collections.next_index``, read and bumped wh
 collection row is locked (``SELECT … FOR UPDATE`` on PostgreSQL, ``BEGIN IMMEDIATE`` on
 SQLite); ``UNIQUE(collection_id, idx)`` makes a bug there fail loudly instead of forking a
 version.  Aliases are unique per collection by their primary key.
+
+These tables are the model of the newest schema revision: change them only together with a new
+Alembic revision in ``migrations/versions`` (docs/OPERATIONS.md, "Schema migrations";
+tests/test_migrations.py fails when the two disagree).
 """
 
 from __future__ import annotations
@@ -124,11 +128,6 @@ usages = sa.Table(
 )
 #: versions -> runs using them (runs_using, ON DELETE CASCADE from versions)
 usages_by_version = sa.Index("usages_by_version", usages.c.version_id)
-
-#: indexes added after the first release: also created on databases whose tables exist
-ADDED_INDEXES = (versions_by_run, usages_by_version)
-#: nullable columns added after the first release: added to databases whose tables exist
-ADDED_COLUMNS = (runs.c.summary, runs.c.tags)
 
 blobs = sa.Table(
     "blobs", metadata,
