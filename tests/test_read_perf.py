@@ -11,7 +11,8 @@ import pytest
 
 from client.cache import Cache
 from client.hashing import md5_bytes
-from mountfs.fetch import ContentReader, FetchConfig
+from mountfs.content import ContentReader
+from mountfs.fetch import FetchConfig
 from mountfs.namespace import FileRef
 from tests.server_fixtures import make_store, moto_s3, postgres, registry  # noqa: F401
 from tests.util import commit_files, upload_bytes
