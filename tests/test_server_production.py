@@ -498,8 +498,11 @@ def test_indexes_on_versions_run_pk_and_usages_version_id_also_on_an_existing_da
         c.exec_driver_sql("DROP INDEX versions_by_run")
         c.exec_driver_sql("DROP INDEX usages_by_version")
         c.exec_driver_sql("DROP TABLE alembic_version")
+        c.exec_driver_sql("DROP TABLE run_files")  # and before what migration 0002 adds
+        c.exec_driver_sql("ALTER TABLE runs DROP COLUMN summary")
+        c.exec_driver_sql("ALTER TABLE runs DROP COLUMN tags")
     reg.close()
-    reg = Registry(url, LocalBlobBackend(tmp_path / "blobs"))
+    reg = Registry(url, LocalBlobBackend(tmp_path / "blobs"), migrate=True)
     assert {"versions_by_run", "usages_by_version"} <= indexes()
     plan = " ".join(str(r) for r in reg.engine.connect().exec_driver_sql(
         "EXPLAIN QUERY PLAN SELECT run_pk FROM usages WHERE version_id = 'x'"))

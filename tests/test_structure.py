@@ -25,11 +25,17 @@ PACKAGES = ("client", "mountfs", "server")
 ALLOWED = {"client": {"client"}, "mountfs": {"client", "mountfs"}, "server": {"client", "server"}}
 
 
+#: Alembic's scripts (env.py, revisions) run inside Alembic's own context, never imported
+SCRIPTS = ("client/registry/migrations",)
+
+
 def modules(root: Path = ROOT) -> dict[str, tuple[Path, bool]]:
-    """Dotted module name -> (file, is a package ``__init__``)."""
+    """Dotted module name -> (file, is a package ``__init__``); Alembic scripts left out."""
     out = {}
     for pkg in PACKAGES:
         for path in sorted((root / pkg).rglob("*.py")):
+            if any(path.is_relative_to(root / s) for s in SCRIPTS):
+                continue
             parts = list(path.relative_to(root).with_suffix("").parts)
             is_pkg = parts[-1] == "__init__"
             out[".".join(parts[:-1] if is_pkg else parts)] = (path, is_pkg)
