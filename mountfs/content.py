@@ -318,7 +318,10 @@ class ContentReader:
         def call() -> bytes:
             with self._lock:
                 self.reference_requests += 1
-            return src.read(start, length)
+            data = src.read(start, length)
+            if len(data) < length:  # a pinned source cannot shrink: only an unchecked one does
+                raise DigestMismatchError(f"it now ends at byte {start + len(data)}, {ref.size} were recorded")
+            return data
 
         try:
             return retrying(call, length, self.config, self._io, f"{src.uri}[{start}:+{length}]", _source_temp)
