@@ -430,3 +430,23 @@ def test_draft_commit_keeps_references_without_touching_sources(site, tmp_path: 
         (refs[0].ref, refs[0].digest, refs[0].extra)
     assert got["data/w.bin"].ref is None  # the rewritten reference is a stored entry now
     assert got["data/w.bin"].digest == hex_to_b64(md5_bytes(b"rewritten: now a stored file\n"))
+
+
+def test_reference_to_another_artifacts_file(tmp_path: Path) -> None:
+    """``add_reference(other.get_entry(path))``: a wandb-artifact:// entry is read from the
+    other version's blob, md5-checked like any stored file."""
+    data = os.urandom(3 * MiB)
+    src_dir = commit(tmp_path / "store", tmp_path, [], {"weights.bin": data}, collection="src")
+    store = LocalStore(tmp_path / "store")
+    try:
+        src_id = store.resolve("ent", "proj", "src", "v0").id
+    finally:
+        store.close()
+    ref = ManifestEntry("model/weights.bin", hex_to_b64(md5_bytes(data)), len(data),
+                        ref=f"wandb-artifact://{src_id}/weights.bin")
+    vdir = commit(tmp_path / "store", tmp_path, [ref], collection="uses")
+    with mounted(tmp_path / "store", tmp_path) as m:
+        assert os.getxattr(m.path / vdir / "model/weights.bin", "user.artifact.ref").startswith(b"wandb-artifact://")
+        assert sha((m.path / vdir / "model/weights.bin").read_bytes()) == sha(data)
+        assert (m.path / src_dir / "weights.bin").read_bytes() == data
+        assert ref_requests(m) == 0  # a blob of the store, not an outside source
