@@ -450,3 +450,23 @@ def test_reference_to_another_artifacts_file(tmp_path: Path) -> None:
         assert sha((m.path / vdir / "model/weights.bin").read_bytes()) == sha(data)
         assert (m.path / src_dir / "weights.bin").read_bytes() == data
         assert ref_requests(m) == 0  # a blob of the store, not an outside source
+
+
+def test_reference_and_stored_file_of_same_bytes_stay_apart(s3, tmp_path: Path) -> None:
+    """A reference whose recorded md5 equals a stored file's: the stored file never depends on
+    the outside source, even while the changed reference is open beside it."""
+    data = os.urandom(3 * MiB)
+    s3.create_bucket(Bucket="mnt-same")
+    s3.put_object(Bucket="mnt-same", Key="same.bin", Body=data)  # single part: ETag = md5
+    vdir = commit(tmp_path / "store", tmp_path, entries_for_reference("s3://mnt-same/same.bin", name="ref.bin"),
+                  {"stored.bin": data})
+    s3.put_object(Bucket="mnt-same", Key="same.bin", Body=os.urandom(3 * MiB))
+    with mounted(tmp_path / "store", tmp_path) as m:
+        fd = os.open(m.path / vdir / "ref.bin", os.O_RDONLY)
+        try:
+            with pytest.raises(OSError) as info:
+                os.pread(fd, 4096, 0)
+            assert info.value.errno == errno.EIO
+            assert sha((m.path / vdir / "stored.bin").read_bytes()) == sha(data)
+        finally:
+            os.close(fd)
