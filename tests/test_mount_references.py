@@ -106,6 +106,7 @@ class Site:
         self.files: dict[str, bytes] = {}
         self.etags = True
         self.forbidden: set[str] = set()  #: paths answered 403 (credentials refused)
+        self.honour_if_match = True
         self.requests: list[tuple[str, str, str | None, str | None]] = []  #: method, path, Range, If-Match
 
 
@@ -131,7 +132,7 @@ def _handler(site: Site) -> type[BaseHTTPRequestHandler]:
                 self.end_headers()
                 return
             etag = f'"{md5_bytes(data)}"' if site.etags else None
-            if if_match and etag and if_match != etag:
+            if if_match and etag and if_match != etag and site.honour_if_match:
                 self.send_response(412)
                 self.send_header("Content-Length", "0")
                 self.end_headers()
@@ -270,7 +271,9 @@ def test_http_references_with_and_without_etag(site, tmp_path: Path) -> None:
     tagged, plain = os.urandom(5 * MiB), b"no etag here\n"
     s.files["/tagged.bin"] = tagged
     s.files["/changes.txt"] = b"first"
-    refs = entries_for_reference(f"{base}/tagged.bin") + entries_for_reference(f"{base}/changes.txt")
+    s.files["/ignores.txt"] = b"logged"
+    refs = [*entries_for_reference(f"{base}/tagged.bin"), *entries_for_reference(f"{base}/changes.txt"),
+            *entries_for_reference(f"{base}/ignores.txt")]
     s.etags = False
     s.files["/plain.txt"] = plain
     refs += entries_for_reference(f"{base}/plain.txt")
@@ -299,6 +302,10 @@ def test_http_references_with_and_without_etag(site, tmp_path: Path) -> None:
         assert read_errno(m.path / vdir / "tagged.bin") == errno.EACCES
         assert "tagged.bin" in m.log_text() and "netrc" in m.log_text()
         assert read_errno(m.path / vdir / "plain.txt") == errno.EIO
+        s.honour_if_match = False  # a server that ignores If-Match: the answer's ETag is checked
+        s.files["/ignores.txt"] = b"LOGGED"
+        assert read_errno(m.path / vdir / "ignores.txt") == errno.EIO
+        assert s.requests[-1][1] == "/ignores.txt" and s.requests[-1][3] is not None
 
 
 # --------------------------------------------------------------------------- file:// + mixed
