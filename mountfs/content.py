@@ -165,9 +165,9 @@ def _same_file(a: os.stat_result, b: os.stat_result) -> bool:
 class _Object:
     """One md5's content while at least one file handle has it open."""
 
-    def __init__(self, ref: FileRef) -> None:
+    def __init__(self, ref: FileRef, key: str) -> None:
         self.ref = ref
-        self.key = ref.md5  #: key in ContentReader._objects (a reference's ref may be resolved later)
+        self.key = key  #: key in ContentReader._objects (a reference's ref may be resolved later)
         self.refs = 0
         self.fd: int | None = None  #: complete, verified object
         self.data: bytes | None = None  #: a small object's verified bytes (installed in the background)
@@ -350,7 +350,10 @@ class ContentReader:
         def call() -> bytes:
             with self._lock:
                 self.reference_requests += 1
-            return src.read(start, length)
+            data = src.read(start, length)
+            if len(data) < length:  # a pinned source cannot shrink: only an unchecked one does
+                raise DigestMismatchError(f"it now ends at byte {start + len(data)}, {ref.size} were recorded")
+            return data
 
         try:
             return retrying(call, length, self.config, self._io, f"{src.uri}[{start}:+{length}]", _source_temp)
@@ -449,10 +452,13 @@ class ContentReader:
             # The kernel never sends a READ for an empty file; cache the (known) empty object
             # anyway, so a later download() of the same version needs nothing from the store.
             self._install_later(ref.md5, b"")
+        # A reference is its own object even when it names a stored blob's md5: its bytes come
+        # from (and fail with) its source, never those of a stored file opened beside it.
+        key = ref.md5 if ref.source is None else f"ref-{ref.source.identity}"
         with self._lock:
-            obj = self._objects.get(ref.md5)
+            obj = self._objects.get(key)
             if obj is None:
-                obj = self._objects[ref.md5] = _Object(ref)
+                obj = self._objects[key] = _Object(ref, key)
             obj.refs += 1
         cfg = self.config
         return Handle(obj, ReadaheadWindow(cfg.block_size, cfg.readahead_max, trigger=cfg.block_size,
@@ -685,11 +691,12 @@ class ContentReader:
                 self._fetched_whole(ref, actual)
                 return
             bm = self.blockmap(ref)
-            if not (self.cache.partial_dir / f"{ref.md5}.part").exists():
+            name = ref.md5 if ref.source is None else f"ref-{ref.source.identity}"
+            if not (self.cache.partial_dir / f"{name}.part").exists():
                 self.cache.evict(ref.size)  # make room once, when a new large object starts
             trusted = ref.source is not None and ref.source.trust_blocks  # pinned reads: see ref_source
             obj.partial = (PinnedPartialFile if trusted else PartialFile)(
-                self.cache.partial_dir, ref.md5, ref.size, self.config.block_size, blockmap=bm)
+                self.cache.partial_dir, name, ref.size, self.config.block_size, blockmap=bm)
             obj.source, obj.whole_pending = "partial", bm is None and not trusted
             obj.reader = BlockReader(
                 ref.size, self._fetcher(ref),

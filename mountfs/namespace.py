@@ -53,6 +53,7 @@ from client.errors import NotFoundError
 from client.hashing import hex_to_b64
 from client.manifest import EXECUTABLE_KEY, symlink_target
 from client.store.base import Store, VersionRecord
+from client.transfer import ARTIFACT_REF_SCHEME, artifact_ref_entity
 
 from .manifest_index import ROOT_ID, IndexEntry, IndexStore, ManifestIndex
 from .ref_source import RefSource, describe
@@ -655,7 +656,12 @@ class Namespace:
         entry, version = node.entry, node.version
         assert entry is not None and version is not None
         source = None
-        if entry.ref is not None:
+        entity = blob_entity(node.entity, version)
+        if entry.ref is not None and entry.ref.startswith(ARTIFACT_REF_SCHEME) and entry.md5 is not None:
+            # another version's file: its blob, read from that version's (source) entity
+            entity = self._listing(("artifact-ref", entry.ref.split("/")[2]),
+                                   lambda: artifact_ref_entity(self.store, str(entry.ref)))
+        elif entry.ref is not None:
             self._io()  # describing a file:// reference may stat its path: a worker thread does it
             source = describe(entry.ref, entry.md5, entry.size, entry.extra, self.path_of(node))
             if source is None:
@@ -663,9 +669,9 @@ class Namespace:
                                              "(a tracked-only scheme, or checksum=False without a size)")
         elif entry.md5 is None:
             raise OSError(errno.ENOTSUP, f"{entry.name} has no md5 digest; its content is not in the store")
-        ref = FileRef(blob_entity(node.entity, version), source.key if source else str(entry.md5), entry.size,
+        ref = FileRef(entity, source.key if source else str(entry.md5), entry.size,
                       version.qualified_name, self.path_of(node), source,
-                      directory=None if source else (version.manifest_md5, entry.parent))
+                      directory=None if entry.ref is not None else (version.manifest_md5, entry.parent))
         with self._lock:
             fh = self._next_fh
             self._next_fh += 1

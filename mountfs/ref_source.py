@@ -55,6 +55,7 @@ class RefSource:
     content_md5: str | None  #: hex md5 of the recorded bytes, when the record names it
     trust_blocks: bool  #: each ranged read is pinned (or unchecked): serve blocks as fetched
     key: str  #: cache key (see the module docstring)
+    identity: str  #: 32 hex digits of the sha256 of what was recorded (names the partial file)
 
     def read(self, start: int, length: int) -> bytes:
         return read_reference_range(self.entry, start, length)
@@ -94,8 +95,8 @@ def describe(uri: str, md5_hex: str | None, size: int, extra_json: str | None, e
     trust = not checked or scheme != "file"
     identity = "\0".join([uri, str(extra.get("versionID") or ""), etag or "", digest, str(size),
                           "checked" if checked else "unchecked"])
-    key = content_md5 or hashlib.sha256(identity.encode()).hexdigest()[:32]
-    return RefSource(uri, entry, checked, content_md5, trust, key)
+    ident = hashlib.sha256(identity.encode()).hexdigest()[:32]
+    return RefSource(uri, entry, checked, content_md5, trust, content_md5 or ident, ident)
 
 
 class RefIdentities:

@@ -105,6 +105,8 @@ class Site:
     def __init__(self) -> None:
         self.files: dict[str, bytes] = {}
         self.etags = True
+        self.forbidden: set[str] = set()  #: paths answered 403 (credentials refused)
+        self.honour_if_match = True
         self.requests: list[tuple[str, str, str | None, str | None]] = []  #: method, path, Range, If-Match
 
 
@@ -119,13 +121,18 @@ def _handler(site: Site) -> type[BaseHTTPRequestHandler]:
             rng, if_match = self.headers.get("Range"), self.headers.get("If-Match")
             site.requests.append((self.command, self.path, rng, if_match))
             data = site.files.get(self.path)
+            if self.path in site.forbidden:
+                self.send_response(403)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
             if data is None:
                 self.send_response(404)
                 self.send_header("Content-Length", "0")
                 self.end_headers()
                 return
             etag = f'"{md5_bytes(data)}"' if site.etags else None
-            if if_match and etag and if_match != etag:
+            if if_match and etag and if_match != etag and site.honour_if_match:
                 self.send_response(412)
                 self.send_header("Content-Length", "0")
                 self.end_headers()
@@ -180,13 +187,14 @@ def test_s3_reference_reads_lazy_ranged_pinned(s3, tmp_path: Path) -> None:
     s3.put_object(Bucket="mnt-plain", Key="set/small.txt", Body=b"small logged bytes\n")
     s3.put_object(Bucket="mnt-plain", Key="set/changed.txt", Body=b"logged!")
     refs = entries_for_reference("s3://mnt-plain/set", name="s3")
+    refs += entries_for_reference("s3://mnt-plain/set", name="unchecked-prefix", checksum=False)
     assert "-" in next(e for e in refs if e.path == "s3/big.bin").digest  # multipart: ETag is no md5
     vdir = commit(tmp_path / "store", tmp_path, refs)
     s3.put_object(Bucket="mnt-plain", Key="set/changed.txt", Body=b"LOGGED!")  # same size, other bytes
     with mounted(tmp_path / "store", tmp_path) as m:
         root = m.path / vdir
         found = subprocess.run(["find", str(root), "-type", "f"], capture_output=True, text=True, check=True)
-        assert sorted(Path(p).name for p in found.stdout.split()) == ["big.bin", "changed.txt", "small.txt"]
+        assert sorted(Path(p).name for p in found.stdout.split()) == ["big.bin", "changed.txt", "small.txt", "unchecked-prefix"]
         subprocess.run(["ls", "-lR", str(root)], capture_output=True, check=True)
         assert os.stat(root / "s3/big.bin").st_size == len(big)
         assert os.getxattr(root / "s3/big.bin", "user.artifact.ref") == b"s3://mnt-plain/set/big.bin"
@@ -200,6 +208,9 @@ def test_s3_reference_reads_lazy_ranged_pinned(s3, tmp_path: Path) -> None:
         assert sha((root / "s3/big.bin").read_bytes()) == sha(big)
         assert (root / "s3/small.txt").read_bytes() == b"small logged bytes\n"
         assert read_errno(root / "s3/changed.txt") == errno.EIO
+        with pytest.raises(OSError) as info:  # checksum=False on a prefix: no size, maybe many objects
+            open(root / "unchecked-prefix", "rb")
+        assert info.value.errno == errno.ENOTSUP
         assert "s3/changed.txt" in m.log_text() and "changed since it was logged" in m.log_text()
         # A second read of the big file comes from the cache: no request.
         before = ref_requests(m)
@@ -260,7 +271,9 @@ def test_http_references_with_and_without_etag(site, tmp_path: Path) -> None:
     tagged, plain = os.urandom(5 * MiB), b"no etag here\n"
     s.files["/tagged.bin"] = tagged
     s.files["/changes.txt"] = b"first"
-    refs = entries_for_reference(f"{base}/tagged.bin") + entries_for_reference(f"{base}/changes.txt")
+    s.files["/ignores.txt"] = b"logged"
+    refs = [*entries_for_reference(f"{base}/tagged.bin"), *entries_for_reference(f"{base}/changes.txt"),
+            *entries_for_reference(f"{base}/ignores.txt")]
     s.etags = False
     s.files["/plain.txt"] = plain
     refs += entries_for_reference(f"{base}/plain.txt")
@@ -284,8 +297,15 @@ def test_http_references_with_and_without_etag(site, tmp_path: Path) -> None:
         s.etags = False  # served without an ETag: only the recorded size can be checked
         assert (root / "plain.txt").read_bytes() == plain
         s.files["/plain.txt"] = plain + b"grown"
+        s.forbidden.add("/tagged.bin")
     with mounted(tmp_path / "store", tmp_path / "second") as m:
+        assert read_errno(m.path / vdir / "tagged.bin") == errno.EACCES
+        assert "tagged.bin" in m.log_text() and "netrc" in m.log_text()
         assert read_errno(m.path / vdir / "plain.txt") == errno.EIO
+        s.honour_if_match = False  # a server that ignores If-Match: the answer's ETag is checked
+        s.files["/ignores.txt"] = b"LOGGED"
+        assert read_errno(m.path / vdir / "ignores.txt") == errno.EIO
+        assert s.requests[-1][1] == "/ignores.txt" and s.requests[-1][3] is not None
 
 
 # --------------------------------------------------------------------------- file:// + mixed
@@ -322,6 +342,11 @@ def test_mixed_artifact_cp_sha256sum_and_changed_file_source(s3, site, tmp_path:
             {rel: sha(data) for rel, data in expected.items()}
         assert read_errno(root / "local/later.txt") == errno.EIO
         assert "local/later.txt" in m.log_text()
+        try:  # a library reader on a referenced file (pyarrow/parquet is not installed here)
+            import pandas
+        except ImportError:
+            return
+        assert pandas.read_csv(root / "local/a.csv").to_dict("records") == [{"id": 1, "x": 2}]
 
 
 def test_file_sources_unchecked_and_large_changed(tmp_path: Path) -> None:
@@ -387,13 +412,17 @@ def test_draft_commit_keeps_references_without_touching_sources(site, tmp_path: 
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     s, base = site
     s.files["/r.bin"] = web = os.urandom(50_000)
+    s.files["/w.bin"] = b"to be rewritten"
     refs = entries_for_reference(f"{base}/r.bin", name="data/r.bin")
-    commit(tmp_path / "store", tmp_path, refs, {"stored.txt": b"stored\n"})
+    rewritten = entries_for_reference(f"{base}/w.bin", name="data/w.bin")
+    commit(tmp_path / "store", tmp_path, refs + rewritten, {"stored.txt": b"stored\n"})
     s.requests.clear()
     with mounted(tmp_path / "store", tmp_path) as m:
         draft = m.path / "ent/proj/refs:draft"
         draft.mkdir()
         (draft / "new.txt").write_bytes(b"added in a draft\n")
+        (draft / "data").mkdir(exist_ok=True)
+        (draft / "data/w.bin").write_bytes(b"rewritten: now a stored file\n")
         (draft / ".commit").touch()
         result = json.loads(os.getxattr(draft, "user.artifact.draft.status"))["last_commit"]
         assert result["version"] == "ent/proj/refs:v1", result
@@ -403,6 +432,48 @@ def test_draft_commit_keeps_references_without_touching_sources(site, tmp_path: 
     import client
 
     got = {e.path: e for e in client.Api().artifact("ent/proj/refs:v1").manifest}
-    assert sorted(got) == ["data/r.bin", "new.txt", "stored.txt"]
+    assert sorted(got) == ["data/r.bin", "data/w.bin", "new.txt", "stored.txt"]
     assert (got["data/r.bin"].ref, got["data/r.bin"].digest, got["data/r.bin"].extra) == \
         (refs[0].ref, refs[0].digest, refs[0].extra)
+    assert got["data/w.bin"].ref is None  # the rewritten reference is a stored entry now
+    assert got["data/w.bin"].digest == hex_to_b64(md5_bytes(b"rewritten: now a stored file\n"))
+
+
+def test_reference_to_another_artifacts_file(tmp_path: Path) -> None:
+    """``add_reference(other.get_entry(path))``: a wandb-artifact:// entry is read from the
+    other version's blob, md5-checked like any stored file."""
+    data = os.urandom(3 * MiB)
+    src_dir = commit(tmp_path / "store", tmp_path, [], {"weights.bin": data}, collection="src")
+    store = LocalStore(tmp_path / "store")
+    try:
+        src_id = store.resolve("ent", "proj", "src", "v0").id
+    finally:
+        store.close()
+    ref = ManifestEntry("model/weights.bin", hex_to_b64(md5_bytes(data)), len(data),
+                        ref=f"wandb-artifact://{src_id}/weights.bin")
+    vdir = commit(tmp_path / "store", tmp_path, [ref], collection="uses")
+    with mounted(tmp_path / "store", tmp_path) as m:
+        assert os.getxattr(m.path / vdir / "model/weights.bin", "user.artifact.ref").startswith(b"wandb-artifact://")
+        assert sha((m.path / vdir / "model/weights.bin").read_bytes()) == sha(data)
+        assert (m.path / src_dir / "weights.bin").read_bytes() == data
+        assert ref_requests(m) == 0  # a blob of the store, not an outside source
+
+
+def test_reference_and_stored_file_of_same_bytes_stay_apart(s3, tmp_path: Path) -> None:
+    """A reference whose recorded md5 equals a stored file's: the stored file never depends on
+    the outside source, even while the changed reference is open beside it."""
+    data = os.urandom(3 * MiB)
+    s3.create_bucket(Bucket="mnt-same")
+    s3.put_object(Bucket="mnt-same", Key="same.bin", Body=data)  # single part: ETag = md5
+    vdir = commit(tmp_path / "store", tmp_path, entries_for_reference("s3://mnt-same/same.bin", name="ref.bin"),
+                  {"stored.bin": data})
+    s3.put_object(Bucket="mnt-same", Key="same.bin", Body=os.urandom(3 * MiB))
+    with mounted(tmp_path / "store", tmp_path) as m:
+        fd = os.open(m.path / vdir / "ref.bin", os.O_RDONLY)
+        try:
+            with pytest.raises(OSError) as info:
+                os.pread(fd, 4096, 0)
+            assert info.value.errno == errno.EIO
+            assert sha((m.path / vdir / "stored.bin").read_bytes()) == sha(data)
+        finally:
+            os.close(fd)
