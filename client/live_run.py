@@ -8,7 +8,10 @@ clears it); ``Artifact.save()`` without one creates a short run of job type "aut
 
 from __future__ import annotations
 
+import atexit
+import logging
 import os
+import sys
 import threading
 import time
 import uuid
@@ -27,6 +30,20 @@ __all__ = ["Config", "Run", "current_run", "finish", "init", "log_artifact", "lo
 
 _current: Run | None = None
 _current_lock = threading.Lock()
+_exit_hook: list[bool] = []
+log = logging.getLogger(__name__)
+
+
+def _finish_at_exit() -> None:
+    """As wandb does: the current run is finished when the interpreter exits, "crashed" after an
+    uncaught exception (Python leaves it in ``sys.last_value``), so its last summary is stored."""
+    run = _current
+    if run is None or run._finished:
+        return
+    try:
+        run.finish(exit_code=1 if getattr(sys, "last_value", None) is not None else 0)
+    except Exception as exc:  # noqa: BLE001 - the process is exiting; say why the run stays open
+        log.warning("could not finish run %s at exit: %s", run.path, exc)
 
 
 class Config(dict):
@@ -234,6 +251,9 @@ def init(entity: str | None = None, project: str | None = None, job_type: str | 
     run = Run(st, record, tags or ())
     with _current_lock:
         _current = run
+        if not _exit_hook:
+            _exit_hook.append(True)
+            atexit.register(_finish_at_exit)
     return run
 
 

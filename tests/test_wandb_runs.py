@@ -228,3 +228,23 @@ def test_runs_and_collections_over_http(registry, tmp_path: Path, monkeypatch: p
         assert not api.artifact_collection_exists("clean", "dataset")
     finally:
         live_run._reset_for_tests()
+
+
+def test_a_run_left_open_is_finished_at_exit_like_wandb(sdk_env) -> None:
+    """wandb finishes the current run when the interpreter exits (crashed after an uncaught
+    exception), so the last summary is stored even without ``wandb.finish()``."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    script = ("import client as wandb\nrun = wandb.init(project='proj', id='{id}')\n"
+              "for i in range(50):\n    run.log({{'step_loss': 1.0 / (i + 1)}})\n{tail}")
+    for run_id, tail, rc in (("ok", "", 0), ("boom", "1 / 0\n", 1)):
+        proc = subprocess.run([sys.executable, "-c", script.format(id=run_id, tail=tail)], cwd=sdk_env["work"],
+                              env=env, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == rc, proc.stderr[-2000:]
+    api = client.Api()
+    ok, boom = api.run("proj/ok"), api.run("proj/boom")
+    assert (ok.state, ok.summary) == ("finished", {"step_loss": 1.0 / 50})
+    assert (boom.state, boom.summary) == ("crashed", {"step_loss": 1.0 / 50})
