@@ -206,7 +206,7 @@ class Run:
         src = Path(path)
         if not src.is_file():
             raise LocalPathError(f"Path is not a file: {str(path)!r}")
-        name = Path(os.path.relpath(src.resolve(), Path(root).resolve())).as_posix()
+        name = names.validate_entry_path(Path(os.path.relpath(src.resolve(), Path(root).resolve())).as_posix())
         md5_hex, size = md5_file(src), src.stat().st_size
         if md5_hex in self._store.missing_blobs(self.entity, [md5_hex]):
             self._store.put_blob(self.entity, md5_hex, src, size)
@@ -282,7 +282,7 @@ class File:
         existing file is a ValueError unless ``replace`` (overwrite) or ``exist_ok`` (keep it)."""
         from .transfer import _atomic_write, _stream_blob
 
-        dest = Path(root) / self.name
+        dest = Path(root) / names.validate_entry_path(self.name)  # never outside root, whatever a server sent
         if dest.exists() and not replace:
             if exist_ok:
                 return open(dest)

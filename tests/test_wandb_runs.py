@@ -142,6 +142,8 @@ def test_run_files_upload_list_and_download(sdk_env) -> None:
         assert fh.read() == "second"
     with pytest.raises(ValueError):
         public.upload_file(out / "missing.bin")
+    with pytest.raises(ValueError, match="climb"):  # stored as ../model.bin: outside the run's files
+        public.upload_file(out / "model.bin", root=str(out / "logs"))
     public.delete()
     with pytest.raises(NotFoundError):
         client.Api().run("proj/f").files()[0]
