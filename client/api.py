@@ -198,6 +198,21 @@ class Run:
         """Re-read from the store: another process may have finished the run."""
         return self._store.get_run(self.entity, self.project, self.id).state
 
+    def wait_until_finished(self, timeout: float = 3600.0, poll: float = 1.0) -> None:
+        """Wait until the run is no longer "running" (checked every ``poll`` seconds, at most
+        ``timeout`` seconds: then DeadlineExceeded, a TimeoutError), then re-read it."""
+        import time
+
+        from .retry import DeadlineExceeded
+
+        deadline = time.monotonic() + timeout
+        while (record := self._store.get_run(self.entity, self.project, self.id)).state == "running":
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise DeadlineExceeded(f"run {self.path} is still running after {timeout:g} s")
+            time.sleep(min(poll, left))
+        self._set_record(record)
+
     # -- files -----------------------------------------------------------------------------
     def upload_file(self, path: str | os.PathLike[str], root: str = ".") -> File:
         """Save a local file with the run as ``relpath(path, root)`` (replacing one of that name)."""

@@ -250,3 +250,14 @@ def test_a_run_left_open_is_finished_at_exit_like_wandb(sdk_env) -> None:
     ok, boom = api.run("proj/ok"), api.run("proj/boom")
     assert (ok.state, ok.summary) == ("finished", {"step_loss": 1.0 / 50})
     assert (boom.state, boom.summary) == ("crashed", {"step_loss": 1.0 / 50})
+
+
+def test_wait_until_finished_returns_once_the_run_is_done_and_is_bounded(sdk_env) -> None:
+    run = client.init(project="proj", id="w")
+    public = client.Api().run("proj/w")
+    with pytest.raises(TimeoutError, match="still running"):
+        public.wait_until_finished(timeout=0)
+    run.log({"acc": 1})
+    client.finish()
+    public.wait_until_finished(timeout=0)
+    assert public.summary == {"acc": 1}  # re-read when it returns
