@@ -189,6 +189,10 @@ class Run:
             self.entity, self.project, self.id, summary=dict(self._summary), tags=self._tags,
             config=self._config, name=self._name))
 
+    def save(self) -> None:
+        """W&B's public ``Run.save()``: the same as ``update()``."""
+        self.update()
+
     def load(self, force: bool = False) -> None:
         """Re-read the run from the store (local edits not yet saved are dropped)."""
         self._set_record(self._store.get_run(self.entity, self.project, self.id))

@@ -261,3 +261,27 @@ def test_wait_until_finished_returns_once_the_run_is_done_and_is_bounded(sdk_env
     client.finish()
     public.wait_until_finished(timeout=0)
     assert public.summary == {"acc": 1}  # re-read when it returns
+
+
+def test_run_save_globs_like_wandb_and_public_save_is_update(sdk_env) -> None:
+    work = sdk_env["work"]
+    write_tree(work / "these/are/myfiles", {"a.txt": "1", "b.txt": "2"})
+    write_tree(sdk_env["tmp"] / "abs/run123", {"c.txt": "3"})
+    with client.init(project="proj", id="s") as run:
+        assert run.save("these/are/myfiles/*") == ["these/are/myfiles/a.txt", "these/are/myfiles/b.txt"]
+        assert client.save("these/are/myfiles/a.txt", base_path="these", policy="now") == ["are/myfiles/a.txt"]
+        assert run.save(str(sdk_env["tmp"] / "abs/run123/*.txt")) == ["run123/c.txt"]  # one level kept
+        assert run.save("these/are/myfiles/b.txt", base_path="these/are", policy="end") == []
+        (work / "these/are/myfiles/a.txt").write_text("live")  # "live": uploaded again at finish
+        with pytest.raises(ValueError):
+            run.save("x", policy="sometimes")
+    public = client.Api().run("proj/s")
+    assert [f.name for f in public.files()] == ["are/myfiles/a.txt", "myfiles/b.txt", "run123/c.txt",
+                                                "these/are/myfiles/a.txt", "these/are/myfiles/b.txt"]
+    with public.file("these/are/myfiles/a.txt").download(root=str(sdk_env["tmp"] / "dl")) as fh:
+        assert fh.read() == "live"
+    with public.file("are/myfiles/a.txt").download(root=str(sdk_env["tmp"] / "dl")) as fh:
+        assert fh.read() == "1"  # "now": not uploaded again
+    public.tags = ["saved"]
+    public.save()
+    assert client.Api().run("proj/s").tags == ["saved"]
