@@ -15,7 +15,7 @@ from .api import Api
 from .artifact import Artifact, ArtifactManifestEntry, ArtifactTTL
 from .errors import (ArtifactFinalizedError, ArtifactFSError, ArtifactNotLoggedError, DigestMismatchError,
                      NotFoundError)
-from .live_run import Run, current_run, finish, init, log_artifact, login, use_artifact
+from .live_run import Run, current_run, finish, init, log_artifact, login, save, use_artifact
 from .objects import Classes, Table
 
 from typing import Any as _Any
@@ -23,7 +23,7 @@ from typing import Any as _Any
 __all__ = [
     "Api", "Artifact", "ArtifactFSError", "ArtifactTTL", "ArtifactFinalizedError", "ArtifactManifestEntry",
     "ArtifactNotLoggedError", "Classes", "DigestMismatchError", "NotFoundError", "Run", "Table", "current_run",
-    "errors", "finish", "init", "log_artifact", "login", "use_artifact",
+    "errors", "finish", "init", "log_artifact", "login", "save", "use_artifact",
 ]
 
 

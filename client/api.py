@@ -190,6 +190,10 @@ class Run:
             self.entity, self.project, self.id, summary=dict(self._summary), tags=self._tags,
             config=self._config, name=self._name))
 
+    def save(self) -> None:
+        """W&B's public ``Run.save()``: the same as ``update()``."""
+        self.update()
+
     def load(self, force: bool = False) -> None:
         """Re-read the run from the store (local edits not yet saved are dropped)."""
         self._set_record(self._store.get_run(self.entity, self.project, self.id))
@@ -199,6 +203,21 @@ class Run:
         """Re-read from the store: another process may have finished the run."""
         return self._store.get_run(self.entity, self.project, self.id).state
 
+    def wait_until_finished(self, timeout: float = 3600.0, poll: float = 1.0) -> None:
+        """Wait until the run is no longer "running" (checked every ``poll`` seconds, at most
+        ``timeout`` seconds: then DeadlineExceeded, a TimeoutError), then re-read it."""
+        import time
+
+        from .retry import DeadlineExceeded
+
+        deadline = time.monotonic() + timeout
+        while (record := self._store.get_run(self.entity, self.project, self.id)).state == "running":
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise DeadlineExceeded(f"run {self.path} is still running after {timeout:g} s")
+            time.sleep(min(poll, left))
+        self._set_record(record)
+
     # -- files -----------------------------------------------------------------------------
     def upload_file(self, path: str | os.PathLike[str], root: str = ".") -> File:
         """Save a local file with the run as ``relpath(path, root)`` (replacing one of that name)."""
@@ -207,7 +226,7 @@ class Run:
         src = Path(path)
         if not src.is_file():
             raise LocalPathError(f"Path is not a file: {str(path)!r}")
-        name = Path(os.path.relpath(src.resolve(), Path(root).resolve())).as_posix()
+        name = names.validate_entry_path(Path(os.path.relpath(src.resolve(), Path(root).resolve())).as_posix())
         md5_hex, size = md5_file(src), src.stat().st_size
         if md5_hex in self._store.missing_blobs(self.entity, [md5_hex]):
             self._store.put_blob(self.entity, md5_hex, src, size)
@@ -283,7 +302,7 @@ class File:
         existing file is a ValueError unless ``replace`` (overwrite) or ``exist_ok`` (keep it)."""
         from .transfer import _atomic_write, _stream_blob
 
-        dest = Path(root) / self.name
+        dest = Path(root) / names.validate_entry_path(self.name)  # never outside root, whatever a server sent
         if dest.exists() and not replace:
             if exist_ok:
                 return open(dest)

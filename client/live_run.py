@@ -8,7 +8,11 @@ clears it); ``Artifact.save()`` without one creates a short run of job type "aut
 
 from __future__ import annotations
 
+import atexit
+import glob as globlib
+import logging
 import os
+import sys
 import threading
 import time
 import uuid
@@ -23,10 +27,24 @@ from .errors import ArtifactFSError, InvalidNameError
 from .store import Store
 from .transfer import close_stores, get_store
 
-__all__ = ["Config", "Run", "current_run", "finish", "init", "log_artifact", "login", "use_artifact"]
+__all__ = ["Config", "Run", "current_run", "finish", "init", "log_artifact", "login", "save", "use_artifact"]
 
 _current: Run | None = None
 _current_lock = threading.Lock()
+_exit_hook: list[bool] = []
+log = logging.getLogger(__name__)
+
+
+def _finish_at_exit() -> None:
+    """As wandb does: the current run is finished when the interpreter exits, "crashed" after an
+    uncaught exception (Python leaves it in ``sys.last_value``), so its last summary is stored."""
+    run = _current
+    if run is None or run._finished:
+        return
+    try:
+        run.finish(exit_code=1 if getattr(sys, "last_value", None) is not None else 0)
+    except Exception as exc:  # noqa: BLE001 - the process is exiting; say why the run stays open
+        log.warning("could not finish run %s at exit: %s", run.path, exc)
 
 
 class Config(dict):
@@ -64,6 +82,7 @@ class Run(PublicRun):
         super().__init__(store, record)
         self._finished = False
         self._step = 0
+        self._save_at_end: list[tuple[str, str]] = []  #: run.save(policy="live"/"end") files
         if tags:
             self.tags = tags
 
@@ -111,6 +130,33 @@ class Run(PublicRun):
         names.validate_run_dict("log data", data)  # a value JSON cannot hold fails here, not at finish
         self._summary.update(data)
         self._step = (step if step is not None else self._step) + 1
+
+    def save(self, glob_str: str | os.PathLike[str] | None = None,  # type: ignore[override]
+             base_path: str | os.PathLike[str] | None = None, policy: str = "live", glob: bool = True) -> list[str]:
+        """``run.save(glob)``: save the matching files with the run, named by their path below
+        ``base_path`` (default: the working directory for a relative pattern, the parent of
+        the files' directory for an absolute one, as in W&B).  "now" uploads them now, "end"
+        at ``finish``, "live" now and again at ``finish`` (the latest content; no watching).
+        Returns the names saved now.  Without a pattern it is the public ``Run.save()``."""
+        if glob_str is None:
+            super().save()
+            return []
+        self._check_live()
+        if policy not in ("live", "end", "now"):
+            raise ValueError('Only "live", "end" and "now" policies are currently supported.')
+        pattern = os.path.abspath(os.fspath(glob_str))
+        if base_path is not None:
+            root = os.path.abspath(os.fspath(base_path))
+        else:
+            root = os.path.abspath(".") if not os.path.isabs(os.fspath(glob_str)) else os.path.dirname(
+                os.path.dirname(pattern))
+        paths = sorted(globlib.glob(pattern)) if glob else [pattern]
+        files = [p for p in paths if os.path.isfile(p)]
+        if policy != "now":
+            self._save_at_end.extend((p, root) for p in files)
+        if policy == "end":
+            return []
+        return [self.upload_file(p, root=root).name for p in files]
 
     def link_artifact(self, artifact: Artifact, target_path: str, aliases: Sequence[str] | None = None) -> Artifact:
         """``run.link_artifact``: link a logged version into a portfolio / registry collection."""
@@ -186,6 +232,9 @@ class Run(PublicRun):
         if self._finished:
             return
         self._finished = True
+        for path, root in dict.fromkeys(self._save_at_end):
+            if os.path.isfile(path):
+                self.upload_file(path, root=root)
         self._save()
         self._store.finish_run(self.entity, self.project, self.id, "finished" if not exit_code else "crashed")
         with _current_lock:
@@ -235,6 +284,9 @@ def init(entity: str | None = None, project: str | None = None, job_type: str | 
     run = Run(st, record, tags or ())
     with _current_lock:
         _current = run
+        if not _exit_hook:
+            _exit_hook.append(True)
+            atexit.register(_finish_at_exit)
     return run
 
 
@@ -251,6 +303,12 @@ def use_artifact(artifact_or_name: Artifact | str, type: str | None = None,
     """``wandb.use_artifact``: declare an input of the current run (call ``init()`` first)."""
     run = _require_run("use_artifact")
     return run.use_artifact(artifact_or_name, type=type, aliases=aliases, use_as=use_as)
+
+
+def save(glob_str: str | os.PathLike[str], base_path: str | os.PathLike[str] | None = None,
+         policy: str = "live", glob: bool = True) -> list[str]:
+    """``wandb.save``: save files with the current run (call ``init()`` first)."""
+    return _require_run("save").save(glob_str, base_path, policy, glob)
 
 
 def finish(exit_code: int | None = None) -> None:

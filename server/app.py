@@ -344,8 +344,11 @@ def create_app(server: Server | None = None) -> FastAPI:
     def update_collection(entity: str, project: str, collection: str, body: CollectionBody,
                           p: Principal = Depends(principal)) -> dict[str, Any]:
         p.require(entity, write=True)
-        return record_to_json(reg.update_collection(entity, project, collection, name=body.name,
-                                                    description=body.description, tags=body.tags, type=body.type))
+        rec = reg.update_collection(entity, project, collection, name=body.name, description=body.description,
+                                    tags=body.tags, type=body.type)
+        observe.audit("update_collection", user=p.user, entity=entity, project=project, collection=collection,
+                      changed=sorted(body.model_dump(exclude_none=True)), new_name=rec.name, type=rec.type)
+        return record_to_json(rec)
 
     @app.delete("/api/v1/entities/{entity}/projects/{project}/collections/{collection}", tags=["namespace"],
                 status_code=204)

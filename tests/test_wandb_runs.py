@@ -144,6 +144,8 @@ def test_run_files_upload_list_and_download(sdk_env) -> None:
         assert fh.read() == "second"
     with pytest.raises(ValueError):
         public.upload_file(out / "missing.bin")
+    with pytest.raises(ValueError, match="climb"):  # stored as ../model.bin: outside the run's files
+        public.upload_file(out / "model.bin", root=str(out / "logs"))
     public.delete()
     with pytest.raises(NotFoundError):
         client.Api().run("proj/f").files()[0]
@@ -230,3 +232,58 @@ def test_runs_and_collections_over_http(registry, tmp_path: Path, monkeypatch: p
         assert not api.artifact_collection_exists("clean", "dataset")
     finally:
         live_run._reset_for_tests()
+
+
+def test_a_run_left_open_is_finished_at_exit_like_wandb(sdk_env) -> None:
+    """wandb finishes the current run when the interpreter exits (crashed after an uncaught
+    exception), so the last summary is stored even without ``wandb.finish()``."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    script = ("import client as wandb\nrun = wandb.init(project='proj', id='{id}')\n"
+              "for i in range(50):\n    run.log({{'step_loss': 1.0 / (i + 1)}})\n{tail}")
+    for run_id, tail, rc in (("ok", "", 0), ("boom", "1 / 0\n", 1)):
+        proc = subprocess.run([sys.executable, "-c", script.format(id=run_id, tail=tail)], cwd=sdk_env["work"],
+                              env=env, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == rc, proc.stderr[-2000:]
+    api = client.Api()
+    ok, boom = api.run("proj/ok"), api.run("proj/boom")
+    assert (ok.state, ok.summary) == ("finished", {"step_loss": 1.0 / 50})
+    assert (boom.state, boom.summary) == ("crashed", {"step_loss": 1.0 / 50})
+
+
+def test_wait_until_finished_returns_once_the_run_is_done_and_is_bounded(sdk_env) -> None:
+    run = client.init(project="proj", id="w")
+    public = client.Api().run("proj/w")
+    with pytest.raises(TimeoutError, match="still running"):
+        public.wait_until_finished(timeout=0)
+    run.log({"acc": 1})
+    client.finish()
+    public.wait_until_finished(timeout=0)
+    assert public.summary == {"acc": 1}  # re-read when it returns
+
+
+def test_run_save_globs_like_wandb_and_public_save_is_update(sdk_env) -> None:
+    work = sdk_env["work"]
+    write_tree(work / "these/are/myfiles", {"a.txt": "1", "b.txt": "2"})
+    write_tree(sdk_env["tmp"] / "abs/run123", {"c.txt": "3"})
+    with client.init(project="proj", id="s") as run:
+        assert run.save("these/are/myfiles/*") == ["these/are/myfiles/a.txt", "these/are/myfiles/b.txt"]
+        assert client.save("these/are/myfiles/a.txt", base_path="these", policy="now") == ["are/myfiles/a.txt"]
+        assert run.save(str(sdk_env["tmp"] / "abs/run123/*.txt")) == ["run123/c.txt"]  # one level kept
+        assert run.save("these/are/myfiles/b.txt", base_path="these/are", policy="end") == []
+        (work / "these/are/myfiles/a.txt").write_text("live")  # "live": uploaded again at finish
+        with pytest.raises(ValueError):
+            run.save("x", policy="sometimes")
+    public = client.Api().run("proj/s")
+    assert [f.name for f in public.files()] == ["are/myfiles/a.txt", "myfiles/b.txt", "run123/c.txt",
+                                                "these/are/myfiles/a.txt", "these/are/myfiles/b.txt"]
+    with public.file("these/are/myfiles/a.txt").download(root=str(sdk_env["tmp"] / "dl")) as fh:
+        assert fh.read() == "live"
+    with public.file("are/myfiles/a.txt").download(root=str(sdk_env["tmp"] / "dl")) as fh:
+        assert fh.read() == "1"  # "now": not uploaded again
+    public.tags = ["saved"]
+    public.save()
+    assert client.Api().run("proj/s").tags == ["saved"]
