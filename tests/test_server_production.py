@@ -448,6 +448,34 @@ def _statements(engine):  # type: ignore[no-untyped-def]
     return seen, lambda: sa.event.remove(engine, "before_cursor_execute", record)
 
 
+def test_resolve_and_list_versions_cost_three_queries_and_errors_still_name_what_is_missing(local_store,  # type: ignore[no-untyped-def]
+                                                                                           tmp_path: Path) -> None:
+    """The calls a fleet of mounts makes most (bench/load): the collection in one joined query,
+    its versions in one, their aliases and tags in one (was 3 + 1 + 2)."""
+    from client.errors import NotFoundError
+    from tests.util import commit_files
+
+    commit_files(local_store, tmp_path, {"a": b"1"}, aliases=("best",), tags=("t1",))
+    commit_files(local_store, tmp_path, {"a": b"2"})
+    reg = local_store.registry
+    seen, stop = _statements(reg.engine)
+    best = reg.resolve("ent", "proj", "ds", "best")
+    resolve_count = len(seen)
+    versions = reg.list_versions("ent", "proj", "ds")
+    stop()
+    assert best.version == "v0" and sorted(best.aliases) == ["best"] and list(best.tags) == ["t1"]
+    assert [(v.version, sorted(v.aliases)) for v in versions] == [("v0", ["best"]), ("v1", ["latest"])]
+    queries = [q for q in seen if not q.startswith("BEGIN")]
+    assert resolve_count - 1 == 3 and len(queries) == 6, queries
+    for args, message in [(("nope", "proj", "ds"), "entity 'nope' not found"),
+                          (("ent", "nope", "ds"), "project ent/nope not found"),
+                          (("ent", "proj", "nope"), "collection ent/proj/nope not found")]:
+        with pytest.raises(NotFoundError, match=message):
+            reg.resolve(*args, "latest")
+        with pytest.raises(NotFoundError, match=message):
+            reg.list_versions(*args)
+
+
 def test_listing_collections_costs_the_same_queries_for_3_or_40_collections(local_store, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     from tests.util import commit_files
 
