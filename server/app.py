@@ -24,6 +24,7 @@ import time
 from typing import Any, Iterator
 
 import anyio.from_thread
+import cachetools
 import botocore.exceptions
 import sqlalchemy.exc
 from fastapi import Depends, FastAPI, Query, Request
@@ -582,10 +583,25 @@ def create_app(server: Server | None = None) -> FastAPI:
         maps = reg.blockmaps(entity, body.md5s)
         return {"maps": {m: base64.b64encode(bm.to_bytes()).decode() for m, bm in sorted(maps.items())}}
 
+    # A fleet reading one dataset asks for the same download URLs over and over; an S3 presign
+    # costs ~0.2 ms of CPU, so each is reused for a tenth of its lifetime, and the lifetime told
+    # to clients (``get_ttl``) is what a reused URL has left at worst.
+    reuse = server.url_ttl // 10 if isinstance(server.blobs, S3BlobBackend) else 0
+    get_ttl = server.url_ttl - reuse
+    presigned: cachetools.TTLCache[tuple[str, str], str] = cachetools.TTLCache(maxsize=50_000, ttl=max(reuse, 1))
+    presigned_lock = threading.Lock()
+
     def url_for(entity: str, md5: str) -> str:
         if isinstance(server.blobs, S3BlobBackend):
             observe.SIGNED_URLS.labels("get").inc()
-            return server.blobs.presign_get(entity, md5, server.url_ttl)
+            with presigned_lock:
+                url = presigned.get((entity, md5)) if reuse else None
+            if url is None:
+                url = server.blobs.presign_get(entity, md5, server.url_ttl)
+                if reuse:
+                    with presigned_lock:
+                        presigned[(entity, md5)] = url
+            return url
         return signed("get", entity, md5)
 
     @app.get(blob_path + "/url", tags=["blobs"])
@@ -596,7 +612,7 @@ def create_app(server: Server | None = None) -> FastAPI:
         if reg.missing_blobs(entity, [md5]):
             raise NotFoundError(f"blob {md5} not found in {entity}")
         size = None if isinstance(server.blobs, S3BlobBackend) else server.blobs.size(entity, md5)
-        return {"url": url_for(entity, md5), "expires_in": server.url_ttl, "size": size}
+        return {"url": url_for(entity, md5), "expires_in": get_ttl, "size": size}
 
     @app.post("/api/v1/entities/{entity}/blobs/urls", tags=["blobs"])
     def download_urls(entity: str, body: MissingBody, p: Principal = Depends(principal)) -> dict[str, Any]:
@@ -605,7 +621,7 @@ def create_app(server: Server | None = None) -> FastAPI:
         if len(body.md5s) > PLAN_BATCH:
             raise InvalidNameError(f"ask for at most {PLAN_BATCH} URLs per call")
         present = set(body.md5s) - reg.missing_blobs(entity, body.md5s)
-        return {"urls": {m: url_for(entity, m) for m in sorted(present)}, "expires_in": server.url_ttl}
+        return {"urls": {m: url_for(entity, m) for m in sorted(present)}, "expires_in": get_ttl}
 
     # -- blob bytes through the server (local-directory backend only) ---------------------------
     def check_signed(op: str, entity: str, md5: str, expires: int, sig: str) -> LocalBlobBackend:

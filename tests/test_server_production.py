@@ -301,6 +301,37 @@ def _value(samples: dict, name: str, **labels: str) -> float:  # type: ignore[ty
     return samples.get((name, tuple(sorted(labels.items()))), 0.0)
 
 
+def test_presigned_download_urls_are_reused_for_a_tenth_of_their_lifetime(registry: SharedRegistry,
+                                                                          tmp_path: Path) -> None:
+    """A fleet reading one dataset asks for the same URLs over and over: S3 presigning (0.2 ms
+    CPU each) is done once per blob per 30 s, and the lifetime told to the client is what the
+    reused URL has left at worst."""
+    import time
+
+    import requests
+
+    from tests.util import upload_bytes
+
+    if registry.backend != "postgres-s3":
+        pytest.skip("presigned URLs are the S3 backend's")
+    user, key = registry.new_user("sign")
+    store = make_store(registry.server.url, key)
+    md5s = [upload_bytes(store, user, b"blob %d" % i, tmp_path) for i in range(3)]
+    url = f"{registry.server.url}/api/v1/entities/{user}/blobs/urls"
+    headers = {"Authorization": f"Bearer {key}"}
+    first = requests.post(url, json={"md5s": md5s}, headers=headers, timeout=10).json()
+    time.sleep(1.1)  # a fresh presign now would carry another X-Amz-Date
+    again = requests.post(url, json={"md5s": md5s}, headers=headers, timeout=10).json()
+    ttl = registry.factory.url_ttl
+    assert first["expires_in"] == again["expires_in"] == ttl - ttl // 10
+    assert again["urls"] == first["urls"] and sorted(first["urls"]) == sorted(md5s)
+    single = requests.get(f"{registry.server.url}/api/v1/entities/{user}/blobs/{md5s[0]}/url",
+                          headers=headers, timeout=10).json()
+    assert single["url"] == first["urls"][md5s[0]] and single["expires_in"] == ttl - ttl // 10
+    assert requests.get(single["url"], timeout=10).content == b"blob 0"
+    store.close()
+
+
 def test_metrics_count_requests_by_route_commits_and_refusals(registry: SharedRegistry, tmp_path: Path) -> None:
     import requests
 
@@ -446,6 +477,34 @@ def _statements(engine):  # type: ignore[no-untyped-def]
 
     sa.event.listen(engine, "before_cursor_execute", record)
     return seen, lambda: sa.event.remove(engine, "before_cursor_execute", record)
+
+
+def test_resolve_and_list_versions_cost_three_queries_and_errors_still_name_what_is_missing(local_store,  # type: ignore[no-untyped-def]
+                                                                                           tmp_path: Path) -> None:
+    """The calls a fleet of mounts makes most (bench/load): the collection in one joined query,
+    its versions in one, their aliases and tags in one (was 3 + 1 + 2)."""
+    from client.errors import NotFoundError
+    from tests.util import commit_files
+
+    commit_files(local_store, tmp_path, {"a": b"1"}, aliases=("best",), tags=("t1",))
+    commit_files(local_store, tmp_path, {"a": b"2"})
+    reg = local_store.registry
+    seen, stop = _statements(reg.engine)
+    best = reg.resolve("ent", "proj", "ds", "best")
+    resolve_count = len(seen)
+    versions = reg.list_versions("ent", "proj", "ds")
+    stop()
+    assert best.version == "v0" and sorted(best.aliases) == ["best"] and list(best.tags) == ["t1"]
+    assert [(v.version, sorted(v.aliases)) for v in versions] == [("v0", ["best"]), ("v1", ["latest"])]
+    queries = [q for q in seen if not q.startswith("BEGIN")]
+    assert resolve_count - 1 == 3 and len(queries) == 6, queries
+    for args, message in [(("nope", "proj", "ds"), "entity 'nope' not found"),
+                          (("ent", "nope", "ds"), "project ent/nope not found"),
+                          (("ent", "proj", "nope"), "collection ent/proj/nope not found")]:
+        with pytest.raises(NotFoundError, match=message):
+            reg.resolve(*args, "latest")
+        with pytest.raises(NotFoundError, match=message):
+            reg.list_versions(*args)
 
 
 def test_listing_collections_costs_the_same_queries_for_3_or_40_collections(local_store, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

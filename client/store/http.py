@@ -84,13 +84,19 @@ class PartBudget:
 
 # -- wire format (shared with server/app.py) -------------------------------------------------
 def record_to_json(record: Any) -> dict[str, Any]:
-    """A Version/Collection/Run record as JSON-safe data (datetimes as ISO 8601)."""
-    out = dataclasses.asdict(record)
-    for k, v in out.items():
+    """A Version/Collection/Run record as JSON-safe data (datetimes as ISO 8601).
+
+    Shallow: nested values (metadata, config) are shared with the record, not deep-copied as
+    ``dataclasses.asdict`` would (that copy was most of the server's CPU for a project listing);
+    the result is for serialising, not for changing."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(record):
+        v = getattr(record, f.name)
         if isinstance(v, _dt.datetime):
-            out[k] = v.isoformat()
+            v = v.isoformat()
         elif isinstance(v, tuple):
-            out[k] = list(v)
+            v = list(v)
+        out[f.name] = v
     return out
 
 
