@@ -170,11 +170,19 @@ def test_bars_move_by_bytes_on_a_terminal_and_stay_quiet_on_a_pipe(tmp_path: Pat
     data = make_tree(src, files)
     env = env_for(url, key, tmp_path)
 
-    status, out = run_in_pty(["log", str(src), "--name", "alice/p/bars", "--type", "dataset"], env, tmp_path)
+    proxy.rate = 4 << 20  # 4 MiB/s per connection: the 8 MiB file takes 2 s to upload
+    try:
+        status, out = run_in_pty(["log", str(src), "--name", "alice/p/bars", "--type", "dataset"],
+                                 env_for(proxy.url, key, tmp_path), tmp_path)
+    finally:
+        proxy.rate = None
     assert status == 0, out
     hashed = frames(out, "hash")
     assert hashed, f"no hashing bar on a terminal:\n{out!r}"
     assert {total for _, _, total, _ in hashed} == {"14.0M"}  # the tree's bytes, not its file count
+    sent = frames(out, "upload")
+    assert {total for _, _, total, _ in sent} == {"14.0M"}
+    assert len({done for pct, done, _, _ in sent if 0 < pct < 100}) >= 3, f"upload bar did not move:\n{out!r}"
 
     proxy.rate = 2 << 20  # 2 MiB/s per connection
     try:
