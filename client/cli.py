@@ -258,7 +258,7 @@ def log_cmd(directory: Path, name: str, type_: str, aliases: tuple[str, ...], ta
     from .artifact import Artifact
     from .live_run import init
 
-    progress.install_sigint_handler()
+    click.get_current_context().call_on_close(progress.install_sigint_handler())
     path = _parse(name)
     if path.selector:
         raise click.BadParameter("give the collection without ':' (use --alias to name the version)", param_hint="--name")
@@ -306,7 +306,7 @@ def get_cmd(name: str, dest: Path | None, path_prefix: str | None, skip_cache: b
     from . import progress
     from .api import Api
 
-    progress.install_sigint_handler()
+    click.get_current_context().call_on_close(progress.install_sigint_handler())
     path = _parse(name)
     _existing_store()
     art = Api().artifact(str(path) if path.selector else f"{path}:latest")

@@ -31,6 +31,7 @@ MIN_BAR_BYTES = 4 << 20
 #: is stuck in a network call (its temp file is then left in a temp directory, never at a final path)
 HARD_EXIT_SECONDS = 1.5
 INTERRUPT_MESSAGE = "artifactfs: interrupted; complete files are kept, run the same command again to resume"
+PLAIN_INTERRUPT_MESSAGE = "artifactfs: interrupted"
 
 INTERRUPTED = threading.Event()
 
@@ -113,10 +114,12 @@ class EntryMeter:
         self.meter = meter
         self.size = size
         self.counted = 0
+        self._lock = threading.Lock()  # the parts of one large download arrive on several threads
 
     def __call__(self, n: int) -> None:
-        n = max(0, min(n, self.size - self.counted))
-        self.counted += n
+        with self._lock:
+            n = max(0, min(n, self.size - self.counted))
+            self.counted += n
         self.meter.add(n)
 
     def finish(self) -> None:
@@ -185,11 +188,12 @@ _printed = threading.Event()
 
 
 def say_interrupted() -> None:
-    """Print the one-line interruption message (once per process)."""
+    """Print the one-line interruption message (once per process): the resume hint when a
+    transfer was stopped, a plain one for other commands."""
     if not _printed.is_set():
         _printed.set()
         with contextlib.suppress(Exception):
-            sys.stderr.write(INTERRUPT_MESSAGE + "\n")
+            sys.stderr.write((INTERRUPT_MESSAGE if INTERRUPTED.is_set() else PLAIN_INTERRUPT_MESSAGE) + "\n")
             sys.stderr.flush()
 
 
@@ -209,7 +213,9 @@ def _on_sigint(signum: int, frame: FrameType | None) -> None:
 
 
 def install_sigint_handler() -> Callable[[], None]:
-    """Make SIGINT stop transfers within :data:`HARD_EXIT_SECONDS`; returns the undo.
+    """Make SIGINT stop transfers within :data:`HARD_EXIT_SECONDS`; returns the undo, which
+    puts the previous handler back (an in-process caller, e.g. a test's CliRunner, gets its
+    own Ctrl-C back).  After a Ctrl-C the hard-exit timer keeps running: the command exits.
 
     Only in the main thread (signal handlers can only be set there); elsewhere a no-op.
     """

@@ -131,6 +131,9 @@ def check_mountpoint(mp: Path, allow_non_empty: bool) -> None:
 @click.option("--log-file", type=click.Path(dir_okay=False), default=None,
               help="Rotating daemon log (10 MiB x 3) [default: <cache>/logs/mount-<path>.log; stderr with -f].")
 @click.option("--log-level", type=click.Choice(LOG_LEVELS, case_sensitive=False), default="info", show_default=True)
+@click.option("--auto-unmount", is_flag=True,
+              help="If the daemon dies (even by SIGKILL), the mount goes away instead of answering "
+                   "ENOTCONN (FUSE's auto_unmount, via fusermount3; also: -o auto_unmount).")
 @click.option("--allow-non-empty", is_flag=True, help="Mount over a directory that holds files (they are hidden meanwhile).")
 @click.option("--lazy-connect", is_flag=True,
               help="Do not check the store before mounting (boot ordering); errors then show up as EIO.")
@@ -146,7 +149,7 @@ def check_mountpoint(mp: Path, allow_non_empty: bool) -> None:
 def mount_command(mountpoint: str, store: str | None, cache_dir: str | None, cache_size: int | None,
                   alias_ttl: float, attr_timeout: float, read_only: bool, fuse_opts: tuple[str, ...],
                   uid: int | None, gid: int | None, file_mode: int, dir_mode: int, allow_other: bool,
-                  allow_root: bool, log_file: str | None, log_level: str, allow_non_empty: bool,
+                  allow_root: bool, log_file: str | None, log_level: str, auto_unmount: bool, allow_non_empty: bool,
                   lazy_connect: bool, foreground: bool, debug: bool, no_commit: bool = False,
                   metrics_port: int | None = None, metrics_address: str = "127.0.0.1",
                   metrics_file: str | None = None) -> None:
@@ -177,6 +180,8 @@ def mount_command(mountpoint: str, store: str | None, cache_dir: str | None, cac
     read_only = read_only or "ro" in passthrough
     allow_other = allow_other or "allow_other" in passthrough
     passthrough = [o for o in passthrough if o not in ("ro", "rw", "allow_other")]
+    if auto_unmount and "auto_unmount" not in passthrough:
+        passthrough.append("auto_unmount")
     cache_root = Path(cache_dir or settings.cache_dir())
     if log_file is None and not foreground:
         log_file = str(cache_root / "logs" / f"mount-{str(mp).strip('/').replace('/', '_')}.log")

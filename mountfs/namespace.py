@@ -488,8 +488,11 @@ class Namespace:
             raise
 
     def _lookup_version(self, parent: Node, name: str) -> Node:
-        if self.drafts is not None and self.drafts.is_draft_name(name):
-            return self.drafts.lookup(self, parent, name)
+        if self.drafts is not None:
+            # ``ds@draft`` reaches the draft ``ds:draft`` too (made only as ``ds:draft``)
+            spelled = name if ":" in name else ":".join(name.rpartition(COLON_FREE_SEP)[::2])
+            if self.drafts.is_draft_name(spelled):
+                return self.drafts.lookup(self, parent, spelled)
         collection, sep, selector = name.rpartition(":")
         if not sep:  # the colon-free spelling <collection>@<version or alias> (rsync, tar, PYTHONPATH)
             collection, sep, selector = name.rpartition(COLON_FREE_SEP)

@@ -7,6 +7,7 @@ a working directory the test controls, and mounts for real where a mount is invo
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import subprocess
 import sys
@@ -470,6 +471,37 @@ def test_colon_free_spelling_works_with_rsync_tar_and_pythonpath(tmp_path: Path,
         os.chdir(tmp_path)
 
 
+@requires_fuse
+def test_colon_free_spelling_reaches_drafts(tmp_path: Path, store_with_data: Path, mountpoints: list[Path]) -> None:
+    mp = tmp_path / "mnt"
+    mp.mkdir()
+    mountpoints.append(mp)
+    assert cli("mount", str(mp), "--store", str(store_with_data), "--cache-dir", str(tmp_path / "c"),
+               cwd=tmp_path).returncode == 0
+    proj = mp / "alice" / "proj"
+    (proj / "ds:draft").mkdir()  # drafts are made with the colon, as before
+    os.chdir(proj)
+    try:
+        (Path("ds@draft") / "sub").mkdir()
+        Path("ds@draft/sub/new.py").write_text("VALUE = 7\n")  # written through the colon-free name
+        assert (proj / "ds:draft" / "sub" / "new.py").read_text() == "VALUE = 7\n"
+        out = tmp_path / "out"
+        r = subprocess.run(["rsync", "-a", "ds@draft/", str(out)], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        assert (out / "a.txt").read_text() == "A" and (out / "sub" / "new.py").read_text() == "VALUE = 7\n"
+        r = subprocess.run(["tar", "-cf", str(tmp_path / "d.tar"), "ds@draft/sub"], capture_output=True, text=True,
+                           timeout=60)
+        assert r.returncode == 0, r.stderr
+        r = subprocess.run([sys.executable, "-c", "import new; print(new.VALUE)"],
+                           env={**os.environ, "PYTHONPATH": str(proj / "ds@draft" / "sub")},
+                           capture_output=True, text=True, timeout=60)
+        assert r.stdout.strip() == "7", r.stderr
+        assert sorted(os.listdir(".")) == ["ds:draft", "ds:latest", "ds:v0"]  # not listed twice
+        assert not os.path.exists("ds@draft-nope")
+    finally:
+        os.chdir(tmp_path)
+
+
 # -- item 10: small CLI items --------------------------------------------------------------------------
 
 def test_ls_header_plurals_aliases_type_and_json(tmp_path: Path) -> None:
@@ -595,3 +627,52 @@ def test_mount_log_names_the_file_of_a_corrupt_cache_object(tmp_path: Path, moun
     lines = [ln for ln in log_file.read_text().splitlines() if md5 in ln]
     assert lines, log_file.read_text()
     assert all("alice/proj/ds:v0/sub/a.bin" in ln for ln in lines), lines
+
+
+# -- item 5: --auto-unmount ---------------------------------------------------------------------
+
+def _gone(pid: int) -> bool:
+    """The process has exited (reaped, or a zombie whose files are closed)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+def _in_proc_mounts(mp: Path) -> bool:
+    return any(line.split()[1] == str(mp) for line in Path("/proc/mounts").read_text().splitlines())
+
+
+@requires_fuse
+@pytest.mark.parametrize("auto", [True, False])
+def test_auto_unmount_removes_the_mount_when_the_daemon_is_killed(tmp_path: Path, store_with_data: Path,
+                                                                   mountpoints: list[Path], auto: bool) -> None:
+    import re
+    import signal
+
+    mp = tmp_path / "mnt"
+    mp.mkdir()
+    mountpoints.append(mp)
+    res = cli("mount", str(mp), "--store", str(store_with_data), "--cache-dir", str(tmp_path / "cache"),
+              *(["--auto-unmount"] if auto else []), cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert (mp / "alice" / "proj" / "ds:v0" / "a.txt").read_text() == "A"
+    pid = int(re.search(r"daemon pid (\d+)", res.stdout)[1])  # type: ignore[index]
+    os.kill(pid, signal.SIGKILL)
+    # bounds on the waits, not timed assertions: under load the kernel may take seconds to
+    # release a killed daemon's /dev/fuse (fusermount3 unmounts once it is released)
+    deadline = time.monotonic() + 60
+    while not _gone(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _gone(pid)
+    while auto and _in_proc_mounts(mp) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if auto:
+        assert not _in_proc_mounts(mp)
+        assert mp.is_dir() and list(mp.iterdir()) == []  # the plain directory again
+    else:  # without it the dead mount stays behind, answering ENOTCONN (the troubleshooting case)
+        assert _in_proc_mounts(mp)
+        with pytest.raises(OSError) as err:
+            os.listdir(mp)
+        assert err.value.errno == errno.ENOTCONN
+        subprocess.run(["fusermount3", "-uz", str(mp)], capture_output=True)

@@ -170,11 +170,19 @@ def test_bars_move_by_bytes_on_a_terminal_and_stay_quiet_on_a_pipe(tmp_path: Pat
     data = make_tree(src, files)
     env = env_for(url, key, tmp_path)
 
-    status, out = run_in_pty(["log", str(src), "--name", "alice/p/bars", "--type", "dataset"], env, tmp_path)
+    proxy.rate = 4 << 20  # 4 MiB/s per connection: the 8 MiB file takes 2 s to upload
+    try:
+        status, out = run_in_pty(["log", str(src), "--name", "alice/p/bars", "--type", "dataset"],
+                                 env_for(proxy.url, key, tmp_path), tmp_path)
+    finally:
+        proxy.rate = None
     assert status == 0, out
     hashed = frames(out, "hash")
     assert hashed, f"no hashing bar on a terminal:\n{out!r}"
     assert {total for _, _, total, _ in hashed} == {"14.0M"}  # the tree's bytes, not its file count
+    sent = frames(out, "upload")
+    assert {total for _, _, total, _ in sent} == {"14.0M"}
+    assert len({done for pct, done, _, _ in sent if 0 < pct < 100}) >= 3, f"upload bar did not move:\n{out!r}"
 
     proxy.rate = 2 << 20  # 2 MiB/s per connection
     try:
@@ -290,3 +298,23 @@ def test_ctrl_c_stops_log_at_once_and_a_rerun_uploads_only_the_rest(tmp_path: Pa
     sent, had = int(m[1]), int(m[2])
     assert sent + had == COUNT and had > 0, res.stdout
     assert sent_bytes <= sent * SMALL + (512 << 10), sent_bytes
+
+
+def test_ctrl_c_stops_log_with_large_uploads_in_flight(tmp_path: Path, server: tuple) -> None:
+    proxy, _url, key = server
+    src = tmp_path / "src"
+    make_tree(src, {f"big{i}.bin": BIG for i in range(8)})  # 8 workers: all of them in flight at once
+    env = env_for(proxy.url, key, tmp_path)
+    proxy.rate = 128 << 10  # each 2 MiB PUT would take 16 s
+    try:
+        before = proxy.counts()[0]
+        proc = subprocess.Popen([str(EXE), "log", str(src), "--name", "alice/p/biglog", "--type", "dataset"],
+                                env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        elapsed, err = interrupt_when(proc, lambda: proxy.counts()[0] - before > (512 << 10), "log, large files")
+    finally:
+        proxy.rate = None
+    assert proc.returncode == 130, err
+    assert len(err.strip().splitlines()) == 1 and "interrupted" in err, err
+    assert elapsed < 10, f"log took {elapsed:.1f} s to stop after SIGINT"
+    res = run(["ls", "alice/p/biglog"], env, tmp_path)
+    assert res.returncode == 3, (res.stdout, res.stderr)  # nothing was committed
