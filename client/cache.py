@@ -49,6 +49,7 @@ import hashlib
 import logging
 import os
 import shutil
+import sqlite3
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -290,13 +291,23 @@ class Cache:
                 return None
             self.index.put(key, size, time.time_ns())
             return PartialHold(self, key, lock)
+        except (OSError, sqlite3.Error) as exc:  # a full disk (SQLITE_FULL) or a broken index: no room
+            log.warning("could not count partial object %s in the cache: %s", md5_hex, exc)
+            lock.release()
+            return None
         except BaseException:
             lock.release()
             raise
 
     def forget_partial(self, md5_hex: str) -> None:
-        """The partial object's files are gone (promoted, or given up): stop counting it."""
-        self.index.remove(PARTIAL_KEY + md5_hex)
+        """The partial object's files are gone (promoted, or given up): stop counting it.
+
+        On a full disk the row may stay (SQLite needs room to delete): an over-count, which
+        eviction (the row has no files) or ``prune`` clears later."""
+        try:
+            self.index.remove(PARTIAL_KEY + md5_hex)
+        except (OSError, sqlite3.Error) as exc:
+            log.warning("could not uncount partial object %s: %s", md5_hex, exc)
 
     def _unlink_partial(self, md5_hex: str) -> bool:
         found = False

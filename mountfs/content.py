@@ -48,6 +48,7 @@ from pathlib import Path
 from cachetools import LRUCache
 
 from client.blockmap import BlockMap, BlockMismatchError
+from client.errors import ArtifactFSError
 from client.cache import Cache, PartialHold, has_verified_marker, set_verified_marker
 from client.store.base import Store
 
@@ -728,7 +729,9 @@ class ContentReader:
             wanted = [ref.md5] + [m for _, m, _ in self._siblings(ref) if m != ref.md5 and not known(ref.entity, m)]
             retrying(lambda: batch(ref.entity, wanted[:SIBLING_BATCH]), None, self.config, self._io,
                      f"download URLs for {ref.path}")
-        except FetchError as exc:  # the file's own read asks for its URL (and reports the failure)
+        except FetchError:
+            raise  # the server is unreachable: this read fails now, within one bound, not two
+        except ArtifactFSError as exc:  # refused (a permission, say): the file's own read decides
             log.info("could not sign URLs for the siblings of %s: %s", ref.path, exc)
         finally:
             if mine:

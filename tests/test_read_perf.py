@@ -264,3 +264,52 @@ def test_partial_objects_count_in_the_cache_bound(local_store, tmp_path: Path) -
     assert _disk_bytes(cache.root) <= bound
     assert cache.lookup(ma, len(a)) is not None  # the first one is cached; the second was streamed
     assert cache.info().bytes <= bound
+
+
+# -- SDK download of a fully cached artifact --------------------------------------------------
+
+def _blob_routes(url: str) -> dict[str, float]:
+    """Requests the server answered so far on blob routes, by route template (its /metrics)."""
+    import requests
+
+    out: dict[str, float] = {}
+    for line in requests.get(url + "/metrics", timeout=10).text.splitlines():
+        if line.startswith("artifactfs_http_requests_total{") and "/blobs" in line:
+            route = line.split('route="', 1)[1].split('"', 1)[0]
+            out[route] = out.get(route, 0.0) + float(line.rsplit(" ", 1)[1])
+    return out
+
+
+def test_download_of_a_fully_cached_artifact_asks_the_store_for_no_blob(registry, tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    import client
+    from client import live_run as run_mod
+
+    team = registry.new_team("cached")
+    _, key = registry.new_user("dl", teams=(team,))
+    src = tmp_path / "src"
+    (src / "d").mkdir(parents=True)
+    files = {f"d/{i:02d}.bin": os.urandom(2000 + i) for i in range(30)}
+    for name, data in files.items():
+        (src / name).write_bytes(data)
+    run_mod._reset_for_tests()
+    monkeypatch.setenv("ARTIFACTFS_STORE", registry.server.url)
+    monkeypatch.setenv("ARTIFACTFS_API_KEY", key)
+    monkeypatch.setenv("ARTIFACTFS_CACHE_DIR", str(tmp_path / "cache"))
+    try:
+        with client.init(entity=team, project="proj", job_type="prep") as run:
+            art = client.Artifact("data", type="dataset")
+            art.add_dir(str(src))
+            run.log_artifact(art)
+        with client.init(entity=team, project="proj", job_type="train") as run:
+            got = run.use_artifact("data:latest")
+            got.download(str(tmp_path / "out1"))  # logging cached every object already
+            before = _blob_routes(registry.server.url)
+            root = Path(got.download(str(tmp_path / "out2")))
+            after = _blob_routes(registry.server.url)
+    finally:
+        run_mod._reset_for_tests()
+    for name, data in files.items():
+        assert (root / name).read_bytes() == data
+    # Before: one POST /blobs/urls signing all 30 (one per 2,000 files) although nothing was fetched.
+    assert {r: after[r] - before.get(r, 0.0) for r in after if after[r] != before.get(r, 0.0)} == {}
