@@ -49,6 +49,7 @@ import hashlib
 import logging
 import os
 import shutil
+import sqlite3
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -115,6 +116,24 @@ def _check_key(md5_hex: str) -> str:
     if not is_md5_hex(md5_hex):
         raise InvalidNameError(f"cache key must be an md5 hex digest (32 lowercase hex digits), got {md5_hex!r}")
     return md5_hex
+
+
+#: index rows of the mount's partial objects are keyed ``partial/<md5>`` (see begin_partial)
+PARTIAL_KEY = "partial/"
+
+
+@dataclass
+class PartialHold:
+    """A partial object counted in the bound and held (not evictable) until released."""
+
+    cache: "Cache"
+    key: str
+    lock: "_KeyLock | None"
+
+    def release(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
 
 
 @dataclass(frozen=True)
@@ -242,7 +261,61 @@ class Cache:
         return self.objects_dir / md5_hex[:2] / md5_hex[2:]
 
     def _lock(self, md5_hex: str) -> _KeyLock:
+        if md5_hex.startswith(PARTIAL_KEY):
+            return _KeyLock(self.locks_dir / "partial" / md5_hex[len(PARTIAL_KEY):])
         return _KeyLock(self.locks_dir / md5_hex[:2] / md5_hex[2:])
+
+    # -- partial objects (the mount's sparse files) count in the bound ------------------------
+    def begin_partial(self, md5_hex: str, size: int) -> PartialHold | None:
+        """Count a partial object under ``partial/`` in the size bound, making room for it.
+
+        It is counted at its full size from the start (a reservation: the sparse file grows to
+        that), so the whole cache directory stays under ``max_bytes`` however many partial
+        objects are being filled.  Returns the hold to release when the object is closed
+        (eviction skips a held partial; an unheld one, resumable later, may be evicted), or
+        None when even after eviction there is no room: the caller then streams the object
+        without caching it.
+        """
+        _check_key(md5_hex)
+        key = PARTIAL_KEY + md5_hex
+        lock = self._lock(key)
+        if not lock.acquire(blocking=False):
+            return PartialHold(self, key, None)  # another process fills it and counts it
+        try:
+            counted = (self.partial_dir / f"{md5_hex}.part").exists() and self.index.has(key)
+            needed = 0 if counted else size
+            self.evict(needed)
+            _, total = self.index.totals()
+            if total + needed > self.max_bytes:
+                lock.release()
+                return None
+            self.index.put(key, size, time.time_ns())
+            return PartialHold(self, key, lock)
+        except (OSError, sqlite3.Error) as exc:  # a full disk (SQLITE_FULL) or a broken index: no room
+            log.warning("could not count partial object %s in the cache: %s", md5_hex, exc)
+            lock.release()
+            return None
+        except BaseException:
+            lock.release()
+            raise
+
+    def forget_partial(self, md5_hex: str) -> None:
+        """The partial object's files are gone (promoted, or given up): stop counting it.
+
+        On a full disk the row may stay (SQLite needs room to delete): an over-count, which
+        eviction (the row has no files) or ``prune`` clears later."""
+        try:
+            self.index.remove(PARTIAL_KEY + md5_hex)
+        except (OSError, sqlite3.Error) as exc:
+            log.warning("could not uncount partial object %s: %s", md5_hex, exc)
+
+    def _unlink_partial(self, md5_hex: str) -> bool:
+        found = False
+        for suffix in (".part", ".bits"):
+            with contextlib.suppress(FileNotFoundError):
+                (self.partial_dir / f"{md5_hex}{suffix}").unlink()
+                found = True
+        return found
 
     def _tmp(self, md5_hex: str) -> Path:
         fd, name = tempfile.mkstemp(prefix=f"{md5_hex}.", suffix=".incomplete", dir=self.tmp_dir)
@@ -440,11 +513,14 @@ class Cache:
             if fsync:
                 with open(path, "rb") as f:
                     os.fsync(f.fileno())
-            return self._install(md5_hex, path, mark=fsync)
+            dest = self._install(md5_hex, path, mark=fsync)
         except OSError as e:
             if e.errno != errno.EXDEV:
                 raise
-            return self.add_file(md5_hex, path, move=True)
+            dest = self.add_file(md5_hex, path, move=True)
+        if path.parent == self.partial_dir:  # a promoted partial object: counted as an object now
+            self.forget_partial(md5_hex)
+        return dest
 
     def fetch(self, md5_hex: str, size: int, fill: Callable[[BinaryIO], None]) -> Path:
         """Return the object, calling ``fill(file)`` to produce it on a miss.
@@ -504,6 +580,13 @@ class Cache:
                     key = shard.name + e.name
                     if is_md5_hex(key):
                         out.append((key, st.st_size, max(st.st_atime_ns, st.st_mtime_ns)))
+        with contextlib.suppress(FileNotFoundError), os.scandir(self.partial_dir) as it:
+            for e in it:  # partial objects count at their full (sparse) size, as begin_partial does
+                md5, dot, suffix = e.name.partition(".")
+                if suffix == "part" and is_md5_hex(md5):
+                    with contextlib.suppress(FileNotFoundError):
+                        st = e.stat(follow_symlinks=False)
+                        out.append((PARTIAL_KEY + md5, st.st_size, st.st_mtime_ns))
         return out
 
     def evict(self, needed: int = 0, max_bytes: int | None = None) -> int:
@@ -527,12 +610,16 @@ class Cache:
                     skipped += 1
                     continue
                 try:
-                    try:
-                        self.path(key).unlink()
-                    except FileNotFoundError:
-                        pass  # a row left by a crash: it only needs to go
+                    if key.startswith(PARTIAL_KEY):  # an unheld partial object (resumable, not in use)
+                        if self._unlink_partial(key[len(PARTIAL_KEY):]):
+                            freed += size
                     else:
-                        freed += size
+                        try:
+                            self.path(key).unlink()
+                        except FileNotFoundError:
+                            pass  # a row left by a crash: it only needs to go
+                        else:
+                            freed += size
                     self.index.remove(key)
                     total -= size
                 finally:

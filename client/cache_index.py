@@ -107,6 +107,10 @@ class CacheIndex:
             c.execute("INSERT INTO objects VALUES (?, ?, ?) ON CONFLICT (key) DO UPDATE"
                       " SET size = excluded.size, stamp = excluded.stamp", (key, size, stamp_ns))
 
+    def has(self, key: str) -> bool:
+        with self._db() as c:
+            return c.execute("SELECT 1 FROM objects WHERE key = ?", (key,)).fetchone() is not None
+
     def remove(self, key: str) -> None:
         with self._db() as c:
             c.execute("DELETE FROM objects WHERE key = ?", (key,))

@@ -484,7 +484,11 @@ def download_entries(store: Store, entity: str, entries: list[ManifestEntry], de
 
     prefetch = getattr(store, "prefetch_urls", None)
     if prefetch is not None:  # one call for many download URLs instead of one per file
-        prefetch(entity, [b64_to_hex(e.digest) for e in entries if e.ref is None])
+        # only for what the cache lacks: a fully cached artifact asks the store for no blob
+        wanted = [md5 for md5, size in ((b64_to_hex(e.digest), e.size or 0) for e in entries if e.ref is None)
+                  if cache is None or cache.lookup(md5, size) is None]
+        if wanted:
+            prefetch(entity, wanted)
     # symbolic links after every file: no file of this download is written through a link it made
     links = [e for e in entries if e.symlink_target is not None]
     files = [e for e in entries if e.symlink_target is None]

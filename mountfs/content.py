@@ -53,8 +53,8 @@ from typing import NoReturn
 from cachetools import LRUCache
 
 from client.blockmap import BlockMap, BlockMismatchError
-from client.cache import Cache, has_verified_marker, set_verified_marker
-from client.errors import DigestMismatchError, NotFoundError, PermissionDeniedError
+from client.cache import Cache, PartialHold, has_verified_marker, set_verified_marker
+from client.errors import ArtifactFSError, DigestMismatchError, NotFoundError, PermissionDeniedError
 from client.store.base import Store
 
 from .fetch import (BlockReader, EvictedBlockError, FetchConfig, FetchError, MiB, PartialFile, ReadaheadWindow,
@@ -162,6 +162,90 @@ def _same_file(a: os.stat_result, b: os.stat_result) -> bool:
     return (a.st_dev, a.st_ino, a.st_size, a.st_mtime_ns) == (b.st_dev, b.st_ino, b.st_size, b.st_mtime_ns)
 
 
+class SiblingPrefetch:
+    """Small files fetched ahead of a reader that walks a directory (bounded).
+
+    A directory counts as walked when a small file is read after one listed before it.  Then
+    the next ``AHEAD`` small siblings are fetched (``PARALLEL`` at a time, each md5-checked and
+    installed into the cache like any small object); a reader that opens one of them gets its
+    bytes from here (waiting for a fetch in flight) instead of a second request.  Each sibling
+    is considered once per walk; at most ``KEEP`` fetched objects wait in memory for their reader.
+    """
+
+    AHEAD = 16
+    PARALLEL = 8
+    MAX_SIZE = 512 << 10  #: larger siblings are not fetched ahead
+    KEEP = 64
+
+    def __init__(self, content: "ContentReader") -> None:
+        self.content = content
+        self._lock = threading.Lock()
+        #: directory -> (last row id read, last row id considered for prefetch)
+        self._walks: LRUCache[tuple[str, int], tuple[int, int]] = LRUCache(maxsize=256)
+        self._ahead: LRUCache[str, Future[bytes]] = LRUCache(maxsize=self.KEEP)
+        self._inflight = 0
+        self.fetched = 0  #: objects fetched ahead of a reader (stats)
+        self._pool = ThreadPoolExecutor(self.PARALLEL, thread_name_prefix="artifactfs-ahead")
+
+    def shutdown(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)  # small fetches: let running ones land
+
+    def take(self, md5: str, wait: bool = True) -> bytes | None:
+        """The verified bytes of ``md5`` if it was fetched ahead (``wait``: for a fetch in flight)."""
+        with self._lock:
+            fut = self._ahead.get(md5)
+            if fut is None or not (wait or fut.done()):
+                return None
+            del self._ahead[md5]
+            if fut.cancel():  # not started yet: the reader is quicker fetching it itself
+                self._inflight -= 1
+                return None
+        try:
+            return fut.result(timeout=self.content.config.timeout)
+        except Exception:  # noqa: BLE001 - the reader fetches it itself (and reports a failure)
+            return None
+
+    def advance(self, ref: FileRef) -> None:
+        """``ref`` (a small file) was just read: when that walks its directory, fetch ahead."""
+        if ref.directory is None:
+            return
+        key, row = ref.directory[:2], ref.directory[2]
+        with self._lock:
+            last, seen = self._walks.get(key, (row, row))
+            self._walks[key] = (row, max(seen, row))
+            if row <= last or self._inflight >= self.PARALLEL:
+                return  # not (yet) a forward walk, or enough in flight
+        content = self.content
+        top = seen  #: the last sibling dealt with (fetched, cached, or not worth fetching)
+        for rid, md5, size in content._siblings(ref, limit=self.AHEAD + 1):
+            if rid <= seen or md5 == ref.md5:
+                continue
+            if size <= self.MAX_SIZE and content.cache.lookup(md5, size) is None:
+                with self._lock:
+                    if self._inflight >= self.PARALLEL:
+                        break  # the next read continues from here
+                    if md5 not in self._ahead:
+                        self._inflight += 1
+                        self._ahead[md5] = self._pool.submit(self._fetch, ref.entity, md5, size)
+            top = rid
+        with self._lock:
+            last_now, seen_now = self._walks.get(key, (row, row))
+            self._walks[key] = (last_now, max(top, seen_now))
+
+    def _fetch(self, entity: str, md5: str, size: int) -> bytes:
+        try:
+            data = self.content.fetch_range(entity, md5, 0, size)
+            if hashlib.md5(data, usedforsecurity=False).hexdigest() != md5:
+                raise FetchError(f"the store returned wrong bytes for {md5}")
+            self.content._install_later(md5, data)
+            with self._lock:
+                self.fetched += 1
+            return data
+        finally:
+            with self._lock:
+                self._inflight -= 1
+
+
 class _Object:
     """One md5's content while at least one file handle has it open."""
 
@@ -172,6 +256,7 @@ class _Object:
         self.fd: int | None = None  #: complete, verified object
         self.data: bytes | None = None  #: a small object's verified bytes (installed in the background)
         self.partial: PartialFile | None = None
+        self.partial_hold: PartialHold | None = None  #: counts the partial file in the cache bound
         self.blob: BlobBlocks | None = None  #: a local store blob served in place
         self.blob_stat: os.stat_result | None = None
         self.bad = False  #: the blob hashed to something else: every read fails
@@ -203,6 +288,9 @@ class _Object:
         for old in self.retired:
             with contextlib.suppress(OSError):
                 old.abandon() if isinstance(old, PartialFile) else old.close()
+        if self.partial_hold is not None:
+            self.partial_hold.release()  # an incomplete partial stays counted, now evictable
+            self.partial_hold = None
         self.partial = self.reader = self.blob = None
         self.retired = []
         self.data = None
@@ -232,7 +320,7 @@ class ContentReader:
         self._bad: LRUCache[str, tuple] = LRUCache(maxsize=10_000)
         self._maps: LRUCache[tuple[str, str], BlockMap | None] = LRUCache(maxsize=10_000)
         #: the namespace's ``directory_files``: siblings of an open file, for batched requests
-        self.directory_files: Callable[[str, tuple[str, int]], list[tuple[str, int]]] | None = None
+        self.directory_files: Callable[[str, tuple[str, int, int], int], list[tuple[int, str, int]]] | None = None
         self.store_requests = 0  #: ranged store requests issued (including retries)
         self.reference_requests = 0  #: ranged requests to reference sources (including retries)
         self._identities = RefIdentities(cache.root / "refs")
@@ -240,6 +328,8 @@ class ContentReader:
         self.blockmap_requests = 0  #: block map look-ups (once per large blob and daemon)
         self.verify_failures = 0  #: blocks or objects that failed verification
         self._installer = ThreadPoolExecutor(4, thread_name_prefix="artifactfs-install")
+        self._url_batches: dict[tuple[str, int], threading.Event] = {}
+        self._walker = SiblingPrefetch(self)
         self._pending_cv = threading.Condition()
         self._pending_bytes = 0
         self._added = 0
@@ -248,7 +338,8 @@ class ContentReader:
         with self._lock:
             return {"store_requests": self.store_requests, "reference_requests": self.reference_requests,
                     "open_objects": len(self._objects),
-                    "blockmap_requests": self.blockmap_requests, "verify_failures": self.verify_failures}
+                    "blockmap_requests": self.blockmap_requests, "verify_failures": self.verify_failures,
+                    "prefetched": self._walker.fetched}
 
     # -- verification ------------------------------------------------------------------
     def blockmap(self, ref: FileRef) -> BlockMap | None:
@@ -272,9 +363,12 @@ class ContentReader:
             if source is not None:
                 # The maps of every large sibling not known yet come along in the same request:
                 # opening N large files of one directory costs one request, not N.
-                wanted = [ref.md5] + [m for m, size in self._siblings(ref)
+                siblings = self._siblings(ref, from_start=True)
+                if len(siblings) >= SIBLING_BATCH and ref.md5 not in {m for _, m, _ in siblings}:
+                    siblings = self._siblings(ref)  # a huge directory: the files from this one on
+                wanted = [ref.md5] + [m for _, m, size in siblings
                                       if size > self.config.small_object and (ref.entity, m) not in self._maps
-                                      and m != ref.md5][:SIBLING_BATCH]
+                                      and m != ref.md5][:SIBLING_BATCH - 1]
 
                 def call() -> dict[str, BlockMap]:
                     with self._lock:
@@ -294,12 +388,15 @@ class ContentReader:
             self._failed(ref, f"the manifest says {ref.size} bytes, the blob has {bm.size}")
         return bm
 
-    def _siblings(self, ref: FileRef) -> list[tuple[str, int]]:
-        """(md5, size) of the files next to ``ref`` (the namespace's hook), [] without one."""
+    def _siblings(self, ref: FileRef, *, from_start: bool = False,
+                  limit: int = SIBLING_BATCH) -> list[tuple[int, str, int]]:
+        """(row id, md5, size) of the files of ``ref``'s directory from ``ref`` on (or from the
+        directory's start), in listing order: the namespace's hook; [] without one."""
         if self.directory_files is None or ref.directory is None:
             return []
+        manifest_md5, dir_id, entry_id = ref.directory
         try:
-            return self.directory_files(ref.entity, ref.directory)
+            return self.directory_files(ref.entity, (manifest_md5, dir_id, 0 if from_start else entry_id), limit)
         except Exception as exc:  # noqa: BLE001 - only an optimisation: the file itself still works
             log.debug("no siblings for %s: %s", ref.path, exc)
             return []
@@ -648,13 +745,18 @@ class ContentReader:
             for leftover in (partial.path, partial.bits_path):
                 with contextlib.suppress(FileNotFoundError):
                     leftover.unlink()
-            blocks = StreamBlocks(bm, max(_STREAM_WINDOW, 2 * cfg.readahead_max) // cfg.block_size)
+            self.cache.forget_partial(ref.md5)
             obj.partial, obj.source = None, "stream"
-            obj.reader = BlockReader(
-                ref.size, self._fetcher(ref),
-                blocks, block_size=cfg.block_size, max_request=cfg.max_request, executor=self._executor)
+            obj.reader = self._stream_reader(ref, bm)
         log.warning("%s: still no room in the cache: streaming it (verified per block, not cached)",
                     ref.where)
+
+    def _stream_reader(self, ref: FileRef, bm: BlockMap) -> BlockReader:
+        """Blocks through a small verified in-memory window, never cached (no room for it)."""
+        cfg = self.config
+        blocks = StreamBlocks(bm, max(_STREAM_WINDOW, 2 * cfg.readahead_max) // cfg.block_size)
+        return BlockReader(ref.size, self._fetcher(ref), blocks, block_size=cfg.block_size,
+                           max_request=cfg.max_request, executor=self._executor)
 
     def _prepare(self, obj: _Object) -> None:
         """Give ``obj`` its content source: bytes, a complete object's fd, or a block reader."""
@@ -665,6 +767,11 @@ class ContentReader:
         if obj.data is None and obj.fd is None and obj.reader is None:
             self._resolve_identity(obj)
             ref = obj.ref
+            ahead = self._walker.take(ref.md5, wait=not local_only) if ref.size <= self.config.small_object else None
+            if ahead is not None:  # fetched and checked ahead of this reader (a directory walk)
+                obj.data = ahead
+                self._walker.advance(ref)
+                return
             if not obj.skip_cache and self._open_complete(obj, local_only):
                 self.metrics.cache_hits.inc()
                 return
@@ -677,6 +784,7 @@ class ContentReader:
             if local_only:
                 return
             self.metrics.cache_misses.inc()  # fetched from the store below
+            self._batch_urls(ref)
             if ref.size <= self.config.small_object:
                 # One request for the whole object, checked before a byte is served; the
                 # reader gets it from memory while the cache write (fsync) happens behind it.
@@ -689,11 +797,18 @@ class ContentReader:
                 obj.data = data
                 self._install_later(actual, data)
                 self._fetched_whole(ref, actual)
+                self._walker.advance(ref)
                 return
             bm = self.blockmap(ref)
             name = ref.md5 if ref.source is None else f"ref-{ref.source.identity}"
-            if not (self.cache.partial_dir / f"{name}.part").exists():
-                self.cache.evict(ref.size)  # make room once, when a new large object starts
+            # counted in the cache bound; a reference's partial is not (it is never resumed and
+            # is dropped at its last close unless promoted, see ref_source)
+            hold = self.cache.begin_partial(name, ref.size) if ref.source is None else None
+            if hold is None and bm is not None:
+                log.info("%s: no room in the cache beside the objects in use: streaming it", ref.where)
+                obj.source, obj.reader = "stream", self._stream_reader(ref, bm)
+                return
+            obj.partial_hold = hold  # None: no room and no map to stream it verified; cached anyway
             trusted = ref.source is not None and ref.source.trust_blocks  # pinned reads: see ref_source
             obj.partial = (PinnedPartialFile if trusted else PartialFile)(
                 self.cache.partial_dir, name, ref.size, self.config.block_size, blockmap=bm)
@@ -706,6 +821,36 @@ class ContentReader:
                 streamer=self._streamer(ref), max_stream=self.config.max_stream)
             if obj.partial.complete() and not obj.whole_pending:  # resumed a fully fetched partial
                 self._schedule_promotion(obj)
+
+    def _batch_urls(self, ref: FileRef) -> None:
+        """A store that signs download URLs (HttpStore) signs this file's and its next siblings'
+        in one request, so a cold directory walk costs no signing round trip per file."""
+        known = getattr(self.store, "url_known", None)
+        batch = getattr(self.store, "prefetch_urls", None)
+        if ref.source is not None or known is None or batch is None or known(ref.entity, ref.md5):
+            return
+        key = ref.directory[:2] if ref.directory is not None else (ref.md5, 0)
+        with self._lock:
+            found = self._url_batches.get(key)
+            mine = found is None
+            running = self._url_batches[key] = threading.Event() if found is None else found
+        if not mine:  # another reader is signing this directory: use its answer
+            running.wait(self.config.timeout)
+            if known(ref.entity, ref.md5):
+                return
+        try:
+            wanted = [ref.md5] + [m for _, m, _ in self._siblings(ref) if m != ref.md5 and not known(ref.entity, m)]
+            retrying(lambda: batch(ref.entity, wanted[:SIBLING_BATCH]), None, self.config, self._io,
+                     f"download URLs for {ref.path}")
+        except FetchError:
+            raise  # the server is unreachable: this read fails now, within one bound, not two
+        except ArtifactFSError as exc:  # refused (a permission, say): the file's own read decides
+            log.info("could not sign URLs for the siblings of %s: %s", ref.path, exc)
+        finally:
+            if mine:
+                with self._lock:
+                    self._url_batches.pop(key, None)
+                running.set()
 
     def _streamer(self, ref: FileRef) -> Streamer | None:
         """Streamed readahead for this blob when the store can stream ranged reads (a
@@ -936,8 +1081,11 @@ class ContentReader:
                     return
                 path = self._blob_path(obj.ref)
                 if actual != obj.ref.md5:
-                    log.error("%s: the store's blob %s hashes to %s: refusing to serve it",
-                              obj.ref.where, obj.ref.md5, actual)
+                    bs = blob.block_size
+                    bad = [i for i in range(blob.nblocks) if not blob.blockmap.check(i, os.pread(blob.fd, bs, i * bs))]
+                    log.error("%s: the store's blob %s hashes to %s (%s failed verification): refusing to serve it",
+                              obj.ref.where, obj.ref.md5, actual,
+                              ", ".join(f"block {i}" for i in bad[:8]) or "no single block")
                     obj.bad = True
                     if path is not None:
                         self._bad[str(path)] = _stat_key(obj.ref.md5, st)
@@ -962,6 +1110,7 @@ class ContentReader:
             log.warning("could not cache %s: %s", md5, exc)
 
     def shutdown(self) -> None:
+        self._walker.shutdown()  # before the installer: a fetch ahead ends with an install
         self._installer.shutdown(wait=True)  # small installs are quick: let them land
         self._executor.shutdown(wait=False, cancel_futures=True)
         self._io.shutdown(wait=False, cancel_futures=True)

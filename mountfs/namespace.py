@@ -161,9 +161,10 @@ class FileRef:
     version: str  #: qualified name, e.g. ``ent/proj/data:v3`` (for messages and logs)
     path: str
     source: RefSource | None = None  #: a reference entry: where its bytes are and what was recorded
-    #: (manifest md5, directory row id) of the directory holding it, for batched look-ups of
-    #: its siblings (:meth:`Namespace.directory_files`); None when not opened from a version
-    directory: tuple[str, int] | None = field(default=None, compare=False)
+    #: (manifest md5, directory row id, its own row id): where it sits in its version, for
+    #: batched look-ups of its siblings (:meth:`Namespace.directory_files`); None when not
+    #: opened from a version (or a reference)
+    directory: tuple[str, int, int] | None = field(default=None, compare=False)
 
     @property
     def where(self) -> str:
@@ -674,27 +675,28 @@ class Namespace:
             raise OSError(errno.ENOTSUP, f"{entry.name} has no md5 digest; its content is not in the store")
         ref = FileRef(entity, source.key if source else str(entry.md5), entry.size,
                       version.qualified_name, self.path_of(node), source,
-                      directory=None if entry.ref is not None else (version.manifest_md5, entry.parent))
+                      directory=None if entry.ref is not None else (version.manifest_md5, entry.parent, entry.id))
         with self._lock:
             fh = self._next_fh
             self._next_fh += 1
             self._file_handles[fh] = ref
         return fh, ref
 
-    def directory_files(self, entity: str, directory: tuple[str, int],
-                        limit: int = SIBLING_BATCH) -> list[tuple[str, int]]:
-        """(md5, size) of the stored files in one version directory, in listing order, at most
-        ``limit``: the content layer batches block maps and URLs of siblings with it.  Runs in
-        a worker thread (the index is open already: its file was just opened)."""
-        manifest_md5, dir_id = directory
+    def directory_files(self, entity: str, directory: tuple[str, int, int],
+                        limit: int = SIBLING_BATCH) -> list[tuple[int, str, int]]:
+        """(row id, md5, size) of the stored files of one version directory, in listing order,
+        from row ``directory[2]`` on (the opened file itself first), at most ``limit``: the
+        content layer batches block maps and URLs of siblings, and prefetches ahead of a
+        reader walking the directory.  Runs in a worker thread (the index is open already)."""
+        manifest_md5, dir_id, first = directory
         index = self.indexes.get(entity, manifest_md5)
-        out: list[tuple[str, int]] = []
-        after = 0
+        out: list[tuple[int, str, int]] = []
+        after = first - 1
         while len(out) < limit:
             page = index.children(dir_id, after, min(512, limit))
             if not page:
                 break
-            out.extend((e.md5, e.size) for e in page if not e.is_dir and e.md5 is not None and e.ref is None)
+            out.extend((e.id, e.md5, e.size) for e in page if not e.is_dir and e.md5 is not None and e.ref is None)
             after = page[-1].id
         return out[:limit]
 

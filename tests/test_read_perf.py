@@ -195,3 +195,122 @@ def test_opening_n_large_files_of_a_directory_costs_one_block_map_request(local_
     assert _open_read(ns, cr, "ent/proj/ds:v0/other/big.bin", 5) == files["other/big.bin"][5:5 + 4 * KiB]
     assert len(store.blockmap_calls) == 2  # another directory: its own batch
     cr.shutdown()
+
+
+def _listing(ns, path: str) -> list[str]:
+    fh = ns.opendir(ns.walk(path).inode)
+    try:
+        return [name for _, name, _ in ns.readdir_page(fh, 0, 10_000)]
+    finally:
+        ns.releasedir(fh)
+
+
+def test_cold_small_files_over_the_server_sign_urls_in_batches_and_prefetch(registry, tmp_path: Path) -> None:
+    user, key = registry.new_user("small")
+    files = {f"shard/{i:03d}.bin": os.urandom(10 * KiB + i) for i in range(40)}
+    writer = make_store(registry.server.url, key)
+    reader = make_store(registry.server.url, key)
+    ns, cr = _mounted_world(reader, tmp_path, files, entity=user)
+    root = f"{user}/proj/ds:v0/shard"
+    names = _listing(ns, root)  # builds the index (the manifest download is not counted below)
+    seen = _count_http(reader)
+    for name in names:  # a reader walking the directory, one file after the other
+        assert _open_read(ns, cr, f"{root}/{name}", 0, 64 * KiB) == files[f"shard/{name}"]
+    cr.shutdown()  # lets background prefetches and cache installs finish
+    md5s = {md5_bytes(d) for d in files.values()}
+    per_file_urls = [p for m, p, _ in seen if p.endswith("/url") and p.split("/")[-2] in md5s]
+    batches = [p for m, p, _ in seen if p.endswith("/blobs/urls")]
+    data_gets = [p for m, p, r in seen if m == "GET" and not p.startswith("/api/")]
+    # Before: one signed-URL request per file (40) next to its GET.  Now one batch signs the
+    # directory, every file costs one GET of its bytes and none is fetched twice.
+    assert per_file_urls == [] and len(batches) == 1, seen
+    assert len(data_gets) == len(files), seen
+    assert cr.stats()["prefetched"] > 0  # walking the directory fetched ahead of the reader
+    writer.close()
+    reader.close()
+
+
+# -- the cache bound covers partial objects -----------------------------------------------------
+
+def _disk_bytes(root: Path) -> int:
+    """Allocated bytes of the cache's objects and partial objects (what the bound is about)."""
+    total = 0
+    for sub in ("objects", "partial"):
+        for p in (root / sub).rglob("*"):
+            if p.is_file():
+                total += p.stat().st_blocks * 512
+    return total
+
+
+def test_partial_objects_count_in_the_cache_bound(local_store, tmp_path: Path) -> None:
+    bound = 10 * MiB
+    a, b = _big(6) + b"a", _big(6) + b"b"
+    ma, mb = upload_bytes(local_store, "ent", a, tmp_path), upload_bytes(local_store, "ent", b, tmp_path)
+    cache = Cache(tmp_path / "cache", max_bytes=bound)
+    cr = ContentReader(CountingStore(local_store), cache, FetchConfig(local_blobs=False))
+    ha = cr.open(FileRef("ent", ma, len(a), "v", "a"))
+    hb = cr.open(FileRef("ent", mb, len(b), "v", "b"))
+    assert cr.read(ha, 0, 4 * KiB) == a[:4 * KiB]  # a partial object of 6 MiB begins
+    assert cr.read(hb, 0, 4 * KiB) == b[:4 * KiB]  # no room for a second one beside it
+    assert cache.info().bytes <= bound  # the partial object is counted
+    for h, data in ((ha, a), (hb, b)):
+        out = bytearray()
+        for off in range(0, len(data), MiB):
+            out += cr.read(h, off, MiB)
+        assert bytes(out) == data
+    cr.close(ha)
+    cr.close(hb)
+    cr.shutdown()
+    # Before: both were fetched into partial objects and promoted, 12 MiB in a 10 MiB cache.
+    assert _disk_bytes(cache.root) <= bound
+    assert cache.lookup(ma, len(a)) is not None  # the first one is cached; the second was streamed
+    assert cache.info().bytes <= bound
+
+
+# -- SDK download of a fully cached artifact --------------------------------------------------
+
+def _blob_routes(url: str) -> dict[str, float]:
+    """Requests the server answered so far on blob routes, by route template (its /metrics)."""
+    import requests
+
+    out: dict[str, float] = {}
+    for line in requests.get(url + "/metrics", timeout=10).text.splitlines():
+        if line.startswith("artifactfs_http_requests_total{") and "/blobs" in line:
+            route = line.split('route="', 1)[1].split('"', 1)[0]
+            out[route] = out.get(route, 0.0) + float(line.rsplit(" ", 1)[1])
+    return out
+
+
+def test_download_of_a_fully_cached_artifact_asks_the_store_for_no_blob(registry, tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    import client
+    from client import live_run as run_mod
+
+    team = registry.new_team("cached")
+    _, key = registry.new_user("dl", teams=(team,))
+    src = tmp_path / "src"
+    (src / "d").mkdir(parents=True)
+    files = {f"d/{i:02d}.bin": os.urandom(2000 + i) for i in range(30)}
+    for name, data in files.items():
+        (src / name).write_bytes(data)
+    run_mod._reset_for_tests()
+    monkeypatch.setenv("ARTIFACTFS_STORE", registry.server.url)
+    monkeypatch.setenv("ARTIFACTFS_API_KEY", key)
+    monkeypatch.setenv("ARTIFACTFS_CACHE_DIR", str(tmp_path / "cache"))
+    try:
+        with client.init(entity=team, project="proj", job_type="prep") as run:
+            art = client.Artifact("data", type="dataset")
+            art.add_dir(str(src))
+            run.log_artifact(art)
+        with client.init(entity=team, project="proj", job_type="train") as run:
+            got = run.use_artifact("data:latest")
+            got.download(str(tmp_path / "out1"))  # logging cached every object already
+            before = _blob_routes(registry.server.url)
+            root = Path(got.download(str(tmp_path / "out2")))
+            after = _blob_routes(registry.server.url)
+    finally:
+        run_mod._reset_for_tests()
+    for name, data in files.items():
+        assert (root / name).read_bytes() == data
+    # Before: one POST /blobs/urls signing all 30 (one per 2,000 files) although nothing was fetched.
+    assert {r: after[r] - before.get(r, 0.0) for r in after if after[r] != before.get(r, 0.0)} == {}

@@ -193,12 +193,12 @@ class Registry:
         for i in range(0, len(ids), _BLOB_BATCH):
             chunk = ids[i:i + _BLOB_BATCH]
             # aliases and tags in one round trip (kind 0: alias, 1: tag)
-            q = sa.union_all(
+            names_q = sa.union_all(
                 sa.select(t.aliases.c.version_id, sa.literal(0).label("kind"), t.aliases.c.alias.label("name"))
                 .where(t.aliases.c.version_id.in_(chunk)),
                 sa.select(t.version_tags.c.version_id, sa.literal(1), t.version_tags.c.tag)
                 .where(t.version_tags.c.version_id.in_(chunk)))
-            for vid, kind, name in conn.execute(q):
+            for vid, kind, name in conn.execute(names_q):
                 (tag_map if kind else alias_map)[vid].append(name)
         run_paths: dict[int, str] = {}
         run_pks = {r.run_pk for r in rows if r.run_pk is not None}

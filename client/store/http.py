@@ -667,6 +667,12 @@ class HttpStore:
         size = None if out.get("size") is None else int(out["size"])
         return self._remember_url(entity, md5_hex, out["url"], float(out["expires_in"]), size), size
 
+    def url_known(self, entity: str, md5_hex: str) -> bool:
+        """Whether a fresh download URL for the blob is cached (no request needed to read it)."""
+        with self._urls_lock:
+            hit = self._urls.get((entity, md5_hex))
+        return hit is not None and hit[1] > time.monotonic()
+
     def prefetch_urls(self, entity: str, md5_hexes: Iterable[str]) -> None:
         """Fetch download URLs for many blobs in a few calls (before reading many small files,
         so each read is one GET straight to the object store)."""
