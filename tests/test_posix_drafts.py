@@ -119,6 +119,13 @@ def test_copy_in_with_symlinks_hardlinks_exec_commits_and_reads_back(mnt, tool: 
     assert res["state"] == "created", res
     vdir = m.path / PROJ / f"links-{tool}:v0"
     check_linked_tree(vdir, version=True)
+    # the draft goes on from the version with its links; a draft made from the version has them too
+    check_linked_tree(draft, version=False)
+    assert os.stat(draft / "data.txt").st_nlink == 2 and commit(draft)["state"] == "noop"
+    again = m.path / PROJ / f"links-{tool}:draft-again"
+    again.mkdir()
+    check_linked_tree(again, version=False)
+    assert commit(again)["state"] == "noop"
     # downloads recreate symlinks and the executable bit
     import client
 
