@@ -536,12 +536,41 @@ def test_concurrent_commits_from_two_managers(tmp_path: Path, local_store: Local
     for th in threads:
         th.join()
     assert sorted(r.index for r in results) == [1, 2] and all(r.state == "created" for r in results)
-    for i, r in enumerate(results):
-        m = manifest_of(local_store, local_store.resolve("ent", "proj", "ds", f"v{r.index}"))
-        assert set(m) == {"shared.txt"} | {f"m{i}/{j}.txt" for j in range(20)}
+    first, second = sorted(range(2), key=lambda i: results[i].index)
+    m = manifest_of(local_store, local_store.resolve("ent", "proj", "ds", "v1"))
+    assert set(m) == {"shared.txt"} | {f"m{first}/{j}.txt" for j in range(20)}
+    # the later commit is merged onto the earlier one, whether it saw it at its start or only
+    # at the registry commit (expect_latest refused it, and it was planned again)
+    m = manifest_of(local_store, local_store.resolve("ent", "proj", "ds", "v2"))
+    assert set(m) == {"shared.txt"} | {f"m{i}/{j}.txt" for i in range(2) for j in range(20)}
+    assert results[second].merged_onto == "ent/proj/ds:v1"
     for m in managers:
         m.store.close()
         m.close()
+
+
+def test_a_commit_racing_another_is_merged_not_lost(env, local_store: LocalStore, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another writer commits between this commit's plan and its registry commit (the
+    fault-injection point): the registry refuses the stale plan and it is merged again."""
+    commit_files(local_store, tmp_path, {"shared.txt": b"base"})
+    mgr, _ = env
+    d = mgr.create("ent", "proj", "ds:draft")
+    put(d.tree, "mine.txt", b"mine")
+    raced: list[int] = []
+
+    def race(name: str) -> None:
+        if name == "before_store_commit" and not raced:
+            rec, _ = commit_files(local_store, tmp_path, {"shared.txt": b"base", "theirs.txt": b"theirs"})
+            raced.append(rec.index)
+
+    monkeypatch.setattr(draft_commit, "_checkpoint", race)
+    res = mgr.commit(d)
+    assert raced == [1] and res.state == "created" and res.index == 2, res
+    assert res.merged_onto == "ent/proj/ds:v1"
+    m = manifest_of(local_store, local_store.resolve("ent", "proj", "ds", "latest"))
+    assert set(m) == {"shared.txt", "mine.txt", "theirs.txt"}
+    assert get(d.tree, "theirs.txt") == b"theirs"  # the draft now shows the merged version
 
 
 def test_nowait_paths_give_up_without_changing_anything(env, local_store: LocalStore, tmp_path: Path) -> None:
