@@ -793,7 +793,8 @@ class DraftTree:
             c.execute("DELETE FROM nodes WHERE id = ?", (heir[0],))
             c.execute("UPDATE nodes SET parent = ?, name = ?, ctime_ns = ? WHERE id = ?", (heir[1], heir[2], now, nid))
         elif self._open.get(nid, 0) > 0:
-            c.execute("UPDATE nodes SET parent = NULL, name = ?, ctime_ns = ? WHERE id = ?", (f"orphan-{nid}", now, nid))
+            c.execute("UPDATE nodes SET parent = NULL, name = ?, ctime_ns = ? WHERE id = ?",
+                      (f"orphan-{nid}", now, nid))
         else:
             c.execute("DELETE FROM nodes WHERE id = ?", (nid,))
             self._forget_fd(nid)
@@ -858,6 +859,8 @@ class DraftTree:
                 return
             if src[3] and self._is_ancestor(src[0], parent_new):
                 raise _err(errno.EINVAL, "cannot move a directory into itself")
+            if src[11] is not None and parent_new == ROOT_ID and name_new in CONTROL_NAMES:
+                raise _err(errno.EPERM, f"a hard link cannot become {name_new}")
             node = self._target(src)
             dst = self._child(parent_new, name_new)
             if dst is not None:

@@ -514,6 +514,48 @@ def test_drafts_survive_restart(env, tmp_path: Path) -> None:
     again.close()
 
 
+def test_links_and_times_survive_restart_and_old_drafts_gain_the_columns(env, tmp_path: Path) -> None:
+    """Hard links, symbolic links and ctime are in the draft db; a draft made before they were
+    (no atime/ctime/link_to columns) opens and takes links."""
+    import sqlite3
+
+    mgr, _ = env
+    d = mgr.create("ent", "proj", "ds:draft")
+    put(d.tree, "f", b"data")
+    f = walk(d.tree, "f").id
+    d.tree.link(f, ROOT_ID, "g")
+    d.tree.symlink(ROOT_ID, "l", "f")
+    d.tree.setattr(f, atime_ns=5, mtime_ns=7)
+    before = d.tree.getattr(f)
+    old = DraftManager(tmp_path / "old-drafts", mgr.store, mgr.cache)
+    o = old.create("ent", "proj", "ds:draft")
+    put(o.tree, "kept", b"k")
+    mgr.close()
+    old.close()
+    cols = "id, parent, name, is_dir, mode, size, mtime_ns, staged, digest, entry"
+    with sqlite3.connect(o.root / "draft.db") as db:  # the schema of drafts made before links
+        db.executescript(f"""
+            CREATE TABLE old AS SELECT {cols} FROM nodes; DROP TABLE nodes;
+            CREATE TABLE nodes (id INTEGER PRIMARY KEY, parent INTEGER, name TEXT NOT NULL,
+                is_dir INTEGER NOT NULL, mode INTEGER NOT NULL, size INTEGER NOT NULL,
+                mtime_ns INTEGER NOT NULL, staged INTEGER NOT NULL DEFAULT 0, digest TEXT, entry TEXT);
+            CREATE UNIQUE INDEX nodes_by_name ON nodes(parent, name);
+            INSERT INTO nodes ({cols}) SELECT {cols} FROM old; DROP TABLE old;""")
+    again = DraftManager(mgr.root, mgr.store, mgr.cache)
+    d = again.get("ent", "proj", "ds:draft")
+    a = d.tree.getattr(f)
+    assert (a.nlink, a.atime_ns, a.mtime_ns, a.ctime_ns) == (2, 5, 7, before.ctime_ns)
+    assert d.tree.lookup(ROOT_ID, "g").id == f and get(d.tree, "g") == b"data"
+    assert d.tree.readlink(d.tree.lookup(ROOT_ID, "l").id) == "f"
+    again.close()
+    reopened = DraftManager(tmp_path / "old-drafts", mgr.store, mgr.cache)
+    o = reopened.get("ent", "proj", "ds:draft")
+    kept = walk(o.tree, "kept").id
+    o.tree.link(kept, ROOT_ID, "kept2")
+    assert get(o.tree, "kept2") == b"k" and o.tree.getattr(kept).nlink == 2
+    reopened.close()
+
+
 # -- two mounts, one collection ------------------------------------------------------------------------
 def test_concurrent_commits_from_two_managers(tmp_path: Path, local_store: LocalStore) -> None:
     commit_files(local_store, tmp_path, {"shared.txt": b"base"})
