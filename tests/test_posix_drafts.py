@@ -172,7 +172,8 @@ EXCLUDED = {
     "mknod-sock": "sockets: EPERM",
     "open-o_tmpfile": "pyfuse3 3.5 has no tmpfile operation: EOPNOTSUPP",
     "chown-changes-owner": "owners are not kept (a manifest has none); chown succeeds and sets ctime only",
-    "sticky-dir-allow-other": "permission checks need a second user under --allow-other; the suite runs as root",
+    "sticky-dir-allow-other": "the kernel checks modes (default_permissions); that needs a second, unprivileged "
+                              "user under --allow-other, and the suite runs as root",
 }
 RESULTS = {"passed": 0, "excluded": 0}
 CASES: list[tuple[str, Callable[..., None], object]] = []
