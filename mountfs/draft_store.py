@@ -22,6 +22,12 @@ Why this shape:
   (``synchronous=NORMAL`` in WAL: survives the death of the process; ``fsync``/``fsyncdir`` and
   commits force a full sync, so they also survive power loss).  ``sync_metadata=True`` syncs
   every transaction.
+* A row is a directory entry.  A hard link is a row naming another node (``link_to``): every
+  lookup follows it, so both names give one inode, and unlinking the node's own name hands that
+  name over to a further one.  A symbolic link is a base-like row of type ``S_IFLNK`` whose
+  target is kept as its entry's ``extra.symlink`` (its digest is the md5 of the target).
+  Times: atime/ctime columns (NULL: mtime, for drafts made before they existed); a staged
+  file's ctime is at least its data file's, so writes move it without a transaction.
 * Hash while writing: a staged file written strictly sequentially from offset 0 (or copied up
   and then appended to) keeps a running md5, so committing it does not read it again.  Any
   other write pattern drops the running hash; the commit re-hashes that file.
