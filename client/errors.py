@@ -98,6 +98,11 @@ class ConflictError(ArtifactFSError, ValueError):
     http_status = 409
 
 
+class LatestMovedError(ConflictError):
+    """A commit's precondition failed: ``latest`` is no longer the version it was made against
+    (``CommitRequest.expect_latest``); re-read ``latest`` and commit again."""
+
+
 class DigestMismatchError(ArtifactFSError, ValueError):
     """Bytes whose md5 differs from the digest they were declared or recorded with."""
 

@@ -25,9 +25,10 @@ is dropped and the commit is retried (``DraftManager.recover_commits``) or left 
 
 Concurrency: the draft's lock is held for the whole commit, so FUSE operations on *this* draft
 wait (other drafts do not).  When ``latest`` moved past the draft's base, the draft's changes
-are merged onto it (:func:`three_way`; conflicts make no version).  The registry has no
-compare-and-swap on ``latest``: two commits racing between their ``latest`` check and the
-registry commit are both made from the same ``latest``.
+are merged onto it (:func:`three_way`; conflicts make no version).  Races are closed by a
+check-and-set on ``latest``: the registry commit names the ``latest`` the plan was
+made against (``expect_latest``) and is refused with LatestMovedError if another commit moved
+it in between; the plan is then made again, merged onto the newer ``latest``.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ from typing import Any
 
 from client import names
 from client.cache import Cache
-from client.errors import ArtifactFSError, StoreUnavailableError
+from client.errors import ArtifactFSError, LatestMovedError, StoreUnavailableError
 from client.hashing import HashingWriter, b64_to_hex, md5_file
 from client.manifest import EXECUTABLE_KEY, DigestBuilder, ManifestEntry, iter_entries, write_manifest
 from client.errors import NotFoundError
@@ -57,6 +58,8 @@ from .draft_store import COMMIT_NAME, DraftTree
 log = logging.getLogger(__name__)
 
 INTENT = "commit-intent.json"
+#: commits made again when another commit moved ``latest`` between plan and registry commit
+LATEST_MOVED_ATTEMPTS = 5
 LINK_BLOBS = "link-blobs"  #: symbolic link targets as blobs, during a commit (removed after it)
 DEFAULT_TYPE = "dataset"
 _WORKERS = 8
@@ -488,7 +491,21 @@ def commit_draft(draft: Draft, store: Store, cache: Cache, options: CommitOption
 
     No lost updates: when ``latest`` is no longer the draft's base, the draft's changes
     relative to its base are applied onto ``latest`` (:func:`three_way`); on a conflict no
-    version is made and the draft is left as it is."""
+    version is made and the draft is left as it is.  The registry commit carries the
+    ``latest`` the plan was made against (``CommitRequest.expect_latest``); if another commit
+    moved it in between, the plan is made again on the newer ``latest`` (a few times)."""
+    for attempt in range(1, LATEST_MOVED_ATTEMPTS + 1):
+        try:
+            return _commit_once(draft, store, cache, options)
+        except LatestMovedError:
+            if attempt == LATEST_MOVED_ATTEMPTS:
+                raise
+            log.info("%r: latest moved during the commit; merging onto the newer latest (attempt %d)",
+                     draft, attempt + 1)
+    raise AssertionError("unreachable")
+
+
+def _commit_once(draft: Draft, store: Store, cache: Cache, options: CommitOptions) -> CommitResult:
     tree = draft.tree
     _hash_staged(tree)
     plan = _build(draft)
@@ -529,7 +546,8 @@ def commit_draft(draft: Draft, store: Store, cache: Cache, options: CommitOption
             rec, created = store.commit(CommitRequest(
                 entity=draft.entity, project=draft.project, collection=draft.collection, type=typ,
                 manifest_md5=plan.manifest_md5, aliases=tuple(a for a in options.aliases if a != "latest"),
-                tags=options.tags, description=options.description, metadata=dict(options.metadata)))
+                tags=options.tags, description=options.description, metadata=dict(options.metadata),
+                expect_latest=latest.id if latest is not None else ""))
         except (StoreUnavailableError, OSError, TimeoutError):
             raise  # ambiguous (the server may have committed): keep the intent for resolve_intent
         except BaseException:

@@ -39,6 +39,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from client import names
+from client.errors import NotFoundError
 
 from .drafts import CommitOptions, CommitResult, Draft, DraftManager, StatFs, is_draft_name
 from .draft_store import ROOT_ID, STATUS_NAME, NodeAttr
@@ -136,7 +137,7 @@ class DraftFS:
         if start_id < 2:
             try:
                 out.append((2, "..", ns.node(node.parent)))
-            except (KeyError, OSError, LookupError):
+            except NotFoundError:  # the parent was forgotten meanwhile: its attributes are unknown
                 out.append((2, "..", node))
         rows = draft.tree.readdir(node.nid, max(start_id - 2, 0), limit)
         return out + [(a.row + 2, a.name, self._node(ns, node, draft, a)) for a in rows]

@@ -22,6 +22,12 @@ Why this shape:
   (``synchronous=NORMAL`` in WAL: survives the death of the process; ``fsync``/``fsyncdir`` and
   commits force a full sync, so they also survive power loss).  ``sync_metadata=True`` syncs
   every transaction.
+* A row is a directory entry.  A hard link is a row naming another node (``link_to``): every
+  lookup follows it, so both names give one inode, and unlinking the node's own name hands that
+  name over to a further one.  A symbolic link is a base-like row of type ``S_IFLNK`` whose
+  target is kept as its entry's ``extra.symlink`` (its digest is the md5 of the target).
+  Times: atime/ctime columns (NULL: mtime, for drafts made before they existed); a staged
+  file's ctime is at least its data file's, so writes move it without a transaction.
 * Hash while writing: a staged file written strictly sequentially from offset 0 (or copied up
   and then appended to) keeps a running md5, so committing it does not read it again.  Any
   other write pattern drops the running hash; the commit re-hashes that file.
@@ -799,7 +805,8 @@ class DraftTree:
             c.execute("DELETE FROM nodes WHERE id = ?", (heir[0],))
             c.execute("UPDATE nodes SET parent = ?, name = ?, ctime_ns = ? WHERE id = ?", (heir[1], heir[2], now, nid))
         elif self._open.get(nid, 0) > 0:
-            c.execute("UPDATE nodes SET parent = NULL, name = ?, ctime_ns = ? WHERE id = ?", (f"orphan-{nid}", now, nid))
+            c.execute("UPDATE nodes SET parent = NULL, name = ?, ctime_ns = ? WHERE id = ?",
+                      (f"orphan-{nid}", now, nid))
         else:
             c.execute("DELETE FROM nodes WHERE id = ?", (nid,))
             self._forget_fd(nid)
@@ -864,6 +871,8 @@ class DraftTree:
                 return
             if src[3] and self._is_ancestor(src[0], parent_new):
                 raise _err(errno.EINVAL, "cannot move a directory into itself")
+            if src[11] is not None and parent_new == ROOT_ID and name_new in CONTROL_NAMES:
+                raise _err(errno.EPERM, f"a hard link cannot become {name_new}")
             node = self._target(src)
             dst = self._child(parent_new, name_new)
             if dst is not None:

@@ -51,7 +51,7 @@ from cachetools import TTLCache
 from client import names
 from client.errors import NotFoundError
 from client.hashing import hex_to_b64
-from client.manifest import EXECUTABLE_KEY, symlink_target
+from client.manifest import EXECUTABLE_KEY, SYMLINK_KEY, symlink_target
 from client.store.base import Store, VersionRecord
 from client.transfer import ARTIFACT_REF_SCHEME, artifact_ref_entity
 
@@ -83,6 +83,10 @@ class NeedsIO(Exception):
     thread, so metadata-heavy tools (find, ls -lR) do not pay a thread hop per entry.  Every
     method raises it before mutating anything, so the retry is safe.
     """
+
+
+#: how the keys look in an index entry's ``extra`` JSON (a cheap test before parsing it)
+_SYMLINK_JSON, _EXECUTABLE_JSON = json.dumps(SYMLINK_KEY), json.dumps(EXECUTABLE_KEY)
 
 
 class Kind(enum.Enum):
@@ -547,7 +551,7 @@ class Namespace:
         """st_mode of a version file: a symbolic link (``extra.symlink``) is 0777 like any
         link; an executable (``extra.executable``) gets ``x`` wherever ``--file-mode`` has ``r``."""
         mode = self.config.file_mode
-        if entry.extra is not None and ('"symlink"' in entry.extra or '"executable"' in entry.extra):
+        if entry.extra is not None and (_SYMLINK_JSON in entry.extra or _EXECUTABLE_JSON in entry.extra):
             extra = json.loads(entry.extra)  # JSON text; most entries have none
             if symlink_target(extra) is not None:
                 return stat.S_IFLNK | 0o777

@@ -69,6 +69,7 @@ class CommitBody(BaseModel):
     metadata: dict[str, Any] = {}
     ttl_seconds: float | None | str = Field(default="inherit", description='seconds, null (no TTL) or "inherit"')
     run_id: str | None = None
+    expect_latest: str | None = Field(default=None, description='commit only if latest is this version id ("": none)')
 
 
 class UpdateBody(BaseModel):

@@ -514,6 +514,48 @@ def test_drafts_survive_restart(env, tmp_path: Path) -> None:
     again.close()
 
 
+def test_links_and_times_survive_restart_and_old_drafts_gain_the_columns(env, tmp_path: Path) -> None:
+    """Hard links, symbolic links and ctime are in the draft db; a draft made before they were
+    (no atime/ctime/link_to columns) opens and takes links."""
+    import sqlite3
+
+    mgr, _ = env
+    d = mgr.create("ent", "proj", "ds:draft")
+    put(d.tree, "f", b"data")
+    f = walk(d.tree, "f").id
+    d.tree.link(f, ROOT_ID, "g")
+    d.tree.symlink(ROOT_ID, "l", "f")
+    d.tree.setattr(f, atime_ns=5, mtime_ns=7)
+    before = d.tree.getattr(f)
+    old = DraftManager(tmp_path / "old-drafts", mgr.store, mgr.cache)
+    o = old.create("ent", "proj", "ds:draft")
+    put(o.tree, "kept", b"k")
+    mgr.close()
+    old.close()
+    cols = "id, parent, name, is_dir, mode, size, mtime_ns, staged, digest, entry"
+    with sqlite3.connect(o.root / "draft.db") as db:  # the schema of drafts made before links
+        db.executescript(f"""
+            CREATE TABLE old AS SELECT {cols} FROM nodes; DROP TABLE nodes;
+            CREATE TABLE nodes (id INTEGER PRIMARY KEY, parent INTEGER, name TEXT NOT NULL,
+                is_dir INTEGER NOT NULL, mode INTEGER NOT NULL, size INTEGER NOT NULL,
+                mtime_ns INTEGER NOT NULL, staged INTEGER NOT NULL DEFAULT 0, digest TEXT, entry TEXT);
+            CREATE UNIQUE INDEX nodes_by_name ON nodes(parent, name);
+            INSERT INTO nodes ({cols}) SELECT {cols} FROM old; DROP TABLE old;""")
+    again = DraftManager(mgr.root, mgr.store, mgr.cache)
+    d = again.get("ent", "proj", "ds:draft")
+    a = d.tree.getattr(f)
+    assert (a.nlink, a.atime_ns, a.mtime_ns, a.ctime_ns) == (2, 5, 7, before.ctime_ns)
+    assert d.tree.lookup(ROOT_ID, "g").id == f and get(d.tree, "g") == b"data"
+    assert d.tree.readlink(d.tree.lookup(ROOT_ID, "l").id) == "f"
+    again.close()
+    reopened = DraftManager(tmp_path / "old-drafts", mgr.store, mgr.cache)
+    o = reopened.get("ent", "proj", "ds:draft")
+    kept = walk(o.tree, "kept").id
+    o.tree.link(kept, ROOT_ID, "kept2")
+    assert get(o.tree, "kept2") == b"k" and o.tree.getattr(kept).nlink == 2
+    reopened.close()
+
+
 # -- two mounts, one collection ------------------------------------------------------------------------
 def test_concurrent_commits_from_two_managers(tmp_path: Path, local_store: LocalStore) -> None:
     commit_files(local_store, tmp_path, {"shared.txt": b"base"})
@@ -536,12 +578,41 @@ def test_concurrent_commits_from_two_managers(tmp_path: Path, local_store: Local
     for th in threads:
         th.join()
     assert sorted(r.index for r in results) == [1, 2] and all(r.state == "created" for r in results)
-    for i, r in enumerate(results):
-        m = manifest_of(local_store, local_store.resolve("ent", "proj", "ds", f"v{r.index}"))
-        assert set(m) == {"shared.txt"} | {f"m{i}/{j}.txt" for j in range(20)}
+    first, second = sorted(range(2), key=lambda i: results[i].index)
+    m = manifest_of(local_store, local_store.resolve("ent", "proj", "ds", "v1"))
+    assert set(m) == {"shared.txt"} | {f"m{first}/{j}.txt" for j in range(20)}
+    # the later commit is merged onto the earlier one, whether it saw it at its start or only
+    # at the registry commit (expect_latest refused it, and it was planned again)
+    m = manifest_of(local_store, local_store.resolve("ent", "proj", "ds", "v2"))
+    assert set(m) == {"shared.txt"} | {f"m{i}/{j}.txt" for i in range(2) for j in range(20)}
+    assert results[second].merged_onto == "ent/proj/ds:v1"
     for m in managers:
         m.store.close()
         m.close()
+
+
+def test_a_commit_racing_another_is_merged_not_lost(env, local_store: LocalStore, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another writer commits between this commit's plan and its registry commit (the
+    fault-injection point): the registry refuses the stale plan and it is merged again."""
+    commit_files(local_store, tmp_path, {"shared.txt": b"base"})
+    mgr, _ = env
+    d = mgr.create("ent", "proj", "ds:draft")
+    put(d.tree, "mine.txt", b"mine")
+    raced: list[int] = []
+
+    def race(name: str) -> None:
+        if name == "before_store_commit" and not raced:
+            rec, _ = commit_files(local_store, tmp_path, {"shared.txt": b"base", "theirs.txt": b"theirs"})
+            raced.append(rec.index)
+
+    monkeypatch.setattr(draft_commit, "_checkpoint", race)
+    res = mgr.commit(d)
+    assert raced == [1] and res.state == "created" and res.index == 2, res
+    assert res.merged_onto == "ent/proj/ds:v1"
+    m = manifest_of(local_store, local_store.resolve("ent", "proj", "ds", "latest"))
+    assert set(m) == {"shared.txt", "mine.txt", "theirs.txt"}
+    assert get(d.tree, "theirs.txt") == b"theirs"  # the draft now shows the merged version
 
 
 def test_nowait_paths_give_up_without_changing_anything(env, local_store: LocalStore, tmp_path: Path) -> None:

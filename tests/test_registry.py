@@ -254,3 +254,22 @@ def test_update_version_can_go_back_to_the_inherited_ttl(local_store, tmp_path):
     assert local_store.update_version(v0.id, ttl_seconds="inherit").ttl_seconds == 120.0
     assert local_store.update_version(v0.id, description="d").ttl_seconds == 120.0  # keep
     assert local_store.update_version(v0.id, ttl_seconds=None).ttl_seconds is None
+
+
+def test_commit_with_expect_latest_is_a_check_and_set(local_store, tmp_path):
+    """CommitRequest.expect_latest: the commit happens only while latest is the named version."""
+    from client.errors import LatestMovedError
+
+    with pytest.raises(LatestMovedError):  # "" = no version yet; a made-up id is not latest
+        commit_files(local_store, tmp_path, {"a": b"1"}, expect_latest="not-a-version")
+    v0, created = commit_files(local_store, tmp_path, {"a": b"1"}, expect_latest="")
+    assert created and v0.index == 0
+    with pytest.raises(LatestMovedError):
+        commit_files(local_store, tmp_path, {"a": b"2"}, expect_latest="")
+    v1, created = commit_files(local_store, tmp_path, {"a": b"2"}, expect_latest=v0.id)
+    assert created and v1.index == 1
+    with pytest.raises(LatestMovedError) as moved:  # a stale base: refused, nothing created
+        commit_files(local_store, tmp_path, {"a": b"3"}, expect_latest=v0.id)
+    assert isinstance(moved.value, ConflictError)
+    assert local_store.resolve("ent", "proj", "ds", "latest").id == v1.id
+    assert [v.index for v in local_store.list_versions("ent", "proj", "ds")] in ([0, 1], [1, 0])

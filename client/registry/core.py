@@ -25,7 +25,8 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
 
 from .. import names
-from ..errors import ConflictError, InvalidNameError, ManifestError, MissingBlobError, NotFoundError
+from ..errors import (ConflictError, InvalidNameError, LatestMovedError, ManifestError, MissingBlobError,
+                      NotFoundError)
 from ..hashing import b64_to_hex, is_md5_hex
 from ..blockmap import BlockMap
 from ..manifest import compute_digest, iter_entries
@@ -484,6 +485,9 @@ class Registry:
             latest = c.execute(sa.select(t.versions.c.id, t.versions.c.digest)
                                .join(t.aliases, t.aliases.c.version_id == t.versions.c.id)
                                .where(t.aliases.c.collection_id == col.id, t.aliases.c.alias == "latest")).first()
+            if req.expect_latest is not None and (latest.id if latest is not None else "") != req.expect_latest:
+                raise LatestMovedError(f"{req.entity}/{req.project}/{req.collection}: latest moved since this commit "
+                                       "was prepared; re-read it and commit again")
             if latest is not None and latest.digest == digest:
                 self._add_aliases(c, col.id, latest.id, user_aliases)
                 for tag in tags:

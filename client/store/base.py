@@ -134,6 +134,9 @@ class CommitRequest:
     #: seconds, None (no TTL even if the entity has a default) or "inherit" (the entity default)
     ttl_seconds: float | None | str = "inherit"
     run_id: str | None = None  #: logging run (same entity/project)
+    #: compare-and-swap on ``latest``: commit only if the collection's ``latest`` is the version
+    #: with this id ("" = the collection has no version yet), else LatestMovedError; None: no check
+    expect_latest: str | None = None
 
 
 @runtime_checkable
