@@ -1,11 +1,12 @@
-"""md5 digests in the two spellings W&B uses: base64 in manifests, hex for blob keys."""
+"""md5 digests in the two spellings W&B uses: base64 in manifests, hex for blob keys; the
+one place that hashes a file, an open descriptor or a stream of chunks."""
 
 from __future__ import annotations
 
 import base64
 import hashlib
 import os
-from pathlib import Path
+from collections.abc import Callable, Iterable
 from typing import IO
 
 CHUNK = 1 << 20
@@ -19,6 +20,33 @@ def md5_file(path: str | os.PathLike[str]) -> str:
         view = memoryview(buf)
         while n := f.readinto(buf):
             h.update(view[:n])
+    return h.hexdigest()
+
+
+def md5_fd(fd: int, size: int | None = None, also: Callable[[bytes], object] | None = None,
+           chunk: int = CHUNK) -> str:
+    """md5 hex of an open file's first ``size`` bytes (all of it when None), read with pread, so
+    the descriptor's offset is untouched.  ``also`` is fed the same bytes (a block-map hasher)."""
+    h = hashlib.md5(usedforsecurity=False)
+    off = 0
+    while size is None or off < size:
+        data = os.pread(fd, chunk if size is None else min(chunk, size - off), off)
+        if not data:
+            break
+        h.update(data)
+        if also is not None:
+            also(data)
+        off += len(data)
+    return h.hexdigest()
+
+
+def md5_chunks(chunks: Iterable[bytes], also: Callable[[bytes], object] | None = None) -> str:
+    """md5 hex of a stream of chunks (an S3 body); ``also`` is fed the same bytes."""
+    h = hashlib.md5(usedforsecurity=False)
+    for data in chunks:
+        h.update(data)
+        if also is not None:
+            also(data)
     return h.hexdigest()
 
 
@@ -56,7 +84,3 @@ class HashingWriter:
 
     def hexdigest(self) -> str:
         return self.md5.hexdigest()
-
-
-def file_size(path: Path) -> int:
-    return os.stat(path).st_size

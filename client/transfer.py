@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from . import references, settings
+from .atomic import atomic_write
 from .cache import Cache
 from .errors import ArtifactFSError, ArtifactNotLoggedError, DigestMismatchError, LocalPathError, NotFoundError
 from .hashing import HashingWriter, b64_to_hex, hex_to_b64, is_md5_hex, md5_bytes
@@ -150,7 +151,7 @@ def artifact_ref_entity(store: Store, ref: str) -> str:
     rec = store.get_version(version_id)
     if rec.state != "COMMITTED":
         raise NotFoundError(f"reference {ref}: artifact version {version_id} was deleted")
-    return rec.source_entity or rec.entity
+    return rec.blob_entity
 
 
 @dataclass(frozen=True)
@@ -321,21 +322,12 @@ def _stream_blob(store: Store, entity: str, md5: str, size: int, out: BinaryIO) 
 
 
 def _atomic_write(target: Path, produce: Callable[[BinaryIO], None], md5: str | None) -> None:
-    """Write ``target`` via a temp file next to it; check md5 (if given) before renaming."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name[:100]}.", suffix=".artifactfs-tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as raw:
-            hashing = HashingWriter(raw)
-            produce(hashing)  # type: ignore[arg-type]
-            raw.flush()
-            os.fsync(raw.fileno())
+    """Write ``target`` atomically (:mod:`client.atomic`); check md5 (if given) before renaming."""
+    with atomic_write(target, mode=0o600) as raw:
+        hashing = HashingWriter(raw)
+        produce(hashing)  # type: ignore[arg-type]
         if md5 is not None and hashing.hexdigest() != md5:
             raise DigestMismatchError(f"downloaded content of {target} does not match its md5 {md5}")
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def _copy_file(src: Path, out: BinaryIO) -> None:

@@ -58,12 +58,6 @@ from .manifest_index import ROOT_ID, IndexEntry, IndexStore, ManifestIndex
 log = logging.getLogger(__name__)
 
 
-def blob_entity(entity: str, version: VersionRecord) -> str:
-    """Whose blob space holds a version's manifest and files: a version linked into a
-    portfolio or registry shares its source's blobs, which live under the source entity."""
-    return version.source_entity or entity
-
-
 ROOT_INODE = 1  # pyfuse3.ROOT_INODE; repeated here so this module never imports pyfuse3
 #: ``ds@v3`` and ``ds@latest`` name the same trees as ``ds:v3`` and ``ds:latest`` (``@`` cannot
 #: occur in a collection or alias name); looked up on demand, not listed a second time.
@@ -345,7 +339,7 @@ class Namespace:
         if idx is not None:
             return idx
         self._io()
-        return self.indexes.get(blob_entity(node.entity, node.version), node.version.manifest_md5)
+        return self.indexes.get(node.version.blob_entity, node.version.manifest_md5)
 
     # -- store queries (cached) --------------------------------------------------------
     def _listing(self, key: tuple[str, ...], fetch: Callable[[], Any]) -> Any:
@@ -617,7 +611,7 @@ class Namespace:
         assert entry is not None and version is not None
         if entry.ref is not None or entry.md5 is None:
             raise OSError(errno.ENOTSUP, f"{entry.name} is a reference ({entry.ref}); its content is not in the store")
-        ref = FileRef(blob_entity(node.entity, version), entry.md5, entry.size, version.qualified_name,
+        ref = FileRef(version.blob_entity, entry.md5, entry.size, version.qualified_name,
                       self.path_of(node))
         with self._lock:
             fh = self._next_fh

@@ -338,9 +338,9 @@ class ServerFactory:
     def auth(self) -> Any:
         if self._auth is None:
             from client.registry.core import make_engine
-            from server.auth import AuthDB, normalise_db_url
+            from server.auth import AuthDB
 
-            self._auth = AuthDB(make_engine(normalise_db_url(self.db_url)))
+            self._auth = AuthDB(make_engine(self.db_url))
         return self._auth
 
     def start(self, *, workers: int = 1, s3_endpoint: str | None = None, port: int | None = None,

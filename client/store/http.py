@@ -5,9 +5,9 @@ download *plan* says: with an S3 backend that is a presigned S3 URL, so bytes ne
 the server (and the mount's ranged reads hit S3 directly); with a local-directory backend it is a
 short-lived URL the server signed for itself.
 
-Failure handling lives in two functions: :func:`is_temp_failure` says whether an exception is
-worth another attempt (connection refused or reset, timeouts, truncated bodies, 429/502/503/504),
-and :func:`retrying` is the one retry loop (exponential backoff with jitter).  A call that is not
+Failure handling lives in two functions: :func:`client.retry.is_transport_failure` says whether
+an exception is worth another attempt (connection refused or reset, timeouts, truncated bodies,
+429/502/503/504: :class:`TransientHTTPError`), and :func:`retrying` runs the one retry loop (exponential backoff with jitter).  A call that is not
 idempotent (a commit) is retried only when the request provably never reached the server (the
 connection was refused), so a retry can never create a second version.  When the attempts run
 out, the caller gets :class:`~client.errors.StoreUnavailableError`.
@@ -43,7 +43,7 @@ from ..errors import (ArtifactFSError, DigestMismatchError, PermissionDeniedErro
                       error_from_code)
 from ..blockmap import BlockMap
 from ..hashing import md5_bytes
-from ..retry import DeadlineExceeded, RetryPolicy, attempt_timeout
+from ..retry import RetryPolicy, TemporaryFailure, attempt_timeout, is_transport_failure
 from .base import CollectionRecord, CommitRequest, RunRecord, VersionRecord
 
 log = logging.getLogger(__name__)
@@ -118,23 +118,13 @@ def run_from_json(d: dict[str, Any]) -> RunRecord:
 
 
 # -- retries ----------------------------------------------------------------------------------
-class TransientHTTPError(Exception):
+class TransientHTTPError(TemporaryFailure):
     """A response that says "try again" (429, 500, 502, 503, 504: S3 documents InternalError
     and SlowDown as retryable) or a body cut short."""
 
 
-class _NotSent(Exception):
+class _NotSent(TemporaryFailure):
     """Wraps a failure that happened before the request reached the server (safe to retry)."""
-
-
-def is_temp_failure(exc: BaseException) -> bool:
-    """Whether another attempt may succeed: the network or the server hiccupped, not the request."""
-    if isinstance(exc, (TransientHTTPError, _NotSent, DeadlineExceeded)):
-        return True
-    if isinstance(exc, (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError,
-                        requests.exceptions.ContentDecodingError, urllib3.exceptions.ProtocolError)):
-        return True
-    return False
 
 
 def _never_sent(exc: BaseException) -> bool:
@@ -150,7 +140,7 @@ def _never_sent(exc: BaseException) -> bool:
 
 def retrying(fn: Callable[..., T]) -> Callable[..., T]:
     """Run a method of HttpStore under its :class:`~client.retry.RetryPolicy` (``self.policy``):
-    retried while :func:`is_temp_failure` says so, within the policy's total time bound.
+    retried while :func:`~client.retry.is_transport_failure` says so, within the policy's total time bound.
     Gives up with StoreUnavailableError."""
 
     @functools.wraps(fn)
@@ -159,7 +149,7 @@ def retrying(fn: Callable[..., T]) -> Callable[..., T]:
             cause = exc.__cause__ if isinstance(exc, _NotSent) and exc.__cause__ else exc
             return StoreUnavailableError(f"registry at {self.location} unreachable after {attempts} attempts: {cause}")
 
-        return self.policy.call(lambda: fn(self, *args, **kwargs), is_temp=is_temp_failure, give_up=give_up,
+        return self.policy.call(lambda: fn(self, *args, **kwargs), is_temp=is_transport_failure, give_up=give_up,
                                 what=fn.__name__, logger=log)
 
     return wrapper
