@@ -30,7 +30,7 @@ import os
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Iterator
+from typing import Any, BinaryIO
 from urllib.parse import urlparse
 
 import boto3
@@ -285,21 +285,6 @@ def _b64(md5_hex: str) -> str:
     import base64
 
     return base64.b64encode(bytes.fromhex(md5_hex)).decode("ascii")
-
-
-def iter_file_range(f: BinaryIO, start: int, length: int, chunk: int = 1 << 20) -> Iterator[bytes]:
-    """Yield ``length`` bytes of an open file from ``start``, closing it at the end."""
-    try:
-        f.seek(start)
-        left = length
-        while left > 0:
-            data = f.read(min(chunk, left))
-            if not data:
-                break
-            left -= len(data)
-            yield data
-    finally:
-        f.close()
 
 
 def open_backend(url: str, endpoint_url: str | None = None) -> LocalBlobBackend | S3BlobBackend:

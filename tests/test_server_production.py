@@ -47,8 +47,8 @@ def test_zero_byte_blob_uploads_downloads_and_commits_through_the_store(registry
     store.put_blob(user, EMPTY_MD5, empty, 0)
     assert store.missing_blobs(user, [EMPTY_MD5]) == set()
     store.put_blob(user, EMPTY_MD5, empty, 0)  # again: already there, a no-op
-    # a fresh plan (no cached one from missing_blobs) on another entity, from memory
-    store.put_bytes(other, EMPTY_MD5, b"")
+    # a fresh plan (no cached one from missing_blobs) on another entity
+    store.put_blob(other, EMPTY_MD5, empty, 0)
     assert store.missing_blobs(other, [EMPTY_MD5]) == set()
 
     assert store.read_blob(user, EMPTY_MD5) == b""
@@ -60,7 +60,8 @@ def test_zero_byte_blob_uploads_downloads_and_commits_through_the_store(registry
     manifest = Manifest([ManifestEntry("pkg/__init__.py", hex_to_b64(EMPTY_MD5), 0),
                          ManifestEntry("_SUCCESS", hex_to_b64(EMPTY_MD5), 0)]).to_bytes()
     manifest_md5 = md5_bytes(manifest)
-    store.put_bytes(user, manifest_md5, manifest)
+    (tmp_path / "manifest").write_bytes(manifest)
+    store.put_blob(user, manifest_md5, tmp_path / "manifest", len(manifest))
     version, created = store.commit(CommitRequest(user, "proj", "ds", "dataset", manifest_md5))
     assert created and version.version == "v0"
 

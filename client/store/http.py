@@ -38,7 +38,7 @@ import requests.adapters
 import urllib3.exceptions
 from cachetools import TLRUCache
 
-from .. import settings
+from .. import names, settings
 from ..errors import (ArtifactFSError, DigestMismatchError, PermissionDeniedError, StoreUnavailableError,
                       error_from_code)
 from ..blockmap import BlockMap
@@ -390,6 +390,9 @@ class HttpStore:
         return self._get(f"{API}/entities/{_q(entity)}/default-ttl")["ttl_seconds"]
 
     def create_project(self, entity: str, project: str) -> None:
+        # a name with "/" would route to another URL (a 404): refuse it as the embedded store does
+        names.validate_entity(entity)
+        names.validate_project(project)
         self._call("PUT", self._project(entity, project))
 
     def gc_expired(self) -> list[VersionRecord]:
@@ -482,20 +485,6 @@ class HttpStore:
                     self._call("POST", f"{self._blob(entity, md5_hex)}/complete", {"size": size})
 
         self._upload_by_plan(entity, md5_hex, size, upload)
-
-    def put_bytes(self, entity: str, md5_hex: str, data: bytes) -> None:
-        """Upload small content (a manifest) from memory."""
-        if md5_bytes(data) != md5_hex:
-            raise DigestMismatchError(f"data does not have md5 {md5_hex}")
-
-        def upload(plan: dict[str, Any]) -> None:
-            if plan["method"] != "put":
-                raise ArtifactFSError("server asked for a multipart upload of in-memory bytes")
-            self._put_data(plan, data)
-            if plan.get("complete", True):
-                self._call("POST", f"{self._blob(entity, md5_hex)}/complete", {"size": len(data)})
-
-        self._upload_by_plan(entity, md5_hex, len(data), upload)
 
     def _upload_by_plan(self, entity: str, md5_hex: str, size: int,
                         upload: Callable[[dict[str, Any]], None]) -> None:
