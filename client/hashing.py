@@ -7,7 +7,7 @@ import base64
 import hashlib
 import os
 from collections.abc import Callable, Iterable
-from typing import IO
+from typing import Protocol
 
 CHUNK = 1 << 20
 
@@ -69,10 +69,16 @@ def is_md5_hex(text: str) -> bool:
     return len(text) == 32 and all(c in "0123456789abcdef" for c in text)
 
 
+class BytesSink(Protocol):
+    """Anything bytes are written to: a binary file, a :class:`HashingWriter`."""
+
+    def write(self, data: bytes | bytearray | memoryview, /) -> int: ...
+
+
 class HashingWriter:
     """Write to ``raw`` while hashing, so content is read exactly once (downloads, copies)."""
 
-    def __init__(self, raw: IO[bytes] | None = None) -> None:
+    def __init__(self, raw: BytesSink | None = None) -> None:
         self.raw = raw
         self.md5 = hashlib.md5(usedforsecurity=False)
         self.size = 0

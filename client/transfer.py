@@ -26,7 +26,7 @@ from . import references, settings
 from .atomic import atomic_write
 from .cache import Cache
 from .errors import ArtifactFSError, ArtifactNotLoggedError, DigestMismatchError, LocalPathError, NotFoundError
-from .hashing import HashingWriter, b64_to_hex, hex_to_b64, is_md5_hex, md5_bytes
+from .hashing import BytesSink, HashingWriter, b64_to_hex, hex_to_b64, is_md5_hex, md5_bytes
 from .manifest import Manifest, ManifestEntry
 from .store import Store, open_store
 
@@ -167,17 +167,9 @@ class Hashed:
 
 def _copy_hashing(src: Path, out: BinaryIO | None = None) -> tuple[str, int]:
     """(md5 hex, size) of ``src``, copying it to ``out`` in the same pass when given."""
-    h = hashlib.md5(usedforsecurity=False)
-    size = 0
-    buf = bytearray(_CHUNK)
-    view = memoryview(buf)
-    with open(src, "rb", buffering=0) as f:
-        while n := f.readinto(buf):
-            h.update(view[:n])
-            if out is not None:
-                out.write(view[:n])
-            size += n
-    return h.hexdigest(), size
+    sink = HashingWriter(out)
+    _copy_file(src, sink)
+    return sink.hexdigest(), sink.size
 
 
 def hash_into_staging(src: Path, policy: str, skip_cache: bool, staging_dir: Callable[[], Path]) -> Hashed:
@@ -330,7 +322,7 @@ def _atomic_write(target: Path, produce: Callable[[BinaryIO], None], md5: str | 
             raise DigestMismatchError(f"downloaded content of {target} does not match its md5 {md5}")
 
 
-def _copy_file(src: Path, out: BinaryIO) -> None:
+def _copy_file(src: Path, out: BytesSink) -> None:
     with open(src, "rb", buffering=0) as f:
         buf = bytearray(_CHUNK)
         view = memoryview(buf)

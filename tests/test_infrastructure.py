@@ -138,3 +138,44 @@ def test_one_database_url_normaliser_for_the_registry_and_the_server() -> None:
         assert engine.dialect.name == "postgresql" and engine.dialect.driver == "psycopg"
         engine.dispose()
     assert core.normalise_db_url("sqlite:////x/y.db") == "sqlite:////x/y.db"
+
+
+def test_a_server_binds_port_0_and_the_fixture_reads_its_port(tmp_path) -> None:
+    """No free_port(): the port is the one the server bound (read from /proc), never one chosen
+    before and possibly taken by someone else meanwhile."""
+    import subprocess
+    import sys
+
+    import requests
+
+    from tests.server_fixtures import listening_port, stop_process
+
+    (tmp_path / "marker.txt").write_text("this very server")
+    log = tmp_path / "http.log"
+    proc = subprocess.Popen([sys.executable, "-m", "http.server", "0", "--bind", "127.0.0.1"], cwd=tmp_path,
+                            stdout=open(log, "wb"), stderr=subprocess.STDOUT)
+    try:
+        port = listening_port(proc, log)
+        assert 0 < port < 65536
+        assert requests.get(f"http://127.0.0.1:{port}/marker.txt", timeout=10).text == "this very server"
+    finally:
+        stop_process(proc)
+
+
+def test_the_inprocess_server_credentials_end_with_the_test(tmp_path, monkeypatch) -> None:
+    import os
+
+    import pytest
+    import requests
+
+    from tests.server_fixtures import start_inprocess_server
+
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID", raising=False)
+    with pytest.MonkeyPatch.context() as scoped:
+        srv = start_inprocess_server(scoped, f"sqlite:///{tmp_path / 'r.db'}", str(tmp_path / "blobs"))
+        try:
+            assert os.environ["AWS_ACCESS_KEY_ID"] == "testing"
+            assert requests.get(srv.url + "/healthz", timeout=10).status_code == 200
+        finally:
+            srv.stop()
+    assert "AWS_ACCESS_KEY_ID" not in os.environ  # nothing leaks into the tests after it

@@ -369,7 +369,8 @@ def test_readyz_fails_while_the_blob_backend_or_database_is_down(backend: str, r
         moto = start_moto(tmp_path)  # our own S3, so this test may stop it
         factory = new_factory("sqlite-local", request, tmp_path)
         factory.db_url, blobs = pg.new_database(), f"s3://{moto.new_bucket()}/blobs"
-    srv = start_inprocess_server(factory.db_url, blobs, moto.url if moto else None)
+    srv = start_inprocess_server(request.getfixturevalue("monkeypatch"), factory.db_url, blobs,
+                                 moto.url if moto else None)
     try:
         ok = requests.get(srv.url + "/readyz", timeout=30)
         assert ok.status_code == 200, ok.text
@@ -399,8 +400,8 @@ def test_readyz_fails_while_the_blob_backend_or_database_is_down(backend: str, r
             stop_process(moto.proc)
 
 
-def test_access_and_audit_logs_name_who_did_what_without_secrets(tmp_path: Path,
-                                                                  caplog: pytest.LogCaptureFixture) -> None:
+def test_access_and_audit_logs_name_who_did_what_without_secrets(tmp_path: Path, caplog: pytest.LogCaptureFixture,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     import json
     import logging
 
@@ -408,7 +409,7 @@ def test_access_and_audit_logs_name_who_did_what_without_secrets(tmp_path: Path,
     from tests.server_fixtures import start_inprocess_server
     from tests.util import commit_files
 
-    srv = start_inprocess_server(f"sqlite:///{tmp_path / 'r.db'}", str(tmp_path / "blobs"))
+    srv = start_inprocess_server(monkeypatch, f"sqlite:///{tmp_path / 'r.db'}", str(tmp_path / "blobs"))
     caplog.set_level(logging.INFO, logger="artifactfs")
     try:
         key = srv.user("auditor")
