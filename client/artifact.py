@@ -81,7 +81,6 @@ class Artifact(LinkMixin):
         self._added_local: dict[str, str] = {}
         self._staging: tempfile.TemporaryDirectory[str] | None = None
         self._lock = threading.Lock()
-        self._base_id: str | None = None  #: version a new_draft() started from
         self.bytes_uploaded = 0  #: bytes sent to the store by the last log (0 for a no-op)
 
     # -- construction from the store ------------------------------------------------------------
@@ -520,7 +519,6 @@ class Artifact(LinkMixin):
             draft.manifest.add(ArtifactManifestEntry(path=e.path, digest=e.digest, size=e.size, ref=e.ref,
                                                      extra=dict(e.extra),
                                                      birth_artifact_id=e.birth_artifact_id or rec.id))
-        draft._base_id = rec.id
         return draft
 
     def delete(self, delete_aliases: bool = False) -> None:

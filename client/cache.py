@@ -60,7 +60,7 @@ from typing import IO, Any, BinaryIO
 from . import settings
 from .errors import DigestMismatchError, InvalidNameError
 from .hashing import CHUNK as _CHUNK
-from .hashing import is_md5_hex, md5_file
+from .hashing import is_md5_hex, md5_fd, md5_file
 from .cache_index import CacheIndex
 
 log = logging.getLogger(__name__)
@@ -357,10 +357,7 @@ class Cache:
         except FileNotFoundError:
             return False
         try:
-            h = hashlib.md5(usedforsecurity=False)
-            while chunk := os.read(fd, _CHUNK):
-                h.update(chunk)
-            if (actual := h.hexdigest()) != md5_hex:
+            if (actual := md5_fd(fd)) != md5_hex:
                 log.warning("cache object %s hashes to %s: dropping it", md5_hex, actual)
                 self.drop(md5_hex)
                 return False

@@ -18,9 +18,10 @@ import functools
 import json
 import logging
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
+
+from .atomic import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -58,16 +59,8 @@ def _save(data: dict[str, Any]) -> Path:
     """Write atomically, created 0600 so the key is never readable by others, not even briefly."""
     path = credentials_path()
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".credentials-", suffix=".tmp")  # mkstemp: mode 0600
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=1, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(path, mode=0o600) as f:
+        f.write(json.dumps(data, indent=1, sort_keys=True).encode("utf-8"))
     return path
 
 

@@ -1,12 +1,13 @@
-"""md5 digests in the two spellings W&B uses: base64 in manifests, hex for blob keys."""
+"""md5 digests in the two spellings W&B uses: base64 in manifests, hex for blob keys; the
+one place that hashes a file, an open descriptor or a stream of chunks."""
 
 from __future__ import annotations
 
 import base64
 import hashlib
 import os
-from pathlib import Path
-from typing import IO
+from collections.abc import Callable, Iterable
+from typing import Protocol
 
 CHUNK = 1 << 20
 
@@ -19,6 +20,33 @@ def md5_file(path: str | os.PathLike[str]) -> str:
         view = memoryview(buf)
         while n := f.readinto(buf):
             h.update(view[:n])
+    return h.hexdigest()
+
+
+def md5_fd(fd: int, size: int | None = None, also: Callable[[bytes], object] | None = None,
+           chunk: int = CHUNK) -> str:
+    """md5 hex of an open file's first ``size`` bytes (all of it when None), read with pread, so
+    the descriptor's offset is untouched.  ``also`` is fed the same bytes (a block-map hasher)."""
+    h = hashlib.md5(usedforsecurity=False)
+    off = 0
+    while size is None or off < size:
+        data = os.pread(fd, chunk if size is None else min(chunk, size - off), off)
+        if not data:
+            break
+        h.update(data)
+        if also is not None:
+            also(data)
+        off += len(data)
+    return h.hexdigest()
+
+
+def md5_chunks(chunks: Iterable[bytes], also: Callable[[bytes], object] | None = None) -> str:
+    """md5 hex of a stream of chunks (an S3 body); ``also`` is fed the same bytes."""
+    h = hashlib.md5(usedforsecurity=False)
+    for data in chunks:
+        h.update(data)
+        if also is not None:
+            also(data)
     return h.hexdigest()
 
 
@@ -41,22 +69,29 @@ def is_md5_hex(text: str) -> bool:
     return len(text) == 32 and all(c in "0123456789abcdef" for c in text)
 
 
-class HashingWriter:
-    """Write to ``raw`` while hashing, so content is read exactly once (downloads, copies)."""
+class BytesSink(Protocol):
+    """Anything bytes are written to: a binary file, a :class:`HashingWriter`."""
 
-    def __init__(self, raw: IO[bytes] | None = None) -> None:
+    def write(self, data: bytes | bytearray | memoryview, /) -> int: ...
+
+
+class HashingWriter:
+    """Write to ``raw`` while hashing, so content is read exactly once (downloads, copies);
+    ``on_chunk(n)`` is told each write's length (progress; it may raise to stop the copy)."""
+
+    def __init__(self, raw: BytesSink | None = None, on_chunk: Callable[[int], None] | None = None) -> None:
         self.raw = raw
         self.md5 = hashlib.md5(usedforsecurity=False)
         self.size = 0
+        self.on_chunk = on_chunk
 
     def write(self, data: bytes | bytearray | memoryview) -> int:
         self.md5.update(data)
         self.size += len(data)
-        return self.raw.write(data) if self.raw is not None else len(data)
+        n = self.raw.write(data) if self.raw is not None else len(data)
+        if self.on_chunk is not None:
+            self.on_chunk(len(data))
+        return n
 
     def hexdigest(self) -> str:
         return self.md5.hexdigest()
-
-
-def file_size(path: Path) -> int:
-    return os.stat(path).st_size

@@ -36,7 +36,6 @@ MAX_ENTRY_SIZE = (1 << 63) - 1  #: bytes of one entry, and of a whole version
 _NAME_RE = re.compile(r"[A-Za-z0-9_\-.]+")
 _VERSION_RE = re.compile(r"v(0|[1-9][0-9]*)")
 _TAG_RE = re.compile(r"[-\w]+( +[-\w]+)*")
-RESERVED_ALIASES = frozenset({"latest"})
 
 
 def _check_simple(kind: str, value: object, *, allow_dot_start: bool = False) -> str:

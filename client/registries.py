@@ -80,8 +80,7 @@ class LinkMixin:
     @property
     def _blob_entity(self) -> str:
         """Whose blob space holds the content: a link shares its source's blobs."""
-        rec = self._ensure_logged("content")
-        return rec.source_entity or rec.entity
+        return self._ensure_logged("content").blob_entity
 
     @property
     def is_link(self) -> bool:
@@ -90,8 +89,7 @@ class LinkMixin:
 
     @property
     def source_entity(self) -> str:
-        rec = self._ensure_logged("source_entity")
-        return rec.source_entity or rec.entity
+        return self._ensure_logged("source_entity").blob_entity
 
     @property
     def source_project(self) -> str:

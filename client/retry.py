@@ -11,8 +11,11 @@ path calling ``HttpStore.read_blob``) shares the outer deadline and makes a sing
 outermost loop owns the retries, so loops never multiply.  Whoever hops threads passes the
 context along (``contextvars.copy_context().run``).
 
-Which failures are temporary is decided by the caller's classifier (``is_temp``); HTTP's lives
-in ``client.store.http.is_temp_failure``.
+Which failures are temporary is decided here too, in two layers: :func:`is_transport_failure`
+(the network or the server hiccupped: what the HTTP store retries) and :func:`is_temp_failure`
+(a store call that failed for any reason but the request's own fault: what the mount's read
+path retries, over whichever store).  A transport marks its own "try again" answers (a 503, a
+body cut short) by raising a :class:`TemporaryFailure`.
 """
 
 from __future__ import annotations
@@ -22,8 +25,14 @@ import logging
 import os
 import random
 import time
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from typing import Callable, TypeVar
+
+import requests
+import urllib3.exceptions
+
+from .errors import ArtifactFSError, AuthenticationError, InvalidNameError, PermissionDeniedError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -50,6 +59,29 @@ def request_timeout() -> float:
 
 class DeadlineExceeded(TimeoutError):
     """The call's total time bound was reached before an attempt could start or finish."""
+
+
+class TemporaryFailure(Exception):
+    """Raised by a transport for an answer that says "try again" (see client.store.http)."""
+
+
+#: the request's own fault: another attempt cannot succeed
+_PERMANENT = (InvalidNameError, AuthenticationError, PermissionDeniedError)
+_TRANSPORT = (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError,
+              requests.exceptions.ContentDecodingError, urllib3.exceptions.ProtocolError)
+
+
+def is_transport_failure(exc: BaseException) -> bool:
+    """Whether another attempt may succeed: the network or the server hiccupped, not the request."""
+    return isinstance(exc, (TemporaryFailure, DeadlineExceeded, *_TRANSPORT))
+
+
+def is_temp_failure(exc: BaseException) -> bool:
+    """Whether a failed store call is worth another attempt: anything but the request's fault
+    (bad name, no or wrong key), so also a store that gave up, a short read, a local I/O error."""
+    if isinstance(exc, _PERMANENT):
+        return False
+    return is_transport_failure(exc) or isinstance(exc, (ArtifactFSError, OSError, TimeoutError, FutureTimeout))
 
 
 @dataclass(frozen=True)

@@ -23,9 +23,10 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from . import progress, references, settings
+from .atomic import atomic_write
 from .cache import Cache
 from .errors import ArtifactFSError, ArtifactNotLoggedError, DigestMismatchError, LocalPathError, NotFoundError
-from .hashing import HashingWriter, b64_to_hex, hex_to_b64, is_md5_hex, md5_bytes
+from .hashing import BytesSink, HashingWriter, b64_to_hex, hex_to_b64, is_md5_hex, md5_bytes
 from .manifest import Manifest, ManifestEntry
 from .store import Store, open_store
 
@@ -149,7 +150,7 @@ def artifact_ref_entity(store: Store, ref: str) -> str:
     rec = store.get_version(version_id)
     if rec.state != "COMMITTED":
         raise NotFoundError(f"reference {ref}: artifact version {version_id} was deleted")
-    return rec.source_entity or rec.entity
+    return rec.blob_entity
 
 
 @dataclass(frozen=True)
@@ -167,19 +168,9 @@ def _copy_hashing(src: Path, out: BinaryIO | None = None,
                   on_chunk: Callable[[int], None] | None = None) -> tuple[str, int]:
     """(md5 hex, size) of ``src``, copying it to ``out`` in the same pass when given;
     ``on_chunk(n)`` after each chunk (progress; it raises to stop after Ctrl-C)."""
-    h = hashlib.md5(usedforsecurity=False)
-    size = 0
-    buf = bytearray(_CHUNK)
-    view = memoryview(buf)
-    with open(src, "rb", buffering=0) as f:
-        while n := f.readinto(buf):
-            h.update(view[:n])
-            if out is not None:
-                out.write(view[:n])
-            size += n
-            if on_chunk is not None:
-                on_chunk(n)
-    return h.hexdigest(), size
+    sink = HashingWriter(out, on_chunk)
+    _copy_file(src, sink)
+    return sink.hexdigest(), sink.size
 
 
 def hash_into_staging(src: Path, policy: str, skip_cache: bool, staging_dir: Callable[[], Path]) -> Hashed:
@@ -357,24 +348,15 @@ def _stream_blob(store: Store, entity: str, md5: str, size: int, out: BinaryIO,
 
 
 def _atomic_write(target: Path, produce: Callable[[BinaryIO], None], md5: str | None) -> None:
-    """Write ``target`` via a temp file next to it; check md5 (if given) before renaming."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name[:100]}.", suffix=".artifactfs-tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as raw:
-            hashing = HashingWriter(raw)
-            produce(hashing)  # type: ignore[arg-type]
-            raw.flush()
-            os.fsync(raw.fileno())
+    """Write ``target`` atomically (:mod:`client.atomic`); check md5 (if given) before renaming."""
+    with atomic_write(target, mode=0o600) as raw:
+        hashing = HashingWriter(raw)
+        produce(hashing)  # type: ignore[arg-type]
         if md5 is not None and hashing.hexdigest() != md5:
             raise DigestMismatchError(f"downloaded content of {target} does not match its md5 {md5}")
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
-def _copy_file(src: Path, out: BinaryIO) -> None:
+def _copy_file(src: Path, out: BytesSink) -> None:
     with open(src, "rb", buffering=0) as f:
         buf = bytearray(_CHUNK)
         view = memoryview(buf)
@@ -472,7 +454,7 @@ def download_entries(store: Store, entity: str, entries: list[ManifestEntry], de
         for attempt in (1, 2):
             obj = cache.fetch(md5, size, lambda out: _stream_blob(store, blob_entity, md5, size, out, tick))
             try:
-                _atomic_write(target, lambda out: _copy_file(obj, _Counted(out, tick)), md5)  # type: ignore[arg-type]
+                _atomic_write(target, lambda out: _copy_file(obj, _Counted(out, tick)), md5)
                 tick.finish()
                 meter.file_done(moved=True, replaced=replaced)
                 return size

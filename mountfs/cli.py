@@ -137,8 +137,9 @@ def check_mountpoint(mp: Path, allow_non_empty: bool) -> None:
 @click.option("--allow-non-empty", is_flag=True, help="Mount over a directory that holds files (they are hidden meanwhile).")
 @click.option("--lazy-connect", is_flag=True,
               help="Do not check the store before mounting (boot ordering); errors then show up as EIO.")
-@click.option("--metrics-port", type=click.IntRange(1, 65535), default=None,
-              help="Serve Prometheus metrics of this mount at http://ADDRESS:PORT/metrics.")
+@click.option("--metrics-port", type=click.IntRange(0, 65535), default=None,
+              help="Serve Prometheus metrics of this mount at http://ADDRESS:PORT/metrics "
+                   "(0: a free port, named in the log).")
 @click.option("--metrics-address", default="127.0.0.1", show_default=True, help="Address of --metrics-port.")
 @click.option("--metrics-file", type=click.Path(dir_okay=False), default=None,
               help="Write the metrics to this file (node_exporter textfile) every 15 s and at unmount.")

@@ -55,6 +55,7 @@ from cachetools import LRUCache
 from client.blockmap import BlockMap, BlockMismatchError
 from client.cache import Cache, PartialHold, has_verified_marker, set_verified_marker
 from client.errors import ArtifactFSError, DigestMismatchError, NotFoundError, PermissionDeniedError
+from client.hashing import md5_fd
 from client.store.base import Store
 
 from .fetch import (BlockReader, EvictedBlockError, FetchConfig, FetchError, MiB, PartialFile, ReadaheadWindow,
@@ -147,10 +148,7 @@ def _source_temp(exc: BaseException) -> bool:
 
 
 def _md5_fd(fd: int, size: int) -> str:
-    h = hashlib.md5(usedforsecurity=False)
-    for off in range(0, size, 4 * MiB):
-        h.update(os.pread(fd, min(4 * MiB, size - off), off))
-    return h.hexdigest()
+    return md5_fd(fd, size, chunk=4 * MiB)
 
 
 def _stat_key(md5: str, st: os.stat_result) -> tuple[str, int, int, int, int, int]:

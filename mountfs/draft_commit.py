@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from client import names
+from client.atomic import atomic_write
 from client.cache import Cache
 from client.errors import ArtifactFSError, LatestMovedError, StoreUnavailableError
 from client.hashing import HashingWriter, b64_to_hex, md5_file
@@ -295,18 +296,8 @@ def _link_blob(draft: Draft, md5: str, target: str) -> Path:
 
 
 def _write_intent(draft: Draft, data: dict[str, Any]) -> None:
-    path = draft.root / INTENT
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "w") as f:
-        json.dump(data, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    dfd = os.open(draft.root, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    with atomic_write(draft.root / INTENT) as f:
+        f.write(json.dumps(data).encode("utf-8"))
 
 
 def _read_intent(draft: Draft) -> dict[str, Any] | None:

@@ -52,6 +52,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from client import names
+from client.atomic import fsync_dir
 from client.cache import Cache
 from client.errors import ArtifactFSError, NotFoundError
 from client.manifest import iter_entries
@@ -165,14 +166,6 @@ def staging_root(cache_root: Path | str, store_location: str) -> Path:
 
     key = hashlib.sha256(store_location.rstrip("/").encode("utf-8")).hexdigest()[:16]
     return Path(cache_root) / "drafts" / f"store-{key}"
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class DraftManager:
@@ -292,7 +285,7 @@ class DraftManager:
                     tree.close()
                 final = self.root / draft_id
                 os.replace(tmp, final)
-                _fsync_dir(self.root)
+                fsync_dir(self.root)
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise
@@ -335,7 +328,7 @@ class DraftManager:
             self._drafts.pop(draft.id, None)
             doomed = self.root / f"tmp-{draft.id}"
             os.replace(draft.root, doomed)
-            _fsync_dir(self.root)
+            fsync_dir(self.root)
             shutil.rmtree(doomed, ignore_errors=True)
 
     # -- commit ---------------------------------------------------------------------------------

@@ -38,17 +38,16 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from concurrent.futures import TimeoutError as FutureTimeout
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, TypeVar
 
+from client.atomic import atomic_write
 from client.blockmap import BlockMap, BlockMismatchError
 from client.cache import Cache
-from client.errors import (ArtifactFSError, AuthenticationError, InvalidNameError, PermissionDeniedError,
-                           StoreUnavailableError)
-from client.retry import RetryPolicy, attempt_timeout, request_timeout
+from client.errors import ArtifactFSError, StoreUnavailableError
+from client.retry import RetryPolicy, attempt_timeout, is_temp_failure, request_timeout
 from client.store.base import Store
 
 
@@ -93,13 +92,6 @@ class FetchConfig:
 
 
 # -- retries -----------------------------------------------------------------------------
-
-def is_temp_failure(exc: BaseException) -> bool:
-    """Whether a failed store request is worth retrying (the one place that decides)."""
-    if isinstance(exc, (InvalidNameError, AuthenticationError, PermissionDeniedError)):
-        return False
-    return isinstance(exc, (ArtifactFSError, OSError, TimeoutError, FutureTimeout, ConnectionError))
-
 
 def retrying(call: Callable[[], _R], expected: int | None, cfg: FetchConfig, io_pool: ThreadPoolExecutor,
              what: str, is_temp: Callable[[BaseException], bool] = is_temp_failure) -> _R:
@@ -335,9 +327,8 @@ class PartialFile:
             self._dirty = 0
             bits = bytes(self._bits)
         os.fdatasync(self.fd)
-        tmp = self.bits_path.with_suffix(f".bits.{os.getpid()}.{threading.get_ident()}.tmp")
-        tmp.write_bytes(self._HEADER.pack(self.size, self.block_size) + bits)
-        os.replace(tmp, self.bits_path)
+        with atomic_write(self.bits_path, durable=False) as f:  # a hint: lost bits are fetched again
+            f.write(self._HEADER.pack(self.size, self.block_size) + bits)
 
     def read(self, off: int, size: int) -> bytes:
         """Bytes of checked blocks; an unchecked block is verified first (BlockMismatchError)."""

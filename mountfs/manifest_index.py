@@ -40,6 +40,7 @@ from pathlib import Path
 
 from cachetools import LRUCache
 
+from client.atomic import replace_durably
 from client.errors import ManifestError
 from client.hashing import b64_to_hex
 from client.pyexec import python_argv
@@ -255,7 +256,7 @@ def build_index(manifest: Path, dest: Path, *, tmp_dir: Path | None = None,
             _write_index(_iter_rows(manifest), tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
-        os.replace(tmp, dest)
+        replace_durably(tmp, dest)
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()

@@ -121,12 +121,14 @@ class MetricsExport:
         self._server: Any = None
         self._stop = threading.Event()
         self._writer: threading.Thread | None = None
+        self.port: int | None = None
         if port is not None:
             try:
                 self._server, _ = start_http_server(port, addr=host, registry=self.registry)
             except OSError as exc:
                 raise OSError(exc.errno, f"metrics address {host}:{port}: {exc.strerror}") from None
-            log.info("metrics at http://%s:%d/metrics", host, port)
+            self.port = self._server.server_address[1]  # the bound one (port 0: the OS chose)
+            log.info("metrics at http://%s:%d/metrics", host, self.port)
         if path is not None:
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
             self.write()  # fail now on a path that cannot be written, not in the thread

@@ -61,12 +61,6 @@ from .ref_source import RefSource, describe
 log = logging.getLogger(__name__)
 
 
-def blob_entity(entity: str, version: VersionRecord) -> str:
-    """Whose blob space holds a version's manifest and files: a version linked into a
-    portfolio or registry shares its source's blobs, which live under the source entity."""
-    return version.source_entity or entity
-
-
 ROOT_INODE = 1  # pyfuse3.ROOT_INODE; repeated here so this module never imports pyfuse3
 #: ``ds@v3`` and ``ds@latest`` name the same trees as ``ds:v3`` and ``ds:latest`` (``@`` cannot
 #: occur in a collection or alias name); looked up on demand, not listed a second time.
@@ -368,7 +362,7 @@ class Namespace:
         if idx is not None:
             return idx
         self._io()
-        return self.indexes.get(blob_entity(node.entity, node.version), node.version.manifest_md5)
+        return self.indexes.get(node.version.blob_entity, node.version.manifest_md5)
 
     # -- store queries (cached) --------------------------------------------------------
     def _listing(self, key: tuple[str, ...], fetch: Callable[[], Any]) -> Any:
@@ -664,7 +658,7 @@ class Namespace:
         entry, version = node.entry, node.version
         assert entry is not None and version is not None
         source = None
-        entity = blob_entity(node.entity, version)
+        entity = version.blob_entity
         if entry.ref is not None and entry.ref.startswith(ARTIFACT_REF_SCHEME) and entry.md5 is not None:
             # another version's file: its blob, read from that version's (source) entity
             entity = self._listing(("artifact-ref", entry.ref.split("/")[2]),

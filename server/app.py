@@ -44,7 +44,7 @@ from client.store.base import CommitRequest, VersionRecord
 from client.store.http import record_to_json
 
 from . import observe
-from .auth import AuthDB, Principal, normalise_db_url
+from .auth import AuthDB, Principal
 from .blobs import MULTIPART_THRESHOLD, S3BlobBackend, open_backend
 from .registrar import BlobRegistrar
 
@@ -154,7 +154,7 @@ class Server:
         self.blobs = open_backend(blobs_url, s3_endpoint_url)
         if isinstance(self.blobs, S3BlobBackend):
             self.blobs.ensure_bucket()
-        self.registry = Registry(normalise_db_url(db_url), self.blobs, migrate=migrate)
+        self.registry = Registry(db_url, self.blobs, migrate=migrate)  # make_engine normalises the URL
         self.auth = AuthDB(self.registry.engine)
         self.registrar = BlobRegistrar(self.registry)
         self.url_ttl = url_ttl

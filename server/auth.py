@@ -132,10 +132,6 @@ class AuthDB:
         self._create_tables()
         self.url_secret = self._secret("url_signing").encode("ascii")
 
-    @classmethod
-    def from_url(cls, db_url: str) -> "AuthDB":
-        return cls(sa.create_engine(normalise_db_url(db_url), pool_pre_ping=True))
-
     def _create_tables(self) -> None:
         # Several server processes may start at once against a fresh database: a lost
         # CREATE TABLE race is harmless, the winner created the same tables.
@@ -282,11 +278,4 @@ class AuthDB:
             raise PermissionDeniedError("invalid blob URL signature")
         if expires < time.time():
             raise PermissionDeniedError("blob URL expired; ask the server for a new one")
-
-
-def normalise_db_url(url: str) -> str:
-    """``postgresql://`` -> ``postgresql+psycopg://`` (psycopg 3 is the driver we ship)."""
-    if url.startswith("postgresql://") or url.startswith("postgres://"):
-        return "postgresql+psycopg://" + url.split("://", 1)[1]
-    return url
 

@@ -30,7 +30,7 @@ import os
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Iterator
+from typing import Any, BinaryIO
 from urllib.parse import urlparse
 
 import boto3
@@ -40,6 +40,7 @@ from boto3.s3.transfer import TransferConfig
 
 from client.blockmap import BlockHasher
 from client.errors import DigestMismatchError, NotFoundError, StoreUnavailableError
+from client.hashing import md5_chunks
 from client.registry.blobs import LocalBlobBackend, check_key
 
 log = logging.getLogger(__name__)
@@ -257,12 +258,7 @@ class S3BlobBackend:
 
     def _hash_object(self, key: str, hasher: BlockHasher | None = None) -> str:
         body = self._call(self.client.get_object, Bucket=self.bucket, Key=key)["Body"]
-        h = hashlib.md5(usedforsecurity=False)
-        for chunk in body.iter_chunks(1 << 20):
-            h.update(chunk)
-            if hasher is not None:
-                hasher.update(chunk)
-        return h.hexdigest()
+        return md5_chunks(body.iter_chunks(1 << 20), also=hasher.update if hasher is not None else None)
 
     def _head(self, entity: str, md5_hex: str) -> dict[str, Any]:
         return self._call(self.client.head_object, Bucket=self.bucket, Key=self.key(entity, md5_hex),
@@ -289,21 +285,6 @@ def _b64(md5_hex: str) -> str:
     import base64
 
     return base64.b64encode(bytes.fromhex(md5_hex)).decode("ascii")
-
-
-def iter_file_range(f: BinaryIO, start: int, length: int, chunk: int = 1 << 20) -> Iterator[bytes]:
-    """Yield ``length`` bytes of an open file from ``start``, closing it at the end."""
-    try:
-        f.seek(start)
-        left = length
-        while left > 0:
-            data = f.read(min(chunk, left))
-            if not data:
-                break
-            left -= len(data)
-            yield data
-    finally:
-        f.close()
 
 
 def open_backend(url: str, endpoint_url: str | None = None) -> LocalBlobBackend | S3BlobBackend:

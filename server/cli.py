@@ -192,10 +192,10 @@ class _LazyAuth:
         if self._db is None:
             from client.registry.core import make_engine
 
-            from .auth import AuthDB, normalise_db_url
+            from .auth import AuthDB
 
             check_db_url(self._url, create=False)
-            self._db = AuthDB(make_engine(normalise_db_url(self._url)))
+            self._db = AuthDB(make_engine(self._url))
         return getattr(self._db, name)
 
 

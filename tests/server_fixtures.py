@@ -34,10 +34,30 @@ ROOT = Path(__file__).resolve().parent.parent
 S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def listening_port(proc: subprocess.Popen[bytes], log: Path, timeout: float = 30.0) -> int:
+    """The TCP port ``proc`` listens on, having been told to bind port 0: read from /proc, so no
+    port is chosen before it is bound (a port picked and released first can be taken meanwhile,
+    by another test run on this machine too, and then a health check may reach its server)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"process {proc.args} exited with {proc.returncode}:\n"
+                               + log.read_text(errors="replace")[-3000:])
+        inodes = set()
+        with contextlib.suppress(OSError):
+            for fd in os.listdir(f"/proc/{proc.pid}/fd"):
+                with contextlib.suppress(OSError):
+                    link = os.readlink(f"/proc/{proc.pid}/fd/{fd}")
+                    if link.startswith("socket:["):
+                        inodes.add(link[len("socket:["):-1])
+        for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+            with open(table, encoding="ascii") as f:
+                for line in f.readlines()[1:]:
+                    fields = line.split()
+                    if fields[3] == "0A" and fields[9] in inodes:  # 0A: LISTEN
+                        return int(fields[1].rsplit(":", 1)[1], 16)
+        time.sleep(0.02)
+    raise RuntimeError(f"process {proc.args} did not listen within {timeout}s")
 
 
 def wait_for_http(url: str, proc: subprocess.Popen[bytes] | None, log: Path | None, timeout: float = 30.0,
@@ -160,11 +180,10 @@ def _boto_kwargs() -> dict[str, Any]:
 
 
 def start_moto(tmp: Path) -> MotoS3:
-    port = free_port()
-    log = tmp / f"moto-{port}.log"
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+    log = tmp / f"moto-{uuid.uuid4().hex[:8]}.log"
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", "0"],
                             stdout=open(log, "wb"), stderr=subprocess.STDOUT, env={**os.environ, **S3_ENV})
-    url = f"http://127.0.0.1:{port}"
+    url = f"http://127.0.0.1:{listening_port(proc, log)}"
     wait_for_http(url + "/moto-api/", proc, log)
     return MotoS3(url, proc)
 
@@ -338,20 +357,19 @@ class ServerFactory:
     def auth(self) -> Any:
         if self._auth is None:
             from client.registry.core import make_engine
-            from server.auth import AuthDB, normalise_db_url
+            from server.auth import AuthDB
 
-            self._auth = AuthDB(make_engine(normalise_db_url(self.db_url)))
+            self._auth = AuthDB(make_engine(self.db_url))
         return self._auth
 
     def start(self, *, workers: int = 1, s3_endpoint: str | None = None, port: int | None = None,
               env: dict[str, str] | None = None, tls: tuple[Path, Path, Path] | None = None,
               args: tuple[str, ...] = ()) -> RegistryServer:
         """``tls``: (certificate, key, CA that signed it): serve https on 127.0.0.1; ``args``: more options."""
-        port = port or free_port()
-        log = self.tmp / f"server-{port}.log"
+        log = self.tmp / f"server-{port or uuid.uuid4().hex[:8]}.log"
         endpoint = s3_endpoint or self.s3_endpoint
         cmd = [sys.executable, "-m", "server.cli", "server", "--db", self.db_url, "--blobs", self.blobs_url,
-               "--host", "127.0.0.1", "--port", str(port), "--workers", str(workers),
+               "--host", "127.0.0.1", "--port", str(port or 0), "--workers", str(workers),
                "--url-ttl", str(self.url_ttl), "--log-level", "warning"]
         if endpoint:
             cmd += ["--s3-endpoint-url", endpoint]
@@ -360,7 +378,7 @@ class ServerFactory:
         cmd += list(args)
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=open(log, "wb"), stderr=subprocess.STDOUT,
                                 env={**os.environ, **S3_ENV, **(env or {}), "PYTHONPATH": str(ROOT)})
-        url = f"{'https' if tls else 'http'}://127.0.0.1:{port}"
+        url = f"{'https' if tls else 'http'}://127.0.0.1:{port or listening_port(proc, log)}"
         wait_for_http(url + "/healthz", proc, log, verify=str(tls[2]) if tls else True)
         srv = RegistryServer(url, self.db_url, self.blobs_url, proc, log, endpoint)
         self.servers.append(srv)
@@ -481,18 +499,22 @@ class InProcessServer:
         self.app_server.close()
 
 
-def start_inprocess_server(db_url: str, blobs_url: str, s3_endpoint: str | None = None) -> InProcessServer:
+def start_inprocess_server(monkeypatch: pytest.MonkeyPatch, db_url: str, blobs_url: str,
+                           s3_endpoint: str | None = None) -> InProcessServer:
+    """A server in this process; its S3 credentials (moto's) are set for the calling test only."""
     import uvicorn
 
     from server.app import Server, create_app
 
     for k, v in S3_ENV.items():
-        os.environ.setdefault(k, v)
+        monkeypatch.setenv(k, v)
     app_server = Server(db_url, blobs_url, s3_endpoint)
-    port = free_port()
-    config = uvicorn.Config(create_app(app_server), host="127.0.0.1", port=port, log_level="warning")
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))  # bound here and handed to uvicorn: no port can be lost in between
+    port = sock.getsockname()[1]
+    config = uvicorn.Config(create_app(app_server), log_level="warning")
     srv = uvicorn.Server(config)
-    thread = threading.Thread(target=srv.run, daemon=True)
+    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
     while not srv.started:

@@ -21,3 +21,161 @@ def test_fetch_error_comes_back_as_itself() -> None:
     from mountfs.fetch import FetchError
 
     assert type(error_from_code("FetchError", "retries exhausted")) is FetchError
+
+
+def test_one_classifier_of_temporary_failures_serves_the_http_store_and_the_read_path() -> None:
+    import requests
+
+    from client import retry
+    from client.errors import AuthenticationError, InvalidNameError, PermissionDeniedError, StoreUnavailableError
+    from client.store import http
+    from mountfs import fetch
+
+    # the HTTP store's retries: the transport hiccupped (its own "try again" answers included)
+    for exc in (http.TransientHTTPError("503"), requests.ConnectionError("reset"), requests.Timeout("slow"),
+                retry.DeadlineExceeded("bound")):
+        assert retry.is_transport_failure(exc), exc
+    for exc in (NotFoundError("404"), ValueError("bad"), StoreUnavailableError("gave up")):
+        assert not retry.is_transport_failure(exc), exc
+    # the read path's retries (over any store): also a store that gave up, a local I/O error
+    for exc in (StoreUnavailableError("gave up"), OSError(5, "EIO"), TimeoutError(), http.TransientHTTPError("x")):
+        assert retry.is_temp_failure(exc), exc
+    for exc in (InvalidNameError("n"), AuthenticationError("a"), PermissionDeniedError("p"), ValueError("v")):
+        assert not retry.is_temp_failure(exc), exc
+    # ... and neither layer keeps a classifier of its own
+    assert not hasattr(http, "is_temp_failure") and fetch.is_temp_failure is retry.is_temp_failure
+
+
+def test_atomic_write_replaces_whole_or_not_at_all(tmp_path) -> None:
+    import os
+    import stat
+
+    import pytest
+
+    from client.atomic import atomic_write
+
+    dest = tmp_path / "d" / "file.json"
+    with atomic_write(dest, mode=0o600) as f:
+        f.write(b"one")
+    assert dest.read_bytes() == b"one" and stat.S_IMODE(dest.stat().st_mode) == 0o600
+    with pytest.raises(RuntimeError), atomic_write(dest) as f:
+        f.write(b"half of tw")
+        raise RuntimeError("the writer failed")
+    assert dest.read_bytes() == b"one"  # untouched
+    with atomic_write(dest, tmp_dir=tmp_path / "tmp") as f:
+        f.write(b"two")
+    assert dest.read_bytes() == b"two"
+    assert os.listdir(dest.parent) == ["file.json"] and os.listdir(tmp_path / "tmp") == []  # no temp left
+
+
+def test_every_writer_replaces_files_through_the_atomic_helper() -> None:
+    """``os.replace`` appears only in client/atomic.py and where a writer renames something the
+    helper does not write: a directory, a file it hands back, or an object whose index row and
+    verified marker go with the rename."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    allowed = {
+        "client/atomic.py",
+        "client/cache.py",            # index row before the rename, marker on the temp file, give-back
+        "mountfs/drafts.py",          # a draft directory made whole, then renamed into place
+        "mountfs/draft_store.py",     # a staged file copied up under the draft's lock
+    }
+    users = sorted(str(p.relative_to(root)) for pkg in ("client", "mountfs", "server")
+                   for p in (root / pkg).rglob("*.py") if re.search(r"\bos\.(replace|rename)\(", p.read_text()))
+    assert [u for u in users if u not in allowed] == []
+
+
+def test_md5_of_a_descriptor_or_a_stream_is_the_one_of_the_file(tmp_path) -> None:
+    import os
+
+    from client.hashing import md5_bytes, md5_chunks, md5_fd, md5_file
+
+    data = os.urandom(3 * (1 << 20) + 17)
+    path = tmp_path / "blob"
+    path.write_bytes(data)
+    seen: list[bytes] = []
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.lseek(fd, 5, os.SEEK_SET)
+        assert md5_fd(fd, also=seen.append) == md5_file(path) == md5_bytes(data)
+        assert os.lseek(fd, 0, os.SEEK_CUR) == 5  # pread: the offset is the caller's
+        assert md5_fd(fd, 100) == md5_bytes(data[:100])
+    finally:
+        os.close(fd)
+    assert b"".join(seen) == data
+    assert md5_chunks([data[:10], data[10:]]) == md5_bytes(data)
+
+
+def test_one_answer_to_whose_blob_space_holds_a_version(tmp_path) -> None:
+    """A linked version reads its source's blobs: the SDK, the drive and references agree."""
+    from client import Api, Artifact
+    from client.live_run import init
+    from client.transfer import ARTIFACT_REF_SCHEME, artifact_ref_entity
+
+    src = tmp_path / "f.txt"
+    src.write_bytes(b"payload")
+    with init(entity="team", project="p") as run:
+        art = Artifact("ds", "dataset")
+        art.add_file(src)
+        logged = run.log_artifact(art)
+        logged.wait()
+        linked = logged.link("other/p2/portfolio")
+    rec = linked._record if linked is not None else Api().artifact("other/p2/portfolio:latest")._record
+    assert rec.entity == "other" and rec.blob_entity == "team"
+    assert artifact_ref_entity(logged._store, f"{ARTIFACT_REF_SCHEME}{rec.id}/f.txt") == "team"
+
+
+def test_one_database_url_normaliser_for_the_registry_and_the_server() -> None:
+    from client.registry import core
+    from server import auth
+
+    assert not hasattr(auth, "normalise_db_url")  # the server's engines come from core.make_engine
+    for url in ("postgresql://u@h/db", "postgres://u@h/db"):
+        assert core.normalise_db_url(url) == "postgresql+psycopg://u@h/db"
+        engine = core.make_engine(url)  # no connection is made until used
+        assert engine.dialect.name == "postgresql" and engine.dialect.driver == "psycopg"
+        engine.dispose()
+    assert core.normalise_db_url("sqlite:////x/y.db") == "sqlite:////x/y.db"
+
+
+def test_a_server_binds_port_0_and_the_fixture_reads_its_port(tmp_path) -> None:
+    """No free_port(): the port is the one the server bound (read from /proc), never one chosen
+    before and possibly taken by someone else meanwhile."""
+    import subprocess
+    import sys
+
+    import requests
+
+    from tests.server_fixtures import listening_port, stop_process
+
+    (tmp_path / "marker.txt").write_text("this very server")
+    log = tmp_path / "http.log"
+    proc = subprocess.Popen([sys.executable, "-m", "http.server", "0", "--bind", "127.0.0.1"], cwd=tmp_path,
+                            stdout=open(log, "wb"), stderr=subprocess.STDOUT)
+    try:
+        port = listening_port(proc, log)
+        assert 0 < port < 65536
+        assert requests.get(f"http://127.0.0.1:{port}/marker.txt", timeout=10).text == "this very server"
+    finally:
+        stop_process(proc)
+
+
+def test_the_inprocess_server_credentials_end_with_the_test(tmp_path, monkeypatch) -> None:
+    import os
+
+    import pytest
+    import requests
+
+    from tests.server_fixtures import start_inprocess_server
+
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID", raising=False)
+    with pytest.MonkeyPatch.context() as scoped:
+        srv = start_inprocess_server(scoped, f"sqlite:///{tmp_path / 'r.db'}", str(tmp_path / "blobs"))
+        try:
+            assert os.environ["AWS_ACCESS_KEY_ID"] == "testing"
+            assert requests.get(srv.url + "/healthz", timeout=10).status_code == 200
+        finally:
+            srv.stop()
+    assert "AWS_ACCESS_KEY_ID" not in os.environ  # nothing leaks into the tests after it

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,6 @@ from client.cache import Cache
 from client.hashing import md5_bytes
 from client.store.local import LocalStore
 from tests.mount_helpers import mounted, requires_fuse
-from tests.server_fixtures import free_port
 from tests.util import commit_files
 
 pytestmark = [requires_fuse, pytest.mark.fuse, pytest.mark.timeout(120)]
@@ -45,9 +45,12 @@ def test_mount_metrics_count_requests_cache_fetches_and_errors(tmp_path: Path) -
     store = LocalStore(tmp_path / "store")
     commit_files(store, tmp_path, {"small.bin": small, "big.bin": big})
     store.close()
-    port = free_port()
-    # local_blobs=False: read through the ranged store path every remote store takes
-    with mounted(tmp_path / "store", tmp_path, local_blobs=False, metrics_port=port) as m:
+    # local_blobs=False: read through the ranged store path every remote store takes; port 0:
+    # the daemon binds a free port and names it in its log (no port chosen before it is bound)
+    with mounted(tmp_path / "store", tmp_path, local_blobs=False, metrics_port=0) as m:
+        found = re.search(r"metrics at http://127\.0\.0\.1:(\d+)/metrics", m.log_text())
+        assert found, m.log_text()[-2000:]
+        port = int(found.group(1))
         version = m.path / "ent" / "proj" / "ds:v0"
         assert sorted(os.listdir(version)) == ["big.bin", "small.bin"]  # the manifest is fetched here
         before, stats_before = _scrape(port), m.stats()

@@ -6,7 +6,6 @@ version.  The registry rules also run here on a real PostgreSQL (the lead's rule
 from __future__ import annotations
 
 import hashlib
-import inspect
 import logging
 import os
 import time
@@ -24,7 +23,8 @@ from client.manifest import Manifest, ManifestEntry
 from client.store.base import CommitRequest
 from tests.server_fixtures import (CuttingProxy, SharedRegistry, make_store, moto_s3, new_factory,  # noqa: F401
                                    postgres, registry)
-from tests.util import commit_files, upload_bytes
+import tests.test_registry as registry_rules
+from tests.util import commit_files, run_rule, store_rules, upload_bytes
 
 pytestmark = pytest.mark.timeout(120)
 FAST = {"attempts": 3, "backoff": 0.02}
@@ -281,17 +281,10 @@ def test_openapi_description_lists_the_api(registry: SharedRegistry) -> None:
 
 
 # -- the registry rules on a real PostgreSQL ---------------------------------------------------
-def _rule_tests() -> list:  # type: ignore[type-arg]
-    try:
-        import tests.test_registry as rules
-    except ImportError:
-        return []
-    return [f for name, f in sorted(vars(rules).items()) if name.startswith("test_") and callable(f)
-            and list(inspect.signature(f).parameters) == ["local_store", "tmp_path"]]
-
-
 @pytest.mark.postgres
-@pytest.mark.parametrize("rule", _rule_tests(), ids=lambda f: f.__name__.removeprefix("test_"))
+@pytest.mark.parametrize("rule", store_rules(registry_rules, {
+    "test_concurrent_writers_get_gapless_versions": "8 processes on an embedded store (SQLite locking)"}),
+    ids=lambda f: f.__name__.removeprefix("test_"))
 def test_registry_rule_on_postgresql(rule, postgres, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]  # noqa: F811
     """The core's rule tests (tests/test_registry.py), with the registry on PostgreSQL."""
     from client.registry import Registry
@@ -301,7 +294,7 @@ def test_registry_rule_on_postgresql(rule, postgres, tmp_path: Path) -> None:  #
     store.registry.close()
     store.registry = Registry(postgres.new_database(), store.blobs)
     try:
-        rule(store, tmp_path)
+        run_rule(rule, store, tmp_path)
     finally:
         store.close()
 

@@ -47,8 +47,8 @@ def test_zero_byte_blob_uploads_downloads_and_commits_through_the_store(registry
     store.put_blob(user, EMPTY_MD5, empty, 0)
     assert store.missing_blobs(user, [EMPTY_MD5]) == set()
     store.put_blob(user, EMPTY_MD5, empty, 0)  # again: already there, a no-op
-    # a fresh plan (no cached one from missing_blobs) on another entity, from memory
-    store.put_bytes(other, EMPTY_MD5, b"")
+    # a fresh plan (no cached one from missing_blobs) on another entity
+    store.put_blob(other, EMPTY_MD5, empty, 0)
     assert store.missing_blobs(other, [EMPTY_MD5]) == set()
 
     assert store.read_blob(user, EMPTY_MD5) == b""
@@ -60,7 +60,8 @@ def test_zero_byte_blob_uploads_downloads_and_commits_through_the_store(registry
     manifest = Manifest([ManifestEntry("pkg/__init__.py", hex_to_b64(EMPTY_MD5), 0),
                          ManifestEntry("_SUCCESS", hex_to_b64(EMPTY_MD5), 0)]).to_bytes()
     manifest_md5 = md5_bytes(manifest)
-    store.put_bytes(user, manifest_md5, manifest)
+    (tmp_path / "manifest").write_bytes(manifest)
+    store.put_blob(user, manifest_md5, tmp_path / "manifest", len(manifest))
     version, created = store.commit(CommitRequest(user, "proj", "ds", "dataset", manifest_md5))
     assert created and version.version == "v0"
 
@@ -399,7 +400,8 @@ def test_readyz_fails_while_the_blob_backend_or_database_is_down(backend: str, r
         moto = start_moto(tmp_path)  # our own S3, so this test may stop it
         factory = new_factory("sqlite-local", request, tmp_path)
         factory.db_url, blobs = pg.new_database(), f"s3://{moto.new_bucket()}/blobs"
-    srv = start_inprocess_server(factory.db_url, blobs, moto.url if moto else None)
+    srv = start_inprocess_server(request.getfixturevalue("monkeypatch"), factory.db_url, blobs,
+                                 moto.url if moto else None)
     try:
         ok = requests.get(srv.url + "/readyz", timeout=30)
         assert ok.status_code == 200, ok.text
@@ -429,8 +431,8 @@ def test_readyz_fails_while_the_blob_backend_or_database_is_down(backend: str, r
             stop_process(moto.proc)
 
 
-def test_access_and_audit_logs_name_who_did_what_without_secrets(tmp_path: Path,
-                                                                  caplog: pytest.LogCaptureFixture) -> None:
+def test_access_and_audit_logs_name_who_did_what_without_secrets(tmp_path: Path, caplog: pytest.LogCaptureFixture,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     import json
     import logging
 
@@ -438,7 +440,7 @@ def test_access_and_audit_logs_name_who_did_what_without_secrets(tmp_path: Path,
     from tests.server_fixtures import start_inprocess_server
     from tests.util import commit_files
 
-    srv = start_inprocess_server(f"sqlite:///{tmp_path / 'r.db'}", str(tmp_path / "blobs"))
+    srv = start_inprocess_server(monkeypatch, f"sqlite:///{tmp_path / 'r.db'}", str(tmp_path / "blobs"))
     caplog.set_level(logging.INFO, logger="artifactfs")
     try:
         key = srv.user("auditor")

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Callable
+from typing import Any
+
 from client.hashing import hex_to_b64, md5_bytes
 from client.manifest import Manifest, ManifestEntry
 from client.store.base import CommitRequest, Store, VersionRecord
@@ -33,3 +37,26 @@ def write_tree(root, files: dict[str, bytes]):
         p.parent.mkdir(parents=True, exist_ok=True)
         p.write_bytes(data)
     return root
+
+
+def store_rules(module: Any, exclude: dict[str, str]) -> list[Callable[..., None]]:
+    """Every ``test_`` function of ``module`` that is a rule of the Store protocol (it takes
+    ``local_store`` and maybe ``tmp_path``), less ``exclude`` (name -> why not).  Any other
+    test there must be excluded by name with a reason, so no rule is left out silently."""
+    unknown = set(exclude) - set(vars(module))
+    assert not unknown, f"excluded rules that do not exist: {sorted(unknown)}"
+    picked = []
+    for name, fn in sorted(vars(module).items()):
+        if not (name.startswith("test_") and callable(fn)) or name in exclude:
+            continue
+        params = set(inspect.signature(fn).parameters)
+        assert "local_store" in params and params <= {"local_store", "tmp_path"}, (
+            f"{module.__name__}.{name} takes {sorted(params)}: make it a store rule or exclude it with a reason")
+        picked.append(fn)
+    return picked
+
+
+def run_rule(rule: Callable[..., None], store: Store, tmp_path: Any) -> None:
+    """Call a rule of :func:`store_rules` with ``store`` as its ``local_store``."""
+    params = inspect.signature(rule).parameters
+    rule(**{k: v for k, v in (("local_store", store), ("tmp_path", tmp_path)) if k in params})

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import posixpath
-import uuid
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Iterator, Protocol
 from urllib.parse import unquote, urlparse
 
+from ..atomic import atomic_write
 from ..errors import ArtifactFSError, DigestMismatchError, InvalidPathError, NotFoundError
 from ..hashing import b64_to_hex, hex_to_b64
 from ..manifest import ManifestEntry
@@ -99,18 +98,10 @@ def _parse_bucket_uri(uri: str) -> tuple[str, str, str | None]:
 
 @contextmanager
 def _atomic_dest(dest: Path) -> Iterator[IO[bytes]]:
-    """Write to a unique ``*.incomplete`` file beside ``dest`` and rename it into place on success,
-    so a reader never sees a half-written or unverified file (the huggingface_hub pattern)."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.parent / f".{dest.name}.{uuid.uuid4().hex[:12]}.incomplete"
-    try:
-        with open(tmp, "wb") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, dest)
-    finally:
-        tmp.unlink(missing_ok=True)
+    """The fetched bytes, renamed into place on success (:mod:`client.atomic`), so a reader never
+    sees a half-written or unverified file."""
+    with atomic_write(dest) as f:
+        yield f
 
 
 

@@ -61,10 +61,16 @@ def _aware(value: dt.datetime) -> dt.datetime:
     return value if value.tzinfo else value.replace(tzinfo=dt.timezone.utc)
 
 
+def normalise_db_url(url: str) -> str:
+    """``postgresql://`` (or ``postgres://``) -> ``postgresql+psycopg://``: psycopg 3 is the driver we ship."""
+    if url.startswith(("postgresql://", "postgres://")):
+        return "postgresql+psycopg://" + url.split("://", 1)[1]
+    return url
+
+
 def make_engine(db_url: str) -> Engine:
     """An engine with the per-dialect settings the rules rely on."""
-    if db_url.startswith("postgresql://"):
-        db_url = "postgresql+psycopg://" + db_url[len("postgresql://"):]
+    db_url = normalise_db_url(db_url)
     if db_url.startswith("sqlite"):
         engine = sa.create_engine(db_url, connect_args={"timeout": 60, "check_same_thread": False})
 

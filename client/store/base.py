@@ -65,6 +65,12 @@ class VersionRecord:
         return f"v{self.index}"
 
     @property
+    def blob_entity(self) -> str:
+        """Whose blob space holds the manifest and files: a version linked into a portfolio or
+        registry shares its source's blobs, which live under the source entity."""
+        return self.source_entity or self.entity
+
+    @property
     def qualified_name(self) -> str:
         return f"{self.entity}/{self.project}/{self.collection}:v{self.index}"
 

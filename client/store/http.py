@@ -5,9 +5,9 @@ download *plan* says: with an S3 backend that is a presigned S3 URL, so bytes ne
 the server (and the mount's ranged reads hit S3 directly); with a local-directory backend it is a
 short-lived URL the server signed for itself.
 
-Failure handling lives in two functions: :func:`is_temp_failure` says whether an exception is
-worth another attempt (connection refused or reset, timeouts, truncated bodies, 429/502/503/504),
-and :func:`retrying` is the one retry loop (exponential backoff with jitter).  A call that is not
+Failure handling lives in two functions: :func:`client.retry.is_transport_failure` says whether
+an exception is worth another attempt (connection refused or reset, timeouts, truncated bodies,
+429/502/503/504: :class:`TransientHTTPError`), and :func:`retrying` runs the one retry loop (exponential backoff with jitter).  A call that is not
 idempotent (a commit) is retried only when the request provably never reached the server (the
 connection was refused), so a retry can never create a second version.  When the attempts run
 out, the caller gets :class:`~client.errors.StoreUnavailableError`.
@@ -38,13 +38,13 @@ import requests.adapters
 import urllib3.exceptions
 from cachetools import TLRUCache
 
-from .. import settings
+from .. import names, settings
 from ..errors import (ArtifactFSError, DigestMismatchError, PermissionDeniedError, StoreUnavailableError,
                       error_from_code)
 from ..blockmap import BlockMap
 from ..hashing import md5_bytes
 from ..names import validate_run_dict
-from ..retry import DeadlineExceeded, RetryPolicy, attempt_timeout
+from ..retry import DeadlineExceeded, RetryPolicy, TemporaryFailure, attempt_timeout, is_transport_failure
 from .base import STREAM_CHUNK, CollectionRecord, CommitRequest, RunFileRecord, RunRecord, VersionRecord
 
 log = logging.getLogger(__name__)
@@ -130,23 +130,13 @@ def run_file_from_json(d: dict[str, Any]) -> RunFileRecord:
 
 
 # -- retries ----------------------------------------------------------------------------------
-class TransientHTTPError(Exception):
+class TransientHTTPError(TemporaryFailure):
     """A response that says "try again" (429, 500, 502, 503, 504: S3 documents InternalError
     and SlowDown as retryable) or a body cut short."""
 
 
-class _NotSent(Exception):
+class _NotSent(TemporaryFailure):
     """Wraps a failure that happened before the request reached the server (safe to retry)."""
-
-
-def is_temp_failure(exc: BaseException) -> bool:
-    """Whether another attempt may succeed: the network or the server hiccupped, not the request."""
-    if isinstance(exc, (TransientHTTPError, _NotSent, DeadlineExceeded)):
-        return True
-    if isinstance(exc, (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError,
-                        requests.exceptions.ContentDecodingError, urllib3.exceptions.ProtocolError)):
-        return True
-    return False
 
 
 def _never_sent(exc: BaseException) -> bool:
@@ -162,7 +152,7 @@ def _never_sent(exc: BaseException) -> bool:
 
 def retrying(fn: Callable[..., T]) -> Callable[..., T]:
     """Run a method of HttpStore under its :class:`~client.retry.RetryPolicy` (``self.policy``):
-    retried while :func:`is_temp_failure` says so, within the policy's total time bound.
+    retried while :func:`~client.retry.is_transport_failure` says so, within the policy's total time bound.
     Gives up with StoreUnavailableError."""
 
     @functools.wraps(fn)
@@ -171,7 +161,7 @@ def retrying(fn: Callable[..., T]) -> Callable[..., T]:
             cause = exc.__cause__ if isinstance(exc, _NotSent) and exc.__cause__ else exc
             return StoreUnavailableError(f"registry at {self.location} unreachable after {attempts} attempts: {cause}")
 
-        return self.policy.call(lambda: fn(self, *args, **kwargs), is_temp=is_temp_failure, give_up=give_up,
+        return self.policy.call(lambda: fn(self, *args, **kwargs), is_temp=is_transport_failure, give_up=give_up,
                                 what=fn.__name__, logger=log)
 
     return wrapper
@@ -454,6 +444,9 @@ class HttpStore:
         return self._get(f"{API}/entities/{_q(entity)}/default-ttl")["ttl_seconds"]
 
     def create_project(self, entity: str, project: str) -> None:
+        # a name with "/" would route to another URL (a 404): refuse it as the embedded store does
+        names.validate_entity(entity)
+        names.validate_project(project)
         self._call("PUT", self._project(entity, project))
 
     def gc_expired(self) -> list[VersionRecord]:
@@ -564,20 +557,6 @@ class HttpStore:
                     self._call("POST", f"{self._blob(entity, md5_hex)}/complete", {"size": size})
 
         self._upload_by_plan(entity, md5_hex, size, upload)
-
-    def put_bytes(self, entity: str, md5_hex: str, data: bytes) -> None:
-        """Upload small content (a manifest) from memory."""
-        if md5_bytes(data) != md5_hex:
-            raise DigestMismatchError(f"data does not have md5 {md5_hex}")
-
-        def upload(plan: dict[str, Any]) -> None:
-            if plan["method"] != "put":
-                raise ArtifactFSError("server asked for a multipart upload of in-memory bytes")
-            self._put_data(plan, data)
-            if plan.get("complete", True):
-                self._call("POST", f"{self._blob(entity, md5_hex)}/complete", {"size": len(data)})
-
-        self._upload_by_plan(entity, md5_hex, len(data), upload)
 
     def _upload_by_plan(self, entity: str, md5_hex: str, size: int,
                         upload: Callable[[dict[str, Any]], None]) -> None:
@@ -769,7 +748,7 @@ class HttpStore:
         except ArtifactFSError:
             raise
         except Exception as exc:  # noqa: BLE001 - classified: worth another attempt or not
-            if is_temp_failure(exc):
+            if is_transport_failure(exc):
                 raise StoreUnavailableError(f"reading blob {md5_hex} [{rng}]: {exc}") from exc
             raise
 

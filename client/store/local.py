@@ -165,13 +165,6 @@ class LocalStore:
         """Block maps of these blobs (client/blockmap.py); blobs without one are left out."""
         return self.registry.blockmaps(entity, md5_hexes)
 
-    def put_bytes(self, entity: str, md5_hex: str, data: bytes) -> None:
-        """Upload small content (a manifest) without a temp file."""
-        import io
-
-        written = self.blobs.put_stream(entity, md5_hex, io.BytesIO(data))
-        self.registry.register_blob(entity, md5_hex, written)
-
     def read_blob(self, entity: str, md5_hex: str, start: int = 0, length: int | None = None,
                   progress: Callable[[int], None] | None = None) -> bytes:
         data = self.blobs.read(entity, md5_hex, start, length)
