@@ -31,12 +31,11 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
 
+from client.atomic import atomic_write
 from client.hashing import hex_to_b64, is_md5_hex
 from client.manifest import ManifestEntry
 from client.references import is_uri_digest, read_reference_range
@@ -123,12 +122,5 @@ class RefIdentities:
             return
         path = self._path(key)
         with contextlib.suppress(OSError):  # an optimisation: a failure costs a refetch
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=".", dir=path.parent)
-            try:
-                with os.fdopen(fd, "w") as f:
-                    f.write(md5_hex)
-                os.replace(tmp, path)
-            finally:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(tmp)
+            with atomic_write(path, durable=False) as f:  # a hint: a lost one is rebuilt
+                f.write(md5_hex.encode())

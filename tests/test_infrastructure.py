@@ -81,6 +81,7 @@ def test_every_writer_replaces_files_through_the_atomic_helper() -> None:
         "client/cache.py",            # index row before the rename, marker on the temp file, give-back
         "mountfs/drafts.py",          # a draft directory made whole, then renamed into place
         "mountfs/draft_store.py",     # a staged file copied up under the draft's lock
+        "client/transfer.py",         # a symbolic link made beside its target, renamed over it
     }
     users = sorted(str(p.relative_to(root)) for pkg in ("client", "mountfs", "server")
                    for p in (root / pkg).rglob("*.py") if re.search(r"\bos\.(replace|rename)\(", p.read_text()))
