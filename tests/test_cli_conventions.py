@@ -674,5 +674,6 @@ def test_auto_unmount_removes_the_mount_when_the_daemon_is_killed(tmp_path: Path
         assert _in_proc_mounts(mp)
         with pytest.raises(OSError) as err:
             os.listdir(mp)
-        assert err.value.errno == errno.ENOTCONN
+        # ENOTCONN once the connection is gone; ECONNABORTED if the kernel marked it aborted
+        assert err.value.errno in (errno.ENOTCONN, errno.ECONNABORTED)
         subprocess.run(["fusermount3", "-uz", str(mp)], capture_output=True)
