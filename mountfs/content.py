@@ -544,7 +544,13 @@ class ContentReader:
         while True:
             self._prepare(obj)
             if obj.bad:
-                raise FetchError(f"{obj.ref.path}: the store's blob {obj.ref.md5} failed verification")
+                # Blocks this object already verified against the block map stay servable: a
+                # read(2) the kernel split into several requests then never comes back short
+                # because another request found the bad block in between.
+                known = obj.reader
+                if known is None or not known.present(off, size) or not known.blocks.ready(off, size):
+                    raise FetchError(f"{obj.ref.path}: the store's blob {obj.ref.md5} failed verification")
+                return known.blocks.read(off, min(size, obj.ref.size - off))
             data, fd, reader = obj.data, obj.fd, obj.reader
             if data is not None:
                 return data[off:off + size]
@@ -652,9 +658,11 @@ class ContentReader:
     def _stream_reader(self, ref: FileRef, bm: BlockMap) -> BlockReader:
         """Blocks through a small verified in-memory window, never cached (no room for it)."""
         cfg = self.config
-        blocks = StreamBlocks(bm, max(_STREAM_WINDOW, 2 * cfg.readahead_max) // cfg.block_size)
+        blocks = StreamBlocks(bm, _STREAM_WINDOW // cfg.block_size)
+        # readahead reaches at most a third of the window: what it fetches is still there when read
         return BlockReader(ref.size, lambda start, length: self.fetch_range(ref.entity, ref.md5, start, length),
-                           blocks, block_size=cfg.block_size, max_request=cfg.max_request, executor=self._executor)
+                           blocks, block_size=cfg.block_size, max_request=cfg.max_request, executor=self._executor,
+                           max_ahead=_STREAM_WINDOW // 3)
 
     def _prepare(self, obj: _Object) -> None:
         """Give ``obj`` its content source: bytes, a complete object's fd, or a block reader."""
