@@ -233,7 +233,7 @@ class _Object:
         self.partial_hold: PartialHold | None = None  #: counts the partial file in the cache bound
         self.blob: BlobBlocks | None = None  #: a local store blob served in place
         self.blob_stat: os.stat_result | None = None
-        self.bad = False  #: the blob hashed to something else: every read fails
+        self.bad = False  #: the blob hashed to something else: reads fail, except of blocks verified before
         self.source = ""  #: "cache", "store" (a blob in place), "partial" or "stream"
         self.skip_cache = False  #: the cached object failed verification: use the store
         self.whole_pending = False  #: no block map: the whole object is md5-checked first
