@@ -63,6 +63,7 @@ from .fetch import (BlockReader, EvictedBlockError, FetchConfig, FetchError, MiB
 from .metrics import FetchMetrics
 from .namespace import SIBLING_BATCH, FileRef
 from .ref_source import RefIdentities
+from .sibling_prefetch import SiblingPrefetch
 
 log = logging.getLogger(__name__)
 
@@ -160,90 +161,6 @@ def _same_file(a: os.stat_result, b: os.stat_result) -> bool:
     return (a.st_dev, a.st_ino, a.st_size, a.st_mtime_ns) == (b.st_dev, b.st_ino, b.st_size, b.st_mtime_ns)
 
 
-class SiblingPrefetch:
-    """Small files fetched ahead of a reader that walks a directory (bounded).
-
-    A directory counts as walked when a small file is read after one listed before it.  Then
-    the next ``AHEAD`` small siblings are fetched (``PARALLEL`` at a time, each md5-checked and
-    installed into the cache like any small object); a reader that opens one of them gets its
-    bytes from here (waiting for a fetch in flight) instead of a second request.  Each sibling
-    is considered once per walk; at most ``KEEP`` fetched objects wait in memory for their reader.
-    """
-
-    AHEAD = 16
-    PARALLEL = 8
-    MAX_SIZE = 512 << 10  #: larger siblings are not fetched ahead
-    KEEP = 64
-
-    def __init__(self, content: "ContentReader") -> None:
-        self.content = content
-        self._lock = threading.Lock()
-        #: directory -> (last row id read, last row id considered for prefetch)
-        self._walks: LRUCache[tuple[str, int], tuple[int, int]] = LRUCache(maxsize=256)
-        self._ahead: LRUCache[str, Future[bytes]] = LRUCache(maxsize=self.KEEP)
-        self._inflight = 0
-        self.fetched = 0  #: objects fetched ahead of a reader (stats)
-        self._pool = ThreadPoolExecutor(self.PARALLEL, thread_name_prefix="artifactfs-ahead")
-
-    def shutdown(self) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=True)  # small fetches: let running ones land
-
-    def take(self, md5: str, wait: bool = True) -> bytes | None:
-        """The verified bytes of ``md5`` if it was fetched ahead (``wait``: for a fetch in flight)."""
-        with self._lock:
-            fut = self._ahead.get(md5)
-            if fut is None or not (wait or fut.done()):
-                return None
-            del self._ahead[md5]
-            if fut.cancel():  # not started yet: the reader is quicker fetching it itself
-                self._inflight -= 1
-                return None
-        try:
-            return fut.result(timeout=self.content.config.timeout)
-        except Exception:  # noqa: BLE001 - the reader fetches it itself (and reports a failure)
-            return None
-
-    def advance(self, ref: FileRef) -> None:
-        """``ref`` (a small file) was just read: when that walks its directory, fetch ahead."""
-        if ref.directory is None:
-            return
-        key, row = ref.directory[:2], ref.directory[2]
-        with self._lock:
-            last, seen = self._walks.get(key, (row, row))
-            self._walks[key] = (row, max(seen, row))
-            if row <= last or self._inflight >= self.PARALLEL:
-                return  # not (yet) a forward walk, or enough in flight
-        content = self.content
-        top = seen  #: the last sibling dealt with (fetched, cached, or not worth fetching)
-        for rid, md5, size in content._siblings(ref, limit=self.AHEAD + 1):
-            if rid <= seen or md5 == ref.md5:
-                continue
-            if size <= self.MAX_SIZE and content.cache.lookup(md5, size) is None:
-                with self._lock:
-                    if self._inflight >= self.PARALLEL:
-                        break  # the next read continues from here
-                    if md5 not in self._ahead:
-                        self._inflight += 1
-                        self._ahead[md5] = self._pool.submit(self._fetch, ref.entity, md5, size)
-            top = rid
-        with self._lock:
-            last_now, seen_now = self._walks.get(key, (row, row))
-            self._walks[key] = (last_now, max(top, seen_now))
-
-    def _fetch(self, entity: str, md5: str, size: int) -> bytes:
-        try:
-            data = self.content.fetch_range(entity, md5, 0, size)
-            if hashlib.md5(data, usedforsecurity=False).hexdigest() != md5:
-                raise FetchError(f"the store returned wrong bytes for {md5}")
-            self.content._install_later(md5, data)
-            with self._lock:
-                self.fetched += 1
-            return data
-        finally:
-            with self._lock:
-                self._inflight -= 1
-
-
 class _Object:
     """One md5's content while at least one file handle has it open."""
 
@@ -257,7 +174,7 @@ class _Object:
         self.partial_hold: PartialHold | None = None  #: counts the partial file in the cache bound
         self.blob: BlobBlocks | None = None  #: a local store blob served in place
         self.blob_stat: os.stat_result | None = None
-        self.bad = False  #: the blob hashed to something else: every read fails
+        self.bad = False  #: the blob hashed to something else: reads fail, except of blocks verified before
         self.source = ""  #: "cache", "store" (a blob in place), "partial" or "stream"
         self.skip_cache = False  #: the cached object failed verification: use the store
         self.whole_pending = False  #: no block map: the whole object is md5-checked first
@@ -642,7 +559,13 @@ class ContentReader:
         while True:
             self._prepare(obj)
             if obj.bad:
-                raise FetchError(f"{obj.ref.where}: the store's blob {obj.ref.md5} failed verification")
+                # Blocks this object already verified against the block map stay servable: a
+                # read(2) the kernel split into several requests then never comes back short
+                # because another request found the bad block in between.
+                known = obj.reader
+                if known is None or not known.present(off, size) or not known.blocks.ready(off, size):
+                    raise FetchError(f"{obj.ref.where}: the store's blob {obj.ref.md5} failed verification")
+                return known.blocks.read(off, min(size, obj.ref.size - off))
             data, fd, reader = obj.data, obj.fd, obj.reader
             if data is not None:
                 return data[off:off + size]
@@ -752,9 +675,10 @@ class ContentReader:
     def _stream_reader(self, ref: FileRef, bm: BlockMap) -> BlockReader:
         """Blocks through a small verified in-memory window, never cached (no room for it)."""
         cfg = self.config
-        blocks = StreamBlocks(bm, max(_STREAM_WINDOW, 2 * cfg.readahead_max) // cfg.block_size)
+        blocks = StreamBlocks(bm, _STREAM_WINDOW // cfg.block_size)
+        # readahead reaches at most a third of the window: what it fetches is still there when read
         return BlockReader(ref.size, self._fetcher(ref), blocks, block_size=cfg.block_size,
-                           max_request=cfg.max_request, executor=self._executor)
+                           max_request=cfg.max_request, executor=self._executor, max_ahead=_STREAM_WINDOW // 3)
 
     def _prepare(self, obj: _Object) -> None:
         """Give ``obj`` its content source: bytes, a complete object's fd, or a block reader."""

@@ -443,11 +443,14 @@ class BlockReader:
     def __init__(self, size: int, fetcher: Fetcher, blocks: BlockStorage, *,
                  block_size: int, max_request: int, executor: ThreadPoolExecutor,
                  on_complete: Callable[[], None] | None = None,
-                 streamer: Streamer | None = None, max_stream: int = 0) -> None:
+                 streamer: Streamer | None = None, max_stream: int = 0, max_ahead: int = 0) -> None:
         self.size, self.fetcher, self.blocks = size, fetcher, blocks
         self.block_size = block_size
         self.max_blocks = max(1, max_request // block_size)
         self.streamer = streamer
+        #: the most one prefetch reaches ahead (0: as far as the window says); a storage that
+        #: holds only a small window (StreamBlocks) must not be filled past what it keeps
+        self.max_ahead = max_ahead
         #: blocks of the largest streamed request (readahead only; reads use ``fetcher``)
         self.stream_blocks = max(self.max_blocks, max_stream // block_size) if streamer is not None else self.max_blocks
         self.executor = executor
@@ -615,6 +618,8 @@ class BlockReader:
         With a streamer, requests are as large as the window (``size``), up to
         ``stream_blocks``: a growing window makes growing requests.
         """
+        if self.max_ahead:
+            size = min(size, self.max_ahead)
         rng = self._block_range(off, size)
         if rng is None:
             return
