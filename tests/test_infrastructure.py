@@ -79,6 +79,10 @@ def test_every_writer_replaces_files_through_the_atomic_helper() -> None:
     allowed = {
         "client/atomic.py",
         "client/cache.py",            # index row before the rename, marker on the temp file, give-back
+        # a blob is marked verified on its temp file, then chmod 0444 and renamed; written through
+        # atomic_write instead, test_corrupt_store_blob_gives_eio_and_is_remembered turned flaky
+        # (a short read once the mount's promotion found the corrupt blob): kept as it was
+        "client/registry/blobs.py",
         "mountfs/drafts.py",          # a draft directory made whole, then renamed into place
         "mountfs/draft_store.py",     # a staged file copied up under the draft's lock
         "client/transfer.py",         # a symbolic link made beside its target, renamed over it

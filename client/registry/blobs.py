@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, Protocol
@@ -23,7 +24,6 @@ from typing import TYPE_CHECKING, BinaryIO, Protocol
 if TYPE_CHECKING:
     from _typeshed import SupportsRead
 
-from ..atomic import atomic_write
 from ..blockmap import BlockHasher
 from ..cache import has_verified_marker, set_verified_marker
 from ..errors import DigestMismatchError, InvalidNameError, NotFoundError
@@ -79,25 +79,34 @@ class LocalBlobBackend:
         ``progress(n)`` is told each chunk's length (it may raise to stop the copy).
         """
         dest = self.path(entity, md5_hex)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        h = hashlib.md5(usedforsecurity=False)
-        size = 0
-        with atomic_write(dest, mode=0o444, tmp_dir=self.root / ".tmp") as out:
-            while chunk := stream.read(1 << 20):
-                h.update(chunk)
-                if hasher is not None:
-                    hasher.update(chunk)
-                out.write(chunk)
-                size += len(chunk)
-                if progress is not None:
-                    progress(len(chunk))
+        fd, tmp = tempfile.mkstemp(dir=self.root / ".tmp", prefix=md5_hex + ".")
+        try:
+            h = hashlib.md5(usedforsecurity=False)
+            size = 0
+            with os.fdopen(fd, "wb") as out:
+                while chunk := stream.read(1 << 20):
+                    h.update(chunk)
+                    if hasher is not None:
+                        hasher.update(chunk)
+                    out.write(chunk)
+                    size += len(chunk)
+                    if progress is not None:
+                        progress(len(chunk))
+                out.flush()
+                os.fsync(out.fileno())
+                if h.hexdigest() == md5_hex:
+                    set_verified_marker(out.fileno(), md5_hex, durable=True)
             if h.hexdigest() != md5_hex:
                 raise DigestMismatchError(
                     f"upload for {md5_hex} has md5 {h.hexdigest()}: the data changed or was corrupted in transit; retry"
                 )
-            out.flush()
-            set_verified_marker(out.fileno(), md5_hex)  # syncs the data first
-        return size
+            os.chmod(tmp, 0o444)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(tmp, dest)
+            return size
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
 
     def intact(self, entity: str, md5_hex: str, hasher: BlockHasher | None = None) -> bool:
         """Whether the blob file exists and hashes to its name (by its marker, else re-hashed).
