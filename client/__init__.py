@@ -15,14 +15,17 @@ from .api import Api
 from .artifact import Artifact, ArtifactManifestEntry, ArtifactTTL
 from .errors import (ArtifactFinalizedError, ArtifactFSError, ArtifactNotLoggedError, DigestMismatchError,
                      NotFoundError)
-from .live_run import Run, current_run, finish, init, log_artifact, login, save, use_artifact
+from .live_run import LiveRun, current_run, finish, init, log_artifact, login, save, use_artifact
 from .objects import Classes, Table
+
+#: W&B's name for the live run class (``wandb.Run``); the public API's is ``client.api.PublicRun``
+Run = LiveRun
 
 from typing import Any as _Any
 
 __all__ = [
     "Api", "Artifact", "ArtifactFSError", "ArtifactTTL", "ArtifactFinalizedError", "ArtifactManifestEntry",
-    "ArtifactNotLoggedError", "Classes", "DigestMismatchError", "NotFoundError", "Run", "Table", "current_run",
+    "ArtifactNotLoggedError", "Classes", "DigestMismatchError", "LiveRun", "NotFoundError", "Run", "Table", "current_run",
     "errors", "finish", "init", "log_artifact", "login", "save", "use_artifact",
 ]
 

@@ -27,9 +27,9 @@ from .transfer import get_store
 
 if TYPE_CHECKING:
     from .artifact import Artifact
-    from .registries import Registries
+    from .wandb_registries import Registries
 
-__all__ = ["Api", "ArtifactCollection", "ArtifactType", "File", "Files", "Paginator", "Project", "Run"]
+__all__ = ["Api", "ArtifactCollection", "ArtifactType", "File", "Files", "Paginator", "Project", "PublicRun"]
 
 T = TypeVar("T")
 
@@ -82,7 +82,7 @@ class Projects(Paginator["Project"]):
     pass
 
 
-class Runs(Paginator["Run"]):
+class Runs(Paginator["PublicRun"]):
     pass
 
 
@@ -122,7 +122,7 @@ class Summary(dict[str, Any]):
         self._on_change()
 
 
-class Run:
+class PublicRun:
     """A run as the public API sees it (``Api().run(path)``), with its lineage.
 
     ``summary`` edits are stored at once (as W&B's public summary is); ``tags``, ``config`` and
@@ -141,7 +141,7 @@ class Run:
         self._name = record.name
 
     @classmethod
-    def _from_record(cls, store: Store, record: RunRecord) -> Run:
+    def _from_record(cls, store: Store, record: RunRecord) -> PublicRun:
         return cls(store, record)
 
     id = property(lambda self: self._record.id)
@@ -283,7 +283,7 @@ class File:
     """A file saved with a run (W&B's public ``File``): ``name``, ``size``, ``md5`` (base64, as
     W&B shows it), ``updated_at``; ``download(root)`` writes ``root/name``."""
 
-    def __init__(self, run: Run, record: RunFileRecord) -> None:
+    def __init__(self, run: PublicRun, record: RunFileRecord) -> None:
         self.run = run
         self._record = record
 
@@ -486,7 +486,7 @@ class Api:
         if not selector and path.selector:
             raise InvalidNameError(f"{name!r} names a version; give the collection name without ':'")
         if name.split(":", 1)[0].count("/") == 1 and path.project.startswith("wandb-registry-"):
-            from .registries import organization_for  # a registry without an entity: the organization's
+            from .wandb_registries import organization_for  # a registry without an entity: the organization's
 
             path = dataclasses.replace(path, entity=self.settings.get("organization")
                                        or organization_for(self.default_entity))
@@ -580,7 +580,7 @@ class Api:
 
         return Projects(fetch, per_page)
 
-    def from_path(self, path: str) -> Run | Artifact:
+    def from_path(self, path: str) -> PublicRun | Artifact:
         """``Api.from_path``: a run for ``entity/project/runs/<id>``, an artifact for
         ``entity/project/artifacts/<type>/<name>:<version>`` or any ``[..]/name:version``."""
         parts = [p for p in path.strip("/").split("/") if p]
@@ -594,7 +594,7 @@ class Api:
         raise InvalidNameError(f"cannot tell what {path!r} names: give entity/project/runs/<id> or "
                                "entity/project/artifacts/<type>/<name>:<version>")
 
-    def run(self, path: str = "") -> Run:
+    def run(self, path: str = "") -> PublicRun:
         """``entity/project/run_id``, ``project/run_id`` or ``run_id`` (defaults fill the rest)."""
         parts = [p for p in path.split("/") if p]
         if "runs" in parts:
@@ -603,7 +603,7 @@ class Api:
             raise InvalidNameError(f"run path {path!r} must be 'entity/project/run_id' (or shorter with defaults)")
         run_id = parts[-1]
         entity, project = self._project_path("/".join(parts[:-1]) or None)
-        return Run(self._store, self._store.get_run(entity, project, run_id))
+        return PublicRun(self._store, self._store.get_run(entity, project, run_id))
 
     def runs(self, path: str | None = None, filters: dict[str, Any] | None = None, order: str = "+created_at",
              per_page: int = 50, include_sweeps: bool = True) -> Runs:
@@ -626,20 +626,20 @@ class Api:
                     "createdAt": r.created_at, "created_at": r.created_at, "entity": r.entity, "project": r.project,
                     "username": r.entity, "tags": list(r.tags), "summary_metrics": r.summary}
 
-        def fetch() -> list[Run]:
+        def fetch() -> list[PublicRun]:
             docs = [(doc(r), r) for r in lister(entity, project)]
             picked = sorted((d for d in docs if flt.matches(d[0], filters)), key=lambda d: key(d[0]))
-            return [Run(self._store, r) for _, r in picked]
+            return [PublicRun(self._store, r) for _, r in picked]
 
         return Runs(fetch, per_page)
 
     def create_run(self, *, run_id: str | None = None, project: str | None = None,
-                   entity: str | None = None) -> Run:
+                   entity: str | None = None) -> PublicRun:
         """A new run (state "running") in ``entity/project`` (defaults apply); ``run_id`` is
         generated unless given.  Giving an existing id returns that run, as W&B's upsert does."""
         entity = names.validate_entity(entity or self.default_entity)
         project = names.validate_project(project or self.default_project)
-        return Run(self._store, self._store.create_run(entity, project, run_id))
+        return PublicRun(self._store, self._store.create_run(entity, project, run_id))
 
     def create_project(self, name: str, entity: str) -> None:
         """Create ``entity/name`` (idempotent: an existing project is left as it is)."""
@@ -647,8 +647,8 @@ class Api:
 
     def registries(self, organization: str | None = None, filter: dict[str, Any] | None = None) -> Registries:
         """Registries (``wandb-registry-*`` projects) of ``organization`` matching ``filter``;
-        ``.collections(filter)`` and ``.versions(filter)`` narrow on (see client.registries)."""
-        from .registries import Registries, organization_for
+        ``.collections(filter)`` and ``.versions(filter)`` narrow on (see client.wandb_registries)."""
+        from .wandb_registries import Registries, organization_for
 
         org = organization or self.settings.get("organization")
         return Registries(self._store, names.validate_entity(org or organization_for(self.default_entity)), filter)

@@ -35,9 +35,9 @@ from .errors import (ArtifactFinalizedError, ArtifactFSError, ArtifactNotLoggedE
                      LocalPathError, NotFoundError)
 from .hashing import b64_to_hex
 from .api import ArtifactCollection, Paginator
-from .api import Run as PublicRun
+from .api import PublicRun
 from .manifest import Manifest
-from .registries import LinkMixin
+from .wandb_registries import LinkMixin
 from .store.base import CommitRequest, Store, VersionRecord
 from .transfer import (ArtifactManifestEntry, Hashed, artifact_entry_reference, default_root, download_entries,
                        get_cache, hash_into_staging, read_blob_cached, parse_file_uri, remove_extra_files, upload_entries, upload_manifest,

@@ -21,15 +21,15 @@ from types import TracebackType
 from typing import Any, Sequence
 
 from . import names, settings
-from .api import Run as PublicRun
+from .api import PublicRun
 from .artifact import Artifact
 from .errors import ArtifactFSError, InvalidNameError
 from .store import Store
 from .transfer import close_stores, get_store
 
-__all__ = ["Config", "Run", "current_run", "finish", "init", "log_artifact", "login", "save", "use_artifact"]
+__all__ = ["Config", "LiveRun", "current_run", "finish", "init", "log_artifact", "login", "save", "use_artifact"]
 
-_current: Run | None = None
+_current: LiveRun | None = None
 _current_lock = threading.Lock()
 _exit_hook: list[bool] = []
 log = logging.getLogger(__name__)
@@ -68,7 +68,7 @@ class Config(dict):
 SAVE_INTERVAL = 2.0
 
 
-class Run(PublicRun):
+class LiveRun(PublicRun):
     """A live run: adds finishing, ``log``/``summary``, ``config`` and the context-manager
     protocol to the public Run.
 
@@ -245,7 +245,7 @@ class Run(PublicRun):
         if self._finished:
             raise ArtifactFSError(f"run {self.path} is finished; start a new one with client.init()")
 
-    def __enter__(self) -> Run:
+    def __enter__(self) -> LiveRun:
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
@@ -253,14 +253,14 @@ class Run(PublicRun):
         self.finish(exit_code=1 if exc_type is not None else 0)
 
 
-def current_run() -> Run | None:
+def current_run() -> LiveRun | None:
     return _current
 
 
 def init(entity: str | None = None, project: str | None = None, job_type: str | None = None,
          name: str | None = None, config: dict[str, Any] | None = None, id: str | None = None,
          reinit: bool | str = False, store: str | None = None, tags: Sequence[str] | None = None,
-         **_ignored: Any) -> Run:
+         **_ignored: Any) -> LiveRun:
     """Start a run and make it the current one.
 
     ``reinit``: False returns the current run if one is active (W&B's script behaviour);
@@ -281,7 +281,7 @@ def init(entity: str | None = None, project: str | None = None, job_type: str | 
     project = names.validate_project(project or settings.default_project())
     run_id = id or uuid.uuid4().hex[:8]
     record = st.create_run(entity, project, run_id, name=name, job_type=job_type, config=config)
-    run = Run(st, record, tags or ())
+    run = LiveRun(st, record, tags or ())
     with _current_lock:
         _current = run
         if not _exit_hook:
@@ -337,7 +337,7 @@ def config() -> Config:
     return run.config if run is not None else _idle_config
 
 
-def _require_run(what: str) -> Run:
+def _require_run(what: str) -> LiveRun:
     run = _current
     if run is None:
         raise ArtifactFSError(f"call client.init() before client.{what}()")

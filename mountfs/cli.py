@@ -282,7 +282,7 @@ def umount_command(mountpoint: str, lazy: bool, timeout: float) -> None:
 def commit_command(draft: str, aliases: tuple[str, ...], tags: tuple[str, ...], description: str | None) -> None:
     """Commit a mounted draft (MOUNT/<entity>/<project>/<coll>:draft) now and print the result;
     exit 1 if no version could be made.  Options given here replace the JSON in .commit."""
-    from .draft_fs import COMMIT_XATTR, STATUS_XATTR
+    from .drafts.fs import COMMIT_XATTR, STATUS_XATTR
 
     options: dict = {"aliases": list(aliases), "tags": list(tags)}
     if description is not None:

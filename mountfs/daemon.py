@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # imported lazily at run time: `artifactfs` commands start without the mount stack
-    from .drafts import DraftManager
+    from .drafts.manager import DraftManager
 
 log = logging.getLogger(__name__)
 
@@ -215,8 +215,8 @@ def run(options: MountOptions) -> int:
     from client.store import open_store
 
     from .content import ContentReader
-    from .draft_fs import DraftFS
-    from .drafts import DraftManager, staging_root
+    from .drafts.fs import DraftFS
+    from .drafts.manager import DraftManager, staging_root
     from .fetch import FetchConfig
     from .manifest_index import IndexStore
     from .namespace import Namespace, NamespaceConfig

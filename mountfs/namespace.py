@@ -9,7 +9,7 @@ Tree shape (one node *kind* per level; the kind decides lookup, listing, attribu
     /<e>/<p>/<collection>:<alias>       ALIAS_DIR     the version the alias named when looked up
     /<e>/<p>/<collection>:vN/a/b        TREE_DIR      directories derived from manifest paths
     /<e>/<p>/<collection>:vN/a/b/c.bin  TREE_FILE     one manifest entry
-    /<e>/<p>/<collection>:draft…        DRAFT_DIR     a writable draft (mountfs.draft_fs)
+    /<e>/<p>/<collection>:draft…        DRAFT_DIR     a writable draft (mountfs.drafts.fs)
     /<e>/<p>/<collection>:draft…/a/b    DRAFT_SUBDIR  a directory inside a draft
     /<e>/<p>/<collection>:draft…/a/b/c  DRAFT_FILE    a file inside a draft
 

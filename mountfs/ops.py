@@ -2,7 +2,7 @@
 
 Everything with a decision in it lives below: :mod:`mountfs.namespace` (what a name means,
 attributes, lookup counts, handles), :mod:`mountfs.fetch` (content) and
-:mod:`mountfs.draft_fs` (the writable drafts; every write operation goes there, which answers
+:mod:`mountfs.drafts.fs` (the writable drafts; every write operation goes there, which answers
 EROFS outside a draft).  Draft operations run in a worker thread: a commit holds the
 draft's lock for as long as it takes, and the loop must keep serving everything else.  The
 exceptions are the per-handle calls of a copy (write into a staged file, flush, release), which
@@ -35,7 +35,7 @@ import trio
 from client.errors import (AuthenticationError, ConflictError, InvalidNameError, InvalidPathError, NotFoundError,
                            PermissionDeniedError, StoreUnavailableError)
 
-from .draft_fs import COMMIT_XATTR, DraftFS
+from .drafts.fs import COMMIT_XATTR, DraftFS
 from .content import ContentReader, Handle
 from .namespace import DRAFT_KINDS, Attr, Namespace, NeedsIO
 
@@ -304,7 +304,7 @@ class Operations(pyfuse3.Operations):
             return os.fsencode(await self._draft(self._writable().readlink, inode))
         return os.fsencode(self.ns.readlink(inode))
 
-    # -- writes: drafts take them (mountfs.draft_fs), anything else answers EROFS ------------
+    # -- writes: drafts take them (mountfs.drafts.fs), anything else answers EROFS ------------
     @_fuse_errors
     async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields,
                       fh: int | None, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:

@@ -1,4 +1,4 @@
-"""The registry server: a thin HTTP shell over :class:`client.registry.Registry`.
+"""The registry server: a thin HTTP shell over :class:`client.registry.RegistryCore`.
 
 Every registry rule (version numbering, aliases, digest no-op, validation, lineage) lives in
 the core; this module only (1) authenticates the API key and checks that its user is a member
@@ -39,7 +39,7 @@ from client.errors import (ArtifactFSError, AuthenticationError, DigestMismatchE
                            error_code)
 from client.hashing import is_md5_hex
 from client.names import validate_entity
-from client.registry import LocalBlobBackend, Registry
+from client.registry import LocalBlobBackend, RegistryCore
 from client.store.base import CommitRequest, VersionRecord
 from client.store.http import record_to_json
 
@@ -154,7 +154,7 @@ class Server:
         self.blobs = open_backend(blobs_url, s3_endpoint_url)
         if isinstance(self.blobs, S3BlobBackend):
             self.blobs.ensure_bucket()
-        self.registry = Registry(db_url, self.blobs, migrate=migrate)  # make_engine normalises the URL
+        self.registry = RegistryCore(db_url, self.blobs, migrate=migrate)  # make_engine normalises the URL
         self.auth = AuthDB(self.registry.engine)
         self.registrar = BlobRegistrar(self.registry)
         self.url_ttl = url_ttl

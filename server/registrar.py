@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from client.hashing import is_md5_hex
 from client.names import validate_entity
 from client.errors import InvalidNameError
-from client.registry import Registry
+from client.registry import RegistryCore
 
 #: at most this many registrations per transaction
 MAX_BATCH = 1000
@@ -30,7 +30,7 @@ class _Pending:
 
 
 class BlobRegistrar:
-    def __init__(self, registry: Registry) -> None:
+    def __init__(self, registry: RegistryCore) -> None:
         self.registry = registry
         self._lock = threading.Lock()
         self._queue: list[_Pending] = []

@@ -19,8 +19,8 @@ from client.errors import NotFoundError
 from client.hashing import hex_to_b64, md5_file
 from client.manifest import Manifest, compute_digest
 from client.store.local import LocalStore
-from mountfs import draft_commit
-from mountfs.drafts import (COMMIT_NAME, ROOT_ID, STATUS_NAME, BaseRef, CommitOptions, DraftManager,
+from mountfs.drafts import commit as draft_commit
+from mountfs.drafts.manager import (COMMIT_NAME, ROOT_ID, STATUS_NAME, BaseRef, CommitOptions, DraftManager,
                             DraftTree, draft_dirname, make_fetch_base, parse_draft_dirname)
 from tests.util import commit_files
 
@@ -399,8 +399,8 @@ from pathlib import Path
 from client.cache import Cache
 from client.errors import NotFoundError
 from client.store.local import LocalStore
-from mountfs import draft_commit
-from mountfs.drafts import DraftManager, ROOT_ID
+from mountfs.drafts import commit as draft_commit
+from mountfs.drafts.manager import DraftManager, ROOT_ID
 tmp, mode = Path(sys.argv[1]), sys.argv[2]
 mgr = DraftManager(tmp / "drafts", LocalStore(tmp / "store"), Cache(tmp / "cache"))
 if mode == "write":

@@ -10,7 +10,7 @@ import pytest
 
 import client
 from client.errors import ArtifactNotLoggedError, InvalidNameError, NotFoundError
-from client.registries import parse_link_target
+from client.wandb_registries import parse_link_target
 
 try:
     from _sdk_fixtures import sdk_env, tree_of  # noqa: F401

@@ -73,10 +73,10 @@ def test_a_new_database_at_head_matches_the_tables_of_schema_py(kind: str, tmp_p
     from alembic.autogenerate import compare_metadata
     from alembic.runtime.migration import MigrationContext
 
-    from client.registry import LocalBlobBackend, Registry, migrate, schema
+    from client.registry import LocalBlobBackend, RegistryCore, migrate, schema
 
     url = f"sqlite:///{tmp_path / 'new.db'}" if kind == "sqlite" else request.getfixturevalue("postgres").new_database()
-    reg = Registry(url, LocalBlobBackend(tmp_path / "blobs"))
+    reg = RegistryCore(url, LocalBlobBackend(tmp_path / "blobs"))
     try:
         with reg.engine.connect() as conn:
             assert migrate.current_revision(conn) == migrate.HEAD
@@ -90,17 +90,17 @@ def test_a_new_database_at_head_matches_the_tables_of_schema_py(kind: str, tmp_p
 def test_a_database_from_before_migrations_is_upgraded_only_when_asked_and_keeps_its_data(
         kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
     from client.errors import SchemaVersionError
-    from client.registry import LocalBlobBackend, Registry, migrate
+    from client.registry import LocalBlobBackend, RegistryCore, migrate
     from client.store.local import LocalStore
     from tests.util import commit_files
 
     url = _old_database(kind, tmp_path, request)
     blobs = LocalBlobBackend(tmp_path / "store" / "blobs")
     with pytest.raises(SchemaVersionError, match="artifactfs server --migrate"):
-        Registry(url, blobs, migrate=False)
+        RegistryCore(url, blobs, migrate=False)
     assert _revision(url) == ""  # refused without touching it
 
-    reg = Registry(url, blobs, migrate=True)
+    reg = RegistryCore(url, blobs, migrate=True)
     try:
         assert _revision(url) == migrate.HEAD
         insp = sa.inspect(reg.engine)
@@ -121,7 +121,7 @@ def test_a_database_from_before_migrations_is_upgraded_only_when_asked_and_keeps
         assert created and rec.version == "v2"
     finally:
         reg.close()
-    Registry(url, blobs, migrate=False).close()  # at head now: a server needs no --migrate
+    RegistryCore(url, blobs, migrate=False).close()  # at head now: a server needs no --migrate
 
 
 def test_the_embedded_store_upgrades_its_database_on_open(tmp_path: Path) -> None:
@@ -140,31 +140,31 @@ def test_the_embedded_store_upgrades_its_database_on_open(tmp_path: Path) -> Non
 
 def test_a_database_newer_than_the_code_is_refused_untouched(tmp_path: Path) -> None:
     from client.errors import SchemaVersionError
-    from client.registry import LocalBlobBackend, Registry
+    from client.registry import LocalBlobBackend, RegistryCore
 
     url = f"sqlite:///{tmp_path / 'r.db'}"
-    Registry(url, LocalBlobBackend(tmp_path / "blobs")).close()
+    RegistryCore(url, LocalBlobBackend(tmp_path / "blobs")).close()
     con = sqlite3.connect(tmp_path / "r.db")
     con.execute("UPDATE alembic_version SET version_num = '9999_from_the_future'")
     con.commit()
     con.close()
     for migrate in (False, True):
         with pytest.raises(SchemaVersionError, match="newer than this artifactfs knows.*upgrade artifactfs"):
-            Registry(url, LocalBlobBackend(tmp_path / "blobs"), migrate=migrate)
+            RegistryCore(url, LocalBlobBackend(tmp_path / "blobs"), migrate=migrate)
     assert _revision(url) == "9999_from_the_future"
 
 
 @pytest.mark.postgres
 def test_servers_starting_together_on_an_empty_postgresql_database_create_it_once(postgres: PostgresCluster,  # noqa: F811
                                                                                     tmp_path: Path) -> None:
-    from client.registry import LocalBlobBackend, Registry, migrate
+    from client.registry import LocalBlobBackend, RegistryCore, migrate
 
     url = postgres.new_database()
     errors: list[BaseException] = []
 
     def open_one() -> None:
         try:
-            Registry(url, LocalBlobBackend(tmp_path / "blobs"), migrate=False).close()
+            RegistryCore(url, LocalBlobBackend(tmp_path / "blobs"), migrate=False).close()
         except BaseException as exc:  # noqa: BLE001 - reported below
             errors.append(exc)
 

@@ -287,12 +287,12 @@ def test_openapi_description_lists_the_api(registry: SharedRegistry) -> None:
     ids=lambda f: f.__name__.removeprefix("test_"))
 def test_registry_rule_on_postgresql(rule, postgres, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]  # noqa: F811
     """The core's rule tests (tests/test_registry.py), with the registry on PostgreSQL."""
-    from client.registry import Registry
+    from client.registry import RegistryCore
     from client.store.local import LocalStore
 
     store = LocalStore(tmp_path / "store")
     store.registry.close()
-    store.registry = Registry(postgres.new_database(), store.blobs)
+    store.registry = RegistryCore(postgres.new_database(), store.blobs)
     try:
         run_rule(rule, store, tmp_path)
     finally:

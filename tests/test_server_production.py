@@ -545,10 +545,10 @@ def test_commit_checks_blobs_outside_the_write_transaction(local_store, tmp_path
 def test_indexes_on_versions_run_pk_and_usages_version_id_also_on_an_existing_database(tmp_path: Path) -> None:
     import sqlalchemy as sa
 
-    from client.registry import LocalBlobBackend, Registry
+    from client.registry import LocalBlobBackend, RegistryCore
 
     url = f"sqlite:///{tmp_path / 'r.db'}"
-    reg = Registry(url, LocalBlobBackend(tmp_path / "blobs"))
+    reg = RegistryCore(url, LocalBlobBackend(tmp_path / "blobs"))
 
     def indexes() -> set[str]:
         insp = sa.inspect(reg.engine)
@@ -563,7 +563,7 @@ def test_indexes_on_versions_run_pk_and_usages_version_id_also_on_an_existing_da
         c.exec_driver_sql("ALTER TABLE runs DROP COLUMN summary")
         c.exec_driver_sql("ALTER TABLE runs DROP COLUMN tags")
     reg.close()
-    reg = Registry(url, LocalBlobBackend(tmp_path / "blobs"), migrate=True)
+    reg = RegistryCore(url, LocalBlobBackend(tmp_path / "blobs"), migrate=True)
     assert {"versions_by_run", "usages_by_version"} <= indexes()
     plan = " ".join(str(r) for r in reg.engine.connect().exec_driver_sql(
         "EXPLAIN QUERY PLAN SELECT run_pk FROM usages WHERE version_id = 'x'"))
@@ -620,10 +620,10 @@ def test_concurrent_blob_registrations_share_one_write_transaction(tmp_path: Pat
     import threading
     import time
 
-    from client.registry import LocalBlobBackend, Registry
+    from client.registry import LocalBlobBackend, RegistryCore
     from server.registrar import BlobRegistrar
 
-    reg = Registry(f"sqlite:///{tmp_path / 'r.db'}", LocalBlobBackend(tmp_path / "blobs"))
+    reg = RegistryCore(f"sqlite:///{tmp_path / 'r.db'}", LocalBlobBackend(tmp_path / "blobs"))
     registrar = BlobRegistrar(reg)
     real, entered, gate = reg.register_blobs, threading.Event(), threading.Event()
 

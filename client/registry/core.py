@@ -93,7 +93,7 @@ def make_engine(db_url: str) -> Engine:
     return sa.create_engine(db_url, pool_pre_ping=True, pool_size=10, max_overflow=20)
 
 
-class Registry:
+class RegistryCore:
     """All registry rules.  ``blobs`` is where manifest bytes are read from at commit time."""
 
     def __init__(self, db_url: str, blobs: BlobBackend, *, migrate: bool = True) -> None:

@@ -1,6 +1,6 @@
 """Schema versions of the registry database: Alembic revisions in ``migrations/versions``.
 
-Every open of a :class:`~client.registry.core.Registry` calls :func:`prepare`:
+Every open of a :class:`~client.registry.core.RegistryCore` calls :func:`prepare`:
 
 * a database at :data:`HEAD` costs one read of ``alembic_version`` (Alembic is not even
   imported);

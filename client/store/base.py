@@ -3,7 +3,7 @@
 Two implementations exist: :class:`client.store.local.LocalStore` (embedded: SQLite + a blob
 directory, no server) and :class:`client.store.http.HttpStore` (a registry server).  Both put
 the same registry rules behind this protocol because both delegate to one core,
-:class:`client.registry.core.Registry` (the server is a thin HTTP shell over it).
+:class:`client.registry.core.RegistryCore` (the server is a thin HTTP shell over it).
 
 Content addressing: a file's *digest* is the W&B entry digest, base64 of its md5.  Blobs are
 keyed by the hex form of that md5 (path- and URL-safe) and scoped per entity, so dedupe never

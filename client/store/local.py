@@ -19,13 +19,13 @@ from typing import Any, Iterable, Iterator
 
 from ..blockmap import BlockHasher, BlockMap, wants_map
 from ..errors import StoreUnavailableError
-from ..registry import LocalBlobBackend, Registry
+from ..registry import LocalBlobBackend, RegistryCore
 from ..registry.core import KEEP
 from .base import STREAM_CHUNK, CollectionRecord, CommitRequest, RunFileRecord, RunRecord, VersionRecord
 
 
 class LocalStore:
-    """Store protocol over an in-process Registry (see client/store/base.py)."""
+    """Store protocol over an in-process RegistryCore (see client/store/base.py)."""
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.root = Path(path).expanduser().resolve()
@@ -35,7 +35,7 @@ class LocalStore:
             raise StoreUnavailableError(f"cannot create the store directory {self.root}: {exc}") from exc
         self.location = str(self.root)
         self.blobs = LocalBlobBackend(self.root / "blobs")
-        self.registry = Registry(f"sqlite:///{self.root / 'registry.db'}", self.blobs)
+        self.registry = RegistryCore(f"sqlite:///{self.root / 'registry.db'}", self.blobs)
 
     def __repr__(self) -> str:
         return f"LocalStore({self.location!r})"

@@ -54,7 +54,7 @@ from client.manifest import EXECUTABLE_KEY, DigestBuilder, ManifestEntry, iter_e
 from client.errors import NotFoundError
 from client.store.base import CommitRequest, Store, VersionRecord
 
-from .draft_store import COMMIT_NAME, DraftTree
+from .tree import COMMIT_NAME, DraftTree
 
 log = logging.getLogger(__name__)
 

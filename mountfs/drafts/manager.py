@@ -7,7 +7,7 @@ with a letter or digit).  ``mkdir`` of such a name creates the draft from the co
 the project, or the entity) does not exist yet.  An alias named ``draft`` or ``draft-…`` is
 shadowed by these names on the mount (it stays reachable as ``:vN`` and through the SDK).
 
-Inside a draft (see :class:`mountfs.draft_store.DraftTree` for the operations):
+Inside a draft (see :class:`mountfs.drafts.tree.DraftTree` for the operations):
 
 * ``.commit`` (root) is the sentinel.  Creating it, writing it, or touching it (utimens, or an
   editor renaming a file over it) requests one commit when its last handle is released (never
@@ -28,7 +28,7 @@ Inside a draft (see :class:`mountfs.draft_store.DraftTree` for the operations):
 
 Staging layout (under the mount's ``<cache dir>/drafts/store-<key>/``, see :func:`staging_root`)::
 
-    <staging_root>/<draft id>/          one draft (see mountfs.draft_store for its inside)
+    <staging_root>/<draft id>/          one draft (see mountfs.drafts.tree for its inside)
     <staging_root>/tmp-<id>/            a draft being created or removed (deleted at startup)
 """
 
@@ -58,9 +58,9 @@ from client.errors import ArtifactFSError, NotFoundError
 from client.manifest import iter_entries
 from client.store.base import Store, VersionRecord
 
-from .draft_commit import (INTENT, BaseInfo, CommitOptions, CommitResult, Draft, _read_intent,
+from .commit import (INTENT, BaseInfo, CommitOptions, CommitResult, Draft, _read_intent,
                            commit_draft, resolve_intent)
-from .draft_store import (COMMIT_NAME, CONTROL_NAMES, ROOT_ID, STATUS_NAME, BaseRef, DraftTree,
+from .tree import (COMMIT_NAME, CONTROL_NAMES, ROOT_ID, STATUS_NAME, BaseRef, DraftTree,
                           NodeAttr, entry_mode)
 
 log = logging.getLogger(__name__)

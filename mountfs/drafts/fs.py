@@ -13,7 +13,7 @@ Where the names live::
     /<e>                      mkdir <project>    a new project (idem)
     /<e>/<p>                  mkdir <coll>:draft[-label]   DraftManager.create (from :latest or empty)
                               rmdir <coll>:draft[-label]   DraftManager.remove (ENOTEMPTY unless empty)
-    /<e>/<p>/<coll>:draft…/…  everything else    DraftTree (mountfs.draft_store), errno from there
+    /<e>/<p>/<coll>:draft…/…  everything else    DraftTree (mountfs.drafts.tree), errno from there
 
 Writes anywhere else answer EROFS; a name in a project that is neither a draft nor a version
 answers EINVAL on mkdir.  Renames between two drafts, or into or out of a draft, answer EXDEV
@@ -41,9 +41,9 @@ from dataclasses import dataclass
 from client import names
 from client.errors import NotFoundError
 
-from .drafts import CommitOptions, CommitResult, Draft, DraftManager, StatFs, is_draft_name
-from .draft_store import ROOT_ID, STATUS_NAME, NodeAttr
-from .namespace import DRAFT_KINDS, Attr, FileRef, Kind, Namespace, Node
+from .manager import CommitOptions, CommitResult, Draft, DraftManager, StatFs, is_draft_name
+from .tree import ROOT_ID, STATUS_NAME, NodeAttr
+from ..namespace import DRAFT_KINDS, Attr, FileRef, Kind, Namespace, Node
 
 log = logging.getLogger(__name__)
 
