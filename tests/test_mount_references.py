@@ -11,10 +11,8 @@ import hashlib
 import json
 import os
 import subprocess
-import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -24,6 +22,7 @@ from client.manifest import Manifest, ManifestEntry
 from client.references import entries_for_reference
 from client.store.base import CommitRequest
 from client.store.local import LocalStore
+from tests.http_site import Site, serving
 from tests.mount_helpers import Mount, mounted, requires_fuse
 
 pytestmark = [requires_fuse, pytest.mark.fuse, pytest.mark.timeout(180)]
@@ -99,80 +98,10 @@ def multipart(s3, bucket: str, key: str, data: bytes, part: int = 5 * MiB) -> No
     s3.complete_multipart_upload(Bucket=bucket, Key=key, UploadId=up, MultipartUpload={"Parts": parts})
 
 
-class Site:
-    """Loopback HTTP server: bytes by path, optional ETag, honours Range; logs every request."""
-
-    def __init__(self) -> None:
-        self.files: dict[str, bytes] = {}
-        self.etags = True
-        self.forbidden: set[str] = set()  #: paths answered 403 (credentials refused)
-        self.honour_if_match = True
-        self.requests: list[tuple[str, str, str | None, str | None]] = []  #: method, path, Range, If-Match
-
-
-def _handler(site: Site) -> type[BaseHTTPRequestHandler]:
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-        def _serve(self, body: bool) -> None:
-            rng, if_match = self.headers.get("Range"), self.headers.get("If-Match")
-            site.requests.append((self.command, self.path, rng, if_match))
-            data = site.files.get(self.path)
-            if self.path in site.forbidden:
-                self.send_response(403)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-                return
-            if data is None:
-                self.send_response(404)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-                return
-            etag = f'"{md5_bytes(data)}"' if site.etags else None
-            if if_match and etag and if_match != etag and site.honour_if_match:
-                self.send_response(412)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-                return
-            status, part, lo, hi = 200, data, 0, len(data) - 1
-            if rng:
-                lo_s, hi_s = rng.removeprefix("bytes=").split("-")
-                lo, hi = int(lo_s), min(int(hi_s), len(data) - 1)
-                status, part = 206, data[lo:hi + 1]
-            self.send_response(status)
-            if etag:
-                self.send_header("ETag", etag)
-            self.send_header("Content-Length", str(len(part)))
-            if status == 206:
-                self.send_header("Content-Range", f"bytes {lo}-{hi}/{len(data)}")
-            self.end_headers()
-            if body:
-                self.wfile.write(part)
-
-        def do_HEAD(self) -> None:
-            self._serve(body=False)
-
-        def do_GET(self) -> None:
-            self._serve(body=True)
-
-    return Handler
-
-
 @pytest.fixture
 def site() -> Iterator[tuple[Site, str]]:
-    s = Site()
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(s))
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield s, f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join()
+    with serving() as served:
+        yield served
 
 
 # --------------------------------------------------------------------------- s3://
