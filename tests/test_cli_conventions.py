@@ -496,6 +496,14 @@ def test_colon_free_spelling_reaches_drafts(tmp_path: Path, store_with_data: Pat
                            env={**os.environ, "PYTHONPATH": str(proj / "ds@draft" / "sub")},
                            capture_output=True, text=True, timeout=60)
         assert r.stdout.strip() == "7", r.stderr
+        # python -m venv refuses any path holding ':'; through the colon-free name it works
+        # (its interpreter is a symbolic link, which drafts keep)
+        r = subprocess.run([sys.executable, "-m", "venv", "--without-pip", "ds@draft/venv"], capture_output=True,
+                           text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        r = subprocess.run([str(proj / "ds@draft" / "venv" / "bin" / "python"), "-c", "import sys; print(sys.prefix)"],
+                           capture_output=True, text=True, timeout=60)
+        assert r.stdout.strip() == str(proj / "ds@draft" / "venv"), r.stderr
         assert sorted(os.listdir(".")) == ["ds:draft", "ds:latest", "ds:v0"]  # not listed twice
         assert not os.path.exists("ds@draft-nope")
     finally:
