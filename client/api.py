@@ -86,14 +86,6 @@ class Runs(Paginator["PublicRun"]):
     pass
 
 
-def _store_method(store: Store, name: str) -> Callable[..., Any]:
-    """A store method that a server may not offer yet: a clear error instead of AttributeError."""
-    method = getattr(store, name, None)
-    if method is None:
-        raise NotImplementedError(f"this store ({type(store).__name__}) does not support {name} yet")
-    return method
-
-
 def _artifacts(store: Store, records: list[Any]) -> list[Artifact]:
     from .artifact import Artifact
 
@@ -174,7 +166,7 @@ class PublicRun:
     summary_metrics = summary
 
     def _summary_changed(self) -> None:
-        _store_method(self._store, "update_run")(self.entity, self.project, self.id, summary=dict(self._summary))
+        self._store.update_run(self.entity, self.project, self.id, summary=dict(self._summary))
 
     @property
     def tags(self) -> list[str]:
@@ -186,7 +178,7 @@ class PublicRun:
 
     def update(self) -> None:
         """Save changes to ``tags``, ``summary``, ``config`` and ``name`` (W&B's ``Run.update``)."""
-        self._set_record(_store_method(self._store, "update_run")(
+        self._set_record(self._store.update_run(
             self.entity, self.project, self.id, summary=dict(self._summary), tags=self._tags,
             config=self._config, name=self._name))
 
@@ -230,7 +222,7 @@ class PublicRun:
         md5_hex, size = md5_file(src), src.stat().st_size
         if md5_hex in self._store.missing_blobs(self.entity, [md5_hex]):
             self._store.put_blob(self.entity, md5_hex, src, size)
-        return File(self, _store_method(self._store, "put_run_file")(
+        return File(self, self._store.put_run_file(
             self.entity, self.project, self.id, name, md5_hex, size))
 
     def files(self, names: Sequence[str] | None = None, per_page: int = 50) -> Files:
@@ -238,7 +230,7 @@ class PublicRun:
         wanted = set(names or ())
 
         def fetch() -> list[File]:
-            records = _store_method(self._store, "list_run_files")(self.entity, self.project, self.id)
+            records = self._store.list_run_files(self.entity, self.project, self.id)
             return [File(self, r) for r in records if not wanted or r.name in wanted]
 
         return Files(fetch, per_page)
@@ -273,7 +265,7 @@ class PublicRun:
     def delete(self, delete_artifacts: bool = False) -> None:
         """Delete the run; with ``delete_artifacts`` also every version it logged (aliases and
         links included), otherwise those versions stay with no ``logged_by``."""
-        _store_method(self._store, "delete_run")(self.entity, self.project, self.id, delete_artifacts)
+        self._store.delete_run(self.entity, self.project, self.id, delete_artifacts)
 
     def __repr__(self) -> str:
         return f"<Run {self.path} ({self._record.state})>"
@@ -382,7 +374,7 @@ class ArtifactCollection:
                 names.validate_type(self._type)
             except ValueError as exc:
                 raise InvalidNameError(f"Failed to save artifact collection {self._name!r}: {exc}") from exc
-        self._set_record(_store_method(self._store, "update_collection")(
+        self._set_record(self._store.update_collection(
             r.entity, r.project, r.name,
             name=self._name if self._name != r.name else None,
             description=(self._description or "") if self._description != r.description else None,
@@ -392,7 +384,7 @@ class ArtifactCollection:
     def delete(self) -> None:
         """Delete the collection: all its versions and their aliases, and links into portfolios."""
         r = self._record
-        _store_method(self._store, "delete_collection")(r.entity, r.project, r.name)
+        self._store.delete_collection(r.entity, r.project, r.name)
 
     @property
     def aliases(self) -> list[str]:
@@ -614,9 +606,6 @@ class Api:
         ``jobType``/``job_type``, ``state``, ``createdAt``/``created_at``, ``config.*``.
         """
         entity, project = self._project_path(path)
-        lister = getattr(self._store, "list_runs", None)
-        if lister is None:
-            raise NotImplementedError("this store cannot list runs")
         flt.validate_filter(filters)
         key = flt.sort_key(order)
 
@@ -627,7 +616,7 @@ class Api:
                     "username": r.entity, "tags": list(r.tags), "summary_metrics": r.summary}
 
         def fetch() -> list[PublicRun]:
-            docs = [(doc(r), r) for r in lister(entity, project)]
+            docs = [(doc(r), r) for r in self._store.list_runs(entity, project)]
             picked = sorted((d for d in docs if flt.matches(d[0], filters)), key=lambda d: key(d[0]))
             return [PublicRun(self._store, r) for _, r in picked]
 
@@ -643,7 +632,7 @@ class Api:
 
     def create_project(self, name: str, entity: str) -> None:
         """Create ``entity/name`` (idempotent: an existing project is left as it is)."""
-        _store_method(self._store, "create_project")(names.validate_entity(entity), names.validate_project(name))
+        self._store.create_project(names.validate_entity(entity), names.validate_project(name))
 
     def registries(self, organization: str | None = None, filter: dict[str, Any] | None = None) -> Registries:
         """Registries (``wandb-registry-*`` projects) of ``organization`` matching ``filter``;

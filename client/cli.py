@@ -440,9 +440,7 @@ def ttl_default_cmd(entity: str, duration: str | None) -> None:
         except ValueError as exc:
             raise click.BadParameter(str(exc), param_hint="DURATION") from None
         store.set_entity_default_ttl(entity, seconds)
-    from .api import _store_method  # a server may not offer it yet: a clear error, not AttributeError
-
-    current = _store_method(store, "get_entity_default_ttl")(entity)
+    current = store.get_entity_default_ttl(entity)
     click.echo(f"{entity}: default ttl {format_duration(current)}")
 
 

@@ -28,7 +28,7 @@ from .cache import Cache
 from .errors import ArtifactFSError, ArtifactNotLoggedError, DigestMismatchError, LocalPathError, NotFoundError
 from .hashing import BytesSink, HashingWriter, b64_to_hex, hex_to_b64, is_md5_hex, md5_bytes
 from .manifest import Manifest, ManifestEntry
-from .store import Store, open_store
+from .store import LocalBlobs, Store, UrlBatching, open_store
 
 log = logging.getLogger(__name__)
 
@@ -317,10 +317,9 @@ class _Counted:
 def _stream_blob(store: Store, entity: str, md5: str, size: int, out: BinaryIO,
                  tick: Callable[[int], None] | None = None) -> None:
     """Write the blob to ``out``; ``tick(n)`` as bytes arrive (progress, Ctrl-C)."""
-    local = getattr(store, "blob_path", None)
-    if local is not None:
+    if isinstance(store, LocalBlobs):
         try:
-            f = open(local(entity, md5), "rb", buffering=0)
+            f = open(store.blob_path(entity, md5), "rb", buffering=0)
         except FileNotFoundError:
             raise NotFoundError(f"blob {md5} is missing from the store {store.location}") from None
         if tick is not None:
@@ -464,13 +463,12 @@ def download_entries(store: Store, entity: str, entries: list[ManifestEntry], de
                     raise
         return size
 
-    prefetch = getattr(store, "prefetch_urls", None)
-    if prefetch is not None:  # one call for many download URLs instead of one per file
+    if isinstance(store, UrlBatching):  # one call for many download URLs instead of one per file
         # only for what the cache lacks: a fully cached artifact asks the store for no blob
         wanted = [md5 for md5, size in ((b64_to_hex(e.digest), e.size or 0) for e in entries if e.ref is None)
                   if cache is None or cache.lookup(md5, size) is None]
         if wanted:
-            prefetch(entity, wanted)
+            store.prefetch_urls(entity, wanted)
     # symbolic links after every file: no file of this download is written through a link it made
     links = [e for e in entries if e.symlink_target is not None]
     files = [e for e in entries if e.symlink_target is None]

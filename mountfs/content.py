@@ -7,7 +7,7 @@ Where the bytes of an open file come from, in order:
    (same md5, device, inode, size, mtime and ctime) or by its *verified marker* (xattr, see
    :mod:`client.cache`); any other cached object is served through its block map (each
    block checked on first read) or md5-checked whole first;
-3. an embedded store's blob file (``Store.blob_path``): read in place, never linked (the
+3. an embedded store's blob file (``LocalBlobs.blob_path``): read in place, never linked (the
    cache gets its own copy of large blobs in the background, so a write to the disposable
    cache can never reach the store's only copy; small blobs are not copied: re-reading them
    from the local store costs no more than from the cache).  Small blobs are md5-checked
@@ -56,7 +56,7 @@ from client.blockmap import BlockMap, BlockMismatchError
 from client.cache import Cache, PartialHold, has_verified_marker, set_verified_marker
 from client.errors import ArtifactFSError, DigestMismatchError, NotFoundError, PermissionDeniedError
 from client.hashing import md5_fd
-from client.store.base import Store
+from client.store.base import LocalBlobs, Store, UrlBatching
 
 from .fetch import (BlockReader, EvictedBlockError, FetchConfig, FetchError, MiB, PartialFile, ReadaheadWindow,
                     ShortReadError, StreamBlocks, Streamer, is_temp_failure, retrying)
@@ -273,32 +273,27 @@ class ContentReader:
         if key in self._maps:
             bm = self._maps[key]
         else:
-            source = getattr(self.store, "blockmaps", None)
-            bm = None
-            if source is not None:
-                # The maps of every large sibling not known yet come along in the same request:
-                # opening N large files of one directory costs one request, not N.
-                siblings = self._siblings(ref, from_start=True)
-                if len(siblings) >= SIBLING_BATCH and ref.md5 not in {m for _, m, _ in siblings}:
-                    siblings = self._siblings(ref)  # a huge directory: the files from this one on
-                wanted = [ref.md5] + [m for _, m, size in siblings
-                                      if size > self.config.small_object and (ref.entity, m) not in self._maps
-                                      and m != ref.md5][:SIBLING_BATCH - 1]
+            # The maps of every large sibling not known yet come along in the same request:
+            # opening N large files of one directory costs one request, not N.
+            siblings = self._siblings(ref, from_start=True)
+            if len(siblings) >= SIBLING_BATCH and ref.md5 not in {m for _, m, _ in siblings}:
+                siblings = self._siblings(ref)  # a huge directory: the files from this one on
+            wanted = [ref.md5] + [m for _, m, size in siblings
+                                  if size > self.config.small_object and (ref.entity, m) not in self._maps
+                                  and m != ref.md5][:SIBLING_BATCH - 1]
 
-                def call() -> dict[str, BlockMap]:
-                    with self._lock:
-                        self.blockmap_requests += 1
-                    return source(ref.entity, wanted)
+            def call() -> dict[str, BlockMap]:
+                with self._lock:
+                    self.blockmap_requests += 1
+                return self.store.blockmaps(ref.entity, wanted)
 
-                got = retrying(call, None, self.config, self._io, f"block map of {ref.md5}")
-                for md5 in wanted:
-                    m = got.get(md5)
-                    if m is not None and m.block_size != self.config.block_size:
-                        m = None  # another block layout: verify the whole object instead
-                    self._maps[(ref.entity, md5)] = m
-                bm = self._maps.get(key)
-            else:
-                self._maps[key] = None
+            got = retrying(call, None, self.config, self._io, f"block map of {ref.md5}")
+            for md5 in wanted:
+                m = got.get(md5)
+                if m is not None and m.block_size != self.config.block_size:
+                    m = None  # another block layout: verify the whole object instead
+                self._maps[(ref.entity, md5)] = m
+            bm = self._maps.get(key)
         if bm is not None and bm.size != ref.size:
             self._failed(ref, f"the manifest says {ref.size} bytes, the blob has {bm.size}")
         return bm
@@ -422,7 +417,7 @@ class ContentReader:
                 nonlocal pos
                 with self._lock:
                     self.store_requests += 1
-                for chunk in self.store.stream_blob(entity, md5, pos, end - pos):  # type: ignore[attr-defined]
+                for chunk in self.store.stream_blob(entity, md5, pos, end - pos):
                     if len(chunk) > end - pos:
                         raise ShortReadError(f"blob {md5}: the store sent more than [{start}, +{length})")
                     deliver(pos, chunk)
@@ -747,9 +742,10 @@ class ContentReader:
     def _batch_urls(self, ref: FileRef) -> None:
         """A store that signs download URLs (HttpStore) signs this file's and its next siblings'
         in one request, so a cold directory walk costs no signing round trip per file."""
-        known = getattr(self.store, "url_known", None)
-        batch = getattr(self.store, "prefetch_urls", None)
-        if ref.source is not None or known is None or batch is None or known(ref.entity, ref.md5):
+        if ref.source is not None or not isinstance(self.store, UrlBatching):
+            return
+        known, batch = self.store.url_known, self.store.prefetch_urls
+        if known(ref.entity, ref.md5):
             return
         key = ref.directory[:2] if ref.directory is not None else (ref.md5, 0)
         with self._lock:
@@ -777,7 +773,7 @@ class ContentReader:
     def _streamer(self, ref: FileRef) -> Streamer | None:
         """Streamed readahead for this blob when the store can stream ranged reads (a
         reference's source is read by pinned ranged requests only)."""
-        if ref.source is not None or getattr(self.store, "stream_blob", None) is None or self.config.max_stream <= self.config.max_request:
+        if ref.source is not None or self.config.max_stream <= self.config.max_request:
             return None
         return lambda start, length, deliver: self.stream_range(ref.entity, ref.md5, start, length, deliver)
 
@@ -865,11 +861,10 @@ class ContentReader:
 
     def _blob_path(self, ref: FileRef) -> Path | None:
         """The store's own file for this blob, when the store is local and direct reads are on."""
-        blob_path = getattr(self.store, "blob_path", None)
-        if not self.config.local_blobs or blob_path is None or ref.source is not None:
+        if not self.config.local_blobs or not isinstance(self.store, LocalBlobs) or ref.source is not None:
             return None
         try:
-            return Path(blob_path(ref.entity, ref.md5))
+            return Path(self.store.blob_path(ref.entity, ref.md5))
         except Exception:  # noqa: BLE001 - an invalid key etc.: use the ordinary path
             return None
 

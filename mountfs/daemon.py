@@ -213,6 +213,8 @@ def run(options: MountOptions) -> int:
 
     from client.cache import Cache
     from client.store import open_store
+    from client.store.http import HttpStore
+    from client.store.local import LocalStore
 
     from .content import ContentReader
     from .drafts.fs import DraftFS
@@ -227,7 +229,7 @@ def run(options: MountOptions) -> int:
     cache = Cache(options.cache_dir, options.cache_size)
     # The embedded store reads local files (no hang short of a dead disk) and the HTTP store
     # enforces its own timeouts; only other stores need the watchdog thread per request.
-    watchdog = not store.location.startswith(("http://", "https://")) and not Path(store.location).is_dir()
+    watchdog = not isinstance(store, (LocalStore, HttpStore))
     content = ContentReader(store, cache, FetchConfig(
         block_size=options.block_size, parallel=options.parallel, attempts=options.attempts,
         backoff=options.backoff, timeout=options.timeout, watchdog=watchdog, local_blobs=options.local_blobs))

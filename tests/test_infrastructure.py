@@ -184,3 +184,48 @@ def test_the_inprocess_server_credentials_end_with_the_test(tmp_path, monkeypatc
         finally:
             srv.stop()
     assert "AWS_ACCESS_KEY_ID" not in os.environ  # nothing leaks into the tests after it
+
+
+def _capabilities() -> list[type]:
+    """Every optional store capability: the Protocol classes of client/store/base.py but Store."""
+    import typing
+
+    from client.store import base
+
+    return [c for c in vars(base).values()
+            if isinstance(c, type) and typing.Protocol in c.__bases__ and c is not base.Store]
+
+
+def test_each_store_offers_exactly_the_capabilities_it_claims(tmp_path) -> None:
+    from client.store.base import LocalBlobs, Store, UrlBatching
+    from client.store.http import HttpStore
+    from client.store.local import LocalStore
+
+    assert {c.__name__ for c in _capabilities()} == {"LocalBlobs", "UrlBatching"}
+    local = LocalStore(tmp_path / "store")
+    remote = HttpStore("http://127.0.0.1:9")  # nothing listens there; constructing connects to nothing
+    try:
+        claims: dict[object, set[type]] = {local: {LocalBlobs}, remote: {UrlBatching}}
+        for store, claimed in claims.items():
+            assert isinstance(store, Store), type(store).__name__
+            assert {c for c in _capabilities() if isinstance(store, c)} == claimed, type(store).__name__
+        # what both stores do belongs in Store itself, not in a capability
+        for cap in _capabilities():
+            assert not all(isinstance(s, cap) for s in claims), cap.__name__
+    finally:
+        local.close()
+        remote.close()
+
+
+def test_no_code_probes_a_store_for_a_method_by_name() -> None:
+    """Capabilities are chosen by type (``isinstance(store, LocalBlobs)``), never by
+    ``getattr(store, "blob_path", None)``; methods Store requires are called, not guarded."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    probe = re.compile(r"\b(?:getattr|hasattr)\([^,()]*store[^,()]*,\s*[\"']|\b_store_method\b")
+    found = sorted(f"{p.relative_to(root)}:{n}" for pkg in ("client", "mountfs", "server")
+                   for p in (root / pkg).rglob("*.py")
+                   for n, line in enumerate(p.read_text().splitlines(), 1) if probe.search(line))
+    assert found == []

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from .base import CollectionRecord, CommitRequest, RunRecord, Store, VersionRecord
+from .base import CollectionRecord, CommitRequest, LocalBlobs, RunRecord, Store, UrlBatching, VersionRecord
 
-__all__ = ["CollectionRecord", "CommitRequest", "RunRecord", "Store", "VersionRecord", "open_store"]
+__all__ = ["CollectionRecord", "CommitRequest", "LocalBlobs", "RunRecord", "Store", "UrlBatching", "VersionRecord",
+           "open_store"]
 
 
 def open_store(location: str | None = None, api_key: str | None = None) -> Store:

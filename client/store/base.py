@@ -20,14 +20,13 @@ from __future__ import annotations
 import datetime as _dt
 from dataclasses import dataclass, field
 from pathlib import Path
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, Iterable, Protocol, runtime_checkable
 
+from ..blockmap import BlockMap
 
-#: the most one chunk of ``stream_blob`` holds.  ``stream_blob(entity, md5_hex, start, length)``
-#: is optional (the mount looks for it): one ranged request whose bytes arrive as an iterator
-#: of chunks, so a 64 MiB readahead never sits in memory whole.  A single attempt: the caller
-#: resumes from where a failed stream stopped.
+
+#: the most one chunk of ``Store.stream_blob`` holds.
 STREAM_CHUNK = 1 << 20
 
 
@@ -265,4 +264,45 @@ class Store(Protocol):
         as bytes arrive (it may raise to stop the download)."""
         ...
 
+    def stream_blob(self, entity: str, md5_hex: str, start: int, length: int) -> Iterator[bytes]:
+        """Bytes ``[start, start+length)`` as one ranged request whose bytes arrive as chunks of
+        at most :data:`STREAM_CHUNK`, so a 64 MiB readahead never sits in memory whole.  A
+        single attempt: the caller resumes from where a failed stream stopped."""
+        ...
+
+    def blockmaps(self, entity: str, md5_hexes: Iterable[str]) -> dict[str, BlockMap]:
+        """The block maps (:mod:`client.blockmap`) the store holds for these blobs; a blob
+        without one is left out."""
+        ...
+
     def close(self) -> None: ...
+
+
+# -- optional capabilities ------------------------------------------------------------------
+# What only some stores can do.  Callers choose by type, ``isinstance(store, LocalBlobs)``,
+# never by probing for a method name; each store class states what it offers by having the
+# methods (tests/test_infrastructure.py checks both stores against this list).
+
+
+@runtime_checkable
+class LocalBlobs(Protocol):
+    """A store whose blobs are files on this machine (the embedded store): readers open them
+    in place instead of asking for bytes."""
+
+    def blob_path(self, entity: str, md5_hex: str) -> Path:
+        """The blob's file on this machine (zero-copy reads)."""
+        ...
+
+
+@runtime_checkable
+class UrlBatching(Protocol):
+    """A store that reads blobs through signed download URLs (the HTTP store) and can sign
+    many in one request, so walking a cold directory costs no signing round trip per file."""
+
+    def url_known(self, entity: str, md5_hex: str) -> bool:
+        """Whether an unexpired download URL for this blob is already at hand."""
+        ...
+
+    def prefetch_urls(self, entity: str, md5_hexes: Iterable[str]) -> None:
+        """Sign the download URLs of these blobs in one request (kept for later reads)."""
+        ...

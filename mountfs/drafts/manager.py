@@ -56,7 +56,7 @@ from client.atomic import fsync_dir
 from client.cache import Cache
 from client.errors import ArtifactFSError, NotFoundError
 from client.manifest import iter_entries
-from client.store.base import Store, VersionRecord
+from client.store.base import LocalBlobs, Store, VersionRecord
 
 from .commit import (INTENT, BaseInfo, CommitOptions, CommitResult, Draft, _read_intent,
                            commit_draft, resolve_intent)
@@ -132,11 +132,9 @@ def make_fetch_base(store: Store, cache: Cache) -> Callable[[BaseRef], Path]:
         hit = cache.checked(ref.md5, ref.size)  # verified (marker or md5): base bytes enter new versions
         if hit is not None:
             return hit
-        local = getattr(store, "blob_path", None)
-
         def fill(out: BinaryIO) -> None:
-            if local is not None:
-                with open(local(ref.entity, ref.md5), "rb") as f:
+            if isinstance(store, LocalBlobs):
+                with open(store.blob_path(ref.entity, ref.md5), "rb") as f:
                     shutil.copyfileobj(f, out, 1 << 20)
                 return
             pos = 0
