@@ -87,7 +87,7 @@ class FetchConfig:
     #: enforce ``timeout`` by running each request in a watchdog thread pool; needed for a store
     #: without its own timeouts, a wasted thread hop (~0.5 ms) for one that has them
     watchdog: bool = True
-    #: serve an embedded store's blob files in place (``Store.blob_path``), see mountfs.content
+    #: serve an embedded store's blob files in place (``LocalBlobs.blob_path``), see mountfs.content
     local_blobs: bool = True
 
 
