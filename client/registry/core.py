@@ -25,7 +25,6 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
 
 from .. import names
-from ..names import TtlSentinel
 from ..errors import (ConflictError, InvalidNameError, LatestMovedError, ManifestError, MissingBlobError,
                       NotFoundError)
 from ..hashing import b64_to_hex, is_md5_hex
@@ -38,6 +37,9 @@ from .migrate import prepare as prepare_schema
 
 log = logging.getLogger(__name__)
 
+KEEP = "keep"
+
+
 def _expired(rec: VersionRecord, now: dt.datetime) -> bool:
     """Whether a version's TTL has run out; a TTL beyond the calendar (stored before TTLs were
     checked) never runs out, rather than failing the sweep."""
@@ -47,6 +49,7 @@ def _expired(rec: VersionRecord, now: dt.datetime) -> bool:
         return rec.created_at + dt.timedelta(seconds=rec.ttl_seconds) <= now
     except (OverflowError, ValueError, TypeError):
         return False
+INHERIT = "inherit"
 _BLOB_BATCH = 500
 
 
@@ -454,7 +457,7 @@ class RegistryCore:
         tags = [names.validate_tag(x) for x in req.tags]
         meta = names.validate_metadata(req.metadata)
         description = names.validate_description(req.description)
-        req_ttl = names.validate_ttl(req.ttl_seconds, sentinels=(TtlSentinel.INHERIT,))
+        req_ttl = names.validate_ttl(req.ttl_seconds, sentinels=(INHERIT,))
         if not is_md5_hex(req.manifest_md5):
             raise InvalidNameError("manifest_md5 must be an md5 hex digest")
         digest, size, file_count, content = self._manifest_summary(req.entity, req.manifest_md5)
@@ -502,7 +505,7 @@ class RegistryCore:
             c.execute(t.collections.update().where(t.collections.c.id == col.id).values(next_index=idx + 1))
             vid = uuid.uuid4().hex
             ttl = req_ttl
-            if ttl is TtlSentinel.INHERIT:
+            if ttl == INHERIT:
                 ttl = c.execute(sa.select(t.entities.c.default_ttl_seconds).where(t.entities.c.id == eid)).scalar()
             c.execute(t.versions.insert().values(
                 id=vid, collection_id=col.id, idx=idx, digest=digest, manifest_md5=req.manifest_md5,
@@ -522,7 +525,7 @@ class RegistryCore:
 
     def update_version(self, version_id: str, *, aliases: Iterable[str] | None = None,
                        tags: Iterable[str] | None = None, metadata: dict[str, Any] | None = None,
-                       description: str | None = None, ttl_seconds: float | None | str = TtlSentinel.KEEP) -> VersionRecord:
+                       description: str | None = None, ttl_seconds: float | None | str = KEEP) -> VersionRecord:
         """Replace aliases/tags/metadata/description/ttl of a version (None: unchanged).
 
         ``latest`` is managed by the registry: it cannot be added or removed by hand.
@@ -531,7 +534,7 @@ class RegistryCore:
         new_tags = None if tags is None else [names.validate_tag(x) for x in tags]
         meta = None if metadata is None else names.validate_metadata(metadata)
         description = names.validate_description(description)
-        ttl_seconds = names.validate_ttl(ttl_seconds, sentinels=(TtlSentinel.INHERIT, TtlSentinel.KEEP))
+        ttl_seconds = names.validate_ttl(ttl_seconds, sentinels=(INHERIT, KEEP))
         with self._write() as c:
             row = c.execute(sa.select(t.versions).where(t.versions.c.id == version_id)).first()
             if row is None or row.state != "COMMITTED":
@@ -541,9 +544,9 @@ class RegistryCore:
                 values["meta"] = meta
             if description is not None:
                 values["description"] = description
-            if ttl_seconds is TtlSentinel.INHERIT:  # back to the entity's default, as a new version would get
+            if ttl_seconds == INHERIT:  # back to the entity's default, as a new version would get
                 values["ttl_seconds"] = self._default_ttl_of_collection(c, row.collection_id)
-            elif ttl_seconds is not TtlSentinel.KEEP:
+            elif ttl_seconds != KEEP:
                 values["ttl_seconds"] = ttl_seconds
             c.execute(t.versions.update().where(t.versions.c.id == version_id).values(**values))
             if new_aliases is not None:
