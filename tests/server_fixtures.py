@@ -197,12 +197,14 @@ def moto_s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MotoS3]:
 
 
 # -- a TCP proxy that breaks connections on purpose -------------------------------------------
-class CuttingProxy:
-    """Forwards loopback TCP to ``upstream``; can refuse connections or cut them mid-stream.
+class LoopbackProxy:
+    """Forwards loopback TCP to ``upstream``; can slow, refuse or cut connections, and counts
+    the bytes it forwarded each way.
 
-    ``cut_after``: close a connection once this many bytes went through it in either direction
-    (None: never); ``cut_times``: how many connections to cut before passing everything again
-    (None: all of them); ``refuse``: close new connections at once (the service looks down).
+    ``rate``: bytes/s per connection and direction (None: as fast as it goes); ``cut_after``:
+    close a connection once this many bytes went through it in either direction (None: never);
+    ``cut_times``: how many connections to cut before passing everything again (None: all of
+    them); ``refuse``: close new connections at once (the service looks down).
     """
 
     def __init__(self, upstream_port: int) -> None:
@@ -210,7 +212,10 @@ class CuttingProxy:
         self.cut_after: int | None = None
         self.cut_times: int | None = None
         self.refuse = False
+        self.rate: float | None = None
         self.cuts = 0
+        self.up = 0  #: client -> server bytes
+        self.down = 0  #: server -> client bytes
         self._sock = socket.socket()
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self._sock.bind(("127.0.0.1", 0))
@@ -220,6 +225,11 @@ class CuttingProxy:
         self._lock = threading.Lock()
         self._open: set[socket.socket] = set()
         threading.Thread(target=self._accept, daemon=True).start()
+
+    def counts(self) -> tuple[int, int]:
+        """(client -> server, server -> client) bytes forwarded so far."""
+        with self._lock:
+            return self.up, self.down
 
     def drop_all(self) -> None:
         """Reset every open connection (with ``refuse``: the service went away)."""
@@ -258,7 +268,7 @@ class CuttingProxy:
         with self._lock:
             self._open.update((client, upstream))
 
-        def pump(src: socket.socket, dst: socket.socket) -> None:
+        def pump(src: socket.socket, dst: socket.socket, upward: bool) -> None:
             sent = 0
             try:
                 while data := src.recv(65536):
@@ -268,8 +278,16 @@ class CuttingProxy:
                         with self._lock:
                             self.cuts += 1
                         break
+                    rate = self.rate
+                    if rate:
+                        time.sleep(len(data) / rate)
                     dst.sendall(data)
                     sent += len(data)
+                    with self._lock:
+                        if upward:
+                            self.up += len(data)
+                        else:
+                            self.down += len(data)
             except OSError:
                 pass
             for s in (src, dst):
@@ -279,8 +297,8 @@ class CuttingProxy:
                     pass
                 s.close()
 
-        threading.Thread(target=pump, args=(client, upstream), daemon=True).start()
-        pump(upstream, client)
+        threading.Thread(target=pump, args=(client, upstream, True), daemon=True).start()
+        pump(upstream, client, False)
 
     def close(self) -> None:
         self._sock.close()

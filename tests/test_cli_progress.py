@@ -11,19 +11,17 @@ import fcntl
 import os
 import re
 import signal
-import socket
 import struct
 import subprocess
 import sys
 import termios
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.server_fixtures import ServerFactory
+from tests.server_fixtures import LoopbackProxy, ServerFactory
 
 EXE = Path(sys.executable).with_name("artifactfs")
 pytestmark = pytest.mark.skipif(not EXE.exists(), reason="artifactfs console script not installed in this venv")
@@ -32,78 +30,14 @@ pytestmark = pytest.mark.skipif(not EXE.exists(), reason="artifactfs console scr
 MEASURED: dict[str, float] = {}
 
 
-class ThrottlingProxy:
-    """Forwards loopback TCP to ``upstream_port`` at ``rate`` bytes/s per connection and
-    direction (None: as fast as it goes), counting the bytes sent each way."""
-
-    def __init__(self, upstream_port: int) -> None:
-        self.upstream_port = upstream_port
-        self.rate: float | None = None
-        self.up = 0  #: client -> server bytes
-        self.down = 0  #: server -> client bytes
-        self._lock = threading.Lock()
-        self._sock = socket.socket()
-        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._sock.bind(("127.0.0.1", 0))
-        self._sock.listen(64)
-        self.url = f"http://127.0.0.1:{self._sock.getsockname()[1]}"
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def counts(self) -> tuple[int, int]:
-        with self._lock:
-            return self.up, self.down
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self._sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(client,), daemon=True).start()
-
-    def _serve(self, client: socket.socket) -> None:
-        try:
-            upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
-        except OSError:
-            client.close()
-            return
-
-        def pump(src: socket.socket, dst: socket.socket, upward: bool) -> None:
-            try:
-                while data := src.recv(16384):
-                    rate = self.rate
-                    if rate:
-                        time.sleep(len(data) / rate)
-                    dst.sendall(data)
-                    with self._lock:
-                        if upward:
-                            self.up += len(data)
-                        else:
-                            self.down += len(data)
-            except OSError:
-                pass
-            for s in (src, dst):
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-                s.close()
-
-        threading.Thread(target=pump, args=(client, upstream, True), daemon=True).start()
-        pump(upstream, client, False)
-
-    def close(self) -> None:
-        self._sock.close()
-
-
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ThrottlingProxy, str, str]]:
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LoopbackProxy, str, str]]:
     """(proxy in front of the server, the server's own URL, an API key of alice)."""
     tmp = tmp_path_factory.mktemp("progress-srv")
     factory = ServerFactory(f"sqlite:///{tmp / 'registry.db'}", str(tmp / "blobs"), tmp)
     try:
         srv = factory.start()
-        proxy = ThrottlingProxy(int(srv.url.rsplit(":", 1)[1]))
+        proxy = LoopbackProxy(int(srv.url.rsplit(":", 1)[1]))
         yield proxy, srv.url, factory.user("alice")
         proxy.close()
     finally:

@@ -21,7 +21,7 @@ from client.errors import (AuthenticationError, DigestMismatchError, MissingBlob
 from client.hashing import hex_to_b64, md5_bytes
 from client.manifest import Manifest, ManifestEntry
 from client.store.base import CommitRequest
-from tests.server_fixtures import (CuttingProxy, SharedRegistry, make_store, moto_s3, new_factory,  # noqa: F401
+from tests.server_fixtures import (LoopbackProxy, SharedRegistry, make_store, moto_s3, new_factory,  # noqa: F401
                                    postgres, registry)
 import tests.test_registry as registry_rules
 from tests.util import commit_files, run_rule, store_rules, upload_bytes
@@ -212,7 +212,7 @@ def test_connection_cut_mid_download_and_upload_through_the_server(tmp_path: Pat
     factory = new_factory("sqlite-local", request, tmp_path)
     try:
         server = factory.start()
-        proxy = CuttingProxy(int(server.url.rsplit(":", 1)[1]))
+        proxy = LoopbackProxy(int(server.url.rsplit(":", 1)[1]))
         key = factory.user("alice")
         store = make_store(proxy.url, key, **FAST)
         data = os.urandom(2 << 20)
@@ -232,7 +232,7 @@ def test_connection_cut_mid_download_and_upload_through_the_server(tmp_path: Pat
         factory.stop_all()
 
 
-def _cut_downloads(store, proxy: CuttingProxy, entity: str, md5: str, data: bytes, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def _cut_downloads(store, proxy: LoopbackProxy, entity: str, md5: str, data: bytes, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     """Every connection cut: a clear error.  Two connections cut: retries give the right bytes."""
     proxy.cut_after, proxy.cut_times = 64 << 10, None
     with pytest.raises(StoreUnavailableError):
@@ -249,7 +249,7 @@ def _cut_downloads(store, proxy: CuttingProxy, entity: str, md5: str, data: byte
 
 def test_s3_cut_or_stopped_mid_transfer(tmp_path: Path, request: pytest.FixtureRequest, moto_s3) -> None:  # type: ignore[no-untyped-def]  # noqa: F811
     """S3 behind a cutting proxy: ranged GETs cut mid-body, then S3 gone altogether."""
-    proxy = CuttingProxy(int(moto_s3.url.rsplit(":", 1)[1]))
+    proxy = LoopbackProxy(int(moto_s3.url.rsplit(":", 1)[1]))
     factory = new_factory("sqlite-local", request, tmp_path)
     factory.blobs_url, factory.s3_endpoint = f"s3://{moto_s3.new_bucket()}/b", proxy.url
     try:
