@@ -749,9 +749,10 @@ class ContentReader:
             return
         key = ref.directory[:2] if ref.directory is not None else (ref.md5, 0)
         with self._lock:
-            found = self._url_batches.get(key)
-            mine = found is None
-            running = self._url_batches[key] = threading.Event() if found is None else found
+            running = self._url_batches.get(key)
+            mine = running is None
+            if running is None:
+                running = self._url_batches[key] = threading.Event()
         if not mine:  # another reader is signing this directory: use its answer
             running.wait(self.config.timeout)
             if known(ref.entity, ref.md5):
