@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import contextlib
 import enum
-import errno
 import json
 import logging
 import os
@@ -55,6 +54,8 @@ from client.manifest import EXECUTABLE_KEY, SYMLINK_KEY, symlink_target
 from client.store.base import Store, VersionRecord
 from client.transfer import ARTIFACT_REF_SCHEME, artifact_ref_entity
 
+from .errors import (BadHandleError, InvalidArgumentError, IsDirectoryError, NoAttributeError, NotDirectoryError,
+                     NotSupportedError, ReadOnlyError)
 from .manifest_index import ROOT_ID, IndexEntry, IndexStore, ManifestIndex
 from .ref_source import RefSource, describe
 
@@ -456,7 +457,7 @@ class Namespace:
         if kind is Kind.PROJECT:
             return self._lookup_version(parent, name)
         if kind is Kind.TREE_FILE or kind is Kind.DRAFT_FILE:
-            raise OSError(errno.ENOTDIR, "not a directory")
+            raise NotDirectoryError("not a directory")
         if kind in DRAFT_KINDS:
             assert self.drafts is not None
             return self.drafts.lookup_child(self, parent, name)
@@ -560,7 +561,7 @@ class Namespace:
         if node.kind is Kind.TREE_FILE and node.entry is not None and node.entry.extra is not None:
             target = symlink_target(json.loads(node.entry.extra))
         if target is None:
-            raise OSError(errno.EINVAL, "not a symbolic link")
+            raise InvalidArgumentError("not a symbolic link")
         return target
 
     def getattr(self, inode: int) -> Attr:
@@ -574,7 +575,7 @@ class Namespace:
     def opendir(self, inode: int) -> int:
         node = self.node(inode)
         if not node.is_dir:
-            raise OSError(errno.ENOTDIR, "not a directory")
+            raise NotDirectoryError("not a directory")
         with self._lock:
             fh = self._next_fh
             self._next_fh += 1
@@ -585,7 +586,7 @@ class Namespace:
         with self._lock:
             handle = self._dir_handles.get(fh)
         if handle is None:
-            raise OSError(errno.EBADF, "bad directory handle")
+            raise BadHandleError("bad directory handle")
         return handle.node.inode
 
     def releasedir(self, fh: int) -> None:
@@ -602,7 +603,7 @@ class Namespace:
         with self._lock:
             handle = self._dir_handles.get(fh)
         if handle is None:
-            raise OSError(errno.EBADF, "bad directory handle")
+            raise BadHandleError("bad directory handle")
         node = handle.node
         if node.kind in DRAFT_KINDS:
             assert self.drafts is not None
@@ -652,9 +653,9 @@ class Namespace:
         """Open a file read-only, pinning it to its content; EROFS for any write intent."""
         node = self.node(inode)
         if node.is_dir:
-            raise OSError(errno.EISDIR, "is a directory")
+            raise IsDirectoryError("is a directory")
         if (flags & os.O_ACCMODE) != os.O_RDONLY or flags & (os.O_TRUNC | os.O_APPEND):
-            raise OSError(errno.EROFS, "artifact versions are read-only")
+            raise ReadOnlyError("artifact versions are read-only")
         entry, version = node.entry, node.version
         assert entry is not None and version is not None
         source = None
@@ -667,10 +668,10 @@ class Namespace:
             self._io()  # describing a file:// reference may stat its path: a worker thread does it
             source = describe(entry.ref, entry.md5, entry.size, entry.extra, self.path_of(node))
             if source is None:
-                raise OSError(errno.ENOTSUP, f"{entry.name} is a reference ({entry.ref}) the mount cannot read "
+                raise NotSupportedError(f"{entry.name} is a reference ({entry.ref}) the mount cannot read "
                                              "(a tracked-only scheme, or checksum=False without a size)")
         elif entry.md5 is None:
-            raise OSError(errno.ENOTSUP, f"{entry.name} has no md5 digest; its content is not in the store")
+            raise NotSupportedError(f"{entry.name} has no md5 digest; its content is not in the store")
         ref = FileRef(entity, source.key if source else str(entry.md5), entry.size,
                       version.qualified_name, self.path_of(node), source,
                       directory=None if entry.ref is not None else (version.manifest_md5, entry.parent, entry.id))
@@ -703,7 +704,7 @@ class Namespace:
             try:
                 return self._file_handles[fh]
             except KeyError:
-                raise OSError(errno.EBADF, "bad file handle") from None
+                raise BadHandleError("bad file handle") from None
 
     def release(self, fh: int) -> None:
         with self._lock:
@@ -715,8 +716,8 @@ class Namespace:
         ENOTSUP inside a draft (it has no extended attributes to keep), EROFS elsewhere."""
         node = self.node(inode_p)
         if node.kind in DRAFT_KINDS:
-            raise OSError(errno.ENOTSUP, "drafts keep no extended attributes")
-        raise OSError(errno.EROFS, "artifact versions are read-only")
+            raise NotSupportedError("drafts keep no extended attributes")
+        raise ReadOnlyError("artifact versions are read-only")
 
     # -- extended attributes -------------------------------------------------------------
     def xattrs(self, inode: int) -> dict[str, bytes]:
@@ -765,11 +766,11 @@ class Namespace:
             # per device: it stops asking for security.selinux and system.posix_acl_access on
             # every file (two FUSE requests each, the bulk of an `ls -lR`).  The kernel only
             # disables getxattr for good on ENOSYS, so user.* keeps working.
-            raise OSError(errno.ENOTSUP, f"{name}: only user.* attributes are supported")
+            raise NotSupportedError(f"{name}: only user.* attributes are supported")
         try:
             return self.xattrs(inode)[name]
         except KeyError:
-            raise OSError(errno.ENODATA, f"no attribute {name}") from None
+            raise NoAttributeError(f"no attribute {name}") from None
 
     def _fresh(self, version: VersionRecord) -> VersionRecord:
         def fetch() -> VersionRecord:

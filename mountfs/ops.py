@@ -25,17 +25,14 @@ import errno
 import functools
 import logging
 import os
-import sqlite3
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, NewType, ParamSpec, TypeVar
 
 import pyfuse3
 import trio
 
-from client.errors import (AuthenticationError, ConflictError, InvalidNameError, InvalidPathError, NotFoundError,
-                           PermissionDeniedError, StoreUnavailableError)
-
 from .drafts.fs import COMMIT_XATTR, DraftFS
+from .errors import errno_for
 from .content import ContentReader, Handle
 from .namespace import DRAFT_KINDS, Attr, Namespace, NeedsIO
 
@@ -52,34 +49,6 @@ _READDIR_PAGE = 256
 #: security.capability getxattr).
 _BLKSIZE = 1 << 20
 _NAME_MAX = 255
-
-
-def errno_for(exc: BaseException) -> int:
-    """The one place where our exceptions become errno values."""
-    if isinstance(exc, pyfuse3.FUSEError):
-        return exc.errno
-    if isinstance(exc, (NotFoundError, InvalidNameError, InvalidPathError)):
-        return errno.ENOENT  # a name that cannot exist does not exist
-    if isinstance(exc, (PermissionDeniedError, AuthenticationError)):
-        return errno.EACCES
-    if isinstance(exc, StoreUnavailableError):  # includes fetch.FetchError (retries exhausted)
-        return errno.EIO
-    if isinstance(exc, ConflictError):
-        return errno.EBUSY
-    if isinstance(exc, UnicodeError):  # a name that is not UTF-8 cannot be a manifest path
-        return errno.EILSEQ
-    if isinstance(exc, sqlite3.OperationalError) and _sqlite_full(exc):  # a draft's database on a full disk
-        return errno.ENOSPC
-    if isinstance(exc, OSError) and exc.errno:
-        return exc.errno
-    log.exception("unexpected error in a FUSE handler; answering EIO", exc_info=exc)
-    return errno.EIO
-
-
-def _sqlite_full(exc: sqlite3.OperationalError) -> bool:
-    """SQLITE_FULL (the code where Python reports it, else its fixed message)."""
-    code = getattr(exc, "sqlite_errorcode", None)
-    return code == 13 if code is not None else "database or disk is full" in str(exc)
 
 
 def _fuse_errors(fn: Callable[_P, Coroutine[Any, Any, _T]]) -> Callable[_P, Coroutine[Any, Any, _T]]:

@@ -20,6 +20,7 @@ from client.hashing import hex_to_b64, md5_file
 from client.manifest import Manifest, compute_digest
 from client.store.local import LocalStore
 from mountfs.drafts import commit as draft_commit
+from mountfs.errors import errno_for
 from mountfs.drafts.manager import (COMMIT_NAME, ROOT_ID, STATUS_NAME, BaseRef, CommitOptions, DraftManager,
                             DraftTree, draft_dirname, make_fetch_base, parse_draft_dirname)
 from tests.util import commit_files
@@ -40,7 +41,7 @@ def mkdirs(tree: DraftTree, path: str) -> int:
     for part in [p for p in path.split("/") if p]:
         try:
             nid = tree.lookup(nid, part).id
-        except FileNotFoundError:
+        except NotFoundError:
             nid = tree.mkdir(nid, part).id
     return nid
 
@@ -51,7 +52,7 @@ def put(tree: DraftTree, path: str, data: bytes, chunk: int = 1 << 16) -> None:
     parent = mkdirs(tree, head)
     try:
         fh = tree.open(tree.lookup(parent, name).id, os.O_WRONLY | os.O_TRUNC)
-    except FileNotFoundError:
+    except NotFoundError:
         _, fh = tree.create(parent, name)
     for off in range(0, len(data), chunk):
         tree.write(fh, off, data[off:off + chunk])
@@ -85,9 +86,10 @@ def b64md5(data: bytes) -> str:
 
 
 def errno_of(fn, *args, **kw) -> int:
-    with pytest.raises(OSError) as info:
+    """The errno the mount answers with for what ``fn`` raises (``mountfs.errors.errno_for``)."""
+    with pytest.raises(Exception) as info:
         fn(*args, **kw)
-    return info.value.errno
+    return errno_for(info.value)
 
 
 @pytest.fixture
@@ -400,6 +402,7 @@ from client.cache import Cache
 from client.errors import NotFoundError
 from client.store.local import LocalStore
 from mountfs.drafts import commit as draft_commit
+from mountfs.errors import errno_for
 from mountfs.drafts.manager import DraftManager, ROOT_ID
 tmp, mode = Path(sys.argv[1]), sys.argv[2]
 mgr = DraftManager(tmp / "drafts", LocalStore(tmp / "store"), Cache(tmp / "cache"))

@@ -13,7 +13,7 @@ Where the names live::
     /<e>                      mkdir <project>    a new project (idem)
     /<e>/<p>                  mkdir <coll>:draft[-label]   DraftManager.create (from :latest or empty)
                               rmdir <coll>:draft[-label]   DraftManager.remove (ENOTEMPTY unless empty)
-    /<e>/<p>/<coll>:draft…/…  everything else    DraftTree (mountfs.drafts.tree), errno from there
+    /<e>/<p>/<coll>:draft…/…  everything else    DraftTree (mountfs.drafts.tree)
 
 Writes anywhere else answer EROFS; a name in a project that is neither a draft nor a version
 answers EINVAL on mkdir.  Renames between two drafts, or into or out of a draft, answer EXDEV
@@ -30,7 +30,6 @@ alias directories, so ``:latest`` and the new ``:vN`` show the new version at on
 
 from __future__ import annotations
 
-import errno
 import json
 import logging
 import os
@@ -41,6 +40,8 @@ from dataclasses import dataclass
 from client import names
 from client.errors import NotFoundError
 
+from ..errors import (BadHandleError, CommitFailedError, CrossDraftError, ExistsError, InvalidArgumentError,
+                      NotEmptyError, ReadOnlyError)
 from .manager import CommitOptions, CommitResult, Draft, DraftManager, StatFs, is_draft_name
 from .tree import ROOT_ID, STATUS_NAME, NodeAttr
 from ..namespace import DRAFT_KINDS, Attr, FileRef, Kind, Namespace, Node
@@ -63,8 +64,8 @@ class _Open:
     nid: int
 
 
-def _erofs() -> OSError:
-    return OSError(errno.EROFS, "artifact versions are read-only; write into a <collection>:draft directory")
+def _erofs() -> ReadOnlyError:
+    return ReadOnlyError("artifact versions are read-only; write into a <collection>:draft directory")
 
 
 class DraftFS:
@@ -167,7 +168,7 @@ class DraftFS:
     def _draft(self, node: Node) -> Draft:
         draft = self.manager.by_id(node.draft_id)
         if draft is None:
-            raise OSError(errno.ENOENT, "the draft was removed")
+            raise NotFoundError("the draft was removed")
         return draft
 
     def _node(self, ns: Namespace, parent: Node, draft: Draft, a: NodeAttr) -> Node:
@@ -188,7 +189,7 @@ class DraftFS:
             try:
                 return self._open[fh]
             except KeyError:
-                raise OSError(errno.EBADF, f"file handle {fh}") from None
+                raise BadHandleError(f"file handle {fh}") from None
 
     def is_draft_handle(self, fh: int) -> bool:
         with self._lock:
@@ -215,11 +216,11 @@ class DraftFS:
         try:
             names.validate_entity(name) if entity is None else names.validate_project(name)
         except ValueError as exc:
-            raise OSError(errno.EINVAL, str(exc)) from None
+            raise InvalidArgumentError(str(exc)) from None
         ns._io()
         existing = ns._entities() if entity is None else ns._projects(entity)
         if name in existing:
-            raise OSError(errno.EEXIST, name)
+            raise ExistsError(name)
         with self._lock:
             if entity is None:
                 self._made_entities.add(name)
@@ -234,7 +235,7 @@ class DraftFS:
             collection, sep, selector = name.rpartition(":")
             if sep and collection and selector:
                 raise _erofs()  # a version or an alias: those are made by commits
-            raise OSError(errno.EINVAL, f"{name!r}: only <collection>:draft or <collection>:draft-<label> "
+            raise InvalidArgumentError(f"{name!r}: only <collection>:draft or <collection>:draft-<label> "
                                         "directories can be made in a project")
         ns._io()
         draft = self.manager.create(project.entity, project.project, name)
@@ -267,7 +268,7 @@ class DraftFS:
                     has_drafts = bool(self.manager.list(name) if parent.kind is Kind.ROOT
                                       else self.manager.list(parent.entity, name))
                     if has_drafts:
-                        raise OSError(errno.ENOTEMPTY, name)
+                        raise NotEmptyError(name)
                     made.discard(key)
                     ns.forget_listings(parent.entity or name, "")
                     return
@@ -317,7 +318,7 @@ class DraftFS:
     def write(self, fh: int, off: int, buf: bytes) -> int:
         h = self._handle(fh)
         if h.tree_fh is None:
-            raise OSError(errno.EBADF, "file not open for writing")
+            raise BadHandleError("file not open for writing")
         return h.draft.tree.write(h.tree_fh, off, buf)
 
     def write_nowait(self, fh: int, off: int, buf: bytes) -> int | None:
@@ -380,7 +381,7 @@ class DraftFS:
         if not in_old and not in_new:
             raise _erofs()
         if in_old != in_new or old.draft_id != new.draft_id:
-            raise OSError(errno.EXDEV, "rename into, out of or between drafts: copy instead")
+            raise CrossDraftError("rename into, out of or between drafts: copy instead")
         _, draft = self._in_draft(inode_p_old)
         draft.tree.rename(old.nid, name_old, new.nid, name_new, flags)
 
@@ -390,7 +391,7 @@ class DraftFS:
         src = ns.node(inode)
         parent, draft = self._in_draft(inode_p_new)
         if src.kind not in DRAFT_KINDS or src.draft_id != parent.draft_id:
-            raise OSError(errno.EXDEV, "hard links only within one draft")
+            raise CrossDraftError("hard links only within one draft")
         return self._node(ns, parent, draft, draft.tree.link(src.nid, parent.nid, name))
 
     def symlink(self, inode_p: int, name: str, target: str) -> Node:
@@ -413,12 +414,12 @@ class DraftFS:
         once it is quiet, and return when done; EINVAL for bad options, EIO if it failed."""
         node, draft = self._in_draft(inode)
         if node.kind is not Kind.DRAFT_DIR:
-            raise OSError(errno.EINVAL, f"{COMMIT_XATTR} is set on a draft directory")
+            raise InvalidArgumentError(f"{COMMIT_XATTR} is set on a draft directory")
         try:
             options = CommitOptions.parse(value)
         except ValueError as exc:
             draft.record(CommitResult("failed", error=str(exc)))
-            raise OSError(errno.EINVAL, str(exc)) from None
+            raise InvalidArgumentError(str(exc)) from None
         result = self.manager.commit_when_ready(draft, options)
         if result is None:  # joined a request already waiting: its attempt is the answer
             draft.tree.wait_commits(STATUS_WAIT_SECONDS)
@@ -426,7 +427,7 @@ class DraftFS:
         if result is not None and result.state == "created":
             self.show_new_version(draft)
         if result is None or result.state not in ("created", "noop"):
-            raise OSError(errno.EIO, f"commit of {draft.dirname} failed")
+            raise CommitFailedError(f"commit of {draft.dirname} failed")
 
     def show_new_version(self, draft: Draft) -> None:
         """Forget cached listings and aliases of the collection; drop the kernel's alias dentries."""

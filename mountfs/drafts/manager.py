@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import builtins
 import contextlib
-import errno
 import json
 import logging
 import os
@@ -58,6 +57,8 @@ from client.errors import ArtifactFSError, NotFoundError
 from client.manifest import iter_entries
 from client.store.base import LocalBlobs, Store, VersionRecord
 
+from ..errors import (BaseUnavailableError, CommitFailedError, DraftBusyError, ExistsError, InvalidArgumentError,
+                      NotEmptyError)
 from .commit import (INTENT, BaseInfo, CommitOptions, CommitResult, Draft, _read_intent,
                            commit_draft, resolve_intent)
 from .tree import (COMMIT_NAME, CONTROL_NAMES, ROOT_ID, STATUS_NAME, BaseRef, DraftTree,
@@ -141,14 +142,14 @@ def make_fetch_base(store: Store, cache: Cache) -> Callable[[BaseRef], Path]:
             while pos < ref.size:
                 chunk = store.read_blob(ref.entity, ref.md5, pos, min(_READ_CHUNK, ref.size - pos))
                 if not chunk:
-                    raise OSError(errno.EIO, f"blob {ref.md5} ended at {pos} of {ref.size} bytes")
+                    raise BaseUnavailableError(f"blob {ref.md5} ended at {pos} of {ref.size} bytes")
                 out.write(chunk)
                 pos += len(chunk)
 
         try:
             return cache.fetch(ref.md5, ref.size, fill)
         except ArtifactFSError as exc:
-            raise OSError(errno.EIO, f"cannot fetch base content of {ref.path}: {exc}") from exc
+            raise BaseUnavailableError(f"cannot fetch base content of {ref.path}: {exc}") from exc
 
     return fetch
 
@@ -171,7 +172,7 @@ class DraftManager:
 
     ``fetch_base`` defaults to :func:`make_fetch_base` (cache, then store); the FUSE daemon may
     inject its ranged fetcher's.  ``commit_runner(draft)`` is what a sentinel touch calls; the
-    default commits synchronously and raises ``OSError(EIO)`` on failure (so close() reports it).
+    default commits synchronously and raises ``CommitFailedError`` (EIO) on failure (so close() reports it).
     """
 
     def __init__(self, staging_root: Path | str, store: Store, cache: Cache, *,
@@ -243,7 +244,7 @@ class DraftManager:
     def get(self, entity: str, project: str, dirname: str) -> Draft:
         d = self.find(entity, project, dirname)
         if d is None:
-            raise OSError(errno.ENOENT, f"no draft {entity}/{project}/{dirname}")
+            raise NotFoundError(f"no draft {entity}/{project}/{dirname}")
         return d
 
     # -- create / remove ---------------------------------------------------------------------
@@ -251,7 +252,7 @@ class DraftManager:
         """mkdir of a draft name: from the collection's latest version, or empty."""
         parsed = parse_draft_dirname(dirname)
         if parsed is None:
-            raise OSError(errno.EINVAL, f"{dirname!r} is not <collection>:draft or <collection>:draft-<label>")
+            raise InvalidArgumentError(f"{dirname!r} is not <collection>:draft or <collection>:draft-<label>")
         collection, label = parsed
         try:
             names.validate_entity(entity)
@@ -259,16 +260,16 @@ class DraftManager:
             if type is not None:
                 names.validate_type(type)
         except ValueError as exc:
-            raise OSError(errno.EINVAL, str(exc)) from None
+            raise InvalidArgumentError(str(exc)) from None
         with self._lock:
             if self.find(entity, project, dirname) is not None:
-                raise OSError(errno.EEXIST, f"draft {entity}/{project}/{dirname} exists")
+                raise ExistsError(f"draft {entity}/{project}/{dirname} exists")
             try:
                 base: VersionRecord | None = self.store.resolve(entity, project, collection, "latest")
             except NotFoundError:
                 base = None
             except ArtifactFSError as exc:
-                raise OSError(errno.EIO, f"cannot resolve {collection}:latest: {exc}") from exc
+                raise BaseUnavailableError(f"cannot resolve {collection}:latest: {exc}") from exc
             draft_id = uuid.uuid4().hex
             tmp = self.root / f"tmp-{draft_id}"
             tmp.mkdir()
@@ -319,9 +320,9 @@ class DraftManager:
         """rmdir of a draft: ENOTEMPTY unless its tree (control files aside) is empty or ``force``."""
         with self._lock, draft.tree.lock:
             if not force and not draft.tree.is_empty(ROOT_ID, ignore_control=True):
-                raise OSError(errno.ENOTEMPTY, f"draft {draft.dirname} is not empty")
+                raise NotEmptyError(f"draft {draft.dirname} is not empty")
             if draft.tree.has_open_files():
-                raise OSError(errno.EBUSY, f"draft {draft.dirname} has open files")
+                raise DraftBusyError(f"draft {draft.dirname} has open files")
             draft.tree.close()
             self._drafts.pop(draft.id, None)
             doomed = self.root / f"tmp-{draft.id}"
@@ -388,7 +389,7 @@ class DraftManager:
             return
         result = self.commit_when_ready(draft)
         if result is not None and result.state == "failed":
-            raise OSError(errno.EIO, f"commit failed: {result.error}")
+            raise CommitFailedError(f"commit failed: {result.error}")
 
     def commit_all(self) -> builtins.list[tuple[Draft, CommitResult]]:
         """Unmount: commit every draft (unchanged ones are no-ops).  A draft with a file still

@@ -39,7 +39,6 @@ the connection, the handle tables and the running hashes.
 from __future__ import annotations
 
 import contextlib
-import errno
 import hashlib
 import json
 import logging
@@ -54,8 +53,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from client.errors import NotFoundError
 from client.hashing import hex_to_b64
 from client.manifest import SYMLINK_KEY, symlink_target
+
+from ..errors import (BadHandleError, BaseUnavailableError, ExistsError, InvalidArgumentError,
+                      IsDirectoryError, NameTooLongError, NotDirectoryError, NotEmptyError, NotPermittedError,
+                      ReadOnlyFileError)
 
 log = logging.getLogger(__name__)
 
@@ -148,10 +152,6 @@ class _SeqHash:
         self.pos = 0
 
 
-def _err(code: int, msg: str) -> OSError:
-    return OSError(code, f"{os.strerror(code)}: {msg}")
-
-
 def _rowid(cur: sqlite3.Cursor) -> int:
     """The id of the row an INSERT just made (sqlite3 types it Optional: None only without one)."""
     assert cur.lastrowid is not None
@@ -174,14 +174,14 @@ def entry_mode(entry: Any) -> int:
 def check_name(name: str) -> str:
     """A name usable in a draft directory (becomes one segment of a manifest path)."""
     if not name or name in (".", "..") or "/" in name or "\x00" in name:
-        raise _err(errno.EINVAL, f"invalid file name {name!r}")
+        raise InvalidArgumentError(f"invalid file name {name!r}")
     if len(name.encode("utf-8", "surrogateescape")) > NAME_MAX:
-        raise _err(errno.ENAMETOOLONG, f"{name[:40]!r}…")
+        raise NameTooLongError(f"{name[:40]!r}…")
     return name
 
 
 class DraftTree:
-    """The nodes and staged data of one draft; POSIX-like operations raising ``OSError(errno)``.
+    """The nodes and staged data of one draft; POSIX-like operations raising :mod:`mountfs.errors`.
 
     ``fetch_base(ref) -> Path`` must return a local file holding the base content (normally the
     cache object); it is called only for a read of a base file or a partial overwrite of one.
@@ -288,7 +288,7 @@ class DraftTree:
     def _row(self, nid: int) -> tuple:
         row = self.db.execute(f"SELECT {_COLS} FROM nodes WHERE id = ?", (nid,)).fetchone()
         if row is None:
-            raise _err(errno.ENOENT, f"node {nid} is gone")
+            raise NotFoundError(f"node {nid} is gone")
         return row
 
     def _target(self, row: tuple) -> tuple:
@@ -329,17 +329,17 @@ class DraftTree:
     def _dir(self, nid: int) -> tuple:
         row = self._row(nid)
         if not row[3]:
-            raise _err(errno.ENOTDIR, f"node {nid} is not a directory")
+            raise NotDirectoryError(f"node {nid} is not a directory")
         return row
 
     def lookup(self, parent: int, name: str) -> NodeAttr:
         if len(name.encode("utf-8", "surrogateescape")) > NAME_MAX:
-            raise _err(errno.ENAMETOOLONG, f"{name[:40]!r}…")
+            raise NameTooLongError(f"{name[:40]!r}…")
         with self.lock:
             self._dir(parent)
             row = self._child(parent, name)
             if row is None:
-                raise _err(errno.ENOENT, name)
+                raise NotFoundError(name)
             return self._attr(self._target(row), row)
 
     def readdir(self, parent: int, after: int = 0, limit: int = 256) -> list[NodeAttr]:
@@ -355,10 +355,10 @@ class DraftTree:
         with self.lock:
             row = self._row(nid)
         if not stat.S_ISLNK(row[4]):
-            raise _err(errno.EINVAL, f"{row[2]} is not a symbolic link")
+            raise InvalidArgumentError(f"{row[2]} is not a symbolic link")
         target = symlink_target(json.loads(row[12] or "{}").get("extra"))
         if target is None:
-            raise _err(errno.EIO, f"symbolic link {row[2]} has no target")
+            raise BaseUnavailableError(f"symbolic link {row[2]} has no target")
         return target
 
     def has_open_files(self) -> bool:
@@ -390,7 +390,7 @@ class DraftTree:
         check_name(name)
         self._dir(parent)
         if self._child(parent, name) is not None:
-            raise _err(errno.EEXIST, name)
+            raise ExistsError(name)
 
     def _touch_dir(self, c: sqlite3.Connection, nid: int) -> None:
         self.last_change = time.monotonic()
@@ -409,7 +409,7 @@ class DraftTree:
     def create(self, parent: int, name: str, mode: int = 0o644, flags: int = os.O_RDWR) -> tuple[NodeAttr, int]:
         """Create an empty file and open it (EEXIST if the name exists).  Returns (attr, fh)."""
         if parent == ROOT_ID and name == STATUS_NAME:
-            raise _err(errno.EPERM, f"{STATUS_NAME} is written by artifactfs")
+            raise NotPermittedError(f"{STATUS_NAME} is written by artifactfs")
         with self.txn() as c:
             self._check_new(parent, name)
             cur = c.execute("INSERT INTO nodes (parent, name, is_dir, mode, size, mtime_ns, staged) "
@@ -447,17 +447,17 @@ class DraftTree:
             try:
                 return self._handles[fh].node
             except KeyError:
-                raise _err(errno.EBADF, f"file handle {fh}") from None
+                raise BadHandleError(f"file handle {fh}") from None
 
     def open(self, nid: int, flags: int) -> int:
         """Open a file.  ``O_TRUNC`` with write access truncates without fetching base content."""
         with self.lock:
             row = self._row(nid)
             if row[3]:
-                raise _err(errno.EISDIR, row[2])
+                raise IsDirectoryError(row[2])
             writing = (flags & os.O_ACCMODE) != os.O_RDONLY
             if writing and row[1] == ROOT_ID and row[2] == STATUS_NAME:
-                raise _err(errno.EACCES, f"{STATUS_NAME} is read-only")
+                raise ReadOnlyFileError(f"{STATUS_NAME} is read-only")
             if writing and flags & os.O_TRUNC:
                 self.truncate(nid, 0)
             if writing and self._is_sentinel(nid):
@@ -470,7 +470,7 @@ class DraftTree:
         with self.lock:
             h = self._handles.get(fh)
             if h is None:
-                raise _err(errno.EBADF, f"file handle {fh}")
+                raise BadHandleError(f"file handle {fh}")
             h.dirty = False
 
     def release(self, fh: int) -> None:
@@ -497,7 +497,7 @@ class DraftTree:
         if request:
             try:
                 self._request_commit()
-            except OSError as exc:  # release has no caller to report to; the status file does
+            except OSError as exc:  # CommitFailedError too: release has no caller; the status file says why
                 log.warning("commit requested on release failed: %s", exc)
 
     def _request_commit(self) -> None:
@@ -583,9 +583,9 @@ class DraftTree:
         with self.lock:
             h = self._handles.get(fh)
             if h is None:
-                raise _err(errno.EBADF, f"file handle {fh}")
+                raise BadHandleError(f"file handle {fh}")
             if (h.flags & os.O_ACCMODE) == os.O_RDONLY:
-                raise _err(errno.EBADF, "handle not open for writing")
+                raise BadHandleError("handle not open for writing")
             nid = h.node
             row = self._row(nid)
             if h.flags & os.O_APPEND:
@@ -691,7 +691,7 @@ class DraftTree:
                     seq.pos += n
             if seq.pos != ref.size:
                 os.unlink(tmp)
-                raise _err(errno.EIO, f"base content of {ref.path} has {seq.pos} bytes, expected {ref.size}")
+                raise BaseUnavailableError(f"base content of {ref.path} has {seq.pos} bytes, expected {ref.size}")
         os.utime(tmp, ns=(row[6], row[6]))
         os.replace(tmp, self.data_path(nid))
         with self.txn() as c:
@@ -701,13 +701,13 @@ class DraftTree:
 
     def truncate(self, nid: int, size: int) -> None:
         if size < 0:
-            raise _err(errno.EINVAL, "negative size")
+            raise InvalidArgumentError("negative size")
         with self.lock:
             row = self._row(nid)
             if row[3]:
-                raise _err(errno.EISDIR, row[2])
+                raise IsDirectoryError(row[2])
             if row[1] == ROOT_ID and row[2] == STATUS_NAME:
-                raise _err(errno.EPERM, f"{STATUS_NAME} is read-only")
+                raise NotPermittedError(f"{STATUS_NAME} is read-only")
             if not row[7]:
                 if size == row[5]:
                     return
@@ -753,7 +753,7 @@ class DraftTree:
         with self.lock:
             row = self._row(nid)
             if row[1] == ROOT_ID and row[2] == STATUS_NAME and (size, mode, atime_ns, mtime_ns) != (None,) * 4:
-                raise _err(errno.EPERM, f"{STATUS_NAME} is read-only")
+                raise NotPermittedError(f"{STATUS_NAME} is read-only")
             if size is not None:
                 self.truncate(nid, size)
             now = time.time_ns()
@@ -821,9 +821,9 @@ class DraftTree:
             self._dir(parent)
             row = self._child(parent, name)
             if row is None:
-                raise _err(errno.ENOENT, name)
+                raise NotFoundError(name)
             if row[3]:
-                raise _err(errno.EISDIR, name)
+                raise IsDirectoryError(name)
             self._drop_name(c, row)
             self._touch_dir(c, parent)
 
@@ -833,11 +833,11 @@ class DraftTree:
             self._dir(parent)
             row = self._child(parent, name)
             if row is None:
-                raise _err(errno.ENOENT, name)
+                raise NotFoundError(name)
             if not row[3]:
-                raise _err(errno.ENOTDIR, name)
+                raise NotDirectoryError(name)
             if c.execute("SELECT 1 FROM nodes WHERE parent = ? LIMIT 1", (row[0],)).fetchone():
-                raise _err(errno.ENOTEMPTY, name)
+                raise NotEmptyError(name)
             c.execute("DELETE FROM nodes WHERE id = ?", (row[0],))
             self._touch_dir(c, parent)
 
@@ -855,38 +855,38 @@ class DraftTree:
         """rename(2): files, links and directories; replaces a file or an empty directory."""
         noreplace = getattr(os, "RENAME_NOREPLACE", 1)
         if flags & ~noreplace:
-            raise _err(errno.EINVAL, "only RENAME_NOREPLACE is supported")
+            raise InvalidArgumentError("only RENAME_NOREPLACE is supported")
         check_name(name_old)
         check_name(name_new)
         if STATUS_NAME in ((parent_old == ROOT_ID and name_old) or "", (parent_new == ROOT_ID and name_new) or ""):
-            raise _err(errno.EPERM, f"{STATUS_NAME} is managed by artifactfs")
+            raise NotPermittedError(f"{STATUS_NAME} is managed by artifactfs")
         request = False
         with self.txn() as c:
             self._dir(parent_old)
             self._dir(parent_new)
             src = self._child(parent_old, name_old)
             if src is None:
-                raise _err(errno.ENOENT, name_old)
+                raise NotFoundError(name_old)
             if (parent_old, name_old) == (parent_new, name_new):
                 return
             if src[3] and self._is_ancestor(src[0], parent_new):
-                raise _err(errno.EINVAL, "cannot move a directory into itself")
+                raise InvalidArgumentError("cannot move a directory into itself")
             if src[11] is not None and parent_new == ROOT_ID and name_new in CONTROL_NAMES:
-                raise _err(errno.EPERM, f"a hard link cannot become {name_new}")
+                raise NotPermittedError(f"a hard link cannot become {name_new}")
             node = self._target(src)
             dst = self._child(parent_new, name_new)
             if dst is not None:
                 if flags & noreplace:
-                    raise _err(errno.EEXIST, name_new)
+                    raise ExistsError(name_new)
                 if self._target(dst)[0] == node[0]:
                     return  # two names of one file: POSIX says do nothing
                 if src[3] and not dst[3]:
-                    raise _err(errno.ENOTDIR, name_new)
+                    raise NotDirectoryError(name_new)
                 if not src[3] and dst[3]:
-                    raise _err(errno.EISDIR, name_new)
+                    raise IsDirectoryError(name_new)
                 if dst[3]:
                     if c.execute("SELECT 1 FROM nodes WHERE parent = ? LIMIT 1", (dst[0],)).fetchone():
-                        raise _err(errno.ENOTEMPTY, name_new)
+                        raise NotEmptyError(name_new)
                     c.execute("DELETE FROM nodes WHERE id = ?", (dst[0],))
                 else:
                     self._drop_name(c, dst)
@@ -908,15 +908,15 @@ class DraftTree:
         """link(2): one more name for a file or symbolic link (EPERM for directories and the
         control files; ENOENT for a file already unlinked)."""
         if parent == ROOT_ID and name in CONTROL_NAMES:
-            raise _err(errno.EPERM, f"{name} is managed by artifactfs")
+            raise NotPermittedError(f"{name} is managed by artifactfs")
         with self.txn() as c:
             row = self._row(nid)
             if row[3]:
-                raise _err(errno.EPERM, "hard links to directories are not allowed")
+                raise NotPermittedError("hard links to directories are not allowed")
             if row[1] == ROOT_ID and row[2] in CONTROL_NAMES:
-                raise _err(errno.EPERM, f"{row[2]} is managed by artifactfs")
+                raise NotPermittedError(f"{row[2]} is managed by artifactfs")
             if row[1] is None:
-                raise _err(errno.ENOENT, "the file was unlinked")
+                raise NotFoundError("the file was unlinked")
             self._check_new(parent, name)
             c.execute("INSERT INTO nodes (parent, name, is_dir, mode, size, mtime_ns, link_to) "
                       "VALUES (?, ?, 0, 0, 0, 0, ?)", (parent, name, nid))
@@ -926,12 +926,14 @@ class DraftTree:
 
     def symlink(self, parent: int, name: str, target: str) -> NodeAttr:
         """symlink(2).  The target is kept as text (committed in the entry's ``extra``)."""
-        if not target or "\x00" in target:
-            raise _err(errno.ENOENT if not target else errno.EINVAL, "empty or invalid symbolic link target")
+        if not target:
+            raise NotFoundError("an empty symbolic link target")  # what symlink(2) answers
+        if "\x00" in target:
+            raise InvalidArgumentError("a symbolic link target with NUL")
         if len(target.encode("utf-8", "surrogateescape")) >= 4096:
-            raise _err(errno.ENAMETOOLONG, "symbolic link target longer than PATH_MAX")
+            raise NameTooLongError("symbolic link target longer than PATH_MAX")
         if parent == ROOT_ID and name in CONTROL_NAMES:
-            raise _err(errno.EPERM, f"{name} is managed by artifactfs")
+            raise NotPermittedError(f"{name} is managed by artifactfs")
         data = target.encode("utf-8")  # UnicodeError (EILSEQ): a manifest holds UTF-8 text
         digest = hex_to_b64(hashlib.md5(data, usedforsecurity=False).hexdigest())
         with self.txn() as c:
@@ -948,7 +950,7 @@ class DraftTree:
     def mknod(self, parent: int, name: str, mode: int) -> NodeAttr:
         """Regular files only (some tools create with mknod); anything else is EPERM."""
         if not stat.S_ISREG(mode):
-            raise _err(errno.EPERM, "drafts hold regular files, symbolic links and directories only")
+            raise NotPermittedError("drafts hold regular files, symbolic links and directories only")
         attr, fh = self.create(parent, name, mode)
         self.release(fh)
         return attr
