@@ -333,7 +333,7 @@ def test_posix_errors_and_semantics(env) -> None:
     assert errno_of(walk, t, "e/x/f") == errno.ENOENT
     assert t.read(fh, 0, 10) == b"g\0\0\0Z"
     t.release(fh)
-    assert not t.data_path(f).exists()
+    assert not t.data.path(f).exists()
     # readdir pages in stable order, rmdir of an empty dir
     for i in range(7):
         put(t, f"many/{i}", b"")

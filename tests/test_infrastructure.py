@@ -84,7 +84,7 @@ def test_every_writer_replaces_files_through_the_atomic_helper() -> None:
         # (a short read once the mount's promotion found the corrupt blob): kept as it was
         "client/registry/blobs.py",
         "mountfs/drafts/manager.py",          # a draft directory made whole, then renamed into place
-        "mountfs/drafts/tree.py",     # a staged file copied up under the draft's lock
+        "mountfs/drafts/data.py",     # a staged file copied up (or the status file) under the draft's lock
         "client/transfer.py",         # a symbolic link made beside its target, renamed over it
     }
     users = sorted(str(p.relative_to(root)) for pkg in ("client", "mountfs", "server")

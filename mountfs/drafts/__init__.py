@@ -6,6 +6,13 @@
   commit trigger, rebase onto a moved ``latest``, recovery after a crash;
 * :mod:`.commit` — one commit: plan the new manifest from the draft's changes against its base,
   upload what changed, register the version (check-and-set on ``latest``);
-* :mod:`.tree` — the staging tree itself: SQLite rows plus data files under
-  ``<cache>/drafts/store-<id>/``, tested without a mount.
+* :mod:`.plan` — what a commit (and a draft's creation) writes into the tree besides the POSIX
+  operations: the base rows, the rebase, a merged version's entries;
+* :mod:`.tree` — the staging tree's names (``DraftTree``: lookup, directories, links, renames,
+  attributes), over :mod:`.files` — its open files (handles, reads, writes, copy-up, the
+  sentinel's commit requests) — over :mod:`.data` (the ``data/<node id>`` files) and
+  :mod:`.rows` (the SQLite database: schema, statements, rows as named types), all under
+  ``<cache>/drafts/store-<id>/`` and tested without a mount.
+
+Errors are the classes of :mod:`mountfs.errors`; ``errno_for`` there maps them for the kernel.
 """

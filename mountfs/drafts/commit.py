@@ -54,7 +54,9 @@ from client.manifest import EXECUTABLE_KEY, DigestBuilder, ManifestEntry, iter_e
 from client.errors import NotFoundError
 from client.store.base import CommitRequest, Store, VersionRecord
 
-from .tree import COMMIT_NAME, DraftTree
+from .plan import apply_base_entries, rebase_files
+from .rows import COMMIT_NAME, Digest
+from .tree import DraftTree
 
 log = logging.getLogger(__name__)
 
@@ -166,7 +168,7 @@ class Draft:
         self.id = draft_id
         self.root = root
         self.tree = tree
-        ident = tree.meta("identity")
+        ident = tree.rows.meta("identity")
         self.entity: str = ident["entity"]
         self.project: str = ident["project"]
         self.collection: str = ident["collection"]
@@ -176,12 +178,12 @@ class Draft:
 
     @property
     def base(self) -> BaseInfo | None:
-        b = self.tree.meta("base")
+        b = self.tree.rows.meta("base")
         return BaseInfo(**b) if b else None
 
     @property
     def last_result(self) -> CommitResult | None:
-        r = self.tree.meta("last_result")
+        r = self.tree.rows.meta("last_result")
         return CommitResult(**r) if r else None
 
     def status(self) -> dict[str, Any]:
@@ -194,7 +196,7 @@ class Draft:
                 "last_commit": last.to_json() if last else None}
 
     def record(self, result: CommitResult) -> None:
-        self.tree.set_meta("last_result", result.to_json())
+        self.tree.rows.set_meta("last_result", result.to_json())
         self.tree.write_status((json.dumps(self.status(), indent=1, sort_keys=True) + "\n").encode())
 
     def __repr__(self) -> str:
@@ -219,30 +221,31 @@ class _Plan:
     manifest_path: Path
     manifest_size: int
     uploads: dict[str, tuple[Path, int]]  #: md5 -> (data file, size) of staged content
-    staged: list[tuple[int, str, int, int]]  #: (node, md5, size, mtime_ns) to rebase
+    staged: list[Digest]  #: staged files to rebase
     file_count: int
 
 
 def _hash_staged(tree: DraftTree) -> None:
     """Step 1: every staged file gets a recorded digest (running hash when available)."""
-    done: list[tuple[int, str, int, int]] = []
-    todo: list[tuple[int, Path, int, int]] = []
-    for nid, known, _, _ in tree.staged_files():
-        if known is not None:
+    done: list[Digest] = []
+    todo: list[tuple[Digest, Path]] = []  # digest still to compute
+    for staged in tree.rows.staged_files():
+        if staged.digest is not None:
             continue
-        path = tree.data_path(nid)
+        path = tree.data.path(staged.id)
         st = path.stat()
-        running = tree.running_digest(nid, st.st_size)
+        with tree.lock:
+            running = tree.data.running_digest(staged.id, st.st_size)
         if running is not None:
-            done.append((nid, running, st.st_size, st.st_mtime_ns))
+            done.append(Digest(staged.id, running, st.st_size, st.st_mtime_ns))
         else:
-            todo.append((nid, path, st.st_size, st.st_mtime_ns))
+            todo.append((Digest(staged.id, "", st.st_size, st.st_mtime_ns), path))
     if todo:
         with ThreadPoolExecutor(max_workers=_WORKERS, thread_name_prefix="draft-hash") as pool:
-            for (nid, _, size, mtime), md5 in zip(todo, pool.map(lambda j: md5_file(j[1]), todo)):
-                done.append((nid, md5, size, mtime))
+            for (d, _), md5 in zip(todo, pool.map(lambda job: md5_file(job[1]), todo)):
+                done.append(d._replace(md5=md5))
     if done:
-        tree.record_digests(done)
+        tree.rows.record_digests(done)
 
 
 def _build(draft: Draft) -> _Plan:
@@ -250,25 +253,27 @@ def _build(draft: Draft) -> _Plan:
     tree = draft.tree
     digest = DigestBuilder()
     uploads: dict[str, tuple[Path, int]] = {}
-    staged: list[tuple[int, str, int, int]] = []
+    staged: list[Digest] = []
     count = 0
 
     def entries() -> Any:
         nonlocal count
-        for path, row in tree.iter_files():
-            nid, _, _, _, mode, size, mtime_ns, is_staged, b64, extra = row
-            if nid is None:  # hidden base entry (a control name at the base's root)
-                entry = ManifestEntry.from_json(path, json.loads(extra))
-            elif is_staged:  # size and mtime as recorded with the digest by _hash_staged
+        for f in tree.rows.commit_files():
+            path, mode, size, b64 = f.path, f.mode, f.size, f.digest
+            if f.node is None:  # hidden base entry (a control name at the base's root)
+                entry = ManifestEntry.from_json(path, json.loads(f.entry or "{}"))
+            elif f.staged:  # size and mtime as recorded with the digest by _hash_staged
+                assert b64 is not None  # _hash_staged recorded one
                 md5 = b64_to_hex(b64)
-                uploads.setdefault(md5, (tree.data_path(nid), size))
-                staged.append((nid, md5, size, mtime_ns))
+                uploads.setdefault(md5, (tree.data.path(f.node), size))
+                staged.append(Digest(f.node, md5, size, f.mtime_ns))
                 entry = ManifestEntry(path, b64, size, extra={EXECUTABLE_KEY: True} if mode & 0o111 else {})
             else:
-                entry = ManifestEntry.from_json(path, {**json.loads(extra or "{}"), "digest": b64, "size": size})
+                entry = ManifestEntry.from_json(path, {**json.loads(f.entry or "{}"), "digest": b64, "size": size})
                 target = entry.symlink_target
                 if target is not None:  # the target's bytes are the entry's blob
-                    uploads.setdefault(b64_to_hex(b64), (_link_blob(draft, b64_to_hex(b64), target), size))
+                    md5 = b64_to_hex(entry.digest)
+                    uploads.setdefault(md5, (_link_blob(draft, md5, target), size))
                 elif entry.ref is None:
                     entry.extra.pop(EXECUTABLE_KEY, None)
                     if mode & 0o111:
@@ -323,7 +328,7 @@ def _upload(store: Store, entity: str, uploads: dict[str, tuple[Path, int]]) -> 
     return len(jobs), total
 
 
-def _rebase(draft: Draft, cache: Cache, rec: VersionRecord, staged: list[tuple[int, str, int, int]]) -> None:
+def _rebase(draft: Draft, cache: Cache, rec: VersionRecord, staged: list[Digest]) -> None:
     """Step 5: staged content into the cache (rename, no copy); rows become base rows.
 
     ``Cache.adopt`` fsyncs each object before naming it; those fsyncs run in a pool, as one
@@ -331,9 +336,9 @@ def _rebase(draft: Draft, cache: Cache, rec: VersionRecord, staged: list[tuple[i
     """
     tree = draft.tree
 
-    def adopt(item: tuple[int, str, int, int]) -> None:
-        nid, md5, size, _ = item
-        path = tree.data_path(nid)
+    def adopt(item: Digest) -> None:
+        nid, md5, size = item.id, item.md5, item.size
+        path = tree.data.path(nid)
         try:
             if cache.lookup(md5, size) is not None:
                 path.unlink()
@@ -347,18 +352,18 @@ def _rebase(draft: Draft, cache: Cache, rec: VersionRecord, staged: list[tuple[i
                 path.unlink()
 
     seen: set[str] = set()
-    first = [s for s in staged if not (s[1] in seen or seen.add(s[1]))]  # type: ignore[func-returns-value]
+    first = [s for s in staged if not (s.md5 in seen or seen.add(s.md5))]  # type: ignore[func-returns-value]
     with ThreadPoolExecutor(max_workers=_WORKERS, thread_name_prefix="draft-adopt") as pool:
         list(pool.map(adopt, first))
     _checkpoint("data_adopted")
     for item in staged:  # duplicates of content already adopted
         with contextlib.suppress(FileNotFoundError):
-            tree.data_path(item[0]).unlink()
-    tree.rebase_files([(nid, size, mtime_ns) for nid, _, size, mtime_ns in staged])
-    tree.set_meta("base", asdict(BaseInfo.of(rec)))
+            tree.data.path(item.id).unlink()
+    rebase_files(tree, staged)
+    tree.rows.set_meta("base", asdict(BaseInfo.of(rec)))
     with contextlib.suppress(FileNotFoundError):
         (draft.root / INTENT).unlink()
-    tree.sync_db()
+    tree.rows.sync()
 
 
 def _committed_version(store: Store, draft: Draft, intent: dict[str, Any]) -> VersionRecord | None:
@@ -386,8 +391,8 @@ def resolve_intent(draft: Draft, store: Store, cache: Cache) -> CommitResult | N
         with contextlib.suppress(FileNotFoundError):
             (draft.root / INTENT).unlink()
         return None
-    staged = [(nid, b64_to_hex(b64), size, mtime) for nid, b64, size, mtime in draft.tree.staged_files()
-              if b64 is not None]
+    staged = [Digest(s.id, b64_to_hex(s.digest), s.size, s.mtime_ns) for s in draft.tree.rows.staged_files()
+              if s.digest is not None]
     _rebase(draft, cache, rec, staged)
     result = CommitResult("created", rec.qualified_name, rec.index, rec.digest, resumed=True)
     draft.record(result)
@@ -511,7 +516,7 @@ def _commit_once(draft: Draft, store: Store, cache: Cache, options: CommitOption
                                     f"{', '.join(conflicts[:10])}", conflicts=conflicts)
             merged_onto = latest.qualified_name
             if plan.digest == latest.digest:  # the draft's changes are all in latest already
-                tree.apply_base_entries(updates)
+                apply_base_entries(tree, updates)
                 _rebase(draft, cache, latest, plan.staged)
                 return CommitResult("noop", latest.qualified_name, latest.index, latest.digest,
                                     merged_onto=merged_onto)
@@ -523,7 +528,7 @@ def _commit_once(draft: Draft, store: Store, cache: Cache, options: CommitOption
         if merged_onto is not None:
             base = BaseInfo.of(latest)  # type: ignore[arg-type]  # the new version follows latest
         typ = options.type or (base.type if base else None) or draft.type or DEFAULT_TYPE
-        tree.sync_db()  # recorded digests must be durable before the intent refers to them
+        tree.rows.sync()  # recorded digests must be durable before the intent refers to them
         _write_intent(draft, {"manifest_md5": plan.manifest_md5, "digest": plan.digest,
                               "base_index": base.index if base else None, "options": options.to_json(),
                               "started": time.time()})
@@ -547,7 +552,7 @@ def _commit_once(draft: Draft, store: Store, cache: Cache, options: CommitOption
             raise
         _checkpoint("after_store_commit")
         if updates:
-            tree.apply_base_entries(updates)
+            apply_base_entries(tree, updates)
         _rebase(draft, cache, rec, plan.staged)
         return CommitResult("created" if created else "noop", rec.qualified_name, rec.index, rec.digest,
                             files, nbytes, merged_onto=merged_onto)

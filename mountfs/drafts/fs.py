@@ -43,7 +43,8 @@ from client.errors import NotFoundError
 from ..errors import (BadHandleError, CommitFailedError, CrossDraftError, ExistsError, InvalidArgumentError,
                       NotEmptyError, ReadOnlyError)
 from .manager import CommitOptions, CommitResult, Draft, DraftManager, StatFs, is_draft_name
-from .tree import ROOT_ID, STATUS_NAME, NodeAttr
+from .files import NodeAttr
+from .rows import ROOT_ID, STATUS_NAME
 from ..namespace import DRAFT_KINDS, Attr, FileRef, Kind, Namespace, Node
 
 log = logging.getLogger(__name__)
@@ -276,7 +277,7 @@ class DraftFS:
 
     def fsyncdir(self, inode: int) -> None:
         node, draft = self._in_draft(inode)
-        draft.tree.sync_db()
+        draft.tree.rows.sync()
 
     # -- files -------------------------------------------------------------------------------
     def create(self, inode_p: int, name: str, mode: int, flags: int) -> tuple[int, Node]:

@@ -35,7 +35,6 @@ Staging layout (under the mount's ``<cache dir>/drafts/store-<key>/``, see :func
 from __future__ import annotations
 
 import builtins
-import contextlib
 import json
 import logging
 import os
@@ -61,8 +60,10 @@ from ..errors import (BaseUnavailableError, CommitFailedError, DraftBusyError, E
                       NotEmptyError)
 from .commit import (INTENT, BaseInfo, CommitOptions, CommitResult, Draft, _read_intent,
                            commit_draft, resolve_intent)
-from .tree import (COMMIT_NAME, CONTROL_NAMES, ROOT_ID, STATUS_NAME, BaseRef, DraftTree,
-                          NodeAttr, entry_mode)
+from .files import NodeAttr
+from .plan import populate
+from .rows import COMMIT_NAME, ROOT_ID, STATUS_NAME, BaseRef, stored_meta
+from .tree import DraftTree
 
 log = logging.getLogger(__name__)
 
@@ -209,8 +210,7 @@ class DraftManager:
                 continue
             root = Path(entry.path)
             try:
-                with contextlib.closing(sqlite3.connect(root / "draft.db")) as db:
-                    ident = json.loads(db.execute("SELECT value FROM meta WHERE key = 'identity'").fetchone()[0])
+                ident = stored_meta(root / "draft.db", "identity")
                 draft = self._open(entry.name, root, ident["entity"])
                 draft.tree.recover()
             except (sqlite3.Error, TypeError, KeyError, ValueError, OSError) as exc:
@@ -295,26 +295,18 @@ class DraftManager:
 
     def _populate(self, tree: DraftTree, ident: dict, base: VersionRecord | None) -> None:
         """Root row, identity, and one row per base entry (streamed; nothing is copied)."""
-        now = time.time_ns()
+        if base is None:
+            populate(tree, ident, None, (), 0)
+            return
         manifest = tree.root / "base-manifest.json"
-        if base is not None:
-            cached = self.cache.lookup(base.manifest_md5)
-            if cached is not None:
-                shutil.copyfile(cached, manifest)
-            else:
-                self.store.download_blob(base.entity, base.manifest_md5, manifest)
-        with tree.txn() as c:
-            c.execute("INSERT INTO nodes (id, parent, name, is_dir, mode, size, mtime_ns) VALUES (?, 0, '', 1, ?, 0, ?)",
-                      (ROOT_ID, 0o755, now))
-            c.execute("INSERT INTO meta VALUES ('identity', ?)", (json.dumps(ident),))
-            c.execute("INSERT INTO meta VALUES ('base', ?)",
-                      (json.dumps(asdict(BaseInfo.of(base)) if base else None),))
-            if base is not None:
-                mtime = int(base.created_at.timestamp() * 1e9)
-                with open(manifest, "rb") as f:
-                    _insert_entries(c, iter_entries(f), mtime)
+        cached = self.cache.lookup(base.manifest_md5)
+        if cached is not None:
+            shutil.copyfile(cached, manifest)
+        else:
+            self.store.download_blob(base.entity, base.manifest_md5, manifest)
+        with open(manifest, "rb") as f:
+            populate(tree, ident, asdict(BaseInfo.of(base)), iter_entries(f), int(base.created_at.timestamp() * 1e9))
         manifest.unlink(missing_ok=True)
-        tree.sync_db()
 
     def remove(self, draft: Draft, *, force: bool = False) -> None:
         """rmdir of a draft: ENOTEMPTY unless its tree (control files aside) is empty or ``force``."""
@@ -446,43 +438,3 @@ class DraftManager:
             for d in self._drafts.values():
                 d.tree.close()
             self._drafts.clear()
-
-
-def _insert_entries(c: sqlite3.Connection, entries, mtime_ns: int) -> None:
-    """Rows for base entries; what cannot be a visible file goes to ``hidden`` (kept verbatim)."""
-    dirs: dict[str, int | None] = {"": ROOT_ID}
-
-    def hide(e) -> None:
-        c.execute("INSERT OR REPLACE INTO hidden VALUES (?, ?, ?)", (e.path, e.digest, json.dumps(e.to_json())))
-
-    def ensure_dir(path: str) -> int | None:
-        if path in dirs:
-            return dirs[path]
-        head, _, name = path.rpartition("/")
-        parent = ensure_dir(head)
-        nid = None
-        if parent is not None:
-            try:
-                nid = c.execute("INSERT INTO nodes (parent, name, is_dir, mode, size, mtime_ns) "
-                                "VALUES (?, ?, 1, ?, 0, ?)", (parent, name, 0o755, mtime_ns)).lastrowid
-            except sqlite3.IntegrityError:  # a file of that name exists
-                nid = None
-        dirs[path] = nid
-        return nid
-
-    for e in entries:
-        head, _, name = e.path.rpartition("/")
-        if e.ref is not None or (not head and name in CONTROL_NAMES):
-            hide(e)
-            continue
-        parent = ensure_dir(head)
-        extra = {k: v for k, v in e.to_json().items() if k not in ("digest", "size")}
-        try:
-            if parent is None or e.path in dirs:
-                raise sqlite3.IntegrityError
-            c.execute("INSERT INTO nodes (parent, name, is_dir, mode, size, mtime_ns, digest, entry) "
-                      "VALUES (?, ?, 0, ?, ?, ?, ?, ?)",
-                      (parent, name, entry_mode(e), e.size or 0, mtime_ns, e.digest,
-                       json.dumps(extra) if extra else None))
-        except sqlite3.IntegrityError:
-            hide(e)
