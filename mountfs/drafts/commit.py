@@ -242,7 +242,7 @@ def _hash_staged(tree: DraftTree) -> None:
             todo.append((Digest(staged.id, "", st.st_size, st.st_mtime_ns), path))
     if todo:
         with ThreadPoolExecutor(max_workers=_WORKERS, thread_name_prefix="draft-hash") as pool:
-            for (d, _), md5 in zip(todo, pool.map(lambda job: md5_file(job[1]), todo)):
+            for (d, _), md5 in zip(todo, pool.map(md5_file, [path for _, path in todo])):
                 done.append(d._replace(md5=md5))
     if done:
         tree.rows.record_digests(done)
@@ -320,8 +320,9 @@ def _upload(store: Store, entity: str, uploads: dict[str, tuple[Path, int]]) -> 
     jobs = [(md5, *uploads[md5]) for md5 in sorted(missing)]
 
     def put(job: tuple[str, Path, int]) -> int:
-        store.put_blob(entity, job[0], job[1], job[2])
-        return job[2]
+        md5, path, size = job
+        store.put_blob(entity, md5, path, size)
+        return size
 
     with ThreadPoolExecutor(max_workers=_WORKERS, thread_name_prefix="draft-upload") as pool:
         total = sum(pool.map(put, jobs))

@@ -128,8 +128,8 @@ class DraftFiles:
             kind = stat.S_IFLNK if node.is_symlink else stat.S_IFREG
             nlink = (node.parent is not None) + self.rows.links(node.id)
         entry = entry or node
-        return NodeAttr(node.id, entry.parent if entry.parent is not None else 0, entry.name, node.is_dir,
-                        kind | (node.mode & 0o7777), size, mtime_ns, node.staged,
+        return NodeAttr(node.id, entry.parent if entry.parent is not None else 0, entry.name, bool(node.is_dir),
+                        kind | (node.mode & 0o7777), size, mtime_ns, bool(node.staged),
                         None if node.staged else node.digest, nlink, node.atime_ns or mtime_ns, ctime_ns, entry.id)
 
     def getattr(self, nid: int) -> NodeAttr:

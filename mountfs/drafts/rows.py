@@ -73,18 +73,20 @@ _COLS = "id, parent, name, is_dir, mode, size, mtime_ns, staged, digest, atime_n
 _NOT_CONTROL = "NOT (parent = 1 AND name IN (?, ?))"
 
 
-@dataclass(frozen=True, slots=True)
-class Node:
-    """One row of ``nodes``: a directory entry (for a hard link, a row naming the linked node)."""
+class Node(NamedTuple):
+    """One row of ``nodes``: a directory entry (for a hard link, a row naming the linked node).
+
+    Read by field name only; a NamedTuple because the mount builds one per lookup, getattr and
+    directory entry (a fifth of a frozen dataclass's cost)."""
 
     id: int
     parent: int | None  #: None: unlinked while open
     name: str
-    is_dir: bool
+    is_dir: int  #: 0 or 1 (SQLite has no booleans)
     mode: int  #: permission bits, with S_IFLNK for a symbolic link
     size: int
     mtime_ns: int
-    staged: bool
+    staged: int  #: 0 or 1: the content lives in ``data/<id>``
     digest: str | None  #: base64 md5
     atime_ns: int | None
     ctime_ns: int | None
@@ -110,12 +112,11 @@ class Node:
         return json.loads(self.entry or "{}").get("extra")
 
 
-def _node(row: tuple | None) -> Node | None:
-    if row is None:
-        return None
-    nid, parent, name, is_dir, mode, size, mtime_ns, staged, digest, atime_ns, ctime_ns, link_to, entry = row
-    return Node(nid, parent, name, bool(is_dir), mode, size, mtime_ns, bool(staged), digest, atime_ns, ctime_ns,
-                link_to, entry)
+_node = Node._make  #: a ``SELECT {_COLS}`` row as a Node
+
+
+def _one(row: tuple | None) -> Node | None:
+    return None if row is None else _node(row)
 
 
 class CommitFile(NamedTuple):
@@ -263,7 +264,7 @@ class NodeTable:
 
     # -- reading -----------------------------------------------------------------------------
     def get(self, nid: int) -> Node | None:
-        return _node(self.db.execute(f"SELECT {_COLS} FROM nodes WHERE id = ?", (nid,)).fetchone())
+        return _one(self.db.execute(f"SELECT {_COLS} FROM nodes WHERE id = ?", (nid,)).fetchone())
 
     def node(self, nid: int) -> Node:
         """Row ``nid`` (NotFoundError once it is gone)."""
@@ -278,14 +279,14 @@ class NodeTable:
 
     def child(self, parent: int | None, name: str) -> Node | None:
         """The directory entry ``name`` of ``parent`` (a hard link's own row, see :meth:`target`)."""
-        return _node(self.db.execute(f"SELECT {_COLS} FROM nodes WHERE parent = ? AND name = ?",
-                                     (parent, name)).fetchone())
+        return _one(self.db.execute(f"SELECT {_COLS} FROM nodes WHERE parent = ? AND name = ?",
+                                    (parent, name)).fetchone())
 
     def entries(self, parent: int, after: int, limit: int) -> list[Node]:
         """One page of the entries of ``parent`` in row order, after row ``after``."""
         rows = self.db.execute(f"SELECT {_COLS} FROM nodes WHERE parent = ? AND id > ? ORDER BY id LIMIT ?",
                                (parent, after, limit)).fetchall()
-        return [n for n in map(_node, rows) if n is not None]
+        return [_node(r) for r in rows]
 
     def names(self, parent: int, limit: int) -> list[str]:
         return [name for (name,) in self.db.execute("SELECT name FROM nodes WHERE parent = ? LIMIT ?",
@@ -305,8 +306,8 @@ class NodeTable:
 
     def first_link(self, nid: int) -> Node | None:
         """The oldest further name of node ``nid`` (the heir of its own name)."""
-        return _node(self.db.execute(f"SELECT {_COLS} FROM nodes WHERE link_to = ? ORDER BY id LIMIT 1",
-                                     (nid,)).fetchone())
+        return _one(self.db.execute(f"SELECT {_COLS} FROM nodes WHERE link_to = ? ORDER BY id LIMIT 1",
+                                    (nid,)).fetchone())
 
     def staged_ids(self) -> dict[int, str | None]:
         """Every staged node and its recorded digest."""
