@@ -382,8 +382,10 @@ class ServerFactory:
 
     def start(self, *, workers: int = 1, s3_endpoint: str | None = None, port: int | None = None,
               env: dict[str, str] | None = None, tls: tuple[Path, Path, Path] | None = None,
-              args: tuple[str, ...] = ()) -> RegistryServer:
-        """``tls``: (certificate, key, CA that signed it): serve https on 127.0.0.1; ``args``: more options."""
+              args: tuple[str, ...] = (), new_session: bool = False) -> RegistryServer:
+        """``tls``: (certificate, key, CA that signed it): serve https on 127.0.0.1; ``args``: more options;
+        ``new_session``: in a session of its own (so a scheduler with autogroups gives it its own CPU
+        share, as a server on its own machine has, instead of sharing the caller's; benchmarks)."""
         log = self.tmp / f"server-{port or uuid.uuid4().hex[:8]}.log"
         endpoint = s3_endpoint or self.s3_endpoint
         cmd = [sys.executable, "-m", "server.cli", "server", "--db", self.db_url, "--blobs", self.blobs_url,
@@ -395,7 +397,8 @@ class ServerFactory:
             cmd += ["--tls-cert", str(tls[0]), "--tls-key", str(tls[1])]
         cmd += list(args)
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=open(log, "wb"), stderr=subprocess.STDOUT,
-                                env={**os.environ, **S3_ENV, **(env or {}), "PYTHONPATH": str(ROOT)})
+                                env={**os.environ, **S3_ENV, **(env or {}), "PYTHONPATH": str(ROOT)},
+                                start_new_session=new_session)
         url = f"{'https' if tls else 'http'}://127.0.0.1:{port or listening_port(proc, log)}"
         wait_for_http(url + "/healthz", proc, log, verify=str(tls[2]) if tls else True)
         srv = RegistryServer(url, self.db_url, self.blobs_url, proc, log, endpoint)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import codecs
 import datetime as dt
 import logging
+import time
 import uuid
 from contextlib import contextmanager
 from typing import Any, Iterable, Iterator, Sequence
@@ -90,7 +91,36 @@ def make_engine(db_url: str) -> Engine:
             conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
 
         return engine
-    return sa.create_engine(db_url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+    # LIFO: the connections a busy server keeps using stay warm, the others go idle (and get pinged)
+    engine = sa.create_engine(db_url, pool_size=10, max_overflow=20, pool_use_lifo=True)
+    _ping_idle_connections(engine, IDLE_PING_SECONDS)
+    return engine
+
+
+#: A pooled PostgreSQL connection that sat idle longer than this is pinged before it is used,
+#: so one broken while idle (a restarted database) is replaced before a request meets it.
+#: Connections in steady use are not pinged: a ping is a round trip, and the calls a fleet of
+#: mounts makes most (resolve, list versions) are one or two (what pool_pre_ping would double).
+IDLE_PING_SECONDS = 10.0
+
+
+def _ping_idle_connections(engine: Engine, idle: float) -> None:
+    @sa.event.listens_for(engine, "checkin")
+    def _checked_in(_dbapi_conn: Any, record: Any) -> None:
+        if record is not None:
+            record.info["afs_idle_since"] = time.monotonic()
+
+    @sa.event.listens_for(engine, "checkout")
+    def _checked_out(dbapi_conn: Any, record: Any, _proxy: Any) -> None:
+        since = record.info.get("afs_idle_since")
+        if since is None or time.monotonic() - since < idle:
+            return  # new, or in use a moment ago
+        try:
+            ok = engine.dialect.do_ping(dbapi_conn)
+        except Exception as exc:  # noqa: BLE001 - any failure: let the pool connect afresh
+            raise sa.exc.DisconnectionError(f"idle connection lost: {exc}") from exc
+        if ok is False:
+            raise sa.exc.DisconnectionError("idle connection lost")
 
 
 class RegistryCore:
@@ -122,7 +152,13 @@ class RegistryCore:
 
     @contextmanager
     def _read(self) -> Iterator[Connection]:
+        """A connection for reads.  On PostgreSQL without a transaction: at READ COMMITTED every
+        statement takes its own snapshot anyway, so BEGIN and COMMIT would only add two round
+        trips to each call.  SQLite reads keep one transaction (one snapshot, no round trips)."""
         with self.engine.connect() as conn:
+            if self._pg:
+                yield conn.execution_options(isolation_level="AUTOCOMMIT")
+                return
             with conn.begin():
                 yield conn
 
@@ -163,17 +199,21 @@ class RegistryCore:
             raise NotFoundError(f"project {entity}/{project} not found")
         return row[0]
 
-    def _collection_row(self, conn: Connection, entity: str, project: str, collection: str,
-                        lock: bool = False) -> sa.Row:
-        """The collection's row in one joined query (the calls a fleet makes most go through
-        here); only when it is missing do more queries find out which name was wrong."""
+    def _find_collection(self, conn: Connection, entity: str, project: str, collection: str,
+                         lock: bool = False) -> sa.Row | None:
         q = (sa.select(t.collections)
              .join(t.projects, t.collections.c.project_id == t.projects.c.id)
              .join(t.entities, t.projects.c.entity_id == t.entities.c.id)
              .where(t.entities.c.name == entity, t.projects.c.name == project, t.collections.c.name == collection))
         if lock and self._pg:
             q = q.with_for_update(of=t.collections)
-        row = conn.execute(q).first()
+        return conn.execute(q).first()
+
+    def _collection_row(self, conn: Connection, entity: str, project: str, collection: str,
+                        lock: bool = False) -> sa.Row:
+        """The collection's row in one joined query (the calls a fleet makes most go through
+        here); only when it is missing do more queries find out which name was wrong."""
+        row = self._find_collection(conn, entity, project, collection, lock)
         if row is None:
             self._project_id(conn, entity, project)  # NotFoundError naming the entity or project
             raise NotFoundError(f"artifact collection {entity}/{project}/{collection} not found")
@@ -300,9 +340,15 @@ class RegistryCore:
         """A project's collections and all their committed versions, in one read transaction and
         a constant number of queries (what a mount lists as ``name:vN`` and ``name:alias``)."""
         with self._read() as c:
-            pid = self._project_id(c, entity, project)
-            rows = c.execute(sa.select(t.collections).where(t.collections.c.project_id == pid)
+            rows = c.execute(sa.select(t.collections)
+                             .join(t.projects, t.collections.c.project_id == t.projects.c.id)
+                             .join(t.entities, t.projects.c.entity_id == t.entities.c.id)
+                             .where(t.entities.c.name == entity, t.projects.c.name == project)
                              .order_by(t.collections.c.name)).all()
+            if not rows:
+                self._project_id(c, entity, project)  # NotFoundError unless it exists (and is empty)
+                return [], []
+            pid = rows[0].project_id
             q = self._version_query().where(t.collections.c.project_id == pid, t.versions.c.state == "COMMITTED")
             versions = self._records(c, c.execute(q.order_by(t.collections.c.name, t.versions.c.idx)).all())
             return self._collection_records(c, rows, entity, project), versions
@@ -366,28 +412,36 @@ class RegistryCore:
                 if held is None and newest is not None:
                     self._add_aliases(c, cid, newest.id, ["latest"])
 
+    def _versions_of(self, entity: str, project: str, collection: str) -> sa.Select:
+        """Committed versions of a collection named by its path, in one joined query."""
+        return self._version_query().where(t.entities.c.name == entity, t.projects.c.name == project,
+                                           t.collections.c.name == collection, t.versions.c.state == "COMMITTED")
+
     def list_versions(self, entity: str, project: str, collection: str) -> list[VersionRecord]:
+        """Two queries (the versions, their aliases and tags); a third only when there are none,
+        to tell an empty collection from a missing one."""
         with self._read() as c:
-            row = self._collection_row(c, entity, project, collection)
-            q = self._version_query().where(t.versions.c.collection_id == row.id,
-                                            t.versions.c.state == "COMMITTED").order_by(t.versions.c.idx)
-            return self._records(c, c.execute(q).all())
+            rows = c.execute(self._versions_of(entity, project, collection).order_by(t.versions.c.idx)).all()
+            if not rows:
+                self._collection_row(c, entity, project, collection)  # NotFoundError naming what is missing
+            return self._records(c, rows)
 
     # -- versions -------------------------------------------------------------------------------
     def resolve(self, entity: str, project: str, collection: str, selector: str) -> VersionRecord:
+        """Two queries (the version found by its path and selector, its aliases and tags): the
+        call a fleet of mounts makes most."""
         with self._read() as c:
-            row = self._collection_row(c, entity, project, collection)
-            q = self._version_query().where(t.versions.c.collection_id == row.id,
-                                            t.versions.c.state == "COMMITTED")
+            q = self._versions_of(entity, project, collection)
             if names.is_version_selector(selector):
                 q = q.where(t.versions.c.idx == int(selector[1:]))
             elif is_md5_hex(selector):
                 q = q.where(t.versions.c.digest == selector).order_by(t.versions.c.idx.desc()).limit(1)
             else:
                 q = q.join(t.aliases, (t.aliases.c.version_id == t.versions.c.id)).where(
-                    t.aliases.c.collection_id == row.id, t.aliases.c.alias == selector)
+                    t.aliases.c.collection_id == t.versions.c.collection_id, t.aliases.c.alias == selector)
             rows = c.execute(q).all()
             if not rows:
+                self._collection_row(c, entity, project, collection)  # NotFoundError naming what is missing
                 raise NotFoundError(f"artifact {entity}/{project}/{collection}:{selector} not found")
             return self._records(c, rows)[0]
 
@@ -464,10 +518,7 @@ class RegistryCore:
         # Outside the write transaction (SQLite's single writer is not held for the batches):
         # blob registrations are never removed, so what is present now is present at commit.
         with self._read() as c:
-            try:
-                have = self._blob_sizes(c, self._entity_id(c, req.entity), [*content, req.manifest_md5])
-            except NotFoundError:
-                have = {}
+            have = self._blob_sizes(c, req.entity, [*content, req.manifest_md5])
         missing = set(content) - set(have) | ({req.manifest_md5} - set(have))
         if missing:
             raise MissingBlobError(
@@ -478,11 +529,15 @@ class RegistryCore:
                 raise ManifestError(f"entry {path!r} claims {esize} bytes but its blob {md5} holds {have[md5]}")
         now = utcnow()
         with self._write() as c:
-            pid = self._project_id(c, req.entity, req.project, create=True)
-            eid = self._entity_id(c, req.entity)
-            self._insert_ignore(c, t.collections, project_id=pid, name=req.collection, type=req.type,
-                                description=None, created_at=now, next_index=0, kind="sequence")
-            col = self._collection_row(c, req.entity, req.project, req.collection, lock=True)
+            # An existing collection (the usual commit) is found and locked in one query; the
+            # entity, project and collection are created only when it is not there.
+            col = self._find_collection(c, req.entity, req.project, req.collection, lock=True)
+            if col is None:
+                pid = self._project_id(c, req.entity, req.project, create=True)
+                self._insert_ignore(c, t.collections, project_id=pid, name=req.collection, type=req.type,
+                                    description=None, created_at=now, next_index=0, kind="sequence")
+                col = self._collection_row(c, req.entity, req.project, req.collection, lock=True)
+            pid = col.project_id
             if col.type != req.type:
                 raise ConflictError(
                     f"artifact {req.collection!r} already exists with type {col.type!r}; "
@@ -506,7 +561,9 @@ class RegistryCore:
             vid = uuid.uuid4().hex
             ttl = req_ttl
             if ttl == INHERIT:
-                ttl = c.execute(sa.select(t.entities.c.default_ttl_seconds).where(t.entities.c.id == eid)).scalar()
+                ttl = c.execute(sa.select(t.entities.c.default_ttl_seconds)
+                                .join(t.projects, t.projects.c.entity_id == t.entities.c.id)
+                                .where(t.projects.c.id == pid)).scalar()
             c.execute(t.versions.insert().values(
                 id=vid, collection_id=col.id, idx=idx, digest=digest, manifest_md5=req.manifest_md5,
                 size=size, file_count=file_count, description=description, meta=meta,
@@ -519,9 +576,11 @@ class RegistryCore:
 
     def _add_aliases(self, c: Connection, collection_id: int, version_id: str, alias_list: Iterable[str]) -> None:
         """Point each alias at the version, taking it from whichever version held it."""
-        for alias in dict.fromkeys(alias_list):
-            c.execute(t.aliases.delete().where(t.aliases.c.collection_id == collection_id, t.aliases.c.alias == alias))
-            c.execute(t.aliases.insert().values(collection_id=collection_id, alias=alias, version_id=version_id))
+        for alias in dict.fromkeys(alias_list):  # one upsert each (the alias is the key with the collection)
+            insert = (postgresql if self._pg else sqlite).insert(t.aliases).values(
+                collection_id=collection_id, alias=alias, version_id=version_id)
+            c.execute(insert.on_conflict_do_update(index_elements=[t.aliases.c.collection_id, t.aliases.c.alias],
+                                                   set_={"version_id": version_id}))
 
     def update_version(self, version_id: str, *, aliases: Iterable[str] | None = None,
                        tags: Iterable[str] | None = None, metadata: dict[str, Any] | None = None,
@@ -627,7 +686,7 @@ class RegistryCore:
         now = utcnow()
         with self._write() as c:
             pk = self._run_pk(c, self._project_id(c, entity, project), run_id)
-            if self._blob_sizes(c, self._entity_id(c, entity), [md5_hex]).get(md5_hex) != size:
+            if self._blob_sizes(c, entity, [md5_hex]).get(md5_hex) != size:
                 raise MissingBlobError(f"no blob {md5_hex} of {size} bytes in {entity}; upload it first")
             c.execute(t.run_files.delete().where(t.run_files.c.run_pk == pk, t.run_files.c.name == name))
             c.execute(t.run_files.insert().values(run_pk=pk, name=name, md5=md5_hex, size=size, updated_at=now))
@@ -727,25 +786,17 @@ class RegistryCore:
             return [self._run_record(r, r.e_name, r.p_name) for r in c.execute(q)]
 
     # -- blobs ------------------------------------------------------------------------------------
-    def _blob_sizes(self, c: Connection, entity_id: int, md5s: list[str]) -> dict[str, int]:
-        """Recorded sizes of those of ``md5s`` the entity holds."""
+    def _blob_sizes(self, c: Connection, entity: str, md5s: Iterable[str]) -> dict[str, int]:
+        """Recorded sizes of those of ``md5s`` the entity holds (none if there is no such entity),
+        one query per 500 blobs."""
         ordered = sorted(set(md5s))
         have: dict[str, int] = {}
         for i in range(0, len(ordered), _BLOB_BATCH):
             chunk = ordered[i:i + _BLOB_BATCH]
-            have.update((r[0], int(r[1])) for r in c.execute(sa.select(t.blobs.c.md5, t.blobs.c.size).where(
-                t.blobs.c.entity_id == entity_id, t.blobs.c.md5.in_(chunk))))
+            have.update((r[0], int(r[1])) for r in c.execute(
+                sa.select(t.blobs.c.md5, t.blobs.c.size).join(t.entities, t.blobs.c.entity_id == t.entities.c.id)
+                .where(t.entities.c.name == entity, t.blobs.c.md5.in_(chunk))))
         return have
-
-    def _missing(self, c: Connection, entity_id: int, md5s: list[str]) -> set[str]:
-        wanted = set(md5s)
-        have: set[str] = set()
-        ordered = sorted(wanted)
-        for i in range(0, len(ordered), _BLOB_BATCH):
-            chunk = ordered[i:i + _BLOB_BATCH]
-            have.update(r[0] for r in c.execute(sa.select(t.blobs.c.md5).where(
-                t.blobs.c.entity_id == entity_id, t.blobs.c.md5.in_(chunk))))
-        return wanted - have
 
     def missing_blobs(self, entity: str, md5_hexes: Iterable[str], check_files: bool = False) -> set[str]:
         """Which of these blobs the entity does not hold (never looks at other entities).
@@ -758,11 +809,7 @@ class RegistryCore:
             if not is_md5_hex(m):
                 raise InvalidNameError(f"{m!r} is not an md5 hex digest")
         with self._read() as c:
-            try:
-                eid = self._entity_id(c, entity)
-            except NotFoundError:
-                return set(md5s)
-            missing = self._missing(c, eid, md5s)
+            missing = set(md5s) - set(self._blob_sizes(c, entity, md5s))
         intact = getattr(self.blobs, "intact", None) if check_files else None
         if intact is not None:
             missing |= {m for m in md5s if m not in missing and not intact(entity, m)}
