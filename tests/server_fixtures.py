@@ -214,6 +214,8 @@ class LoopbackProxy:
         self.refuse = False
         self.rate: float | None = None
         self.cuts = 0
+        self.active = 0  #: connections being served now
+        self.peak = 0  #: the most connections served at once (reset it to measure a span)
         self.up = 0  #: client -> server bytes
         self.down = 0  #: server -> client bytes
         self._sock = socket.socket()
@@ -267,6 +269,8 @@ class LoopbackProxy:
             return
         with self._lock:
             self._open.update((client, upstream))
+            self.active += 1
+            self.peak = max(self.peak, self.active)
 
         def pump(src: socket.socket, dst: socket.socket, upward: bool) -> None:
             sent = 0
@@ -299,6 +303,8 @@ class LoopbackProxy:
 
         threading.Thread(target=pump, args=(client, upstream, True), daemon=True).start()
         pump(upstream, client, False)
+        with self._lock:
+            self.active -= 1
 
     def close(self) -> None:
         self._sock.close()
