@@ -16,6 +16,7 @@ import logging
 import os
 import tempfile
 import threading
+import time
 import urllib.parse
 import uuid
 from collections.abc import Callable, Iterable, Iterator
@@ -41,6 +42,9 @@ _READ_CHUNK = 16 << 20  #: bytes per read_blob call when streaming from a store
 WHOLE_BLOB_LIMIT = 16 << 20
 #: how long a transfer waits for the URL batch it is in before reading without it
 _SIGN_WAIT = 120.0
+#: a downloaded object's mtime is set this far back (the blob is older than its download), so
+#: its verified marker is not "racy" and the next download copies it without hashing it
+_SETTLED_NS = 1_000_000_000
 
 _stores: dict[tuple[str, int, str | None], Store] = {}
 _stores_lock = threading.Lock()
@@ -463,53 +467,31 @@ def _download_reference(e: ManifestEntry, dest: Path, allow_missing: bool, meter
 
 
 def _place_bytes(target: Path, data: bytes | bytearray) -> None:
-    """Write ``data`` (already verified) to ``target`` atomically: a temp file beside it, one
-    write, a rename.  Not fsynced (as cp, rclone and wandb): after a crash a file may be short,
-    which the next download finds by its md5 and writes again."""
-    tmp = target.parent / f".{target.name[:100]}.{uuid.uuid4().hex[:12]}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    try:
-        try:
-            view, done = memoryview(data), 0
-            while done < len(view):
-                done += os.write(fd, view[done:])
-        finally:
-            os.close(fd)
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    """Write ``data`` (already verified) to ``target`` atomically in one write.  Not fsynced,
+    as cp, rclone and wandb do not: after a crash a file may be short, which the next
+    download finds by its md5 and writes again."""
+    with atomic_write(target, mode=0o600, durable=False) as f:
+        f.write(data)
 
 
 def _place_copy(src: Path, target: Path, size: int) -> None:
     """Copy a verified cache object to ``target`` atomically, in the kernel (copy_file_range:
     a reflink where the filesystem can, else no copy through Python); not fsynced either."""
-    tmp = target.parent / f".{target.name[:100]}.{uuid.uuid4().hex[:12]}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    try:
+    with atomic_write(target, mode=0o600, durable=False) as f, open(src, "rb", buffering=0) as s:
+        done = 0
         try:
-            with open(src, "rb", buffering=0) as f:
-                done = 0
-                try:
-                    while done < size and (n := os.copy_file_range(f.fileno(), fd, size - done)):
-                        done += n
-                except OSError as exc:
-                    if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL, errno.EPERM):
-                        raise
-                    os.lseek(fd, 0, os.SEEK_SET)
-                    os.ftruncate(fd, 0)
-                    f.seek(0)
-                    with open(fd, "wb", buffering=0, closefd=False) as out:
-                        _copy_file(src, out)
-                    done = os.fstat(fd).st_size
-            if done != size:
-                raise DigestMismatchError(f"cache object {src} has {done} bytes, expected {size}")
-        finally:
-            os.close(fd)
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+            while done < size and (n := os.copy_file_range(s.fileno(), f.fileno(), size - done)):
+                done += n
+        except OSError as exc:
+            if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL, errno.EPERM):
+                raise
+            f.seek(0)
+            f.truncate()
+            _copy_file(src, f)
+            f.flush()
+            done = os.fstat(f.fileno()).st_size
+        if done != size:
+            raise DigestMismatchError(f"cache object {src} has {done} bytes, expected {size}")
 
 
 def _cache_bytes(cache: Cache, md5: str, data: bytes | bytearray) -> bool:
@@ -517,7 +499,8 @@ def _cache_bytes(cache: Cache, md5: str, data: bytes | bytearray) -> bool:
     it is not ``md5``); False when the cache could not take it (it is an optimisation only)."""
     try:
         cache.evict(len(data))
-        with cache.writer(md5) as f:
+        # the blob was written to the store before this download began: its marker holds at once
+        with cache.writer(md5, mtime_ns=time.time_ns() - _SETTLED_NS) as f:
             f.write(data)
         return True
     except DigestMismatchError:
@@ -543,7 +526,6 @@ def download_entries(store: Store, entity: str, entries: list[ManifestEntry], de
     budget = TransferBudget(settings.transfer_memory())
     ref_entities: dict[str, str | None] = {}  # artifact reference version id -> blob entity (None: deleted)
     ref_lock = threading.Lock()
-    made_dirs: set[Path] = set()
     signed: dict[str, threading.Event] = {}  # md5 -> set once its batch is signed (or gave up)
 
     def one(e: ManifestEntry | _Task) -> int:
@@ -553,9 +535,6 @@ def download_entries(store: Store, entity: str, entries: list[ManifestEntry], de
         if e.symlink_target is not None:
             _place_symlink(target, e.symlink_target)
             return 0
-        if target.parent not in made_dirs:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            made_dirs.add(target.parent)
         written = fetch(e, target)
         if e.is_executable and e.ref is None:  # x wherever r is (the umask-limited mode the file got)
             mode = target.stat().st_mode
