@@ -388,8 +388,9 @@ class ServerFactory:
 
     def start(self, *, workers: int = 1, s3_endpoint: str | None = None, port: int | None = None,
               env: dict[str, str] | None = None, tls: tuple[Path, Path, Path] | None = None,
-              args: tuple[str, ...] = ()) -> RegistryServer:
-        """``tls``: (certificate, key, CA that signed it): serve https on 127.0.0.1; ``args``: more options."""
+              args: tuple[str, ...] = (), timeout: float = 30.0) -> RegistryServer:
+        """``tls``: (certificate, key, CA that signed it): serve https on 127.0.0.1; ``args``: more options;
+        ``timeout``: how long it may take to listen (it is stopped if it does not)."""
         log = self.tmp / f"server-{port or uuid.uuid4().hex[:8]}.log"
         endpoint = s3_endpoint or self.s3_endpoint
         cmd = [sys.executable, "-m", "server.cli", "server", "--db", self.db_url, "--blobs", self.blobs_url,
@@ -402,8 +403,12 @@ class ServerFactory:
         cmd += list(args)
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=open(log, "wb"), stderr=subprocess.STDOUT,
                                 env={**os.environ, **S3_ENV, **(env or {}), "PYTHONPATH": str(ROOT)})
-        url = f"{'https' if tls else 'http'}://127.0.0.1:{port or listening_port(proc, log)}"
-        wait_for_http(url + "/healthz", proc, log, verify=str(tls[2]) if tls else True)
+        try:
+            url = f"{'https' if tls else 'http'}://127.0.0.1:{port or listening_port(proc, log, timeout)}"
+            wait_for_http(url + "/healthz", proc, log, timeout, verify=str(tls[2]) if tls else True)
+        except RuntimeError:
+            stop_process(proc)
+            raise
         srv = RegistryServer(url, self.db_url, self.blobs_url, proc, log, endpoint)
         self.servers.append(srv)
         return srv
