@@ -298,8 +298,8 @@ class HttpStore:
 
     #: blobs per missing_blobs / completion request (the server's PLAN_BATCH caps it)
     PLAN_BATCH = 2000
-    #: blobs per URL-signing request: small enough that the first files start soon (the SDK
-    #: signs the next batch while this one downloads), large enough to be few requests
+    #: blobs per URL batch of an SDK download: small enough that the first files start soon
+    #: (the next batch is signed while this one downloads), large enough to be few requests
     URL_BATCH = 500
 
     def __init__(self, url: str, api_key: str | None = None, *, timeout: float = 20.0,
@@ -703,7 +703,7 @@ class HttpStore:
         """Fetch download URLs for many blobs in a few calls (before reading many small files,
         so each read is one GET straight to the object store)."""
         wanted = list(dict.fromkeys(md5_hexes))
-        step = self.URL_BATCH
+        step = self.PLAN_BATCH  # the most one request may carry (the SDK hands in URL_BATCH at a time)
         for i in range(0, len(wanted), step):
             out = self._call("POST", f"{API}/entities/{_q(entity)}/blobs/urls", {"md5s": wanted[i:i + step]})
             for md5, url in out["urls"].items():
