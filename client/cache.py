@@ -431,11 +431,13 @@ class Cache:
         return self._install(md5_hex, tmp, mtime_ns=mtime_ns, mark=fsync)
 
     @contextlib.contextmanager
-    def writer(self, md5_hex: str, *, fsync: bool = True) -> Iterator[BinaryIO]:
+    def writer(self, md5_hex: str, *, fsync: bool = True, mtime_ns: int | None = None) -> Iterator[BinaryIO]:
         """Write an object's bytes; on exit they are verified, fsynced and renamed into place.
 
         ``fsync=False`` (no flush, no verified marker): for small objects that every reader
         md5-checks anyway, so a crash that leaves them short or zeroed is always detected.
+        ``mtime_ns``: the content's own (older) write time, as for ``_install`` (a store blob
+        downloaded now was written before), so its marker is trusted at once, not "racy".
 
         On a digest mismatch (or any exception in the block) nothing is left behind and
         :class:`DigestMismatchError` (or the block's exception) propagates.
@@ -446,7 +448,7 @@ class Cache:
             with open(tmp, "wb") as raw:
                 hf = _HashingFile(raw)
                 yield hf  # type: ignore[misc]
-                self._finish(md5_hex, tmp, hf, None, fsync=fsync)
+                self._finish(md5_hex, tmp, hf, None, mtime_ns=mtime_ns, fsync=fsync)
         finally:
             with contextlib.suppress(FileNotFoundError):
                 tmp.unlink()

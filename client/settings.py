@@ -84,6 +84,25 @@ def cache_size() -> int:
         raise SettingError(f"ARTIFACTFS_CACHE_SIZE: {exc}") from None
 
 
+def transfers() -> int:
+    """ARTIFACTFS_TRANSFERS: blob transfers an SDK upload or download keeps in flight (16)."""
+    try:
+        n = int(os.environ.get("ARTIFACTFS_TRANSFERS") or 16)
+    except ValueError:
+        raise SettingError("ARTIFACTFS_TRANSFERS must be a whole number") from None
+    if not 1 <= n <= 256:
+        raise SettingError("ARTIFACTFS_TRANSFERS must be between 1 and 256")
+    return n
+
+
+def transfer_memory() -> int:
+    """ARTIFACTFS_TRANSFER_MEMORY: most blob bytes an SDK download holds in memory at once (256M)."""
+    try:
+        return max(1, parse_size(os.environ.get("ARTIFACTFS_TRANSFER_MEMORY") or "256M"))
+    except ValueError as exc:
+        raise SettingError(f"ARTIFACTFS_TRANSFER_MEMORY: {exc}") from None
+
+
 def default_entity() -> str:
     """ARTIFACTFS_ENTITY; with an API key for a registry server, the key's user (or the one team
     that user belongs to); else the OS login name (the embedded store has no users)."""

@@ -9,15 +9,18 @@ a file that looks complete.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import logging
 import os
 import tempfile
 import threading
+import time
 import urllib.parse
 import uuid
-from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -28,13 +31,20 @@ from .cache import Cache
 from .errors import ArtifactFSError, ArtifactNotLoggedError, DigestMismatchError, LocalPathError, NotFoundError
 from .hashing import BytesSink, HashingWriter, b64_to_hex, hex_to_b64, is_md5_hex, md5_bytes
 from .manifest import Manifest, ManifestEntry
-from .store import LocalBlobs, Store, UrlBatching, open_store
+from .store import LocalBlobs, Store, UploadBatching, UrlBatching, open_store
 
 log = logging.getLogger(__name__)
 
 _CHUNK = 1 << 20
 _READ_CHUNK = 16 << 20  #: bytes per read_blob call when streaming from a store
-_WORKERS = 8
+#: blobs up to this size are downloaded whole into memory (one GET, counted in the transfer
+#: budget) and written from there to the cache and the target; larger ones stream via a file
+WHOLE_BLOB_LIMIT = 16 << 20
+#: how long a transfer waits for the URL batch it is in before reading without it
+_SIGN_WAIT = 120.0
+#: a downloaded object's mtime is set this far back (the blob is older than its download), so
+#: its verified marker is not "racy" and the next download copies it without hashing it
+_SETTLED_NS = 1_000_000_000
 
 _stores: dict[tuple[str, int, str | None], Store] = {}
 _stores_lock = threading.Lock()
@@ -209,16 +219,61 @@ def hash_into_staging(src: Path, policy: str, skip_cache: bool, staging_dir: Cal
     return Hashed(hex_to_b64(md5), size, str(path), source, False)
 
 
-def _parallel(fn: Callable[[Any], int], jobs: list[Any]) -> list[int]:
-    """``fn`` over ``jobs`` on the worker pool, results in job order.
+class TransferBudget:
+    """At most ``limit`` bytes of blob bodies in memory at once across one call's transfers
+    (``peak``: the most there were).  A blob larger than the whole budget waits until it can
+    be the only one."""
 
-    The first failure, or Ctrl-C in the calling thread, cancels the jobs not started yet; the
-    running ones stop at their next chunk (:data:`progress.INTERRUPTED`), so the call returns
-    promptly instead of finishing the whole transfer first.
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = self.peak = 0
+        self._cond = threading.Condition()
+
+    @contextlib.contextmanager
+    def hold(self, n: int) -> Iterator[None]:
+        n = min(n, self.limit)
+        with self._cond:
+            while self.used + n > self.limit:
+                progress.check_interrupted()
+                self._cond.wait(0.5)  # woken by each release; the timeout only re-checks Ctrl-C
+            self.used += n
+            self.peak = max(self.peak, self.used)
+        try:
+            yield
+        finally:
+            with self._cond:
+                self.used -= n
+                self._cond.notify_all()
+
+
+def _parallel(fn: Callable[[Any], int], jobs: Iterable[Any]) -> list[int]:
+    """``fn`` over ``jobs`` on one pool of ``settings.transfers()`` threads, results in job order.
+
+    Jobs are taken from the iterable only as workers free up (at most 4 per thread queued), so
+    a generator may do work between jobs (sign the next URL batch) and a long job list is never
+    all queued at once.  The first failure, or Ctrl-C in the calling thread, cancels the jobs not
+    started yet; the running ones stop at their next chunk (:data:`progress.INTERRUPTED`), so the
+    call returns promptly instead of finishing the whole transfer first.
     """
-    pool = ThreadPoolExecutor(max_workers=_WORKERS)
+    workers = settings.transfers()
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="artifactfs-transfer")
+    slots = threading.Semaphore(4 * workers)
+    failed = threading.Event()
+    futures: list[Future[int]] = []
+
+    def finished(f: Future[int]) -> None:
+        slots.release()
+        if not f.cancelled() and f.exception() is not None:
+            failed.set()
+
     try:
-        futures = [pool.submit(fn, job) for job in jobs]
+        for job in jobs:
+            slots.acquire()  # a worker finishes a job (each bounded by the store's timeouts)
+            if failed.is_set():
+                break  # stop queueing; the failure is raised below
+            fut = pool.submit(fn, job)
+            fut.add_done_callback(finished)
+            futures.append(fut)
         return [f.result() for f in futures]
     except KeyboardInterrupt:
         already = progress.INTERRUPTED.is_set()
@@ -258,15 +313,25 @@ def upload_entries(store: Store, entity: str, entries: Iterable[ManifestEntry], 
     with progress.Meter(sum(size for _, _, size in jobs), "upload") as meter:
         meter.files_present = len(sources) - len(missing)
 
+        pending: list[dict[str, Any]] = []  # single PUTs to register in batches (UploadBatching)
+
         def put(job: tuple[str, Path, int]) -> int:
             md5, path, size = job
             tick = meter.entry(size)
-            store.put_blob(entity, md5, path, size, progress=tick)
+            if isinstance(store, UploadBatching):
+                done = store.put_blob_deferred(entity, md5, path, size, progress=tick)
+                if done is not None:
+                    pending.append(done)  # list.append is atomic
+            else:
+                store.put_blob(entity, md5, path, size, progress=tick)
             tick.finish()
             meter.file_done(moved=True)
             return size
 
         uploaded = sum(_parallel(put, jobs))
+        if pending:
+            assert isinstance(store, UploadBatching)
+            store.complete_blobs(entity, pending)
     for md5, local in to_cache:
         if cache.lookup(md5) is None:
             try:
@@ -401,17 +466,71 @@ def _download_reference(e: ManifestEntry, dest: Path, allow_missing: bool, meter
     return written
 
 
+def _place_bytes(target: Path, data: bytes | bytearray) -> None:
+    """Write ``data`` (already verified) to ``target`` atomically in one write.  Not fsynced,
+    as cp, rclone and wandb do not: after a crash a file may be short, which the next
+    download finds by its md5 and writes again."""
+    with atomic_write(target, mode=0o600, durable=False) as f:
+        f.write(data)
+
+
+def _place_copy(src: Path, target: Path, size: int) -> None:
+    """Copy a verified cache object to ``target`` atomically, in the kernel (copy_file_range:
+    a reflink where the filesystem can, else no copy through Python); not fsynced either."""
+    with atomic_write(target, mode=0o600, durable=False) as f, open(src, "rb", buffering=0) as s:
+        done = 0
+        try:
+            while done < size and (n := os.copy_file_range(s.fileno(), f.fileno(), size - done)):
+                done += n
+        except OSError as exc:
+            if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL, errno.EPERM):
+                raise
+            f.seek(0)
+            f.truncate()
+            _copy_file(src, f)
+            f.flush()
+            done = os.fstat(f.fileno()).st_size
+        if done != size:
+            raise DigestMismatchError(f"cache object {src} has {done} bytes, expected {size}")
+
+
+def _cache_bytes(cache: Cache, md5: str, data: bytes | bytearray) -> bool:
+    """Put a downloaded body into the cache (hashed as it is written: DigestMismatchError if
+    it is not ``md5``); False when the cache could not take it (it is an optimisation only)."""
+    try:
+        cache.evict(len(data))
+        # the blob was written to the store before this download began: its marker holds at once
+        with cache.writer(md5, mtime_ns=time.time_ns() - _SETTLED_NS) as f:
+            f.write(data)
+        return True
+    except DigestMismatchError:
+        raise
+    except (OSError, ArtifactFSError) as exc:
+        log.warning("could not cache %s: %s", md5, exc)
+        return False
+
+
 def download_entries(store: Store, entity: str, entries: list[ManifestEntry], dest: Path, *,
                      skip_cache: bool = False, allow_missing_references: bool = False) -> int:
     """Download ``entries`` under ``dest`` in parallel; returns the bytes written.
 
     Files already at ``dest`` with the right md5 are kept (a rerun after Ctrl-C resumes);
-    progress is counted by bytes as they arrive (a bar on a terminal).
+    progress is counted by bytes as they arrive (a bar on a terminal).  Blobs in the cache are
+    copied from it without asking the store anything; the others are fetched on one pool of
+    ``settings.transfers()`` threads with their URLs signed in batches (the next batch signed
+    while the current one downloads) and at most ``settings.transfer_memory()`` bytes of bodies
+    in memory.
     """
     cache = None if skip_cache else get_cache()
     meter = progress.Meter(sum(e.size or 0 for e in entries), "download")
+    budget = TransferBudget(settings.transfer_memory())
+    ref_entities: dict[str, str | None] = {}  # artifact reference version id -> blob entity (None: deleted)
+    ref_lock = threading.Lock()
+    signed: dict[str, threading.Event] = {}  # md5 -> set once its batch is signed (or gave up)
 
-    def one(e: ManifestEntry) -> int:
+    def one(e: ManifestEntry | _Task) -> int:
+        if isinstance(e, _Task):
+            return e.run()
         target = dest / e.path
         if e.symlink_target is not None:
             _place_symlink(target, e.symlink_target)
@@ -422,17 +541,30 @@ def download_entries(store: Store, entity: str, entries: list[ManifestEntry], de
             os.chmod(target, mode | ((mode & 0o444) >> 2))
         return written
 
+    def ref_entity(ref: str) -> str | None:
+        version_id = ref[len(ARTIFACT_REF_SCHEME):].split("/", 1)[0]
+        with ref_lock:
+            if version_id in ref_entities:
+                return ref_entities[version_id]
+        try:
+            found: str | None = artifact_ref_entity(store, ref)
+        except NotFoundError:
+            found = None
+        with ref_lock:
+            ref_entities[version_id] = found
+        return found
+
     def fetch(e: ManifestEntry, target: Path) -> int:
         blob_entity = entity
         if e.ref is not None and e.ref.startswith(ARTIFACT_REF_SCHEME):
-            try:
-                blob_entity = artifact_ref_entity(store, e.ref)
-            except NotFoundError:
+            found = ref_entity(e.ref)
+            if found is None:
                 if not allow_missing_references:
                     raise NotFoundError(f"reference {e.ref!r} of entry {e.path!r} is missing; "
-                                        "pass allow_missing_references=True to skip it") from None
+                                        "pass allow_missing_references=True to skip it")
                 log.warning("skipping missing reference %s", e.ref)
                 return 0
+            blob_entity = found
         elif e.ref is not None:
             return _download_reference(e, dest, allow_missing_references, meter)
         md5, size = b64_to_hex(e.digest), e.size or 0
@@ -446,34 +578,79 @@ def download_entries(store: Store, entity: str, entries: list[ManifestEntry], de
         # wandb's download: a file whose content differs from the manifest is overwritten
         # (counted, so the CLI can say so); files the artifact does not name are left alone
         replaced = e.path if target.is_file() else None
-        if cache is None:
-            _atomic_write(target, lambda out: _stream_blob(store, blob_entity, md5, size, out, tick), md5)
-            meter.file_done(moved=True, replaced=replaced)
-            return size
-        for attempt in (1, 2):
-            obj = cache.fetch(md5, size, lambda out: _stream_blob(store, blob_entity, md5, size, out, tick))
-            try:
-                _atomic_write(target, lambda out: _copy_file(obj, _Counted(out, tick)), md5)
-                tick.finish()
-                meter.file_done(moved=True, replaced=replaced)
-                return size
-            except DigestMismatchError:
-                cache.drop(md5)  # a corrupted cache object: fetch it again once
-                if attempt == 2:
-                    raise
+        if cache is not None and (obj := cache.checked(md5, size)) is not None:
+            _place_copy(obj, target, size)  # verified by its marker (or hashed just now)
+        else:
+            if md5 in signed:
+                signed[md5].wait(_SIGN_WAIT)  # its batch is being signed; else read_blob asks itself
+            if size <= WHOLE_BLOB_LIMIT:
+                with budget.hold(size):
+                    data = store.read_blob(blob_entity, md5, 0, size, progress=tick) if size else b""
+                    if len(data) != size:
+                        raise DigestMismatchError(f"blob {md5} has {len(data)} bytes, the manifest says {size}")
+                    if cache is None or not _cache_bytes(cache, md5, data):
+                        if md5_bytes(data) != md5:
+                            raise DigestMismatchError(f"downloaded content of {target} does not match its md5 {md5}")
+                    _place_bytes(target, data)
+                    del data
+            elif cache is None:
+                _atomic_write(target, lambda out: _stream_blob(store, blob_entity, md5, size, out, tick), md5)
+            else:
+                obj = cache.fetch(md5, size, lambda out: _stream_blob(store, blob_entity, md5, size, out, tick))
+                _place_copy(obj, target, size)
+        tick.finish()
+        meter.file_done(moved=True, replaced=replaced)
         return size
 
-    if isinstance(store, UrlBatching):  # one call for many download URLs instead of one per file
-        # only for what the cache lacks: a fully cached artifact asks the store for no blob
-        wanted = [md5 for md5, size in ((b64_to_hex(e.digest), e.size or 0) for e in entries if e.ref is None)
-                  if cache is None or cache.lookup(md5, size) is None]
-        if wanted:
-            store.prefetch_urls(entity, wanted)
-    # symbolic links after every file: no file of this download is written through a link it made
     links = [e for e in entries if e.symlink_target is not None]
     files = [e for e in entries if e.symlink_target is None]
+    jobs: Iterable[Any] = files
+    if isinstance(store, UrlBatching):  # URLs signed in batches, only for what the cache lacks
+        wanted = list(dict.fromkeys(
+            md5 for md5, size in ((b64_to_hex(e.digest), e.size or 0) for e in files if e.ref is None)
+            if is_md5_hex(md5) and (cache is None or cache.lookup(md5, size) is None)))
+        batches = [wanted[i:i + store.URL_BATCH] for i in range(0, len(wanted), store.URL_BATCH)]
+        for batch in batches:
+            ev = threading.Event()
+            signed.update((m, ev) for m in batch)
+        jobs = _signing_ahead(store, entity, files, batches, signed)
     with meter:
-        return sum(_parallel(one, files)) + sum(_parallel(one, links))
+        # symbolic links after every file: no file of this download is written through a link it made
+        return sum(_parallel(one, jobs)) + sum(_parallel(one, links))
+
+
+def _signing_ahead(store: UrlBatching, entity: str, files: list[ManifestEntry], batches: list[list[str]],
+                   signed: dict[str, threading.Event]) -> Iterator[Any]:
+    """The jobs of a download with "sign URL batch k" jobs placed among them: batch 0 first,
+    batch k+1 as soon as the first file of batch k is queued, so signing overlaps downloading.
+    A failed signing is logged; those files then ask for their own URLs."""
+    def sign(batch: list[str]) -> Callable[[], int]:
+        def run() -> int:
+            try:
+                store.prefetch_urls(entity, batch)
+            except ArtifactFSError as exc:
+                log.warning("could not sign a batch of %d download URLs (reading them one by one): %s",
+                            len(batch), exc)
+            finally:
+                signed[batch[0]].set()
+            return 0
+        return run
+
+    first_of = {b[0]: k for k, b in enumerate(batches)}
+    if batches:
+        yield _Task(sign(batches[0]))
+    for e in files:
+        k = first_of.get(b64_to_hex(e.digest)) if e.ref is None else None
+        if k is not None and k + 1 < len(batches):
+            yield _Task(sign(batches[k + 1]))
+        yield e
+
+
+@dataclass(frozen=True)
+class _Task:
+    """A job of the transfer pool that is not a file (signing a URL batch)."""
+
+    run: Callable[[], int]
 
 
 def _place_symlink(target: Path, link: str) -> None:
@@ -542,7 +719,12 @@ def upload_manifest(store: Store, entity: str, manifest: Manifest) -> tuple[str,
     with tempfile.NamedTemporaryFile(prefix="manifest-", delete=False) as tmp:
         tmp.write(data)
     try:
-        store.put_blob(entity, md5, Path(tmp.name), len(data))
+        if isinstance(store, UploadBatching):  # its plan came with missing_blobs: a PUT and one batch call
+            pending = store.put_blob_deferred(entity, md5, Path(tmp.name), len(data))
+            if pending is not None:
+                store.complete_blobs(entity, [pending])
+        else:
+            store.put_blob(entity, md5, Path(tmp.name), len(data))
     finally:
         os.unlink(tmp.name)
     return md5, len(data)

@@ -144,6 +144,16 @@ class CompleteBody(BaseModel):
     etags: list[str] | None = None
 
 
+class CompletedBlob(BaseModel):
+    md5: str
+    size: int = Field(ge=0, lt=1 << 63)
+    etag: str | None = Field(default=None, description="the ETag the single PUT answered with")
+
+
+class CompletedBody(BaseModel):
+    blobs: list[CompletedBlob]
+
+
 # -- the application ----------------------------------------------------------------------------
 class Server:
     """What the routes share: the registry core, the blob backend and the auth database."""
@@ -574,6 +584,40 @@ def create_app(server: Server | None = None) -> FastAPI:
         elif reg.missing_blobs(entity, [md5]):
             raise DigestMismatchError(f"blob {md5} was not uploaded (or did not match its md5); upload it again")
         return Response(status_code=204)
+
+    @app.post("/api/v1/entities/{entity}/blobs/completed", tags=["blobs"])
+    def completed_uploads(entity: str, body: CompletedBody, p: Principal = Depends(principal)) -> dict[str, Any]:
+        """``/complete`` for many single-PUT uploads at once, registered in one transaction.
+
+        With S3 the ETag each PUT answered is relayed by the writer: when it is the md5 (S3's
+        ETag of a plain PUT is the md5 of the bytes it stored) no HEAD is sent; otherwise the
+        object is checked as ``/complete`` checks it.  Answers the blobs that failed their
+        check (deleted, to upload again) with the reason."""
+        p.require(entity, write=True)
+        if len(body.blobs) > PLAN_BATCH:
+            raise InvalidNameError(f"complete at most {PLAN_BATCH} uploads per call")
+        for b in body.blobs:
+            blob_key(p, entity, b.md5, write=True)
+        pending = reg.missing_blobs(entity, [b.md5 for b in body.blobs])
+        good: list[tuple[str, str, int]] = []
+        failed: dict[str, str] = {}
+        for b in body.blobs:
+            if b.md5 not in pending:
+                continue
+            if isinstance(server.blobs, S3BlobBackend):
+                if (b.etag or "").strip('"') != b.md5:
+                    try:
+                        server.blobs.complete_upload(entity, b.md5, b.size, None, None)
+                    except (DigestMismatchError, NotFoundError) as exc:
+                        failed[b.md5] = str(exc)
+                        continue
+            elif reg.missing_blobs(entity, [b.md5], check_files=True):
+                failed[b.md5] = f"blob {b.md5} was not uploaded (or did not match its md5); upload it again"
+                continue
+            good.append((entity, b.md5, b.size))
+        if good:
+            reg.register_blobs(good)
+        return {"failed": failed}
 
     @app.post("/api/v1/entities/{entity}/blobs/blockmaps", tags=["blobs"])
     def blockmaps(entity: str, body: MissingBody, p: Principal = Depends(principal)) -> dict[str, Any]:

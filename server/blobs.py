@@ -15,7 +15,9 @@ with S3 blob bytes never pass through the server:
 After a single PUT the server still checks the object (its ETag is the md5 of a plain PUT; if
 the store encrypts with KMS the ETag is opaque and the server reads the bytes back) — some
 S3-compatible stores do not enforce Content-MD5.  Only then is the blob registered, which is
-what lets a version reference it.
+what lets a version reference it.  The batched ``/blobs/completed`` takes the ETag the PUT
+answered, relayed by the uploading writer, in place of that HEAD: the same value, computed by
+the store over the bytes it kept (a relayed ETag that is not the md5 gets the HEAD as before).
 
 Keys: ``<prefix>/<entity>/<md5[:2]>/<md5[2:]>``, the same layout as the local backend, so
 blob spaces are per entity and one entity's URLs can never name another's objects.

@@ -214,6 +214,8 @@ class LoopbackProxy:
         self.refuse = False
         self.rate: float | None = None
         self.cuts = 0
+        self.active = 0  #: connections being served now
+        self.peak = 0  #: the most connections served at once (reset it to measure a span)
         self.up = 0  #: client -> server bytes
         self.down = 0  #: server -> client bytes
         self._sock = socket.socket()
@@ -267,6 +269,8 @@ class LoopbackProxy:
             return
         with self._lock:
             self._open.update((client, upstream))
+            self.active += 1
+            self.peak = max(self.peak, self.active)
 
         def pump(src: socket.socket, dst: socket.socket, upward: bool) -> None:
             sent = 0
@@ -299,6 +303,8 @@ class LoopbackProxy:
 
         threading.Thread(target=pump, args=(client, upstream, True), daemon=True).start()
         pump(upstream, client, False)
+        with self._lock:
+            self.active -= 1
 
     def close(self) -> None:
         self._sock.close()
@@ -382,10 +388,12 @@ class ServerFactory:
 
     def start(self, *, workers: int = 1, s3_endpoint: str | None = None, port: int | None = None,
               env: dict[str, str] | None = None, tls: tuple[Path, Path, Path] | None = None,
-              args: tuple[str, ...] = (), new_session: bool = False) -> RegistryServer:
+              args: tuple[str, ...] = (), new_session: bool = False,
+              timeout: float = 30.0) -> RegistryServer:
         """``tls``: (certificate, key, CA that signed it): serve https on 127.0.0.1; ``args``: more options;
         ``new_session``: in a session of its own (so a scheduler with autogroups gives it its own CPU
-        share, as a server on its own machine has, instead of sharing the caller's; benchmarks)."""
+        share, as a server on its own machine has, instead of sharing the caller's; benchmarks);
+        ``timeout``: how long it may take to listen (it is stopped if it does not)."""
         log = self.tmp / f"server-{port or uuid.uuid4().hex[:8]}.log"
         endpoint = s3_endpoint or self.s3_endpoint
         cmd = [sys.executable, "-m", "server.cli", "server", "--db", self.db_url, "--blobs", self.blobs_url,
@@ -399,8 +407,12 @@ class ServerFactory:
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=open(log, "wb"), stderr=subprocess.STDOUT,
                                 env={**os.environ, **S3_ENV, **(env or {}), "PYTHONPATH": str(ROOT)},
                                 start_new_session=new_session)
-        url = f"{'https' if tls else 'http'}://127.0.0.1:{port or listening_port(proc, log)}"
-        wait_for_http(url + "/healthz", proc, log, verify=str(tls[2]) if tls else True)
+        try:
+            url = f"{'https' if tls else 'http'}://127.0.0.1:{port or listening_port(proc, log, timeout)}"
+            wait_for_http(url + "/healthz", proc, log, timeout, verify=str(tls[2]) if tls else True)
+        except RuntimeError:
+            stop_process(proc)
+            raise
         srv = RegistryServer(url, self.db_url, self.blobs_url, proc, log, endpoint)
         self.servers.append(srv)
         return srv

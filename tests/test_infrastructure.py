@@ -197,15 +197,15 @@ def _capabilities() -> list[type]:
 
 
 def test_each_store_offers_exactly_the_capabilities_it_claims(tmp_path) -> None:
-    from client.store.base import LocalBlobs, Store, UrlBatching
+    from client.store.base import LocalBlobs, Store, UploadBatching, UrlBatching
     from client.store.http import HttpStore
     from client.store.local import LocalStore
 
-    assert {c.__name__ for c in _capabilities()} == {"LocalBlobs", "UrlBatching"}
+    assert {c.__name__ for c in _capabilities()} == {"LocalBlobs", "UploadBatching", "UrlBatching"}
     local = LocalStore(tmp_path / "store")
     remote = HttpStore("http://127.0.0.1:9")  # nothing listens there; constructing connects to nothing
     try:
-        claims: dict[object, set[type]] = {local: {LocalBlobs}, remote: {UrlBatching}}
+        claims: dict[object, set[type]] = {local: {LocalBlobs}, remote: {UrlBatching, UploadBatching}}
         for store, claimed in claims.items():
             assert isinstance(store, Store), type(store).__name__
             assert {c for c in _capabilities() if isinstance(store, c)} == claimed, type(store).__name__

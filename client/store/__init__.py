@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from .base import CollectionRecord, CommitRequest, LocalBlobs, RunRecord, Store, UrlBatching, VersionRecord
+from .base import CollectionRecord, CommitRequest, LocalBlobs, RunRecord, Store, UploadBatching, UrlBatching, VersionRecord
 
-__all__ = ["CollectionRecord", "CommitRequest", "LocalBlobs", "RunRecord", "Store", "UrlBatching", "VersionRecord",
+__all__ = ["CollectionRecord", "CommitRequest", "LocalBlobs", "RunRecord", "Store", "UploadBatching", "UrlBatching", "VersionRecord",
            "open_store"]
 
 

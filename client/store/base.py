@@ -299,10 +299,30 @@ class UrlBatching(Protocol):
     """A store that reads blobs through signed download URLs (the HTTP store) and can sign
     many in one request, so walking a cold directory costs no signing round trip per file."""
 
+    #: blobs per signing request (callers hand prefetch_urls chunks of this many)
+    URL_BATCH: int
+
     def url_known(self, entity: str, md5_hex: str) -> bool:
         """Whether an unexpired download URL for this blob is already at hand."""
         ...
 
     def prefetch_urls(self, entity: str, md5_hexes: Iterable[str]) -> None:
         """Sign the download URLs of these blobs in one request (kept for later reads)."""
+        ...
+
+
+@runtime_checkable
+class UploadBatching(Protocol):
+    """A store whose uploads are registered in batches (the HTTP store): a single-PUT upload
+    is sent now and registered later with many others, in one request instead of one per blob."""
+
+    def put_blob_deferred(self, entity: str, md5_hex: str, src: Path, size: int,
+                          progress: Callable[[int], None] | None = None) -> dict[str, Any] | None:
+        """Upload like put_blob; returns what :meth:`complete_blobs` needs to register the blob
+        (None: already registered).  Nothing may reference the blob before that."""
+        ...
+
+    def complete_blobs(self, entity: str, pending: list[dict[str, Any]]) -> None:
+        """Register uploads :meth:`put_blob_deferred` left pending (DigestMismatchError names
+        the ones the store refused; they are to be uploaded again)."""
         ...

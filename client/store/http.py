@@ -250,15 +250,32 @@ STREAM_CHUNK = 64 << 10
 
 
 def _read_reporting(resp: requests.Response, progress: Callable[[int], None]) -> bytes:
-    """The whole body of a streamed response, telling ``progress`` of each chunk."""
-    parts = []
+    """The whole body of a streamed response, telling ``progress`` of each chunk.
+
+    With a Content-Length (and no content coding) the body is read straight into one buffer
+    of that size: the blob is in memory once, not once in chunks and again joined."""
     try:
+        length = resp.headers.get("Content-Length")
+        if length is not None and length.isdigit() and not resp.headers.get("Content-Encoding"):
+            buf = bytearray(int(length))
+            view, got = memoryview(buf), 0
+            while got < len(buf):
+                n = resp.raw.readinto(view[got:got + STREAM_CHUNK])
+                if not n:
+                    break  # cut short: the caller's length check sees it
+                got += n
+                progress(n)
+            del view
+            if got < len(buf):
+                del buf[got:]
+            return buf  # type: ignore[return-value]  # bytes-like; no copy into bytes
+        parts = []
         for chunk in resp.iter_content(STREAM_CHUNK):
             parts.append(chunk)
             progress(len(chunk))
+        return b"".join(parts)
     finally:
         resp.close()
-    return b"".join(parts)
 
 
 class _ReportingReader:
@@ -278,6 +295,12 @@ class _ReportingReader:
 
 class HttpStore:
     """Store protocol over a registry server.  Thread-safe: one pooled session for all threads."""
+
+    #: blobs per missing_blobs / completion request (the server's PLAN_BATCH caps it)
+    PLAN_BATCH = 2000
+    #: blobs per URL batch of an SDK download: small enough that the first files start soon
+    #: (the next batch is signed while this one downloads), large enough to be few requests
+    URL_BATCH = 500
 
     def __init__(self, url: str, api_key: str | None = None, *, timeout: float = 20.0,
                  connect_timeout: float = 5.0, attempts: int = 6, backoff: float = 0.1,
@@ -510,9 +533,10 @@ class HttpStore:
         """Also keeps the upload plans the server sends along, so put_blob saves a round trip."""
         wanted = list(dict.fromkeys(md5_hexes))
         missing: set[str] = set()
-        for i in range(0, len(wanted), 2000):
+        step = self.PLAN_BATCH
+        for i in range(0, len(wanted), step):
             out = self._call("POST", f"{API}/entities/{_q(entity)}/blobs/missing",
-                             {"md5s": wanted[i:i + 2000], "plan": True})
+                             {"md5s": wanted[i:i + step], "plan": True})
             missing.update(out["missing"])
             if out.get("uploads"):
                 until = time.monotonic() + float(out["expires_in"]) / 2
@@ -548,15 +572,38 @@ class HttpStore:
         Each step is retried on its own (all are idempotent: the blob is named by its content).
         ``progress(n)`` as bytes are sent (a single PUT) or as parts complete.
         """
+        pending = self.put_blob_deferred(entity, md5_hex, src, size, progress)
+        if pending is not None:
+            self._call("POST", f"{self._blob(entity, md5_hex)}/complete", {"size": size})
+
+    def put_blob_deferred(self, entity: str, md5_hex: str, src: Path, size: int,
+                          progress: Callable[[int], None] | None = None) -> dict[str, Any] | None:
+        """put_blob without the registration of a single PUT: that is returned, for
+        :meth:`complete_blobs` to send with many others (multipart uploads complete here)."""
+        pending: list[dict[str, Any]] = []
+
         def upload(plan: dict[str, Any]) -> None:
             if plan["method"] == "multipart":
                 self._put_multipart(entity, md5_hex, Path(src), size, plan, progress)
-            else:
-                self._put_file(plan, Path(src), size, progress)
-                if plan.get("complete", True):
-                    self._call("POST", f"{self._blob(entity, md5_hex)}/complete", {"size": size})
+                return
+            resp = self._put_file(plan, Path(src), size, progress)
+            if plan.get("complete", True):  # S3; the server's own URL registered it already
+                pending.append({"md5": md5_hex, "size": size, "etag": resp.headers.get("ETag")})
 
         self._upload_by_plan(entity, md5_hex, size, upload)
+        return pending[0] if pending else None
+
+    def complete_blobs(self, entity: str, pending: list[dict[str, Any]]) -> None:
+        """Register single-PUT uploads in batches (the server skips the HEAD where the PUT's
+        signed Content-MD5 and ETag already proved the bytes)."""
+        failed: dict[str, str] = {}
+        step = self.PLAN_BATCH
+        for i in range(0, len(pending), step):
+            out = self._call("POST", f"{API}/entities/{_q(entity)}/blobs/completed", {"blobs": pending[i:i + step]})
+            failed.update(out.get("failed") or {})
+        if failed:
+            md5, why = next(iter(sorted(failed.items())))
+            raise DigestMismatchError(f"{len(failed)} upload(s) failed their check, e.g. {md5}: {why}")
 
     def _upload_by_plan(self, entity: str, md5_hex: str, size: int,
                         upload: Callable[[dict[str, Any]], None]) -> None:
@@ -656,8 +703,9 @@ class HttpStore:
         """Fetch download URLs for many blobs in a few calls (before reading many small files,
         so each read is one GET straight to the object store)."""
         wanted = list(dict.fromkeys(md5_hexes))
-        for i in range(0, len(wanted), 2000):
-            out = self._call("POST", f"{API}/entities/{_q(entity)}/blobs/urls", {"md5s": wanted[i:i + 2000]})
+        step = self.PLAN_BATCH  # the most one request may carry (the SDK hands in URL_BATCH at a time)
+        for i in range(0, len(wanted), step):
+            out = self._call("POST", f"{API}/entities/{_q(entity)}/blobs/urls", {"md5s": wanted[i:i + step]})
             for md5, url in out["urls"].items():
                 self._remember_url(entity, md5, url, float(out["expires_in"]), None)
 
