@@ -216,6 +216,7 @@ class LoopbackProxy:
         self.refuse = False
         self.rate: float | None = None
         self.delay = 0.0
+        self.delays = 0  #: requests delayed so far
         self.cuts = 0
         self.up = 0  #: client -> server bytes
         self.down = 0  #: server -> client bytes
@@ -277,6 +278,8 @@ class LoopbackProxy:
             try:
                 while data := src.recv(65536):
                     if upward and answered[0] and self.delay:
+                        with self._lock:
+                            self.delays += 1
                         time.sleep(self.delay)
                     answered[0] = not upward
                     limit = self._should_cut()  # read per chunk: arming affects open connections too
