@@ -63,8 +63,20 @@ test: deps
 	$(BIN)/python -m mypy
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
+# bench/peers' bench-only tools (never installed by run/test): rclone and s3fs from Debian, s3rver
+# from npm into .bench/node (git-ignored).  PEERS_ARGS sizes its run (see bench/peers --help).
+PEERS_ARGS ?= --quick
 bench: deps
+	@missing=""; for p in rclone s3fs; do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then echo "installing bench tools:$$missing"; \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null || \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; } || \
+	  echo "warning: could not install$$missing; bench/peers skips those columns"; fi
+	@[ -e .bench/node/node_modules/s3rver/bin/s3rver.js ] || { mkdir -p .bench/node && \
+	  npm install --prefix .bench/node --no-audit --no-fund --silent s3rver@3.7.1 || \
+	  echo "warning: npm install s3rver failed; bench/peers skips the s3rver endpoint"; }
 	for b in bench/hash_dir bench/mount_read bench/draft_commit bench/remote bench/load; do [ -x $$b ] && $(BIN)/python $$b || true; done
+	$(BIN)/python bench/peers $(PEERS_ARGS)
 
 # System-wide install, usable by any user: a venv of its own under $(PREFIX) (not an editable
 # install pointing into this checkout or a home directory), world-readable, and the command on PATH.

@@ -204,7 +204,9 @@ class LoopbackProxy:
     ``rate``: bytes/s per connection and direction (None: as fast as it goes); ``cut_after``:
     close a connection once this many bytes went through it in either direction (None: never);
     ``cut_times``: how many connections to cut before passing everything again (None: all of
-    them); ``refuse``: close new connections at once (the service looks down).
+    them); ``refuse``: close new connections at once (the service looks down); ``delay``: seconds
+    added before each request a client sends, i.e. before the first client -> server chunk after
+    the connection opened or the server answered (the latency of a distant endpoint; 0: none).
     """
 
     def __init__(self, upstream_port: int) -> None:
@@ -213,6 +215,8 @@ class LoopbackProxy:
         self.cut_times: int | None = None
         self.refuse = False
         self.rate: float | None = None
+        self.delay = 0.0
+        self.delays = 0  #: requests delayed so far
         self.cuts = 0
         self.active = 0  #: connections being served now
         self.peak = 0  #: the most connections served at once (reset it to measure a span)
@@ -271,11 +275,17 @@ class LoopbackProxy:
             self._open.update((client, upstream))
             self.active += 1
             self.peak = max(self.peak, self.active)
+        answered = [True]  #: the server spoke last (or nobody yet): the next upward chunk starts a request
 
         def pump(src: socket.socket, dst: socket.socket, upward: bool) -> None:
             sent = 0
             try:
                 while data := src.recv(65536):
+                    if upward and answered[0] and self.delay:
+                        with self._lock:
+                            self.delays += 1
+                        time.sleep(self.delay)
+                    answered[0] = not upward
                     limit = self._should_cut()  # read per chunk: arming affects open connections too
                     if limit is not None and sent + len(data) > limit:
                         dst.sendall(data[: max(0, limit - sent)])
