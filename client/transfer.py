@@ -494,9 +494,10 @@ def _place_copy(src: Path, target: Path, size: int) -> None:
             raise DigestMismatchError(f"cache object {src} has {done} bytes, expected {size}")
 
 
-def _cache_bytes(cache: Cache, md5: str, data: bytes | bytearray) -> bool:
+def _cache_bytes(cache: Cache, md5: str, data: bytes | bytearray, failed: list[str] | None = None) -> bool:
     """Put a downloaded body into the cache (hashed as it is written: DigestMismatchError if
-    it is not ``md5``); False when the cache could not take it (it is an optimisation only)."""
+    it is not ``md5``); False when the cache could not take it (it is an optimisation only).
+    ``failed``: where to note why (the caller says it once), instead of a warning per blob."""
     try:
         cache.evict(len(data))
         # the blob was written to the store before this download began: its marker holds at once
@@ -506,7 +507,10 @@ def _cache_bytes(cache: Cache, md5: str, data: bytes | bytearray) -> bool:
     except DigestMismatchError:
         raise
     except (OSError, ArtifactFSError) as exc:
-        log.warning("could not cache %s: %s", md5, exc)
+        if failed is None:
+            log.warning("could not cache %s: %s", md5, exc)
+        else:
+            failed.append(f"{md5}: {exc}")
         return False
 
 
@@ -527,6 +531,7 @@ def download_entries(store: Store, entity: str, entries: list[ManifestEntry], de
     ref_entities: dict[str, str | None] = {}  # artifact reference version id -> blob entity (None: deleted)
     ref_lock = threading.Lock()
     signed: dict[str, threading.Event] = {}  # md5 -> set once its batch is signed (or gave up)
+    not_cached: list[str] = []  # blobs the cache could not take: one warning after a download that worked
 
     def one(e: ManifestEntry | _Task) -> int:
         if isinstance(e, _Task):
@@ -588,7 +593,7 @@ def download_entries(store: Store, entity: str, entries: list[ManifestEntry], de
                     data = store.read_blob(blob_entity, md5, 0, size, progress=tick) if size else b""
                     if len(data) != size:
                         raise DigestMismatchError(f"blob {md5} has {len(data)} bytes, the manifest says {size}")
-                    if cache is None or not _cache_bytes(cache, md5, data):
+                    if cache is None or not _cache_bytes(cache, md5, data, not_cached):
                         if md5_bytes(data) != md5:
                             raise DigestMismatchError(f"downloaded content of {target} does not match its md5 {md5}")
                     _place_bytes(target, data)
@@ -616,7 +621,10 @@ def download_entries(store: Store, entity: str, entries: list[ManifestEntry], de
         jobs = _signing_ahead(store, entity, files, batches, signed)
     with meter:
         # symbolic links after every file: no file of this download is written through a link it made
-        return sum(_parallel(one, jobs)) + sum(_parallel(one, links))
+        written = sum(_parallel(one, jobs)) + sum(_parallel(one, links))
+    if not_cached:  # a failed download says its own error; this is only for one that worked
+        log.warning("%d downloaded file(s) were not kept in the cache (first: %s)", len(not_cached), not_cached[0])
+    return written
 
 
 def _signing_ahead(store: UrlBatching, entity: str, files: list[ManifestEntry], batches: list[list[str]],

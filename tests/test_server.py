@@ -107,7 +107,7 @@ def test_missing_bad_and_revoked_keys_and_viewers(registry: SharedRegistry, tmp_
 
 def test_signed_urls_are_scoped_and_expire(registry: SharedRegistry, request: pytest.FixtureRequest,
                                            tmp_path: Path) -> None:
-    factory = new_factory(registry.backend, request, tmp_path, url_ttl=1)
+    factory = new_factory(registry.backend, request, tmp_path, url_ttl=3)
     try:
         server = factory.start()
         alice, key = "alice", factory.user("alice")
@@ -118,13 +118,13 @@ def test_signed_urls_are_scoped_and_expire(registry: SharedRegistry, request: py
         assert size == (None if registry.backend == "postgres-s3" else 5000)  # S3: no HEAD, Content-Range
         if registry.backend == "postgres-s3":
             # Blob bytes bypass the server; moto does not enforce expiry, real S3 does.
-            assert url.startswith(factory.s3_endpoint) and parse_qs(urlparse(url).query)["X-Amz-Expires"] == ["1"]
+            assert url.startswith(factory.s3_endpoint) and parse_qs(urlparse(url).query)["X-Amz-Expires"] == ["3"]
         else:
             assert requests.get(url, headers={"Range": "bytes=10-19"}, timeout=10).content == data[10:20]
             factory.user("mallory")
             tampered = url.replace("/blobdata/alice/", "/blobdata/mallory/")
             assert requests.get(tampered, timeout=10).status_code == 403
-            time.sleep(2.1)
+            time.sleep(4.1)  # a 3 s lifetime: a loaded machine still GETs within it
             expired = requests.get(url, timeout=10)
             assert expired.status_code == 403 and "expired" in expired.text
         # the client notices and asks for a fresh URL
@@ -137,7 +137,7 @@ def test_signed_urls_are_scoped_and_expire(registry: SharedRegistry, request: py
             assert store.missing_blobs(alice, [md5_bytes(later)]) == {md5_bytes(later)}  # caches the plan
             key_ = (alice, md5_bytes(later))
             plan, _until, limit = store._plans[key_]
-            time.sleep(2.1)
+            time.sleep(4.1)
             # the client still believes the plan is fresh (as under load or clock skew)
             store._plans[key_] = (plan, time.monotonic() + 60, limit)
             store.put_blob(alice, md5_bytes(later), src, len(later))

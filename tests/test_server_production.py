@@ -481,10 +481,10 @@ def _statements(engine):  # type: ignore[no-untyped-def]
     return seen, lambda: sa.event.remove(engine, "before_cursor_execute", record)
 
 
-def test_resolve_and_list_versions_cost_three_queries_and_errors_still_name_what_is_missing(local_store,  # type: ignore[no-untyped-def]
+def test_resolve_and_list_versions_cost_two_queries_and_errors_still_name_what_is_missing(local_store,  # type: ignore[no-untyped-def]
                                                                                            tmp_path: Path) -> None:
-    """The calls a fleet of mounts makes most (bench/load): the collection in one joined query,
-    its versions in one, their aliases and tags in one (was 3 + 1 + 2)."""
+    """The calls a fleet of mounts makes most (bench/load): the version with its collection's path
+    in one joined query, the aliases and tags of those versions in one (was 3 + 1 + 2, then 3 + 3)."""
     from client.errors import NotFoundError
     from tests.util import commit_files
 
@@ -499,7 +499,7 @@ def test_resolve_and_list_versions_cost_three_queries_and_errors_still_name_what
     assert best.version == "v0" and sorted(best.aliases) == ["best"] and list(best.tags) == ["t1"]
     assert [(v.version, sorted(v.aliases)) for v in versions] == [("v0", ["best"]), ("v1", ["latest"])]
     queries = [q for q in seen if not q.startswith("BEGIN")]
-    assert resolve_count - 1 == 3 and len(queries) == 6, queries
+    assert resolve_count - 1 == 2 and len(queries) == 4, queries
     for args, message in [(("nope", "proj", "ds"), "entity 'nope' not found"),
                           (("ent", "nope", "ds"), "project ent/nope not found"),
                           (("ent", "proj", "nope"), "collection ent/proj/nope not found")]:
