@@ -21,8 +21,8 @@ Rules (docs/ARCHITECTURE.md "The fast path", docs/SEMANTICS.md "Fast path"):
   other aliases, which move; never the colon-free ``@`` spelling, which stays on the FUSE path
   with its xattrs), and only versions whose files are all stored content with a read-only
   mode: no references, no executables (a link shares the object's inode, and so its mode).
-* The tree links only objects verified for it (``Cache.checked``: a valid verified marker or a
-  whole md5 check), and each is checked again to be the cache's file after linking.
+* The tree links only objects verified for it (a valid verified marker, else a whole md5
+  check), and each link is checked to name the very inode that was verified.
 * Pinning: the linked objects' index rows are pinned (``CacheIndex.pin``) before they are
   linked, so eviction (by this daemon or any process sharing the cache) never removes them
   while a tree serves them; the cache bound still holds because they stay counted.  Trees may
@@ -53,12 +53,13 @@ import shutil
 import stat
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from client.cache import Cache
+from client.cache import Cache, has_verified_marker, set_verified_marker
+from client.hashing import md5_fd
 from client.manifest import EXECUTABLE_KEY, symlink_target
 
 from .daemon import _unescape
@@ -74,6 +75,9 @@ log = logging.getLogger(__name__)
 DIRNAME = "fastpath"  #: ``<cache>/fastpath/``
 RECHECK = 30.0  #: seconds before a version that did not qualify is checked again
 PIN_SHARE = 0.5  #: fraction of the cache bound that fast-path trees may pin together
+#: objects larger than this get a verified marker once hashed for a tree (smaller ones are
+#: cheaper to hash again than to fdatasync + setxattr; the mount re-checks them on open anyway)
+MARK_OVER = 2 << 20
 
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_REMOUNT, MS_BIND = 1, 2, 4, 32, 4096
 MNT_DETACH = 2
@@ -154,7 +158,7 @@ def _alive(owner: str) -> bool:
 
 def _remove_tree(path: Path) -> None:
     """rmtree of a tree whose directories are read-only (a non-root daemon needs u+w first)."""
-    def retry(func, p, _exc) -> None:  # type: ignore[no-untyped-def]
+    def retry(func: Callable[[str], object], p: str, _exc: object) -> None:
         with contextlib.suppress(OSError):
             os.chmod(os.path.dirname(p), 0o700)
             func(p)
@@ -390,19 +394,39 @@ class FastPath:
                 os.chmod(dest, 0o444)
                 os.utime(dest, ns=(mtime_ns, mtime_ns))
             else:
-                src = self.cache.checked(str(e.md5), e.size)  # verified: by its marker or a whole md5
-                if src is None:
-                    raise NotCached(f"{rel} left the cache (or failed verification)")
-                os.link(src, dest)
-                st = os.stat(dest)
-                with contextlib.suppress(FileNotFoundError):
-                    if os.stat(src).st_ino == st.st_ino:  # still the cache's file after linking
-                        tree.files.append((str(dest), st.st_ino, st.st_size, st.st_mtime_ns))
-                        continue
-                raise NotCached(f"{rel} left the cache while it was linked")
+                tree.files.append(self._link(str(e.md5), e.size, dest, rel))
         for d in reversed(dirs):  # children first: a read-only parent is made last
             os.chmod(d, self.dir_mode)
             os.utime(d, ns=(mtime_ns, mtime_ns))
+
+    def _link(self, md5: str, size: int, dest: Path, rel: str) -> tuple[str, int, int, int]:
+        """Link the cache object ``md5`` at ``dest`` once it is verified: by a valid verified
+        marker, else by its whole md5 (a large one is then marked, sparing the next check).
+        The link is checked to name the very inode that was verified."""
+        src = self.cache.path(md5)
+        try:
+            fd = os.open(src, os.O_RDONLY)
+        except FileNotFoundError:
+            raise NotCached(f"{rel} left the cache") from None
+        try:
+            st = os.fstat(fd)
+            if st.st_size != size or st.st_mode & 0o222:
+                raise NotCached(f"{rel}: its cache object is not a read-only file of {size} bytes")
+            if not has_verified_marker(fd, md5, st):
+                if md5_fd(fd, size) != md5:
+                    log.warning("cache object %s (%s) fails its md5: dropping it", md5, rel)
+                    self.cache.drop(md5)
+                    raise NotCached(f"{rel}: its cache object failed verification")
+                if size > MARK_OVER:
+                    set_verified_marker(fd, md5)
+                    st = os.fstat(fd)
+            os.link(src, dest)
+            linked = os.stat(dest)
+            if linked.st_ino != st.st_ino:
+                raise NotCached(f"{rel} was replaced in the cache while it was linked")
+            return str(dest), st.st_ino, st.st_size, st.st_mtime_ns
+        finally:
+            os.close(fd)
 
     # -- teardown --------------------------------------------------------------------------
     def _release(self, keys: list[str]) -> None:
