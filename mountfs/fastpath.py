@@ -363,7 +363,7 @@ class FastPath:
         listing.write_text("\n".join(tree.keys), encoding="ascii")  # for clean_stale after a crash
         self.cache.index.pin(tree.keys, time.time_ns())  # before linking: eviction skips them from now
         try:
-            self._build(tree, index, int(version.created_at.timestamp() * 1e9))
+            self._build(tree, index, version)
             with self._lock:
                 if self._closing:
                     raise NotEligible("the mount is closing")
@@ -377,7 +377,8 @@ class FastPath:
             raise
         log.info("fast path: %s served from %s (%d objects)", tree.name, tree.path, len(tree.keys))
 
-    def _build(self, tree: Tree, index: ManifestIndex, mtime_ns: int) -> None:
+    def _build(self, tree: Tree, index: ManifestIndex, version: VersionRecord) -> None:
+        mtime_ns = int(version.created_at.timestamp() * 1e9)
         _remove_tree(tree.path)
         tree.path.mkdir()
         dirs = [tree.path]
@@ -395,7 +396,14 @@ class FastPath:
                 os.utime(dest, ns=(mtime_ns, mtime_ns))
             else:
                 tree.files.append(self._link(str(e.md5), e.size, dest, rel))
+        # What never changes of a version is on its directories as on the FUSE path (aliases,
+        # tags, metadata can change: those, and the files' own, are read through ``<coll>@vN``).
+        fixed = {"user.artifact.version": version.qualified_name, "user.artifact.digest": version.digest,
+                 "user.artifact.id": version.id, "user.artifact.created_at": version.created_at.isoformat()}
         for d in reversed(dirs):  # children first: a read-only parent is made last
+            for name, value in (fixed.items() if d == tree.path else list(fixed.items())[:1]):
+                with contextlib.suppress(OSError):  # a cache filesystem without user xattrs
+                    os.setxattr(d, name, value.encode())
             os.chmod(d, self.dir_mode)
             os.utime(d, ns=(mtime_ns, mtime_ns))
 

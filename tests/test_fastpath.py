@@ -139,6 +139,9 @@ def test_fully_cached_version_is_read_without_fuse_requests(work, tmp_path: Path
         for rel in ["a", "a/b", "a/b/c", "many", "with space"]:
             fast, slow = os.stat(vdir / rel), os.stat(fuse_dir / rel)
             assert (fast.st_mode, fast.st_nlink, fast.st_mtime_ns) == (slow.st_mode, slow.st_nlink, slow.st_mtime_ns)
+        for name in ("user.artifact.version", "user.artifact.digest", "user.artifact.id"):
+            assert os.getxattr(vdir, name) == os.getxattr(fuse_dir, name)
+        assert os.getxattr(vdir / "a/b", "user.artifact.version") == V0.encode()
         top = os.stat(vdir)
         assert stat.S_IMODE(top.st_mode) == 0o555 and top.st_mtime_ns == os.stat(fuse_dir).st_mtime_ns
         with pytest.raises(OSError) as e:
