@@ -64,6 +64,7 @@ from client.manifest import EXECUTABLE_KEY, symlink_target
 
 from .daemon import _unescape
 from .manifest_index import ROOT_ID, IndexEntry, ManifestIndex
+from .namespace import Kind
 
 if TYPE_CHECKING:
     from client.store.base import VersionRecord
@@ -259,8 +260,6 @@ class FastPath:
     # -- the namespace's hook (on the trio loop or a worker thread: never blocks) ---------
     def notice(self, node: Node) -> None:
         """A version directory was looked up or listed: queue a check if it may qualify."""
-        from .namespace import Kind
-
         if node.kind is not Kind.VERSION_DIR or ":" not in node.name or node.version is None or not self.enabled:
             return
         vid, now = node.version.id, time.monotonic()
@@ -281,10 +280,10 @@ class FastPath:
             try:
                 job = self._jobs.get(timeout=max(0.01, next_sweep - time.monotonic()))
             except queue.Empty:
-                job = False  # type: ignore[assignment]
-            if job is None:
-                return
-            if job:
+                pass
+            else:
+                if job is None:
+                    return
                 self._run(job)
             if time.monotonic() >= next_sweep:
                 self.sweep()
