@@ -248,3 +248,37 @@ def test_a_changed_cache_object_tears_the_tree_down(work, tmp_path: Path) -> Non
         # the FUSE path verifies again: the bad object is dropped and the store read
         assert (vdir / "a/b/c/deep.bin").read_bytes() == FILES["a/b/c/deep.bin"]
 
+
+
+def test_a_bind_detached_behind_the_daemon_releases_its_tree(work, tmp_path: Path) -> None:
+    store_dir, cache_dir = work
+    with mounted(store_dir, tmp_path, cache_dir=cache_dir, fast_path=True, local_blobs=False,
+                 fast_path_sweep=0.2) as m:
+        vdir = bind(m, V0)
+        subprocess.run(["umount", "-l", str(vdir)], check=True)
+        wait_for("the tree to be released", lambda: fast_stats(m)["torn_down"] == 1)
+        assert pinned(cache_dir) == 0 and fast_stats(m)["bound"] == []
+        assert (vdir / "README.md").read_bytes() == FILES["README.md"]  # the FUSE path again
+
+
+def test_pinned_rows_are_never_offered_for_eviction(tmp_path: Path) -> None:
+    """The index side of pinning, without a mount: put keeps a pin, oldest skips pinned rows,
+    a rebuild (prune) keeps them, unpin makes them ordinary (and recently used) again."""
+    cache = Cache(tmp_path / "c", 10_000)
+    keys = []
+    for i in range(4):
+        data = bytes([i]) * 1000
+        (tmp_path / "x").write_bytes(data)
+        keys.append(md5_bytes(data))
+        cache.add_file(keys[-1], tmp_path / "x")
+    cache.index.pin(keys[:2], time.time_ns())
+    cache.index.put(keys[0], 1000, time.time_ns())  # a lookup's LRU touch must not unpin
+    assert {k for k, _ in cache.index.oldest(10)} == set(keys[2:])
+    assert cache.index.pinned_bytes() == 2000
+    cache.reindex()
+    assert cache.index.pinned_bytes() == 2000
+    cache.evict(max_bytes=0)
+    assert [k for k in keys if cache.lookup(k) is not None] == keys[:2]
+    assert cache.info().bytes == 2000  # still counted
+    cache.index.unpin(keys[:2], time.time_ns())
+    assert cache.index.pinned_bytes() == 0 and cache.evict(max_bytes=0) == 2000
