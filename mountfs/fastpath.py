@@ -28,9 +28,11 @@ Rules (docs/ARCHITECTURE.md "The fast path", docs/SEMANTICS.md "Fast path"):
   while a tree serves them; the cache bound still holds because they stay counted.  Trees may
   pin at most :data:`PIN_SHARE` of the bound together.  Unpinned when the tree goes (unless
   another tree still links the object: its link count says so).
-* A sweep every ``sweep`` seconds stats every linked file: one whose inode, size or mtime
-  changed (a write to the cache behind the mount's back) tears its tree down at once, and a
-  bind that vanished (the kernel detaches binds whose FUSE dentry was invalidated) too.
+* A sweep every ``sweep`` seconds stats every linked file and its cache name: one whose inode,
+  size or mtime changed (a write to the cache behind the mount's back), or that is no longer
+  the cache's object (dropped: it would no longer be counted in the bound), tears its tree down
+  at once, and so does a bind that vanished (the kernel detaches the binds of a FUSE dentry it
+  invalidates, or someone ran ``umount``).
 * Unmount: SIGTERM/SIGINT detach the binds before the FUSE session ends; ``artifactfs umount``
   detaches them (:func:`detach_binds_under`) before unmounting; ``fusermount3 -uz`` takes them
   with the mount.  After SIGKILL the binds stay on the dead mount until ``fusermount3 -uz``
@@ -223,8 +225,8 @@ class Tree:
     target: str  #: the version directory on the mount
     path: Path  #: the tree under <cache>/fastpath/<owner>/
     keys: list[str]  #: md5 of every linked object (pinned)
-    #: (link, inode, size, mtime_ns) of every linked file, for the sweep
-    files: list[tuple[str, int, int, int]] = field(default_factory=list)
+    #: (link, md5, inode, size, mtime_ns) of every linked file, for the sweep
+    files: list[tuple[str, str, int, int, int]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -406,7 +408,7 @@ class FastPath:
             os.chmod(d, self.dir_mode)
             os.utime(d, ns=(mtime_ns, mtime_ns))
 
-    def _link(self, md5: str, size: int, dest: Path, rel: str) -> tuple[str, int, int, int]:
+    def _link(self, md5: str, size: int, dest: Path, rel: str) -> tuple[str, str, int, int, int]:
         """Link the cache object ``md5`` at ``dest`` once it is verified: by a valid verified
         marker, else by its whole md5 (a large one is then marked, sparing the next check).
         The link is checked to name the very inode that was verified."""
@@ -431,7 +433,7 @@ class FastPath:
             linked = os.stat(dest)
             if linked.st_ino != st.st_ino:
                 raise NotCached(f"{rel} was replaced in the cache while it was linked")
-            return str(dest), st.st_ino, st.st_size, st.st_mtime_ns
+            return str(dest), md5, st.st_ino, st.st_size, st.st_mtime_ns
         finally:
             os.close(fd)
 
@@ -469,10 +471,11 @@ class FastPath:
             if tree.target not in bound:
                 self._tear_down(vid, "its bind went away")
                 continue
-            for path, ino, size, mtime in tree.files:
-                try:
+            for path, md5, ino, size, mtime in tree.files:
+                try:  # the same bytes, and still the cache's object (so still counted in the bound)
                     st = os.stat(path)
                     same = (st.st_ino, st.st_size, st.st_mtime_ns) == (ino, size, mtime) and not st.st_mode & 0o222
+                    same = same and os.stat(self.cache.path(md5)).st_ino == ino
                 except OSError:
                     same = False
                 if not same:
