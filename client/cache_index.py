@@ -27,6 +27,11 @@ import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+#: stamps from here on mark *pinned* rows (an object a mount's fast-path tree links, see
+#: mountfs/fastpath.py): they sort after every real stamp, ``oldest`` never returns them and
+#: ``put`` keeps them, so eviction cannot take an object a tree still serves.
+PINNED = 1 << 62
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS objects (key TEXT PRIMARY KEY, size INTEGER NOT NULL, stamp INTEGER NOT NULL);
 CREATE INDEX IF NOT EXISTS objects_by_stamp ON objects (stamp);
@@ -105,7 +110,38 @@ class CacheIndex:
     def put(self, key: str, size: int, stamp_ns: int) -> None:
         with self._db() as c:
             c.execute("INSERT INTO objects VALUES (?, ?, ?) ON CONFLICT (key) DO UPDATE"
-                      " SET size = excluded.size, stamp = excluded.stamp", (key, size, stamp_ns))
+                      " SET size = excluded.size,"
+                      " stamp = CASE WHEN objects.stamp >= ? THEN objects.stamp ELSE excluded.stamp END",
+                      (key, size, stamp_ns, PINNED))
+
+    def pin(self, keys: Iterable[str], stamp_ns: int) -> None:
+        """Keep these objects' rows out of eviction (until :meth:`unpin`), in one transaction."""
+        with self._db() as c:
+            c.execute("BEGIN IMMEDIATE")
+            try:
+                c.executemany("UPDATE objects SET stamp = ? WHERE key = ?", ((PINNED + stamp_ns, k) for k in keys))
+                c.execute("COMMIT")
+            except BaseException:
+                c.execute("ROLLBACK")
+                raise
+
+    def unpin(self, keys: Iterable[str], stamp_ns: int) -> None:
+        """Pinned rows among ``keys`` become ordinary ones, last used at ``stamp_ns``."""
+        with self._db() as c:
+            c.execute("BEGIN IMMEDIATE")
+            try:
+                c.executemany("UPDATE objects SET stamp = ? WHERE key = ? AND stamp >= ?",
+                              ((stamp_ns, k, PINNED) for k in keys))
+                c.execute("COMMIT")
+            except BaseException:
+                c.execute("ROLLBACK")
+                raise
+
+    def pinned_bytes(self) -> int:
+        """Bytes of the pinned objects (a range of the stamp index: the pinned rows only)."""
+        with self._db() as c:
+            return int(c.execute("SELECT COALESCE(SUM(size), 0) FROM objects WHERE stamp >= ?",
+                                 (PINNED,)).fetchone()[0])
 
     def has(self, key: str) -> bool:
         with self._db() as c:
@@ -122,10 +158,11 @@ class CacheIndex:
             return int(entries), int(nbytes)
 
     def oldest(self, limit: int, skip: int = 0) -> list[tuple[str, int]]:
-        """(key, size) of the ``limit`` least recently used objects after the first ``skip``."""
+        """(key, size) of the ``limit`` least recently used objects after the first ``skip``
+        (pinned objects are never among them)."""
         with self._db() as c:
-            return c.execute("SELECT key, size FROM objects ORDER BY stamp, key LIMIT ? OFFSET ?",
-                             (limit, skip)).fetchall()
+            return c.execute("SELECT key, size FROM objects WHERE stamp < ? ORDER BY stamp, key LIMIT ? OFFSET ?",
+                             (PINNED, limit, skip)).fetchall()
 
     def close(self) -> None:
         with self._lock:

@@ -146,6 +146,9 @@ def check_mountpoint(mp: Path, allow_non_empty: bool) -> None:
 @click.option("--foreground", "-f", is_flag=True, help="Stay in the foreground (for systemd, debugging).")
 @click.option("--no-commit-on-unmount", "no_commit", is_flag=True,
               help="Keep drafts for the next mount instead of committing them at unmount.")
+@click.option("--fast-path", is_flag=True,
+              help="Serve :vN versions whose files are all in the cache from a read-only tree bound over "
+                   "their directory (no FUSE request per file; needs root; see docs/SEMANTICS.md).")
 @click.option("--debug", is_flag=True, hidden=True)
 def mount_command(mountpoint: str, store: str | None, cache_dir: str | None, cache_size: int | None,
                   alias_ttl: float, attr_timeout: float, read_only: bool, fuse_opts: tuple[str, ...],
@@ -153,7 +156,7 @@ def mount_command(mountpoint: str, store: str | None, cache_dir: str | None, cac
                   allow_root: bool, log_file: str | None, log_level: str, auto_unmount: bool, allow_non_empty: bool,
                   lazy_connect: bool, foreground: bool, debug: bool, no_commit: bool = False,
                   metrics_port: int | None = None, metrics_address: str = "127.0.0.1",
-                  metrics_file: str | None = None) -> None:
+                  metrics_file: str | None = None, fast_path: bool = False) -> None:
     """Mount the artifact store at MOUNTPOINT (an existing, empty directory).
 
     MOUNTPOINT/<entity>/<project>/<name>:<version> is read-only; mkdir <name>:draft in a
@@ -193,7 +196,8 @@ def mount_command(mountpoint: str, store: str | None, cache_dir: str | None, cac
                            log_file=os.path.abspath(log_file) if log_file else None, log_level=log_level.lower(),
                            debug=debug, commit_on_unmount=not no_commit, metrics_port=metrics_port,
                            metrics_address=metrics_address,
-                           metrics_file=os.path.abspath(metrics_file) if metrics_file else None)
+                           metrics_file=os.path.abspath(metrics_file) if metrics_file else None,
+                           fast_path=fast_path)
     if foreground:
         raise SystemExit(run(options))
 
@@ -203,12 +207,25 @@ def mount_command(mountpoint: str, store: str | None, cache_dir: str | None, cac
 
 
 def unmount(mountpoint: str | os.PathLike[str], lazy: bool = False) -> None:
-    """Unmount (the daemon then exits cleanly); raises CalledProcessError on failure."""
+    """Unmount (the daemon then exits cleanly); raises CalledProcessError on failure.
+
+    Fast-path binds below the mount (mountfs/fastpath.py) are detached first: they would make
+    a plain unmount EBUSY.  The daemon may bind a version in between: then once more (bounded).
+    """
+    from .fastpath import detach_binds_under
+
     tool = shutil.which("fusermount3") or shutil.which("fusermount")
     cmd = [tool, "-u"] if tool else ["umount"]
     if lazy:
         cmd.append("-z" if tool else "-l")
-    subprocess.run([*cmd, str(mountpoint)], check=True, capture_output=True, text=True)
+    for attempt in range(3):
+        binds = detach_binds_under(mountpoint) if not lazy else 0
+        try:
+            subprocess.run([*cmd, str(mountpoint)], check=True, capture_output=True, text=True)
+            return
+        except subprocess.CalledProcessError:
+            if not binds or attempt == 2:
+                raise
 
 
 def _alive(pid: int) -> bool:

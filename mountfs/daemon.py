@@ -74,6 +74,8 @@ class MountOptions:
     metrics_port: int | None = None  #: serve Prometheus /metrics there (mountfs/metrics.py)
     metrics_address: str = "127.0.0.1"
     metrics_file: str | None = None  #: or/and rewrite this textfile (node_exporter) every 15 s and at unmount
+    fast_path: bool = False  #: serve fully cached :vN versions from bound trees (mountfs/fastpath.py)
+    fast_path_sweep: float = 60.0  #: seconds between the fast path's checks of its linked objects
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self))
@@ -219,6 +221,7 @@ def run(options: MountOptions) -> int:
     from .content import ContentReader
     from .drafts.fs import DraftFS
     from .drafts.manager import DraftManager, staging_root
+    from .fastpath import FastPath, clean_stale
     from .fetch import FetchConfig
     from .manifest_index import IndexStore
     from .namespace import Namespace, NamespaceConfig
@@ -227,6 +230,7 @@ def run(options: MountOptions) -> int:
     setup_logging(options)
     store = open_store(options.store)
     cache = Cache(options.cache_dir, options.cache_size)
+    clean_stale(cache)  # fast-path trees and pins of daemons that died (also without --fast-path)
     # The embedded store reads local files (no hang short of a dead disk) and the HTTP store
     # enforces its own timeouts; only other stores need the watchdog thread per request.
     watchdog = not isinstance(store, (LocalStore, HttpStore))
@@ -249,10 +253,16 @@ def run(options: MountOptions) -> int:
         ns_config.uid = options.uid
     if options.gid is not None:
         ns_config.gid = options.gid
+    fast: FastPath | None = None
     ns = Namespace(store, indexes, ns_config, drafts=drafts,
                    stats=lambda: {**content.stats(), "inodes": len(ns), "index_builds": indexes.builds,
                                   "requests": dict(ops.requests), "pid": os.getpid(),
-                                  "unmount_report": str(report)})
+                                  "unmount_report": str(report),
+                                  **({"fastpath": fast.stats()} if fast is not None else {})})
+    if options.fast_path:
+        fast = FastPath(cache, ns, mount_path(options.mountpoint), sweep=options.fast_path_sweep,
+                        dir_mode=options.dir_mode, file_mode=options.file_mode, uid=options.uid, gid=options.gid)
+        ns.on_version = fast.notice
     content.directory_files = ns.directory_files  # batched block maps / URLs of siblings
     if drafts is not None:
         drafts.attach(ns)
@@ -288,6 +298,8 @@ def run(options: MountOptions) -> int:
                 with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
                     async for signum in signals:
                         log.info("signal %d: unmounting %s", signum, options.mountpoint)
+                        if fast is not None:  # binds below the mount first (they resolve through it)
+                            await trio.to_thread.run_sync(fast.detach_all)
                         pyfuse3.terminate()
                         return
 
@@ -297,6 +309,8 @@ def run(options: MountOptions) -> int:
                 await initialised.wait()
                 await trio.sleep(0.2)
                 await trio.to_thread.run_sync(tune_readahead, options.mountpoint, options.readahead_kb)
+                if fast is not None:
+                    fast.start()
                 notify_ready(f"serving {store.location} at {options.mountpoint}")
 
             initialised = trio.Event()
@@ -312,6 +326,8 @@ def run(options: MountOptions) -> int:
         trio.run(serve)
     except BaseException:
         pyfuse3.close(unmount=False)
+        if fast is not None:  # after the session is closed: a path through the mount fails, never hangs
+            fast.close()
         if manager is not None:
             manager.close()  # staged data stays; the next mount recovers it
         content.shutdown()
@@ -320,6 +336,8 @@ def run(options: MountOptions) -> int:
         store.close()
         raise
     pyfuse3.close(unmount=True)
+    if fast is not None:
+        fast.close()
     status = 0
     try:
         if manager is not None and options.commit_on_unmount:  # a read-only mount has no drafts

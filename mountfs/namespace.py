@@ -242,6 +242,9 @@ class Namespace:
         self._dir_handles: dict[int, DirHandle] = {}
         self._file_handles: dict[int, FileRef] = {}
         self._next_fh = 1
+        #: called (never blocking) with each version directory looked up or listed: the fast
+        #: path (mountfs/fastpath.py) checks whether that version can be served by a tree
+        self.on_version: Callable[[Node], None] | None = None
 
     # -- inode table -------------------------------------------------------------------
     def node(self, inode: int) -> Node:
@@ -434,6 +437,8 @@ class Namespace:
         else:
             node = self._lookup_child(parent, name)
         self.remember(node)
+        if self.on_version is not None and node.kind is Kind.VERSION_DIR:
+            self.on_version(node)
         return node
 
     def lookup_unremembered(self, inode_p: int, name: str) -> Node:
@@ -576,6 +581,8 @@ class Namespace:
         node = self.node(inode)
         if not node.is_dir:
             raise NotDirectoryError("not a directory")
+        if self.on_version is not None and node.kind is Kind.VERSION_DIR:
+            self.on_version(node)
         with self._lock:
             fh = self._next_fh
             self._next_fh += 1

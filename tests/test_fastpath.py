@@ -1,0 +1,284 @@
+"""The fast path (``artifactfs mount --fast-path``): a fully cached ``:vN`` version is served by
+the kernel from a read-only tree of hard links to the verified cache objects, bind-mounted
+over the version's directory, so reading it costs no FUSE request (issue 17).
+
+Real mounts of a real embedded store; the cache is filled through the real Cache API (as an
+SDK ``download()`` sharing the cache would), the FUSE requests are counted by the daemon.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import stat
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from client.cache import Cache
+from client.hashing import md5_bytes
+from client.store.local import LocalStore
+from mountfs.daemon import _unescape, is_mounted
+from tests.mount_helpers import REPO, Mount, mounted, requires_fuse, unmount_and_reap
+from tests.util import commit_files
+
+pytestmark = [requires_fuse, pytest.mark.fuse, pytest.mark.timeout(120)]
+
+V0, V1 = "ent/proj/ds:v0", "ent/proj/ds:v1"
+FILES = {
+    "README.md": b"# data\n",
+    "empty.txt": b"",
+    "with space/caf\u00e9.txt": b"unicode name\n",
+    "a/b/c/deep.bin": os.urandom(5000),
+    **{f"many/f{i:03d}.bin": os.urandom(100 + i) for i in range(60)},
+}
+NOT_CACHED = {"later/new.bin": os.urandom(3000)}
+
+
+def make_store(work: Path, cache_dir: Path) -> Path:
+    """v0 = FILES, entirely in the cache; v1 = FILES + one file that is not cached."""
+    store_dir = work / "store"
+    store = LocalStore(store_dir)
+    commit_files(store, work, FILES)
+    commit_files(store, work, {**FILES, **NOT_CACHED})
+    store.close()
+    cache = Cache(cache_dir)
+    for rel, data in FILES.items():
+        if data:
+            src = work / "upload-" / rel
+            src.parent.mkdir(parents=True, exist_ok=True)
+            src.write_bytes(data)
+            cache.add_file(md5_bytes(data), src)
+    return store_dir
+
+
+def binds_under(mnt: Path) -> list[str]:
+    """Mount points strictly below ``mnt`` (from this process's mountinfo)."""
+    prefix = str(mnt) + "/"
+    with open("/proc/self/mountinfo", encoding="utf-8") as f:
+        return [p for p in (_unescape(line.split()[4]) for line in f) if p.startswith(prefix)]
+
+
+def wait_for(what: str, cond: Callable[[], object], poke: Callable[[], object] | None = None,
+             timeout: float = 30.0) -> None:
+    """A bounded wait for the daemon's background work (not a timing assertion)."""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        if poke is not None:
+            poke()
+        time.sleep(0.05)
+
+
+def fast_stats(m: Mount) -> dict:
+    return m.stats()["fastpath"]
+
+
+def bind(m: Mount, rel: str) -> Path:
+    """List the version (which makes the daemon check it) and wait until it is bound."""
+    vdir = m.path / rel
+    os.listdir(vdir)
+    wait_for(f"the bind over {rel}", lambda: str(vdir) in binds_under(m.path))
+    return vdir
+
+
+def requests_during(m: Mount, run: Callable[[], object]) -> dict[str, int]:
+    """FUSE requests the daemon served while ``run()`` ran, less those of reading the stats
+    (os.getxattr may take two calls for a long value: measured, not assumed)."""
+    first = m.stats()["requests"]
+    before = m.stats()["requests"]
+    run()
+    after = m.stats()["requests"]
+    out = {k: v - before.get(k, 0) for k, v in after.items()}
+    out["getxattr"] -= before["getxattr"] - first["getxattr"]
+    return {k: v for k, v in out.items() if v}
+
+
+def pinned(cache_dir: Path) -> int:
+    return Cache(cache_dir).index.pinned_bytes()
+
+
+def owners(cache_dir: Path) -> list[str]:
+    root = cache_dir / "fastpath"
+    return sorted(os.listdir(root)) if root.exists() else []
+
+
+@pytest.fixture
+def work(tmp_path: Path) -> tuple[Path, Path]:
+    cache_dir = tmp_path / "cache"
+    return make_store(tmp_path, cache_dir), cache_dir
+
+
+def test_fully_cached_version_is_read_without_fuse_requests(work, tmp_path: Path) -> None:
+    store_dir, cache_dir = work
+    with mounted(store_dir, tmp_path, cache_dir=cache_dir, fast_path=True, local_blobs=False, alias_ttl=600.0) as m:
+        vdir = bind(m, V0)
+        fuse_dir = m.path / "ent/proj/ds@v0"  # the colon-free name stays on the FUSE path
+
+        def read_everything() -> None:
+            for rel, data in FILES.items():
+                assert (vdir / rel).read_bytes() == data, rel
+                os.stat(vdir / rel)
+            subprocess.run(["find", str(vdir)], check=True, capture_output=True)
+            subprocess.run(["ls", "-lR", str(vdir)], check=True, capture_output=True)
+            subprocess.run(["cat", str(vdir / "README.md")], check=True, capture_output=True)
+
+        read_everything()  # first pass: whatever the kernel still asks once (dentries of the path)
+        assert requests_during(m, read_everything) == {}, "the fast path sent FUSE requests"
+        # the bytes and attributes are those of the FUSE path
+        for rel, data in FILES.items():
+            fast, slow = os.lstat(vdir / rel), os.lstat(fuse_dir / rel)
+            assert (fast.st_size, fast.st_mode, fast.st_uid) == (slow.st_size, slow.st_mode, slow.st_uid), rel
+            assert fast.st_dev != slow.st_dev  # served from the cache's filesystem
+        for rel in ["a", "a/b", "a/b/c", "many", "with space"]:
+            fast, slow = os.stat(vdir / rel), os.stat(fuse_dir / rel)
+            assert (fast.st_mode, fast.st_nlink, fast.st_mtime_ns) == (slow.st_mode, slow.st_nlink, slow.st_mtime_ns)
+        for name in ("user.artifact.version", "user.artifact.digest", "user.artifact.id"):
+            assert os.getxattr(vdir, name) == os.getxattr(fuse_dir, name)
+        assert os.getxattr(vdir / "a/b", "user.artifact.version") == V0.encode()
+        top = os.stat(vdir)
+        assert stat.S_IMODE(top.st_mode) == 0o555 and top.st_mtime_ns == os.stat(fuse_dir).st_mtime_ns
+        with pytest.raises(OSError) as e:
+            open(vdir / "README.md", "r+b")
+        assert e.value.errno == errno.EROFS
+        with pytest.raises(OSError) as e:
+            (vdir / "new.txt").write_bytes(b"x")
+        assert e.value.errno == errno.EROFS
+        assert fast_stats(m)["bound"] == [V0]
+        assert pinned(cache_dir) == sum(len(d) for d in FILES.values())
+
+
+def test_version_not_fully_cached_is_not_fast_pathed(work, tmp_path: Path) -> None:
+    store_dir, cache_dir = work
+    with mounted(store_dir, tmp_path, cache_dir=cache_dir, fast_path=True, local_blobs=False) as m:
+        os.listdir(m.path / V1)
+        wait_for("the check of v1", lambda: fast_stats(m)["not_cached"] >= 1)
+        assert binds_under(m.path) == [] and fast_stats(m)["bound"] == []
+        assert pinned(cache_dir) == 0
+        ops = requests_during(m, lambda: (m.path / V1 / "later/new.bin").read_bytes())
+        assert ops.get("open") == 1  # still served by the daemon
+        assert (m.path / V1 / "later/new.bin").read_bytes() == NOT_CACHED["later/new.bin"]
+
+
+def test_without_the_flag_nothing_is_bound(work, tmp_path: Path) -> None:
+    store_dir, cache_dir = work
+    with mounted(store_dir, tmp_path, cache_dir=cache_dir, local_blobs=False) as m:
+        os.listdir(m.path / V0)
+        assert "fastpath" not in m.stats() and binds_under(m.path) == []
+
+
+def test_a_version_over_the_pin_share_is_not_fast_pathed(work, tmp_path: Path) -> None:
+    store_dir, cache_dir = work
+    total = sum(len(d) for d in FILES.values())
+    with mounted(store_dir, tmp_path, cache_dir=cache_dir, fast_path=True, local_blobs=False,
+                 cache_size=total + 100) as m:  # v0 alone would pin more than half the cache
+        os.listdir(m.path / V0)
+        wait_for("the check of v0", lambda: fast_stats(m)["not_eligible"] >= 1)
+        assert binds_under(m.path) == [] and pinned(cache_dir) == 0
+
+
+def test_umount_and_sigterm_leave_no_binds_and_no_pins(work, tmp_path: Path) -> None:
+    store_dir, cache_dir = work
+    with mounted(store_dir, tmp_path, cache_dir=cache_dir, fast_path=True, local_blobs=False) as m:
+        bind(m, V0)
+        out = subprocess.run([sys.executable, "-m", "client.cli", "umount", str(m.path)], cwd=REPO,
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        assert m.proc.wait(timeout=30) == 0
+        assert binds_under(m.path) == [] and not is_mounted(m.path)
+    assert owners(cache_dir) == [] and pinned(cache_dir) == 0
+    with mounted(store_dir, tmp_path, cache_dir=cache_dir, fast_path=True, local_blobs=False) as m:
+        bind(m, V0)
+        m.proc.send_signal(signal.SIGTERM)
+        assert m.proc.wait(timeout=30) == 0
+        assert binds_under(m.path) == [] and not is_mounted(m.path)
+    assert owners(cache_dir) == [] and pinned(cache_dir) == 0
+
+
+def test_sigkill_then_remount_cleans_up(work, tmp_path: Path) -> None:
+    store_dir, cache_dir = work
+    with mounted(store_dir, tmp_path, cache_dir=cache_dir, fast_path=True, local_blobs=False) as m:
+        bind(m, V0)
+        m.proc.kill()
+        m.proc.wait(timeout=10)
+        assert len(owners(cache_dir)) == 1 and pinned(cache_dir) > 0  # left by the dead daemon
+        subprocess.run(["fusermount3", "-u", "-z", str(m.path)], check=True)  # what a dead mount needs anyway
+        assert binds_under(m.path) == []
+        unmount_and_reap(m.proc, m.path)
+    with mounted(store_dir, tmp_path, cache_dir=cache_dir, local_blobs=False) as m:  # even without the flag
+        assert owners(cache_dir) == [] and pinned(cache_dir) == 0
+        assert (m.path / V0 / "README.md").read_bytes() == FILES["README.md"]
+
+
+def test_eviction_never_takes_what_a_tree_links(work, tmp_path: Path) -> None:
+    store_dir, cache_dir = work
+    with mounted(store_dir, tmp_path, cache_dir=cache_dir, fast_path=True, local_blobs=False) as m:
+        vdir = bind(m, V0)
+        other = Cache(cache_dir)  # another process sharing the cache (an SDK download, say)
+        extra = os.urandom(10_000)
+        (tmp_path / "extra").write_bytes(extra)
+        other.add_file(md5_bytes(extra), tmp_path / "extra")
+        other.evict(max_bytes=0)  # wants everything out
+        assert other.lookup(md5_bytes(extra)) is None  # the unpinned object went
+        for rel, data in FILES.items():  # the linked ones stayed, counted in the bound
+            if data:
+                assert other.lookup(md5_bytes(data), len(data)) is not None, rel
+            assert (vdir / rel).read_bytes() == data
+        assert other.info().bytes == pinned(cache_dir) == sum(len(d) for d in FILES.values())
+
+
+def test_a_changed_cache_object_tears_the_tree_down(work, tmp_path: Path) -> None:
+    store_dir, cache_dir = work
+    with mounted(store_dir, tmp_path, cache_dir=cache_dir, fast_path=True, local_blobs=False,
+                 fast_path_sweep=0.2) as m:
+        vdir = bind(m, V0)
+        victim = Cache(cache_dir).path(md5_bytes(FILES["a/b/c/deep.bin"]))
+        os.chmod(victim, 0o644)
+        with open(victim, "r+b") as f:  # root editing the cache behind the mount's back
+            f.write(b"X")
+        wait_for("the tree to be torn down", lambda: fast_stats(m)["torn_down"] == 1)
+        assert binds_under(m.path) == [] and fast_stats(m)["bound"] == []
+        assert owners(cache_dir) == [m.stats()["fastpath"]["owner"]] and pinned(cache_dir) == 0
+        # the FUSE path verifies again: the bad object is dropped and the store read
+        assert (vdir / "a/b/c/deep.bin").read_bytes() == FILES["a/b/c/deep.bin"]
+
+
+
+def test_a_bind_detached_behind_the_daemon_releases_its_tree(work, tmp_path: Path) -> None:
+    store_dir, cache_dir = work
+    with mounted(store_dir, tmp_path, cache_dir=cache_dir, fast_path=True, local_blobs=False,
+                 fast_path_sweep=0.2) as m:
+        vdir = bind(m, V0)
+        subprocess.run(["umount", "-l", str(vdir)], check=True)
+        wait_for("the tree to be released", lambda: fast_stats(m)["torn_down"] == 1)
+        assert pinned(cache_dir) == 0 and fast_stats(m)["bound"] == []
+        assert (vdir / "README.md").read_bytes() == FILES["README.md"]  # the FUSE path again
+
+
+def test_pinned_rows_are_never_offered_for_eviction(tmp_path: Path) -> None:
+    """The index side of pinning, without a mount: put keeps a pin, oldest skips pinned rows,
+    a rebuild (prune) keeps them, unpin makes them ordinary (and recently used) again."""
+    cache = Cache(tmp_path / "c", 10_000)
+    keys = []
+    for i in range(4):
+        data = bytes([i]) * 1000
+        (tmp_path / "x").write_bytes(data)
+        keys.append(md5_bytes(data))
+        cache.add_file(keys[-1], tmp_path / "x")
+    cache.index.pin(keys[:2], time.time_ns())
+    cache.index.put(keys[0], 1000, time.time_ns())  # a lookup's LRU touch must not unpin
+    assert {k for k, _ in cache.index.oldest(10)} == set(keys[2:])
+    assert cache.index.pinned_bytes() == 2000
+    cache.reindex()
+    assert cache.index.pinned_bytes() == 2000
+    cache.evict(max_bytes=0)
+    assert [k for k in keys if cache.lookup(k) is not None] == keys[:2]
+    assert cache.info().bytes == 2000  # still counted
+    cache.index.unpin(keys[:2], time.time_ns())
+    assert cache.index.pinned_bytes() == 0 and cache.evict(max_bytes=0) == 2000
