@@ -292,15 +292,14 @@ def run(options: MountOptions) -> int:
                         return
 
             async def after_init() -> None:
-                # The kernel applies its own readahead when it processes our INIT reply, so
-                # tune only after that reply went out (init() runs just before it is sent).
                 await initialised.wait()
-                await trio.sleep(0.2)
-                await trio.to_thread.run_sync(tune_readahead, options.mountpoint, options.readahead_kb)
                 notify_ready(f"serving {store.location} at {options.mountpoint}")
 
             initialised = trio.Event()
             ops.on_init = initialised.set
+            # The kernel applies its own readahead when it processes our INIT reply and fixes
+            # each file's when it opens it: the first open, before its reply, comes after both.
+            ops.before_first_open = lambda: tune_readahead(options.mountpoint, options.readahead_kb)
             nursery.start_soon(on_signal)
             nursery.start_soon(after_init)
             await pyfuse3.main()

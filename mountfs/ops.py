@@ -153,6 +153,10 @@ class Operations(pyfuse3.Operations):
         self.errors: dict[int, int] = {}
         #: called once the kernel's INIT has been answered (the daemon tunes the mount then)
         self.on_init: Callable[[], None] | None = None
+        #: called once, on the loop, before the first open is answered: the kernel fixes a
+        #: file's readahead when it opens it (after our reply), so the daemon raises the
+        #: mount's readahead here and no file is ever read with the 128 KiB default
+        self.before_first_open: Callable[[], None] | None = None
 
     def init(self) -> None:
         if self.on_init is not None:
@@ -250,6 +254,9 @@ class Operations(pyfuse3.Operations):
     # -- files ---------------------------------------------------------------------------
     @_fuse_errors
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        if self.before_first_open is not None:
+            hook, self.before_first_open = self.before_first_open, None
+            hook()
         if self.ns.node(inode).kind in DRAFT_KINDS:
             fh, ref = await self._draft(self._writable().open, inode, flags)
             if ref is not None:  # unchanged base content: the read side serves it
