@@ -194,7 +194,8 @@ def tune_readahead(mountpoint: str, kb: int) -> None:
 
     libfuse negotiates 128 KiB, so a sequential reader would cost one FUSE round trip per
     128 KiB; with a larger bdi readahead the kernel sends 1 MiB reads (max_pages) and keeps
-    several in flight.  Needs root (sysfs); without it the default stays, which is correct,
+    several in flight.  Called before the first open is answered: a file keeps the readahead
+    it was opened with.  Needs root (sysfs); without it the default stays, which is correct,
     only slower.
     """
     dev = mount_device(mountpoint)
