@@ -37,7 +37,7 @@ from client.errors import (AuthenticationError, ConflictError, InvalidNameError,
 
 from .drafts.fs import COMMIT_XATTR, DraftFS
 from .content import ContentReader, Handle
-from .namespace import DRAFT_KINDS, Attr, Namespace, NeedsIO
+from .namespace import DRAFT_KINDS, VERSIONED, Attr, Namespace, NeedsIO, Node
 
 log = logging.getLogger(__name__)
 
@@ -184,16 +184,24 @@ class Operations(pyfuse3.Operations):
     async def _ns(self, fn: Callable[..., _T], *args: Any) -> _T:
         """Run a namespace call on the loop if it is answerable from memory, else in a thread."""
         try:
-            with self.ns.local_only():
-                return fn(*args)
+            return self.ns.run_local(fn, *args)
         except NeedsIO:
             return await self._thread(fn, *args)
+
+    def _entry(self, node: Node) -> pyfuse3.EntryAttributes:
+        """The reply attributes of ``node``; an immutable node's are built once and reused
+        (pyfuse3 copies them into every reply, as bench/floorfs.py relies on too)."""
+        reply = node.reply
+        if reply is None:
+            reply = entry_attributes(self.ns.attr(node))
+            if node.kind in VERSIONED:
+                node.reply = reply
+        return reply
 
     # -- namespace -----------------------------------------------------------------------
     @_fuse_errors
     async def lookup(self, inode_p: int, name: bytes, ctx: pyfuse3.RequestContext | None = None) -> pyfuse3.EntryAttributes:
-        node = await self._ns(self.ns.lookup, inode_p, _name(name))
-        return entry_attributes(self.ns.attr(node))
+        return self._entry(await self._ns(self.ns.lookup, inode_p, _name(name)))
 
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         self.requests["forget"] = self.requests.get("forget", 0) + 1
@@ -202,7 +210,10 @@ class Operations(pyfuse3.Operations):
 
     @_fuse_errors
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext | None = None) -> pyfuse3.EntryAttributes:
-        return entry_attributes(await self._ns(self.ns.getattr, inode))
+        node = self.ns.node(inode)
+        if node.kind in DRAFT_KINDS:  # mutable: the draft's current attributes
+            return entry_attributes(await self._ns(self.ns.getattr, inode))
+        return self._entry(node)
 
     @_fuse_errors
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> DirHandle:
@@ -211,13 +222,17 @@ class Operations(pyfuse3.Operations):
     @_fuse_errors
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         page = await self._ns(self.ns.readdir_page, fh, start_id, _READDIR_PAGE)
+        reply, entry, fsencode = pyfuse3.readdir_reply, self._entry, os.fsencode
         while page:
+            accepted: list[Node] = []
             for next_id, name, node in page:
-                if not pyfuse3.readdir_reply(token, os.fsencode(name), entry_attributes(self.ns.attr(node)), next_id):
+                if not reply(token, fsencode(name), entry(node), next_id):
+                    self.ns.remember_all(accepted)
                     self.ns.release_unreferenced(node)
                     return
-                if name not in (".", ".."):  # the kernel takes no reference on dot entries
-                    self.ns.remember(node)
+                if name != "." and name != "..":  # the kernel takes no reference on dot entries
+                    accepted.append(node)
+            self.ns.remember_all(accepted)  # one lock round per page, no await in between
             if len(page) < _READDIR_PAGE:
                 return
             page = await self._ns(self.ns.readdir_page, fh, page[-1][0], _READDIR_PAGE)
