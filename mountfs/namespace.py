@@ -95,6 +95,10 @@ class Kind(enum.Enum):
     DRAFT_SUBDIR = "draft-dir"
     DRAFT_FILE = "draft-file"
 
+    #: members are singletons: identity hashing makes the ``kind in VERSIONED`` tests of every
+    #: request C-speed (Enum's own __hash__ hashes the name in Python)
+    __hash__ = object.__hash__
+
 
 #: kinds whose content is a fixed version (immutable; long kernel timeouts)
 VERSIONED = frozenset({Kind.VERSION_DIR, Kind.ALIAS_DIR, Kind.TREE_DIR, Kind.TREE_FILE})
@@ -124,6 +128,7 @@ class Node:
     #: the daemon's reply attributes of an immutable (VERSIONED) node, built once by ops.py
     #: (opaque here: this module never imports pyfuse3)
     reply: Any = None
+    pinned: "FileRef | None" = None  #: TREE_FILE of a stored blob: what every open pins it to
 
     @property
     def is_dir(self) -> bool:
@@ -694,6 +699,17 @@ class Namespace:
             raise OSError(errno.EISDIR, "is a directory")
         if (flags & os.O_ACCMODE) != os.O_RDONLY or flags & (os.O_TRUNC | os.O_APPEND):
             raise OSError(errno.EROFS, "artifact versions are read-only")
+        ref = node.pinned
+        if ref is None:
+            ref = self._pin(node)
+        with self._lock:
+            fh = self._next_fh
+            self._next_fh += 1
+            self._file_handles[fh] = ref
+        return fh, ref
+
+    def _pin(self, node: Node) -> FileRef:
+        """The FileRef of a version file (a stored blob's is kept on its node: immutable)."""
         entry, version = node.entry, node.version
         assert entry is not None and version is not None
         source = None
@@ -713,11 +729,9 @@ class Namespace:
         ref = FileRef(entity, source.key if source else str(entry.md5), entry.size,
                       version.qualified_name, self.path_of(node), source,
                       directory=None if entry.ref is not None else (version.manifest_md5, entry.parent, entry.id))
-        with self._lock:
-            fh = self._next_fh
-            self._next_fh += 1
-            self._file_handles[fh] = ref
-        return fh, ref
+        if entry.ref is None:  # a reference is described afresh per open (its source may be checked)
+            node.pinned = ref
+        return ref
 
     def directory_files(self, entity: str, directory: tuple[str, int, int],
                         limit: int = SIBLING_BATCH) -> list[tuple[int, str, int]]:

@@ -69,3 +69,29 @@ def test_first_read_after_mount_gets_1mib_requests_and_a_warm_reread_none(big_ve
         assert warm.get("read", 0) == 0, warm
         again = _requests(m, lambda: _read_all(path, 64 << 10))
         assert again.get("read", 0) == 0 and again.get("open", 0) == 1, again
+
+
+def test_a_read_only_mount_declines_flush_once_then_gets_none(tmp_path: Path) -> None:
+    """Without drafts there is nothing to flush: the first FLUSH is answered ENOSYS and the
+    kernel sends none after it, so a warm small file costs open + release only (the floor's
+    two requests, bench/floorfs.py), and its bytes are still right."""
+    src = tmp_path / "src"
+    files = {f"f{i:02d}.bin": os.urandom(4096 + i) for i in range(20)}
+    src.mkdir()
+    for name, data in files.items():
+        (src / name).write_bytes(data)
+    store = LocalStore(tmp_path / "store")
+    commit_tree(store, src, tmp_path)
+    store.close()
+    with mounted(tmp_path / "store", tmp_path, read_only=True) as m:
+        version = m.path / V0
+
+        def read_all() -> None:
+            for name, data in files.items():
+                assert (version / name).read_bytes() == data
+
+        first = _requests(m, read_all)
+        assert first.get("flush", 0) <= 1, first
+        again = _requests(m, read_all)
+        assert again.get("flush", 0) == 0 and again.get("open", 0) == len(files), again
+        assert again.get("release", 0) == len(files) and again.get("read", 0) == 0, again
