@@ -393,6 +393,12 @@ class Cache:
         dest = self.path(md5_hex)
         os.chmod(tmp, 0o444)
         now_ns = time.time_ns()
+        if mark and mtime_ns is None:
+            # Bytes written just now (a promoted partial, a download): backdate the mtime past
+            # the racy window, so the marker made now is trusted after a remount (otherwise
+            # every later daemon re-hashes the object block by block); a write after the
+            # marker still moves the mtime, to now, which no longer matches it.
+            mtime_ns = min(os.stat(tmp).st_mtime_ns, now_ns - _RACY_NS)
         with contextlib.suppress(OSError):
             # LRU stamp (adopted files may have been written long ago); the mtime is kept
             os.utime(tmp, ns=(now_ns, mtime_ns if mtime_ns is not None else os.stat(tmp).st_mtime_ns))

@@ -196,7 +196,8 @@ def tune_readahead(mountpoint: str, kb: int) -> None:
 
     libfuse negotiates 128 KiB, so a sequential reader would cost one FUSE round trip per
     128 KiB; with a larger bdi readahead the kernel sends 1 MiB reads (max_pages) and keeps
-    several in flight.  Needs root (sysfs); without it the default stays, which is correct,
+    several in flight.  Called before the first open is answered: a file keeps the readahead
+    it was opened with.  Needs root (sysfs); without it the default stays, which is correct,
     only slower.
     """
     dev = mount_device(mountpoint)
@@ -304,17 +305,16 @@ def run(options: MountOptions) -> int:
                         return
 
             async def after_init() -> None:
-                # The kernel applies its own readahead when it processes our INIT reply, so
-                # tune only after that reply went out (init() runs just before it is sent).
                 await initialised.wait()
-                await trio.sleep(0.2)
-                await trio.to_thread.run_sync(tune_readahead, options.mountpoint, options.readahead_kb)
                 if fast is not None:
                     fast.start()
                 notify_ready(f"serving {store.location} at {options.mountpoint}")
 
             initialised = trio.Event()
             ops.on_init = initialised.set
+            # The kernel applies its own readahead when it processes our INIT reply and fixes
+            # each file's when it opens it: the first open, before its reply, comes after both.
+            ops.before_first_open = lambda: tune_readahead(options.mountpoint, options.readahead_kb)
             nursery.start_soon(on_signal)
             nursery.start_soon(after_init)
             await pyfuse3.main()

@@ -100,6 +100,7 @@ class ManifestIndex:
         self._db = sqlite3.connect(f"file:{path}?mode=ro&immutable=1", uri=True, check_same_thread=False)
         self._db.execute(f"PRAGMA cache_size=-{_CACHE_KIB}")
         self._lock = threading.Lock()
+        self.queries = 0  #: SQLite queries answered (tests count what a listing costs)
         meta = dict(self._query("SELECT key, value FROM meta"))
         self.file_count = int(meta.get("file_count", 0))
         self.total_size = int(meta.get("total_size", 0))
@@ -107,6 +108,7 @@ class ManifestIndex:
 
     def _query(self, sql: str, args: tuple = ()) -> list[tuple]:
         with self._lock:
+            self.queries += 1
             return self._db.execute(sql, args).fetchall()
 
     def lookup(self, parent: int, name: str) -> IndexEntry | None:

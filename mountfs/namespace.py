@@ -45,7 +45,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from cachetools import TTLCache
+from cachetools import LRUCache, TTLCache
 
 from client import names
 from client.errors import NotFoundError
@@ -96,6 +96,10 @@ class Kind(enum.Enum):
     DRAFT_SUBDIR = "draft-dir"
     DRAFT_FILE = "draft-file"
 
+    #: members are singletons: identity hashing makes the ``kind in VERSIONED`` tests of every
+    #: request C-speed (Enum's own __hash__ hashes the name in Python)
+    __hash__ = object.__hash__
+
 
 #: kinds whose content is a fixed version (immutable; long kernel timeouts)
 VERSIONED = frozenset({Kind.VERSION_DIR, Kind.ALIAS_DIR, Kind.TREE_DIR, Kind.TREE_FILE})
@@ -122,6 +126,10 @@ class Node:
     draft_id: str = ""  #: DRAFT_* nodes: the draft they belong to
     nid: int = 0  #: DRAFT_* nodes: the node id inside the draft (stable across renames)
     dattr: Any = None  #: DRAFT_* nodes: attributes as of the last lookup/readdir/getattr
+    #: the daemon's reply attributes of an immutable (VERSIONED) node, built once by ops.py
+    #: (opaque here: this module never imports pyfuse3)
+    reply: Any = None
+    pinned: "FileRef | None" = None  #: TREE_FILE of a stored blob: what every open pins it to
 
     @property
     def is_dir(self) -> bool:
@@ -173,6 +181,8 @@ class FileRef:
 
 #: most siblings one batched look-up (block maps, signed URLs) covers
 SIBLING_BATCH = 1000
+#: directory entries the listing-page cache of version directories holds (their nodes too)
+_PAGE_CACHE_ENTRIES = 32768
 
 
 @dataclass(slots=True)
@@ -240,6 +250,11 @@ class Namespace:
         self._listings: TTLCache[tuple[str, ...], Any] = TTLCache(4096, ttl, timer=clock)
         self._versions: TTLCache[tuple[str, ...], VersionRecord] = TTLCache(65536, self.config.version_ttl, timer=clock)
         self._dir_handles: dict[int, DirHandle] = {}
+        #: listing pages of version directories by (directory inode, cookie, limit): the
+        #: content under an inode never changes, so `find` / `ls -lR` again costs no SQLite
+        #: query and no node look-up per entry; bounded in entries
+        self._pages: LRUCache[tuple[int, int, int], list[tuple[int, str, Node]]] = LRUCache(
+            _PAGE_CACHE_ENTRIES, getsizeof=lambda page: len(page) + 1)
         self._file_handles: dict[int, FileRef] = {}
         self._next_fh = 1
         #: called (never blocking) with each version directory looked up or listed: the fast
@@ -318,6 +333,16 @@ class Namespace:
                     if n.kind is Kind.ALIAS_DIR and n.entity == entity and n.project == project
                     and n.collection == collection]
 
+    def remember_all(self, nodes: list[Node]) -> None:
+        """:meth:`remember` for each of ``nodes`` (the accepted entries of one readdir reply)."""
+        with self._lock:
+            live = self._nodes
+            for node in nodes:
+                node.lookups += 1
+                if live.get(node.inode) is not node:
+                    live[node.inode] = node
+                    self._by_key[node.key] = node.inode
+
     def remember(self, node: Node) -> None:
         """Add one lookup reference (a lookup reply or an accepted readdirplus entry)."""
         with self._lock:
@@ -355,6 +380,16 @@ class Namespace:
             yield
         finally:
             self._mode.local = False
+
+    def run_local(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """``fn(*args)`` in local-only mode (what :meth:`local_only` does, without building a
+        context manager per request)."""
+        mode = self._mode
+        mode.local = True
+        try:
+            return fn(*args)
+        finally:
+            mode.local = False
 
     def _io(self) -> None:
         if getattr(self._mode, "local", False):
@@ -617,10 +652,19 @@ class Namespace:
             return self.drafts.readdir_page(self, node, start_id, limit)
         if node.kind in VERSIONED:
             assert node.version is not None
+            key = (node.inode, start_id, limit)
+            with self._lock:
+                page = self._pages.get(key)
+                nodes = self._nodes
+                if page is not None and all(nodes.get(child.inode) is child for _, _, child in page):
+                    return page  # every node still live: nothing the kernel forgot in between
             if handle.index is None:
                 handle.index = self._index(node)
-            return [(e.id, e.name, self._child(node, e.name, Kind.TREE_DIR if e.is_dir else Kind.TREE_FILE, entry=e))
+            page = [(e.id, e.name, self._child(node, e.name, Kind.TREE_DIR if e.is_dir else Kind.TREE_FILE, entry=e))
                     for e in handle.index.children(node.dir_id, start_id, limit)]
+            with self._lock:
+                self._pages[key] = page
+            return page
         if handle.snapshot is None or start_id == 0:
             handle.snapshot = self._snapshot(node)
         out = []
@@ -663,6 +707,17 @@ class Namespace:
             raise IsDirectoryError("is a directory")
         if (flags & os.O_ACCMODE) != os.O_RDONLY or flags & (os.O_TRUNC | os.O_APPEND):
             raise ReadOnlyError("artifact versions are read-only")
+        ref = node.pinned
+        if ref is None:
+            ref = self._pin(node)
+        with self._lock:
+            fh = self._next_fh
+            self._next_fh += 1
+            self._file_handles[fh] = ref
+        return fh, ref
+
+    def _pin(self, node: Node) -> FileRef:
+        """The FileRef of a version file (a stored blob's is kept on its node: immutable)."""
         entry, version = node.entry, node.version
         assert entry is not None and version is not None
         source = None
@@ -682,11 +737,9 @@ class Namespace:
         ref = FileRef(entity, source.key if source else str(entry.md5), entry.size,
                       version.qualified_name, self.path_of(node), source,
                       directory=None if entry.ref is not None else (version.manifest_md5, entry.parent, entry.id))
-        with self._lock:
-            fh = self._next_fh
-            self._next_fh += 1
-            self._file_handles[fh] = ref
-        return fh, ref
+        if entry.ref is None:  # a reference is described afresh per open (its source may be checked)
+            node.pinned = ref
+        return ref
 
     def directory_files(self, entity: str, directory: tuple[str, int, int],
                         limit: int = SIBLING_BATCH) -> list[tuple[int, str, int]]:

@@ -34,7 +34,7 @@ import trio
 from .drafts.fs import COMMIT_XATTR, DraftFS
 from .errors import errno_for
 from .content import ContentReader, Handle
-from .namespace import DRAFT_KINDS, Attr, Namespace, NeedsIO
+from .namespace import DRAFT_KINDS, VERSIONED, Attr, Namespace, NeedsIO, Node
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +122,10 @@ class Operations(pyfuse3.Operations):
         self.errors: dict[int, int] = {}
         #: called once the kernel's INIT has been answered (the daemon tunes the mount then)
         self.on_init: Callable[[], None] | None = None
+        #: called once, on the loop, before the first open is answered: the kernel fixes a
+        #: file's readahead when it opens it (after our reply), so the daemon raises the
+        #: mount's readahead here and no file is ever read with the 128 KiB default
+        self.before_first_open: Callable[[], None] | None = None
 
     def init(self) -> None:
         if self.on_init is not None:
@@ -149,16 +153,24 @@ class Operations(pyfuse3.Operations):
     async def _ns(self, fn: Callable[..., _T], *args: Any) -> _T:
         """Run a namespace call on the loop if it is answerable from memory, else in a thread."""
         try:
-            with self.ns.local_only():
-                return fn(*args)
+            return self.ns.run_local(fn, *args)
         except NeedsIO:
             return await self._thread(fn, *args)
+
+    def _entry(self, node: Node) -> pyfuse3.EntryAttributes:
+        """The reply attributes of ``node``; an immutable node's are built once and reused
+        (pyfuse3 copies them into every reply, as bench/floorfs.py relies on too)."""
+        reply = node.reply
+        if reply is None:
+            reply = entry_attributes(self.ns.attr(node))
+            if node.kind in VERSIONED:
+                node.reply = reply
+        return reply
 
     # -- namespace -----------------------------------------------------------------------
     @_fuse_errors
     async def lookup(self, inode_p: int, name: bytes, ctx: pyfuse3.RequestContext | None = None) -> pyfuse3.EntryAttributes:
-        node = await self._ns(self.ns.lookup, inode_p, _name(name))
-        return entry_attributes(self.ns.attr(node))
+        return self._entry(await self._ns(self.ns.lookup, inode_p, _name(name)))
 
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         self.requests["forget"] = self.requests.get("forget", 0) + 1
@@ -167,7 +179,10 @@ class Operations(pyfuse3.Operations):
 
     @_fuse_errors
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext | None = None) -> pyfuse3.EntryAttributes:
-        return entry_attributes(await self._ns(self.ns.getattr, inode))
+        node = self.ns.node(inode)
+        if node.kind in DRAFT_KINDS:  # mutable: the draft's current attributes
+            return entry_attributes(await self._ns(self.ns.getattr, inode))
+        return self._entry(node)
 
     @_fuse_errors
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> DirHandle:
@@ -176,13 +191,17 @@ class Operations(pyfuse3.Operations):
     @_fuse_errors
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         page = await self._ns(self.ns.readdir_page, fh, start_id, _READDIR_PAGE)
+        reply, entry, fsencode = pyfuse3.readdir_reply, self._entry, os.fsencode
         while page:
+            accepted: list[Node] = []
             for next_id, name, node in page:
-                if not pyfuse3.readdir_reply(token, os.fsencode(name), entry_attributes(self.ns.attr(node)), next_id):
+                if not reply(token, fsencode(name), entry(node), next_id):
+                    self.ns.remember_all(accepted)
                     self.ns.release_unreferenced(node)
                     return
-                if name not in (".", ".."):  # the kernel takes no reference on dot entries
-                    self.ns.remember(node)
+                if name != "." and name != "..":  # the kernel takes no reference on dot entries
+                    accepted.append(node)
+            self.ns.remember_all(accepted)  # one lock round per page, no await in between
             if len(page) < _READDIR_PAGE:
                 return
             page = await self._ns(self.ns.readdir_page, fh, page[-1][0], _READDIR_PAGE)
@@ -219,6 +238,9 @@ class Operations(pyfuse3.Operations):
     # -- files ---------------------------------------------------------------------------
     @_fuse_errors
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        if self.before_first_open is not None:
+            hook, self.before_first_open = self.before_first_open, None
+            hook()
         if self.ns.node(inode).kind in DRAFT_KINDS:
             fh, ref = await self._draft(self._writable().open, inode, flags)
             if ref is not None:  # unchanged base content: the read side serves it
@@ -231,7 +253,7 @@ class Operations(pyfuse3.Operations):
         return pyfuse3.FileInfo(fh=FileHandle(fh), keep_cache=True)
 
     @_fuse_errors
-    async def read(self, fh: int, off: int, size: int) -> bytes:
+    async def read(self, fh: int, off: int, size: int) -> bytes | memoryview:
         handle = self._handles.get(fh)
         if handle is None:
             return await self._draft(self._writable().read, fh, off, size)
@@ -243,7 +265,12 @@ class Operations(pyfuse3.Operations):
     @_fuse_errors
     async def flush(self, fh: int) -> None:
         # close(2) of ``.commit`` commits and waits; other draft files and versions: nothing to do
-        if self.drafts is not None and self.drafts.is_draft_handle(fh) and fh not in self._handles:
+        if self.drafts is None:
+            # A mount without drafts (read-only) has nothing to flush: ENOSYS, and the kernel
+            # stops sending FLUSH for good, a third of the requests of a warm small file.
+            # (pyfuse3 3.5 cannot set FOPEN_NOFLUSH per file, which a writable mount needs.)
+            raise pyfuse3.FUSEError(errno.ENOSYS)
+        if fh not in self._handles and self.drafts.is_draft_handle(fh):
             if not self.drafts.flush_nowait(fh):
                 await self._draft(self.drafts.flush, fh)
 

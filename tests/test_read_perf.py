@@ -314,3 +314,69 @@ def test_download_of_a_fully_cached_artifact_asks_the_store_for_no_blob(registry
         assert (root / name).read_bytes() == data
     # Before: one POST /blobs/urls signing all 30 (one per 2,000 files) although nothing was fetched.
     assert {r: after[r] - before.get(r, 0.0) for r in after if after[r] != before.get(r, 0.0)} == {}
+
+
+def _resident(path: Path, off: int, length: int) -> bool:
+    """Whether the page cache holds all of [off, off + length) of ``path`` (mincore(2): it
+    looks without reading, where even an RWF_NOWAIT read would start the disk's readahead)."""
+    import ctypes
+    import mmap
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    pages = -(-length // mmap.PAGESIZE)
+    with open(path, "rb") as f:
+        m = mmap.mmap(f.fileno(), length, access=mmap.ACCESS_COPY, offset=off)
+    try:
+        addr = ctypes.addressof(ctypes.c_char.from_buffer(m))
+        vec = (ctypes.c_ubyte * pages)()
+        if libc.mincore(ctypes.c_void_p(addr), ctypes.c_size_t(length), vec) != 0:
+            raise OSError(ctypes.get_errno(), "mincore")
+        return all(b & 1 for b in vec)
+    finally:
+        del addr  # noqa: F821 - the exported buffer must go before the map closes
+        m.close()
+
+
+def test_a_cached_object_read_after_a_remount_is_asked_of_the_disk_ahead(local_store, tmp_path: Path) -> None:
+    """The disk-cache path (issue 17): after a remount a cached object's pages are on disk
+    only; a sequential reader's next bytes are asked of the disk ahead of it (WILLNEED over
+    the readahead window), and the event loop's read answers only what the page cache holds."""
+    import time
+
+    data = _big(32)
+    md5 = upload_bytes(local_store, "ent", data, tmp_path)
+    ref = FileRef("ent", md5, len(data), "ent/p/c:v0", "p/c:v0/big")
+    cr, _ = _reader(local_store, tmp_path)
+    h = cr.open(ref)
+    for off in range(0, len(data), MiB):
+        cr.read(h, off, MiB)
+    cr.close(h)
+    cr.shutdown()
+    cached = Cache(tmp_path / "cache").lookup(md5, len(data))
+    assert cached is not None  # promoted into the cache
+    with open(cached, "rb") as f:  # a remount on a busy machine: the pages are gone
+        os.fsync(f.fileno())
+        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+    assert not _resident(cached, 20 * MiB, MiB)
+
+    cr, store = _reader(local_store, tmp_path)
+    h = cr.open(ref)
+    got, on_loop = [], 0
+    for off in range(0, 8 * MiB, MiB):  # a sequential reader, as the kernel sends it
+        chunk = cr.read_nowait(h, off, MiB)
+        on_loop += chunk is not None
+        got.append(bytes(chunk) if chunk is not None else cr.read(h, off, MiB))
+    assert b"".join(got) == data[:8 * MiB]
+    assert store.requests == 0  # the cache answered everything
+    deadline = time.monotonic() + 20  # the disk reads ahead on its own; bounded wait
+    while not _resident(cached, 8 * MiB, 24 * MiB) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _resident(cached, 8 * MiB, 24 * MiB), "the bytes ahead of the reader were not asked of the disk"
+    rest = []
+    for off in range(8 * MiB, len(data), MiB):
+        chunk = cr.read_nowait(h, off, MiB)
+        assert chunk is not None, off  # read ahead: answered on the loop
+        rest.append(bytes(chunk))  # the loop's buffer is reused by the next read
+    assert b"".join(rest) == data[8 * MiB:]
+    cr.close(h)
+    cr.shutdown()
