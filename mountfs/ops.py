@@ -253,7 +253,7 @@ class Operations(pyfuse3.Operations):
         return pyfuse3.FileInfo(fh=FileHandle(fh), keep_cache=True)
 
     @_fuse_errors
-    async def read(self, fh: int, off: int, size: int) -> bytes | memoryview:
+    async def read(self, fh: int, off: int, size: int) -> bytes | memoryview:  # type: ignore[override]  # pyfuse3 takes any buffer (its stub says bytes)
         handle = self._handles.get(fh)
         if handle is None:
             return await self._draft(self._writable().read, fh, off, size)
