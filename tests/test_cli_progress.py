@@ -104,10 +104,12 @@ def test_bars_move_by_bytes_on_a_terminal_and_stay_quiet_on_a_pipe(tmp_path: Pat
     data = make_tree(src, files)
     env = env_for(url, key, tmp_path)
 
-    proxy.rate = 4 << 20  # 4 MiB/s per connection: the 8 MiB file takes 2 s to upload
+    # 4 MiB/s per connection and 2 transfers in flight: the 14 MiB take about 2 s to upload (16
+    # transfers, the default, send them in a fraction of a second: one frame, nothing to see)
+    proxy.rate = 4 << 20
     try:
         status, out = run_in_pty(["log", str(src), "--name", "alice/p/bars", "--type", "dataset"],
-                                 env_for(proxy.url, key, tmp_path), tmp_path)
+                                 {**env_for(proxy.url, key, tmp_path), "ARTIFACTFS_TRANSFERS": "2"}, tmp_path)
     finally:
         proxy.rate = None
     assert status == 0, out
