@@ -38,7 +38,7 @@ from client.blockmap import BlockHasher, wants_map
 from client.errors import (ArtifactFSError, AuthenticationError, DigestMismatchError, InvalidNameError, NotFoundError, StoreUnavailableError,
                            error_code)
 from client.hashing import is_md5_hex
-from client.names import validate_entity
+from client.names import TtlSentinel, validate_entity
 from client.registry import LocalBlobBackend, RegistryCore
 from client.store.base import CommitRequest, VersionRecord
 from client.store.http import record_to_json
@@ -67,7 +67,7 @@ class CommitBody(BaseModel):
     tags: list[str] = []
     description: str | None = None
     metadata: dict[str, Any] = {}
-    ttl_seconds: float | None | str = Field(default="inherit", description='seconds, null (no TTL) or "inherit"')
+    ttl_seconds: float | None | str = Field(default=TtlSentinel.INHERIT.value, description='seconds, null (no TTL) or "inherit"')
     run_id: str | None = None
     expect_latest: str | None = Field(default=None, description='commit only if latest is this version id ("": none)')
 
@@ -405,7 +405,7 @@ def create_app(server: Server | None = None) -> FastAPI:
     @app.patch("/api/v1/versions/{version_id}", tags=["versions"])
     def update_version(version_id: str, body: UpdateBody, p: Principal = Depends(principal)) -> dict[str, Any]:
         version_for(p, version_id, write=True)
-        ttl: Any = body.ttl_seconds if "ttl_seconds" in body.model_fields_set else "keep"
+        ttl: Any = body.ttl_seconds if "ttl_seconds" in body.model_fields_set else TtlSentinel.KEEP
         return record_to_json(reg.update_version(version_id, aliases=body.aliases, tags=body.tags,
                                                  metadata=body.metadata, description=body.description,
                                                  ttl_seconds=ttl))

@@ -43,7 +43,7 @@ from ..errors import (ArtifactFSError, DigestMismatchError, PermissionDeniedErro
                       error_from_code)
 from ..blockmap import BlockMap
 from ..hashing import md5_bytes
-from ..names import validate_run_dict
+from ..names import TtlSentinel, validate_run_dict
 from ..retry import DeadlineExceeded, RetryPolicy, TemporaryFailure, attempt_timeout, is_transport_failure
 from .base import STREAM_CHUNK, CollectionRecord, CommitRequest, RunFileRecord, RunRecord, VersionRecord
 
@@ -436,13 +436,13 @@ class HttpStore:
 
     def update_version(self, version_id: str, *, aliases: Iterable[str] | None = None,
                        tags: Iterable[str] | None = None, metadata: dict[str, Any] | None = None,
-                       description: str | None = None, ttl_seconds: float | None | str = "keep") -> VersionRecord:
+                       description: str | None = None, ttl_seconds: float | None | str = TtlSentinel.KEEP) -> VersionRecord:
         body: dict[str, Any] = {
             "aliases": None if aliases is None else list(aliases),
             "tags": None if tags is None else list(tags),
             "metadata": metadata, "description": description,
         }
-        if ttl_seconds != "keep":
+        if ttl_seconds != TtlSentinel.KEEP:
             body["ttl_seconds"] = ttl_seconds
         # Replacing fields with the same values twice gives the same result: idempotent.
         return version_from_json(self._call("PATCH", f"{API}/versions/{_q(version_id)}", body))

@@ -19,8 +19,8 @@ from typing import Any, Iterable, Iterator
 
 from ..blockmap import BlockHasher, BlockMap, wants_map
 from ..errors import StoreUnavailableError
+from ..names import TtlSentinel
 from ..registry import LocalBlobBackend, RegistryCore
-from ..registry.core import KEEP
 from .base import STREAM_CHUNK, CollectionRecord, CommitRequest, RunFileRecord, RunRecord, VersionRecord
 
 
@@ -83,7 +83,7 @@ class LocalStore:
 
     def update_version(self, version_id: str, *, aliases: Iterable[str] | None = None,
                        tags: Iterable[str] | None = None, metadata: dict[str, Any] | None = None,
-                       description: str | None = None, ttl_seconds: float | None | str = KEEP) -> VersionRecord:
+                       description: str | None = None, ttl_seconds: float | None | str = TtlSentinel.KEEP) -> VersionRecord:
         return self.registry.update_version(version_id, aliases=aliases, tags=tags, metadata=metadata,
                                             description=description, ttl_seconds=ttl_seconds)
 
