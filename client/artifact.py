@@ -31,6 +31,7 @@ from typing import IO, Any, Literal
 from urllib.parse import urlparse
 
 from . import names, objects, references
+from .names import TtlSentinel
 from .errors import (ArtifactFinalizedError, ArtifactFSError, ArtifactNotLoggedError, InvalidPathError,
                      LocalPathError, NotFoundError)
 from .hashing import b64_to_hex
@@ -243,7 +244,7 @@ class Artifact(LinkMixin):
 
     def _ttl_for_store(self) -> float | str | None:
         if self._ttl is ArtifactTTL.INHERIT:
-            return "inherit"
+            return TtlSentinel.INHERIT
         return None if self._ttl is None else self._ttl.total_seconds()
 
     @property
@@ -573,7 +574,7 @@ class Artifact(LinkMixin):
         assert self._store is not None
         rec = self._store.update_version(self._record.id, aliases=[a for a in self._aliases if a != "latest"],
                                          tags=self._tags, metadata=self._metadata, description=self._description,
-                                         ttl_seconds=self._ttl_for_store() if self._ttl_changed else "keep")
+                                         ttl_seconds=self._ttl_for_store() if self._ttl_changed else TtlSentinel.KEEP)
         self._attach(self._store, rec)
 
     def _log(self, store: Store, entity: str, project: str, run_id: str | None,

@@ -9,6 +9,7 @@ place would alias two different things or escape a directory.  Errors say what i
 from __future__ import annotations
 
 import datetime as _dt
+import enum
 import json
 import logging
 import math
@@ -227,12 +228,22 @@ def validate_description(description: object) -> str | None:
     return description
 
 
-def validate_ttl(ttl: object, *, sentinels: tuple[str, ...] = ()) -> float | str | None:
+class TtlSentinel(str, enum.Enum):
+    """The values of a ``ttl_seconds`` field besides a number of seconds and None (no TTL).  A
+    ``str`` enum: on the wire (JSON) and in comparisons they are these very strings."""
+
+    KEEP = "keep"  #: updating a version: leave its TTL as it is
+    INHERIT = "inherit"  #: the entity's default TTL (a new version's default)
+
+
+def validate_ttl(ttl: object, *, sentinels: tuple[TtlSentinel, ...] = ()) -> float | TtlSentinel | None:
     """A TTL in seconds: None (no TTL), a number in [0, MAX_TTL_SECONDS], or one of ``sentinels``."""
-    if ttl is None or (isinstance(ttl, str) and ttl in sentinels):
-        return ttl
+    if ttl is None:
+        return None
+    if isinstance(ttl, str) and ttl in sentinels:
+        return TtlSentinel(ttl)
     if isinstance(ttl, bool) or not isinstance(ttl, (int, float)):
-        allowed = ", ".join(repr(x) for x in sentinels)
+        allowed = ", ".join(repr(x.value) for x in sentinels)
         raise InvalidNameError(f"ttl_seconds must be a number of seconds or null{', ' + allowed if allowed else ''}; "
                                f"got {ttl!r}")
     if not (math.isfinite(ttl) and 0 <= ttl <= MAX_TTL_SECONDS):

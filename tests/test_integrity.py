@@ -288,7 +288,7 @@ def test_entry_size_smaller_than_blob_is_eio_not_a_prefix(tmp_path: Path, local_
     # A registry fooled about the size (older data, or a check that missed it): the blob row
     # says 4 MiB, the bytes are 10 MiB.  The mount must not serve the 4 MiB prefix.
     store.blobs.put_file("ent", md5, src)
-    store.registry.register_blob("ent", md5, 4 * MiB)
+    store.register_blob("ent", md5, 4 * MiB)
     manifest = tmp_path / "manifest.json"
     manifest.write_bytes(Manifest([ManifestEntry("big.bin", hex_to_b64(md5), 4 * MiB)]).to_bytes())
     mmd5 = md5_file(manifest)

@@ -114,11 +114,12 @@ def test_a_database_from_before_migrations_is_upgraded_only_when_asked_and_keeps
         assert reg.resolve("ent", "proj", "ds", "latest").id == ds[1].id
         assert [v.version for v in reg.list_versions("ent", "proj", "model")] == ["v0"]
         # and it keeps working: the next commit is v2
-        store = LocalStore(tmp_path / "store")
-        store.registry.close()
-        store.registry = reg
-        rec, created = commit_files(store, tmp_path, {"a.txt": b"alpha3"})
-        assert created and rec.version == "v2"
+        store = LocalStore(tmp_path / "store", db_url=url)
+        try:
+            rec, created = commit_files(store, tmp_path, {"a.txt": b"alpha3"})
+            assert created and rec.version == "v2"
+        finally:
+            store.close()
     finally:
         reg.close()
     RegistryCore(url, blobs, migrate=False).close()  # at head now: a server needs no --migrate

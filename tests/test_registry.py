@@ -206,8 +206,8 @@ def test_ttl_inherits_the_entity_default_and_gc_removes_expired(local_store, tmp
     disabled, _ = commit_files(local_store, tmp_path, {"a": b"2"}, ttl_seconds=None)
     assert disabled.ttl_seconds is None
     short, _ = commit_files(local_store, tmp_path, {"a": b"3"}, collection="tmp", ttl_seconds=5.0)
-    assert local_store.registry.gc_expired(now=short.created_at + dt.timedelta(seconds=1)) == []
-    gone = local_store.registry.gc_expired(now=short.created_at + dt.timedelta(seconds=61))
+    assert local_store.gc_expired(now=short.created_at + dt.timedelta(seconds=1)) == []
+    gone = local_store.gc_expired(now=short.created_at + dt.timedelta(seconds=61))
     assert {g.id for g in gone} == {inherited.id, short.id}
     with pytest.raises(NotFoundError):
         local_store.resolve("ent", "proj", "tmp", "latest")

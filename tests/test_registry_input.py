@@ -124,7 +124,7 @@ def test_gc_of_one_entity_is_never_blocked_by_another_entitys_ttl(local_store, t
     database) neither fails the sweep nor stops other entities' expired versions from going."""
     bad, _ = commit_files(local_store, tmp_path, {"a": b"a"}, entity="mallory", ttl_seconds=10)
     good, _ = commit_files(local_store, tmp_path, {"b": b"b"}, entity="alice", ttl_seconds=10)
-    registry = local_store.registry
+    registry = local_store
     from client.registry import schema as t
 
     with registry.engine.begin() as c:

@@ -287,12 +287,9 @@ def test_openapi_description_lists_the_api(registry: SharedRegistry) -> None:
     ids=lambda f: f.__name__.removeprefix("test_"))
 def test_registry_rule_on_postgresql(rule, postgres, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]  # noqa: F811
     """The core's rule tests (tests/test_registry.py), with the registry on PostgreSQL."""
-    from client.registry import RegistryCore
     from client.store.local import LocalStore
 
-    store = LocalStore(tmp_path / "store")
-    store.registry.close()
-    store.registry = RegistryCore(postgres.new_database(), store.blobs)
+    store = LocalStore(tmp_path / "store", db_url=postgres.new_database())
     try:
         run_rule(rule, store, tmp_path)
     finally:
@@ -309,7 +306,7 @@ def test_server_sweeps_expired_versions_periodically(local_store, tmp_path: Path
     keep, _ = commit_files(local_store, tmp_path, {"a": b"keep"}, collection="keep", ttl_seconds=None)
     short, _ = commit_files(local_store, tmp_path, {"a": b"short"}, collection="short", ttl_seconds=0.01)
     stop = threading.Event()
-    sweeper = threading.Thread(target=periodic_gc, args=(types.SimpleNamespace(registry=local_store.registry), 0.05, stop))
+    sweeper = threading.Thread(target=periodic_gc, args=(types.SimpleNamespace(registry=local_store), 0.05, stop))
     sweeper.start()
     try:
         deadline = time.monotonic() + 30

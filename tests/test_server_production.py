@@ -490,7 +490,7 @@ def test_resolve_and_list_versions_cost_two_queries_and_errors_still_name_what_i
 
     commit_files(local_store, tmp_path, {"a": b"1"}, aliases=("best",), tags=("t1",))
     commit_files(local_store, tmp_path, {"a": b"2"})
-    reg = local_store.registry
+    reg = local_store
     seen, stop = _statements(reg.engine)
     best = reg.resolve("ent", "proj", "ds", "best")
     resolve_count = len(seen)
@@ -516,11 +516,11 @@ def test_listing_collections_costs_the_same_queries_for_3_or_40_collections(loca
         commit_files(local_store, tmp_path, {"a": b"%d" % i}, collection=f"c{i:02d}", aliases=("best",))
         commit_files(local_store, tmp_path, {"a": b"x%d" % i}, collection=f"c{i:02d}", tags=("t",))
         if i == 2:
-            seen, stop = _statements(local_store.registry.engine)
+            seen, stop = _statements(local_store.engine)
             three = local_store.list_collections("ent", "proj")
             stop()
             queries_for_3 = len(seen)
-    seen, stop = _statements(local_store.registry.engine)
+    seen, stop = _statements(local_store.engine)
     forty = local_store.list_collections("ent", "proj")
     stop()
     assert len(forty) == 40 and len(three) == 3
@@ -532,7 +532,7 @@ def test_commit_checks_blobs_outside_the_write_transaction(local_store, tmp_path
     from tests.util import commit_files
 
     commit_files(local_store, tmp_path, {"a": b"1"})
-    seen, stop = _statements(local_store.registry.engine)
+    seen, stop = _statements(local_store.engine)
     commit_files(local_store, tmp_path, {f"f{i}": b"%d" % i for i in range(20)})
     stop()
     begin = [i for i, s in enumerate(seen) if s.startswith("BEGIN IMMEDIATE")]
@@ -577,7 +577,7 @@ def test_project_listing_is_one_request_and_constant_queries(local_store, tmp_pa
     for i in range(12):
         for rev in range(2):
             commit_files(local_store, tmp_path, {"a": b"%d-%d" % (i, rev)}, collection=f"c{i:02d}")
-    seen, stop = _statements(local_store.registry.engine)
+    seen, stop = _statements(local_store.engine)
     collections, versions = local_store.list_project("ent", "proj")
     stop()
     assert [c.name for c in collections] == [f"c{i:02d}" for i in range(12)]

@@ -26,6 +26,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
 
 from .. import names
+from ..names import TtlSentinel
 from ..errors import (ConflictError, InvalidNameError, LatestMovedError, ManifestError, MissingBlobError,
                       NotFoundError)
 from ..hashing import b64_to_hex, is_md5_hex
@@ -38,8 +39,6 @@ from .migrate import prepare as prepare_schema
 
 log = logging.getLogger(__name__)
 
-KEEP = "keep"
-
 
 def _expired(rec: VersionRecord, now: dt.datetime) -> bool:
     """Whether a version's TTL has run out; a TTL beyond the calendar (stored before TTLs were
@@ -50,7 +49,8 @@ def _expired(rec: VersionRecord, now: dt.datetime) -> bool:
         return rec.created_at + dt.timedelta(seconds=rec.ttl_seconds) <= now
     except (OverflowError, ValueError, TypeError):
         return False
-INHERIT = "inherit"
+
+
 _BLOB_BATCH = 500
 
 
@@ -511,7 +511,7 @@ class RegistryCore:
         tags = [names.validate_tag(x) for x in req.tags]
         meta = names.validate_metadata(req.metadata)
         description = names.validate_description(req.description)
-        req_ttl = names.validate_ttl(req.ttl_seconds, sentinels=(INHERIT,))
+        req_ttl = names.validate_ttl(req.ttl_seconds, sentinels=(TtlSentinel.INHERIT,))
         if not is_md5_hex(req.manifest_md5):
             raise InvalidNameError("manifest_md5 must be an md5 hex digest")
         digest, size, file_count, content = self._manifest_summary(req.entity, req.manifest_md5)
@@ -560,7 +560,7 @@ class RegistryCore:
             c.execute(t.collections.update().where(t.collections.c.id == col.id).values(next_index=idx + 1))
             vid = uuid.uuid4().hex
             ttl = req_ttl
-            if ttl == INHERIT:
+            if ttl is TtlSentinel.INHERIT:
                 ttl = c.execute(sa.select(t.entities.c.default_ttl_seconds)
                                 .join(t.projects, t.projects.c.entity_id == t.entities.c.id)
                                 .where(t.projects.c.id == pid)).scalar()
@@ -584,7 +584,7 @@ class RegistryCore:
 
     def update_version(self, version_id: str, *, aliases: Iterable[str] | None = None,
                        tags: Iterable[str] | None = None, metadata: dict[str, Any] | None = None,
-                       description: str | None = None, ttl_seconds: float | None | str = KEEP) -> VersionRecord:
+                       description: str | None = None, ttl_seconds: float | None | str = TtlSentinel.KEEP) -> VersionRecord:
         """Replace aliases/tags/metadata/description/ttl of a version (None: unchanged).
 
         ``latest`` is managed by the registry: it cannot be added or removed by hand.
@@ -593,7 +593,7 @@ class RegistryCore:
         new_tags = None if tags is None else [names.validate_tag(x) for x in tags]
         meta = None if metadata is None else names.validate_metadata(metadata)
         description = names.validate_description(description)
-        ttl_seconds = names.validate_ttl(ttl_seconds, sentinels=(INHERIT, KEEP))
+        ttl_seconds = names.validate_ttl(ttl_seconds, sentinels=(TtlSentinel.INHERIT, TtlSentinel.KEEP))
         with self._write() as c:
             row = c.execute(sa.select(t.versions).where(t.versions.c.id == version_id)).first()
             if row is None or row.state != "COMMITTED":
@@ -603,9 +603,9 @@ class RegistryCore:
                 values["meta"] = meta
             if description is not None:
                 values["description"] = description
-            if ttl_seconds == INHERIT:  # back to the entity's default, as a new version would get
+            if ttl_seconds is TtlSentinel.INHERIT:  # back to the entity's default, as a new version would get
                 values["ttl_seconds"] = self._default_ttl_of_collection(c, row.collection_id)
-            elif ttl_seconds != KEEP:
+            elif ttl_seconds is not TtlSentinel.KEEP:
                 values["ttl_seconds"] = ttl_seconds
             c.execute(t.versions.update().where(t.versions.c.id == version_id).values(**values))
             if new_aliases is not None:

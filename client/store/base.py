@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterator
 from typing import Any, Iterable, Protocol, runtime_checkable
 
 from ..blockmap import BlockMap
+from ..names import TtlSentinel
 
 
 #: the most one chunk of ``Store.stream_blob`` holds.
@@ -136,8 +137,8 @@ class CommitRequest:
     tags: tuple[str, ...] = ()
     description: str | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
-    #: seconds, None (no TTL even if the entity has a default) or "inherit" (the entity default)
-    ttl_seconds: float | None | str = "inherit"
+    #: seconds, None (no TTL even if the entity has a default) or TtlSentinel.INHERIT (the entity default)
+    ttl_seconds: float | None | str = TtlSentinel.INHERIT
     run_id: str | None = None  #: logging run (same entity/project)
     #: compare-and-swap on ``latest``: commit only if the collection's ``latest`` is the version
     #: with this id ("" = the collection has no version yet), else LatestMovedError; None: no check
@@ -176,7 +177,7 @@ class Store(Protocol):
         ...
 
     def get_version(self, version_id: str) -> VersionRecord: ...
-    def commit(self, request: CommitRequest) -> tuple[VersionRecord, bool]:
+    def commit(self, req: CommitRequest) -> tuple[VersionRecord, bool]:
         """Create the next version; returns (version, created).  See CommitRequest."""
         ...
 
@@ -188,7 +189,7 @@ class Store(Protocol):
         tags: Iterable[str] | None = None,
         metadata: dict[str, Any] | None = None,
         description: str | None = None,
-        ttl_seconds: float | None | str = "keep",
+        ttl_seconds: float | None | str = TtlSentinel.KEEP,
     ) -> VersionRecord:
         """Replace the given fields (None = unchanged; ttl 'keep' = unchanged, 'inherit' = the
         entity's current default)."""

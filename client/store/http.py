@@ -18,10 +18,7 @@ class (:func:`client.errors.error_from_code`), so both stores raise the same typ
 
 from __future__ import annotations
 
-import base64
 import contextlib
-import dataclasses
-import datetime as _dt
 import functools
 import logging
 import os
@@ -43,15 +40,14 @@ from ..errors import (ArtifactFSError, DigestMismatchError, PermissionDeniedErro
                       error_from_code)
 from ..blockmap import BlockMap
 from ..hashing import md5_bytes
-from ..names import validate_run_dict
 from ..retry import DeadlineExceeded, RetryPolicy, TemporaryFailure, attempt_timeout, is_transport_failure
-from .base import STREAM_CHUNK, CollectionRecord, CommitRequest, RunFileRecord, RunRecord, VersionRecord
+from .base import STREAM_CHUNK
+from .wire import API, Call, JsonCalls
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-API = "/api/v1"
 #: Blobs above this size are downloaded with parallel ranged GETs (like boto3's transfer manager).
 PARALLEL_DOWNLOAD_THRESHOLD = 32 << 20
 DOWNLOAD_PART = 16 << 20
@@ -80,53 +76,6 @@ class PartBudget:
             finally:
                 with self._lock:
                     self.in_use -= 1
-
-
-# -- wire format (shared with server/app.py) -------------------------------------------------
-def record_to_json(record: Any) -> dict[str, Any]:
-    """A Version/Collection/Run record as JSON-safe data (datetimes as ISO 8601).
-
-    Shallow: nested values (metadata, config) are shared with the record, not deep-copied as
-    ``dataclasses.asdict`` would (that copy was most of the server's CPU for a project listing);
-    the result is for serialising, not for changing."""
-    out: dict[str, Any] = {}
-    for f in dataclasses.fields(record):
-        v = getattr(record, f.name)
-        if isinstance(v, _dt.datetime):
-            v = v.isoformat()
-        elif isinstance(v, tuple):
-            v = list(v)
-        out[f.name] = v
-    return out
-
-
-def _dt_from(text: str) -> _dt.datetime:
-    return _dt.datetime.fromisoformat(text)
-
-
-def version_from_json(d: dict[str, Any]) -> VersionRecord:
-    d = dict(d)
-    d["created_at"], d["updated_at"] = _dt_from(d["created_at"]), _dt_from(d["updated_at"])
-    d["aliases"], d["tags"] = tuple(d["aliases"]), tuple(d["tags"])
-    return VersionRecord(**d)
-
-
-def collection_from_json(d: dict[str, Any]) -> CollectionRecord:
-    d = dict(d)
-    d["created_at"] = _dt_from(d["created_at"])
-    d["tags"] = tuple(d["tags"])
-    return CollectionRecord(**d)
-
-
-def run_from_json(d: dict[str, Any]) -> RunRecord:
-    d = dict(d)
-    d["created_at"] = _dt_from(d["created_at"])
-    d["tags"] = tuple(d.get("tags") or ())
-    return RunRecord(**d)
-
-
-def run_file_from_json(d: dict[str, Any]) -> RunFileRecord:
-    return RunFileRecord(**{**d, "updated_at": _dt_from(d["updated_at"])})
 
 
 # -- retries ----------------------------------------------------------------------------------
@@ -293,7 +242,7 @@ class _ReportingReader:
         return data
 
 
-class HttpStore:
+class HttpStore(JsonCalls):
     """Store protocol over a registry server.  Thread-safe: one pooled session for all threads."""
 
     #: blobs per missing_blobs / completion request (the server's PLAN_BATCH caps it)
@@ -371,159 +320,22 @@ class HttpStore:
         resp = self._send(method, path, idempotent=idempotent, json=body)
         return resp.json() if resp.content else None
 
-    # The retried forms; inside an already-retried method use the *_once forms (no nesting).
-    _get = retrying(_get_once)
+    # The retried form; inside an already-retried method use the *_once forms (no nesting).
     _call = retrying(_call_once)
 
-    def _project(self, entity: str, project: str) -> str:
-        return f"{API}/entities/{_q(entity)}/projects/{_q(project)}"
-
-    def _collection(self, entity: str, project: str, collection: str) -> str:
-        return f"{self._project(entity, project)}/collections/{_q(collection)}"
-
-    # -- namespace -----------------------------------------------------------------------------
-    def whoami(self) -> dict[str, Any]:
-        return self._get(f"{API}/whoami")
-
-    def list_entities(self) -> list[str]:
-        return self._get(f"{API}/entities")
-
-    def list_projects(self, entity: str) -> list[str]:
-        return self._get(f"{API}/entities/{_q(entity)}/projects")
-
-    def list_collections(self, entity: str, project: str, type: str | None = None) -> list[CollectionRecord]:
-        return [collection_from_json(d) for d in self._get(f"{self._project(entity, project)}/collections", type=type)]
-
-    def get_collection(self, entity: str, project: str, collection: str) -> CollectionRecord:
-        return collection_from_json(self._get(self._collection(entity, project, collection)))
-
-    def list_versions(self, entity: str, project: str, collection: str) -> list[VersionRecord]:
-        return [version_from_json(d) for d in self._get(f"{self._collection(entity, project, collection)}/versions")]
-
-    def list_project(self, entity: str, project: str) -> tuple[list[CollectionRecord], list[VersionRecord]]:
-        """One request for what a mount lists of a project (was one per collection)."""
-        out = self._get(f"{self._project(entity, project)}/listing")
-        return ([collection_from_json(d) for d in out["collections"]],
-                [version_from_json(d) for d in out["versions"]])
-
-    def list_types(self, entity: str, project: str) -> list[str]:
-        return self._get(f"{self._project(entity, project)}/types")
-
-    def update_collection(self, entity: str, project: str, collection: str, *, name: str | None = None,
-                          description: str | None = None, tags: Iterable[str] | None = None,
-                          type: str | None = None) -> CollectionRecord:
-        body = {"name": name, "description": description, "tags": None if tags is None else list(tags), "type": type}
-        # A rename cannot be repeated (the old name is gone); the other fields are replaced: idempotent.
-        return collection_from_json(self._call("PATCH", self._collection(entity, project, collection), body,
-                                               idempotent=name is None or name == collection))
-
-    def delete_collection(self, entity: str, project: str, collection: str) -> None:
-        self._call("DELETE", self._collection(entity, project, collection), idempotent=False)
-
-    # -- versions ------------------------------------------------------------------------------
-    def resolve(self, entity: str, project: str, collection: str, selector: str) -> VersionRecord:
-        path = f"{self._collection(entity, project, collection)}/resolve/{_q(selector)}"
-        return version_from_json(self._get(path))
-
-    def get_version(self, version_id: str) -> VersionRecord:
-        return version_from_json(self._get(f"{API}/versions/{_q(version_id)}"))
-
-    def commit(self, request: CommitRequest) -> tuple[VersionRecord, bool]:
-        body = dataclasses.asdict(request)
-        body["aliases"], body["tags"] = list(request.aliases), list(request.tags)
-        out = self._call("POST", f"{API}/commit", body, idempotent=False)
-        return version_from_json(out["version"]), bool(out["created"])
-
-    def update_version(self, version_id: str, *, aliases: Iterable[str] | None = None,
-                       tags: Iterable[str] | None = None, metadata: dict[str, Any] | None = None,
-                       description: str | None = None, ttl_seconds: float | None | str = "keep") -> VersionRecord:
-        body: dict[str, Any] = {
-            "aliases": None if aliases is None else list(aliases),
-            "tags": None if tags is None else list(tags),
-            "metadata": metadata, "description": description,
-        }
-        if ttl_seconds != "keep":
-            body["ttl_seconds"] = ttl_seconds
-        # Replacing fields with the same values twice gives the same result: idempotent.
-        return version_from_json(self._call("PATCH", f"{API}/versions/{_q(version_id)}", body))
-
-    def delete_version(self, version_id: str, delete_aliases: bool = False) -> None:
-        self._call("DELETE", f"{API}/versions/{_q(version_id)}?delete_aliases={str(bool(delete_aliases)).lower()}",
-                   idempotent=False)
-
-    def link_version(self, version_id: str, entity: str, project: str, collection: str,
-                     aliases: Iterable[str] = ()) -> VersionRecord:
-        body = {"entity": entity, "project": project, "collection": collection, "aliases": list(aliases)}
-        # Linking the same source twice only adds aliases: idempotent.
-        return version_from_json(self._call("POST", f"{API}/versions/{_q(version_id)}/link", body))
-
-    def unlink_version(self, version_id: str) -> None:
-        self._call("POST", f"{API}/versions/{_q(version_id)}/unlink", {}, idempotent=False)
-
-    def set_entity_default_ttl(self, entity: str, ttl_seconds: float | None) -> None:
-        self._call("PUT", f"{API}/entities/{_q(entity)}/default-ttl", {"ttl_seconds": ttl_seconds})
-
-    def get_entity_default_ttl(self, entity: str) -> float | None:
-        return self._get(f"{API}/entities/{_q(entity)}/default-ttl")["ttl_seconds"]
+    # -- the JSON calls ------------------------------------------------------------------------
+    # Every Store metadata call is an attribute of JsonCalls (client/store/wire.py), inherited:
+    # its entry there binds the arguments and builds the request; this sends it.
+    def send_call(self, call: Call, args: dict[str, Any]) -> Any:
+        """Send one call of the API table (retried under the policy when it is idempotent)."""
+        path, body = call.request(args)
+        return call.decode(self._call(call.method, path, body, idempotent=call.idempotent(args)))
 
     def create_project(self, entity: str, project: str) -> None:
         # a name with "/" would route to another URL (a 404): refuse it as the embedded store does
         names.validate_entity(entity)
         names.validate_project(project)
-        self._call("PUT", self._project(entity, project))
-
-    def gc_expired(self) -> list[VersionRecord]:
-        return [version_from_json(d) for d in self._call("POST", f"{API}/gc", {}, idempotent=False)]
-
-    # -- runs and lineage ----------------------------------------------------------------------
-    def create_run(self, entity: str, project: str, run_id: str | None = None, *, name: str | None = None,
-                   job_type: str | None = None, config: dict[str, Any] | None = None) -> RunRecord:
-        body = {"run_id": run_id, "name": name, "job_type": job_type, "config": config or {}}
-        return run_from_json(self._call("POST", f"{self._project(entity, project)}/runs", body,
-                                        idempotent=run_id is not None))
-
-    def get_run(self, entity: str, project: str, run_id: str) -> RunRecord:
-        return run_from_json(self._get(f"{self._project(entity, project)}/runs/{_q(run_id)}"))
-
-    def list_runs(self, entity: str, project: str) -> list[RunRecord]:
-        return [run_from_json(d) for d in self._get(f"{self._project(entity, project)}/runs")]
-
-    def delete_run(self, entity: str, project: str, run_id: str, delete_artifacts: bool = False) -> list[VersionRecord]:
-        # Repeating it finishes an interrupted deletion (see the core): idempotent.
-        path = f"{self._project(entity, project)}/runs/{_q(run_id)}?delete_artifacts={str(bool(delete_artifacts)).lower()}"
-        return [version_from_json(d) for d in self._call("DELETE", path)]
-
-    def finish_run(self, entity: str, project: str, run_id: str, state: str = "finished") -> None:
-        self._call("POST", f"{self._project(entity, project)}/runs/{_q(run_id)}/finish", {"state": state})
-
-    def update_run(self, entity: str, project: str, run_id: str, *, summary: dict[str, Any] | None = None,
-                   tags: Iterable[str] | None = None, config: dict[str, Any] | None = None,
-                   name: str | None = None) -> RunRecord:
-        # NaN/Infinity become text before sending: JSON on the wire cannot hold them
-        body = {"summary": None if summary is None else validate_run_dict("summary", summary),
-                "tags": None if tags is None else list(tags),
-                "config": None if config is None else validate_run_dict("config", config), "name": name}
-        return run_from_json(self._call("PATCH", f"{self._project(entity, project)}/runs/{_q(run_id)}", body))
-
-    def put_run_file(self, entity: str, project: str, run_id: str, name: str, md5_hex: str, size: int) -> RunFileRecord:
-        body = {"name": name, "md5": md5_hex, "size": size}
-        return run_file_from_json(self._call("POST", f"{self._project(entity, project)}/runs/{_q(run_id)}/files", body))
-
-    def list_run_files(self, entity: str, project: str, run_id: str) -> list[RunFileRecord]:
-        return [run_file_from_json(d) for d in self._get(f"{self._project(entity, project)}/runs/{_q(run_id)}/files")]
-
-    def record_use(self, entity: str, project: str, run_id: str, version_id: str, use_as: str | None = None) -> None:
-        self._call("POST", f"{self._project(entity, project)}/runs/{_q(run_id)}/use",
-                   {"version_id": version_id, "use_as": use_as})
-
-    def versions_logged_by(self, entity: str, project: str, run_id: str) -> list[VersionRecord]:
-        return [version_from_json(d) for d in self._get(f"{self._project(entity, project)}/runs/{_q(run_id)}/logged")]
-
-    def versions_used_by(self, entity: str, project: str, run_id: str) -> list[VersionRecord]:
-        return [version_from_json(d) for d in self._get(f"{self._project(entity, project)}/runs/{_q(run_id)}/used")]
-
-    def runs_using(self, version_id: str) -> list[RunRecord]:
-        return [run_from_json(d) for d in self._get(f"{API}/versions/{_q(version_id)}/runs")]
+        self.send_call(JsonCalls.create_project, {"entity": entity, "project": project})
 
     # -- blobs ---------------------------------------------------------------------------------
     def _blob(self, entity: str, md5_hex: str) -> str:
@@ -535,8 +347,7 @@ class HttpStore:
         missing: set[str] = set()
         step = self.PLAN_BATCH
         for i in range(0, len(wanted), step):
-            out = self._call("POST", f"{API}/entities/{_q(entity)}/blobs/missing",
-                             {"md5s": wanted[i:i + step], "plan": True})
+            out = self.send_call(JsonCalls.missing_blobs, {"entity": entity, "md5_hexes": wanted[i:i + step]})
             missing.update(out["missing"])
             if out.get("uploads"):
                 until = time.monotonic() + float(out["expires_in"]) / 2
@@ -551,8 +362,7 @@ class HttpStore:
         wanted = list(dict.fromkeys(md5_hexes))
         out: dict[str, BlockMap] = {}
         for i in range(0, len(wanted), 1000):
-            got = self._call("POST", f"{API}/entities/{_q(entity)}/blobs/blockmaps", {"md5s": wanted[i:i + 1000]})
-            out.update({m: BlockMap.from_bytes(base64.b64decode(raw)) for m, raw in got["maps"].items()})
+            out.update(self.send_call(JsonCalls.blockmaps, {"entity": entity, "md5_hexes": wanted[i:i + 1000]}))
         return out
 
     def _cached_plan(self, entity: str, md5_hex: str, size: int) -> dict[str, Any] | None:
