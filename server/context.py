@@ -1,5 +1,5 @@
-"""What every route shares: the :class:`Server` (registry core, blob backend, auth database,
-URL signer) and the FastAPI dependencies that hand a route the server and the caller.
+"""What every route shares: the :class:`Server` (registry core, blob access, auth database)
+and the FastAPI dependencies that hand a route the server and the caller.
 
 A route declares ``p: Principal = Depends(principal)`` and ``s: Server = Depends(get_server)``;
 both are ``async`` so they run on the event loop (a sync dependency would cost a worker-thread
@@ -9,11 +9,8 @@ hop per request), and ``principal`` goes to the database only on an auth-cache m
 from __future__ import annotations
 
 import logging
-import threading
-import time
 from typing import Any
 
-import cachetools
 from fastapi import Request
 from fastapi.concurrency import run_in_threadpool
 
@@ -24,7 +21,8 @@ from client.store.wire import record_to_json
 
 from . import observe
 from .auth import AuthDB, Principal
-from .blobs import S3BlobBackend, open_backend
+from .blob_access import BlobAccess, blob_access
+from .blobs import open_backend
 from .registrar import BlobRegistrar
 
 log = logging.getLogger(__name__)
@@ -33,19 +31,23 @@ DEFAULT_URL_TTL = 300
 
 
 class Server:
-    """What the routes share: the registry core, the blob backend and the auth database."""
+    """What the routes share: the registry core, the blob access and the auth database."""
 
     def __init__(self, db_url: str, blobs_url: str, s3_endpoint_url: str | None = None,
                  url_ttl: int = DEFAULT_URL_TTL, *, migrate: bool = False) -> None:
         """``migrate``: upgrade an older database schema (else SchemaVersionError; a new one is created)."""
-        self.blobs = open_backend(blobs_url, s3_endpoint_url)
-        if isinstance(self.blobs, S3BlobBackend):
-            self.blobs.ensure_bucket()
-        self.registry = RegistryCore(db_url, self.blobs, migrate=migrate)  # make_engine normalises the URL
-        self.auth = AuthDB(self.registry.engine)
-        self.registrar = BlobRegistrar(self.registry)
-        self.url_ttl = url_ttl
-        self.urls = BlobUrls(self)
+        backend = open_backend(blobs_url, s3_endpoint_url)
+        self.registry = RegistryCore(db_url, backend, migrate=migrate)  # make_engine normalises the URL
+        try:
+            self.auth = AuthDB(self.registry.engine)
+            self.registrar = BlobRegistrar(self.registry)
+            self.url_ttl = url_ttl
+            #: how clients reach the blobs (S3 presigned URLs or the server's own /blobdata), chosen here once
+            self.blobs: BlobAccess = blob_access(backend, self.registry, self.registrar, self.auth, url_ttl)
+            self.blobs.prepare()
+        except BaseException:
+            self.registry.close()
+            raise
 
     def close(self) -> None:
         self.registry.close()
@@ -55,51 +57,6 @@ class Server:
         rec = self.registry.get_version(version_id)
         p.require(rec.entity, write=write)
         return rec
-
-
-class BlobUrls:
-    """Download and upload URLs: presigned S3 URLs, or URLs the server signs for its own
-    ``/blobdata`` routes (the local-directory backend).
-
-    A fleet reading one dataset asks for the same download URLs over and over; an S3 presign
-    costs ~0.2 ms of CPU, so each is reused for a tenth of its lifetime, and the lifetime told
-    to clients (``get_ttl``) is what a reused URL has left at worst."""
-
-    def __init__(self, server: Server) -> None:
-        self._server = server
-        self._reuse = server.url_ttl // 10 if isinstance(server.blobs, S3BlobBackend) else 0
-        self.get_ttl = server.url_ttl - self._reuse
-        self._presigned: cachetools.TTLCache[tuple[str, str], str] = cachetools.TTLCache(
-            maxsize=50_000, ttl=max(self._reuse, 1))
-        self._lock = threading.Lock()
-
-    def signed(self, op: str, entity: str, md5: str) -> str:
-        """A ``/blobdata`` URL for ``op`` ("get" or "put") that expires after the URL TTL."""
-        expires = int(time.time()) + self._server.url_ttl
-        observe.SIGNED_URLS.labels(op).inc()
-        return f"/blobdata/{entity}/{md5}?op={op}&expires={expires}&sig={self._server.auth.sign(op, entity, md5, expires)}"
-
-    def single_put_plan(self, entity: str, md5: str) -> dict[str, Any]:
-        s = self._server
-        if isinstance(s.blobs, S3BlobBackend):
-            observe.SIGNED_URLS.labels("put").inc()
-            return s.blobs.plan_upload(entity, md5, 0, s.url_ttl)
-        # The server's own URL verifies and registers while it receives: no /complete needed.
-        return {"method": "put", "url": self.signed("put", entity, md5), "headers": {}, "complete": False}
-
-    def download(self, entity: str, md5: str) -> str:
-        s = self._server
-        if isinstance(s.blobs, S3BlobBackend):
-            observe.SIGNED_URLS.labels("get").inc()
-            with self._lock:
-                url = self._presigned.get((entity, md5)) if self._reuse else None
-            if url is None:
-                url = s.blobs.presign_get(entity, md5, s.url_ttl)
-                if self._reuse:
-                    with self._lock:
-                        self._presigned[(entity, md5)] = url
-            return url
-        return self.signed("get", entity, md5)
 
 
 async def get_server(request: Request) -> Server:

@@ -24,10 +24,6 @@ import prometheus_client as prom
 import sqlalchemy as sa
 from prometheus_client import multiprocess
 
-from client.registry import LocalBlobBackend
-
-from .blobs import S3BlobBackend
-
 access_log = logging.getLogger("artifactfs.access")
 audit_log = logging.getLogger("artifactfs.audit")
 
@@ -69,15 +65,10 @@ def check_database(engine: sa.Engine) -> str | None:
         return f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
 
 
-def check_blobs(backend: LocalBlobBackend | S3BlobBackend) -> str | None:
+def check_blobs(check: Callable[[], str | None]) -> str | None:
+    """None if the blob backend is ready (``check`` is the server's ``BlobAccess.check``), else why not."""
     try:
-        if isinstance(backend, S3BlobBackend):
-            backend.client.head_bucket(Bucket=backend.bucket)
-            return None
-        staging = backend.root / ".tmp"
-        if not staging.is_dir() or not os.access(staging, os.W_OK):
-            return f"blob directory {backend.root} missing or not writable"
-        return None
+        return check()
     except Exception as exc:  # noqa: BLE001 - as above
         return f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
 

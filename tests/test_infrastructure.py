@@ -229,3 +229,64 @@ def test_no_code_probes_a_store_for_a_method_by_name() -> None:
                    for p in (root / pkg).rglob("*.py")
                    for n, line in enumerate(p.read_text().splitlines(), 1) if probe.search(line))
     assert found == []
+
+
+def isinstance_on_a_blob_backend(root) -> list[str]:
+    """``isinstance(x, …BlobBackend…)`` calls in server/: each is a branch on the backend kind."""
+    import ast
+
+    found = []
+    for path in sorted((root / "server").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "isinstance" \
+                    and len(node.args) == 2 and "BlobBackend" in ast.unparse(node.args[1]):
+                found.append(f"{path.relative_to(root)}:{node.lineno}")
+    return found
+
+
+def test_the_server_never_branches_on_its_blob_backend_kind(tmp_path) -> None:
+    """The routes and the readiness probe call the one BlobAccess chosen at startup
+    (server/blob_access.py); asking ``isinstance(s.blobs, S3BlobBackend)`` is what it replaced."""
+    from pathlib import Path
+
+    assert isinstance_on_a_blob_backend(Path(__file__).resolve().parent.parent) == []
+    # the scan sees a branch where there is one
+    (tmp_path / "server").mkdir()
+    (tmp_path / "server" / "x.py").write_text("if isinstance(s.blobs, (LocalBlobBackend, S3BlobBackend)):\n    pass\n")
+    assert isinstance_on_a_blob_backend(tmp_path) == ["server/x.py:1"]
+
+
+def test_each_blob_backend_kind_gets_its_own_access(tmp_path, monkeypatch, moto_endpoint) -> None:
+    """A real Server over a blob directory and over S3 (moto): the access class, the put limit
+    it advertises, its readiness, and whether it serves /blobdata."""
+    import boto3
+    import pytest
+
+    from client.errors import NotFoundError
+    from client.registry import LocalBlobBackend
+    from server.blob_access import DirectoryBlobAccess, S3BlobAccess
+    from server.blobs import MULTIPART_THRESHOLD
+    from server.context import Server
+    from tests.server_fixtures import S3_ENV
+
+    for k, v in S3_ENV.items():
+        monkeypatch.setenv(k, v)
+    local = Server(f"sqlite:///{tmp_path / 'local.db'}", str(tmp_path / "blobs"))
+    s3 = Server(f"sqlite:///{tmp_path / 's3.db'}", "s3://afs-access/reg", moto_endpoint)
+    try:
+        assert type(local.blobs) is DirectoryBlobAccess and type(s3.blobs) is S3BlobAccess
+        assert (local.blobs.put_limit, s3.blobs.put_limit) == (None, MULTIPART_THRESHOLD)
+        assert local.blobs.check() is None and s3.blobs.check() is None
+        assert boto3.client("s3", endpoint_url=moto_endpoint).head_bucket(Bucket="afs-access")  # made by prepare
+        directory = local.blobs.directory()
+        assert isinstance(directory, LocalBlobBackend) and directory.root == tmp_path / "blobs"
+        with pytest.raises(NotFoundError, match="keeps blobs in S3"):
+            s3.blobs.directory()
+        # download URLs: the server's own signed /blobdata, or presigned S3 reused for a tenth of the TTL
+        md5 = "d41d8cd98f00b204e9800998ecf8427e"
+        assert local.blobs.download_url("ent", md5).startswith(f"/blobdata/ent/{md5}?op=get&")
+        assert s3.blobs.download_url("ent", md5) == s3.blobs.download_url("ent", md5)
+        assert (local.blobs.get_ttl, s3.blobs.get_ttl) == (local.url_ttl, s3.url_ttl - s3.url_ttl // 10)
+    finally:
+        local.close()
+        s3.close()

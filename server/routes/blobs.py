@@ -11,7 +11,7 @@ from fastapi.responses import FileResponse, Response
 from pydantic import BaseModel, Field
 
 from client.blockmap import BlockHasher, wants_map
-from client.errors import DigestMismatchError, InvalidNameError, NotFoundError
+from client.errors import InvalidNameError, NotFoundError
 from client.hashing import is_md5_hex
 from client.names import validate_entity
 from client.registry import LocalBlobBackend
@@ -19,7 +19,6 @@ from client.store.wire import JsonCalls, TransferCalls, blockmaps_to_json
 
 from .. import observe
 from ..auth import Principal
-from ..blobs import MULTIPART_THRESHOLD, S3BlobBackend
 from ..context import Server, get_server, principal
 from . import serve
 
@@ -71,8 +70,8 @@ def missing_blobs(entity: str, body: MissingBody, p: Principal = Depends(princip
     missing = sorted(s.registry.missing_blobs(entity, body.md5s, check_files=True))  # a damaged blob is re-sent
     out: dict[str, Any] = {"missing": missing}
     if body.plan and missing and len(missing) <= PLAN_BATCH and p.role_in(entity) != "viewer":
-        out["uploads"] = {m: s.urls.single_put_plan(entity, m) for m in missing}
-        out["put_limit"] = MULTIPART_THRESHOLD if isinstance(s.blobs, S3BlobBackend) else None
+        out["uploads"] = {m: s.blobs.single_put_plan(entity, m) for m in missing}
+        out["put_limit"] = s.blobs.put_limit
         out["expires_in"] = s.url_ttl
     return out
 
@@ -85,10 +84,7 @@ def plan_upload(entity: str, md5: str, body: UploadBody, p: Principal = Depends(
     if not s.registry.missing_blobs(entity, [md5], check_files=True):
         return {"method": "exists"}
     observe.SIGNED_BYTES.inc(body.size)
-    if isinstance(s.blobs, S3BlobBackend):
-        observe.SIGNED_URLS.labels("put").inc(max(1, len(body.part_md5s or ())))
-        return s.blobs.plan_upload(entity, md5, body.size, s.url_ttl, body.part_md5s)
-    return s.urls.single_put_plan(entity, md5)
+    return s.blobs.upload_plan(entity, md5, body.size, body.part_md5s)
 
 
 @serve(router, TransferCalls.complete_upload)
@@ -96,16 +92,7 @@ def complete_upload(entity: str, md5: str, body: CompleteBody, p: Principal = De
                     s: Server = Depends(get_server)) -> Response:
     """Verify an uploaded blob against its md5 and register it, so versions may reference it."""
     _blob_key(p, entity, md5, write=True)
-    reg = s.registry
-    if isinstance(s.blobs, S3BlobBackend):
-        if reg.missing_blobs(entity, [md5]) or body.upload:
-            hasher = BlockHasher()
-            s.blobs.complete_upload(entity, md5, body.size, body.upload, body.etags, hasher)
-            s.registrar.register(entity, md5, body.size)
-            if hasher.result().size == body.size and wants_map(body.size):  # the server read the bytes
-                reg.register_blockmap(entity, md5, hasher.result())
-    elif reg.missing_blobs(entity, [md5]):
-        raise DigestMismatchError(f"blob {md5} was not uploaded (or did not match its md5); upload it again")
+    s.blobs.complete(entity, md5, body.size, body.upload, body.etags)
     return Response(status_code=204)
 
 
@@ -130,15 +117,9 @@ def completed_uploads(entity: str, body: CompletedBody, p: Principal = Depends(p
     for b in body.blobs:
         if b.md5 not in pending:
             continue
-        if isinstance(s.blobs, S3BlobBackend):
-            if (b.etag or "").strip('"') != b.md5:
-                try:
-                    s.blobs.complete_upload(entity, b.md5, b.size, None, None)
-                except (DigestMismatchError, NotFoundError) as exc:
-                    failed[b.md5] = str(exc)
-                    continue
-        elif reg.missing_blobs(entity, [b.md5], check_files=True):
-            failed[b.md5] = f"blob {b.md5} was not uploaded (or did not match its md5); upload it again"
+        reason = s.blobs.check_completed(entity, b.md5, b.size, b.etag)
+        if reason is not None:
+            failed[b.md5] = reason
             continue
         good.append((entity, b.md5, b.size))
     if good:
@@ -164,8 +145,8 @@ def download_url(entity: str, md5: str, p: Principal = Depends(principal),
     _blob_key(p, entity, md5)
     if s.registry.missing_blobs(entity, [md5]):
         raise NotFoundError(f"blob {md5} not found in {entity}")
-    size = None if isinstance(s.blobs, S3BlobBackend) else s.blobs.size(entity, md5)
-    return {"url": s.urls.download(entity, md5), "expires_in": s.urls.get_ttl, "size": size}
+    size = s.blobs.download_size(entity, md5)  # first: a missing blob file signs no URL
+    return {"url": s.blobs.download_url(entity, md5), "expires_in": s.blobs.get_ttl, "size": size}
 
 
 @serve(router, TransferCalls.download_urls)
@@ -176,15 +157,13 @@ def download_urls(entity: str, body: MissingBody, p: Principal = Depends(princip
     if len(body.md5s) > PLAN_BATCH:
         raise InvalidNameError(f"ask for at most {PLAN_BATCH} URLs per call")
     present = set(body.md5s) - s.registry.missing_blobs(entity, body.md5s)
-    return {"urls": {m: s.urls.download(entity, m) for m in sorted(present)}, "expires_in": s.urls.get_ttl}
+    return {"urls": {m: s.blobs.download_url(entity, m) for m in sorted(present)}, "expires_in": s.blobs.get_ttl}
 
 
 # -- blob bytes through the server (local-directory backend only) -------------------------------
 def _check_signed(s: Server, op: str, entity: str, md5: str, expires: int, sig: str) -> LocalBlobBackend:
     s.auth.check_signature(op, entity, md5, expires, sig)
-    if not isinstance(s.blobs, LocalBlobBackend):
-        raise NotFoundError("this server keeps blobs in S3; ask /url for a presigned URL")
-    return s.blobs
+    return s.blobs.directory()
 
 
 @serve(router, TransferCalls.get_blob_bytes)

@@ -28,7 +28,7 @@ async def healthz() -> dict[str, str]:
 @serve(router, OperatorCalls.readyz)
 def readyz(s: Server = Depends(get_server)) -> JSONResponse:
     """Ready for traffic: the database answers a query and the blob backend is reachable."""
-    checks = {"database": observe.check_database(s.registry.engine), "blobs": observe.check_blobs(s.blobs)}
+    checks = {"database": observe.check_database(s.registry.engine), "blobs": observe.check_blobs(s.blobs.check)}
     ok = all(v is None for v in checks.values())
     if not ok:
         log.warning("not ready: %s", {k: v for k, v in checks.items() if v})
