@@ -494,10 +494,10 @@ def _place_copy(src: Path, target: Path, size: int) -> None:
             raise DigestMismatchError(f"cache object {src} has {done} bytes, expected {size}")
 
 
-def _cache_bytes(cache: Cache, md5: str, data: bytes | bytearray, failed: list[str] | None = None) -> bool:
+def _cache_bytes(cache: Cache, md5: str, data: bytes | bytearray, failed: list[str]) -> bool:
     """Put a downloaded body into the cache (hashed as it is written: DigestMismatchError if
-    it is not ``md5``); False when the cache could not take it (it is an optimisation only).
-    ``failed``: where to note why (the caller says it once), instead of a warning per blob."""
+    it is not ``md5``); False when the cache could not take it (it is an optimisation only),
+    noting why in ``failed`` (the caller says it once, not a warning per blob)."""
     try:
         cache.evict(len(data))
         # the blob was written to the store before this download began: its marker holds at once
@@ -507,10 +507,7 @@ def _cache_bytes(cache: Cache, md5: str, data: bytes | bytearray, failed: list[s
     except DigestMismatchError:
         raise
     except (OSError, ArtifactFSError) as exc:
-        if failed is None:
-            log.warning("could not cache %s: %s", md5, exc)
-        else:
-            failed.append(f"{md5}: {exc}")
+        failed.append(f"{md5}: {exc}")
         return False
 
 

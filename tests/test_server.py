@@ -323,3 +323,21 @@ def test_server_sweeps_expired_versions_periodically(local_store, tmp_path: Path
     with pytest.raises(NotFoundError):
         local_store.resolve("ent", "proj", "short", "v0")
     assert local_store.resolve("ent", "proj", "keep", "latest").id == keep.id
+
+
+def test_batch_routes_refuse_more_than_one_batch_with_a_400_naming_the_limit(registry: SharedRegistry) -> None:
+    """URLs, block maps and completed uploads are asked for in batches of at most 2,000: one
+    more is a 400 saying the limit (not a slow answer, not a 500); exactly 2,000 is served."""
+    alice, key = registry.new_user("alice")
+    base = f"{registry.server.url}/api/v1/entities/{alice}/blobs"
+    auth = {"Authorization": f"Bearer {key}"}
+    md5s = [f"{i:032x}" for i in range(2001)]
+    for route, body, words in [("/urls", {"md5s": md5s}, "at most 2000 URLs per call"),
+                               ("/blockmaps", {"md5s": md5s}, "at most 2000 block maps per call"),
+                               ("/completed", {"blobs": [{"md5": m, "size": 1} for m in md5s]},
+                                "complete at most 2000 uploads per call")]:
+        refused = requests.post(base + route, json=body, headers=auth, timeout=30)
+        assert refused.status_code == 400 and words in refused.text, (route, refused.status_code, refused.text)
+    for route in ("/urls", "/blockmaps"):
+        served = requests.post(base + route, json={"md5s": md5s[:2000]}, headers=auth, timeout=30)
+        assert served.status_code == 200, (route, served.text)

@@ -55,6 +55,12 @@ class CompletedBody(BaseModel):
     blobs: list[CompletedBlob]
 
 
+def _one_batch(items: list[Any], refusal: str) -> None:
+    """InvalidNameError(``refusal``) for a batch of more than PLAN_BATCH items."""
+    if len(items) > PLAN_BATCH:
+        raise InvalidNameError(refusal)
+
+
 def _blob_key(p: Principal, entity: str, md5: str, write: bool = False) -> None:
     p.require(entity, write=write)
     if not is_md5_hex(md5):
@@ -106,8 +112,7 @@ def completed_uploads(entity: str, body: CompletedBody, p: Principal = Depends(p
     object is checked as ``/complete`` checks it.  Answers the blobs that failed their
     check (deleted, to upload again) with the reason."""
     p.require(entity, write=True)
-    if len(body.blobs) > PLAN_BATCH:
-        raise InvalidNameError(f"complete at most {PLAN_BATCH} uploads per call")
+    _one_batch(body.blobs, f"complete at most {PLAN_BATCH} uploads per call")
     for b in body.blobs:
         _blob_key(p, entity, b.md5, write=True)
     reg = s.registry
@@ -132,8 +137,7 @@ def blockmaps(entity: str, body: MissingBody, p: Principal = Depends(principal),
               s: Server = Depends(get_server)) -> dict[str, Any]:
     """Block maps (client/blockmap.py, base64) of these blobs; blobs without one are left out."""
     p.require(entity)
-    if len(body.md5s) > PLAN_BATCH:
-        raise InvalidNameError(f"ask for at most {PLAN_BATCH} block maps per call")
+    _one_batch(body.md5s, f"ask for at most {PLAN_BATCH} block maps per call")
     return blockmaps_to_json(s.registry.blockmaps(entity, body.md5s))
 
 
@@ -154,8 +158,7 @@ def download_urls(entity: str, body: MissingBody, p: Principal = Depends(princip
                   s: Server = Depends(get_server)) -> dict[str, Any]:
     """Download URLs for many blobs at once (unknown ones are left out)."""
     p.require(entity)
-    if len(body.md5s) > PLAN_BATCH:
-        raise InvalidNameError(f"ask for at most {PLAN_BATCH} URLs per call")
+    _one_batch(body.md5s, f"ask for at most {PLAN_BATCH} URLs per call")
     present = set(body.md5s) - s.registry.missing_blobs(entity, body.md5s)
     return {"urls": {m: s.blobs.download_url(entity, m) for m in sorted(present)}, "expires_in": s.blobs.get_ttl}
 
