@@ -268,8 +268,8 @@ def _fill_objects_dir(root: Path, n: int, size: int) -> list[str]:
     return keys
 
 
-def test_a_miss_does_not_rescan_20k_objects(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    n, size = 20_000, 8
+def test_a_miss_does_not_rescan_100k_objects(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    n, size = 100_000, 8
     keys = _fill_objects_dir(tmp_path / "c", n, size)
     c = Cache(tmp_path / "c", max_bytes=n * size)  # the pre-index objects are indexed once, here
     assert (c.info().entries, c.info().bytes) == (n, n * size)
