@@ -15,7 +15,9 @@ Layout under the cache root::
 Schema: one row per file *and* per directory derived from the paths (``a/b/c`` yields the
 directories ``a`` and ``a/b``).  ``parent`` is the parent directory's row id, 0 for the version
 root.  Row ids are the readdir cookies: ``WHERE parent = ? AND id > ? ORDER BY id`` pages
-through a directory of any size in stable order.
+through a directory of any size in stable order, answered from ``entries_by_parent`` (whose
+entries are ordered by ``(parent, id)``) in time proportional to the page, not the directory.
+An index built before that index existed is rebuilt on first use (:data:`INDEX_NAMES`).
 
 Building streams the manifest with :func:`client.manifest.iter_entries` when it uses our
 one-entry-per-line layout (flat memory).  A manifest in another layout (one written by W&B,
@@ -63,6 +65,7 @@ CREATE TABLE entries (
     subdirs INTEGER NOT NULL DEFAULT 0
 );
 CREATE UNIQUE INDEX entries_by_name ON entries(parent, name);
+CREATE INDEX entries_by_parent ON entries(parent);
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 
@@ -83,6 +86,8 @@ class IndexEntry:
 
 
 _COLUMNS = "id, parent, name, is_dir, size, md5, ref, extra, subdirs"
+#: the SQLite indexes a current index file has; one without all of them is rebuilt
+INDEX_NAMES = frozenset({"entries_by_name", "entries_by_parent"})
 
 
 def _row(r: tuple) -> IndexEntry:
@@ -105,6 +110,9 @@ class ManifestIndex:
         self.file_count = int(meta.get("file_count", 0))
         self.total_size = int(meta.get("total_size", 0))
         self.root_subdirs = int(meta.get("root_subdirs", 0))
+        names = {r[0] for r in self._query("SELECT name FROM sqlite_master WHERE type = 'index'")}
+        #: False for a file built by an older version (a directory page would scan the directory)
+        self.current = INDEX_NAMES <= names
 
     def _query(self, sql: str, args: tuple = ()) -> list[tuple]:
         with self._lock:
@@ -299,10 +307,15 @@ class IndexStore:
                 if idx is not None:
                     return idx
             dest = self.path(manifest_md5)
-            if not dest.exists():
+            idx = self._open_checked(dest) if dest.exists() else None
+            if idx is not None and not idx.current:
+                log.info("index %s predates the directory-page index: rebuilding it", dest)
+                idx.close()
+                idx = None
+            if idx is None:
                 build_index(self._manifest_file(entity, manifest_md5), dest, tmp_dir=self.root / "tmp")
                 self.builds += 1
-            idx = self._open_checked(dest)
+                idx = self._open_checked(dest)
             with self._lock:
                 # Evicted indexes are not closed here: a reader may be mid-query.  Their
                 # connection is closed by garbage collection once nothing refers to them.
