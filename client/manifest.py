@@ -22,7 +22,7 @@ import hashlib
 import io
 import json
 from dataclasses import dataclass, field
-from typing import IO, Any, Iterable, Iterator
+from typing import IO, Any, Iterable, Iterator, Protocol
 
 from .errors import ManifestError
 from .names import validate_entry_path
@@ -228,7 +228,15 @@ def read_manifest(stream: IO[str]) -> tuple[str, dict[str, Any], list[ManifestEn
             data.get("storagePolicyConfig") or {}, entries)
 
 
-def iter_entries(stream: IO[bytes]) -> Iterator[ManifestEntry]:
+class ByteLines(Protocol):
+    """What :func:`iter_entries` reads: a binary file, or anything that reads like one."""
+
+    def read(self, size: int = -1, /) -> bytes: ...
+    def readline(self, size: int = -1, /) -> bytes: ...
+    def __iter__(self) -> Iterator[bytes]: ...
+
+
+def iter_entries(stream: ByteLines) -> Iterator[ManifestEntry]:
     """Stream a manifest's entries with flat memory when it uses our one-per-line layout.
 
     Falls back to a full parse for other layouts.  Every path is validated either way.

@@ -18,8 +18,10 @@ import datetime as dt
 import logging
 import time
 import uuid
+from collections import Counter
 from contextlib import contextmanager
-from typing import Any, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, BinaryIO, Callable, Iterable, Iterator, Sequence
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
@@ -27,11 +29,11 @@ from sqlalchemy.engine import Connection, Engine
 
 from .. import names
 from ..names import TtlSentinel
-from ..errors import (ConflictError, InvalidNameError, LatestMovedError, ManifestError, MissingBlobError,
+from ..errors import (ArtifactFSError, ConflictError, InvalidNameError, LatestMovedError, ManifestError, MissingBlobError,
                       NotFoundError)
 from ..hashing import b64_to_hex, is_md5_hex
 from ..blockmap import BlockMap
-from ..manifest import compute_digest, iter_entries
+from ..manifest import ByteLines, compute_digest, iter_entries
 from ..store.base import CollectionRecord, CommitRequest, RunFileRecord, RunRecord, VersionRecord
 from . import schema as t
 from .blobs import BlobBackend
@@ -54,12 +56,143 @@ def _expired(rec: VersionRecord, now: dt.datetime) -> bool:
 _BLOB_BATCH = 500
 
 
+def _collection_missing(entity: str, project: str, collection: str) -> NotFoundError:
+    return NotFoundError(f"artifact collection {entity}/{project}/{collection} not found")
+
+
+def _run_missing(run_id: str) -> NotFoundError:
+    return NotFoundError(f"run {run_id!r} not found")
+
+
+class _NotUtf8(ManifestError):
+    """A manifest blob is not valid UTF-8."""
+
+
+class _Utf8Checked:
+    """A manifest blob's stream that checks its bytes are UTF-8 as they are read (raising
+    _NotUtf8), so one read of the blob serves both the parse and the check."""
+
+    def __init__(self, raw: BinaryIO, manifest_md5: str) -> None:
+        self._raw = raw
+        self._md5 = manifest_md5
+        self._decoder = codecs.getincrementaldecoder("utf-8")("strict")
+
+    def _checked(self, data: bytes, at_end: bool) -> bytes:
+        try:
+            self._decoder.decode(data, final=at_end)
+        except UnicodeDecodeError as exc:
+            raise _NotUtf8(f"manifest {self._md5} is not valid UTF-8 (byte {exc.start} of a chunk)") from None
+        return data
+
+    def read(self, size: int = -1, /) -> bytes:
+        data = self._raw.read(size)
+        return self._checked(data, at_end=size < 0 or (size > 0 and not data))
+
+    def readline(self, size: int = -1, /) -> bytes:
+        line = self._raw.readline(size)
+        return self._checked(line, at_end=size != 0 and not line)
+
+    def __iter__(self) -> Iterator[bytes]:
+        while line := self.readline():
+            yield line
+
+    def drain(self) -> None:
+        """Read (and check) what is left."""
+        while self.read(1 << 20):
+            pass
+
+
+def _parse_manifest(f: ByteLines, manifest_md5: str) -> tuple[list[tuple[str, str]], int, dict[str, tuple[int, str]], bytes]:
+    """(path, digest) pairs, total size, {content md5: (size, path)} and the first bytes after
+    the closing brace of a manifest stream; ManifestError or MissingBlobError if it is refused."""
+    pairs: list[tuple[str, str]] = []
+    size = 0
+    content: dict[str, tuple[int, str]] = {}
+    try:
+        for e in iter_entries(f):
+            if len(pairs) >= names.MAX_ENTRIES:
+                raise ManifestError(f"manifest has more than {names.MAX_ENTRIES} entries")
+            esize = e.size or 0
+            if isinstance(esize, bool) or not isinstance(esize, int) or not 0 <= esize <= names.MAX_ENTRY_SIZE:
+                raise ManifestError(f"entry {e.path!r} has size {e.size!r}; sizes are 0 to 2^63-1 bytes")
+            pairs.append((e.path, e.digest))
+            size += esize
+            if e.ref is None:
+                try:
+                    content[b64_to_hex(e.digest)] = (esize, e.path)
+                except ValueError:
+                    raise MissingBlobError(f"entry {e.path!r} has digest {e.digest!r}, not a base64 md5") from None
+        trailing = f.read(4096)
+    except RecursionError:
+        raise ManifestError(f"manifest {manifest_md5} is nested too deeply") from None
+    except (UnicodeDecodeError, OverflowError, TypeError) as exc:
+        raise ManifestError(f"manifest {manifest_md5} is not readable: {exc}") from None
+    return pairs, size, content, trailing
+
+
+# kinds of the rows of RegistryCore._collection_names
+_ALIAS, _TAG, _COUNT, _VERSION_TAG = range(4)
+
+
+@dataclass
+class _CollectionNames:
+    """What collection records need besides their rows, gathered by ``_collection_names``."""
+
+    aliases: dict[int, dict[str, int]] = field(default_factory=dict)  #: collection -> alias -> index
+    tags: dict[int, list[str]] = field(default_factory=dict)  #: collection -> tags
+    counts: dict[int, int] = field(default_factory=dict)  #: collection -> committed versions
+    version_aliases: dict[str, list[str]] = field(default_factory=dict)  #: version -> aliases
+    version_tags: dict[str, list[str]] = field(default_factory=dict)  #: version -> tags
+
+    def add(self, row: Sequence[Any]) -> None:
+        """One row (kind, collection id, version id, name, number) of ``_collection_names``."""
+        kind, cid, vid, name, n = row
+        if kind == _ALIAS:
+            self.aliases.setdefault(cid, {})[name] = n
+            self.version_aliases.setdefault(vid, []).append(name)
+        elif kind == _TAG:
+            self.tags.setdefault(cid, []).append(name)
+        elif kind == _COUNT:
+            self.counts[cid] = n
+        else:
+            self.version_tags.setdefault(vid, []).append(name)
+
+    def record(self, row: sa.Row[Any], entity: str, project: str) -> CollectionRecord:
+        return CollectionRecord(
+            entity=entity, project=project, name=row.name, type=row.type, description=row.description,
+            created_at=_aware(row.created_at), tags=tuple(self.tags.get(row.id, ())),
+            version_count=self.counts.get(row.id, 0), aliases=self.aliases.get(row.id, {}))
+
+
+def _version_record(r: sa.Row[Any], aliases: Iterable[str], tags: Iterable[str]) -> VersionRecord:
+    """The record of a row of ``RegistryCore._version_query`` with the version's alias and tag names."""
+    linked = r.s_e is not None  # a version linked into a portfolio, its source found
+    return VersionRecord(
+        id=r.id, entity=r.e_name, project=r.p_name, collection=r.c_name, index=r.idx,
+        type=r.s_type if linked else r.c_type, digest=r.digest, manifest_md5=r.manifest_md5,
+        size=r.size, file_count=r.file_count, description=r.description, metadata=dict(r.meta or {}),
+        aliases=_alias_order(aliases), tags=tuple(sorted(tags)), created_at=_aware(r.created_at),
+        updated_at=_aware(r.updated_at), ttl_seconds=r.ttl_seconds, state=r.state,
+        logged_by_run=f"{r.r_e}/{r.r_p}/{r.r_id}" if r.r_id is not None else None,
+        source_entity=r.s_e if linked else None,
+        source_project=r.s_p if linked else None,
+        source_collection=r.s_c if linked else None,
+        source_index=r.s_idx if linked else None,
+    )
+
+
+def _alias_order(aliases: Iterable[str]) -> tuple[str, ...]:
+    """A version's aliases as records list them: ``latest`` first, then by name."""
+    return tuple(sorted(aliases, key=lambda a: (a != "latest", a)))
+
+
 def utcnow() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc)
 
 
 def _aware(value: dt.datetime) -> dt.datetime:
-    return value if value.tzinfo else value.replace(tzinfo=dt.timezone.utc)
+    """A stored time in UTC (SQLite gives it naive; PostgreSQL in the session's time zone)."""
+    return value.astimezone(dt.timezone.utc) if value.tzinfo else value.replace(tzinfo=dt.timezone.utc)
 
 
 def normalise_db_url(url: str) -> str:
@@ -166,11 +299,10 @@ class RegistryCore:
         self._insert_ignore_many(conn, table, [values])
 
     def _insert_ignore_many(self, conn: Connection, table: sa.Table, rows: list[dict[str, Any]]) -> None:
-        """INSERT … ON CONFLICT DO NOTHING in the dialect of the engine."""
-        if self._pg:
-            conn.execute(postgresql.insert(table).values(rows).on_conflict_do_nothing())
-        else:
-            conn.execute(sqlite.insert(table).values(rows).on_conflict_do_nothing())
+        """INSERT … ON CONFLICT DO NOTHING in the dialect of the engine, 500 rows a statement."""
+        dialect = postgresql if self._pg else sqlite
+        for i in range(0, len(rows), _BLOB_BATCH):
+            conn.execute(dialect.insert(table).values(rows[i:i + _BLOB_BATCH]).on_conflict_do_nothing())
 
     # -- id lookups ---------------------------------------------------------------------------
     def _entity_id(self, conn: Connection, entity: str, create: bool = False) -> int:
@@ -199,12 +331,17 @@ class RegistryCore:
             raise NotFoundError(f"project {entity}/{project} not found")
         return row[0]
 
+    @staticmethod
+    def _collection_query(entity: str, project: str, collection: str) -> sa.Select:
+        """A collection's row found by its path, in one joined query."""
+        return (sa.select(t.collections)
+                .join(t.projects, t.collections.c.project_id == t.projects.c.id)
+                .join(t.entities, t.projects.c.entity_id == t.entities.c.id)
+                .where(t.entities.c.name == entity, t.projects.c.name == project, t.collections.c.name == collection))
+
     def _find_collection(self, conn: Connection, entity: str, project: str, collection: str,
                          lock: bool = False) -> sa.Row | None:
-        q = (sa.select(t.collections)
-             .join(t.projects, t.collections.c.project_id == t.projects.c.id)
-             .join(t.entities, t.projects.c.entity_id == t.entities.c.id)
-             .where(t.entities.c.name == entity, t.projects.c.name == project, t.collections.c.name == collection))
+        q = self._collection_query(entity, project, collection)
         if lock and self._pg:
             q = q.with_for_update(of=t.collections)
         return conn.execute(q).first()
@@ -216,27 +353,43 @@ class RegistryCore:
         row = self._find_collection(conn, entity, project, collection, lock)
         if row is None:
             self._project_id(conn, entity, project)  # NotFoundError naming the entity or project
-            raise NotFoundError(f"artifact collection {entity}/{project}/{collection} not found")
+            raise _collection_missing(entity, project, collection)
         return row
 
     # -- records ------------------------------------------------------------------------------
+    # A version's row comes with its collection's path, the path of the run that logged it and,
+    # for a linked version, its source's path and type: outer joins, so one query in all cases.
+    _RUN, _RUN_P, _RUN_E = t.runs.alias("run"), t.projects.alias("run_p"), t.entities.alias("run_e")
+    _SRC, _SRC_C = t.versions.alias("src"), t.collections.alias("src_c")
+    _SRC_P, _SRC_E = t.projects.alias("src_p"), t.entities.alias("src_e")
     _VERSION_COLS = (
         t.versions, t.collections.c.name.label("c_name"), t.collections.c.type.label("c_type"),
         t.projects.c.name.label("p_name"), t.entities.c.name.label("e_name"),
+        _RUN.c.run_id.label("r_id"), _RUN_P.c.name.label("r_p"), _RUN_E.c.name.label("r_e"),
+        _SRC.c.idx.label("s_idx"), _SRC_C.c.name.label("s_c"), _SRC_C.c.type.label("s_type"),
+        _SRC_P.c.name.label("s_p"), _SRC_E.c.name.label("s_e"),
     )
 
     def _version_query(self) -> sa.Select:
+        run, run_p, run_e = self._RUN, self._RUN_P, self._RUN_E
+        src, src_c, src_p, src_e = self._SRC, self._SRC_C, self._SRC_P, self._SRC_E
         return (sa.select(*self._VERSION_COLS)
                 .join(t.collections, t.versions.c.collection_id == t.collections.c.id)
                 .join(t.projects, t.collections.c.project_id == t.projects.c.id)
-                .join(t.entities, t.projects.c.entity_id == t.entities.c.id))
+                .join(t.entities, t.projects.c.entity_id == t.entities.c.id)
+                .outerjoin(run, t.versions.c.run_pk == run.c.pk)
+                .outerjoin(run_p, run.c.project_id == run_p.c.id)
+                .outerjoin(run_e, run_p.c.entity_id == run_e.c.id)
+                .outerjoin(src, t.versions.c.source_id == src.c.id)
+                .outerjoin(src_c, src.c.collection_id == src_c.c.id)
+                .outerjoin(src_p, src_c.c.project_id == src_p.c.id)
+                .outerjoin(src_e, src_p.c.entity_id == src_e.c.id))
 
     def _records(self, conn: Connection, rows: Sequence[sa.Row[Any]]) -> list[VersionRecord]:
-        if not rows:
-            return []
+        """Records for rows of ``_version_query``: their aliases and tags in one query per 500."""
+        aliases: dict[str, list[str]] = {}
+        tags: dict[str, list[str]] = {}
         ids = [r.id for r in rows]
-        alias_map: dict[str, list[str]] = {i: [] for i in ids}
-        tag_map: dict[str, list[str]] = {i: [] for i in ids}
         for i in range(0, len(ids), _BLOB_BATCH):
             chunk = ids[i:i + _BLOB_BATCH]
             # aliases and tags in one round trip (kind 0: alias, 1: tag)
@@ -246,36 +399,8 @@ class RegistryCore:
                 sa.select(t.version_tags.c.version_id, sa.literal(1), t.version_tags.c.tag)
                 .where(t.version_tags.c.version_id.in_(chunk)))
             for vid, kind, name in conn.execute(names_q):
-                (tag_map if kind else alias_map)[vid].append(name)
-        run_paths: dict[int, str] = {}
-        run_pks = {r.run_pk for r in rows if r.run_pk is not None}
-        if run_pks:
-            q = (sa.select(t.runs.c.pk, t.runs.c.run_id, t.projects.c.name, t.entities.c.name)
-                 .join(t.projects, t.runs.c.project_id == t.projects.c.id)
-                 .join(t.entities, t.projects.c.entity_id == t.entities.c.id)
-                 .where(t.runs.c.pk.in_(run_pks)))
-            run_paths = {pk: f"{e}/{p}/{rid}" for pk, rid, p, e in conn.execute(q)}
-        sources: dict[str, sa.Row] = {}
-        src_ids = {r.source_id for r in rows if r.source_id}
-        if src_ids:
-            sources = {s.id: s for s in conn.execute(self._version_query().where(t.versions.c.id.in_(src_ids)))}
-        out = []
-        for r in rows:
-            src = sources.get(r.source_id) if r.source_id else None
-            out.append(VersionRecord(
-                id=r.id, entity=r.e_name, project=r.p_name, collection=r.c_name, index=r.idx,
-                type=src.c_type if src is not None else r.c_type, digest=r.digest, manifest_md5=r.manifest_md5,
-                size=r.size, file_count=r.file_count, description=r.description, metadata=dict(r.meta or {}),
-                aliases=tuple(sorted(alias_map[r.id], key=lambda a: (a != "latest", a))),
-                tags=tuple(sorted(tag_map[r.id])), created_at=_aware(r.created_at),
-                updated_at=_aware(r.updated_at), ttl_seconds=r.ttl_seconds, state=r.state,
-                logged_by_run=run_paths.get(r.run_pk) if r.run_pk is not None else None,
-                source_entity=src.e_name if src is not None else None,
-                source_project=src.p_name if src is not None else None,
-                source_collection=src.c_name if src is not None else None,
-                source_index=src.idx if src is not None else None,
-            ))
-        return out
+                (tags if kind else aliases).setdefault(vid, []).append(name)
+        return [_version_record(r, aliases.get(r.id, ()), tags.get(r.id, ())) for r in rows]
 
     def _record(self, conn: Connection, version_id: str) -> VersionRecord:
         rows = conn.execute(self._version_query().where(t.versions.c.id == version_id)).all()
@@ -294,34 +419,43 @@ class RegistryCore:
             q = sa.select(t.projects.c.name).where(t.projects.c.entity_id == eid).order_by(t.projects.c.name)
             return [r[0] for r in c.execute(q)]
 
+    def _collection_names(self, c: Connection, names: _CollectionNames,
+                          in_scope: Callable[[sa.ColumnElement[Any]], sa.ColumnElement[bool]], *,
+                          counts: bool = False, version_tags: bool = False) -> None:
+        """Add to ``names`` the aliases and tags of the collections ``in_scope`` (a filter on a
+        collection id column) and, if asked, their committed-version counts and the tags of their
+        committed versions: one UNION ALL, ordered by name as the tags always were."""
+        no_text, no_int = sa.cast(sa.null(), sa.String), sa.cast(sa.null(), sa.Integer)
+        committed = t.versions.c.state == "COMMITTED"
+        parts: list[sa.Select] = [
+            sa.select(sa.literal(_ALIAS).label("kind"), t.aliases.c.collection_id.label("cid"),
+                      t.aliases.c.version_id.label("vid"), t.aliases.c.alias.label("name"), t.versions.c.idx.label("n"))
+            .join(t.versions, t.aliases.c.version_id == t.versions.c.id).where(in_scope(t.aliases.c.collection_id)),
+            sa.select(sa.literal(_TAG), t.collection_tags.c.collection_id, no_text, t.collection_tags.c.tag, no_int)
+            .where(in_scope(t.collection_tags.c.collection_id)),
+        ]
+        if counts:
+            parts.append(sa.select(sa.literal(_COUNT), t.versions.c.collection_id, no_text, no_text, sa.func.count())
+                         .where(in_scope(t.versions.c.collection_id), committed).group_by(t.versions.c.collection_id))
+        if version_tags:
+            parts.append(sa.select(sa.literal(_VERSION_TAG), t.versions.c.collection_id, t.version_tags.c.version_id,
+                                   t.version_tags.c.tag, no_int)
+                         .join(t.versions, t.version_tags.c.version_id == t.versions.c.id)
+                         .where(in_scope(t.versions.c.collection_id), committed))
+        union = sa.union_all(*parts)
+        for row in c.execute(union.order_by(union.selected_columns.name)):
+            names.add(row)
+
     def _collection_records(self, c: Connection, rows: Iterable[sa.Row], entity: str, project: str) -> list[CollectionRecord]:
-        """Records for collection rows in three queries per 500 collections (aliases, version
+        """Records for collection rows in one query per 500 collections (aliases, version
         counts, tags), not three per collection."""
         rows = list(rows)
-        aliases: dict[int, dict[str, int]] = {r.id: {} for r in rows}
-        counts: dict[int, int] = {}
-        tags: dict[int, list[str]] = {r.id: [] for r in rows}
+        names = _CollectionNames()
         ids = [r.id for r in rows]
         for i in range(0, len(ids), _BLOB_BATCH):
             chunk = ids[i:i + _BLOB_BATCH]
-            for cid, alias, idx in c.execute(
-                    sa.select(t.aliases.c.collection_id, t.aliases.c.alias, t.versions.c.idx)
-                    .join(t.versions, t.aliases.c.version_id == t.versions.c.id)
-                    .where(t.aliases.c.collection_id.in_(chunk))):
-                aliases[cid][alias] = idx
-            counts.update((cid, n) for cid, n in c.execute(
-                sa.select(t.versions.c.collection_id, sa.func.count())
-                .where(t.versions.c.collection_id.in_(chunk), t.versions.c.state == "COMMITTED")
-                .group_by(t.versions.c.collection_id)))
-            for cid, tag in c.execute(sa.select(t.collection_tags.c.collection_id, t.collection_tags.c.tag)
-                                      .where(t.collection_tags.c.collection_id.in_(chunk))
-                                      .order_by(t.collection_tags.c.tag)):
-                tags[cid].append(tag)
-        return [CollectionRecord(
-            entity=entity, project=project, name=row.name, type=row.type, description=row.description,
-            created_at=_aware(row.created_at), tags=tuple(tags[row.id]), version_count=counts.get(row.id, 0),
-            aliases=aliases[row.id],
-        ) for row in rows]
+            self._collection_names(c, names, lambda col: col.in_(chunk), counts=True)
+        return [names.record(row, entity, project) for row in rows]
 
     def list_collections(self, entity: str, project: str, type: str | None = None) -> list[CollectionRecord]:
         with self._read() as c:
@@ -337,8 +471,9 @@ class RegistryCore:
             return self._collection_records(c, [row], entity, project)[0]
 
     def list_project(self, entity: str, project: str) -> tuple[list[CollectionRecord], list[VersionRecord]]:
-        """A project's collections and all their committed versions, in one read transaction and
-        a constant number of queries (what a mount lists as ``name:vN`` and ``name:alias``)."""
+        """A project's collections and all their committed versions (what a mount lists as
+        ``name:vN`` and ``name:alias``) in three queries however many there are: the collections;
+        the versions with their run and source paths; the aliases and tags of both."""
         with self._read() as c:
             rows = c.execute(sa.select(t.collections)
                              .join(t.projects, t.collections.c.project_id == t.projects.c.id)
@@ -350,8 +485,15 @@ class RegistryCore:
                 return [], []
             pid = rows[0].project_id
             q = self._version_query().where(t.collections.c.project_id == pid, t.versions.c.state == "COMMITTED")
-            versions = self._records(c, c.execute(q.order_by(t.collections.c.name, t.versions.c.idx)).all())
-            return self._collection_records(c, rows, entity, project), versions
+            version_rows = c.execute(q.order_by(t.collections.c.name, t.versions.c.idx)).all()
+            names = _CollectionNames()
+            self._collection_names(c, names, lambda col: col.in_(
+                sa.select(t.collections.c.id).where(t.collections.c.project_id == pid)), version_tags=True)
+            # the committed versions are all here: their count needs no query
+            names.counts.update(Counter(r.collection_id for r in version_rows))
+            versions = [_version_record(r, names.version_aliases.get(r.id, ()), names.version_tags.get(r.id, ()))
+                        for r in version_rows]
+            return [names.record(row, entity, project) for row in rows], versions
 
     def list_types(self, entity: str, project: str) -> list[str]:
         with self._read() as c:
@@ -388,8 +530,8 @@ class RegistryCore:
                 c.execute(t.collections.update().where(t.collections.c.id == row.id).values(**values))
             if new_tags is not None:
                 c.execute(t.collection_tags.delete().where(t.collection_tags.c.collection_id == row.id))
-                for tag in dict.fromkeys(new_tags):
-                    c.execute(t.collection_tags.insert().values(collection_id=row.id, tag=tag))
+                self._insert_ignore_many(c, t.collection_tags,
+                                         [{"collection_id": row.id, "tag": x} for x in dict.fromkeys(new_tags)])
             row = c.execute(sa.select(t.collections).where(t.collections.c.id == row.id)).one()
             return self._collection_records(c, [row], entity, project)[0]
 
@@ -454,39 +596,22 @@ class RegistryCore:
 
         Refused (ManifestError): invalid UTF-8, bytes after the closing brace, nesting too deep,
         sizes outside [0, 2^63), more than MAX_ENTRIES entries, a path listed twice, a path that
-        is both a file and a directory (``a`` and ``a/b``).
+        is both a file and a directory (``a`` and ``a/b``).  The blob is read once (one GET from
+        S3): its UTF-8 is checked as it is parsed, and invalid UTF-8 anywhere in it is the error
+        reported, whatever else is wrong before it.
         """
-        with self.blobs.open(entity, manifest_md5) as f:
-            decoder = codecs.getincrementaldecoder("utf-8")("strict")
+        with self.blobs.open(entity, manifest_md5) as raw:
+            f = _Utf8Checked(raw, manifest_md5)
+            refused: ArtifactFSError | None = None
             try:
-                while chunk := f.read(1 << 20):
-                    decoder.decode(chunk)
-                decoder.decode(b"", final=True)
-            except UnicodeDecodeError as exc:
-                raise ManifestError(f"manifest {manifest_md5} is not valid UTF-8 (byte {exc.start} of a chunk)") from None
-        pairs: list[tuple[str, str]] = []
-        size = 0
-        content: dict[str, tuple[int, str]] = {}
-        with self.blobs.open(entity, manifest_md5) as f:
-            try:
-                for e in iter_entries(f):
-                    if len(pairs) >= names.MAX_ENTRIES:
-                        raise ManifestError(f"manifest has more than {names.MAX_ENTRIES} entries")
-                    esize = e.size or 0
-                    if isinstance(esize, bool) or not isinstance(esize, int) or not 0 <= esize <= names.MAX_ENTRY_SIZE:
-                        raise ManifestError(f"entry {e.path!r} has size {e.size!r}; sizes are 0 to 2^63-1 bytes")
-                    pairs.append((e.path, e.digest))
-                    size += esize
-                    if e.ref is None:
-                        try:
-                            content[b64_to_hex(e.digest)] = (esize, e.path)
-                        except ValueError:
-                            raise MissingBlobError(f"entry {e.path!r} has digest {e.digest!r}, not a base64 md5") from None
-                trailing = f.read(4096)
-            except RecursionError:
-                raise ManifestError(f"manifest {manifest_md5} is nested too deeply") from None
-            except (UnicodeDecodeError, OverflowError, TypeError) as exc:
-                raise ManifestError(f"manifest {manifest_md5} is not readable: {exc}") from None
+                pairs, size, content, trailing = _parse_manifest(f, manifest_md5)
+            except _NotUtf8:
+                raise
+            except ArtifactFSError as exc:
+                refused = exc
+            f.drain()  # the rest is UTF-8 too, else that is the error (as when it was checked first)
+        if refused is not None:
+            raise refused
         if trailing.strip():
             raise ManifestError(f"manifest {manifest_md5} has bytes after its closing brace: {trailing[:40]!r}")
         if size > names.MAX_ENTRY_SIZE:
@@ -529,58 +654,92 @@ class RegistryCore:
                 raise ManifestError(f"entry {path!r} claims {esize} bytes but its blob {md5} holds {have[md5]}")
         now = utcnow()
         with self._write() as c:
-            # An existing collection (the usual commit) is found and locked in one query; the
-            # entity, project and collection are created only when it is not there.
-            col = self._find_collection(c, req.entity, req.project, req.collection, lock=True)
+            # An existing collection (the usual commit) is found and locked in one query, with
+            # what the commit needs to know; the entity, project and collection are created only
+            # when it is not there.
+            col = self._commit_target(c, req)
             if col is None:
                 pid = self._project_id(c, req.entity, req.project, create=True)
                 self._insert_ignore(c, t.collections, project_id=pid, name=req.collection, type=req.type,
                                     description=None, created_at=now, next_index=0, kind="sequence")
-                col = self._collection_row(c, req.entity, req.project, req.collection, lock=True)
-            pid = col.project_id
+                col = self._commit_target(c, req)
+                if col is None:
+                    raise _collection_missing(req.entity, req.project, req.collection)
             if col.type != req.type:
                 raise ConflictError(
                     f"artifact {req.collection!r} already exists with type {col.type!r}; "
                     f"log it as type {col.type!r} or choose another name")
-            run_pk = self._run_pk(c, pid, req.run_id) if req.run_id else None
-            latest = c.execute(sa.select(t.versions.c.id, t.versions.c.digest)
-                               .join(t.aliases, t.aliases.c.version_id == t.versions.c.id)
-                               .where(t.aliases.c.collection_id == col.id, t.aliases.c.alias == "latest")).first()
-            if req.expect_latest is not None and (latest.id if latest is not None else "") != req.expect_latest:
+            if req.run_id and col.run_pk is None:
+                raise _run_missing(req.run_id)
+            if req.expect_latest is not None and (col.latest_id or "") != req.expect_latest:
                 raise LatestMovedError(f"{req.entity}/{req.project}/{req.collection}: latest moved since this commit "
                                        "was prepared; re-read it and commit again")
-            if latest is not None and latest.digest == digest:
-                self._add_aliases(c, col.id, latest.id, user_aliases)
-                for tag in tags:
-                    self._insert_ignore(c, t.version_tags, version_id=latest.id, tag=tag)
-                if run_pk is not None:
-                    self._insert_ignore(c, t.usages, run_pk=run_pk, version_id=latest.id, use_as=None)
-                return self._record(c, latest.id), False
+            if col.latest_id is not None and col.latest_digest == digest:
+                self._add_aliases(c, col.id, col.latest_id, user_aliases)
+                self._add_tags(c, col.latest_id, tags)
+                if col.run_pk is not None:
+                    self._insert_ignore(c, t.usages, run_pk=col.run_pk, version_id=col.latest_id, use_as=None)
+                return self._record(c, col.latest_id), False
             idx = col.next_index
             c.execute(t.collections.update().where(t.collections.c.id == col.id).values(next_index=idx + 1))
-            vid = uuid.uuid4().hex
-            ttl = req_ttl
-            if ttl is TtlSentinel.INHERIT:
-                ttl = c.execute(sa.select(t.entities.c.default_ttl_seconds)
-                                .join(t.projects, t.projects.c.entity_id == t.entities.c.id)
-                                .where(t.projects.c.id == pid)).scalar()
+            ttl: float | None = col.default_ttl if isinstance(req_ttl, TtlSentinel) else req_ttl  # INHERIT
+            new = VersionRecord(
+                id=uuid.uuid4().hex, entity=col.e_name, project=col.p_name, collection=col.name, index=idx,
+                type=col.type, digest=digest, manifest_md5=req.manifest_md5, size=size, file_count=file_count,
+                description=description, metadata=meta, aliases=_alias_order(dict.fromkeys(["latest", *user_aliases])),
+                tags=tuple(sorted(set(tags))), created_at=now, updated_at=now, ttl_seconds=ttl, state="COMMITTED",
+                logged_by_run=f"{col.e_name}/{col.p_name}/{req.run_id}" if col.run_pk is not None else None)
             c.execute(t.versions.insert().values(
-                id=vid, collection_id=col.id, idx=idx, digest=digest, manifest_md5=req.manifest_md5,
+                id=new.id, collection_id=col.id, idx=idx, digest=digest, manifest_md5=req.manifest_md5,
                 size=size, file_count=file_count, description=description, meta=meta,
-                created_at=now, updated_at=now, ttl_seconds=ttl, state="COMMITTED", run_pk=run_pk,
+                created_at=now, updated_at=now, ttl_seconds=ttl, state="COMMITTED", run_pk=col.run_pk,
                 source_id=None))
-            self._add_aliases(c, col.id, vid, ["latest", *user_aliases])
-            for tag in tags:
-                self._insert_ignore(c, t.version_tags, version_id=vid, tag=tag)
-            return self._record(c, vid), True
+            self._add_aliases(c, col.id, new.id, new.aliases)
+            self._add_tags(c, new.id, tags)
+            return new, True  # what _record would read back, without reading it (the tests compare them)
+
+    def _commit_target(self, c: Connection, req: CommitRequest) -> sa.Row | None:
+        """The collection a commit goes into, locked, and in the same query what the commit
+        needs: its entity and project names, the entity's default TTL, the collection's latest
+        version (id, digest) and the key of the run that logs it.
+
+        A PostgreSQL query that waited for the lock sees the locked row as it is now but the
+        other rows as they were when it started; when the holder moved ``latest`` meanwhile
+        (a commit or a link: ``next_index`` moved since then) the query is asked again, the lock
+        now held, so a commit never decides on a latest that is gone."""
+        latest_alias, latest, seen = t.aliases.alias("latest_alias"), t.versions.alias("latest"), t.collections.alias("seen")
+        run_pk: sa.ColumnElement[Any] = sa.null()
+        if req.run_id:
+            run_pk = sa.select(t.runs.c.pk).where(t.runs.c.project_id == t.collections.c.project_id,
+                                                  t.runs.c.run_id == req.run_id).scalar_subquery()
+        q = (self._collection_query(req.entity, req.project, req.collection)
+             .add_columns(t.entities.c.name.label("e_name"), t.projects.c.name.label("p_name"),
+                          t.entities.c.default_ttl_seconds.label("default_ttl"), latest.c.id.label("latest_id"),
+                          latest.c.digest.label("latest_digest"), run_pk.label("run_pk"),
+                          sa.select(seen.c.next_index).where(seen.c.id == t.collections.c.id)
+                          .scalar_subquery().label("seen_next_index"))
+             .outerjoin(latest_alias, (latest_alias.c.collection_id == t.collections.c.id)
+                        & (latest_alias.c.alias == "latest"))
+             .outerjoin(latest, latest.c.id == latest_alias.c.version_id))
+        if self._pg:
+            q = q.with_for_update(of=t.collections)
+        row = c.execute(q).first()
+        if row is not None and row.next_index != row.seen_next_index:
+            row = c.execute(q).first()
+        return row
 
     def _add_aliases(self, c: Connection, collection_id: int, version_id: str, alias_list: Iterable[str]) -> None:
-        """Point each alias at the version, taking it from whichever version held it."""
-        for alias in dict.fromkeys(alias_list):  # one upsert each (the alias is the key with the collection)
-            insert = (postgresql if self._pg else sqlite).insert(t.aliases).values(
-                collection_id=collection_id, alias=alias, version_id=version_id)
+        """Point each alias at the version, taking it from whichever version held it: one upsert
+        (the alias is the key with the collection) per 500 aliases."""
+        rows = [{"collection_id": collection_id, "alias": a, "version_id": version_id} for a in dict.fromkeys(alias_list)]
+        for i in range(0, len(rows), _BLOB_BATCH):
+            insert = (postgresql if self._pg else sqlite).insert(t.aliases).values(rows[i:i + _BLOB_BATCH])
             c.execute(insert.on_conflict_do_update(index_elements=[t.aliases.c.collection_id, t.aliases.c.alias],
                                                    set_={"version_id": version_id}))
+
+    def _add_tags(self, c: Connection, version_id: str, tags: Iterable[str]) -> None:
+        """Tag the version (tags it has already stay): one statement per 500 tags."""
+        self._insert_ignore_many(c, t.version_tags, [{"version_id": version_id, "tag": x} for x in dict.fromkeys(tags)])
 
     def update_version(self, version_id: str, *, aliases: Iterable[str] | None = None,
                        tags: Iterable[str] | None = None, metadata: dict[str, Any] | None = None,
@@ -614,8 +773,7 @@ class RegistryCore:
                 self._add_aliases(c, row.collection_id, version_id, new_aliases)
             if new_tags is not None:
                 c.execute(t.version_tags.delete().where(t.version_tags.c.version_id == version_id))
-                for tag in dict.fromkeys(new_tags):
-                    c.execute(t.version_tags.insert().values(version_id=version_id, tag=tag))
+                self._add_tags(c, version_id, new_tags)
             return self._record(c, version_id)
 
     def delete_version(self, version_id: str, delete_aliases: bool = False) -> None:
@@ -647,7 +805,7 @@ class RegistryCore:
         row = c.execute(sa.select(t.runs.c.pk).where(t.runs.c.project_id == project_id,
                                                      t.runs.c.run_id == run_id)).first()
         if row is None:
-            raise NotFoundError(f"run {run_id!r} not found")
+            raise _run_missing(run_id)
         return row[0]
 
     def _run_record(self, row: sa.Row, entity: str, project: str) -> RunRecord:
@@ -857,9 +1015,8 @@ class RegistryCore:
         now = utcnow()
         with self._write() as c:
             ids = {e: self._entity_id(c, e, create=True) for e in dict.fromkeys(e for e, _, _ in items)}
-            rows = [{"entity_id": ids[e], "md5": m, "size": n, "created_at": now} for e, m, n in items]
-            for i in range(0, len(rows), _BLOB_BATCH):
-                self._insert_ignore_many(c, t.blobs, rows[i:i + _BLOB_BATCH])
+            self._insert_ignore_many(c, t.blobs, [{"entity_id": ids[e], "md5": m, "size": n, "created_at": now}
+                                                  for e, m, n in items])
 
     # -- links (portfolios / registries), TTL ---------------------------------------------------
     def link_version(self, version_id: str, entity: str, project: str, collection: str,
