@@ -5,6 +5,11 @@ the same filesystem), and on success flushes it, fsyncs it, renames it over the 
 fsyncs the directory, so the new content survives a crash once the call returns.  On any
 error the temp file is removed and the target is untouched.  ``durable=False`` skips both
 fsyncs, for files that are only hints and rebuilt when lost (a partial download's bitmap).
+:func:`atomic_fd` is the same writer yielding the temp file's descriptor, for a caller that
+fills it in the kernel (``os.copy_file_range``, ``os.sendfile``) rather than through a buffer.
+
+The temp file's directory is made (with its parents) only when creating the file finds it
+missing, so writing many files into one directory costs no ``mkdir`` per file.
 
 :func:`replace_durably` is the rename half, for a writer that makes its temp file another way
 (SQLite builds an index at a path; the cache hashes while it writes).
@@ -12,12 +17,26 @@ fsyncs, for files that are only hints and rebuilt when lost (a partial download'
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import os
-import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
+
+_CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+#: temp names are ``<random per process><counter>``: unique without a random read per file
+_serial = itertools.count()
+_prefix = os.urandom(6).hex()
+
+
+def _new_prefix() -> None:
+    global _prefix
+    _prefix = os.urandom(6).hex()
+
+
+os.register_at_fork(after_in_child=_new_prefix)  # a forked child does not repeat its parent's names
 
 
 def fsync_dir(path: str | os.PathLike[str]) -> None:
@@ -36,25 +55,70 @@ def replace_durably(tmp: str | os.PathLike[str], dest: str | os.PathLike[str], *
         fsync_dir(Path(dest).parent)
 
 
-@contextmanager
-def atomic_write(dest: str | os.PathLike[str], *, mode: int = 0o666, tmp_dir: Path | None = None,
-                 durable: bool = True) -> Iterator[BinaryIO]:
-    """Yield a binary file whose content replaces ``dest`` when the block ends without error.
+def _create_temp(dest: str, where: str, mode: int) -> tuple[str, int]:
+    """A new temp file in ``where`` for ``dest`` (the directory made if missing): (path, fd)."""
+    stem = f"{where}/.{dest.rpartition('/')[2][:100]}."
+    for _attempt in range(8):  # a name taken (a crashed writer's leftover): the next serial
+        tmp = f"{stem}{_prefix}{next(_serial):x}.tmp"
+        try:
+            return tmp, os.open(tmp, _CREATE, mode)
+        except FileNotFoundError:
+            os.makedirs(where, exist_ok=True)
+        except FileExistsError:
+            pass
+    tmp = f"{stem}{os.urandom(8).hex()}.tmp"
+    return tmp, os.open(tmp, _CREATE, mode)
+
+
+class atomic_fd:  # noqa: N801 - used like the function-style context managers beside it
+    """``with atomic_fd(dest) as fd``: the descriptor of a new file whose content replaces
+    ``dest`` when the block ends without error (the writer of :func:`atomic_write`; the
+    descriptor is closed here).  A class, not a generator: it runs once per file of a download.
 
     ``mode`` is the new file's permission bits, less the umask (as ``open`` creates files);
     0o600 keeps a secret unreadable by others from the first byte on.
     """
-    dest = Path(dest)
-    where = tmp_dir if tmp_dir is not None else dest.parent
-    where.mkdir(parents=True, exist_ok=True)
-    tmp = where / f".{dest.name[:100]}.{uuid.uuid4().hex[:12]}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            yield f
-            f.flush()
-            if durable:
-                os.fsync(f.fileno())
-        replace_durably(tmp, dest, durable=durable)
-    finally:
-        tmp.unlink(missing_ok=True)
+
+    __slots__ = ("dest", "where", "mode", "durable", "tmp", "fd")
+
+    def __init__(self, dest: str | os.PathLike[str], *, mode: int = 0o666, tmp_dir: Path | None = None,
+                 durable: bool = True) -> None:
+        self.dest = os.fspath(dest)
+        parent = self.dest.rpartition("/")[0] if "/" in self.dest else "."
+        self.where = os.fspath(tmp_dir) if tmp_dir is not None else parent
+        self.mode = mode
+        self.durable = durable
+
+    def __enter__(self) -> int:
+        self.tmp, self.fd = _create_temp(self.dest, self.where, self.mode)
+        return self.fd
+
+    def __exit__(self, exc_type: type[BaseException] | None, *_exc: object) -> None:
+        try:
+            try:
+                if exc_type is None and self.durable:
+                    os.fsync(self.fd)
+            finally:
+                os.close(self.fd)
+            if exc_type is None:
+                replace_durably(self.tmp, self.dest, durable=self.durable)
+                return
+        except BaseException:
+            self._discard()
+            raise
+        self._discard()
+
+    def _discard(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.tmp)
+
+
+@contextmanager
+def atomic_write(dest: str | os.PathLike[str], *, mode: int = 0o666, tmp_dir: Path | None = None,
+                 durable: bool = True) -> Iterator[BinaryIO]:
+    """Yield a binary file whose content replaces ``dest`` when the block ends without error
+    (see :func:`atomic_fd` for ``mode``)."""
+    with atomic_fd(dest, mode=mode, tmp_dir=tmp_dir, durable=durable) as fd, \
+            os.fdopen(fd, "wb", closefd=False) as f:
+        yield f
+        f.flush()

@@ -20,7 +20,8 @@ Why it is built this way:
 * Size and LRU order are kept incrementally in ``index.sqlite`` (:mod:`client.cache_index`):
   a miss reads the total in O(1) and the oldest objects in O(log n), never rescanning the
   directory.  ``lookup`` also touches the object's atime (the stamp a rebuild reads, as
-  ``max(atime, mtime)``).  The directory stays the truth: ``prune`` reconciles the index with
+  ``max(atime, mtime)``); ``open_checked`` does the same but hands the index row to its caller,
+  so a download of many cached files writes all their stamps in one transaction.  The directory stays the truth: ``prune`` reconciles the index with
   it.  A corrupt object (wrong size, failed verify) is dropped and treated as a miss.  The
   mtime is left alone so that it keeps meaning "content last written".
 * Verified markers: an object whose bytes were hashed *and* are durable carries the xattr
@@ -247,6 +248,7 @@ class Cache:
         self.tmp_dir = self.root / "tmp"
         self.locks_dir = self.root / "locks"
         self.partial_dir = self.root / "partial"
+        self._objects = str(self.objects_dir)
         for d in (self.objects_dir, self.tmp_dir, self.locks_dir, self.partial_dir):
             d.mkdir(parents=True, exist_ok=True)
         self._shards: set[str] = set()  #: shard dirs known to exist (saves a mkdir per insert)
@@ -257,8 +259,12 @@ class Cache:
     # -- addressing ------------------------------------------------------------------------
     def path(self, md5_hex: str) -> Path:
         """Where the complete object for ``md5_hex`` lives (it may not exist)."""
+        return Path(self._object_name(md5_hex))
+
+    def _object_name(self, md5_hex: str) -> str:
+        """:meth:`path` as a string (no pathlib work for the per-file loops of a download)."""
         _check_key(md5_hex)
-        return self.objects_dir / md5_hex[:2] / md5_hex[2:]
+        return f"{self._objects}/{md5_hex[:2]}/{md5_hex[2:]}"
 
     def _lock(self, md5_hex: str) -> _KeyLock:
         if md5_hex.startswith(PARTIAL_KEY):
@@ -334,53 +340,93 @@ class Cache:
             st = p.stat()
         except FileNotFoundError:
             return None
-        if size is not None and st.st_size != size:
-            log.warning("cache object %s has %d bytes, expected %d: dropping it", md5_hex, st.st_size, size)
-            self.drop(md5_hex)
+        if not self._sized(md5_hex, st, size):
             return None
-        now = time.time()
-        if now - max(st.st_atime, st.st_mtime) > _TOUCH_GRANULARITY:
-            now_ns = time.time_ns()
-            with contextlib.suppress(OSError):
-                os.utime(p, ns=(now_ns, st.st_mtime_ns))  # atime = LRU; mtime stays
-            self.index.put(md5_hex, st.st_size, now_ns)  # also adds an object the index missed
+        if (stamp := self._restamp(p, md5_hex, st)) is not None:
+            self.index.put(*stamp)
         return p
+
+    def _sized(self, md5_hex: str, st: os.stat_result, size: int | None) -> bool:
+        """Whether the object has ``size`` bytes (any, for None); a wrong size is corruption:
+        the object is dropped."""
+        if size is None or st.st_size == size:
+            return True
+        log.warning("cache object %s has %d bytes, expected %d: dropping it", md5_hex, st.st_size, size)
+        self.drop(md5_hex)
+        return False
+
+    def _restamp(self, obj: Path | int, md5_hex: str, st: os.stat_result) -> tuple[str, int, int] | None:
+        """Move the LRU stamp of the used object ``obj`` (a path or an open fd) when it is older
+        than :data:`_TOUCH_GRANULARITY`: its atime now (mtime stays); returns the index row to
+        write (it also adds an object the index missed), None when the stamp was recent."""
+        if time.time() - max(st.st_atime, st.st_mtime) <= _TOUCH_GRANULARITY:
+            return None
+        now_ns = time.time_ns()
+        with contextlib.suppress(OSError):
+            os.utime(obj, ns=(now_ns, st.st_mtime_ns))
+        return md5_hex, st.st_size, now_ns
+
+    def save_stamps(self, stamps: list[tuple[str, int, int]]) -> None:
+        """Write the index rows :meth:`open_checked` collected, in one transaction."""
+        if stamps:
+            self.index.put_many(stamps)
 
     def verify(self, md5_hex: str) -> bool:
         """Re-hash the object; a corrupt one is dropped.  False when absent or corrupt.
 
         A good object gets a verified marker, so :meth:`checked` can skip the next hash.
         """
-        p = self.path(md5_hex)
         try:
-            fd = os.open(p, os.O_RDONLY)
+            fd = os.open(self._object_name(md5_hex), os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
             return False
         try:
-            if (actual := md5_fd(fd)) != md5_hex:
-                log.warning("cache object %s hashes to %s: dropping it", md5_hex, actual)
-                self.drop(md5_hex)
-                return False
-            set_verified_marker(fd, md5_hex)
-            return True
+            return self._verify_fd(md5_hex, fd)
         finally:
             os.close(fd)
 
-    def checked(self, md5_hex: str, size: int) -> Path | None:
-        """The object if present, of ``size`` bytes and verified: by its marker, else by a hash."""
-        p = self.lookup(md5_hex, size)
-        if p is None:
-            return None
+    def _verify_fd(self, md5_hex: str, fd: int) -> bool:
+        if (actual := md5_fd(fd)) != md5_hex:
+            log.warning("cache object %s hashes to %s: dropping it", md5_hex, actual)
+            self.drop(md5_hex)
+            return False
+        set_verified_marker(fd, md5_hex)
+        return True
+
+    def open_checked(self, md5_hex: str, size: int, stamps: list[tuple[str, int, int]]) -> int | None:
+        """A read-only descriptor of the object if it is present, of ``size`` bytes and verified
+        (by its marker, else by a hash), else None (a corrupt object is dropped).  The caller
+        reads the very inode that was checked, and closes it.
+
+        Its LRU stamp moves as in :meth:`lookup`, but the index row is appended to ``stamps``,
+        for the caller to write with the others of one batch by :meth:`save_stamps`.
+        """
         try:
-            fd = os.open(p, os.O_RDONLY)
+            fd = os.open(self._object_name(md5_hex), os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
             return None
         try:
-            if has_verified_marker(fd, md5_hex):
-                return p
-        finally:
+            st = os.fstat(fd)
+            if self._sized(md5_hex, st, size) and (has_verified_marker(fd, md5_hex, st)
+                                                   or self._verify_fd(md5_hex, fd)):
+                if (stamp := self._restamp(fd, md5_hex, st)) is not None:
+                    stamps.append(stamp)
+                return fd
+        except BaseException:
             os.close(fd)
-        return p if self.verify(md5_hex) else None
+            raise
+        os.close(fd)
+        return None
+
+    def checked(self, md5_hex: str, size: int) -> Path | None:
+        """The object if present, of ``size`` bytes and verified: by its marker, else by a hash."""
+        stamps: list[tuple[str, int, int]] = []
+        fd = self.open_checked(md5_hex, size, stamps)
+        if fd is None:
+            return None
+        os.close(fd)
+        self.save_stamps(stamps)
+        return self.path(md5_hex)
 
     # -- writing ---------------------------------------------------------------------------
     def _install(self, md5_hex: str, tmp: Path, *, mark: bool = True, mtime_ns: int | None = None) -> Path:

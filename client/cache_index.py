@@ -46,6 +46,10 @@ CREATE TRIGGER IF NOT EXISTS objects_upd AFTER UPDATE OF size ON objects BEGIN
   UPDATE totals SET bytes = bytes - OLD.size + NEW.size WHERE id = 0; END;
 """
 
+#: a row for a complete object: its size is set, its stamp too unless the row is pinned
+_PUT = ("INSERT INTO objects VALUES (?, ?, ?) ON CONFLICT (key) DO UPDATE SET size = excluded.size,"
+        " stamp = CASE WHEN objects.stamp >= ? THEN objects.stamp ELSE excluded.stamp END")
+
 
 class CacheIndex:
     """Rows (key, size, stamp) of the complete objects; see the module docstring."""
@@ -109,10 +113,19 @@ class CacheIndex:
 
     def put(self, key: str, size: int, stamp_ns: int) -> None:
         with self._db() as c:
-            c.execute("INSERT INTO objects VALUES (?, ?, ?) ON CONFLICT (key) DO UPDATE"
-                      " SET size = excluded.size,"
-                      " stamp = CASE WHEN objects.stamp >= ? THEN objects.stamp ELSE excluded.stamp END",
-                      (key, size, stamp_ns, PINNED))
+            c.execute(_PUT, (key, size, stamp_ns, PINNED))
+
+    def put_many(self, rows: Iterable[tuple[str, int, int]]) -> None:
+        """:meth:`put` of every (key, size, stamp_ns) row, in one transaction (the LRU stamps of
+        all the objects one download used: one write, not one per file)."""
+        with self._db() as c:
+            c.execute("BEGIN IMMEDIATE")
+            try:
+                c.executemany(_PUT, ((key, size, stamp, PINNED) for key, size, stamp in rows))
+                c.execute("COMMIT")
+            except BaseException:
+                c.execute("ROLLBACK")
+                raise
 
     def pin(self, keys: Iterable[str], stamp_ns: int) -> None:
         """Keep these objects' rows out of eviction (until :meth:`unpin`), in one transaction."""

@@ -65,8 +65,11 @@ def b64_to_hex(md5_b64: str) -> str:
     return raw.hex()
 
 
+_HEX_DIGITS = frozenset("0123456789abcdef")
+
+
 def is_md5_hex(text: str) -> bool:
-    return len(text) == 32 and all(c in "0123456789abcdef" for c in text)
+    return len(text) == 32 and _HEX_DIGITS.issuperset(text)
 
 
 class BytesSink(Protocol):

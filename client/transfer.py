@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from . import progress, references, settings
-from .atomic import atomic_write
+from .atomic import atomic_fd, atomic_write
 from .cache import Cache
 from .errors import ArtifactFSError, ArtifactNotLoggedError, DigestMismatchError, LocalPathError, NotFoundError
 from .hashing import BytesSink, HashingWriter, b64_to_hex, hex_to_b64, is_md5_hex, md5_bytes
@@ -42,6 +42,11 @@ _READ_CHUNK = 16 << 20  #: bytes per read_blob call when streaming from a store
 WHOLE_BLOB_LIMIT = 16 << 20
 #: how long a transfer waits for the URL batch it is in before reading without it
 _SIGN_WAIT = 120.0
+#: bytes copied out of the cache between two updates of the progress meter (per batch, not per file)
+_PROGRESS_BATCH = 1 << 20
+#: errnos of a kernel copy that cannot copy between these two files (another filesystem, an old
+#: kernel, a filesystem without the call): the next, plainer way is used
+_NO_KERNEL_COPY = frozenset({errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL, errno.EPERM})
 #: a downloaded object's mtime is set this far back (the blob is older than its download), so
 #: its verified marker is not "racy" and the next download copies it without hashing it
 _SETTLED_NS = 1_000_000_000
@@ -474,24 +479,146 @@ def _place_bytes(target: Path, data: bytes | bytearray) -> None:
         f.write(data)
 
 
-def _place_copy(src: Path, target: Path, size: int) -> None:
-    """Copy a verified cache object to ``target`` atomically, in the kernel (copy_file_range:
-    a reflink where the filesystem can, else no copy through Python); not fsynced either."""
-    with atomic_write(target, mode=0o600, durable=False) as f, open(src, "rb", buffering=0) as s:
-        done = 0
+def _place_copy(src: int, target: str | Path, size: int, md5: str) -> None:
+    """Copy the verified cache object ``md5`` open at ``src`` to ``target`` atomically, in the
+    kernel where it can (:func:`_copy_fd`); not fsynced either.  An object shorter than
+    ``size`` (truncated since it was checked) leaves nothing at ``target``."""
+    with atomic_fd(target, mode=0o600, durable=False) as out:
+        if (done := _copy_fd(src, out, size)) != size:
+            raise DigestMismatchError(f"cache object {md5} has {done} bytes, expected {size}")
+
+
+def _copy_fd(src: int, dst: int, size: int) -> int:
+    """Copy the first ``size`` bytes of ``src`` into the empty file ``dst``; returns the bytes
+    copied (fewer if ``src`` is shorter).  copy_file_range (a reflink where the filesystem can),
+    else sendfile (another filesystem), else read and write; ``src``'s offset is untouched."""
+    for kernel_copy in (_by_copy_file_range, _by_sendfile):
         try:
-            while done < size and (n := os.copy_file_range(s.fileno(), f.fileno(), size - done)):
-                done += n
+            return kernel_copy(src, dst, size)
         except OSError as exc:
-            if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL, errno.EPERM):
+            if exc.errno not in _NO_KERNEL_COPY:
                 raise
-            f.seek(0)
-            f.truncate()
-            _copy_file(src, f)
-            f.flush()
-            done = os.fstat(f.fileno()).st_size
-        if done != size:
-            raise DigestMismatchError(f"cache object {src} has {done} bytes, expected {size}")
+            os.ftruncate(dst, 0)  # start again from nothing with the next way
+            os.lseek(dst, 0, os.SEEK_SET)
+    done = 0
+    while done < size and (data := os.pread(src, min(_CHUNK, size - done), done)):
+        view = memoryview(data)
+        while view:
+            view = view[os.write(dst, view):]
+        done += len(data)
+    return done
+
+
+def _by_copy_file_range(src: int, dst: int, size: int) -> int:
+    done = 0
+    while done < size and (n := os.copy_file_range(src, dst, size - done, done)):
+        done += n
+    return done
+
+
+def _by_sendfile(src: int, dst: int, size: int) -> int:
+    done = 0
+    while done < size and (n := os.sendfile(dst, src, done, size - done)):
+        done += n
+    return done
+
+
+def _make_executable(target: str | Path) -> None:
+    """x wherever r is (on the umask-limited mode the downloaded file got)."""
+    mode = os.stat(target).st_mode
+    os.chmod(target, mode | ((mode & 0o444) >> 2))
+
+
+class _Listing:
+    """Which names the destination directories held, listed once per directory: a download
+    into a new or sparse tree asks nothing per file to learn that its target is not there."""
+
+    def __init__(self) -> None:
+        self._names: dict[str, frozenset[str]] = {}
+
+    def __contains__(self, path: str) -> bool:
+        parent, _, name = path.rpartition("/")
+        names = self._names.get(parent)
+        if names is None:
+            try:
+                names = frozenset(os.listdir(parent))
+            except (FileNotFoundError, NotADirectoryError):
+                names = frozenset()
+            self._names[parent] = names
+        return name in names
+
+
+def _cacheable_md5(e: ManifestEntry) -> str | None:
+    """The blob an uploaded file's entry names (None for a reference or an invalid digest: the
+    transfer pool handles those, and says what is wrong)."""
+    if e.ref is not None:
+        return None
+    try:
+        return b64_to_hex(e.digest)
+    except ValueError:
+        return None
+
+
+def _copy_cached(cache: Cache, dest: Path, files: list[ManifestEntry],
+                 meter: progress.Meter) -> tuple[int, list[ManifestEntry]]:
+    """Place the ``files`` whose blob the cache holds verified, in the calling thread; returns
+    (bytes written, the files left for the transfer pool).
+
+    A warm download's whole cost: no thread hand-off, no store call, each destination directory
+    listed once (a target the listing lacks is not stat'ed), the progress meter told per batch,
+    and the LRU stamps of every object used written in one index transaction at the end.
+    Everything else is as in the pool: a file already right is kept (hashed to know), a
+    different one replaced (and counted), each copy placed by the atomic writer.
+    """
+    rest: list[ManifestEntry] = []
+    stamps: list[tuple[str, int, int]] = []
+    existing = _Listing()
+    root = str(dest)
+    written = pending = 0  # pending: bytes the meter has not been told yet
+    try:
+        for e in files:
+            if (md5 := _cacheable_md5(e)) is None:
+                rest.append(e)
+                continue
+            target, size = f"{root}/{e.path}", e.size or 0  # entry paths are normalised, relative
+            tick: progress.EntryMeter | None = None
+            replaced = None
+            if target in existing:
+                tick = meter.entry(size)
+                if _present_and_valid(Path(target), md5, e.size, tick):
+                    tick.finish()
+                    meter.file_done(moved=False)
+                    continue
+                replaced = e.path if os.path.isfile(target) else None
+            if (src := cache.open_checked(md5, size, stamps)) is None:
+                rest.append(e)
+                continue
+            try:
+                _place_copy(src, target, size, md5)
+            finally:
+                os.close(src)
+            if e.is_executable:
+                _make_executable(target)
+            meter.file_done(moved=True, replaced=replaced)
+            written += size
+            if tick is not None:
+                tick.finish()
+            elif (pending := pending + size) >= _PROGRESS_BATCH:
+                meter.add(pending)
+                pending = 0
+    finally:
+        cache.save_stamps(stamps)
+    meter.add(pending)
+    return written, rest
+
+
+def _place_object(obj: Path, target: Path, size: int, md5: str) -> None:
+    """:func:`_place_copy` of the cache object at ``obj``."""
+    src = os.open(obj, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        _place_copy(src, target, size, md5)
+    finally:
+        os.close(src)
 
 
 def _cache_bytes(cache: Cache, md5: str, data: bytes | bytearray, failed: list[str]) -> bool:
@@ -516,11 +643,12 @@ def download_entries(store: Store, entity: str, entries: list[ManifestEntry], de
     """Download ``entries`` under ``dest`` in parallel; returns the bytes written.
 
     Files already at ``dest`` with the right md5 are kept (a rerun after Ctrl-C resumes);
-    progress is counted by bytes as they arrive (a bar on a terminal).  Blobs in the cache are
-    copied from it without asking the store anything; the others are fetched on one pool of
-    ``settings.transfers()`` threads with their URLs signed in batches (the next batch signed
-    while the current one downloads) and at most ``settings.transfer_memory()`` bytes of bodies
-    in memory.
+    progress is counted by bytes as they arrive (a bar on a terminal).  Files whose blob the
+    cache holds are copied from it first, in this thread, without asking the store anything
+    (:func:`_copy_cached`); the others are fetched on one pool of ``settings.transfers()``
+    threads with their URLs signed in batches (the next batch signed while the current one
+    downloads) and at most ``settings.transfer_memory()`` bytes of bodies in memory; symbolic
+    links come last.
     """
     cache = None if skip_cache else get_cache()
     meter = progress.Meter(sum(e.size or 0 for e in entries), "download")
@@ -534,13 +662,9 @@ def download_entries(store: Store, entity: str, entries: list[ManifestEntry], de
         if isinstance(e, _Task):
             return e.run()
         target = dest / e.path
-        if e.symlink_target is not None:
-            _place_symlink(target, e.symlink_target)
-            return 0
         written = fetch(e, target)
-        if e.is_executable and e.ref is None:  # x wherever r is (the umask-limited mode the file got)
-            mode = target.stat().st_mode
-            os.chmod(target, mode | ((mode & 0o444) >> 2))
+        if e.is_executable and e.ref is None:
+            _make_executable(target)
         return written
 
     def ref_entity(ref: str) -> str | None:
@@ -581,7 +705,7 @@ def download_entries(store: Store, entity: str, entries: list[ManifestEntry], de
         # (counted, so the CLI can say so); files the artifact does not name are left alone
         replaced = e.path if target.is_file() else None
         if cache is not None and (obj := cache.checked(md5, size)) is not None:
-            _place_copy(obj, target, size)  # verified by its marker (or hashed just now)
+            _place_object(obj, target, size, md5)  # verified by its marker (or hashed just now)
         else:
             if md5 in signed:
                 signed[md5].wait(_SIGN_WAIT)  # its batch is being signed; else read_blob asks itself
@@ -599,26 +723,37 @@ def download_entries(store: Store, entity: str, entries: list[ManifestEntry], de
                 _atomic_write(target, lambda out: _stream_blob(store, blob_entity, md5, size, out, tick), md5)
             else:
                 obj = cache.fetch(md5, size, lambda out: _stream_blob(store, blob_entity, md5, size, out, tick))
-                _place_copy(obj, target, size)
+                _place_object(obj, target, size, md5)
         tick.finish()
         meter.file_done(moved=True, replaced=replaced)
         return size
 
-    links = [e for e in entries if e.symlink_target is not None]
-    files = [e for e in entries if e.symlink_target is None]
-    jobs: Iterable[Any] = files
-    if isinstance(store, UrlBatching):  # URLs signed in batches, only for what the cache lacks
-        wanted = list(dict.fromkeys(
-            md5 for md5, size in ((b64_to_hex(e.digest), e.size or 0) for e in files if e.ref is None)
-            if is_md5_hex(md5) and (cache is None or cache.lookup(md5, size) is None)))
-        batches = [wanted[i:i + store.URL_BATCH] for i in range(0, len(wanted), store.URL_BATCH)]
-        for batch in batches:
-            ev = threading.Event()
-            signed.update((m, ev) for m in batch)
-        jobs = _signing_ahead(store, entity, files, batches, signed)
+    links: list[tuple[ManifestEntry, str]] = []
+    files: list[ManifestEntry] = []
+    for e in entries:
+        if (link := e.symlink_target) is None:
+            files.append(e)
+        else:
+            links.append((e, link))
     with meter:
+        written = 0
+        if cache is not None:  # what the cache holds is copied first, here; the pool gets the rest
+            written, files = _copy_cached(cache, dest, files, meter)
+        jobs: Iterable[Any] = files
+        if files and isinstance(store, UrlBatching):  # URLs signed in batches, only for what the cache lacks
+            wanted = list(dict.fromkeys(
+                md5 for md5, size in ((b64_to_hex(e.digest), e.size or 0) for e in files if e.ref is None)
+                if is_md5_hex(md5) and (cache is None or cache.lookup(md5, size) is None)))
+            batches = [wanted[i:i + store.URL_BATCH] for i in range(0, len(wanted), store.URL_BATCH)]
+            for batch in batches:
+                ev = threading.Event()
+                signed.update((m, ev) for m in batch)
+            jobs = _signing_ahead(store, entity, files, batches, signed)
+        if files:
+            written += sum(_parallel(one, jobs))
         # symbolic links after every file: no file of this download is written through a link it made
-        written = sum(_parallel(one, jobs)) + sum(_parallel(one, links))
+        for e, link in links:
+            _place_symlink(dest / e.path, link)
     if not_cached:  # a failed download says its own error; this is only for one that worked
         log.warning("%d downloaded file(s) were not kept in the cache (first: %s)", len(not_cached), not_cached[0])
     return written

@@ -564,3 +564,140 @@ def test_manifest_is_read_once_through_the_cache_and_verified(tmp_path):
     cached.write_bytes(cached.read_bytes().replace(b"a.txt", b"b.txt"))
     again = client.Api().artifact("p/mcache:latest")
     assert list(again.manifest.entries) == ["a.txt"]
+
+
+# -- a fully cached download's cost (issue 17) ---------------------------------------------------------
+#: the os calls a download makes on files and directories, counted per cached file below
+_FS_CALLS = ("open", "close", "stat", "lstat", "fstat", "getxattr", "mkdir", "listdir", "scandir", "replace",
+             "rename", "unlink", "utime", "chmod", "fchmod", "copy_file_range", "sendfile")
+
+
+def _count_calls(mp: pytest.MonkeyPatch, owner: object, names: list[str], counts: dict[str, int]) -> None:
+    """Count the calls of ``owner.<name>`` in ``counts`` (the real function still runs)."""
+    for name in names:
+        def counted(*a: object, _real: object = getattr(owner, name), _name: str = name, **k: object) -> object:
+            counts[_name] = counts.get(_name, 0) + 1
+            return _real(*a, **k)  # type: ignore[operator]
+        mp.setattr(owner, name, counted)
+
+
+def test_fully_cached_download_is_one_index_transaction_no_store_call_no_pool(sdk_env: dict[str, Path]) -> None:
+    """Every blob cached and its LRU stamp due: ``download()`` asks the (real, embedded) store
+    nothing, starts no transfer pool, moves all the stamps in O(1) index transactions (not one
+    write per file), and makes at most 9 file system calls per file (open the object, fstat it
+    for its size, getxattr for its verified marker, utime its LRU stamp, create the temp file,
+    copy, close both, rename) plus a few per directory.  Counted, not timed."""
+    import random
+    import sqlite3
+    from concurrent.futures import ThreadPoolExecutor
+
+    from client import transfer
+
+    rnd = random.Random(17)
+    n = 120
+    files = {f"d{i % 3}/f{i:03d}.bin": rnd.randbytes(rnd.randrange(1, 5000)) for i in range(n)}
+    art = logged(sdk_env["tmp"], files)  # the log put every blob in the cache
+    cache = transfer.get_cache()
+    long_ago = 1_000_000_000 * 10**9
+    for data in files.values():  # written and last used long ago: every hit is due a new LRU stamp
+        os.utime(cache.path(md5hex(data)), ns=(long_ago, long_ago))
+        assert cache.verify(md5hex(data))  # and verified again (the marker names the mtime)
+        os.utime(cache.path(md5hex(data)), ns=(long_ago, long_ago))  # the hash read moved the atime
+    with sqlite3.connect(cache.root / "index.sqlite") as db:
+        db.execute("UPDATE objects SET stamp = ?", (long_ago,))
+    pools: list[object] = []
+
+    class CountedPool(ThreadPoolExecutor):
+        def __init__(self, *a: object, **k: object) -> None:
+            pools.append(self)
+            super().__init__(*a, **k)  # type: ignore[arg-type]
+
+    store_calls: dict[str, int] = {}
+    fs_calls: dict[str, int] = {}
+    queries = cache.index.queries
+    with pytest.MonkeyPatch.context() as mp:
+        store = art._store
+        _count_calls(mp, store, [m for m in dir(store) if not m.startswith("_") and callable(getattr(store, m))],
+                     store_calls)
+        _count_calls(mp, os, [name for name in _FS_CALLS if hasattr(os, name)], fs_calls)
+        mp.setattr(transfer, "ThreadPoolExecutor", CountedPool)
+        out = Path(art.download(sdk_env["tmp"] / "out"))
+
+    assert tree_of(out) == files
+    assert store_calls == {}
+    assert pools == []
+    assert cache.index.queries - queries <= 3, cache.index.queries - queries  # was one write per file
+    assert sum(fs_calls.values()) <= 9 * n + 30, fs_calls  # was 14 per file
+    with sqlite3.connect(cache.root / "index.sqlite") as db:
+        stamps = dict(db.execute("SELECT key, stamp FROM objects"))
+    assert all(stamps[md5hex(data)] > long_ago for data in files.values())  # the LRU stamps moved
+    assert all(cache.path(md5hex(data)).stat().st_atime_ns > long_ago for data in files.values())
+
+
+def test_cached_download_keeps_exec_bits_links_right_files_and_refetches_short_objects(
+        sdk_env: dict[str, Path]) -> None:
+    """The cache-copy path keeps what the pool did: the exec bit, symbolic links (placed last),
+    a right local file left alone, a different one replaced and counted, and a cache object
+    shorter than its entry dropped and fetched from the store instead of served."""
+    import dataclasses
+    import stat
+
+    from client import progress, transfer
+
+    files = {"run.sh": b"#!/bin/sh\necho hi\n", "d/a.txt": b"alpha" * 50, "d/b.txt": b"beta" * 70,
+             "d/c.txt": b"gamma" * 90}
+    art = logged(sdk_env["tmp"], files)
+    entries = [dataclasses.replace(e, extra={"executable": True}) if e.path == "run.sh" else e for e in art.manifest]
+    entries.append(dataclasses.replace(entries[0], path="d/link", digest=b64md5(b"a.txt"), size=5,
+                                       extra={"symlink": "a.txt"}))
+    dest = sdk_env["tmp"] / "out"
+    write_tree(dest, {"d/a.txt": files["d/a.txt"], "d/b.txt": b"edited locally"})
+    kept = (dest / "d/a.txt").stat().st_ino
+    short = transfer.get_cache().path(md5hex(files["d/c.txt"]))
+    os.chmod(short, 0o644)
+    short.write_bytes(files["d/c.txt"][:-1])
+
+    with progress.collect() as meters:
+        written = transfer.download_entries(art._store, art._blob_entity, entries, dest)
+
+    assert tree_of(dest) == files | {"d/link": b"alpha" * 50}
+    assert os.readlink(dest / "d/link") == "a.txt"
+    assert (dest / "d/a.txt").stat().st_ino == kept
+    mode = stat.S_IMODE((dest / "run.sh").stat().st_mode)
+    assert mode & 0o100 and not stat.S_IMODE((dest / "d/b.txt").stat().st_mode) & 0o111
+    (meter,) = meters
+    assert (meter.files_moved, meter.files_present, meter.replaced) == (3, 1, ["d/b.txt"])
+    assert meter.bytes == sum(len(v) for v in files.values())  # by bytes, as they were (a link moves none)
+    assert written == sum(len(files[p]) for p in ("run.sh", "d/b.txt", "d/c.txt"))
+    assert short.read_bytes() == files["d/c.txt"]  # the short object was dropped and fetched again
+    assert not [p for p in dest.rglob("*") if p.name.endswith(".tmp")]
+
+
+def test_cached_download_to_another_filesystem_copies_by_sendfile(sdk_env: dict[str, Path],
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A cache on another filesystem than the download (copy_file_range refuses: EXDEV) still
+    copies in the kernel, by sendfile, every byte right."""
+    import shutil
+    import tempfile
+
+    from client import transfer
+
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or os.stat(shm).st_dev == os.stat(sdk_env["tmp"]).st_dev:
+        pytest.skip("needs /dev/shm on another filesystem than the test's tmp dir")
+    cache_dir = Path(tempfile.mkdtemp(prefix="afs-cache-", dir=shm))
+    try:
+        monkeypatch.setenv("ARTIFACTFS_CACHE_DIR", str(cache_dir))
+        transfer.close_stores()  # forget the cache of the old location
+        files = {f"d/f{i}": os.urandom(3000 + i) for i in range(5)}
+        art = logged(sdk_env["tmp"], files)
+        art.download(sdk_env["tmp"] / "warm")  # verifies (marks) what the log staged
+        sent: dict[str, int] = {}
+        with pytest.MonkeyPatch.context() as mp:
+            _count_calls(mp, os, ["sendfile"], sent)
+            out = Path(art.download(sdk_env["tmp"] / "out"))
+        assert tree_of(out) == files
+        assert sent == {"sendfile": len(files)}
+    finally:
+        transfer.close_stores()
+        shutil.rmtree(cache_dir)
