@@ -21,9 +21,10 @@ Why it is built this way:
   a miss reads the total in O(1) and the oldest objects in O(log n), never rescanning the
   directory.  ``lookup`` also touches the object's atime (the stamp a rebuild reads, as
   ``max(atime, mtime)``); ``open_checked`` does the same but hands the index row to its caller,
-  so a download of many cached files writes all their stamps in one transaction.  The directory stays the truth: ``prune`` reconciles the index with
-  it.  A corrupt object (wrong size, failed verify) is dropped and treated as a miss.  The
-  mtime is left alone so that it keeps meaning "content last written".
+  so a download of many cached files writes all their stamps in one transaction.  The
+  directory stays the truth: ``prune`` reconciles the index with it.  A corrupt object (wrong
+  size, failed verify) is dropped and treated as a miss.  The mtime is left alone so that it
+  keeps meaning "content last written".
 * Verified markers: an object whose bytes were hashed *and* are durable carries the xattr
   ``user.artifactfs.verified = "<md5> <size> <mtime_ns> <ino> <marked_ns>"``.  :meth:`Cache.checked` trusts
   an object whose marker matches its current stat instead of re-hashing it (1.7 s/GiB), so a

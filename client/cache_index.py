@@ -47,7 +47,8 @@ CREATE TRIGGER IF NOT EXISTS objects_upd AFTER UPDATE OF size ON objects BEGIN
 """
 
 #: a row for a complete object: its size is set, its stamp too unless the row is pinned
-_PUT = ("INSERT INTO objects VALUES (?, ?, ?) ON CONFLICT (key) DO UPDATE SET size = excluded.size,"
+_PUT = ("INSERT INTO objects VALUES (?, ?, ?) ON CONFLICT (key) DO UPDATE"
+        " SET size = excluded.size,"
         " stamp = CASE WHEN objects.stamp >= ? THEN objects.stamp ELSE excluded.stamp END")
 
 
