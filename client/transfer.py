@@ -548,6 +548,16 @@ class _Listing:
         return name in names
 
 
+def _kept(target: Path, md5: str, size: int | None, tick: progress.EntryMeter, meter: progress.Meter) -> bool:
+    """Whether the file already at ``target`` has the right content and is kept (counted as a
+    file done without moving bytes): the rule of both the cached copy and the pool."""
+    if not _present_and_valid(target, md5, size, tick):
+        return False
+    tick.finish()
+    meter.file_done(moved=False)
+    return True
+
+
 def _cacheable_md5(e: ManifestEntry) -> str | None:
     """The blob an uploaded file's entry names (None for a reference or an invalid digest: the
     transfer pool handles those, and says what is wrong)."""
@@ -585,9 +595,7 @@ def _copy_cached(cache: Cache, dest: Path, files: list[ManifestEntry],
             replaced = None
             if target in existing:
                 tick = meter.entry(size)
-                if _present_and_valid(Path(target), md5, e.size, tick):
-                    tick.finish()
-                    meter.file_done(moved=False)
+                if _kept(Path(target), md5, e.size, tick, meter):
                     continue
                 replaced = e.path if os.path.isfile(target) else None
             if (src := cache.open_checked(md5, size, stamps)) is None:
@@ -697,9 +705,7 @@ def download_entries(store: Store, entity: str, entries: list[ManifestEntry], de
         if not is_md5_hex(md5):
             raise DigestMismatchError(f"entry {e.path!r} has an invalid digest")
         tick = meter.entry(size)
-        if _present_and_valid(target, md5, e.size, tick):
-            tick.finish()
-            meter.file_done(moved=False)
+        if _kept(target, md5, e.size, tick, meter):
             return 0
         # wandb's download: a file whose content differs from the manifest is overwritten
         # (counted, so the CLI can say so); files the artifact does not name are left alone
