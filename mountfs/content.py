@@ -59,6 +59,7 @@ from client.hashing import md5_fd
 from client.store.base import LocalBlobs, Store, UrlBatching
 
 from .fetch import (BlockReader, EvictedBlockError, FetchConfig, FetchError, MiB, PartialFile, ReadaheadWindow,
+                    StreamSlots,
                     ShortReadError, StreamBlocks, Streamer, is_temp_failure, retrying)
 from .metrics import FetchMetrics
 from .namespace import SIBLING_BATCH, FileRef
@@ -227,6 +228,7 @@ class ContentReader:
         self.store, self.cache = store, cache
         self.config = config or FetchConfig()
         self._executor = ThreadPoolExecutor(self.config.parallel, thread_name_prefix="artifactfs-fetch")
+        self._stream_slots = StreamSlots(self.config.streams)
         self._io = ThreadPoolExecutor(max(4 * self.config.parallel, 16), thread_name_prefix="artifactfs-io")
         self._lock = threading.Lock()
         self._objects: dict[str, _Object] = {}
@@ -784,7 +786,8 @@ class ContentReader:
                 obj.partial, block_size=self.config.block_size, max_request=self.config.max_request,
                 executor=self._executor,
                 on_complete=lambda: None if obj.whole_pending else self._schedule_promotion(obj),
-                streamer=self._streamer(ref), max_stream=self.config.max_stream)
+                streamer=self._streamer(ref), max_stream=self.config.max_stream,
+                stream_idle=self.config.stream_idle, stream_slots=self._stream_slots)
             if obj.partial.complete() and not obj.whole_pending:  # resumed a fully fetched partial
                 self._schedule_promotion(obj)
 
@@ -1080,10 +1083,14 @@ class ContentReader:
         self._walker.shutdown()  # before the installer: a fetch ahead ends with an install
         self._installer.shutdown(wait=True)  # small installs are quick: let them land
         self._executor.shutdown(wait=False, cancel_futures=True)
+        self._stream_slots.shutdown()
         self._io.shutdown(wait=False, cancel_futures=True)
         with self._lock:
             objects = list(self._objects.values())
             self._objects.clear()
+        for obj in objects:  # a paused stream would otherwise wait out its idle bound
+            if obj.reader is not None:
+                obj.reader.stop_streams()
         for obj in objects:  # fds are left to process exit: fetches may still be running
             if obj.partial is not None:
                 with contextlib.suppress(OSError):

@@ -14,10 +14,14 @@ Layers, bottom up:
 * :class:`ReadaheadWindow` — per open file: a sequential reader gets a window that doubles up
   to a maximum; a random reader gets none (a 4 KiB read costs one ranged request).
 * *streaming*: with a :data:`Streamer` (a store that can stream one ranged GET, see
-  ``HttpStore.stream_blob``), readahead requests grow with the window up to
-  ``FetchConfig.max_stream`` (64 MiB): a sequential reader costs a few large GETs instead of
-  one per 8 MiB, and each block is written, verified and handed to its waiters as it arrives,
-  so memory stays at one block per stream whatever the request size.
+  ``HttpStore.stream_blob``), once a sequential reader's window outgrows an in-memory request
+  it gets ONE stream from there to the end of the file (:class:`_Stream`, at most
+  ``FetchConfig.max_stream``), the way rclone and s3fs read: each block is written, verified
+  and handed to its waiters as it arrives, so memory stays at one block whatever the range.
+  The stream is back-pressured: it claims blocks only up to the reader's window, and when it
+  is that far ahead it stops reading the socket (TCP holds the sender) until the reader moves
+  on; it ends when the file is closed, when it meets a block fetched by someone else, or after
+  ``FetchConfig.stream_idle`` seconds without the reader.
 * the content layer (:class:`ContentReader`, which glues these over Store + Cache) lives in
   :mod:`mountfs.content`, together with the zero-copy storage for an embedded store's blobs.
 
@@ -75,9 +79,15 @@ class ShortReadError(ArtifactFSError):
 class FetchConfig:
     block_size: int = 1 * MiB
     max_request: int = 8 * MiB  #: largest single ranged request held in memory
-    #: largest streamed request (readahead of a sequential reader, never held in memory whole)
-    max_stream: int = 64 * MiB
+    #: largest streamed request (a sequential reader's one stream, to the end of the file by
+    #: default): never held in memory, and back-pressured, so never read past the readahead window
+    max_stream: int = 1 << 40
     readahead_max: int = 64 * MiB
+    #: seconds a stream waits, paused, for its reader to come back before it ends
+    stream_idle: float = 10.0
+    #: streams at once (all files together), each on a thread of its own: a file that finds
+    #: none free reads ahead in windowed requests instead, so no fetch ever queues behind one
+    streams: int = 16
     parallel: int = 8  #: concurrent ranged requests (all files together)
     small_object: int = 2 * MiB  #: objects up to this size are fetched whole in one request
     attempts: int = 4
@@ -262,6 +272,7 @@ class PartialFile:
         self._md5 = hashlib.md5(usedforsecurity=False)
         self._hashed = 0  #: blocks folded into _md5
         self._hash_lock = threading.Lock()
+        self._retired = False
         self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
         if os.fstat(self.fd).st_size != size:
             os.ftruncate(self.fd, size)
@@ -298,7 +309,10 @@ class PartialFile:
 
         Called by the block reader *after* it has woken the readers of the new blocks, so
         neither hashing nor fdatasync sits between a fetch and the read waiting for it.
+        A retired file (promoted into the cache) has nothing left to keep.
         """
+        if self._retired:
+            return
         self._advance_hash()
         with self._lock:
             due = self._dirty >= self._flush_every or (self._dirty and self._count == self.nblocks)
@@ -322,7 +336,7 @@ class PartialFile:
 
     def flush(self) -> None:
         with self._lock:
-            if not self._dirty:
+            if not self._dirty or self._retired:
                 return
             self._dirty = 0
             bits = bytes(self._bits)
@@ -392,6 +406,9 @@ class PartialFile:
         self.flush()
 
     def forget_bitmap(self) -> None:
+        """The file was promoted into the cache: drop its bitmap, and let no late bookkeeping
+        job write one again."""
+        self._retired = True
         with contextlib.suppress(FileNotFoundError):
             self.bits_path.unlink()
 
@@ -437,13 +454,56 @@ class ReadaheadWindow:
         return advice
 
 
+class StreamSlots:
+    """Threads for long streams, at most ``n`` at once.  A stream may pause for its reader for
+    a long time, so it never runs on the shared fetch pool (paused streams would starve every
+    other read); a reader that finds no free slot does not wait, it falls back."""
+
+    def __init__(self, n: int) -> None:
+        self._free = threading.BoundedSemaphore(max(1, n))
+        self._pool = ThreadPoolExecutor(max(1, n), thread_name_prefix="artifactfs-stream")
+
+    def acquire(self) -> bool:
+        return self._free.acquire(blocking=False)
+
+    def release(self) -> None:
+        self._free.release()
+
+    def run(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` on a stream thread; its slot (taken by :meth:`acquire`) is released after."""
+        def job() -> None:
+            try:
+                fn()
+            finally:
+                self._free.release()
+        self._pool.submit(contextvars.copy_context().run, job)
+
+    def shutdown(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+@dataclass(eq=False)
+class _Stream:
+    """The one long sequential stream of a BlockReader: blocks [next, claimed) are claimed
+    (their futures are in the reader's in-flight table) and arrive in order; readers raise
+    ``want`` as they go, and the stream claims up to it (never past ``end``)."""
+
+    next: int
+    claimed: int
+    end: int  #: exclusive; lowered when the stream meets a block another fetch holds
+    want: int
+    stop: bool = False
+    done: Future[None] = dataclasses.field(default_factory=Future)
+
+
 class BlockReader:
     """Block-aligned, coalesced, parallel, deduplicated reads through a fetcher."""
 
     def __init__(self, size: int, fetcher: Fetcher, blocks: BlockStorage, *,
                  block_size: int, max_request: int, executor: ThreadPoolExecutor,
                  on_complete: Callable[[], None] | None = None,
-                 streamer: Streamer | None = None, max_stream: int = 0, max_ahead: int = 0) -> None:
+                 streamer: Streamer | None = None, max_stream: int = 0, max_ahead: int = 0,
+                 stream_idle: float = 10.0, stream_slots: StreamSlots | None = None) -> None:
         self.size, self.fetcher, self.blocks = size, fetcher, blocks
         self.block_size = block_size
         self.max_blocks = max(1, max_request // block_size)
@@ -455,8 +515,15 @@ class BlockReader:
         self.stream_blocks = max(self.max_blocks, max_stream // block_size) if streamer is not None else self.max_blocks
         self.executor = executor
         self.on_complete = on_complete
+        self.stream_idle = stream_idle
+        self.stream_slots = stream_slots if stream_slots is not None or streamer is None else StreamSlots(1)
         self._lock = threading.Lock()
+        self._moved = threading.Condition(self._lock)  #: a reader moved on, or streams must stop
         self._inflight: dict[int, Future[None]] = {}
+        self._stream: _Stream | None = None  #: the one a sequential reader follows
+        self._streams: set[_Stream] = set()  #: every stream still running (a successor overlaps)
+        self._settler: Future[None] | None = None  #: the background settle job, while one runs
+        self._settle_due = False
         self.requests = 0
         self.bytes_requested = 0
 
@@ -486,49 +553,152 @@ class BlockReader:
                 runs.append((i, 1))
         return runs
 
-    def _stream_run(self, first: int, count: int) -> None:
-        """One streamed request for blocks [first, first+count): each block is stored and its
-        waiters woken as soon as its bytes are in, so a reader never waits for the whole run."""
+    def _follow(self, lo: int, hi: int) -> bool:
+        """A sequential reader wants blocks [lo, hi]: let the stream serve them (raising its
+        claim, or starting one to the end of the file).  False: a stream is not the way (the
+        run is short, or the stream is elsewhere in the file) and the caller fetches."""
+        with self._lock:
+            s = self._stream
+            if s is not None and not s.stop:
+                if not (s.next <= hi + 1 and lo <= s.claimed):
+                    return False  # the reader is elsewhere in the file
+                if hi + 1 > s.want:
+                    s.want = hi + 1
+                    self._claim_for(s)  # now: a read of these blocks waits for the stream
+                    self._moved.notify_all()
+                if s.claimed < s.end or hi < s.end:
+                    return True
+                lo = s.end  # the stream ends before the window does: a successor from there
+            first = lo
+            while first <= hi and (self.blocks.has(first) or first in self._inflight):
+                first += 1
+            if first > hi:
+                return True  # all there or on its way
+            last = min((self.size - 1) // self.block_size, first + self.stream_blocks - 1)
+            end = first
+            while end <= last and not self.blocks.has(end) and end not in self._inflight:
+                end += 1
+            slots = self.stream_slots
+            if end - first <= self.max_blocks or slots is None or not slots.acquire():
+                return False
+            s = self._stream = _Stream(next=first, claimed=first, end=end, want=hi + 1)
+            self._streams.add(s)
+            self._claim_for(s)
+        slots.run(lambda: self._run_stream(s))
+        return True
+
+    def _continues(self, lo: int) -> bool:
+        """Whether block ``lo`` follows one already here or on its way, with no stream
+        running: the kernel's concurrent reads of a sequential reader, before any readahead
+        advice (each would otherwise be a request of its own)."""
+        with self._lock:
+            return lo > 0 and self._stream is None and (self.blocks.has(lo - 1) or lo - 1 in self._inflight)
+
+    def _join_stream(self, lo: int, hi: int) -> None:
+        """A read of blocks [lo, hi] just past what the stream has claimed (the kernel sends
+        several reads at once, ahead of the last readahead advice): the stream claims them, so
+        the read waits for it instead of sending a request of its own that would cut it."""
+        with self._lock:
+            s = self._stream
+            if s is None or s.stop or not s.next <= lo <= s.claimed + self.max_blocks or hi + 1 <= s.want:
+                return
+            s.want = hi + 1
+            self._claim_for(s)
+            self._moved.notify_all()
+
+    def _claim_for(self, s: _Stream) -> None:
+        """(Lock held.) Claim the stream's blocks up to what its reader wants."""
+        target = min(s.want, s.end)
+        while s.claimed < target:
+            i = s.claimed
+            if self.blocks.has(i) or i in self._inflight:
+                s.end = i  # another fetch has it: the stream ends there
+                return
+            self._inflight[i] = Future()
+            s.claimed += 1
+
+    def _await_claim(self, s: _Stream) -> bool:
+        """Before the stream stores block ``s.next``: make sure it is claimed, waiting (the
+        back-pressure) while the stream is a whole window ahead of its reader.  False: the
+        stream ends here (closed, met another fetch, or its reader stayed away too long)."""
+        deadline = time.monotonic() + self.stream_idle
+        with self._lock:
+            while True:
+                if s.next < s.claimed:
+                    return True
+                if s.stop or s.next >= s.end:
+                    return False
+                self._claim_for(s)
+                if s.next < s.claimed:
+                    return True
+                if s.next >= s.end:
+                    return False
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    log.debug("stream paused %.0f s without its reader: ended", self.stream_idle)
+                    return False
+                self._moved.wait(left)
+
+    def _run_stream(self, s: _Stream) -> None:
+        """The stream's thread: one ranged request [next, end), block by block, in order."""
         assert self.streamer is not None
-        start = first * self.block_size
-        length = min(count * self.block_size, self.size - start)
+        start = s.next * self.block_size
+        length = min(s.end * self.block_size, self.size) - start
         with self._lock:
             self.requests += 1
             self.bytes_requested += length
         buf = bytearray()
-        state = {"next": first, "pos": start}
+        pos = start
         failure: list[BaseException] = []
 
         def deliver(offset: int, chunk: bytes | memoryview) -> None:
-            if offset != state["pos"]:
-                raise ShortReadError(f"stream chunk at {offset}, expected {state['pos']}")
-            state["pos"] += len(chunk)
+            nonlocal pos
+            if offset != pos:
+                raise ShortReadError(f"stream chunk at {offset}, expected {pos}")
+            pos += len(chunk)
             buf.extend(chunk)
-            while state["next"] < first + count:
-                i = state["next"]
+            while True:
+                i = s.next
                 want = min(self.block_size, self.size - i * self.block_size)
                 if len(buf) < want:
                     return
+                if not self._await_claim(s):
+                    raise _StreamAbort()  # not a failure: nothing claimed is left undelivered
                 try:
                     self.blocks.write(i, memoryview(buf)[:want])
                 except BaseException as exc:  # noqa: BLE001 - given to the block's waiters
                     failure.append(exc)
                     raise _StreamAbort() from exc
                 del buf[:want]
-                state["next"] = i + 1
+                with self._lock:
+                    s.next = i + 1
                 self._finish_blocks(i, 1, None)
 
         error: BaseException | None = None
         try:
             self.streamer(start, length, deliver)
-            if state["next"] != first + count:
-                raise ShortReadError(f"stream of [{start}, +{length}) ended at {state['pos']}")
+            if s.next * self.block_size < min(s.end * self.block_size, self.size):
+                raise ShortReadError(f"stream of [{start}, +{length}) ended at {pos}")
         except _StreamAbort:
-            error = failure[0]
+            error = failure[0] if failure else None
         except BaseException as exc:  # noqa: BLE001 - handed to every waiter
             error = exc
-        if error is not None:
-            self._finish_blocks(state["next"], first + count - state["next"], error)
+        with self._lock:
+            left = s.claimed - s.next
+            s.stop = True
+            self._streams.discard(s)
+            if self._stream is s:
+                self._stream = None
+        if left:
+            self._finish_blocks(s.next, left, error or ShortReadError("the stream ended early"))
+        s.done.set_result(None)
+
+    def stop_streams(self) -> None:
+        """End the stream once what it has claimed is in (the file is closing)."""
+        with self._lock:
+            for s in self._streams:
+                s.stop = True
+            self._moved.notify_all()
 
     def _finish_blocks(self, first: int, count: int, error: BaseException | None) -> None:
         """Blocks [first, first+count) are stored (or failed with ``error``): wake their waiters."""
@@ -542,7 +712,31 @@ class BlockReader:
             else:
                 fut.set_exception(error)
         if error is None:
-            self.blocks.settle()
+            self._settle_soon()
+
+    def _settle_soon(self) -> None:
+        """Run the storage's bookkeeping (running md5, bitmap flush) on a pool thread, one job
+        at a time: a fetch or stream thread goes straight back to the network."""
+        with self._lock:
+            self._settle_due = True
+            if self._settler is not None:
+                return  # the running job sees the flag and goes round once more
+            self._settler = Future()
+        self.executor.submit(self._settle_loop)
+
+    def _settle_loop(self) -> None:
+        while True:
+            with self._lock:
+                if not self._settle_due:
+                    done, self._settler = self._settler, None
+                    break
+                self._settle_due = False
+            try:
+                self.blocks.settle()
+            except Exception:  # noqa: BLE001 - bookkeeping only: the data is already served
+                log.exception("block bookkeeping failed")
+        if done is not None:
+            done.set_result(None)
 
     def _fetch_run(self, first: int, count: int) -> None:
         start = first * self.block_size
@@ -583,6 +777,9 @@ class BlockReader:
         rng = self._block_range(off, size)
         if rng is None:
             return
+        self._join_stream(*rng)
+        if self.streamer is not None and self._continues(rng[0]):
+            self._follow(*rng)  # a read that continues the one before: a stream serves it
         mine, waits = self._claim(*rng)
         runs = self._runs(mine)
         for run in runs[1:]:
@@ -598,11 +795,16 @@ class BlockReader:
         return rng is None or all(self.blocks.has(i) for i in range(rng[0], rng[1] + 1))
 
     def wait_idle(self, timeout: float | None = None) -> bool:
-        """Wait until no fetch of this reader is in flight (before closing its storage)."""
+        """Stop the stream and wait until no fetch of this reader is in flight (before its
+        storage is closed or replaced)."""
+        self.stop_streams()
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             with self._lock:
                 pending = list(self._inflight.values())
+                pending += [s.done for s in self._streams]
+                if self._settler is not None:
+                    pending.append(self._settler)
             if not pending:
                 return True
             for fut in pending:
@@ -615,25 +817,25 @@ class BlockReader:
     def prefetch(self, off: int, size: int) -> None:
         """Start fetching [off, off+size) in the background; returns at once.
 
-        With a streamer, requests are as large as the window (``size``), up to
-        ``stream_blocks``: a growing window makes growing requests.
+        When the store can stream, the reader's one back-pressured stream serves it
+        (:meth:`_follow`) from the first window on: a stream started early costs nothing
+        while the reader is slow (it pauses), and every further request costs an endpoint
+        that assembles the object per range (moto) a whole copy of it.  Otherwise, and for a
+        short rest of the file, windows are fetched in memory in requests of ``max_request``.
         """
         if self.max_ahead:
             size = min(size, self.max_ahead)
         rng = self._block_range(off, size)
         if rng is None:
             return
+        if self.streamer is not None and self._follow(*rng):
+            return
         unit = self.max_blocks
-        if self.streamer is not None:
-            unit = min(self.stream_blocks, max(self.max_blocks, size // self.block_size))
         # Widen the end to a whole request: a sliding window would otherwise claim one new
         # block per read and degrade into 1-block requests.
         last_block = (self.size - 1) // self.block_size
         hi = min(last_block, (rng[1] // unit + 1) * unit - 1)
         mine, _ = self._claim(rng[0], hi)
         for first, count in self._runs(mine, unit):
-            if self.streamer is not None and count > self.max_blocks:
-                self.executor.submit(self._stream_run, first, count)
-            else:
-                self.executor.submit(self._fetch_run, first, count)
+            self.executor.submit(self._fetch_run, first, count)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -31,6 +32,8 @@ class CountingStore:
         self.streams: list[tuple[int, int]] = []  #: stream_blob (start, length)
         self.blockmap_calls: list[list[str]] = []
         self.chunk_max = 0  #: the largest piece a stream ever handed over at once
+        self.open_streams = 0  #: streams started and not yet ended (closed, failed or done)
+        self.stream_end = 0  #: how far the latest stream has read the blob
 
     def read_blob(self, entity, md5_hex, start=0, length=None):
         with self.lock:
@@ -40,10 +43,17 @@ class CountingStore:
     def stream_blob(self, entity, md5_hex, start, length):
         with self.lock:
             self.streams.append((start, length))
-        for chunk in self.inner.stream_blob(entity, md5_hex, start, length):
+            self.open_streams += 1
+            self.stream_end = start
+        try:
+            for chunk in self.inner.stream_blob(entity, md5_hex, start, length):
+                with self.lock:
+                    self.chunk_max = max(self.chunk_max, len(chunk))
+                    self.stream_end += len(chunk)
+                yield chunk
+        finally:
             with self.lock:
-                self.chunk_max = max(self.chunk_max, len(chunk))
-            yield chunk
+                self.open_streams -= 1
 
     def blockmaps(self, entity, md5_hexes):
         md5s = list(md5_hexes)
@@ -91,7 +101,108 @@ def test_cold_sequential_read_streams_in_few_requests(local_store, tmp_path: Pat
     assert all(length is not None and length <= 8 * MiB for _, length in store.reads)
     assert max(length for _, length in store.streams) >= 64 * MiB
     assert store.chunk_max <= MiB  # never a whole range in memory
-    assert sum(length for _, length in store.reads) + sum(length for _, length in store.streams) == len(data)
+    assert sum(length for _, length in store.reads) + sum(length for _, length in store.streams) == len(data), \
+        (store.reads, store.streams)
+    cr.shutdown()
+
+
+def _read_seq(cr: ContentReader, h, data: bytes, start: int, end: int) -> None:
+    for off in range(start, end, 128 * KiB):  # what the kernel sends a sequential reader
+        assert cr.read(h, off, 128 * KiB) == data[off:off + 128 * KiB]
+
+
+def _until(cond, seconds: float = 20.0) -> bool:
+    """Poll ``cond`` (bounded): True once it holds."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(0.02)
+    return cond()
+
+
+def _settled(store: CountingStore, quiet: float = 0.3, seconds: float = 20.0) -> int:
+    """Wait until the stream stops moving (a paused stream), bounded; its position."""
+    deadline = time.monotonic() + seconds
+    last = -1
+    while time.monotonic() < deadline:
+        with store.lock:
+            now = store.stream_end
+        if now == last:
+            return now
+        last = now
+        time.sleep(quiet)
+    raise AssertionError(f"the stream kept moving for {seconds} s (at {last})")
+
+
+def test_cold_sequential_read_is_one_back_pressured_stream(local_store, tmp_path: Path) -> None:
+    """Issue 17: a sequential reader costs the small first requests and then ONE stream to the
+    end of the file (was: a new 64 MiB request per window, 11 for 256 MiB); every byte is
+    asked for once."""
+    data = _big(256)
+    md5 = upload_bytes(local_store, "ent", data, tmp_path)
+    cr, store = _reader(local_store, tmp_path)
+    h = cr.open(FileRef("ent", md5, len(data), "ent/p/c:v0", "p/c:v0/big"))
+    _read_seq(cr, h, data, 0, len(data))
+    cr.close(h)
+    assert len(store.streams) == 1, store.streams
+    start, length = store.streams[0]
+    assert start + length == len(data)  # to the end of the file, not one window
+    # the reader's own first 1 MiB, then the stream from the first readahead window on
+    assert store.requests == 2, (store.reads, store.streams)
+    assert sum(n for _, n in store.reads) + length == len(data)
+    assert store.open_streams == 0
+    cr.shutdown()
+
+
+def test_a_stream_pauses_with_its_reader_and_resumes(local_store, tmp_path: Path) -> None:
+    """The long stream is back-pressured: while the reader stops, it reads no further than the
+    readahead window past the reader, and it goes on (the same stream) when the reader does."""
+    data = _big(160)
+    md5 = upload_bytes(local_store, "ent", data, tmp_path)
+    cr, store = _reader(local_store, tmp_path, readahead_max=16 * MiB, stream_idle=600.0)
+    h = cr.open(FileRef("ent", md5, len(data), "ent/p/c:v0", "p/c:v0/big"))
+    _read_seq(cr, h, data, 0, 48 * MiB)
+    paused_at = _settled(store)
+    assert store.open_streams == 1  # paused, not ended
+    assert paused_at <= 48 * MiB + 16 * MiB + 2 * MiB, paused_at  # the window (+ a block in hand)
+    _read_seq(cr, h, data, 48 * MiB, len(data))
+    cr.close(h)
+    assert len(store.streams) == 1 and store.streams[0][0] + store.streams[0][1] == len(data)
+    cr.shutdown()
+
+
+def test_closing_a_file_ends_its_paused_stream_at_once(local_store, tmp_path: Path) -> None:
+    data = _big(128)
+    md5 = upload_bytes(local_store, "ent", data, tmp_path)
+    # an idle bound far past the test's timeout: only the close can end the stream in time
+    cr, store = _reader(local_store, tmp_path, readahead_max=16 * MiB, stream_idle=3600.0)
+    h = cr.open(FileRef("ent", md5, len(data), "ent/p/c:v0", "p/c:v0/big"))
+    _read_seq(cr, h, data, 0, 40 * MiB)
+    _settled(store)
+    assert store.open_streams == 1
+    cr.close(h)
+    assert store.open_streams == 0  # close waited for the stream to end, and it did
+    # what it fetched is kept: a new reader finds those blocks in the partial file
+    h = cr.open(FileRef("ent", md5, len(data), "ent/p/c:v0", "p/c:v0/big"))
+    _read_seq(cr, h, data, 0, len(data))
+    cr.close(h)
+    assert store.open_streams == 0
+    cr.shutdown()
+
+
+def test_a_stream_left_idle_ends_by_itself(local_store, tmp_path: Path) -> None:
+    """A reader that stops for good (a DataLoader worker that moved on) does not hold a
+    connection open: after ``stream_idle`` seconds the paused stream ends."""
+    data = _big(128)
+    md5 = upload_bytes(local_store, "ent", data, tmp_path)
+    cr, store = _reader(local_store, tmp_path, readahead_max=16 * MiB, stream_idle=0.5)
+    h = cr.open(FileRef("ent", md5, len(data), "ent/p/c:v0", "p/c:v0/big"))
+    _read_seq(cr, h, data, 0, 40 * MiB)
+    assert _until(lambda: store.open_streams == 0), "the idle stream was never ended"
+    _read_seq(cr, h, data, 40 * MiB, len(data))  # the reader comes back: a new stream, right bytes
+    cr.close(h)
+    assert len(store.streams) == 2
     cr.shutdown()
 
 
