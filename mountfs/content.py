@@ -504,7 +504,7 @@ class ContentReader:
         reader = obj.reader
         cfg = self.config
         budget = cfg.attempts * cfg.timeout + cfg.backoff * 2 ** cfg.attempts
-        if reader is not None and not reader.wait_idle(budget):
+        if reader is not None and not reader.wait_idle(budget, abort_streams=True):
             # Background prefetches may still write into the partial file: closing its fd
             # now could let the number be reused under them.  Leak it instead (rare).
             log.warning("fetches of %s still running at close; leaving its file open", obj.ref.where)
@@ -1090,7 +1090,7 @@ class ContentReader:
             self._objects.clear()
         for obj in objects:  # a paused stream would otherwise wait out its idle bound
             if obj.reader is not None:
-                obj.reader.stop_streams()
+                obj.reader.stop_streams(abort=True)
         for obj in objects:  # fds are left to process exit: fetches may still be running
             if obj.partial is not None:
                 with contextlib.suppress(OSError):

@@ -492,7 +492,8 @@ class _Stream:
     claimed: int
     end: int  #: exclusive; lowered when the stream meets a block another fetch holds
     want: int
-    stop: bool = False
+    stop: bool = False  #: claim nothing more
+    abort: bool = False  #: and deliver nothing more (nobody is left to read it)
     done: Future[None] = dataclasses.field(default_factory=Future)
 
 
@@ -522,6 +523,8 @@ class BlockReader:
         self._inflight: dict[int, Future[None]] = {}
         self._stream: _Stream | None = None  #: the one a sequential reader follows
         self._streams: set[_Stream] = set()  #: every stream still running (a successor overlaps)
+        #: blocks a stream delivered wrong: fetched again by ranged requests only
+        self._suspect: set[int] = set()
         self._settler: Future[None] | None = None  #: the background settle job, while one runs
         self._settle_due = False
         self.requests = 0
@@ -576,7 +579,7 @@ class BlockReader:
                 return True  # all there or on its way
             last = min((self.size - 1) // self.block_size, first + self.stream_blocks - 1)
             end = first
-            while end <= last and not self.blocks.has(end) and end not in self._inflight:
+            while end <= last and not self.blocks.has(end) and end not in self._inflight and end not in self._suspect:
                 end += 1
             slots = self.stream_slots
             if end - first <= self.max_blocks or slots is None or not slots.acquire():
@@ -611,7 +614,7 @@ class BlockReader:
         target = min(s.want, s.end)
         while s.claimed < target:
             i = s.claimed
-            if self.blocks.has(i) or i in self._inflight:
+            if self.blocks.has(i) or i in self._inflight or i in self._suspect:
                 s.end = i  # another fetch has it: the stream ends there
                 return
             self._inflight[i] = Future()
@@ -624,6 +627,8 @@ class BlockReader:
         deadline = time.monotonic() + self.stream_idle
         with self._lock:
             while True:
+                if s.abort:
+                    return False
                 if s.next < s.claimed:
                     return True
                 if s.stop or s.next >= s.end:
@@ -667,6 +672,9 @@ class BlockReader:
                 try:
                     self.blocks.write(i, memoryview(buf)[:want])
                 except BaseException as exc:  # noqa: BLE001 - given to the block's waiters
+                    if isinstance(exc, BlockMismatchError):
+                        with self._lock:
+                            self._suspect.add(i)  # fetched again by a ranged request, never a stream
                     failure.append(exc)
                     raise _StreamAbort() from exc
                 del buf[:want]
@@ -693,11 +701,13 @@ class BlockReader:
             self._finish_blocks(s.next, left, error or ShortReadError("the stream ended early"))
         s.done.set_result(None)
 
-    def stop_streams(self) -> None:
-        """End the stream once what it has claimed is in (the file is closing)."""
+    def stop_streams(self, abort: bool = False) -> None:
+        """End the streams once what they have claimed is in, or (``abort``: the file closed,
+        nobody waits for those blocks) at once."""
         with self._lock:
             for s in self._streams:
                 s.stop = True
+                s.abort = s.abort or abort
             self._moved.notify_all()
 
     def _finish_blocks(self, first: int, count: int, error: BaseException | None) -> None:
@@ -794,10 +804,10 @@ class BlockReader:
         rng = self._block_range(off, size)
         return rng is None or all(self.blocks.has(i) for i in range(rng[0], rng[1] + 1))
 
-    def wait_idle(self, timeout: float | None = None) -> bool:
-        """Stop the stream and wait until no fetch of this reader is in flight (before its
-        storage is closed or replaced)."""
-        self.stop_streams()
+    def wait_idle(self, timeout: float | None = None, abort_streams: bool = False) -> bool:
+        """Stop the streams and wait until no fetch of this reader is in flight (before its
+        storage is closed or replaced); ``abort_streams``: see :meth:`stop_streams`."""
+        self.stop_streams(abort_streams)
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             with self._lock:

@@ -13,7 +13,8 @@ import pytest
 from client.cache import Cache
 from client.hashing import md5_bytes
 from mountfs.content import ContentReader
-from mountfs.fetch import FetchConfig
+from client.errors import StoreUnavailableError
+from mountfs.fetch import FetchConfig, FetchError
 from mountfs.namespace import FileRef
 from tests.server_fixtures import make_store, moto_s3, postgres, registry  # noqa: F401
 from tests.util import commit_files, upload_bytes
@@ -186,6 +187,83 @@ def test_closing_a_file_ends_its_paused_stream_at_once(local_store, tmp_path: Pa
     # what it fetched is kept: a new reader finds those blocks in the partial file
     h = cr.open(FileRef("ent", md5, len(data), "ent/p/c:v0", "p/c:v0/big"))
     _read_seq(cr, h, data, 0, len(data))
+    cr.close(h)
+    assert store.open_streams == 0
+    cr.shutdown()
+
+
+class SlowStreams(CountingStore):
+    """Streams that take a while per chunk, so a close lands while one is mid-way."""
+
+    def stream_blob(self, entity, md5_hex, start, length):
+        for chunk in super().stream_blob(entity, md5_hex, start, length):
+            time.sleep(0.01)
+            yield chunk
+
+
+def test_closing_a_file_aborts_its_stream_mid_way(local_store, tmp_path: Path) -> None:
+    """At the last close nobody waits for the blocks the stream has claimed ahead of the
+    reader (up to a whole 64 MiB window): it stops at once instead of fetching them."""
+    data = _big(160)
+    md5 = upload_bytes(local_store, "ent", data, tmp_path)
+    store = SlowStreams(local_store)
+    cr = ContentReader(store, Cache(tmp_path / "cache"), FetchConfig(local_blobs=False))
+    ref = FileRef("ent", md5, len(data), "ent/p/c:v0", "p/c:v0/big")
+    h = cr.open(ref)
+    _read_seq(cr, h, data, 0, 8 * MiB)
+    cr.close(h)
+    assert store.open_streams == 0
+    assert store.stream_end < 8 * MiB + 16 * MiB, store.stream_end  # not the 64 MiB it had claimed
+    h = cr.open(ref)  # what it did not deliver is not marked present: fetched again, right bytes
+    _read_seq(cr, h, data, 0, len(data))
+    cr.close(h)
+    cr.shutdown()
+
+
+class BadStreams(CountingStore):
+    """Streams that go wrong at ``at`` bytes into the blob: ``mode`` "flip" alters a byte there
+    (ranged reads stay right), "die" fails there every time."""
+
+    def __init__(self, inner, at: int, mode: str) -> None:
+        super().__init__(inner)
+        self.at, self.mode = at, mode
+
+    def stream_blob(self, entity, md5_hex, start, length):
+        pos = start
+        for chunk in super().stream_blob(entity, md5_hex, start, length):
+            if pos <= self.at < pos + len(chunk):
+                if self.mode == "die":
+                    raise StoreUnavailableError("the endpoint went away mid-stream")
+                bad = bytearray(chunk)
+                bad[self.at - pos] ^= 0xFF
+                chunk = bytes(bad)
+            pos += len(chunk)
+            yield chunk
+
+
+def test_a_stream_with_a_wrong_byte_never_serves_it(local_store, tmp_path: Path) -> None:
+    data = _big(64)
+    md5 = upload_bytes(local_store, "ent", data, tmp_path)
+    store = BadStreams(local_store, at=30 * MiB + 77, mode="flip")
+    cr = ContentReader(store, Cache(tmp_path / "cache"), FetchConfig(local_blobs=False))
+    h = cr.open(FileRef("ent", md5, len(data), "ent/p/c:v0", "p/c:v0/big"))
+    _read_seq(cr, h, data, 0, len(data))  # every read compared: the bad block was fetched again
+    cr.close(h)
+    assert store.open_streams == 0
+    assert any(start <= 30 * MiB < start + (n or 0) for start, n in store.reads)  # refetched by range
+    cr.shutdown()
+
+
+def test_a_stream_that_keeps_failing_ends_in_an_error_not_a_hang(local_store, tmp_path: Path) -> None:
+    data = _big(64)
+    md5 = upload_bytes(local_store, "ent", data, tmp_path)
+    store = BadStreams(local_store, at=20 * MiB + 5, mode="die")
+    cr = ContentReader(store, Cache(tmp_path / "cache"), FetchConfig(local_blobs=False, attempts=2, backoff=0.01,
+                                                                      timeout=5.0))
+    h = cr.open(FileRef("ent", md5, len(data), "ent/p/c:v0", "p/c:v0/big"))
+    _read_seq(cr, h, data, 0, 20 * MiB)  # what came before the failure is served
+    with pytest.raises(FetchError):
+        _read_seq(cr, h, data, 20 * MiB, len(data))
     cr.close(h)
     assert store.open_streams == 0
     cr.shutdown()
