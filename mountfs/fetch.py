@@ -521,8 +521,9 @@ class BlockReader:
         self._lock = threading.Lock()
         self._moved = threading.Condition(self._lock)  #: a reader moved on, or streams must stop
         self._inflight: dict[int, Future[None]] = {}
-        self._stream: _Stream | None = None  #: the one a sequential reader follows
-        self._streams: set[_Stream] = set()  #: every stream still running (a successor overlaps)
+        #: every stream still running: one per sequential region of the file (readers at
+        #: different places), and a successor overlapping the end of the one before
+        self._streams: set[_Stream] = set()
         #: blocks a stream delivered wrong: fetched again by ranged requests only
         self._suspect: set[int] = set()
         self._settler: Future[None] | None = None  #: the background settle job, while one runs
@@ -557,14 +558,12 @@ class BlockReader:
         return runs
 
     def _follow(self, lo: int, hi: int) -> bool:
-        """A sequential reader wants blocks [lo, hi]: let the stream serve them (raising its
-        claim, or starting one to the end of the file).  False: a stream is not the way (the
-        run is short, or the stream is elsewhere in the file) and the caller fetches."""
+        """A sequential reader wants blocks [lo, hi]: let a stream serve them (raising the claim
+        of the one there, or starting one to the end of the file).  False: a stream is not the
+        way (the rest is short, or no stream thread is free) and the caller fetches."""
         with self._lock:
-            s = self._stream
-            if s is not None and not s.stop:
-                if not (s.next <= hi + 1 and lo <= s.claimed):
-                    return False  # the reader is elsewhere in the file
+            s = self._stream_at(lo, hi, self.max_blocks)
+            if s is not None:
                 if hi + 1 > s.want:
                     s.want = hi + 1
                     self._claim_for(s)  # now: a read of these blocks waits for the stream
@@ -584,7 +583,7 @@ class BlockReader:
             slots = self.stream_slots
             if end - first <= self.max_blocks or slots is None or not slots.acquire():
                 return False
-            s = self._stream = _Stream(next=first, claimed=first, end=end, want=hi + 1)
+            s = _Stream(next=first, claimed=first, end=end, want=hi + 1)
             self._streams.add(s)
             self._claim_for(s)
         slots.run(lambda: self._run_stream(s))
@@ -595,15 +594,26 @@ class BlockReader:
         running: the kernel's concurrent reads of a sequential reader, before any readahead
         advice (each would otherwise be a request of its own)."""
         with self._lock:
-            return lo > 0 and self._stream is None and (self.blocks.has(lo - 1) or lo - 1 in self._inflight)
+            return lo > 0 and (self.blocks.has(lo - 1) or lo - 1 in self._inflight) \
+                and self._stream_at(lo, lo, self.max_blocks) is None
+
+    def _stream_at(self, lo: int, hi: int, reach: int) -> _Stream | None:
+        """(Lock held.) The running stream that serves blocks [lo, hi]: it has not passed
+        them, and has claimed up to ``lo`` (or to within ``reach`` blocks of it); of several
+        (one per sequential region of the file, and a successor) the one reaching furthest."""
+        best = None
+        for s in self._streams:
+            if not s.stop and s.next <= hi + 1 and lo <= s.claimed + reach and (best is None or s.end > best.end):
+                best = s
+        return best
 
     def _join_stream(self, lo: int, hi: int) -> None:
         """A read of blocks [lo, hi] just past what the stream has claimed (the kernel sends
         several reads at once, ahead of the last readahead advice): the stream claims them, so
         the read waits for it instead of sending a request of its own that would cut it."""
         with self._lock:
-            s = self._stream
-            if s is None or s.stop or not s.next <= lo <= s.claimed + self.max_blocks or hi + 1 <= s.want:
+            s = self._stream_at(lo, hi, self.max_blocks)
+            if s is None or lo < s.next or hi + 1 <= s.want:
                 return
             s.want = hi + 1
             self._claim_for(s)
@@ -695,8 +705,6 @@ class BlockReader:
             left = s.claimed - s.next
             s.stop = True
             self._streams.discard(s)
-            if self._stream is s:
-                self._stream = None
         if left:
             self._finish_blocks(s.next, left, error or ShortReadError("the stream ended early"))
         s.done.set_result(None)

@@ -192,6 +192,24 @@ def test_closing_a_file_ends_its_paused_stream_at_once(local_store, tmp_path: Pa
     cr.shutdown()
 
 
+def test_two_sequential_readers_of_one_file_get_a_stream_each(local_store, tmp_path: Path) -> None:
+    """Two readers at different places of one large file (two DataLoader workers): each region
+    is one stream, not a request per window for the second reader."""
+    data = _big(192)
+    md5 = upload_bytes(local_store, "ent", data, tmp_path)
+    cr, store = _reader(local_store, tmp_path)
+    ref = FileRef("ent", md5, len(data), "ent/p/c:v0", "p/c:v0/big")
+    a, b = cr.open(ref), cr.open(ref)
+    for k in range(0, 48 * MiB, 128 * KiB):  # interleaved, as two processes would read
+        assert cr.read(a, k, 128 * KiB) == data[k:k + 128 * KiB]
+        assert cr.read(b, 120 * MiB + k, 128 * KiB) == data[120 * MiB + k:120 * MiB + k + 128 * KiB]
+    cr.close(a)
+    cr.close(b)
+    assert len(store.streams) == 2, store.streams
+    assert store.requests <= 4, (store.reads, store.streams)
+    cr.shutdown()
+
+
 class SlowStreams(CountingStore):
     """Streams that take a while per chunk, so a close lands while one is mid-way."""
 
