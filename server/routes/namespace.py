@@ -59,13 +59,12 @@ def list_collections(entity: str, project: str, type: str | None = None, p: Prin
 
 @serve(router, JsonCalls.list_project)
 def list_project(entity: str, project: str, p: Principal = Depends(principal),
-                 s: Server = Depends(get_server)) -> dict[str, Any]:
+                 s: Server = Depends(get_server)) -> Response:
     """The project's collections (with aliases) and all their committed versions: one call
-    for a mount's ``ls`` of a project, in a constant number of queries."""
+    for a mount's ``ls`` of a project, in a constant number of queries (one when nothing
+    changed since this worker last listed it: server/listing.py)."""
     p.require(entity)
-    collections, versions = s.registry.list_project(entity, project)
-    return {"collections": [record_to_json(c) for c in collections],
-            "versions": [record_to_json(v) for v in versions]}
+    return Response(s.listings.listing(entity, project), media_type="application/json")
 
 
 @serve(router, JsonCalls.list_types)

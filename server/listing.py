@@ -1,0 +1,85 @@
+"""Project listings served from encoded parts, one per collection, checked by one query.
+
+A project listing (``GET …/listing``, what a mount lists) is the same JSON for every caller
+who may read the entity, and between two listings usually only a collection or two changed.
+So each worker keeps, per project, every collection's part of the answer already encoded (its
+record and its versions as JSON) with the collection's ``stamp``, and asks the registry only
+for the parts whose stamp moved (:meth:`RegistryCore.list_project_parts`): one query when
+nothing changed, three when something did, and records built only for what changed.
+
+Never stale: every write that changes what a listing shows of a collection gives it a new
+stamp in its own transaction, and the stamps are read from the database on every request, so
+any number of workers (each with its own cache) see a change as soon as it is committed.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+from client.registry import RegistryCore
+from client.registry.core import CollectionListing
+from client.store.wire import record_to_json
+
+#: projects whose parts a worker keeps (least recently listed dropped first)
+MAX_PROJECTS = 256
+
+
+def encode(value: Any) -> bytes:
+    """JSON as FastAPI's default response encodes it."""
+    return json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode("utf-8")
+
+
+@dataclass(frozen=True)
+class EncodedPart:
+    """A collection's part of a listing, encoded: its record, and its versions joined by commas."""
+
+    stamp: int
+    collection: bytes
+    versions: bytes
+
+    @classmethod
+    def of(cls, part: CollectionListing) -> EncodedPart:
+        return cls(part.stamp, encode(record_to_json(part.collection)),
+                   b",".join(encode(record_to_json(v)) for v in part.versions))
+
+
+class ListingCache:
+    """Encoded listing parts of the projects listed lately (thread-safe; one per worker)."""
+
+    def __init__(self, registry: RegistryCore, max_projects: int = MAX_PROJECTS) -> None:
+        self.registry = registry
+        self.max_projects = max_projects
+        self._projects: OrderedDict[tuple[str, str], dict[int, EncodedPart]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def _held(self, key: tuple[str, str]) -> dict[int, EncodedPart]:
+        with self._lock:
+            parts = self._projects.get(key, {})
+            if parts:
+                self._projects.move_to_end(key)
+            return parts
+
+    def _keep(self, key: tuple[str, str], parts: dict[int, EncodedPart]) -> None:
+        with self._lock:
+            self._projects[key] = parts
+            self._projects.move_to_end(key)
+            while len(self._projects) > self.max_projects:
+                self._projects.popitem(last=False)
+
+    def listing(self, entity: str, project: str) -> bytes:
+        """The project listing as the JSON body of the route: ``{"collections": [...],
+        "versions": [...]}`` (NotFoundError for a missing project, as the registry raises)."""
+        key = (entity, project)
+        held = self._held(key)
+        fresh: dict[int, EncodedPart] = {}
+        for item in self.registry.list_project_parts(entity, project, {i: p.stamp for i, p in held.items()}):
+            fresh[item.id] = EncodedPart.of(item.part) if item.part is not None else held[item.id]
+        # only the collections there now: a deleted one's part goes
+        self._keep(key, fresh)
+        parts = fresh.values()
+        return (b'{"collections":[' + b",".join(p.collection for p in parts) + b'],"versions":['
+                + b",".join(p.versions for p in parts if p.versions) + b"]}")
