@@ -7,6 +7,10 @@ record and its versions as JSON) with the collection's ``stamp``, and asks the r
 for the parts whose stamp moved (:meth:`RegistryCore.list_project_parts`): one query when
 nothing changed, three when something did, and records built only for what changed.
 
+The answer carries an ETag made of the stamps, the same in every worker: a client that sends
+it back (``If-None-Match``) gets ``304 Not Modified`` while nothing changed, with no body to
+send or decode.
+
 Never stale: every write that changes what a listing shows of a collection gives it a new
 stamp in its own transaction, and the stamps are read from the database on every request, so
 any number of workers (each with its own cache) see a change as soon as it is committed.
@@ -14,18 +18,22 @@ any number of workers (each with its own cache) see a change as soon as it is co
 
 from __future__ import annotations
 
+import hashlib
 import json
+import struct
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
 from client.registry import RegistryCore
-from client.registry.core import CollectionListing
+from client.registry.core import CollectionListing, ListingPart
 from client.store.wire import record_to_json
 
 #: projects whose parts a worker keeps (least recently listed dropped first)
 MAX_PROJECTS = 256
+#: part of every ETag: change it with the encoding, so a client never keeps an answer of another
+LISTING_FORMAT = b"listing-1"
 
 
 def encode(value: Any) -> bytes:
@@ -45,6 +53,22 @@ class EncodedPart:
     def of(cls, part: CollectionListing) -> EncodedPart:
         return cls(part.stamp, encode(record_to_json(part.collection)),
                    b",".join(encode(record_to_json(v)) for v in part.versions))
+
+
+def etag(parts: list[ListingPart]) -> str:
+    """The ETag of a listing: a digest of its collections' ids and stamps, in listing order."""
+    digest = hashlib.blake2b(LISTING_FORMAT, digest_size=16)
+    for p in parts:
+        digest.update(struct.pack("<qq", p.id, p.stamp))
+    return f'"{digest.hexdigest()}"'
+
+
+@dataclass(frozen=True)
+class Listing:
+    """A project listing: its ETag and its JSON body."""
+
+    etag: str
+    body: bytes
 
 
 class ListingCache:
@@ -70,16 +94,14 @@ class ListingCache:
             while len(self._projects) > self.max_projects:
                 self._projects.popitem(last=False)
 
-    def listing(self, entity: str, project: str) -> bytes:
-        """The project listing as the JSON body of the route: ``{"collections": [...],
+    def listing(self, entity: str, project: str) -> Listing:
+        """The project listing, its body the JSON of the route: ``{"collections": [...],
         "versions": [...]}`` (NotFoundError for a missing project, as the registry raises)."""
         key = (entity, project)
         held = self._held(key)
-        fresh: dict[int, EncodedPart] = {}
-        for item in self.registry.list_project_parts(entity, project, {i: p.stamp for i, p in held.items()}):
-            fresh[item.id] = EncodedPart.of(item.part) if item.part is not None else held[item.id]
-        # only the collections there now: a deleted one's part goes
-        self._keep(key, fresh)
+        items = self.registry.list_project_parts(entity, project, {i: p.stamp for i, p in held.items()})
+        fresh = {item.id: EncodedPart.of(item.part) if item.part is not None else held[item.id] for item in items}
+        self._keep(key, fresh)  # only the collections there now: a deleted one's part goes
         parts = fresh.values()
-        return (b'{"collections":[' + b",".join(p.collection for p in parts) + b'],"versions":['
-                + b",".join(p.versions for p in parts if p.versions) + b"]}")
+        return Listing(etag(items), b'{"collections":[' + b",".join(p.collection for p in parts) + b'],"versions":['
+                       + b",".join(p.versions for p in parts if p.versions) + b"]}")

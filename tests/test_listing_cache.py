@@ -3,7 +3,8 @@
 Two registry cores on one database stand for two server workers: one lists (and keeps the
 parts), the other changes the registry.  After every kind of change the listing the first one
 serves must equal a fresh one, and exactly the collections whose listing changed are rebuilt;
-on SQLite and on PostgreSQL.  On PostgreSQL a listing nothing changed costs one round trip.
+on SQLite and on PostgreSQL.  On PostgreSQL a listing nothing changed costs one round trip;
+a client that sends its ETag back gets ``304 Not Modified`` until something changes.
 """
 
 from __future__ import annotations
@@ -118,13 +119,13 @@ def test_a_kept_listing_follows_every_kind_of_change(registry: Registry) -> None
         (lambda: w.delete_collection("e", "p", "renamed"), set(), {"reg"}),  # gone from p, its link from q
         (lambda: reg.commit("p", "renamed", 0), {"renamed"}, set()),  # a new collection of an old name
     ]
-    listed = {proj: reg.cache.listing("e", proj) for proj in "pq"}
+    listed = {proj: reg.cache.listing("e", proj).body for proj in "pq"}
     for i, (change, in_p, in_q) in enumerate(changes):
         known = {proj: reg.stamps(proj) for proj in "pq"}
         change()
         assert (reg.rebuilt("p", known["p"]), reg.rebuilt("q", known["q"])) == (in_p, in_q), i
         for proj in "pq":
-            now = reg.cache.listing("e", proj)
+            now = reg.cache.listing("e", proj).body
             assert json.loads(now) == reg.fresh(proj), (i, proj)
             if {"p": in_p, "q": in_q}[proj] or (proj == "p" and i == len(changes) - 2):  # or a collection went
                 assert now != listed[proj], (i, proj)  # the change shows
@@ -148,16 +149,29 @@ def test_a_listing_nothing_changed_is_one_round_trip(postgres: PostgresCluster, 
             reg.commit("p", "c07", 0)
             assert reg.rebuilt("p", known) == {"c07"}
             assert wire.round_trips(lambda: reg.cache.listing("e", "p")) == 3  # c07's part only
-            assert json.loads(reg.cache.listing("e", "p")) == reg.fresh("p")
+            assert json.loads(reg.cache.listing("e", "p").body) == reg.fresh("p")
         finally:
             wire.close()
     finally:
         reg.close()
 
 
+def _listing_answers(url: str) -> dict[str, float]:
+    """The server's project-listing answers so far, by status (all workers: /metrics sums them)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out: dict[str, float] = {}
+    for fam in text_string_to_metric_families(httpx.get(url + "/metrics", timeout=10).text):
+        for sample in fam.samples:
+            if sample.name == "artifactfs_http_requests_total" and sample.labels["route"].endswith("/listing"):
+                out[sample.labels["status"]] = out.get(sample.labels["status"], 0) + sample.value
+    return out
+
+
 def test_two_server_workers_list_what_the_database_holds(tmp_path: Path) -> None:
     """A real server with two workers (each its own kept parts): every listing, whichever
-    worker serves it, shows the changes another process committed."""
+    worker serves it, shows the changes another process committed; a client that sends the
+    ETag back gets 304 from either worker while nothing changed, and the new listing after."""
     url = f"sqlite:///{tmp_path / 'registry.db'}"
     reg = Registry(url, tmp_path)
     factory = ServerFactory(url, str(tmp_path / "blobs"), tmp_path)
@@ -165,15 +179,47 @@ def test_two_server_workers_list_what_the_database_holds(tmp_path: Path) -> None
         key = factory.user("u", teams=("e",))
         server = factory.start(workers=2)
         with httpx.Client(base_url=server.url, headers={"authorization": f"Bearer {key}"}, timeout=30) as http:
-            def listing() -> Any:
-                r = http.get("/api/v1/entities/e/projects/p/listing")
-                assert r.status_code == 200, r.text
-                return r.json()
+            def listing(etag: str | None = None) -> httpx.Response:
+                r = http.get("/api/v1/entities/e/projects/p/listing", headers={"if-none-match": etag} if etag else {})
+                assert r.status_code in (200, 304), r.text
+                return r
 
+            etag = None
             for step in range(6):
                 reg.commit("p", f"c{step % 3}", step % 4, aliases=(f"a{step}",))
+                changed = listing(etag)  # the ETag of before the commit
+                assert changed.status_code == 200 and changed.json() == reg.fresh("p"), step
+                assert changed.headers["etag"] != etag
+                etag = changed.headers["etag"]
                 for _ in range(8):  # enough to reach both workers, each already holding parts
-                    assert listing() == reg.fresh("p"), step
+                    assert listing().json() == reg.fresh("p"), step
+                    again = listing(etag)
+                    assert (again.status_code, again.content, again.headers["etag"]) == (304, b"", etag), step
+    finally:
+        factory.stop_all()
+        reg.close()
+
+
+def test_the_http_store_keeps_the_listing_and_revalidates_it(tmp_path: Path) -> None:
+    from client.store.http import HttpStore
+
+    url = f"sqlite:///{tmp_path / 'registry.db'}"
+    reg = Registry(url, tmp_path)
+    factory = ServerFactory(url, str(tmp_path / "blobs"), tmp_path)
+    try:
+        key = factory.user("u", teams=("e",))
+        server = factory.start(workers=1)
+        store = HttpStore(server.url, key)
+        reg.commit("p", "c", 0)
+        first = store.list_project("e", "p")
+        first[1].clear()  # the caller's copy: nothing kept changes
+        second = store.list_project("e", "p")
+        assert second == reg.writer.list_project("e", "p") and len(second[1]) == 1
+        assert _listing_answers(server.url) == {"200": 1, "304": 1}
+        reg.commit("p", "c", 1)  # a change: the kept listing is not served
+        third = store.list_project("e", "p")
+        assert third == reg.writer.list_project("e", "p") and [v.index for v in third[1]] == [0, 1]
+        assert _listing_answers(server.url) == {"200": 2, "304": 1}
     finally:
         factory.stop_all()
         reg.close()
