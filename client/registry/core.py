@@ -864,8 +864,9 @@ class RegistryCore:
             if [a for a in held if a != "latest"] and not delete_aliases and row.source_id is None:
                 raise ConflictError(
                     f"version has aliases {sorted(held)}; remove them first or pass delete_aliases=True")
-            self._changed(c, (t.collections.c.id == row.collection_id)
-                          | self._holding_links_to([version_id]))
+            # its collection first, as every write locks it first; then the portfolios of its links
+            self._changed(c, t.collections.c.id == row.collection_id)
+            self._changed(c, self._holding_links_to([version_id]))
             c.execute(t.aliases.delete().where(t.aliases.c.version_id == version_id))
             c.execute(t.versions.update().where(t.versions.c.id == version_id)
                       .values(state="DELETED", updated_at=utcnow()))
@@ -990,9 +991,10 @@ class RegistryCore:
                     pass  # deleted concurrently
         with self._write() as c:
             pk = self._run_pk(c, self._project_id(c, entity, project), run_id)
-            c.execute(t.usages.delete().where(t.usages.c.run_pk == pk))
-            # the versions it logged, and the links to them, are listed without their run from now on
+            # the versions it logged, and the links to them, are listed without their run from now
+            # on (their collections locked before anything else, as every write does)
             self._changed(c, t.collections.c.id.in_(sa.select(t.versions.c.collection_id).where(t.versions.c.run_pk == pk)))
+            c.execute(t.usages.delete().where(t.usages.c.run_pk == pk))
             c.execute(t.versions.update().where(t.versions.c.run_pk == pk).values(run_pk=None))
             c.execute(t.runs.delete().where(t.runs.c.pk == pk))
         return doomed
