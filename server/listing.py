@@ -30,8 +30,8 @@ from client.registry import RegistryCore
 from client.registry.core import CollectionListing, ListingPart
 from client.store.wire import record_to_json
 
-#: projects whose parts a worker keeps (least recently listed dropped first)
-MAX_PROJECTS = 256
+#: encoded bytes a worker keeps, all projects together (the least recently listed go first)
+MAX_BYTES = 256 << 20
 #: part of every ETag: change it with the encoding, so a client never keeps an answer of another
 LISTING_FORMAT = b"listing-1"
 
@@ -48,6 +48,10 @@ class EncodedPart:
     stamp: int
     collection: bytes
     versions: bytes
+
+    @property
+    def size(self) -> int:
+        return len(self.collection) + len(self.versions)
 
     @classmethod
     def of(cls, part: CollectionListing) -> EncodedPart:
@@ -74,25 +78,37 @@ class Listing:
 class ListingCache:
     """Encoded listing parts of the projects listed lately (thread-safe; one per worker)."""
 
-    def __init__(self, registry: RegistryCore, max_projects: int = MAX_PROJECTS) -> None:
+    def __init__(self, registry: RegistryCore, max_bytes: int = MAX_BYTES) -> None:
         self.registry = registry
-        self.max_projects = max_projects
-        self._projects: OrderedDict[tuple[str, str], dict[int, EncodedPart]] = OrderedDict()
+        self.max_bytes = max_bytes
+        #: (entity, project) -> (its parts by collection id, their size), least recently listed first
+        self._projects: OrderedDict[tuple[str, str], tuple[dict[int, EncodedPart], int]] = OrderedDict()
+        self._bytes = 0
         self._lock = threading.Lock()
+
+    def kept(self) -> list[tuple[str, str]]:
+        """The projects whose parts are kept, least recently listed first."""
+        with self._lock:
+            return list(self._projects)
 
     def _held(self, key: tuple[str, str]) -> dict[int, EncodedPart]:
         with self._lock:
-            parts = self._projects.get(key, {})
-            if parts:
-                self._projects.move_to_end(key)
-            return parts
+            if key not in self._projects:
+                return {}
+            self._projects.move_to_end(key)
+            return self._projects[key][0]
 
     def _keep(self, key: tuple[str, str], parts: dict[int, EncodedPart]) -> None:
+        size = sum(p.size for p in parts.values())
         with self._lock:
-            self._projects[key] = parts
-            self._projects.move_to_end(key)
-            while len(self._projects) > self.max_projects:
-                self._projects.popitem(last=False)
+            if key in self._projects:
+                self._bytes -= self._projects.pop(key)[1]
+            if size > self.max_bytes:
+                return  # a project larger than the budget is built every time
+            self._projects[key] = (parts, size)
+            self._bytes += size
+            while self._bytes > self.max_bytes:
+                self._bytes -= self._projects.popitem(last=False)[1][1]
 
     def listing(self, entity: str, project: str) -> Listing:
         """The project listing, its body the JSON of the route: ``{"collections": [...],

@@ -223,3 +223,18 @@ def test_the_http_store_keeps_the_listing_and_revalidates_it(tmp_path: Path) -> 
     finally:
         factory.stop_all()
         reg.close()
+
+
+def test_the_kept_parts_stay_within_their_byte_budget(tmp_path: Path) -> None:
+    reg = Registry(f"sqlite:///{tmp_path / 'registry.db'}", tmp_path)
+    try:
+        for proj in ("p", "q", "r"):
+            reg.commit(proj, "c", 0)
+        size = len(reg.cache.listing("e", "p").body)
+        cache = ListingCache(reg.lister, max_bytes=2 * size)  # about two projects' parts
+        for proj in ("p", "q", "r", "q"):
+            assert json.loads(cache.listing("e", proj).body) == reg.fresh(proj)
+        assert cache.kept() == [("e", "r"), ("e", "q")]  # p, listed least recently, went
+        assert ListingCache(reg.lister, max_bytes=size // 4).listing("e", "p").body == reg.cache.listing("e", "p").body
+    finally:
+        reg.close()
