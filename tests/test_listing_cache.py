@@ -238,3 +238,20 @@ def test_the_kept_parts_stay_within_their_byte_budget(tmp_path: Path) -> None:
         assert ListingCache(reg.lister, max_bytes=size // 4).listing("e", "p").body == reg.cache.listing("e", "p").body
     finally:
         reg.close()
+
+
+def test_more_parts_to_build_than_a_batch_are_built_from_the_whole_project(tmp_path: Path) -> None:
+    reg = Registry(f"sqlite:///{tmp_path / 'registry.db'}", tmp_path)
+    try:
+        for n in range(503):
+            reg.commit("p", f"c{n:03d}", n % 4, aliases=(f"a{n % 3}",))
+        reg.commit("other", "c000", 0)  # another project's versions are not listed
+        cols, versions = reg.lister.list_project("e", "p")  # 503 to build: the project-wide queries
+        assert len(cols) == 503 and cols == [reg.writer.get_collection("e", "p", c.name) for c in cols]
+        assert versions == [v for c in cols for v in reg.writer.list_versions("e", "p", c.name)]
+        known = {p.id: p.stamp for p in reg.lister.list_project_parts("e", "p")}
+        reg.commit("p", "c007", 1)
+        assert reg.rebuilt("p", known) == {"c007"}  # one to build: by its id
+        assert json.loads(reg.cache.listing("e", "p").body) == reg.fresh("p")
+    finally:
+        reg.close()

@@ -540,12 +540,14 @@ class RegistryCore:
     def _collection_listings(self, c: Connection, rows: list[sa.Row], entity: str, project: str) -> dict[int, CollectionListing]:
         """The listing parts of these collection rows (all of one project), in two queries."""
         ids = {r.id for r in rows}
-        pid = rows[0].project_id
-        if len(ids) > _BLOB_BATCH:  # the whole project, what is not asked for left out below
-            scope: Callable[[sa.ColumnElement[Any]], sa.ColumnElement[bool]] = lambda col: col.in_(
-                sa.select(t.collections.c.id).where(t.collections.c.project_id == pid))
-        else:
-            scope = lambda col: col.in_(sorted(ids))  # noqa: E731
+        # past a batch of ids, the whole project (what is not asked for is left out below)
+        chosen: sa.Select | list[int] = (
+            sa.select(t.collections.c.id).where(t.collections.c.project_id == rows[0].project_id)
+            if len(ids) > _BLOB_BATCH else sorted(ids))
+
+        def scope(col: sa.ColumnElement[Any]) -> sa.ColumnElement[bool]:
+            return col.in_(chosen)
+
         q = self._version_query().where(scope(t.versions.c.collection_id), t.versions.c.state == "COMMITTED")
         version_rows = [r for r in c.execute(q.order_by(t.versions.c.collection_id, t.versions.c.idx))
                         if r.collection_id in ids]
