@@ -23,6 +23,7 @@ from . import observe
 from .auth import AuthDB, Principal
 from .blob_access import BlobAccess, blob_access
 from .blobs import open_backend
+from .listing import ListingCache
 from .registrar import BlobRegistrar
 
 log = logging.getLogger(__name__)
@@ -41,6 +42,8 @@ class Server:
         try:
             self.auth = AuthDB(self.registry.engine)
             self.registrar = BlobRegistrar(self.registry)
+            #: project listings kept encoded, collection by collection (server/listing.py)
+            self.listings = ListingCache(self.registry)
             self.url_ttl = url_ttl
             #: how clients reach the blobs (S3 presigned URLs or the server's own /blobdata), chosen here once
             self.blobs: BlobAccess = blob_access(backend, self.registry, self.registrar, self.auth, url_ttl)

@@ -141,11 +141,11 @@ def test_a_commit_into_an_existing_collection_is_seven_round_trips(traced: tuple
     # tags are one statement more, however many
     tagged = CommitRequest("e", "p", "c", "dataset", data["manifests"][0], tags=tuple(f"t{i}" for i in range(20)))
     assert wire.round_trips(lambda: reg.commit(tagged)) == 8
-    # the same digest as latest: BEGIN, the locked collection, the aliases, the tags, the
-    # usage, the record (2), COMMIT, after the blob check
+    # the same digest as latest: BEGIN, the locked collection, its new listing stamp, the
+    # aliases, the tags, the usage, the record (2), COMMIT, after the blob check
     same = CommitRequest("e", "p", "c", "dataset", data["manifests"][0], aliases=("b1", "b2"), tags=("x", "y"),
                          run_id="r1")
-    assert wire.round_trips(lambda: reg.commit(same)) == 9
+    assert wire.round_trips(lambda: reg.commit(same)) == 10
     assert wire.round_trips(lambda: reg.commit(CommitRequest("e", "p", "c", "dataset", data["manifests"][0]))) == 6
     again = reg.resolve("e", "p", "c", "latest")
     assert again.index == 2 and again.aliases == ("latest", "b1", "b2") and len(again.tags) == 22

@@ -562,6 +562,7 @@ def test_indexes_on_versions_run_pk_and_usages_version_id_also_on_an_existing_da
         c.exec_driver_sql("DROP TABLE run_files")  # and before what migration 0002 adds
         c.exec_driver_sql("ALTER TABLE runs DROP COLUMN summary")
         c.exec_driver_sql("ALTER TABLE runs DROP COLUMN tags")
+        c.exec_driver_sql("ALTER TABLE collections DROP COLUMN stamp")  # and 0003
     reg.close()
     reg = RegistryCore(url, LocalBlobBackend(tmp_path / "blobs"), migrate=True)
     assert {"versions_by_run", "usages_by_version"} <= indexes()

@@ -93,7 +93,8 @@ def test_public_run_update_saves_tags_summary_config_and_name(sdk_env) -> None:
 
 def test_a_store_made_before_the_run_columns_is_upgraded_in_place(sdk_env) -> None:
     """A registry.db at schema revision 0001_baseline, before runs had summary/tags and
-    run_files existed: the embedded store upgrades it (migration 0002_run_state) on open."""
+    run_files existed: the embedded store upgrades it (migrations 0002_run_state, then
+    0003_listing_stamp) on open."""
     with client.init(project="proj", id="old"):
         pass
     client.live_run._reset_for_tests()
@@ -102,6 +103,7 @@ def test_a_store_made_before_the_run_columns_is_upgraded_in_place(sdk_env) -> No
     con.execute("ALTER TABLE runs DROP COLUMN summary")
     con.execute("ALTER TABLE runs DROP COLUMN tags")
     con.execute("DROP TABLE run_files")
+    con.execute("ALTER TABLE collections DROP COLUMN stamp")  # 0003_listing_stamp's
     con.execute("UPDATE alembic_version SET version_num = '0001_baseline'")
     con.commit()
     con.close()

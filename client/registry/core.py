@@ -16,12 +16,13 @@ from __future__ import annotations
 import codecs
 import datetime as dt
 import logging
+import secrets
 import time
 import uuid
 from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, BinaryIO, Callable, Iterable, Iterator, Sequence
+from typing import Any, BinaryIO, Callable, Iterable, Iterator, Mapping, Sequence
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
@@ -179,6 +180,32 @@ def _version_record(r: sa.Row[Any], aliases: Iterable[str], tags: Iterable[str])
         source_collection=r.s_c if linked else None,
         source_index=r.s_idx if linked else None,
     )
+
+
+@dataclass(frozen=True)
+class CollectionListing:
+    """One collection's part of a project listing: its record and its committed versions (by
+    index), as they were at ``stamp`` (the collection's ``stamp`` column)."""
+
+    stamp: int
+    collection: CollectionRecord
+    versions: list[VersionRecord]
+
+
+@dataclass(frozen=True)
+class ListingPart:
+    """A collection of a project listing (in listing order): its id, its stamp now, and its
+    part of the listing, None when the caller already holds the part of that stamp."""
+
+    id: int
+    stamp: int
+    part: CollectionListing | None
+
+
+def _new_stamp() -> int:
+    """A collection's listing stamp after a change.  Random rather than a counter: SQLite may
+    give a new collection the id of a deleted one, and a counter would repeat its stamps."""
+    return secrets.randbits(62)
 
 
 def _alias_order(aliases: Iterable[str]) -> tuple[str, ...]:
@@ -356,6 +383,18 @@ class RegistryCore:
             raise _collection_missing(entity, project, collection)
         return row
 
+    @staticmethod
+    def _changed(c: Connection, which: sa.ColumnElement[bool]) -> None:
+        """Give the collections ``which`` selects a new listing stamp: every write that changes
+        what a listing shows of a collection calls this (or sets ``stamp`` in its own UPDATE) in
+        its transaction, before its other changes, so the collection is locked first."""
+        c.execute(t.collections.update().where(which).values(stamp=_new_stamp()))
+
+    @staticmethod
+    def _holding_links_to(versions: sa.Select | list[str]) -> sa.ColumnElement[bool]:
+        """The portfolios holding links to these versions (a link shows its source's path and type)."""
+        return t.collections.c.id.in_(sa.select(t.versions.c.collection_id).where(t.versions.c.source_id.in_(versions)))
+
     # -- records ------------------------------------------------------------------------------
     # A version's row comes with its collection's path, the path of the run that logged it and,
     # for a linked version, its source's path and type: outer joins, so one query in all cases.
@@ -472,8 +511,19 @@ class RegistryCore:
 
     def list_project(self, entity: str, project: str) -> tuple[list[CollectionRecord], list[VersionRecord]]:
         """A project's collections and all their committed versions (what a mount lists as
-        ``name:vN`` and ``name:alias``) in three queries however many there are: the collections;
-        the versions with their run and source paths; the aliases and tags of both."""
+        ``name:vN`` and ``name:alias``) in three queries however many there are."""
+        parts = [p.part for p in self.list_project_parts(entity, project) if p.part is not None]
+        return [p.collection for p in parts], [v for p in parts for v in p.versions]
+
+    def list_project_parts(self, entity: str, project: str, known: Mapping[int, int] | None = None) -> list[ListingPart]:
+        """The project listing collection by collection (by name), each part built only when
+        ``known`` (collection id -> stamp of the part the caller holds) does not hold its stamp.
+
+        Three queries however many there are: the collections (with their stamps); the versions
+        of those to build, with their run and source paths; the aliases and tags of both.  When
+        every part is known, only the first.  A part is never older than its stamp (the stamp is
+        read first), so a part held for the stamp read now is up to date."""
+        known = known or {}
         with self._read() as c:
             rows = c.execute(sa.select(t.collections)
                              .join(t.projects, t.collections.c.project_id == t.projects.c.id)
@@ -482,18 +532,34 @@ class RegistryCore:
                              .order_by(t.collections.c.name)).all()
             if not rows:
                 self._project_id(c, entity, project)  # NotFoundError unless it exists (and is empty)
-                return [], []
-            pid = rows[0].project_id
-            q = self._version_query().where(t.collections.c.project_id == pid, t.versions.c.state == "COMMITTED")
-            version_rows = c.execute(q.order_by(t.collections.c.name, t.versions.c.idx)).all()
-            names = _CollectionNames()
-            self._collection_names(c, names, lambda col: col.in_(
-                sa.select(t.collections.c.id).where(t.collections.c.project_id == pid)), version_tags=True)
-            # the committed versions are all here: their count needs no query
-            names.counts.update(Counter(r.collection_id for r in version_rows))
-            versions = [_version_record(r, names.version_aliases.get(r.id, ()), names.version_tags.get(r.id, ()))
-                        for r in version_rows]
-            return [names.record(row, entity, project) for row in rows], versions
+                return []
+            todo = [r for r in rows if known.get(r.id) != r.stamp]
+            built = self._collection_listings(c, todo, entity, project) if todo else {}
+            return [ListingPart(r.id, r.stamp, built.get(r.id)) for r in rows]
+
+    def _collection_listings(self, c: Connection, rows: list[sa.Row], entity: str, project: str) -> dict[int, CollectionListing]:
+        """The listing parts of these collection rows (all of one project), in two queries."""
+        ids = {r.id for r in rows}
+        # past a batch of ids, the whole project (what is not asked for is left out below)
+        chosen: sa.Select | list[int] = (
+            sa.select(t.collections.c.id).where(t.collections.c.project_id == rows[0].project_id)
+            if len(ids) > _BLOB_BATCH else sorted(ids))
+
+        def scope(col: sa.ColumnElement[Any]) -> sa.ColumnElement[bool]:
+            return col.in_(chosen)
+
+        q = self._version_query().where(scope(t.versions.c.collection_id), t.versions.c.state == "COMMITTED")
+        version_rows = [r for r in c.execute(q.order_by(t.versions.c.collection_id, t.versions.c.idx))
+                        if r.collection_id in ids]
+        names = _CollectionNames()
+        self._collection_names(c, names, scope, version_tags=True)
+        # the committed versions are all here: their count needs no query
+        names.counts.update(Counter(r.collection_id for r in version_rows))
+        versions: dict[int, list[VersionRecord]] = {i: [] for i in ids}
+        for r in version_rows:
+            versions[r.collection_id].append(
+                _version_record(r, names.version_aliases.get(r.id, ()), names.version_tags.get(r.id, ())))
+        return {r.id: CollectionListing(r.stamp, names.record(r, entity, project), versions[r.id]) for r in rows}
 
     def list_types(self, entity: str, project: str) -> list[str]:
         with self._read() as c:
@@ -526,8 +592,12 @@ class RegistryCore:
                 values["name"] = new_name
             if description is not None:
                 values["description"] = description or None
-            if values:
-                c.execute(t.collections.update().where(t.collections.c.id == row.id).values(**values))
+            if values or new_tags is not None:
+                c.execute(t.collections.update().where(t.collections.c.id == row.id)
+                          .values(**values, stamp=_new_stamp()))
+            if "name" in values or "type" in values:  # what the links to its versions show
+                self._changed(c, self._holding_links_to(
+                    sa.select(t.versions.c.id).where(t.versions.c.collection_id == row.id)))
             if new_tags is not None:
                 c.execute(t.collection_tags.delete().where(t.collection_tags.c.collection_id == row.id))
                 self._insert_ignore_many(c, t.collection_tags,
@@ -543,6 +613,8 @@ class RegistryCore:
             mine = sa.select(t.versions.c.id).where(t.versions.c.collection_id == row.id).scalar_subquery()
             links = t.versions.c.source_id.in_(mine)
             portfolios = {cid for (cid,) in c.execute(sa.select(t.versions.c.collection_id).where(links).distinct())}
+            if portfolios - {row.id}:
+                self._changed(c, t.collections.c.id.in_(sorted(portfolios - {row.id})))
             c.execute(t.versions.delete().where(links))
             c.execute(t.collections.delete().where(t.collections.c.id == row.id))  # cascades to versions, aliases
             for cid in portfolios - {row.id}:
@@ -661,7 +733,8 @@ class RegistryCore:
             if col is None:
                 pid = self._project_id(c, req.entity, req.project, create=True)
                 self._insert_ignore(c, t.collections, project_id=pid, name=req.collection, type=req.type,
-                                    description=None, created_at=now, next_index=0, kind="sequence")
+                                    description=None, created_at=now, next_index=0, kind="sequence",
+                                    stamp=_new_stamp())
                 col = self._commit_target(c, req)
                 if col is None:
                     raise _collection_missing(req.entity, req.project, req.collection)
@@ -675,13 +748,16 @@ class RegistryCore:
                 raise LatestMovedError(f"{req.entity}/{req.project}/{req.collection}: latest moved since this commit "
                                        "was prepared; re-read it and commit again")
             if col.latest_id is not None and col.latest_digest == digest:
+                if user_aliases or tags:
+                    self._changed(c, t.collections.c.id == col.id)
                 self._add_aliases(c, col.id, col.latest_id, user_aliases)
                 self._add_tags(c, col.latest_id, tags)
                 if col.run_pk is not None:
                     self._insert_ignore(c, t.usages, run_pk=col.run_pk, version_id=col.latest_id, use_as=None)
                 return self._record(c, col.latest_id), False
             idx = col.next_index
-            c.execute(t.collections.update().where(t.collections.c.id == col.id).values(next_index=idx + 1))
+            c.execute(t.collections.update().where(t.collections.c.id == col.id)
+                      .values(next_index=idx + 1, stamp=_new_stamp()))
             ttl: float | None = col.default_ttl if isinstance(req_ttl, TtlSentinel) else req_ttl  # INHERIT
             new = VersionRecord(
                 id=uuid.uuid4().hex, entity=col.e_name, project=col.p_name, collection=col.name, index=idx,
@@ -698,6 +774,9 @@ class RegistryCore:
             self._add_tags(c, new.id, tags)
             return new, True  # what _record would read back, without reading it (the tests compare them)
 
+    # the aliased tables of _commit_target, made once (making them is most of its CPU)
+    _LATEST_ALIAS, _LATEST, _SEEN = t.aliases.alias("latest_alias"), t.versions.alias("latest"), t.collections.alias("seen")
+
     def _commit_target(self, c: Connection, req: CommitRequest) -> sa.Row | None:
         """The collection a commit goes into, locked, and in the same query what the commit
         needs: its entity and project names, the entity's default TTL, the collection's latest
@@ -707,7 +786,7 @@ class RegistryCore:
         other rows as they were when it started; when the holder moved ``latest`` meanwhile
         (a commit or a link: ``next_index`` moved since then) the query is asked again, the lock
         now held, so a commit never decides on a latest that is gone."""
-        latest_alias, latest, seen = t.aliases.alias("latest_alias"), t.versions.alias("latest"), t.collections.alias("seen")
+        latest_alias, latest, seen = self._LATEST_ALIAS, self._LATEST, self._SEEN
         run_pk: sa.ColumnElement[Any] = sa.null()
         if req.run_id:
             run_pk = sa.select(t.runs.c.pk).where(t.runs.c.project_id == t.collections.c.project_id,
@@ -757,6 +836,7 @@ class RegistryCore:
             row = c.execute(sa.select(t.versions).where(t.versions.c.id == version_id)).first()
             if row is None or row.state != "COMMITTED":
                 raise NotFoundError(f"artifact version {version_id!r} not found")
+            self._changed(c, t.collections.c.id == row.collection_id)
             values: dict[str, Any] = {"updated_at": utcnow()}
             if meta is not None:
                 values["meta"] = meta
@@ -786,6 +866,9 @@ class RegistryCore:
             if [a for a in held if a != "latest"] and not delete_aliases and row.source_id is None:
                 raise ConflictError(
                     f"version has aliases {sorted(held)}; remove them first or pass delete_aliases=True")
+            # its collection first, as every write locks it first; then the portfolios of its links
+            self._changed(c, t.collections.c.id == row.collection_id)
+            self._changed(c, self._holding_links_to([version_id]))
             c.execute(t.aliases.delete().where(t.aliases.c.version_id == version_id))
             c.execute(t.versions.update().where(t.versions.c.id == version_id)
                       .values(state="DELETED", updated_at=utcnow()))
@@ -910,6 +993,9 @@ class RegistryCore:
                     pass  # deleted concurrently
         with self._write() as c:
             pk = self._run_pk(c, self._project_id(c, entity, project), run_id)
+            # the versions it logged, and the links to them, are listed without their run from now
+            # on (their collections locked before anything else, as every write does)
+            self._changed(c, t.collections.c.id.in_(sa.select(t.versions.c.collection_id).where(t.versions.c.run_pk == pk)))
             c.execute(t.usages.delete().where(t.usages.c.run_pk == pk))
             c.execute(t.versions.update().where(t.versions.c.run_pk == pk).values(run_pk=None))
             c.execute(t.runs.delete().where(t.runs.c.pk == pk))
@@ -1038,7 +1124,8 @@ class RegistryCore:
             src_type = c.execute(sa.select(t.collections.c.type).where(t.collections.c.id == src.collection_id)).scalar_one()
             pid = self._project_id(c, entity, project, create=True)
             self._insert_ignore(c, t.collections, project_id=pid, name=collection, type=src_type,
-                                description=None, created_at=now, next_index=0, kind="portfolio")
+                                description=None, created_at=now, next_index=0, kind="portfolio",
+                                stamp=_new_stamp())
             col = self._collection_row(c, entity, project, collection, lock=True)
             if col.kind != "portfolio":
                 raise ConflictError(f"{entity}/{project}/{collection} holds logged versions; link into a portfolio")
@@ -1046,10 +1133,13 @@ class RegistryCore:
                 t.versions.c.collection_id == col.id, t.versions.c.source_id == src.id,
                 t.versions.c.state == "COMMITTED")).first()
             if existing is not None:
+                if user_aliases:
+                    self._changed(c, t.collections.c.id == col.id)
                 self._add_aliases(c, col.id, existing.id, user_aliases)
                 return self._record(c, existing.id)
             idx = col.next_index
-            c.execute(t.collections.update().where(t.collections.c.id == col.id).values(next_index=idx + 1))
+            c.execute(t.collections.update().where(t.collections.c.id == col.id)
+                      .values(next_index=idx + 1, stamp=_new_stamp()))
             vid = uuid.uuid4().hex
             c.execute(t.versions.insert().values(
                 id=vid, collection_id=col.id, idx=idx, digest=src.digest, manifest_md5=src.manifest_md5,

@@ -35,7 +35,7 @@ VERSION_TABLE = "alembic_version"
 BASELINE = "0001_baseline"
 #: the newest revision in migrations/versions: bump it with every new revision
 #: (tests/test_migrations.py checks it against the scripts)
-HEAD = "0002_run_state"
+HEAD = "0003_listing_stamp"
 #: held during migrations on PostgreSQL (pg_advisory_xact_lock), any constant unique to us
 _PG_LOCK_KEY = 0x6166735F6D6967
 

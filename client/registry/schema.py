@@ -46,6 +46,10 @@ collections = sa.Table(
     sa.Column("next_index", sa.Integer, nullable=False, default=0),
     #: "sequence" (versions logged into it) or "portfolio" (versions linked into it)
     sa.Column("kind", sa.String(16), nullable=False, default="sequence"),
+    #: changes (to a random value) with every change to what a listing shows of the collection:
+    #: its row, its versions, their aliases and tags, the links it holds and their sources' names
+    #: (RegistryCore.list_project_parts; a server caches each collection's part of a listing by it)
+    sa.Column("stamp", sa.BigInteger, nullable=False, server_default="0"),
     sa.UniqueConstraint("project_id", "name"),
 )
 

@@ -33,7 +33,7 @@ from urllib.parse import quote, urljoin
 import requests
 import requests.adapters
 import urllib3.exceptions
-from cachetools import TLRUCache
+from cachetools import LRUCache, TLRUCache
 
 from .. import names, settings
 from ..errors import (ArtifactFSError, DigestMismatchError, PermissionDeniedError, StoreUnavailableError,
@@ -114,6 +114,18 @@ def retrying(fn: Callable[..., T]) -> Callable[..., T]:
                                 what=fn.__name__, logger=log)
 
     return wrapper
+
+
+#: project listings an HttpStore keeps with their ETags (least recently used dropped first)
+KEPT_LISTINGS = 64
+
+
+def _copied(result: Any) -> Any:
+    """A kept answer handed out again: its lists (in a tuple) copied, so a caller that changes
+    one changes nothing kept; the records in them are immutable."""
+    if isinstance(result, tuple):
+        return tuple(list(x) if isinstance(x, list) else x for x in result)
+    return list(result) if isinstance(result, list) else result
 
 
 def _raise_for(resp: requests.Response) -> None:
@@ -275,6 +287,9 @@ class HttpStore(JsonCalls):
         self._urls_lock = threading.Lock()
         #: upload plans that came with missing_blobs: (entity, md5) -> (plan, valid_until, put_limit)
         self._plans: TLRUCache[tuple[str, str], tuple[dict[str, Any], float, int | None]] = _url_cache()
+        #: path -> (ETag, decoded answer) of the last answers of conditional calls (the listings)
+        self._kept: LRUCache[str, tuple[str, Any]] = LRUCache(maxsize=KEPT_LISTINGS)
+        self._kept_lock = threading.Lock()
         #: every multipart upload and parallel download of this store shares one pool and one
         #: buffer budget, however many callers' threads use the store at once
         self.part_budget = PartBudget(TRANSFER_THREADS)
@@ -293,10 +308,11 @@ class HttpStore(JsonCalls):
     def _headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
 
-    def _send(self, method: str, path: str, *, idempotent: bool, **kwargs: Any) -> requests.Response:
+    def _send(self, method: str, path: str, *, idempotent: bool, headers: dict[str, str] | None = None,
+              **kwargs: Any) -> requests.Response:
         url = path if path.startswith("http") else self.base + path
         try:
-            resp = self.session.request(method, url, headers=self._headers(), timeout=self.timeout,
+            resp = self.session.request(method, url, headers={**self._headers(), **(headers or {})}, timeout=self.timeout,
                                         verify=self._verify, **kwargs)
         except requests.exceptions.SSLError as exc:
             raise _tls_error(self.base, exc) from exc
@@ -329,7 +345,25 @@ class HttpStore(JsonCalls):
     def send_call(self, call: Call, args: dict[str, Any]) -> Any:
         """Send one call of the API table (retried under the policy when it is idempotent)."""
         path, body = call.request(args)
+        if call.conditional:
+            return self._conditional_get(call, path)
         return call.decode(self._call(call.method, path, body, idempotent=call.idempotent(args)))
+
+    @retrying
+    def _conditional_get(self, call: Call, path: str) -> Any:
+        """A conditional call (the project listing): the last answer is kept with its ETag and
+        sent back; on ``304 Not Modified`` the kept answer is the result, not decoded again."""
+        with self._kept_lock:
+            kept = self._kept.get(path)
+        resp = self._send("GET", path, idempotent=True, headers={"If-None-Match": kept[0]} if kept else None)
+        if resp.status_code == 304 and kept is not None:
+            return _copied(kept[1])
+        result = call.decode(resp.json())
+        tag = resp.headers.get("ETag")
+        if tag:
+            with self._kept_lock:
+                self._kept[path] = (tag, result)
+        return _copied(result)
 
     def create_project(self, entity: str, project: str) -> None:
         # a name with "/" would route to another URL (a 404): refuse it as the embedded store does

@@ -137,13 +137,16 @@ class Call:
 
     def __init__(self, method: str, path: str, area: str, *, status: int = 200,
                  query: tuple[str, ...] = (), body: Callable[[dict[str, Any]], Any] | None = None,
-                 decode: Callable[[Any], Any] = _as_is, idempotent: bool | Callable[[dict[str, Any]], bool] = True
-                 ) -> None:
+                 decode: Callable[[Any], Any] = _as_is, idempotent: bool | Callable[[dict[str, Any]], bool] = True,
+                 conditional: bool = False) -> None:
         """``body(args)``: the JSON body from the call's arguments (None: no body);
-        ``idempotent``: a bool or ``f(args)`` (whether a repeat could do something twice)."""
+        ``idempotent``: a bool or ``f(args)`` (whether a repeat could do something twice);
+        ``conditional``: a GET answered with an ETag, which the client keeps with the answer
+        and sends back (``If-None-Match``): ``304 Not Modified`` means the kept answer holds."""
         self.name = ""  # the attribute's name in the table (__set_name__)
         self.method, self.path, self.area, self.status = method, path, area, status
         self.query, self.body, self.decode, self._idempotent = query, body, decode, idempotent
+        self.conditional = conditional
         self.path_args = tuple(_SEGMENT.findall(path))
 
     def __set_name__(self, owner: type, name: str) -> None:
@@ -260,7 +263,8 @@ class JsonCalls:
     list_projects = StoreCall(Store.list_projects, "GET", f"{_ENTITY}/projects", "namespace")
     list_collections = StoreCall(Store.list_collections, "GET", f"{_PROJECT}/collections", "namespace",
                                  query=("type",), decode=_collections)
-    list_project = StoreCall(Store.list_project, "GET", f"{_PROJECT}/listing", "namespace", decode=_listing)
+    list_project = StoreCall(Store.list_project, "GET", f"{_PROJECT}/listing", "namespace", decode=_listing,
+                             conditional=True)
     list_types = StoreCall(Store.list_types, "GET", f"{_PROJECT}/types", "namespace")
     get_collection = StoreCall(Store.get_collection, "GET", _COLLECTION, "namespace", decode=collection_from_json)
     update_collection = StoreCall(

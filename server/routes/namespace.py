@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 from pydantic import BaseModel
 
@@ -58,14 +58,17 @@ def list_collections(entity: str, project: str, type: str | None = None, p: Prin
 
 
 @serve(router, JsonCalls.list_project)
-def list_project(entity: str, project: str, p: Principal = Depends(principal),
-                 s: Server = Depends(get_server)) -> dict[str, Any]:
+def list_project(entity: str, project: str, request: Request, p: Principal = Depends(principal),
+                 s: Server = Depends(get_server)) -> Response:
     """The project's collections (with aliases) and all their committed versions: one call
-    for a mount's ``ls`` of a project, in a constant number of queries."""
+    for a mount's ``ls`` of a project, in a constant number of queries (one when nothing
+    changed since this worker last listed it: server/listing.py); ``304 Not Modified`` when
+    the caller's ``If-None-Match`` is the listing's ETag."""
     p.require(entity)
-    collections, versions = s.registry.list_project(entity, project)
-    return {"collections": [record_to_json(c) for c in collections],
-            "versions": [record_to_json(v) for v in versions]}
+    listing = s.listings.listing(entity, project)
+    if request.headers.get("if-none-match") == listing.etag:
+        return Response(status_code=304, headers={"ETag": listing.etag})
+    return Response(listing.body, media_type="application/json", headers={"ETag": listing.etag})
 
 
 @serve(router, JsonCalls.list_types)
