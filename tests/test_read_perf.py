@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import threading
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -117,11 +118,10 @@ def _count_http(store) -> list[tuple[str, str, str]]:
     seen: list[tuple[str, str, str]] = []
     lock = threading.Lock()
 
-    def hook(resp, *args, **kwargs):
-        req = resp.request
+    def hook(method: str, url: str, headers) -> None:
         with lock:
-            seen.append((req.method, req.path_url.split("?")[0], req.headers.get("Range", "")))
-    store.session.hooks["response"].append(hook)
+            seen.append((method, urlsplit(url).path, headers.get("Range", "")))
+    store.observe(hook)
     return seen
 
 
