@@ -244,6 +244,7 @@ class ContentReader:
         self.metrics = FetchMetrics()  #: cache hits/misses, fetched bytes, fetch latency (mountfs/metrics.py)
         self.blockmap_requests = 0  #: block map look-ups (once per large blob and daemon)
         self.verify_failures = 0  #: blocks or objects that failed verification
+        self.worker_reads = 0  #: reads answered in a worker thread (a thread hop each), not on the loop
         self._installer = ThreadPoolExecutor(4, thread_name_prefix="artifactfs-install")
         self._small_installs = SmallInstalls(cache, _PENDING_INSTALL_BYTES, self._note_added)
         self._url_batches: dict[tuple[str, int], threading.Event] = {}
@@ -260,7 +261,7 @@ class ContentReader:
             return {"store_requests": self.store_requests, "reference_requests": self.reference_requests,
                     "open_objects": len(self._objects),
                     "blockmap_requests": self.blockmap_requests, "verify_failures": self.verify_failures,
-                    "prefetched": self._walker.fetched}
+                    "prefetched": self._walker.fetched, "worker_reads": self.worker_reads}
 
     # -- verification ------------------------------------------------------------------
     def blockmap(self, ref: FileRef) -> BlockMap | None:
@@ -596,6 +597,8 @@ class ContentReader:
 
     def read(self, handle: Handle, off: int, size: int) -> bytes:
         obj = handle.obj
+        with self._lock:
+            self.worker_reads += 1
         if off >= obj.ref.size or size <= 0:
             return b""
         mismatches = evicted = 0
