@@ -324,6 +324,11 @@ class HttpStore(JsonCalls):
             if _tls_refused(exc):
                 raise _tls_error(url.split("?")[0], exc) from exc
             raise  # broken mid-way: a transport failure, retried
+        except urllib3.exceptions.HTTPError as exc:
+            if is_transport_failure(exc):
+                raise
+            # too many redirects, a URL urllib3 cannot parse: our error, not urllib3's
+            raise ArtifactFSError(f"GET {url.split('?')[0]} failed: {exc}") from exc
 
     def _headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
