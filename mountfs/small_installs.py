@@ -47,16 +47,22 @@ class SmallInstalls:
         """Queue ``data`` (md5-checked by the caller) for the cache; waits while the queue is full."""
         with self._cv:
             while self._bytes and self._bytes + len(data) > self.max_bytes and not self._closing:
-                self._cv.wait()
+                self._ensure_thread()  # never wait for a thread that is gone
+                self._cv.wait(1.0)
             if self._closing:
                 return  # unmounting: the object is fetched again next time
             self._pending.append((md5, data))
             self._bytes += len(data)
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="artifactfs-install-small", daemon=True)
-                self._thread.start()
-            elif len(self._pending) == 1 or self._full():
+            if not self._ensure_thread() and (len(self._pending) == 1 or self._full()):
                 self._cv.notify_all()  # wake the thread for a new batch, or end its lingering
+
+    def _ensure_thread(self) -> bool:
+        """Start the installing thread if it is not running (the lock held); True if started."""
+        if self._thread is not None and self._thread.is_alive():
+            return False
+        self._thread = threading.Thread(target=self._run, name="artifactfs-install-small", daemon=True)
+        self._thread.start()
+        return True
 
     def _full(self) -> bool:
         return len(self._pending) >= self.MAX_BATCH or 2 * self._bytes >= self.max_bytes
