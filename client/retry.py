@@ -67,8 +67,14 @@ class TemporaryFailure(Exception):
 
 #: the request's own fault: another attempt cannot succeed
 _PERMANENT = (InvalidNameError, AuthenticationError, PermissionDeniedError)
+#: requests' failures, and urllib3's own (the HTTP store's blob GETs use urllib3 directly):
+#: connection refused, reset or cut short, timeouts (connect and read), proxies, bad encodings,
+#: a TLS record broken mid-body (a certificate the client refuses never gets here: the store
+#: raises it as StoreUnavailableError, which says what to set)
 _TRANSPORT = (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError,
-              requests.exceptions.ContentDecodingError, urllib3.exceptions.ProtocolError)
+              requests.exceptions.ContentDecodingError, urllib3.exceptions.ProtocolError,
+              urllib3.exceptions.TimeoutError, urllib3.exceptions.ProxyError, urllib3.exceptions.DecodeError,
+              urllib3.exceptions.SSLError)
 
 
 def is_transport_failure(exc: BaseException) -> bool:

@@ -65,6 +65,7 @@ from .metrics import FetchMetrics
 from .namespace import SIBLING_BATCH, FileRef
 from .ref_source import RefIdentities
 from .sibling_prefetch import SiblingPrefetch
+from .small_installs import SmallInstalls
 
 log = logging.getLogger(__name__)
 
@@ -245,11 +246,11 @@ class ContentReader:
         self.metrics = FetchMetrics()  #: cache hits/misses, fetched bytes, fetch latency (mountfs/metrics.py)
         self.blockmap_requests = 0  #: block map look-ups (once per large blob and daemon)
         self.verify_failures = 0  #: blocks or objects that failed verification
+        self.worker_reads = 0  #: reads answered in a worker thread (a thread hop each), not on the loop
         self._installer = ThreadPoolExecutor(4, thread_name_prefix="artifactfs-install")
+        self._small_installs = SmallInstalls(cache, _PENDING_INSTALL_BYTES, self._note_added)
         self._url_batches: dict[tuple[str, int], threading.Event] = {}
         self._walker = SiblingPrefetch(self)
-        self._pending_cv = threading.Condition()
-        self._pending_bytes = 0
         self._added = 0
         #: the loop's read buffer for complete objects: a read on the loop is answered before
         #: any other request runs (no await between it and pyfuse3's reply), so one buffer,
@@ -262,7 +263,7 @@ class ContentReader:
             return {"store_requests": self.store_requests, "reference_requests": self.reference_requests,
                     "open_objects": len(self._objects),
                     "blockmap_requests": self.blockmap_requests, "verify_failures": self.verify_failures,
-                    "prefetched": self._walker.fetched}
+                    "prefetched": self._walker.fetched, "worker_reads": self.worker_reads}
 
     # -- verification ------------------------------------------------------------------
     def blockmap(self, ref: FileRef) -> BlockMap | None:
@@ -598,6 +599,8 @@ class ContentReader:
 
     def read(self, handle: Handle, off: int, size: int) -> bytes:
         obj = handle.obj
+        with self._lock:
+            self.worker_reads += 1
         if off >= obj.ref.size or size <= 0:
             return b""
         mismatches = evicted = 0
@@ -831,27 +834,9 @@ class ContentReader:
         return lambda start, length, deliver: self.stream_range(ref.entity, ref.md5, start, length, deliver)
 
     def _install_later(self, md5: str, data: bytes) -> None:
-        """Write a verified small object into the shared cache off the read path (bounded)."""
-        with self._pending_cv:  # back-pressure: bounded bytes waiting for their install
-            while self._pending_bytes and self._pending_bytes + len(data) > _PENDING_INSTALL_BYTES:
-                self._pending_cv.wait()
-            self._pending_bytes += len(data)
-
-        def install() -> None:
-            try:
-                if self.cache.lookup(md5, len(data)) is None:
-                    # no fsync: small objects are md5-checked on every read (mount and download)
-                    with self.cache.writer(md5, fsync=len(data) > self.config.small_object) as out:
-                        out.write(data)
-                    self._note_added(len(data))
-            except Exception as exc:  # noqa: BLE001 - the cache is an optimisation here
-                log.warning("could not cache %s: %s", md5, exc)
-            finally:
-                with self._pending_cv:
-                    self._pending_bytes -= len(data)
-                    self._pending_cv.notify_all()
-
-        self._installer.submit(install)
+        """Write a verified small object into the shared cache off the read path (batched and
+        bounded, see mountfs/small_installs.py)."""
+        self._small_installs.put(md5, data)
 
     def _note_added(self, size: int) -> None:
         """Evict now and then (a cache scan per object would be quadratic)."""
@@ -1080,8 +1065,9 @@ class ContentReader:
             log.warning("could not cache %s: %s", md5, exc)
 
     def shutdown(self) -> None:
-        self._walker.shutdown()  # before the installer: a fetch ahead ends with an install
-        self._installer.shutdown(wait=True)  # small installs are quick: let them land
+        self._walker.shutdown()  # before the installs: a fetch ahead ends with one
+        self._small_installs.shutdown()  # small installs are quick: let them land
+        self._installer.shutdown(wait=True)
         self._executor.shutdown(wait=False, cancel_futures=True)
         self._stream_slots.shutdown()
         self._io.shutdown(wait=False, cancel_futures=True)

@@ -11,6 +11,7 @@ Concurrency rule: every method here runs in worker threads (``take(wait=False)``
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -39,6 +40,9 @@ class SiblingPrefetch:
     PARALLEL = 8
     MAX_SIZE = 512 << 10  #: larger siblings are not fetched ahead
     KEEP = 64
+    #: rows listed per directory query: a walk queries its directory once per ~LISTED - AHEAD
+    #: files read (it was once per file, on the event loop)
+    LISTED = 4 * AHEAD + 1
 
     def __init__(self, content: "ContentReader") -> None:
         self.content = content
@@ -46,6 +50,8 @@ class SiblingPrefetch:
         #: directory -> (last row id read, last row id considered for prefetch)
         self._walks: LRUCache[tuple[str, int], tuple[int, int]] = LRUCache(maxsize=256)
         self._ahead: LRUCache[str, Future[bytes]] = LRUCache(maxsize=self.KEEP)
+        #: directory -> (rows of its last listing, whether they reach the directory's end)
+        self._listed: LRUCache[tuple[str, int], tuple[list[tuple[int, str, int]], bool]] = LRUCache(maxsize=256)
         self._inflight = 0
         self.fetched = 0  #: objects fetched ahead of a reader (stats)
         self._pool = ThreadPoolExecutor(self.PARALLEL, thread_name_prefix="artifactfs-ahead")
@@ -80,7 +86,7 @@ class SiblingPrefetch:
                 return  # not (yet) a forward walk, or enough in flight
         content = self.content
         top = seen  #: the last sibling dealt with (fetched, cached, or not worth fetching)
-        for rid, md5, size in content._siblings(ref, limit=self.AHEAD + 1):
+        for rid, md5, size in self._next_siblings(ref, key, row):
             if rid <= seen or md5 == ref.md5:
                 continue
             if size <= self.MAX_SIZE and content.cache.lookup(md5, size) is None:
@@ -94,6 +100,22 @@ class SiblingPrefetch:
         with self._lock:
             last_now, seen_now = self._walks.get(key, (row, row))
             self._walks[key] = (last_now, max(top, seen_now))
+
+    def _next_siblings(self, ref: FileRef, key: tuple[str, int], row: int) -> list[tuple[int, str, int]]:
+        """(row id, md5, size) of the next ``AHEAD`` files after row ``row`` of ``ref``'s
+        directory: from the rows of its last listing when they reach that far, else listed anew
+        (``LISTED`` rows from ``ref`` on).  A version's directory never changes."""
+        with self._lock:
+            listed = self._listed.get(key)
+        if listed is not None:
+            rows, complete = listed
+            at = bisect.bisect_right(rows, row, key=lambda r: r[0])
+            if rows and rows[0][0] <= row and (complete or len(rows) - at >= self.AHEAD):
+                return rows[at:at + self.AHEAD]
+        rows = self.content._siblings(ref, limit=self.LISTED)
+        with self._lock:
+            self._listed[key] = (rows, len(rows) < self.LISTED)
+        return [r for r in rows if r[0] > row][:self.AHEAD]
 
     def _fetch(self, entity: str, md5: str, size: int) -> bytes:
         try:

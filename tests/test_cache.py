@@ -314,3 +314,23 @@ def test_index_is_shared_by_processes_and_repaired_by_prune(tmp_path: Path) -> N
     a.prune()
     assert a.info().bytes == 9000 and a.info().entries == 3
     assert a.lookup(stray) is not None
+
+
+def test_install_verified_writes_a_batch_in_one_index_transaction(tmp_path: Path) -> None:
+    """Issue 17: the mount's cold small objects enter the cache many per index transaction
+    (was one each), read-only, counted, nothing left in tmp/; present ones are skipped."""
+    cache = Cache(tmp_path / "c", max_bytes=1 << 30)
+    objects = [(md5hex(data), data) for data in (os.urandom(3000 + i) for i in range(10))]
+    with cache.writer(objects[0][0]) as f:
+        f.write(objects[0][1])
+    before = cache.index.queries
+    added = cache.install_verified(objects + [objects[3]])
+    assert cache.index.queries - before == 1
+    assert added == sum(len(d) for _, d in objects[1:])
+    for md5, data in objects:
+        path = cache.lookup(md5, len(data))
+        assert path is not None and path.read_bytes() == data
+        assert path.stat().st_mode & 0o777 == 0o444
+    assert cache.info().entries == 10 and cache.info().bytes == sum(len(d) for _, d in objects)
+    assert list(cache.tmp_dir.iterdir()) == []
+    assert cache.install_verified(objects) == 0

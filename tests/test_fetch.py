@@ -398,3 +398,26 @@ def test_switch_to_streaming_keeps_the_old_partial_open_for_concurrent_readers(l
     assert not (cr.cache.partial_dir / f"{md5}.bits").exists()  # closing wrote no bitmap back
     leaked = {os.readlink(f"/proc/self/fd/{f}") for f in _open_fds() - before if os.path.exists(f"/proc/self/fd/{f}")}
     assert not [p for p in leaked if md5 in p], leaked
+
+
+def test_cold_small_files_reach_the_cache_in_one_index_transaction(local_store, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 17: each cold small file is served from memory once its md5 matched; the copies
+    into the cache are batched behind the readers (one thread, one index transaction for the
+    batch; was a thread hop and a transaction per file) and all land by shutdown."""
+    from mountfs.small_installs import SmallInstalls
+
+    monkeypatch.setattr(SmallInstalls, "LINGER", 5.0)  # one batch whatever the machine's load
+    files = [os.urandom(10 * KiB + i) for i in range(24)]
+    md5s = [upload_bytes(local_store, "ent", data, tmp_path) for data in files]
+    cache = Cache(tmp_path / "cache")
+    cr = ContentReader(CountingStore(local_store), cache, FetchConfig(local_blobs=False))
+    before = cache.index.queries
+    for i, (md5, data) in enumerate(zip(md5s, files)):
+        h = cr.open(FileRef("ent", md5, len(data), "ent/p/c:v0", f"p/c:v0/f{i}"))
+        assert cr.read(h, 0, len(data) + 10) == data
+        cr.close(h)
+    cr.shutdown()  # installs whatever still waits
+    assert cache.index.queries - before <= 2  # was 24: one put per file
+    assert all(cache.lookup(md5, len(data)) is not None for md5, data in zip(md5s, files))
+    assert cache.info().entries == len(files)

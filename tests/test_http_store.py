@@ -154,6 +154,51 @@ def test_large_blob_multipart_upload_and_parallel_download(registry: SharedRegis
     assert hashlib.md5((tmp_path / "out").read_bytes()).hexdigest() == md5
 
 
+def test_blob_gets_skip_the_requests_session_and_keep_its_checks(registry: SharedRegistry, tmp_path: Path) -> None:
+    """Issue 17: a blob GET is one urllib3 request (the session's per-request work cost about
+    as much CPU as the rest of a cold small file); signing stays a session call.  Ranges,
+    expired-URL refresh and wrong-range checks work as before."""
+    alice, key = registry.new_user("blobget")
+    store = make_store(registry.server.url, key)
+    blobs = {upload_bytes(store, alice, os.urandom(5000 + i), tmp_path): 5000 + i for i in range(6)}
+    reader = make_store(registry.server.url, key)
+    through_session: list[str] = []
+    reader.session.hooks["response"].append(lambda resp, *a, **k: through_session.append(resp.request.method))
+    seen: list[tuple[str, str]] = []
+    reader.observe(lambda method, url, headers: seen.append((method, headers.get("Range", ""))))
+    reader.prefetch_urls(alice, list(blobs))
+    assert through_session == ["POST"] and seen == [("POST", "")]  # one signing request
+    for md5, size in blobs.items():
+        data = reader.read_blob(alice, md5)
+        assert len(data) == size and md5_bytes(data) == md5
+        assert reader.read_blob(alice, md5, 100, 50) == data[100:150]
+        assert b"".join(reader.stream_blob(alice, md5, 7, 1000)) == data[7:1007]
+    assert through_session == ["POST"]  # no blob GET went through the session
+    assert seen.count(("GET", "bytes=0-")) == len(blobs) and seen.count(("GET", "bytes=100-149")) == len(blobs)
+    reader.close()
+    store.close()
+
+
+def test_blob_gets_trust_the_same_certificates_as_the_session(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """ARTIFACTFS_CA_BUNDLE wins over REQUESTS_CA_BUNDLE, which wins over the OS store; a
+    directory of CAs is a directory; never unverified."""
+    from client.store.http_blobs import tls_arguments
+
+    pem, certs = tmp_path / "ca.pem", tmp_path / "certs"
+    pem.write_text("x")
+    certs.mkdir()
+    monkeypatch.delenv("CURL_CA_BUNDLE", raising=False)
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(certs))
+    assert tls_arguments(str(pem), explicit=True) == {"cert_reqs": "CERT_REQUIRED", "ca_certs": str(pem)}
+    assert tls_arguments("/etc/os-store.pem", explicit=False) == {"cert_reqs": "CERT_REQUIRED",
+                                                                  "ca_cert_dir": str(certs)}
+    monkeypatch.delenv("REQUESTS_CA_BUNDLE")
+    assert tls_arguments(str(pem), explicit=False)["ca_certs"] == str(pem)
+    assert tls_arguments(True, explicit=False)["ca_certs"].endswith(".pem")  # certifi's
+    with pytest.raises(ValueError):
+        tls_arguments(False, explicit=True)
+
+
 def test_sdk_logs_and_downloads_through_the_server(registry: SharedRegistry, tmp_path: Path,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     """The SDK unchanged, pointed at the server by ARTIFACTFS_STORE/ARTIFACTFS_API_KEY; the

@@ -7,6 +7,7 @@ import os
 import threading
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -324,11 +325,10 @@ def _count_http(store) -> list[tuple[str, str, str]]:
     seen: list[tuple[str, str, str]] = []
     lock = threading.Lock()
 
-    def hook(resp, *args, **kwargs):
-        req = resp.request
+    def hook(method: str, url: str, headers) -> None:
         with lock:
-            seen.append((req.method, req.path_url.split("?")[0], req.headers.get("Range", "")))
-    store.session.hooks["response"].append(hook)
+            seen.append((method, urlsplit(url).path, headers.get("Range", "")))
+    store.observe(hook)
     return seen
 
 
@@ -435,6 +435,30 @@ def test_cold_small_files_over_the_server_sign_urls_in_batches_and_prefetch(regi
     assert cr.stats()["prefetched"] > 0  # walking the directory fetched ahead of the reader
     writer.close()
     reader.close()
+
+
+def test_a_directory_walk_lists_its_directory_once_per_many_files_not_per_file(local_store, tmp_path: Path) -> None:
+    """Issue 17: fetching ahead of a reader that walks a directory used to list the next
+    siblings (a SQL query, on the event loop) at every file read; now the rows of one listing
+    serve the walk for dozens of files.  Every file is still read right, and fetched ahead."""
+    files = {f"shard/{i:03d}.bin": os.urandom(2 * KiB + i) for i in range(120)}
+    store = CountingStore(local_store)
+    ns, cr = _mounted_world(store, tmp_path, files, local_blobs=False)
+    listings: list[int] = []
+    inner = cr.directory_files
+
+    def counted(entity, directory, limit):  # type: ignore[no-untyped-def]
+        listings.append(limit)
+        return inner(entity, directory, limit)
+
+    cr.directory_files = counted
+    root = "ent/proj/ds:v0/shard"
+    for name in _listing(ns, root):
+        assert _open_read(ns, cr, f"{root}/{name}", 0, 64 * KiB) == files[f"shard/{name}"]
+    cr.shutdown()
+    assert cr.stats()["prefetched"] > 60  # the walk was fetched ahead of the reader
+    assert len(listings) <= 8, listings  # was 120: one listing per file read
+    assert len(store.reads) == len(files)  # none fetched twice
 
 
 # -- the cache bound covers partial objects -----------------------------------------------------

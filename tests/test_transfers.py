@@ -17,6 +17,7 @@ import tracemalloc
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -85,12 +86,11 @@ def _count_http(store: object) -> list[tuple[str, str]]:
     seen: list[tuple[str, str]] = []
     lock = threading.Lock()
 
-    def hook(resp: object, *args: object, **kwargs: object) -> None:
-        req = resp.request  # type: ignore[attr-defined]
+    def hook(method: str, url: str, headers: object) -> None:
         with lock:
-            seen.append((req.method, req.path_url.split("?")[0]))
+            seen.append((method, urlsplit(url).path))
 
-    store.session.hooks["response"].append(hook)  # type: ignore[attr-defined]
+    store.observe(hook)  # type: ignore[attr-defined]
     return seen
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import logging
 import os
 import ssl
@@ -42,6 +43,7 @@ from ..blockmap import BlockMap
 from ..hashing import md5_bytes
 from ..retry import DeadlineExceeded, RetryPolicy, TemporaryFailure, attempt_timeout, is_transport_failure
 from .base import STREAM_CHUNK
+from .http_blobs import BlobHTTP, Observer
 from .wire import API, Call, JsonCalls
 
 log = logging.getLogger(__name__)
@@ -129,28 +131,35 @@ def _copied(result: Any) -> Any:
 
 
 def _raise_for(resp: requests.Response) -> None:
-    """Turn an error response into our exception (or a transient one worth retrying)."""
-    if resp.status_code < 400:
+    """Turn an error response of the session into our exception (or a transient one worth retrying)."""
+    if resp.status_code >= 400:
+        _raise_status(resp.status_code, resp.url, resp.content)
+
+
+def _raise_status(status: int, url: str, body: bytes) -> None:
+    """Turn an error status (and its body) into our exception (or a transient one worth retrying)."""
+    if status < 400:
         return
+    where = url.split("?")[0]
     try:
-        err = resp.json()["error"]
+        err = json.loads(body)["error"]
         exc: ArtifactFSError | None = error_from_code(str(err["code"]), str(err["message"]))
     except (ValueError, KeyError, TypeError):
         exc = None
     if exc is not None and not isinstance(exc, StoreUnavailableError):
         raise exc  # the server's own verdict; a "try again" from it is handled below
-    if resp.status_code in (429, 500, 502, 503, 504):
-        raise TransientHTTPError(f"HTTP {resp.status_code} from {resp.url.split('?')[0]}")
-    text = resp.text[:300]
+    if status in (429, 500, 502, 503, 504):
+        raise TransientHTTPError(f"HTTP {status} from {where}")
+    text = body[:300].decode("utf-8", "replace")
     if "<Code>BadDigest</Code>" in text or "<Code>InvalidDigest</Code>" in text:
         raise DigestMismatchError(f"the object store refused the bytes: they do not match their md5 ({text})")
-    if resp.status_code in (401, 403):
-        raise PermissionDeniedError(f"HTTP {resp.status_code} from {resp.url.split('?')[0]}: {text}")
-    if resp.status_code == 404:
+    if status in (401, 403):
+        raise PermissionDeniedError(f"HTTP {status} from {where}: {text}")
+    if status == 404:
         from ..errors import NotFoundError
 
-        raise NotFoundError(f"HTTP 404 from {resp.url.split('?')[0]}")
-    raise ArtifactFSError(f"HTTP {resp.status_code} from {resp.url.split('?')[0]}: {text}")
+        raise NotFoundError(f"HTTP 404 from {where}")
+    raise ArtifactFSError(f"HTTP {status} from {where}: {text}")
 
 
 def _content_range(header: str) -> tuple[int, int, int]:
@@ -181,7 +190,14 @@ def trusted_cas(ca_bundle: str | None = None) -> str | bool:
     return True
 
 
-def _tls_error(base: str, exc: requests.exceptions.SSLError) -> StoreUnavailableError:
+def _tls_refused(exc: BaseException) -> bool:
+    """Whether a TLS failure says the connection cannot be set up (a wrong scheme, a certificate
+    not trusted): retrying cannot help, unlike a record broken mid-body."""
+    text = str(exc)
+    return any(s in text for s in ("WRONG_VERSION_NUMBER", "wrong version number", "CERTIFICATE_VERIFY_FAILED"))
+
+
+def _tls_error(base: str, exc: requests.exceptions.SSLError | urllib3.exceptions.SSLError) -> StoreUnavailableError:
     """A TLS failure is not worth retrying: the certificate or the scheme is wrong."""
     text = str(exc)
     if "WRONG_VERSION_NUMBER" in text or "wrong version number" in text:
@@ -210,7 +226,7 @@ def _q(segment: str) -> str:
 STREAM_CHUNK = 64 << 10
 
 
-def _read_reporting(resp: requests.Response, progress: Callable[[int], None]) -> bytes:
+def _read_reporting(resp: urllib3.BaseHTTPResponse, progress: Callable[[int], None]) -> bytes:
     """The whole body of a streamed response, telling ``progress`` of each chunk.
 
     With a Content-Length (and no content coding) the body is read straight into one buffer
@@ -221,7 +237,7 @@ def _read_reporting(resp: requests.Response, progress: Callable[[int], None]) ->
             buf = bytearray(int(length))
             view, got = memoryview(buf), 0
             while got < len(buf):
-                n = resp.raw.readinto(view[got:got + STREAM_CHUNK])
+                n = resp.readinto(view[got:got + STREAM_CHUNK])
                 if not n:
                     break  # cut short: the caller's length check sees it
                 got += n
@@ -231,7 +247,7 @@ def _read_reporting(resp: requests.Response, progress: Callable[[int], None]) ->
                 del buf[got:]
             return buf  # type: ignore[return-value]  # bytes-like; no copy into bytes
         parts = []
-        for chunk in resp.iter_content(STREAM_CHUNK):
+        for chunk in resp.stream(STREAM_CHUNK):
             parts.append(chunk)
             progress(len(chunk))
         return b"".join(parts)
@@ -281,6 +297,8 @@ class HttpStore(JsonCalls):
         adapter = requests.adapters.HTTPAdapter(pool_connections=16, pool_maxsize=pool_size, max_retries=0)
         self.session.mount("http://", adapter)
         self.session.mount("https://", adapter)
+        #: blob GETs (the bulk of a read's requests) skip the session: see client/store/http_blobs.py
+        self._blobs = BlobHTTP(self.session.verify, explicit=self._verify is not None, pool_size=pool_size)
         #: (entity, md5) -> (url, valid_until, size); an entry leaves at valid_until, the least
         #: recently used one when full (never the whole cache at once)
         self._urls: TLRUCache[tuple[str, str], tuple[str, float, int | None]] = _url_cache()
@@ -304,6 +322,28 @@ class HttpStore(JsonCalls):
         """(connect, read) timeouts for the next attempt: capped by the running call's deadline."""
         read = attempt_timeout(self.read_timeout)
         return min(self.connect_timeout, read), read
+
+    def observe(self, fn: Observer) -> None:
+        """Tell ``fn(method, url, request headers)`` of every request this store sends from now
+        on (metadata calls, uploads and blob GETs alike): tests count requests with it."""
+        self._blobs.observers.append(fn)
+        self.session.hooks["response"].append(
+            lambda resp, *args, **kwargs: fn(resp.request.method or "", resp.request.url or "", resp.request.headers))
+
+    def _blob_get(self, url: str, rng: str, *, stream: bool) -> urllib3.BaseHTTPResponse:
+        """One ranged GET of a blob URL (see client/store/http_blobs.py); a TLS connection that
+        cannot be set up is not retried, it says what to fix."""
+        try:
+            return self._blobs.get(url, {"Range": rng}, self.timeout, stream=stream)
+        except urllib3.exceptions.SSLError as exc:
+            if _tls_refused(exc):
+                raise _tls_error(url.split("?")[0], exc) from exc
+            raise  # broken mid-way: a transport failure, retried
+        except urllib3.exceptions.HTTPError as exc:
+            if is_transport_failure(exc):
+                raise
+            # too many redirects, a URL urllib3 cannot parse: our error, not urllib3's
+            raise ArtifactFSError(f"GET {url.split('?')[0]} failed: {exc}") from exc
 
     def _headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
@@ -574,17 +614,18 @@ class HttpStore(JsonCalls):
             url, size = self._download_url(entity, md5_hex, refresh=refresh)
             if size is not None and start >= size:
                 return b"", size
-            resp = self.session.get(url, headers={"Range": rng}, timeout=self.timeout, verify=self._verify,
-                                    stream=progress is not None)
-            if resp.status_code == 403 and not refresh:
+            resp = self._blob_get(url, rng, stream=progress is not None)
+            if resp.status == 403 and not refresh:
                 resp.close()
                 continue  # most likely an expired URL: ask the server for a fresh one
-            if resp.status_code == 416:
+            if resp.status == 416:
                 resp.close()
                 return b"", None  # start at or past the end
-            _raise_for(resp)
-            data = resp.content if progress is None else _read_reporting(resp, progress)
-            if resp.status_code == 200:  # the store ignored Range: it sent the whole blob
+            if resp.status >= 400:
+                with contextlib.closing(resp):
+                    _raise_status(resp.status, url, resp.data)
+            data = resp.data if progress is None else _read_reporting(resp, progress)
+            if resp.status == 200:  # the store ignored Range: it sent the whole blob
                 total = len(data)
                 data = data[start:] if length is None else data[start:start + length]
                 return data, total
@@ -612,21 +653,20 @@ class HttpStore(JsonCalls):
                 url, size = self._download_url(entity, md5_hex, refresh=refresh)
                 if size is not None and start + length > size:
                     raise StoreUnavailableError(f"blob {md5_hex} has {size} bytes, asked for {rng}")
-                resp = self.session.get(url, headers={"Range": rng}, timeout=self.timeout, verify=self._verify,
-                                        stream=True)
+                resp = self._blob_get(url, rng, stream=True)
                 with contextlib.closing(resp):
-                    if resp.status_code == 403 and not refresh:
+                    if resp.status == 403 and not refresh:
                         continue  # most likely an expired URL: ask the server for a fresh one
-                    _raise_for(resp)
+                    _raise_status(resp.status, url, resp.data if resp.status >= 400 else b"")
                     skip = 0
-                    if resp.status_code == 200:  # the store ignored Range: skip to start
+                    if resp.status == 200:  # the store ignored Range: skip to start
                         skip = start
                     else:
                         first, last, _total = _content_range(resp.headers.get("Content-Range", ""))
                         if first != start or last != start + length - 1:
                             raise TransientHTTPError(f"misplaced read of blob {md5_hex}: {first}-{last}, wanted {rng}")
                     left = length
-                    for chunk in resp.iter_content(chunk_size=STREAM_CHUNK):
+                    for chunk in resp.stream(STREAM_CHUNK):
                         if skip:
                             cut = min(skip, len(chunk))
                             chunk, skip = chunk[cut:], skip - cut
@@ -687,3 +727,4 @@ class HttpStore(JsonCalls):
     def close(self) -> None:
         self._transfer_pool.shutdown(wait=False, cancel_futures=True)
         self.session.close()
+        self._blobs.close()
