@@ -18,6 +18,7 @@ missing, so writing many files into one directory costs no ``mkdir`` per file.
 from __future__ import annotations
 
 import contextlib
+import errno
 import itertools
 import os
 from collections.abc import Iterator
@@ -37,6 +38,17 @@ def _new_prefix() -> None:
 
 
 os.register_at_fork(after_in_child=_new_prefix)  # a forked child does not repeat its parent's names
+
+
+def write_fully(fd: int, data: bytes | memoryview, off: int) -> None:
+    """pwrite all of ``data`` at ``off`` or raise: a short write (a full disk) is ENOSPC, never
+    a file cut short."""
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, off)
+        if n <= 0:
+            raise OSError(errno.ENOSPC, "short write to the cache")
+        view, off = view[n:], off + n
 
 
 def fsync_dir(path: str | os.PathLike[str]) -> None:

@@ -60,6 +60,7 @@ from pathlib import Path
 from typing import IO, Any, BinaryIO
 
 from . import settings
+from .atomic import write_fully
 from .errors import DigestMismatchError, InvalidNameError
 from .hashing import CHUNK as _CHUNK
 from .hashing import is_md5_hex, md5_fd, md5_file
@@ -520,12 +521,7 @@ class Cache:
         """A read-only temp file holding ``data`` (not fsynced)."""
         fd, tmp = self._open_tmp(md5_hex)
         try:
-            view = memoryview(data)
-            while view:
-                n = os.write(fd, view)
-                if n <= 0:
-                    raise OSError(errno.ENOSPC, "short write to the cache")
-                view = view[n:]
+            write_fully(fd, data, 0)
             os.fchmod(fd, 0o444)
         except BaseException:
             os.close(fd)

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import errno
 import hashlib
 import logging
 import os
@@ -47,7 +46,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, TypeVar
 
-from client.atomic import atomic_write
+from client.atomic import atomic_write, write_fully
 from client.blockmap import BlockMap, BlockMismatchError
 from client.cache import Cache
 from client.errors import ArtifactFSError, StoreUnavailableError
@@ -227,16 +226,6 @@ class StreamBlocks:
 
     def complete(self) -> bool:
         return False  # never promoted: nothing of it is on disk
-
-
-def write_fully(fd: int, data: bytes | memoryview, off: int) -> None:
-    """pwrite all of ``data`` or raise: a short write (a full disk) is ENOSPC, never data."""
-    view = memoryview(data)
-    while view:
-        n = os.pwrite(fd, view, off)
-        if n <= 0:
-            raise OSError(errno.ENOSPC, "short write to the cache")
-        view, off = view[n:], off + n
 
 
 class PartialFile:
