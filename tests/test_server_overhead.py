@@ -3,7 +3,8 @@ threads (event loop and worker threads) to answer one request over real HTTP on 
 what the registry core itself makes for the same call.  A count, not a time, so it holds on a
 loaded machine; the budgets sit about 10% above what is measured (uvloop + httptools, routes on
 the app's own router), below what the server cost before (asyncio + h11: resolve ~2,640 calls
-above the core's, /healthz ~930; with routers included whole: ~1,980 and ~460)."""
+above the core's, /healthz ~930; on uvloop + httptools
+with the routers included whole: ~1,980 and ~460)."""
 
 from __future__ import annotations
 
