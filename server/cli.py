@@ -24,6 +24,9 @@ if TYPE_CHECKING:  # the server stack is imported when a command runs, so `--hel
 DB_HELP = "sqlite:////abs/path/registry.db (one machine) or postgresql://user@host/db"
 DEFAULT_DB = "sqlite:///artifactfs-server.db"
 LOG_LEVELS = ["critical", "error", "warning", "info", "debug"]
+#: uvicorn's event loop and HTTP parser: uvloop and httptools (C) cost a request about half the
+#: Python calls of asyncio's loop and h11 (tests/test_server_overhead.py counts them)
+PROTOCOLS: dict[str, Any] = {"loop": "uvloop", "http": "httptools"}
 
 
 def check_db_url(url: str, *, create: bool) -> str:
@@ -132,7 +135,7 @@ def server_command(db_url: str, blobs_url: str, s3_endpoint_url: str | None, hos
             raise UserError(str(exc)) from None
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = TcpConfig("server.app:create_app", factory=True, host=host, port=port, workers=workers,
-                        log_level=log_level, access_log=False, timeout_keep_alive=30,
+                        log_level=log_level, **PROTOCOLS, access_log=False, timeout_keep_alive=30,
                         ssl_certfile=tls_cert, ssl_keyfile=tls_key)
     server = uvicorn.Server(config)
     if workers > 1:
@@ -151,6 +154,8 @@ class TcpConfig(uvicorn.Config):
     uvicorn creates it with ``proto=0``, and asyncio only sets TCP_NODELAY on accepted sockets
     whose ``proto`` is IPPROTO_TCP: multi-worker servers then Nagle their responses and each
     keep-alive request waits ~40 ms for a delayed ACK (measured: 45 ms vs 3 ms per call).
+    (uvloop, the loop :data:`PROTOCOLS` asks for, sets TCP_NODELAY on every TCP transport itself;
+    this keeps a server started on asyncio's loop right too.)
     Module level so worker processes (spawned) can unpickle it.
     """
 

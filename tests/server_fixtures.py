@@ -555,7 +555,9 @@ def start_inprocess_server(monkeypatch: pytest.MonkeyPatch, db_url: str, blobs_u
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))  # bound here and handed to uvicorn: no port can be lost in between
     port = sock.getsockname()[1]
-    config = uvicorn.Config(create_app(app_server), log_level="warning")
+    from server.cli import PROTOCOLS
+
+    config = uvicorn.Config(create_app(app_server), log_level="warning", **PROTOCOLS)  # as `artifactfs server`
     srv = uvicorn.Server(config)
     thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()

@@ -85,12 +85,9 @@ def test_a_route_outside_the_table_is_found(tmp_path: Path) -> None:
         app.add_api_route("/api/v1/extra", lambda: {}, methods=["GET"], name="extra")
         from server.routes import namespace, versions
 
-        routes = namespace.router.routes
-        app.router.routes.remove(next(r for r in app.router.routes if getattr(r, "original_router", None)
-                                      is namespace.router))
-        app.include_router(_copy_without(namespace.router, "list_types"))
+        app.router.routes.remove(next(r for r in app.router.routes if getattr(r, "name", None) == "list_types"))
         app.router.routes.append(next(r for r in api_routes(versions.router.routes) if r.name == "resolve"))
-        assert routes  # the module's own router is left as it was
+        assert any(r.name == "list_types" for r in namespace.router.routes)  # the area's own router is left as it was
         assert sorted(table_mismatches(app)) == sorted([
             "route GET /api/v1/extra is not in the API table",
             "resolve is served twice",
@@ -98,14 +95,6 @@ def test_a_route_outside_the_table_is_found(tmp_path: Path) -> None:
         ])
     finally:
         server.close()
-
-
-def _copy_without(router: Any, name: str) -> Any:
-    from fastapi import APIRouter
-
-    copy = APIRouter()
-    copy.routes.extend(r for r in router.routes if getattr(r, "name", None) != name)
-    return copy
 
 
 def test_every_metadata_method_of_the_store_protocol_is_in_the_table() -> None:
