@@ -14,9 +14,10 @@ Layers, bottom up:
 * :class:`ReadaheadWindow` — per open file: a sequential reader gets a window that doubles up
   to a maximum; a random reader gets none (a 4 KiB read costs one ranged request).
 * *streaming*: with a :data:`Streamer` (a store that can stream one ranged GET, see
-  ``HttpStore.stream_blob``), once a sequential reader's window outgrows an in-memory request
-  it gets ONE stream from there to the end of the file (:class:`_Stream`, at most
-  ``FetchConfig.max_stream``), the way rclone and s3fs read: each block is written, verified
+  ``HttpStore.stream_blob``), a sequential reader gets ONE stream to the end of the file from
+  its first readahead window, or from the second of the kernel's concurrent first reads
+  (:class:`_Stream`, at most ``FetchConfig.max_stream``; one per sequential region of the
+  file), the way rclone reads: each block is written, verified
   and handed to its waiters as it arrives, so memory stays at one block whatever the range.
   The stream is back-pressured: it claims blocks only up to the reader's window, and when it
   is that far ahead it stops reading the socket (TCP holds the sender) until the reader moves
@@ -455,9 +456,6 @@ class StreamSlots:
     def acquire(self) -> bool:
         return self._free.acquire(blocking=False)
 
-    def release(self) -> None:
-        self._free.release()
-
     def run(self, fn: Callable[[], None]) -> None:
         """Run ``fn`` on a stream thread; its slot (taken by :meth:`acquire`) is released after."""
         def job() -> None:
@@ -473,7 +471,7 @@ class StreamSlots:
 
 @dataclass(eq=False)
 class _Stream:
-    """The one long sequential stream of a BlockReader: blocks [next, claimed) are claimed
+    """One long sequential stream of a BlockReader: blocks [next, claimed) are claimed
     (their futures are in the reader's in-flight table) and arrive in order; readers raise
     ``want`` as they go, and the stream claims up to it (never past ``end``)."""
 
@@ -553,10 +551,7 @@ class BlockReader:
         with self._lock:
             s = self._stream_at(lo, hi, self.max_blocks)
             if s is not None:
-                if hi + 1 > s.want:
-                    s.want = hi + 1
-                    self._claim_for(s)  # now: a read of these blocks waits for the stream
-                    self._moved.notify_all()
+                self._want(s, hi)
                 if s.claimed < s.end or hi < s.end:
                     return True
                 lo = s.end  # the stream ends before the window does: a successor from there
@@ -602,8 +597,13 @@ class BlockReader:
         the read waits for it instead of sending a request of its own that would cut it."""
         with self._lock:
             s = self._stream_at(lo, hi, self.max_blocks)
-            if s is None or lo < s.next or hi + 1 <= s.want:
-                return
+            if s is not None and lo >= s.next:
+                self._want(s, hi)
+
+    def _want(self, s: _Stream, hi: int) -> None:
+        """(Lock held.) A reader wants the stream to reach block ``hi``: claim up to it now,
+        so a read of those blocks waits for the stream, and wake a paused stream."""
+        if hi + 1 > s.want:
             s.want = hi + 1
             self._claim_for(s)
             self._moved.notify_all()
