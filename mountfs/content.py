@@ -480,6 +480,10 @@ class ContentReader:
         return Handle(obj, ReadaheadWindow(cfg.block_size, cfg.readahead_max, trigger=cfg.block_size,
                                            slack=4 * MiB))
 
+    def is_open(self, key: str) -> bool:
+        """Whether some reader has the object ``key`` (a stored blob's md5) open now."""
+        return key in self._objects  # one dict look-up: atomic without the lock
+
     def close_nowait(self, handle: Handle) -> bool:
         """Close without blocking if nothing can be in flight; False: call :meth:`close`."""
         obj = handle.obj
@@ -744,6 +748,11 @@ class ContentReader:
                 self._walker.advance(ref)
                 return
             if not obj.skip_cache and self._open_complete(obj, local_only):
+                self.metrics.cache_hits.inc()
+                return
+            held = self._small_installs.peek(ref.md5) if ref.source is None and not obj.skip_cache else None
+            if held is not None and len(held) == ref.size:  # read lately, its cache install still queued
+                obj.data = held
                 self.metrics.cache_hits.inc()
                 return
             blob = self._blob_path(ref)

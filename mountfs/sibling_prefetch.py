@@ -34,6 +34,10 @@ class SiblingPrefetch:
     installed into the cache like any small object); a reader that opens one of them gets its
     bytes from here (waiting for a fetch in flight) instead of a second request.  Each sibling
     is considered once per walk; at most ``KEEP`` fetched objects wait in memory for their reader.
+
+    No object is fetched twice: a sibling some reader has open is that reader's to fetch (it
+    opens before it looks here, and both look under one lock order, see :meth:`advance`), and
+    one fetched lately by anyone is skipped while its cache install may still be queued.
     """
 
     AHEAD = 16
@@ -52,6 +56,9 @@ class SiblingPrefetch:
         self._ahead: LRUCache[str, Future[bytes]] = LRUCache(maxsize=self.KEEP)
         #: directory -> (rows of its last listing, whether they reach the directory's end)
         self._listed: LRUCache[tuple[str, int], tuple[list[tuple[int, str, int]], bool]] = LRUCache(maxsize=256)
+        #: objects fetched lately, by a reader or ahead of one: their cache installs may still
+        #: be queued (mountfs/small_installs.py), so the cache does not show them yet
+        self._recent: LRUCache[str, bool] = LRUCache(maxsize=4096)
         self._inflight = 0
         self.fetched = 0  #: objects fetched ahead of a reader (stats)
         self._pool = ThreadPoolExecutor(self.PARALLEL, thread_name_prefix="artifactfs-ahead")
@@ -76,6 +83,8 @@ class SiblingPrefetch:
 
     def advance(self, ref: FileRef) -> None:
         """``ref`` (a small file) was just read: when that walks its directory, fetch ahead."""
+        with self._lock:
+            self._recent[ref.md5] = True
         if ref.directory is None:
             return
         key, row = ref.directory[:2], ref.directory[2]
@@ -93,7 +102,7 @@ class SiblingPrefetch:
                 with self._lock:
                     if self._inflight >= self.PARALLEL:
                         break  # the next read continues from here
-                    if md5 not in self._ahead:
+                    if md5 not in self._ahead and md5 not in self._recent and not content.is_open(md5):
                         self._inflight += 1
                         self._ahead[md5] = self._pool.submit(self._fetch, ref.entity, md5, size)
             top = rid
@@ -125,6 +134,7 @@ class SiblingPrefetch:
             self.content._install_later(md5, data)
             with self._lock:
                 self.fetched += 1
+                self._recent[md5] = True
             return data
         finally:
             with self._lock:

@@ -37,6 +37,8 @@ class SmallInstalls:
         self.cache, self.max_bytes, self.on_added = cache, max_bytes, on_added
         self._cv = threading.Condition()
         self._pending: list[tuple[str, bytes]] = []
+        #: md5 -> bytes of every object queued or being installed (see :meth:`peek`)
+        self._held: dict[str, bytes] = {}
         self._bytes = 0  #: bytes waiting or being installed
         self._closing = False
         self._thread: threading.Thread | None = None
@@ -46,15 +48,24 @@ class SmallInstalls:
     def put(self, md5: str, data: bytes) -> None:
         """Queue ``data`` (md5-checked by the caller) for the cache; waits while the queue is full."""
         with self._cv:
+            if md5 in self._held:
+                return  # already on its way into the cache
             while self._bytes and self._bytes + len(data) > self.max_bytes and not self._closing:
                 self._ensure_thread()  # never wait for a thread that is gone
                 self._cv.wait(1.0)
             if self._closing:
                 return  # unmounting: the object is fetched again next time
             self._pending.append((md5, data))
+            self._held[md5] = data
             self._bytes += len(data)
             if not self._ensure_thread() and (len(self._pending) == 1 or self._full()):
                 self._cv.notify_all()  # wake the thread for a new batch, or end its lingering
+
+    def peek(self, md5: str) -> bytes | None:
+        """The verified bytes of ``md5`` while its install is queued or running, else None: a
+        reader that opens it meanwhile (the cache does not show it yet) needs no request."""
+        with self._cv:
+            return self._held.get(md5)
 
     def _ensure_thread(self) -> bool:
         """Start the installing thread if it is not running (the lock held); True if started."""
@@ -93,6 +104,8 @@ class SmallInstalls:
                 log.warning("could not cache %d small objects (%s, ...): %s", len(batch), batch[0][0], exc)
             finally:
                 with self._cv:
+                    for md5, _ in batch:
+                        self._held.pop(md5, None)
                     self._bytes -= size
                     self._cv.notify_all()
 

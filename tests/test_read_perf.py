@@ -461,6 +461,58 @@ def test_a_directory_walk_lists_its_directory_once_per_many_files_not_per_file(l
     assert len(store.reads) == len(files)  # none fetched twice
 
 
+def _parallel_walk(ns, cr, root: str, files: dict[str, bytes], prefix: str, readers: int) -> None:
+    """``readers`` threads reading a directory's files in order, like ``xargs -P`` or a
+    DataLoader's workers over a sorted file list (each file whole, checked)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    names = _listing(ns, root)
+
+    def one(name: str) -> bool:
+        return _open_read(ns, cr, f"{root}/{name}", 0, 256 * KiB) == files[f"{prefix}/{name}"]
+
+    with ThreadPoolExecutor(readers) as pool:
+        assert all(pool.map(one, names))
+
+
+def test_parallel_readers_of_a_directory_fetch_each_small_file_once(local_store, tmp_path: Path) -> None:
+    """Issue 17: with 8 readers walking one directory, bench/peers saw 503 store requests for
+    300 files: a reader fetched a file the sibling prefetch was fetching too (or had just
+    fetched and not yet installed), and the other way round.  Each file is fetched once."""
+    files = {f"shard/{i:03d}.bin": os.urandom(8 * KiB + i) for i in range(240)}
+    store = CountingStore(local_store)
+    ns, cr = _mounted_world(store, tmp_path, files, local_blobs=False)
+    _parallel_walk(ns, cr, "ent/proj/ds:v0/shard", files, "shard", readers=8)
+    cr.shutdown()
+    assert cr.stats()["prefetched"] > 0  # the walk was still fetched ahead of the readers
+    sent = len(store.reads)
+    assert sent == len(files), f"{sent} requests for {len(files)} files"
+
+
+def test_a_small_object_read_again_before_its_cache_install_costs_no_request(local_store, tmp_path: Path) -> None:
+    """A small object's cache install is queued behind its first read (batched, see
+    mountfs/small_installs.py); a second file with the same bytes, or the same file opened
+    again, read while the install waits is served from the queued, verified bytes."""
+    same = os.urandom(6 * KiB)
+    files = {"a/one.txt": same, "b/two.txt": same, "c/other.txt": os.urandom(5 * KiB)}
+    store = CountingStore(local_store)
+    ns, cr = _mounted_world(store, tmp_path, files, local_blobs=False)
+    gate, real = threading.Event(), cr.cache.install_verified
+
+    def held_install(batch):  # type: ignore[no-untyped-def]
+        assert gate.wait(30), "the test never opened the gate"
+        return real(batch)
+
+    cr.cache.install_verified = held_install  # the real install, only later
+    assert _open_read(ns, cr, "ent/proj/ds:v0/a/one.txt", 0, 64 * KiB) == same
+    assert _open_read(ns, cr, "ent/proj/ds:v0/b/two.txt", 0, 64 * KiB) == same
+    assert _open_read(ns, cr, "ent/proj/ds:v0/a/one.txt", 0, 64 * KiB) == same
+    assert len(store.reads) == 1  # was 3: each open fetched the blob again
+    gate.set()
+    cr.shutdown()
+    assert cr.cache.lookup(md5_bytes(same), len(same)) is not None  # and it did reach the cache
+
+
 # -- the cache bound covers partial objects -----------------------------------------------------
 
 def _disk_bytes(root: Path) -> int:
