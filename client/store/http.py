@@ -91,14 +91,9 @@ class _NotSent(TemporaryFailure):
 
 
 def _never_sent(exc: BaseException) -> bool:
-    """True if a requests failure happened while connecting, before any byte was sent."""
-    if isinstance(exc, requests.exceptions.ConnectTimeout):
-        return True
-    if isinstance(exc, requests.ConnectionError):
-        reason = exc.args[0] if exc.args else None
-        inner = getattr(reason, "reason", reason)
-        return isinstance(inner, (urllib3.exceptions.NewConnectionError, ConnectionRefusedError))
-    return False
+    """True if a urllib3 failure happened while connecting, before any byte was sent (a
+    connect timeout, a refused connection: urllib3's NewConnectionError is a ConnectTimeoutError)."""
+    return isinstance(exc, (urllib3.exceptions.ConnectTimeoutError, ConnectionRefusedError))
 
 
 def retrying(fn: Callable[..., T]) -> Callable[..., T]:
@@ -131,7 +126,7 @@ def _copied(result: Any) -> Any:
 
 
 def _raise_for(resp: requests.Response) -> None:
-    """Turn an error response of the session into our exception (or a transient one worth retrying)."""
+    """Turn an error response of the session (an upload) into our exception (or a transient one worth retrying)."""
     if resp.status_code >= 400:
         _raise_status(resp.status_code, resp.url, resp.content)
 
@@ -197,7 +192,7 @@ def _tls_refused(exc: BaseException) -> bool:
     return any(s in text for s in ("WRONG_VERSION_NUMBER", "wrong version number", "CERTIFICATE_VERIFY_FAILED"))
 
 
-def _tls_error(base: str, exc: requests.exceptions.SSLError | urllib3.exceptions.SSLError) -> StoreUnavailableError:
+def _tls_error(base: str, exc: urllib3.exceptions.SSLError) -> StoreUnavailableError:
     """A TLS failure is not worth retrying: the certificate or the scheme is wrong."""
     text = str(exc)
     if "WRONG_VERSION_NUMBER" in text or "wrong version number" in text:
@@ -325,7 +320,8 @@ class HttpStore(JsonCalls):
 
     def observe(self, fn: Observer) -> None:
         """Tell ``fn(method, url, request headers)`` of every request this store sends from now
-        on (metadata calls, uploads and blob GETs alike): tests count requests with it."""
+        on (metadata calls and blob GETs through the pools, uploads through the session): tests
+        count requests with it."""
         self._blobs.observers.append(fn)
         self.session.hooks["response"].append(
             lambda resp, *args, **kwargs: fn(resp.request.method or "", resp.request.url or "", resp.request.headers))
@@ -349,32 +345,42 @@ class HttpStore(JsonCalls):
         return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
 
     def _send(self, method: str, path: str, *, idempotent: bool, headers: dict[str, str] | None = None,
-              **kwargs: Any) -> requests.Response:
+              body: Any = None) -> urllib3.BaseHTTPResponse:
+        """One JSON call to the server (``body``: JSON data or None), on the blob GETs' urllib3
+        pools with keep-alive: a ``requests.Session`` cost more client CPU per call than the
+        server's whole answer to a resolve (issue 13).  An error status raises."""
         url = path if path.startswith("http") else self.base + path
+        sent = {**self._headers(), **(headers or {})}
+        data = None
+        if body is not None:
+            data = json.dumps(body, allow_nan=False, separators=(",", ":")).encode()
+            sent["Content-Type"] = "application/json"
         try:
-            resp = self.session.request(method, url, headers={**self._headers(), **(headers or {})}, timeout=self.timeout,
-                                        verify=self._verify, **kwargs)
-        except requests.exceptions.SSLError as exc:
+            resp = self._blobs.request(method, url, sent, self.timeout, body=data)
+        except urllib3.exceptions.SSLError as exc:
             raise _tls_error(self.base, exc) from exc
-        except requests.RequestException as exc:
-            if idempotent or not _never_sent(exc):
-                if idempotent:
-                    raise
+        except urllib3.exceptions.HTTPError as exc:
+            if not is_transport_failure(exc):
+                # too many redirects, a URL urllib3 cannot parse: our error, not urllib3's
+                raise ArtifactFSError(f"{method} {url.split('?')[0]} failed: {exc}") from exc
+            if idempotent:
+                raise
+            if not _never_sent(exc):
                 raise StoreUnavailableError(
                     f"lost the connection to {self.base} during {method} {path}; the request may or may not "
                     f"have been applied: {exc}") from exc
             raise _NotSent(str(exc)) from exc
-        if resp.status_code in (429, 502, 503, 504) and not idempotent:
-            raise StoreUnavailableError(f"HTTP {resp.status_code} from {self.base} during {method} {path}")
-        _raise_for(resp)
+        if resp.status in (429, 502, 503, 504) and not idempotent:
+            raise StoreUnavailableError(f"HTTP {resp.status} from {self.base} during {method} {path}")
+        _raise_status(resp.status, url, resp.data)
         return resp
 
-    def _get_once(self, path: str, **params: Any) -> Any:
-        return self._send("GET", path, idempotent=True, params={k: v for k, v in params.items() if v is not None}).json()
+    def _get_once(self, path: str) -> Any:
+        return json.loads(self._send("GET", path, idempotent=True).data)
 
     def _call_once(self, method: str, path: str, body: Any = None, *, idempotent: bool = True) -> Any:
-        resp = self._send(method, path, idempotent=idempotent, json=body)
-        return resp.json() if resp.content else None
+        data = self._send(method, path, idempotent=idempotent, body=body).data
+        return json.loads(data) if data else None
 
     # The retried form; inside an already-retried method use the *_once forms (no nesting).
     _call = retrying(_call_once)
@@ -396,9 +402,9 @@ class HttpStore(JsonCalls):
         with self._kept_lock:
             kept = self._kept.get(path)
         resp = self._send("GET", path, idempotent=True, headers={"If-None-Match": kept[0]} if kept else None)
-        if resp.status_code == 304 and kept is not None:
+        if resp.status == 304 and kept is not None:
             return _copied(kept[1])
-        result = call.decode(resp.json())
+        result = call.decode(json.loads(resp.data))
         tag = resp.headers.get("ETag")
         if tag:
             with self._kept_lock:

@@ -4,7 +4,8 @@ A cold small file read through the mount is one ranged GET to a presigned URL.  
 ``requests.Session`` that GET cost about as much CPU as everything else of the read together
 (merging the session's settings, the environment and the cookies, building a PreparedRequest,
 hooks, a Response wrapping urllib3's); urllib3's own pools do the same request for a fraction.
-Metadata calls, uploads and their retries stay on the session (:mod:`client.store.http`).
+The store's JSON calls (resolve, listings, signing: issue 13) go through the same pools
+(:meth:`BlobHTTP.request`); only uploads stay on the session (:mod:`client.store.http`).
 
 What a blob GET keeps from the session it replaced, so callers see no difference:
 
@@ -86,10 +87,15 @@ class BlobHTTP:
         """One GET; ``stream``: the body is left on the socket for the caller to read (and
         close), else it is read whole and the connection back in its pool.  A transport
         failure raises urllib3's own exception (unwrapped from MaxRetryError)."""
+        return self.request("GET", url, headers, timeout, stream=stream)
+
+    def request(self, method: str, url: str, headers: Mapping[str, str], timeout: tuple[float, float], *,
+                body: bytes | None = None, stream: bool = False) -> urllib3.BaseHTTPResponse:
+        """One request of any method (the store's JSON calls use it too, on the same pools)."""
         for observe in self.observers:
-            observe("GET", url, headers)
+            observe(method, url, headers)
         try:
-            return self._manager(url).urlopen("GET", url, headers=dict(headers), redirect=True,
+            return self._manager(url).urlopen(method, url, body=body, headers=dict(headers), redirect=True,
                                               timeout=urllib3.Timeout(connect=timeout[0], read=timeout[1]),
                                               preload_content=not stream)
         except urllib3.exceptions.MaxRetryError as exc:

@@ -180,7 +180,7 @@ def get_blob_bytes(entity: str, md5: str, expires: int = Query(...), sig: str = 
     return FileResponse(path, media_type="application/octet-stream")
 
 
-@serve(router, TransferCalls.put_blob_bytes)
+@serve(router, TransferCalls.put_blob_bytes, anyio_thread=True)  # _BodyReader: anyio.from_thread
 def put_blob_bytes(entity: str, md5: str, request: Request, expires: int = Query(...), sig: str = Query(...),
                    op: str = Query("put"), s: Server = Depends(get_server)) -> Response:
     """Upload for a URL from ``/uploads``: streamed to disk, hashed, refused unless it matches."""
