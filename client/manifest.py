@@ -236,6 +236,10 @@ class ByteLines(Protocol):
     def __iter__(self) -> Iterator[bytes]: ...
 
 
+#: lines of our layout decoded by one ``json.loads`` (bounds the memory a chunk takes)
+_CHUNK_LINES = 1024
+
+
 def iter_entries(stream: ByteLines) -> Iterator[ManifestEntry]:
     """Stream a manifest's entries with flat memory when it uses our one-per-line layout.
 
@@ -251,16 +255,43 @@ def iter_entries(stream: ByteLines) -> Iterator[ManifestEntry]:
         rest = first + stream.read()
         yield from read_manifest(io.StringIO(rest.decode("utf-8", "replace")))[2]
         return
+    chunk: list[bytes] = []
     for raw in stream:
-        line = raw.decode("utf-8").rstrip("\n")
-        if line == "}}":
+        if raw in (b"}}\n", b"}}"):
+            yield from _chunk_entries(chunk)
             return
-        if line.endswith(","):
-            line = line[:-1]
+        chunk.append(raw)
+        if len(chunk) == _CHUNK_LINES:
+            yield from _chunk_entries(chunk)
+            chunk = []
+    raise ManifestError("manifest is truncated (no closing '}}')")
+
+
+def _chunk_entries(lines: list[bytes]) -> Iterator[ManifestEntry]:
+    """The entries of consecutive lines of our layout, decoded as one JSON object.
+
+    A chunk that does not decode to exactly one entry per line (a line holding two entries, a
+    path listed twice, a blank or malformed line) is decoded line by line instead, so the
+    result is always what reading each line alone gives.
+    """
+    text = b"".join(lines).decode("utf-8").rstrip()
+    try:
+        obj = json.loads("{" + text.removesuffix(",") + "}")
+    except json.JSONDecodeError:
+        obj = None
+    if not isinstance(obj, dict) or len(obj) != len(lines):
+        yield from _line_entries(lines)
+        return
+    for path, value in obj.items():
+        yield ManifestEntry.from_json(path, value)
+
+
+def _line_entries(lines: list[bytes]) -> Iterator[ManifestEntry]:
+    for raw in lines:
+        line = raw.decode("utf-8").rstrip("\n").removesuffix(",")
         try:
             obj = json.loads("{" + line + "}")
         except json.JSONDecodeError as exc:
             raise ManifestError(f"corrupt manifest line: {exc}") from None
         for path, value in obj.items():
             yield ManifestEntry.from_json(path, value)
-    raise ManifestError("manifest is truncated (no closing '}}')")

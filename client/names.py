@@ -266,14 +266,15 @@ def validate_entry_path(path: object) -> str:
         raise InvalidPathError(f"entry path {path!r} is absolute; give a path relative to the artifact root")
     if len(path) > MAX_PATH:
         raise InvalidPathError(f"entry path is {len(path)} characters; the limit is {MAX_PATH}")
-    parts = path.split("/")
-    for seg in parts:
-        if seg in ("", ".", ".."):
-            raise InvalidPathError(
-                f"entry path {path!r} has an empty, '.' or '..' segment; paths may not climb out of the artifact"
-            )
-        if len(seg.encode("utf-8", "surrogateescape")) > MAX_SEGMENT_BYTES:
-            raise InvalidPathError(f"entry path {path!r} has a segment longer than {MAX_SEGMENT_BYTES} bytes")
+    wrapped = f"/{path}/"
+    if "//" in wrapped or "/./" in wrapped or "/../" in wrapped:
+        raise InvalidPathError(
+            f"entry path {path!r} has an empty, '.' or '..' segment; paths may not climb out of the artifact"
+        )
+    if len(path) > MAX_SEGMENT_BYTES or not path.isascii():  # else no segment can be too long
+        for seg in path.split("/"):
+            if len(seg.encode("utf-8", "surrogateescape")) > MAX_SEGMENT_BYTES:
+                raise InvalidPathError(f"entry path {path!r} has a segment longer than {MAX_SEGMENT_BYTES} bytes")
     return path
 
 
