@@ -77,7 +77,7 @@ _TRANSPORT = (urllib3.exceptions.ProtocolError, urllib3.exceptions.TimeoutError,
 
 def _requests_failures() -> tuple[type[BaseException], ...]:
     """The same failures as requests raises them (http(s) references use it).  Not imported
-    here: it costs a CLI process 15-35 ms of start-up (issue 17), and none of its exceptions
+    here: it costs a CLI process 16-24 ms of start-up (issue 17), and none of its exceptions
     can exist in a process that never imported it."""
     requests = sys.modules.get("requests")
     if requests is None:

@@ -68,8 +68,8 @@ def heavy(modules: list[str]) -> list[str]:
 
 def test_remote_log_and_get_import_no_requests_nor_other_heavy_packages(registry: SharedRegistry,
                                                                          tmp_path: Path) -> None:
-    """Issue 17: the requests package alone cost a cold get about 15 ms of imports with
-    compiled modules (35 ms without); nothing of it is used on this path."""
+    """Issue 17: the requests package alone cost a cold get about 16 ms of imports with
+    compiled modules (24 ms without: bench/cli_start); nothing of it is used on this path."""
     user, key = registry.new_user("boot")
     src = tmp_path / "src"
     files = {f"d{i % 3}/f{i}.bin": os.urandom(1000 + i) for i in range(12)}

@@ -6,7 +6,7 @@ A cold small file read through the mount is one ranged GET to a presigned URL.  
 hooks, a Response wrapping urllib3's); urllib3's own pools do the same request for a fraction.
 The store's JSON calls (resolve, listings, signing: issue 13) and its uploads go through the
 same pools (:meth:`BlobHTTP.request`), so the HTTP store imports no ``requests`` at all: that
-package cost a CLI process 15 ms of start-up with compiled modules, 35 ms without (issue 17).
+package cost a CLI process about 16 ms of start-up with compiled modules, 24 ms without (issue 17).
 
 What a request keeps from the ``requests.Session`` it replaced, so callers see no difference:
 
