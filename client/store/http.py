@@ -725,4 +725,3 @@ class HttpStore(JsonCalls):
     def close(self) -> None:
         self._transfer_pool.shutdown(wait=False, cancel_futures=True)
         self._blobs.close()
-
