@@ -368,3 +368,29 @@ def test_registry_rule_through_http(rule, backend: str, request: pytest.FixtureR
         run_rule(rule, store, tmp_path)
     finally:
         server.stop()
+
+
+def test_a_multipart_complete_sent_again_succeeds_once_the_blob_is_in(registry: SharedRegistry,
+                                                                     tmp_path: Path) -> None:
+    """A client that lost the answer to ``/complete`` (a large upload takes the server a while
+    to verify) sends it again: the blob is in, so that is success.  It used to fail with 503 on
+    every retry (the upload was consumed by the first call), and ``log`` of a 1 GiB file failed."""
+    if registry.backend == "sqlite-local":
+        pytest.skip("multipart uploads are S3's; a blob directory registers as it receives")
+    alice, key = registry.new_user("again")
+    store = make_store(registry.server.url, key, attempts=2, backoff=0.01)
+    data = os.urandom((12 << 20) + 99)  # above the test server's 6 MiB multipart threshold
+    md5 = hashlib.md5(data).hexdigest()
+    blob = store._blob(alice, md5)
+    part_size = 5 << 20
+    part_md5s = [hashlib.md5(data[i:i + part_size]).hexdigest() for i in range(0, len(data), part_size)]
+    plan = store._call("POST", f"{blob}/uploads", {"size": len(data), "part_md5s": part_md5s})
+    assert plan["method"] == "multipart" and int(plan["part_size"]) == part_size
+    etags = [store._put_data(part, data[(int(part["number"]) - 1) * part_size:][:part_size]).headers.get("ETag", "")
+             for part in plan["parts"]]
+    body = {"size": len(data), "upload": plan["upload"], "etags": etags}
+    store._call("POST", f"{blob}/complete", body)
+    assert store.missing_blobs(alice, [md5]) == set()
+    store._call("POST", f"{blob}/complete", body)  # the same call again: success, nothing changes
+    assert store.missing_blobs(alice, [md5]) == set()
+    assert store.read_blob(alice, md5) == data

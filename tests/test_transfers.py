@@ -282,3 +282,34 @@ def test_a_large_cold_blob_is_one_stream_resumed_where_it_broke(world: World, sd
             assert len(starts) == 2 and starts[0] == 0, ranges
             assert 0 < starts[1] <= cut, ranges  # resumed where the stream broke
             assert world.proxy.cuts == 1
+
+
+def test_a_multipart_upload_waits_for_the_servers_verification(world: World, tmp_path: Path) -> None:
+    """The server reads a multipart upload back from S3 before ``/complete`` answers; with a
+    slow S3 (0.8 s added to each request, through the proxy: five or more requests) that takes
+    longer than the client's read timeout (2.5 s here, enough for the plan's one request).  The client waits as long as verifying that size may take, so the
+    upload succeeds with ONE ``/complete`` (it used to time out, retry, and fail)."""
+    import hashlib
+
+    from tests.server_fixtures import SMALL_MULTIPART, make_store
+
+    server = world.factory.start(env=SMALL_MULTIPART)
+    try:
+        entity = f"slow{os.getpid()}"
+        store = make_store(server.url, world.factory.user(entity), timeout=2.5)
+        seen = _count_http(store)
+        data = os.urandom((12 << 20) + 3)
+        src = tmp_path / "big.bin"
+        src.write_bytes(data)
+        md5 = hashlib.md5(data).hexdigest()
+        world.proxy.delay = 0.8
+        try:
+            store.put_blob(entity, md5, src, len(data))
+        finally:
+            world.proxy.delay = 0.0
+        assert [p for m, p in seen if p.endswith("/complete")] == [f"/api/v1/entities/{entity}/blobs/{md5}/complete"]
+        assert store.missing_blobs(entity, [md5]) == set()
+        assert store.read_blob(entity, md5) == data
+        store.close()
+    finally:
+        server.stop()

@@ -19,6 +19,7 @@ class (:func:`client.errors.error_from_code`), so both stores raise the same typ
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import json
 import logging
@@ -54,6 +55,11 @@ DOWNLOAD_PART = 16 << 20
 #: threads of a store's one transfer pool, and part buffers alive at once across all its
 #: transfers: with the SDK's 8 files at a time this bounds buffers to 8 parts (128 MiB), not 8 x 8
 TRANSFER_THREADS = 8
+#: ``/complete`` of a multipart upload: the server reads the object back from S3 (and copies
+#: it into place) before it answers, so each attempt waits this long plus the time to move the
+#: blob at COMPLETE_RATE bytes/s (the slowest verification we wait for), not the read timeout
+COMPLETE_WAIT = 60.0
+COMPLETE_RATE = 4 << 20
 
 
 class PartBudget:
@@ -299,7 +305,10 @@ class HttpStore(JsonCalls):
     @property
     def timeout(self) -> tuple[float, float]:
         """(connect, read) timeouts for the next attempt: capped by the running call's deadline."""
-        read = attempt_timeout(self.read_timeout)
+        return self._timeouts(self.read_timeout)
+
+    def _timeouts(self, read_timeout: float) -> tuple[float, float]:
+        read = attempt_timeout(read_timeout)
         return min(self.connect_timeout, read), read
 
     def observe(self, fn: Observer) -> None:
@@ -327,7 +336,7 @@ class HttpStore(JsonCalls):
         return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
 
     def _send(self, method: str, path: str, *, idempotent: bool, headers: dict[str, str] | None = None,
-              body: Any = None) -> urllib3.BaseHTTPResponse:
+              body: Any = None, read_timeout: float | None = None) -> urllib3.BaseHTTPResponse:
         """One JSON call to the server (``body``: JSON data or None), on the blob GETs' urllib3
         pools with keep-alive: a ``requests.Session`` cost more client CPU per call than the
         server's whole answer to a resolve (issue 13).  An error status raises."""
@@ -338,7 +347,7 @@ class HttpStore(JsonCalls):
             data = json.dumps(body, allow_nan=False, separators=(",", ":")).encode()
             sent["Content-Type"] = "application/json"
         try:
-            resp = self._blobs.request(method, url, sent, self.timeout, body=data)
+            resp = self._blobs.request(method, url, sent, self._timeouts(read_timeout or self.read_timeout), body=data)
         except urllib3.exceptions.SSLError as exc:
             raise _tls_error(self.base, exc) from exc
         except urllib3.exceptions.HTTPError as exc:
@@ -360,8 +369,9 @@ class HttpStore(JsonCalls):
     def _get_once(self, path: str) -> Any:
         return json.loads(self._send("GET", path, idempotent=True).data)
 
-    def _call_once(self, method: str, path: str, body: Any = None, *, idempotent: bool = True) -> Any:
-        data = self._send(method, path, idempotent=idempotent, body=body).data
+    def _call_once(self, method: str, path: str, body: Any = None, *, idempotent: bool = True,
+                   read_timeout: float | None = None) -> Any:
+        data = self._send(method, path, idempotent=idempotent, body=body, read_timeout=read_timeout).data
         return json.loads(data) if data else None
 
     # The retried form; inside an already-retried method use the *_once forms (no nesting).
@@ -554,8 +564,24 @@ class HttpStore(JsonCalls):
             return etag
 
         etags = list(self._transfer_pool.map(send, plan["parts"]))
-        self._call("POST", f"{self._blob(entity, md5_hex)}/complete",
-                   {"size": size, "upload": plan["upload"], "etags": etags})
+        self._complete_multipart(entity, md5_hex, size, {"size": size, "upload": plan["upload"], "etags": etags})
+
+    def _complete_multipart(self, entity: str, md5_hex: str, size: int, body: dict[str, Any]) -> None:
+        """``/complete`` of a multipart upload, waiting as long as the server's verification may
+        take (COMPLETE_WAIT + size / COMPLETE_RATE per attempt; a 1 GiB blob took moto longer
+        than the read timeout, the retry failed on the upload the first call had consumed, and
+        ``log`` failed).  A retry after a lost answer is safe: the server answers success for a
+        blob that is in (server/blob_access.py)."""
+        wait = max(self.read_timeout, COMPLETE_WAIT + size / COMPLETE_RATE)
+        policy = dataclasses.replace(self.policy, attempt_timeout=wait, deadline=self.policy.total() + 2 * wait)
+
+        def give_up(exc: BaseException, attempts: int) -> BaseException:
+            return StoreUnavailableError(f"registry at {self.location} did not confirm the upload of blob {md5_hex} "
+                                         f"after {attempts} attempts: {exc}")
+
+        path = f"{self._blob(entity, md5_hex)}/complete"
+        policy.call(lambda: self._call_once("POST", path, body, read_timeout=wait), is_temp=is_transport_failure,
+                    give_up=give_up, what="complete", logger=log)
 
     # -- blob reads ----------------------------------------------------------------------------
     def _remember_url(self, entity: str, md5_hex: str, url: str, expires_in: float, size: int | None) -> str:
