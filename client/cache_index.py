@@ -50,8 +50,9 @@ CREATE TRIGGER IF NOT EXISTS objects_upd AFTER UPDATE OF size ON objects BEGIN
 _PUT = ("INSERT INTO objects VALUES (?, ?, ?) ON CONFLICT (key) DO UPDATE"
         " SET size = excluded.size,"
         " stamp = CASE WHEN objects.stamp >= ? THEN objects.stamp ELSE excluded.stamp END")
-#: a new LRU stamp for a row that holds the object's size and is not pinned
-_STAMP = "UPDATE objects SET stamp = ? WHERE key = ? AND size = ? AND stamp < ?"
+#: a new LRU stamp for a row that holds the object's size and is not pinned; numbered
+#: parameters, so the (key, size, stamp) rows bind as they are
+_STAMP = f"UPDATE objects SET stamp = ?3 WHERE key = ?1 AND size = ?2 AND stamp < {PINNED}"
 
 
 class CacheIndex:
@@ -139,7 +140,7 @@ class CacheIndex:
         with self._db() as c:
             c.execute("BEGIN IMMEDIATE")
             try:
-                cur = c.executemany(_STAMP, ((stamp, key, size, PINNED) for key, size, stamp in rows))
+                cur = c.executemany(_STAMP, rows)
                 if cur.rowcount != len(rows):
                     c.executemany(_PUT, ((key, size, stamp, PINNED) for key, size, stamp in rows))
                 c.execute("COMMIT")

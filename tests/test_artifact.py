@@ -651,7 +651,7 @@ def test_fully_cached_download_costs_few_python_calls_and_index_steps_per_file(s
     """The Python a warm download runs per file, and the index work of its LRU stamps, counted
     one by one (the interpreter's profile hook; SQLite steps by a progress handler on the
     cache index's own connection), every stamp due.  Before (2026-12-03, main at dfb6434): 63.6
-    calls and 70 steps per file; after: 45 calls (fewer layers: the digest decoded by one match
+    calls and 70 steps per file; after: 43.6 calls (fewer layers: the digest decoded by one match
     and one C call, no listing of a destination that did not exist, the meter told the files
     once, the copy's and the stamp's helpers flattened) and 37 steps (the stamp alone updated,
     no upsert and no totals trigger per row)."""
