@@ -473,7 +473,7 @@ class Api:
     def _path(self, name: str, *, selector: bool) -> names.ArtifactPath:
         if not name or not isinstance(name, str):
             raise InvalidNameError("an artifact name is required, e.g. 'entity/project/dataset:latest'")
-        path = names.parse_artifact_path(name, default_entity=self.default_entity,
+        path = names.parse_artifact_path(name, default_entity=lambda: self.default_entity,  # asked only if needed
                                          default_project=self.default_project)
         if not selector and path.selector:
             raise InvalidNameError(f"{name!r} names a version; give the collection name without ':'")

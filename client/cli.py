@@ -236,7 +236,7 @@ def _restore_env(name: str, value: str | None) -> None:
 
 
 def _parse(name: str) -> names.ArtifactPath:
-    return names.parse_artifact_path(name, default_entity=settings.default_entity(),
+    return names.parse_artifact_path(name, default_entity=settings.default_entity,  # asked only if needed
                                      default_project=settings.default_project())
 
 

@@ -16,7 +16,7 @@ import math
 import os
 import re
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 
@@ -364,10 +364,13 @@ class ArtifactPath:
 
 
 def parse_artifact_path(
-    name: str, *, default_entity: str, default_project: str, require_selector: bool = False
+    name: str, *, default_entity: str | Callable[[], str], default_project: str, require_selector: bool = False
 ) -> ArtifactPath:
     """Parse a W&B artifact name: ``name:version``, ``name:alias``, with optional
-    ``project/`` or ``entity/project/`` prefixes.  ValueError (InvalidNameError) otherwise."""
+    ``project/`` or ``entity/project/`` prefixes.  ValueError (InvalidNameError) otherwise.
+
+    ``default_entity`` may be a function, called only for a name without its entity: with a
+    server key, finding the default costs a round trip (whoami) that a full name never needs."""
     if not isinstance(name, str) or not name.strip():
         raise InvalidNameError("an artifact name is required, e.g. 'entity/project/dataset:latest'")
     path, sep, selector = name.partition(":")
@@ -376,10 +379,12 @@ def parse_artifact_path(
     if ":" in selector:
         raise InvalidNameError(f"artifact name {name!r} has more than one ':'")
     parts = path.split("/")
+    if len(parts) < 3:
+        entity = default_entity() if callable(default_entity) else default_entity
     if len(parts) == 1:
-        entity, project, collection = default_entity, default_project, parts[0]
+        project, collection = default_project, parts[0]
     elif len(parts) == 2:
-        entity, (project, collection) = default_entity, parts
+        project, collection = parts
     elif len(parts) == 3:
         entity, project, collection = parts
     else:

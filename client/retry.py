@@ -24,12 +24,12 @@ import contextvars
 import logging
 import os
 import random
+import sys
 import time
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from typing import Callable, TypeVar
 
-import requests
 import urllib3.exceptions
 
 from .errors import ArtifactFSError, AuthenticationError, InvalidNameError, PermissionDeniedError
@@ -67,19 +67,28 @@ class TemporaryFailure(Exception):
 
 #: the request's own fault: another attempt cannot succeed
 _PERMANENT = (InvalidNameError, AuthenticationError, PermissionDeniedError)
-#: requests' failures, and urllib3's own (the HTTP store's blob GETs use urllib3 directly):
+#: urllib3's failures (the HTTP store's JSON calls, blob GETs and uploads use urllib3 directly):
 #: connection refused, reset or cut short, timeouts (connect and read), proxies, bad encodings,
 #: a TLS record broken mid-body (a certificate the client refuses never gets here: the store
 #: raises it as StoreUnavailableError, which says what to set)
-_TRANSPORT = (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError,
-              requests.exceptions.ContentDecodingError, urllib3.exceptions.ProtocolError,
-              urllib3.exceptions.TimeoutError, urllib3.exceptions.ProxyError, urllib3.exceptions.DecodeError,
-              urllib3.exceptions.SSLError)
+_TRANSPORT = (urllib3.exceptions.ProtocolError, urllib3.exceptions.TimeoutError, urllib3.exceptions.ProxyError,
+              urllib3.exceptions.DecodeError, urllib3.exceptions.SSLError)
+
+
+def _requests_failures() -> tuple[type[BaseException], ...]:
+    """The same failures as requests raises them (http(s) references use it).  Not imported
+    here: it costs a CLI process 16-24 ms of start-up (issue 17), and none of its exceptions
+    can exist in a process that never imported it."""
+    requests = sys.modules.get("requests")
+    if requests is None:
+        return ()
+    return (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError,
+            requests.exceptions.ContentDecodingError)
 
 
 def is_transport_failure(exc: BaseException) -> bool:
     """Whether another attempt may succeed: the network or the server hiccupped, not the request."""
-    return isinstance(exc, (TemporaryFailure, DeadlineExceeded, *_TRANSPORT))
+    return isinstance(exc, (TemporaryFailure, DeadlineExceeded, *_TRANSPORT, *_requests_failures()))
 
 
 def is_temp_failure(exc: BaseException) -> bool:

@@ -28,9 +28,11 @@ from typing import Any, BinaryIO
 from . import progress, references, settings
 from .atomic import atomic_fd, atomic_write
 from .cache import Cache
-from .errors import ArtifactFSError, ArtifactNotLoggedError, DigestMismatchError, LocalPathError, NotFoundError
+from .errors import (ArtifactFSError, ArtifactNotLoggedError, DigestMismatchError, LocalPathError, NotFoundError,
+                     StoreUnavailableError)
 from .hashing import BytesSink, HashingWriter, b64_to_hex, hex_to_b64, is_md5_hex, md5_bytes
 from .manifest import Manifest, ManifestEntry
+from .retry import RetryPolicy, is_transport_failure
 from .store import LocalBlobs, Store, UploadBatching, UrlBatching, open_store
 
 log = logging.getLogger(__name__)
@@ -401,11 +403,7 @@ def _stream_blob(store: Store, entity: str, md5: str, size: int, out: BinaryIO,
                 out.write(view[:n])
         return
     if size > _READ_CHUNK:
-        # a remote store downloads large blobs as parallel ranged GETs into a file of its own
-        with tempfile.TemporaryDirectory(prefix="artifactfs-dl-") as tmp:
-            part = Path(tmp) / md5
-            store.download_blob(entity, md5, part, progress=tick)
-            _copy_file(part, out)
+        _stream_remote(store, entity, md5, size, out, tick)
         return
     offset = 0
     while offset < size:
@@ -414,6 +412,54 @@ def _stream_blob(store: Store, entity: str, md5: str, size: int, out: BinaryIO,
             raise ArtifactFSError(f"blob {md5} ended after {offset} of {size} bytes")
         out.write(data)
         offset += len(data)
+
+
+def _stream_temp(exc: BaseException) -> bool:
+    """A stream that broke on the way (worth resuming); not a local write error, not a stop."""
+    return is_transport_failure(exc) or isinstance(exc, StoreUnavailableError)
+
+
+def _stream_remote(store: Store, entity: str, md5: str, size: int, out: BinaryIO,
+                   tick: Callable[[int], None] | None = None) -> None:
+    """A large blob as ONE streamed GET written to ``out`` in order, as it arrives.
+
+    ``out`` is the cache's hashing file (or the destination's temp file, which is hashed as
+    written): no part file, no copy, no second read.  One stream per blob because a download
+    of several large files keeps the transfer pool busy across files, and because a ranged GET
+    costs some endpoints a pass over the whole object (moto rebuilds it per request: 16 ranged
+    parts of a 256 MiB blob cost it 4 GiB of copying).  A stream that breaks is resumed at the
+    byte it reached, under the one retry policy; a resume that made progress earns a fresh
+    budget (progress is finite, so this ends), one that made none gives up."""
+    pos = 0
+
+    def attempt() -> None:
+        nonlocal pos
+        for chunk in store.stream_blob(entity, md5, pos, size - pos):
+            if len(chunk) > size - pos:
+                raise DigestMismatchError(f"blob {md5}: the store sent more than its {size} bytes")
+            out.write(chunk)
+            pos += len(chunk)
+            if tick is not None:
+                tick(len(chunk))
+        if pos != size:
+            raise StoreUnavailableError(f"blob {md5}: the stream ended at {pos} of {size} bytes")
+
+    def give_up(exc: BaseException, attempts: int) -> BaseException:
+        return StoreUnavailableError(f"downloading blob {md5} stopped at {pos} of {size} bytes "
+                                     f"after {attempts} attempts: {exc}")
+
+    while True:
+        begun = pos
+        try:
+            _STREAM_POLICY.call(attempt, is_temp=_stream_temp, give_up=give_up, what=f"blob {md5}", logger=log)
+            return
+        except StoreUnavailableError:
+            if pos == begun:
+                raise
+
+
+#: resuming a broken download stream (RetryPolicy's defaults: 6 tries, backoff from 0.1 s)
+_STREAM_POLICY = RetryPolicy()
 
 
 def _atomic_write(target: Path, produce: Callable[[BinaryIO], None], md5: str | None) -> None:

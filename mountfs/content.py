@@ -120,7 +120,18 @@ class BlobBlocks:
         return all(self._checked[i] for i in self._span(off, size))
 
     def settle(self) -> None:
-        return None  # nothing to persist; the one hash pass runs at promotion
+        return None  # nothing to persist; verification completes at promotion
+
+    def verified(self) -> bool:
+        """Every block matches the block map (those not read yet are checked now): the file
+        holds the bytes the store hashed when it made the map (see PartialFile.verified).  The
+        caller also checks that the file did not change since it was opened."""
+        for i in range(self.nblocks):
+            if not self._checked[i]:
+                if not self.blockmap.check(i, os.pread(self.fd, self.block_size, i * self.block_size)):
+                    return False
+                self._checked[i] = 1
+        return True
 
     def complete(self) -> bool:
         return self._count == self.nblocks
@@ -247,6 +258,7 @@ class ContentReader:
         self.blockmap_requests = 0  #: block map look-ups (once per large blob and daemon)
         self.verify_failures = 0  #: blocks or objects that failed verification
         self.worker_reads = 0  #: reads answered in a worker thread (a thread hop each), not on the loop
+        self.md5_bytes = 0  #: bytes of promoted partial objects put through md5 (none with a block map)
         self._installer = ThreadPoolExecutor(4, thread_name_prefix="artifactfs-install")
         self._small_installs = SmallInstalls(cache, _PENDING_INSTALL_BYTES, self._note_added)
         self._url_batches: dict[tuple[str, int], threading.Event] = {}
@@ -263,7 +275,8 @@ class ContentReader:
             return {"store_requests": self.store_requests, "reference_requests": self.reference_requests,
                     "open_objects": len(self._objects),
                     "blockmap_requests": self.blockmap_requests, "verify_failures": self.verify_failures,
-                    "prefetched": self._walker.fetched, "worker_reads": self.worker_reads}
+                    "prefetched": self._walker.fetched, "worker_reads": self.worker_reads,
+                    "md5_bytes": self.md5_bytes}
 
     # -- verification ------------------------------------------------------------------
     def blockmap(self, ref: FileRef) -> BlockMap | None:
@@ -1006,7 +1019,11 @@ class ContentReader:
         try:
             partial.settle()
             partial.flush()
-            actual = partial.md5()
+            # a store blob checked block by block against its map (or md5-checked whole
+            # already) is not hashed again; anything else is hashed whole here
+            actual = obj.ref.md5 if obj.ref.source is None and partial.verified() else partial.md5()
+            with self._lock:
+                self.md5_bytes += partial.md5_bytes
             os.fsync(partial.fd)  # the slow part of adopt(), done before taking the object lock
             with obj.lock:
                 if obj.closed:
@@ -1039,7 +1056,12 @@ class ContentReader:
                 return
             obj.promoting = True
         try:
-            actual = blob.md5()
+            if blob.verified() and _same_file(os.fstat(blob.fd), st):
+                actual = obj.ref.md5  # every block checked as it was read, the file unchanged since
+            else:
+                actual = blob.md5()
+                with self._lock:
+                    self.md5_bytes += blob.size
             with obj.lock:
                 if obj.closed:
                     return

@@ -257,10 +257,13 @@ class PartialFile:
         self._checked = bytearray(self.nblocks)  #: verified by this process (memory only)
         self._count = 0
         self._dirty = 0
-        # Running md5 over the contiguous prefix of present blocks: a sequential fill is
-        # verified as it arrives, so completion costs no second pass over the file.
+        # Without a block map: a running md5 over the contiguous prefix of present blocks (a
+        # sequential fill is verified as it arrives, so completion costs no second pass).  With
+        # one, no md5 at all: see verified().
         self._md5 = hashlib.md5(usedforsecurity=False)
         self._hashed = 0  #: blocks folded into _md5
+        self.md5_bytes = 0  #: bytes this object put through md5 (counted by tests)
+        self._whole_checked = False  #: mark_all_checked: the whole object matched its md5
         self._hash_lock = threading.Lock()
         self._retired = False
         self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
@@ -313,12 +316,15 @@ class PartialFile:
                 log.warning("could not persist the block bitmap of %s: %s", self.path.name, exc)
 
     def _advance_hash(self) -> None:
-        """Fold newly contiguous blocks into the running md5 (one thread at a time, no waiting)."""
-        if not self._hash_lock.acquire(blocking=False):
+        """Fold newly contiguous blocks into the running md5 (one thread at a time, no waiting);
+        nothing to do with a block map (blocks are checked against it instead)."""
+        if self.blockmap is not None or not self._hash_lock.acquire(blocking=False):
             return  # another thread is hashing and will pick these blocks up, or md5() will
         try:
             while self._hashed < self.nblocks and self.has(self._hashed):
-                self._md5.update(os.pread(self.fd, self.block_size, self._hashed * self.block_size))
+                block = os.pread(self.fd, self.block_size, self._hashed * self.block_size)
+                self._md5.update(block)
+                self.md5_bytes += len(block)
                 with self._lock:
                     self._hashed += 1
         finally:
@@ -356,6 +362,7 @@ class PartialFile:
         """Forget one block (it failed verification): it is fetched again."""
         with self._lock:
             self._checked[i] = 0
+            self._whole_checked = False
             if self.has(i):
                 self._bits[i >> 3] &= ~(1 << (i & 7)) & 0xFF
                 self._count -= 1
@@ -372,6 +379,27 @@ class PartialFile:
         """Every block is present and the whole object matched its md5."""
         with self._lock:
             self._checked[:] = b"\x01" * self.nblocks
+            self._whole_checked = True
+
+    def verified(self) -> bool:
+        """Whether the complete file is known to be the blob, without hashing it again: the
+        whole object matched its md5 (:meth:`mark_all_checked`), or every block matched the
+        block map.  The second is as strong as an md5 pass: a map is only ever made from the
+        very bytes whose md5 the store verified, in the same pass (client/blockmap.py), so a
+        file whose every block matches it holds those bytes.  Blocks present but not checked
+        by this process (resumed from disk) are checked here; one that fails is forgotten
+        (fetched again) and the answer is False."""
+        if self._whole_checked:
+            return self.complete()
+        if self.blockmap is None or not self.complete():
+            return False
+        for i in range(self.nblocks):
+            if not self._checked[i]:
+                try:
+                    self._check_block(i)
+                except BlockMismatchError:
+                    return False
+        return True
 
     def complete(self) -> bool:
         return self._count == self.nblocks
@@ -381,7 +409,9 @@ class PartialFile:
         with self._hash_lock:
             h, start = self._md5.copy(), self._hashed * self.block_size
         for off in range(start, self.size, 4 * MiB):
-            h.update(os.pread(self.fd, min(4 * MiB, self.size - off), off))
+            chunk = os.pread(self.fd, min(4 * MiB, self.size - off), off)
+            h.update(chunk)
+            self.md5_bytes += len(chunk)
         return h.hexdigest()
 
     def reset(self) -> None:
@@ -389,6 +419,7 @@ class PartialFile:
         with self._lock:
             self._bits[:] = bytes(len(self._bits))
             self._checked[:] = bytes(self.nblocks)
+            self._whole_checked = False
             self._count = 0
             self._dirty = 1
         with self._hash_lock:

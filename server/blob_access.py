@@ -12,9 +12,11 @@ and the readiness probe call it and never ask which backend is underneath.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any, Protocol
 
 import cachetools
@@ -99,6 +101,8 @@ class S3BlobAccess:
         self._presigned: cachetools.TTLCache[tuple[str, str], str] = cachetools.TTLCache(
             maxsize=50_000, ttl=max(self._reuse, 1))
         self._lock = threading.Lock()
+        #: (entity, md5) -> (its /complete lock, calls holding or waiting for it)
+        self._completions: dict[tuple[str, str], tuple[threading.Lock, int]] = {}
 
     def prepare(self) -> None:
         self.backend.ensure_bucket()
@@ -131,13 +135,39 @@ class S3BlobAccess:
 
     def complete(self, entity: str, md5: str, size: int, upload: dict[str, Any] | None,
                  etags: list[str] | None) -> None:
+        """Idempotent: a blob already in is success, whatever upload the call names.  So a
+        client that lost the answer (a large multipart upload takes a while to verify) and asks
+        again succeeds, instead of failing on an upload the first call consumed; a second
+        uploader of the same content finds it in and its redundant upload is aborted.  Calls
+        for one blob run one at a time in this process: a retry waits for the first one."""
         reg = self._registry
-        if reg.missing_blobs(entity, [md5]) or upload:
+        with self._completing(entity, md5):
+            if not reg.missing_blobs(entity, [md5]):
+                if upload:
+                    self.backend.abort_upload(entity, md5, upload)
+                return
             hasher = BlockHasher()
             self.backend.complete_upload(entity, md5, size, upload, etags, hasher)
             self._registrar.register(entity, md5, size)
             if hasher.result().size == size and wants_map(size):  # the server read the bytes
                 reg.register_blockmap(entity, md5, hasher.result())
+
+    @contextlib.contextmanager
+    def _completing(self, entity: str, md5: str) -> Iterator[None]:
+        key = (entity, md5)
+        with self._lock:
+            lock, users = self._completions.get(key, (threading.Lock(), 0))
+            self._completions[key] = (lock, users + 1)
+        try:
+            with lock:
+                yield
+        finally:
+            with self._lock:
+                lock, users = self._completions[key]
+                if users == 1:
+                    del self._completions[key]
+                else:
+                    self._completions[key] = (lock, users - 1)
 
     def check_completed(self, entity: str, md5: str, size: int, etag: str | None) -> str | None:
         if (etag or "").strip('"') == md5:  # S3's ETag of a plain PUT: the md5 of the bytes it kept

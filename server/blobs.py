@@ -218,6 +218,17 @@ class S3BlobBackend:
         return {"method": "multipart", "part_size": part_size, "part_count": count, "parts": parts,
                 "upload": {"key": staging, "upload_id": upload_id}}
 
+    def abort_upload(self, entity: str, md5_hex: str, upload: dict[str, Any]) -> None:
+        """Drop a multipart upload of this blob that is not needed (best effort: it may be
+        complete or gone already; nothing outside this blob's staging keys is touched)."""
+        key, upload_id = str(upload.get("key", "")), str(upload.get("upload_id", ""))
+        if not key.startswith(self._staging_key(entity, md5_hex).rsplit(".", 1)[0] + ".") or not upload_id:
+            return
+        try:
+            self.client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
+        except Exception as exc:  # noqa: BLE001 - completed or gone already: nothing to drop
+            log.debug("abort of upload %s of %s: %s", upload_id, key, exc)
+
     def complete_upload(self, entity: str, md5_hex: str, size: int, upload: dict[str, Any] | None,
                         etags: list[str] | None, hasher: BlockHasher | None = None) -> None:
         """Verify an upload the client says it finished; DigestMismatchError if it is wrong.

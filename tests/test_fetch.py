@@ -421,3 +421,101 @@ def test_cold_small_files_reach_the_cache_in_one_index_transaction(local_store, 
     assert cache.index.queries - before <= 2  # was 24: one put per file
     assert all(cache.lookup(md5, len(data)) is not None for md5, data in zip(md5s, files))
     assert cache.info().entries == len(files)
+
+
+# -- no md5 pass where the block map already proved every block ---------------------------
+
+@pytest.mark.parametrize("block_size, mapped", [(MiB, True), (256 * KiB, False)])
+def test_a_block_mapped_object_is_promoted_without_an_md5_pass(local_store, tmp_path: Path,
+                                                                block_size: int, mapped: bool) -> None:
+    """A cold read through the ranged path: with a usable block map every block is checked as
+    it arrives, so the promotion hashes nothing; without one the whole object goes through md5."""
+    data = os.urandom(6 * MiB + 3)
+    md5 = upload_bytes(local_store, "ent", data, tmp_path)
+    cache = Cache(tmp_path / "cache")
+    cr = ContentReader(local_store, cache, FetchConfig(block_size=block_size, local_blobs=False))
+    h = cr.open(FileRef("ent", md5, len(data), "ent/p/c:v0", "p/c:v0/x"))
+    out = b"".join(cr.read(h, off, 128 * KiB) for off in range(0, len(data), 128 * KiB))
+    assert out == data
+    cr.close(h)
+    cr.shutdown()
+    cached = cache.lookup(md5, len(data))
+    assert cached is not None and md5_bytes(cached.read_bytes()) == md5
+    assert cr.stats()["md5_bytes"] == (0 if mapped else len(data))
+    cr2 = ContentReader(local_store, cache, FetchConfig(block_size=block_size, local_blobs=False))
+    h2 = cr2.open(FileRef("ent", md5, len(data), "ent/p/c:v0", "p/c:v0/x"))
+    assert cr2.read(h2, len(data) - 3, 3) == data[-3:]
+    cr2.close(h2)
+    cr2.shutdown()
+    assert cr2.store_requests == 0  # a "remount": the promoted object serves it
+
+
+def test_a_resumed_partial_with_a_corrupt_block_is_not_taken_as_verified(tmp_path: Path) -> None:
+    data = os.urandom(300 * KiB)
+    hasher = BlockHasher(64 * KiB)
+    hasher.update(data)
+    bm = hasher.result()
+    p = PartialFile(tmp_path, "0" * 32, len(data), 64 * KiB, flush_every=1, blockmap=bm)
+    for i in range(5):
+        p.write(i, data[i * 64 * KiB:(i + 1) * 64 * KiB])
+    p.settle()
+    assert p.complete() and p.verified() and p.md5_bytes == 0  # every block checked on write
+    p.close()
+    fd = os.open(tmp_path / ("0" * 32 + ".part"), os.O_WRONLY)
+    os.pwrite(fd, b"X", 2 * 64 * KiB + 9)  # block 2 rots on disk while no daemon runs
+    os.close(fd)
+    q = PartialFile(tmp_path, "0" * 32, len(data), 64 * KiB, blockmap=bm)
+    assert q.complete()  # the bitmap says every block is there ...
+    assert not q.verified()  # ... but block 2 fails its map: not promoted
+    assert not q.has(2) and not q.complete()  # forgotten, so it is fetched again
+    q.write(2, data[2 * 64 * KiB:3 * 64 * KiB])
+    assert q.verified() and q.md5_bytes == 0
+    assert q.read(0, len(data)) == data
+    q.close()
+
+
+def test_a_whole_md5_check_is_not_repeated_at_promotion(tmp_path: Path) -> None:
+    """No block map: the object is md5-checked whole before its first byte is served, and that
+    check stands for the promotion (one pass, not two)."""
+    data = os.urandom(200 * KiB)
+    p = PartialFile(tmp_path, "1" * 32, len(data), 64 * KiB)
+    for i in range(4):
+        p.write(i, data[i * 64 * KiB:(i + 1) * 64 * KiB])
+    assert not p.verified()  # no map and no md5 yet
+    assert p.md5() == md5_bytes(data)
+    p.mark_all_checked()
+    assert p.verified() and p.md5_bytes == len(data)
+    p.unset(1)
+    assert not p.verified()  # a forgotten block voids the whole-object check
+    p.close()
+
+
+def test_an_in_place_blob_checked_block_by_block_is_not_hashed_again(local_store, tmp_path: Path) -> None:
+    """The embedded store's blob read in place: every block is checked against the map as it is
+    read (the last ones at promotion), so the promotion marks it without an md5 pass."""
+    from client.cache import has_verified_marker
+
+    data = os.urandom(4 * MiB + 5)
+    md5 = upload_bytes(local_store, "ent", data, tmp_path)
+    blob = local_store.blob_path("ent", md5)
+    os.utime(blob, (1000, 1000))  # no trusted marker: verification starts from nothing
+    cache = Cache(tmp_path / "cache")
+    cr = ContentReader(local_store, cache, FetchConfig(block_size=MiB, max_request=MiB))
+    ref = FileRef("ent", md5, len(data), "v", "p")
+    h = cr.open(ref)
+    out = b"".join(cr.read(h, off, 256 * KiB) for off in range(0, len(data), 256 * KiB))
+    assert out == data
+    cr.close(h)
+    cr.shutdown()
+    assert cr.stats()["md5_bytes"] == 0
+    fd = os.open(blob, os.O_RDONLY)
+    try:
+        assert has_verified_marker(fd, md5)  # marked: a remount trusts it without hashing
+    finally:
+        os.close(fd)
+    cr2 = ContentReader(local_store, cache)
+    h2 = cr2.open(ref)
+    assert cr2.read(h2, MiB, 10) == data[MiB:MiB + 10]
+    cr2.close(h2)
+    cr2.shutdown()
+    assert cr2.stats()["md5_bytes"] == 0

@@ -234,3 +234,82 @@ def test_fully_cached_download_asks_the_store_nothing_per_file(world: World, sdk
         f.write(b"X")
     art.download(str(tmp_path / "third"))
     assert tree_of(tmp_path / "third") == files
+
+
+def _ranged_gets(store: object, md5: str) -> list[str]:
+    """The Range header of every GET of blob ``md5`` the store sends to S3 (observed, in order)."""
+    seen: list[str] = []
+    lock = threading.Lock()
+
+    def hook(method: str, url: str, headers: object) -> None:
+        if method == "GET" and "/api/v1/" not in urlsplit(url).path and md5[2:] in urlsplit(url).path:
+            with lock:
+                seen.append(str(dict(headers).get("Range", "")))  # type: ignore[call-overload]
+
+    store.observe(hook)  # type: ignore[attr-defined]
+    return seen
+
+
+def test_a_large_cold_blob_is_one_stream_resumed_where_it_broke(world: World, sdk: str, tmp_path: Path) -> None:
+    """A 40 MiB blob (above the 16 MiB whole-body limit) downloads as ONE streamed GET straight
+    into the cache (it was a 16 MiB part, then two more ranged parts, through a part file and
+    a copy), and a connection cut mid-way resumes at the byte it reached, not at a part's
+    start; the bytes are right either way."""
+    import client
+    from client import transfer
+    from client.hashing import md5_bytes
+
+    size = 40 << 20
+    files = {"model.bin": os.urandom(size)}
+    _log(tmp_path, files, name="big")
+    for attempt, cut in (("whole", None), ("cut", 8 << 20)):
+        transfer.close_stores()
+        cache = tmp_path / "cache"
+        if cache.exists():
+            cache.rename(tmp_path / f"cache-before-{attempt}")  # cold: an empty cache each time
+        art = client.Api().artifact(f"{sdk}/proj/big:latest")
+        ranges = _ranged_gets(transfer.get_store(), md5_bytes(files["model.bin"]))
+        world.proxy.cut_after, world.proxy.cut_times, world.proxy.cuts = cut, 1, 0
+        try:
+            art.download(str(tmp_path / f"out-{attempt}"))
+        finally:
+            world.proxy.cut_after = world.proxy.cut_times = None
+        assert tree_of(tmp_path / f"out-{attempt}") == files
+        starts = [int(r.split("=")[1].split("-")[0]) for r in ranges]
+        if cut is None:
+            assert starts == [0], ranges
+        else:
+            assert len(starts) == 2 and starts[0] == 0, ranges
+            assert 0 < starts[1] <= cut, ranges  # resumed where the stream broke
+            assert world.proxy.cuts == 1
+
+
+def test_a_multipart_upload_waits_for_the_servers_verification(world: World, tmp_path: Path) -> None:
+    """The server reads a multipart upload back from S3 before ``/complete`` answers; with a
+    slow S3 (0.8 s added to each request, through the proxy: five or more requests) that takes
+    longer than the client's read timeout (2.5 s here, enough for the plan's one request).  The client waits as long as verifying that size may take, so the
+    upload succeeds with ONE ``/complete`` (it used to time out, retry, and fail)."""
+    import hashlib
+
+    from tests.server_fixtures import SMALL_MULTIPART, make_store
+
+    server = world.factory.start(env=SMALL_MULTIPART)
+    try:
+        entity = f"slow{os.getpid()}"
+        store = make_store(server.url, world.factory.user(entity), timeout=2.5)
+        seen = _count_http(store)
+        data = os.urandom((12 << 20) + 3)
+        src = tmp_path / "big.bin"
+        src.write_bytes(data)
+        md5 = hashlib.md5(data).hexdigest()
+        world.proxy.delay = 0.8
+        try:
+            store.put_blob(entity, md5, src, len(data))
+        finally:
+            world.proxy.delay = 0.0
+        assert [p for m, p in seen if p.endswith("/complete")] == [f"/api/v1/entities/{entity}/blobs/{md5}/complete"]
+        assert store.missing_blobs(entity, [md5]) == set()
+        assert store.read_blob(entity, md5) == data
+        store.close()
+    finally:
+        server.stop()

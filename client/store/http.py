@@ -19,6 +19,7 @@ class (:func:`client.errors.error_from_code`), so both stores raise the same typ
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import json
 import logging
@@ -31,8 +32,6 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, TypeVar
 from urllib.parse import quote, urljoin
 
-import requests
-import requests.adapters
 import urllib3.exceptions
 from cachetools import LRUCache, TLRUCache
 
@@ -56,6 +55,11 @@ DOWNLOAD_PART = 16 << 20
 #: threads of a store's one transfer pool, and part buffers alive at once across all its
 #: transfers: with the SDK's 8 files at a time this bounds buffers to 8 parts (128 MiB), not 8 x 8
 TRANSFER_THREADS = 8
+#: ``/complete`` of a multipart upload: the server reads the object back from S3 (and copies
+#: it into place) before it answers, so each attempt waits this long plus the time to move the
+#: blob at COMPLETE_RATE bytes/s (the slowest verification we wait for), not the read timeout
+COMPLETE_WAIT = 60.0
+COMPLETE_RATE = 4 << 20
 
 
 class PartBudget:
@@ -125,12 +129,6 @@ def _copied(result: Any) -> Any:
     return list(result) if isinstance(result, list) else result
 
 
-def _raise_for(resp: requests.Response) -> None:
-    """Turn an error response of the session (an upload) into our exception (or a transient one worth retrying)."""
-    if resp.status_code >= 400:
-        _raise_status(resp.status_code, resp.url, resp.content)
-
-
 def _raise_status(status: int, url: str, body: bytes) -> None:
     """Turn an error status (and its body) into our exception (or a transient one worth retrying)."""
     if status < 400:
@@ -172,7 +170,7 @@ def _content_range(header: str) -> tuple[int, int, int]:
 def trusted_cas(ca_bundle: str | None = None) -> str | bool:
     """What https connections verify certificates against: ``ca_bundle`` or ARTIFACTFS_CA_BUNDLE
     (a PEM file or a c_rehash'd directory), else the operating system's CA store, else
-    requests' own (certifi).  Never "no verification"."""
+    certifi's (True).  Never "no verification"."""
     chosen = ca_bundle or settings.ca_bundle()
     if chosen:
         if not os.path.exists(chosen):
@@ -253,11 +251,8 @@ def _read_reporting(resp: urllib3.BaseHTTPResponse, progress: Callable[[int], No
 class _ReportingReader:
     """A file for a request body that reports each read's length (upload progress)."""
 
-    def __init__(self, f: Any, size: int, progress: Callable[[int], None]) -> None:
-        self._f, self._size, self._progress = f, size, progress
-
-    def __len__(self) -> int:  # requests sends Content-Length, not chunked encoding
-        return self._size
+    def __init__(self, f: Any, progress: Callable[[int], None]) -> None:
+        self._f, self._progress = f, progress
 
     def read(self, n: int = -1) -> bytes:
         data = self._f.read(n)
@@ -266,7 +261,7 @@ class _ReportingReader:
 
 
 class HttpStore(JsonCalls):
-    """Store protocol over a registry server.  Thread-safe: one pooled session for all threads."""
+    """Store protocol over a registry server.  Thread-safe: one set of urllib3 pools for all threads."""
 
     #: blobs per missing_blobs / completion request (the server's PLAN_BATCH caps it)
     PLAN_BATCH = 2000
@@ -284,16 +279,11 @@ class HttpStore(JsonCalls):
         self.api_key = api_key
         self.connect_timeout, self.read_timeout = connect_timeout, timeout
         self.policy = RetryPolicy(tries=max(1, attempts), backoff=backoff, deadline=deadline, attempt_timeout=timeout)
-        self.session = requests.Session()
-        self.session.verify = trusted_cas(ca_bundle)
-        #: given per request, so ARTIFACTFS_CA_BUNDLE wins over REQUESTS_CA_BUNDLE (which requests
-        #: lets override the session's setting); None leaves REQUESTS_CA_BUNDLE, then the system store
-        self._verify = self.session.verify if (ca_bundle or settings.ca_bundle()) else None
-        adapter = requests.adapters.HTTPAdapter(pool_connections=16, pool_maxsize=pool_size, max_retries=0)
-        self.session.mount("http://", adapter)
-        self.session.mount("https://", adapter)
-        #: blob GETs (the bulk of a read's requests) skip the session: see client/store/http_blobs.py
-        self._blobs = BlobHTTP(self.session.verify, explicit=self._verify is not None, pool_size=pool_size)
+        #: every request (JSON calls, blob GETs, uploads) goes through these pools: see
+        #: client/store/http_blobs.py.  ARTIFACTFS_CA_BUNDLE (``explicit``) wins over
+        #: REQUESTS_CA_BUNDLE / CURL_CA_BUNDLE, which win over the system store.
+        self._blobs = BlobHTTP(trusted_cas(ca_bundle), explicit=bool(ca_bundle or settings.ca_bundle()),
+                               pool_size=pool_size)
         #: (entity, md5) -> (url, valid_until, size); an entry leaves at valid_until, the least
         #: recently used one when full (never the whole cache at once)
         self._urls: TLRUCache[tuple[str, str], tuple[str, float, int | None]] = _url_cache()
@@ -315,16 +305,17 @@ class HttpStore(JsonCalls):
     @property
     def timeout(self) -> tuple[float, float]:
         """(connect, read) timeouts for the next attempt: capped by the running call's deadline."""
-        read = attempt_timeout(self.read_timeout)
+        return self._timeouts(self.read_timeout)
+
+    def _timeouts(self, read_timeout: float) -> tuple[float, float]:
+        read = attempt_timeout(read_timeout)
         return min(self.connect_timeout, read), read
 
     def observe(self, fn: Observer) -> None:
         """Tell ``fn(method, url, request headers)`` of every request this store sends from now
-        on (metadata calls and blob GETs through the pools, uploads through the session): tests
-        count requests with it."""
+        on (metadata calls, blob GETs and uploads, all through the same pools): tests count
+        requests with it."""
         self._blobs.observers.append(fn)
-        self.session.hooks["response"].append(
-            lambda resp, *args, **kwargs: fn(resp.request.method or "", resp.request.url or "", resp.request.headers))
 
     def _blob_get(self, url: str, rng: str, *, stream: bool) -> urllib3.BaseHTTPResponse:
         """One ranged GET of a blob URL (see client/store/http_blobs.py); a TLS connection that
@@ -345,7 +336,7 @@ class HttpStore(JsonCalls):
         return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
 
     def _send(self, method: str, path: str, *, idempotent: bool, headers: dict[str, str] | None = None,
-              body: Any = None) -> urllib3.BaseHTTPResponse:
+              body: Any = None, read_timeout: float | None = None) -> urllib3.BaseHTTPResponse:
         """One JSON call to the server (``body``: JSON data or None), on the blob GETs' urllib3
         pools with keep-alive: a ``requests.Session`` cost more client CPU per call than the
         server's whole answer to a resolve (issue 13).  An error status raises."""
@@ -356,7 +347,7 @@ class HttpStore(JsonCalls):
             data = json.dumps(body, allow_nan=False, separators=(",", ":")).encode()
             sent["Content-Type"] = "application/json"
         try:
-            resp = self._blobs.request(method, url, sent, self.timeout, body=data)
+            resp = self._blobs.request(method, url, sent, self._timeouts(read_timeout or self.read_timeout), body=data)
         except urllib3.exceptions.SSLError as exc:
             raise _tls_error(self.base, exc) from exc
         except urllib3.exceptions.HTTPError as exc:
@@ -378,8 +369,9 @@ class HttpStore(JsonCalls):
     def _get_once(self, path: str) -> Any:
         return json.loads(self._send("GET", path, idempotent=True).data)
 
-    def _call_once(self, method: str, path: str, body: Any = None, *, idempotent: bool = True) -> Any:
-        data = self._send(method, path, idempotent=idempotent, body=body).data
+    def _call_once(self, method: str, path: str, body: Any = None, *, idempotent: bool = True,
+                   read_timeout: float | None = None) -> Any:
+        data = self._send(method, path, idempotent=idempotent, body=body, read_timeout=read_timeout).data
         return json.loads(data) if data else None
 
     # The retried form; inside an already-retried method use the *_once forms (no nesting).
@@ -516,27 +508,37 @@ class HttpStore(JsonCalls):
                 log.info("upload URL for %s refused (expired?); asking for a fresh one", md5_hex)
                 plan = None
 
-    def _put_once(self, target: dict[str, Any], body: Any, size: int) -> requests.Response:
+    def _put_once(self, target: dict[str, Any], body: Any, size: int) -> urllib3.BaseHTTPResponse:
+        """One PUT of ``size`` bytes to a plan's URL with the plan's headers (Content-MD5, the
+        checksum S3 checks).  ``body``: bytes, or a file that urllib3 reads in blocks as it
+        sends them (never whole in memory); with the Content-Length given it is not chunked."""
         url = urljoin(self.base + "/", target["url"])
         headers = dict(target.get("headers") or {})
         headers["Content-Length"] = str(size)
         if size == 0:
-            # requests sends an empty *file* as "Transfer-Encoding: chunked" next to our
-            # Content-Length: 0, which leaves the server waiting for a body: send no body at all.
-            body = b""
+            body = b""  # nothing to read: no body at all next to Content-Length: 0
         # No Authorization header: presigned URLs carry their own credentials.
-        resp = self.session.put(url, data=body, headers=headers, timeout=self.timeout, verify=self._verify)
-        _raise_for(resp)
+        try:
+            resp = self._blobs.request("PUT", url, headers, self.timeout, body=body)
+        except urllib3.exceptions.SSLError as exc:
+            if _tls_refused(exc):
+                raise _tls_error(url.split("?")[0], exc) from exc
+            raise  # broken mid-way: a transport failure, retried
+        except urllib3.exceptions.HTTPError as exc:
+            if is_transport_failure(exc):
+                raise
+            raise ArtifactFSError(f"PUT {url.split('?')[0]} failed: {exc}") from exc
+        _raise_status(resp.status, url, resp.data)
         return resp
 
     @retrying
     def _put_file(self, target: dict[str, Any], src: Path, size: int,
-                  progress: Callable[[int], None] | None = None) -> requests.Response:
+                  progress: Callable[[int], None] | None = None) -> urllib3.BaseHTTPResponse:
         with open(src, "rb") as f:
-            return self._put_once(target, f if progress is None else _ReportingReader(f, size, progress), size)
+            return self._put_once(target, f if progress is None else _ReportingReader(f, progress), size)
 
     @retrying
-    def _put_data(self, target: dict[str, Any], data: bytes) -> requests.Response:
+    def _put_data(self, target: dict[str, Any], data: bytes) -> urllib3.BaseHTTPResponse:
         return self._put_once(target, data, len(data))
 
     def _put_multipart(self, entity: str, md5_hex: str, src: Path, size: int, plan: dict[str, Any],
@@ -562,8 +564,24 @@ class HttpStore(JsonCalls):
             return etag
 
         etags = list(self._transfer_pool.map(send, plan["parts"]))
-        self._call("POST", f"{self._blob(entity, md5_hex)}/complete",
-                   {"size": size, "upload": plan["upload"], "etags": etags})
+        self._complete_multipart(entity, md5_hex, size, {"size": size, "upload": plan["upload"], "etags": etags})
+
+    def _complete_multipart(self, entity: str, md5_hex: str, size: int, body: dict[str, Any]) -> None:
+        """``/complete`` of a multipart upload, waiting as long as the server's verification may
+        take (COMPLETE_WAIT + size / COMPLETE_RATE per attempt; a 1 GiB blob took moto longer
+        than the read timeout, the retry failed on the upload the first call had consumed, and
+        ``log`` failed).  A retry after a lost answer is safe: the server answers success for a
+        blob that is in (server/blob_access.py)."""
+        wait = max(self.read_timeout, COMPLETE_WAIT + size / COMPLETE_RATE)
+        policy = dataclasses.replace(self.policy, attempt_timeout=wait, deadline=self.policy.total() + 2 * wait)
+
+        def give_up(exc: BaseException, attempts: int) -> BaseException:
+            return StoreUnavailableError(f"registry at {self.location} did not confirm the upload of blob {md5_hex} "
+                                         f"after {attempts} attempts: {exc}")
+
+        path = f"{self._blob(entity, md5_hex)}/complete"
+        policy.call(lambda: self._call_once("POST", path, body, read_timeout=wait), is_temp=is_transport_failure,
+                    give_up=give_up, what="complete", logger=log)
 
     # -- blob reads ----------------------------------------------------------------------------
     def _remember_url(self, entity: str, md5_hex: str, url: str, expires_in: float, size: int | None) -> str:
@@ -732,5 +750,4 @@ class HttpStore(JsonCalls):
 
     def close(self) -> None:
         self._transfer_pool.shutdown(wait=False, cancel_futures=True)
-        self.session.close()
         self._blobs.close()
