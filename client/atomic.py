@@ -67,9 +67,9 @@ def replace_durably(tmp: str | os.PathLike[str], dest: str | os.PathLike[str], *
         fsync_dir(Path(dest).parent)
 
 
-def _create_temp(dest: str, where: str, mode: int) -> tuple[str, int]:
-    """A new temp file in ``where`` for ``dest`` (the directory made if missing): (path, fd)."""
-    stem = f"{where}/.{dest.rpartition('/')[2][:100]}."
+def _create_temp(where: str, name: str, mode: int) -> tuple[str, int]:
+    """A new temp file in ``where`` for the file ``name`` (the directory made if missing): (path, fd)."""
+    stem = f"{where}/.{name[:100]}."
     for _attempt in range(8):  # a name taken (a crashed writer's leftover): the next serial
         tmp = f"{stem}{_prefix}{next(_serial):x}.tmp"
         try:
@@ -91,18 +91,19 @@ class atomic_fd:  # noqa: N801 - used like the function-style context managers b
     0o600 keeps a secret unreadable by others from the first byte on.
     """
 
-    __slots__ = ("dest", "where", "mode", "durable", "tmp", "fd")
+    __slots__ = ("dest", "tmp_dir", "mode", "durable", "tmp", "fd")
 
     def __init__(self, dest: str | os.PathLike[str], *, mode: int = 0o666, tmp_dir: Path | None = None,
                  durable: bool = True) -> None:
-        self.dest = os.fspath(dest)
-        parent = self.dest.rpartition("/")[0] if "/" in self.dest else "."
-        self.where = os.fspath(tmp_dir) if tmp_dir is not None else parent
+        self.dest = dest if isinstance(dest, str) else os.fspath(dest)
+        self.tmp_dir = tmp_dir
         self.mode = mode
         self.durable = durable
 
     def __enter__(self) -> int:
-        self.tmp, self.fd = _create_temp(self.dest, self.where, self.mode)
+        parent, slash, name = self.dest.rpartition("/")
+        where = os.fspath(self.tmp_dir) if self.tmp_dir is not None else parent if slash else "."
+        self.tmp, self.fd = _create_temp(where, name, self.mode)
         return self.fd
 
     def __exit__(self, exc_type: type[BaseException] | None, *_exc: object) -> None:

@@ -71,6 +71,7 @@ log = logging.getLogger(__name__)
 #: lookup() refreshes an object's LRU stamp only when it is older than this (saves a syscall
 #: per read on hot objects; LRU precision of a few seconds is plenty).
 _TOUCH_GRANULARITY = 5.0
+_TOUCH_GRANULARITY_NS = int(_TOUCH_GRANULARITY * 1e9)
 #: prune() removes temp files left by crashed writers once they are this old.
 _STALE_TMP_SECONDS = 3600.0
 #: the verified marker (see the module docstring)
@@ -368,17 +369,19 @@ class Cache:
         """Move the LRU stamp of the used object ``obj`` (a path or an open fd) when it is older
         than :data:`_TOUCH_GRANULARITY`: its atime now (mtime stays); returns the index row to
         write (it also adds an object the index missed), None when the stamp was recent."""
-        if time.time() - max(st.st_atime, st.st_mtime) <= _TOUCH_GRANULARITY:
-            return None
         now_ns = time.time_ns()
-        with contextlib.suppress(OSError):
+        if now_ns - max(st.st_atime_ns, st.st_mtime_ns) <= _TOUCH_GRANULARITY_NS:
+            return None
+        try:  # once per object of a warm download: no context manager
             os.utime(obj, ns=(now_ns, st.st_mtime_ns))
+        except OSError:
+            pass
         return md5_hex, st.st_size, now_ns
 
     def save_stamps(self, stamps: list[tuple[str, int, int]]) -> None:
         """Write the index rows :meth:`open_checked` collected, in one transaction."""
         if stamps:
-            self.index.put_many(stamps)
+            self.index.stamp_many(stamps)
 
     def verify(self, md5_hex: str) -> bool:
         """Re-hash the object; a corrupt one is dropped.  False when absent or corrupt.
@@ -416,7 +419,7 @@ class Cache:
             return None
         try:
             st = os.fstat(fd)
-            if self._sized(md5_hex, st, size) and (has_verified_marker(fd, md5_hex, st)
+            if (st.st_size == size or self._sized(md5_hex, st, size)) and (has_verified_marker(fd, md5_hex, st)
                                                    or self._verify_fd(md5_hex, fd)):
                 if (stamp := self._restamp(fd, md5_hex, st)) is not None:
                     stamps.append(stamp)

@@ -91,7 +91,7 @@ class ManifestEntry:
     @property
     def symlink_target(self) -> str | None:
         """The target when the entry is a symbolic link (``extra["symlink"]``), else None."""
-        return symlink_target(self.extra)
+        return symlink_target(self.extra) if self.extra else None  # asked once per entry of a download
 
     @property
     def is_executable(self) -> bool:

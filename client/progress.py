@@ -85,14 +85,15 @@ class Meter:
         """A meter for one file of ``size`` bytes, which never counts more than ``size``."""
         return EntryMeter(self, size)
 
-    def file_done(self, moved: bool, replaced: str | None = None) -> None:
+    def file_done(self, moved: bool, replaced: str | None = None, count: int = 1) -> None:
+        """``count`` files done (a cached download tells its copies once, not per file)."""
         with self._lock:
             if replaced is not None:
                 self.replaced.append(replaced)
             if moved:
-                self.files_moved += 1
+                self.files_moved += count
             else:
-                self.files_present += 1
+                self.files_present += count
 
     def close(self) -> None:
         if self._bar is not None:

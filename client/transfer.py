@@ -538,9 +538,12 @@ def _copy_fd(src: int, dst: int, size: int) -> int:
     """Copy the first ``size`` bytes of ``src`` into the empty file ``dst``; returns the bytes
     copied (fewer if ``src`` is shorter).  copy_file_range (a reflink where the filesystem can),
     else sendfile (another filesystem), else read and write; ``src``'s offset is untouched."""
-    for kernel_copy in (_by_copy_file_range, _by_sendfile):
+    for kernel_copy in (os.copy_file_range, _sendfile):
         try:
-            return kernel_copy(src, dst, size)
+            done = 0
+            while done < size and (n := kernel_copy(src, dst, size - done, done)):
+                done += n
+            return done
         except OSError as exc:
             if exc.errno not in _NO_KERNEL_COPY:
                 raise
@@ -555,18 +558,9 @@ def _copy_fd(src: int, dst: int, size: int) -> int:
     return done
 
 
-def _by_copy_file_range(src: int, dst: int, size: int) -> int:
-    done = 0
-    while done < size and (n := os.copy_file_range(src, dst, size - done, done)):
-        done += n
-    return done
-
-
-def _by_sendfile(src: int, dst: int, size: int) -> int:
-    done = 0
-    while done < size and (n := os.sendfile(dst, src, done, size - done)):
-        done += n
-    return done
+def _sendfile(src: int, dst: int, count: int, offset: int) -> int:
+    """``os.sendfile`` in ``os.copy_file_range``'s argument order (from ``src`` at ``offset``)."""
+    return os.sendfile(dst, src, offset, count)
 
 
 def _make_executable(target: str | Path) -> None:
@@ -620,17 +614,20 @@ def _copy_cached(cache: Cache, dest: Path, files: list[ManifestEntry],
     """Place the ``files`` whose blob the cache holds verified, in the calling thread; returns
     (bytes written, the files left for the transfer pool).
 
-    A warm download's whole cost: no thread hand-off, no store call, each destination directory
-    listed once (a target the listing lacks is not stat'ed), the progress meter told per batch,
-    and the LRU stamps of every object used written in one index transaction at the end.
-    Everything else is as in the pool: a file already right is kept (hashed to know), a
-    different one replaced (and counted), each copy placed by the atomic writer.
+    A warm download's whole cost: no thread hand-off, no store call, the progress meter told
+    per batch of bytes and once for the files, and the LRU stamps of every object used written
+    in one index transaction at the end.  A destination that did not exist holds none of the
+    targets: nothing is listed or stat'ed; into an existing one each directory is listed once
+    (a target the listing lacks is not stat'ed), a file already right is kept (hashed to know)
+    and a different one replaced (and counted), as in the pool.  Each copy is placed by the
+    atomic writer.  The loop runs once per file, so it binds what it calls once.
     """
     rest: list[ManifestEntry] = []
     stamps: list[tuple[str, int, int]] = []
-    existing = _Listing()
     root = str(dest)
-    written = pending = 0  # pending: bytes the meter has not been told yet
+    existing = _Listing() if os.path.isdir(root) else None
+    open_checked, close, place = cache.open_checked, os.close, _place_copy
+    written = pending = moved = 0  # pending: bytes the meter has not been told yet
     try:
         for e in files:
             if (md5 := _cacheable_md5(e)) is None:
@@ -639,29 +636,32 @@ def _copy_cached(cache: Cache, dest: Path, files: list[ManifestEntry],
             target, size = f"{root}/{e.path}", e.size or 0  # entry paths are normalised, relative
             tick: progress.EntryMeter | None = None
             replaced = None
-            if target in existing:
+            if existing is not None and target in existing:
                 tick = meter.entry(size)
                 if _kept(Path(target), md5, e.size, tick, meter):
                     continue
                 replaced = e.path if os.path.isfile(target) else None
-            if (src := cache.open_checked(md5, size, stamps)) is None:
+            if (src := open_checked(md5, size, stamps)) is None:
                 rest.append(e)
                 continue
             try:
-                _place_copy(src, target, size, md5)
+                place(src, target, size, md5)
             finally:
-                os.close(src)
+                close(src)
             if e.is_executable:
                 _make_executable(target)
-            meter.file_done(moved=True, replaced=replaced)
             written += size
             if tick is not None:
+                meter.file_done(moved=True, replaced=replaced)
                 tick.finish()
-            elif (pending := pending + size) >= _PROGRESS_BATCH:
+                continue
+            moved += 1
+            if (pending := pending + size) >= _PROGRESS_BATCH:
                 meter.add(pending)
                 pending = 0
     finally:
         cache.save_stamps(stamps)
+        meter.file_done(moved=True, count=moved)
     meter.add(pending)
     return written, rest
 
@@ -705,7 +705,7 @@ def download_entries(store: Store, entity: str, entries: list[ManifestEntry], de
     links come last.
     """
     cache = None if skip_cache else get_cache()
-    meter = progress.Meter(sum(e.size or 0 for e in entries), "download")
+    meter = progress.Meter(sum([e.size or 0 for e in entries]), "download")
     budget = TransferBudget(settings.transfer_memory())
     ref_entities: dict[str, str | None] = {}  # artifact reference version id -> blob entity (None: deleted)
     ref_lock = threading.Lock()

@@ -334,3 +334,34 @@ def test_install_verified_writes_a_batch_in_one_index_transaction(tmp_path: Path
     assert cache.info().entries == 10 and cache.info().bytes == sum(len(d) for _, d in objects)
     assert list(cache.tmp_dir.iterdir()) == []
     assert cache.install_verified(objects) == 0
+
+
+def test_stamp_many_moves_stamps_and_still_adds_corrects_and_keeps_pins(tmp_path: Path) -> None:
+    """The LRU stamps of one download are one UPDATE of the stamp per row (no upsert, no totals
+    trigger: 37 SQLite steps a row against put_many's 70); a batch with a row it cannot update
+    (missing, of another size, pinned) still ends as put_many would: the row added or
+    corrected, the totals right, a pin kept."""
+    from client.cache_index import PINNED, CacheIndex
+
+    ix = CacheIndex(tmp_path / "index.sqlite")
+    keys = [f"{i:032x}" for i in range(200)]
+    ix.put_many([(k, 10, 1) for k in keys])
+    steps = [0]
+
+    def step() -> int:
+        steps[0] += 1
+        return 0
+
+    with ix._db() as db:
+        db.set_progress_handler(step, 1)
+    ix.stamp_many([(k, 10, 5) for k in keys])
+    assert steps[0] / len(keys) < 45, steps[0] / len(keys)
+    assert ix.totals() == (200, 2000)
+    assert ix.oldest(1) == [(keys[0], 10)] and not ix.oldest(1, skip=200)
+    ix.pin([keys[1]], 5)
+    ix.stamp_many([(keys[0], 12, 9), (keys[1], 10, 9), ("f" * 32, 7, 9), (keys[2], 10, 9)])
+    assert ix.totals() == (201, 2009)  # keys[0] now 12 bytes, the new row 7
+    with ix._db() as db:
+        rows = dict(db.execute("SELECT key, stamp FROM objects WHERE key IN (?, ?, ?, ?)",
+                               (keys[0], keys[1], keys[2], "f" * 32)).fetchall())
+    assert rows == {keys[0]: 9, keys[1]: PINNED + 5, keys[2]: 9, "f" * 32: 9}
