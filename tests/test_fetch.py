@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from client.blockmap import BlockHasher, BlockMismatchError
+from client.blockmap import BlockHasher, BlockMap, BlockMismatchError
 from client.cache import Cache
 from client.hashing import md5_bytes
 from mountfs.content import ContentReader
@@ -142,11 +142,16 @@ def test_failed_fetch_raises_and_a_later_read_retries(pool) -> None:
     assert len(src.calls) == 2
 
 
-def test_partial_file_resumes_from_its_bitmap(tmp_path: Path) -> None:
-    data = os.urandom(300 * KiB)
-    hasher = BlockHasher(64 * KiB)
+def _mapped_bytes(size: int, block: int) -> tuple[bytes, BlockMap]:
+    """Random bytes and their block map."""
+    data = os.urandom(size)
+    hasher = BlockHasher(block)
     hasher.update(data)
-    bm = hasher.result()
+    return data, hasher.result()
+
+
+def test_partial_file_resumes_from_its_bitmap(tmp_path: Path) -> None:
+    data, bm = _mapped_bytes(300 * KiB, 64 * KiB)
     p = PartialFile(tmp_path, "0" * 32, len(data), 64 * KiB, flush_every=1, blockmap=bm)
     p.write(1, data[64 * KiB:128 * KiB])
     p.write(4, data[256 * KiB:])
@@ -451,10 +456,7 @@ def test_a_block_mapped_object_is_promoted_without_an_md5_pass(local_store, tmp_
 
 
 def test_a_resumed_partial_with_a_corrupt_block_is_not_taken_as_verified(tmp_path: Path) -> None:
-    data = os.urandom(300 * KiB)
-    hasher = BlockHasher(64 * KiB)
-    hasher.update(data)
-    bm = hasher.result()
+    data, bm = _mapped_bytes(300 * KiB, 64 * KiB)
     p = PartialFile(tmp_path, "0" * 32, len(data), 64 * KiB, flush_every=1, blockmap=bm)
     for i in range(5):
         p.write(i, data[i * 64 * KiB:(i + 1) * 64 * KiB])

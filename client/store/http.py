@@ -90,6 +90,23 @@ class TransientHTTPError(TemporaryFailure):
     and SlowDown as retryable) or a body cut short."""
 
 
+def _blob_exchange(method: str, url: str, send: Callable[[], urllib3.BaseHTTPResponse]) -> urllib3.BaseHTTPResponse:
+    """``send()``: one request to a blob URL (a ranged GET, a presigned PUT).  A TLS connection
+    that cannot be set up is not retried (it says what to fix); a transport failure is raised
+    as is (retried by the caller); any other urllib3 failure (too many redirects, a URL it
+    cannot parse) becomes ours."""
+    try:
+        return send()
+    except urllib3.exceptions.SSLError as exc:
+        if _tls_refused(exc):
+            raise _tls_error(url.split("?")[0], exc) from exc
+        raise  # broken mid-way: a transport failure, retried
+    except urllib3.exceptions.HTTPError as exc:
+        if is_transport_failure(exc):
+            raise
+        raise ArtifactFSError(f"{method} {url.split('?')[0]} failed: {exc}") from exc
+
+
 class _NotSent(TemporaryFailure):
     """Wraps a failure that happened before the request reached the server (safe to retry)."""
 
@@ -318,19 +335,8 @@ class HttpStore(JsonCalls):
         self._blobs.observers.append(fn)
 
     def _blob_get(self, url: str, rng: str, *, stream: bool) -> urllib3.BaseHTTPResponse:
-        """One ranged GET of a blob URL (see client/store/http_blobs.py); a TLS connection that
-        cannot be set up is not retried, it says what to fix."""
-        try:
-            return self._blobs.get(url, {"Range": rng}, self.timeout, stream=stream)
-        except urllib3.exceptions.SSLError as exc:
-            if _tls_refused(exc):
-                raise _tls_error(url.split("?")[0], exc) from exc
-            raise  # broken mid-way: a transport failure, retried
-        except urllib3.exceptions.HTTPError as exc:
-            if is_transport_failure(exc):
-                raise
-            # too many redirects, a URL urllib3 cannot parse: our error, not urllib3's
-            raise ArtifactFSError(f"GET {url.split('?')[0]} failed: {exc}") from exc
+        """One ranged GET of a blob URL (see client/store/http_blobs.py)."""
+        return _blob_exchange("GET", url, lambda: self._blobs.get(url, {"Range": rng}, self.timeout, stream=stream))
 
     def _headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
@@ -518,16 +524,7 @@ class HttpStore(JsonCalls):
         if size == 0:
             body = b""  # nothing to read: no body at all next to Content-Length: 0
         # No Authorization header: presigned URLs carry their own credentials.
-        try:
-            resp = self._blobs.request("PUT", url, headers, self.timeout, body=body)
-        except urllib3.exceptions.SSLError as exc:
-            if _tls_refused(exc):
-                raise _tls_error(url.split("?")[0], exc) from exc
-            raise  # broken mid-way: a transport failure, retried
-        except urllib3.exceptions.HTTPError as exc:
-            if is_transport_failure(exc):
-                raise
-            raise ArtifactFSError(f"PUT {url.split('?')[0]} failed: {exc}") from exc
+        resp = _blob_exchange("PUT", url, lambda: self._blobs.request("PUT", url, headers, self.timeout, body=body))
         _raise_status(resp.status, url, resp.data)
         return resp
 
