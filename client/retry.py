@@ -144,6 +144,21 @@ class RetryPolicy:
             _deadline.reset(token)
 
 
+def resume_while_progressing(call: Callable[[], None], position: Callable[[], int],
+                             gave_up: type[BaseException]) -> None:
+    """Run ``call`` (one stream, retried under a policy, that moves ``position()`` on as bytes
+    arrive) again each time it gives up (``gave_up``) having made progress: progress earns a
+    fresh retry budget, and since it is finite this ends.  One that made none raises."""
+    while True:
+        begun = position()
+        try:
+            call()
+            return
+        except gave_up:
+            if position() == begun:
+                raise
+
+
 def remaining() -> float | None:
     """Seconds left of the running call's deadline (None outside any call)."""
     deadline = _deadline.get()

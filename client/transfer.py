@@ -32,7 +32,7 @@ from .errors import (ArtifactFSError, ArtifactNotLoggedError, DigestMismatchErro
                      StoreUnavailableError)
 from .hashing import BytesSink, HashingWriter, b64_to_hex, hex_to_b64, is_md5_hex, md5_bytes
 from .manifest import Manifest, ManifestEntry
-from .retry import RetryPolicy, is_transport_failure
+from .retry import RetryPolicy, is_transport_failure, resume_while_progressing
 from .store import LocalBlobs, Store, UploadBatching, UrlBatching, open_store
 
 log = logging.getLogger(__name__)
@@ -428,8 +428,7 @@ def _stream_remote(store: Store, entity: str, md5: str, size: int, out: BinaryIO
     of several large files keeps the transfer pool busy across files, and because a ranged GET
     costs some endpoints a pass over the whole object (moto rebuilds it per request: 16 ranged
     parts of a 256 MiB blob cost it 4 GiB of copying).  A stream that breaks is resumed at the
-    byte it reached, under the one retry policy; a resume that made progress earns a fresh
-    budget (progress is finite, so this ends), one that made none gives up."""
+    byte it reached, under the one retry policy (:func:`client.retry.resume_while_progressing`)."""
     pos = 0
 
     def attempt() -> None:
@@ -448,14 +447,9 @@ def _stream_remote(store: Store, entity: str, md5: str, size: int, out: BinaryIO
         return StoreUnavailableError(f"downloading blob {md5} stopped at {pos} of {size} bytes "
                                      f"after {attempts} attempts: {exc}")
 
-    while True:
-        begun = pos
-        try:
-            _STREAM_POLICY.call(attempt, is_temp=_stream_temp, give_up=give_up, what=f"blob {md5}", logger=log)
-            return
-        except StoreUnavailableError:
-            if pos == begun:
-                raise
+    resume_while_progressing(
+        lambda: _STREAM_POLICY.call(attempt, is_temp=_stream_temp, give_up=give_up, what=f"blob {md5}", logger=log),
+        lambda: pos, StoreUnavailableError)
 
 
 #: resuming a broken download stream (RetryPolicy's defaults: 6 tries, backoff from 0.1 s)

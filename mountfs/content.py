@@ -56,6 +56,7 @@ from client.blockmap import BlockMap, BlockMismatchError
 from client.cache import Cache, PartialHold, has_verified_marker, set_verified_marker
 from client.errors import ArtifactFSError, DigestMismatchError, NotFoundError, PermissionDeniedError
 from client.hashing import md5_fd
+from client.retry import resume_while_progressing
 from client.store.base import LocalBlobs, Store, UrlBatching
 
 from .fetch import (BlockReader, EvictedBlockError, FetchConfig, FetchError, MiB, PartialFile, ReadaheadWindow,
@@ -432,27 +433,22 @@ class ContentReader:
         attempt that made progress earns a fresh budget (so the loop ends: progress is finite)."""
         pos, end = start, start + length
         cfg = dataclasses.replace(self.config, watchdog=False)
-        while True:
-            begun = pos
 
-            def call() -> None:
-                nonlocal pos
-                with self._lock:
-                    self.store_requests += 1
-                for chunk in self.store.stream_blob(entity, md5, pos, end - pos):
-                    if len(chunk) > end - pos:
-                        raise ShortReadError(f"blob {md5}: the store sent more than [{start}, +{length})")
-                    deliver(pos, chunk)
-                    pos += len(chunk)
-                if pos != end:
-                    raise ShortReadError(f"blob {md5}: stream ended at {pos}, expected {end}")
+        def call() -> None:
+            nonlocal pos
+            with self._lock:
+                self.store_requests += 1
+            for chunk in self.store.stream_blob(entity, md5, pos, end - pos):
+                if len(chunk) > end - pos:
+                    raise ShortReadError(f"blob {md5}: the store sent more than [{start}, +{length})")
+                deliver(pos, chunk)
+                pos += len(chunk)
+            if pos != end:
+                raise ShortReadError(f"blob {md5}: stream ended at {pos}, expected {end}")
 
-            try:
-                retrying(call, None, cfg, self._io, f"blob {md5}[{pos}:+{end - pos}] (streamed)")
-                return
-            except FetchError:
-                if pos == begun:
-                    raise
+        resume_while_progressing(
+            lambda: retrying(call, None, cfg, self._io, f"blob {md5}[{pos}:+{end - pos}] (streamed)"),
+            lambda: pos, FetchError)
 
     def manifest_path(self, entity: str, md5: str) -> Path:
         """The complete, verified manifest blob in the cache (IndexStore's source)."""

@@ -117,7 +117,6 @@ class BlobHTTP:
         manager = self._managers.get(key)
         if manager is None:
             proxy = environment_proxy(url)
-
             manager = self._direct if not proxy else urllib3.ProxyManager(proxy, **self._pool_args)
             with self._lock:
                 manager = self._managers.setdefault(key, manager)
