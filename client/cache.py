@@ -419,7 +419,7 @@ class Cache:
             return None
         try:
             st = os.fstat(fd)
-            if (st.st_size == size or self._sized(md5_hex, st, size)) and (has_verified_marker(fd, md5_hex, st)
+            if self._sized(md5_hex, st, size) and (has_verified_marker(fd, md5_hex, st)
                                                    or self._verify_fd(md5_hex, fd)):
                 if (stamp := self._restamp(fd, md5_hex, st)) is not None:
                     stamps.append(stamp)
