@@ -144,18 +144,37 @@ class RetryPolicy:
             _deadline.reset(token)
 
 
+#: a stream that gives up after moving at least this far since its last give-up earns a fresh
+#: retry budget; less is a "thin" round
+RESUME_MIN_PROGRESS = 4 << 20
+#: thin rounds in a row after which a stream is given up on (a link that breaks every few KiB)
+THIN_ROUNDS = 3
+
+
 def resume_while_progressing(call: Callable[[], None], position: Callable[[], int],
-                             gave_up: type[BaseException]) -> None:
+                             gave_up: type[BaseException], *, min_progress: int = RESUME_MIN_PROGRESS,
+                             thin_rounds: int = THIN_ROUNDS) -> None:
     """Run ``call`` (one stream, retried under a policy, that moves ``position()`` on as bytes
-    arrive) again each time it gives up (``gave_up``) having made progress: progress earns a
-    fresh retry budget, and since it is finite this ends.  One that made none raises."""
+    arrive) again each time it gives up (``gave_up``) having made progress.
+
+    A round that moved at least ``min_progress`` bytes earns a fresh retry budget; a round that
+    moved less is thin, and after ``thin_rounds`` thin rounds in a row (or one round with no
+    progress at all) the last failure is raised.  So the rounds are bounded by the stream's
+    length / ``min_progress`` plus ``thin_rounds``, each bounded by the policy: a link that
+    breaks every few KiB fails in a few policy rounds instead of crawling through a large file
+    for hours."""
+    thin = 0
     while True:
         begun = position()
         try:
             call()
             return
         except gave_up:
-            if position() == begun:
+            moved = position() - begun
+            if moved <= 0:
+                raise
+            thin = 0 if moved >= min_progress else thin + 1
+            if thin >= thin_rounds:
                 raise
 
 

@@ -430,7 +430,8 @@ class ContentReader:
         """One streamed ranged request (``Store.stream_blob``), resumed where it stopped after
         a failure.  No watchdog thread: the store bounds every socket read itself (a slow but
         steady stream of 64 MiB is not a hang), the retry policy bounds the attempts, and an
-        attempt that made progress earns a fresh budget (so the loop ends: progress is finite)."""
+        round that moved at least RESUME_MIN_PROGRESS earns a fresh budget, and a few thinner
+        rounds in a row end it (:func:`client.retry.resume_while_progressing`)."""
         pos, end = start, start + length
         cfg = dataclasses.replace(self.config, watchdog=False)
 

@@ -19,7 +19,7 @@ from typing import Any, Callable
 import pytest
 
 from client.errors import StoreUnavailableError
-from client.retry import RetryPolicy
+from client.retry import RESUME_MIN_PROGRESS, THIN_ROUNDS, RetryPolicy, resume_while_progressing
 from tests.server_fixtures import MotoS3, RegistryServer, ServerFactory, make_store, moto_s3  # noqa: F401
 from tests.util import commit_files
 
@@ -90,6 +90,38 @@ def test_retry_policy_gives_up_at_its_deadline_and_nested_calls_do_not_multiply(
     with pytest.raises(StoreUnavailableError):
         slow.call(fail, is_temp=lambda e: True, give_up=give_up)
     assert 2 <= n[0] <= 10  # the deadline, not the 1000 tries, ended it
+
+
+def _breaking_stream(length: int, per_round: int) -> tuple[Callable[[], None], Callable[[], int], list[int]]:
+    """A stream of ``length`` bytes whose every round moves ``per_round`` bytes, then gives up."""
+    pos, rounds = [0], [0]
+
+    def call() -> None:
+        rounds[0] += 1
+        pos[0] = min(length, pos[0] + per_round)
+        if pos[0] < length:
+            raise StoreUnavailableError(f"broke at {pos[0]}")
+
+    return call, lambda: pos[0], rounds
+
+
+def test_a_stream_that_breaks_after_a_little_progress_is_given_up_in_a_few_rounds() -> None:
+    """Progress earns a fresh retry budget only when a round moved RESUME_MIN_PROGRESS: a link
+    that breaks every 64 KiB used to be resumed all the way through the stream (16,384 rounds of
+    a 1 GiB file, each a whole retry policy: hours); it now fails after THIN_ROUNDS rounds."""
+    call, position, rounds = _breaking_stream(1 << 30, 64 << 10)
+    with pytest.raises(StoreUnavailableError):
+        resume_while_progressing(call, position, StoreUnavailableError)
+    assert rounds[0] == THIN_ROUNDS
+    # a link that moves a few MiB per round does get through, however long the stream
+    call, position, rounds = _breaking_stream(1 << 30, RESUME_MIN_PROGRESS)
+    resume_while_progressing(call, position, StoreUnavailableError)
+    assert position() == 1 << 30 and rounds[0] == 256
+    # a round that moved nothing is not resumed at all
+    call, position, rounds = _breaking_stream(1 << 30, 0)
+    with pytest.raises(StoreUnavailableError):
+        resume_while_progressing(call, position, StoreUnavailableError)
+    assert rounds[0] == 1
 
 
 def test_sdk_call_to_a_stopped_server_fails_within_the_bound(server, tmp_path: Path,

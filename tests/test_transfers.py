@@ -284,6 +284,39 @@ def test_a_large_cold_blob_is_one_stream_resumed_where_it_broke(world: World, sd
             assert world.proxy.cuts == 1
 
 
+def test_a_large_download_over_a_link_that_keeps_breaking_fails_in_bounded_requests(
+        world: World, sdk: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every connection cut after 512 KiB: each round of the stream's retry policy moves about
+    3 MiB of the 40 MiB blob, less than RESUME_MIN_PROGRESS, so the download fails with a clear
+    error after THIN_ROUNDS rounds; it used to resume round after round through the whole blob
+    (each GET a little further, about 80 of them here, hours for a large file).  Nothing is left
+    under the destination's name and the cache holds no object for the blob."""
+    import client
+    from client import transfer
+    from client.errors import StoreUnavailableError
+    from client.hashing import md5_bytes
+    from client.retry import THIN_ROUNDS, RetryPolicy
+
+    monkeypatch.setattr(transfer, "_STREAM_POLICY", RetryPolicy(backoff=0.01, max_backoff=0.02))
+    size = 40 << 20
+    files = {"model.bin": os.urandom(size)}
+    md5 = md5_bytes(files["model.bin"])
+    _log(tmp_path, files, name="flaky")
+    transfer.close_stores()
+    (tmp_path / "cache").rename(tmp_path / "cache-logged")  # cold
+    art = client.Api().artifact(f"{sdk}/proj/flaky:latest")
+    ranges = _ranged_gets(transfer.get_store(), md5)
+    world.proxy.cut_after, world.proxy.cut_times, world.proxy.cuts = 512 << 10, None, 0
+    try:
+        with pytest.raises(StoreUnavailableError, match="stopped at"):
+            art.download(str(tmp_path / "out"))
+    finally:
+        world.proxy.cut_after = None
+    assert len(ranges) <= THIN_ROUNDS * RetryPolicy().tries, ranges
+    assert not (tmp_path / "out" / "model.bin").exists()
+    assert not list((tmp_path / "cache").rglob(md5))
+
+
 def test_a_multipart_upload_waits_for_the_servers_verification(world: World, tmp_path: Path) -> None:
     """The server reads a multipart upload back from S3 before ``/complete`` answers; with a
     slow S3 (0.8 s added to each request, through the proxy: five or more requests) that takes
