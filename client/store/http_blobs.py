@@ -33,6 +33,8 @@ from urllib.parse import urlsplit
 import urllib3
 import urllib3.exceptions
 
+from .fast_get import FastGet, NotFast
+
 #: what requests follows for a GET is 30; a presigned URL needs none, a proxy in front one or two
 MAX_REDIRECTS = 5
 #: no attempt is repeated here (connect/read/status 0); redirects are followed
@@ -106,6 +108,8 @@ class BlobHTTP:
         self._pool_args: dict[str, Any] = {"num_pools": 16, "maxsize": pool_size, "retries": _RETRIES,
                                            **tls_arguments(verify, explicit)}
         self._direct = urllib3.PoolManager(**self._pool_args)
+        #: direct GETs (every blob read) go through this keep-alive path first
+        self.fast = FastGet(tls_arguments(verify, explicit), pool_size)
         self._managers: dict[tuple[str, str], urllib3.PoolManager] = {}
         self._lock = threading.Lock()
         self.observers: list[Observer] = []
@@ -126,7 +130,21 @@ class BlobHTTP:
             stream: bool) -> urllib3.BaseHTTPResponse:
         """One GET; ``stream``: the body is left on the socket for the caller to read (and
         close), else it is read whole and the connection back in its pool.  A transport
-        failure raises urllib3's own exception (unwrapped from MaxRetryError)."""
+        failure raises urllib3's own exception (unwrapped from MaxRetryError).
+
+        A GET that goes direct (no proxy) is sent on :class:`~client.store.fast_get.FastGet`'s
+        kept-alive sockets; an answer that path does not read is asked again through urllib3."""
+        if self._manager(url) is self._direct:
+            for observe in self.observers:
+                observe("GET", url, headers)
+            try:
+                resp = self.fast.get(url, headers, timeout)
+            except NotFast:
+                pass
+            else:
+                if not stream:
+                    resp.data  # noqa: B018 - read whole now, the socket back in its pool
+                return resp  # type: ignore[return-value]  # the names the store reads
         return self.request("GET", url, headers, timeout, stream=stream)
 
     def request(self, method: str, url: str, headers: Mapping[str, str], timeout: tuple[float, float], *,
@@ -149,3 +167,4 @@ class BlobHTTP:
             self._managers.clear()
         for manager in managers.values():
             manager.clear()
+        self.fast.close()
