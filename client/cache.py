@@ -84,6 +84,19 @@ VERIFIED_XATTR = "user.artifactfs.verified"
 _RACY_NS = 100_000_000
 
 
+#: how far back a staged object's mtime is set: past the racy window, so its marker holds at once
+_SETTLED_NS = 1_000_000_000
+
+
+@dataclass(frozen=True)
+class Staged:
+    """An object written and checked in a temp file, waiting for :meth:`Cache.install_staged`."""
+
+    md5: str
+    tmp: str
+    size: int
+
+
 def _marker(md5_hex: str, st: os.stat_result) -> str:
     return f"{md5_hex} {st.st_size} {st.st_mtime_ns} {st.st_ino}"
 
@@ -495,30 +508,74 @@ class Cache:
         no verified marker (as ``writer(fsync=False)``): every reader md5-checks a small object,
         so one that a crash left short or zeroed is caught.  Objects already present are skipped.
         """
-        staged: list[tuple[str, Path, int]] = []
+        staged: list[Staged] = []
         try:
             for md5_hex, data in dict(objects).items():
                 _check_key(md5_hex)
                 if not os.path.exists(self._object_name(md5_hex)):
-                    staged.append((md5_hex, self._write_tmp(md5_hex, data), len(data)))
+                    staged.append(Staged(md5_hex, str(self._write_tmp(md5_hex, data)), len(data)))
+        except BaseException:
+            self.discard_staged(staged)
+            raise
+        return self.install_staged(staged)
+
+    def stage_verified(self, md5_hex: str, data: bytes | bytearray) -> Staged:
+        """Write bytes the caller has just md5-checked to a temp file, durable (fdatasync'ed) and
+        marked verified, for :meth:`install_staged` (an object already present is replaced by
+        the same bytes: the caller found it missing a moment ago, and asks no stat to know).
+
+        The SDK's downloads: many threads stage at once (their fdatasyncs share the file
+        system's journal commits) and one of them installs each batch, so a small blob costs a
+        temp file, its write, fdatasync, mtime, marker and mode, and a share of one index
+        transaction, not a transaction, two stats and a reopen of its own.  The mtime is set
+        back past the racy window, so the marker is trusted at once; a later write moves it.
+        """
+        _check_key(md5_hex)
+        fd, tmp = self._open_tmp(md5_hex)
+        try:
+            write_fully(fd, memoryview(data), 0)
+            os.fdatasync(fd)
+            now_ns = time.time_ns()
+            os.utime(fd, ns=(now_ns, now_ns - _SETTLED_NS))
+            set_verified_marker(fd, md5_hex, durable=True)
+            os.fchmod(fd, 0o444)
+        except BaseException:
+            os.close(fd)
+            tmp.unlink(missing_ok=True)
+            raise
+        os.close(fd)
+        return Staged(md5_hex, str(tmp), len(data))
+
+    def install_staged(self, staged: list[Staged]) -> int:
+        """Rename staged objects into place, all their index rows written first in one
+        transaction; returns the bytes added.  No temp file of ``staged`` is left after, in
+        every case (one that failed to install costs a fetch later, never a wrong byte)."""
+        renamed = 0
+        try:
             if not staged:
                 return 0
             now_ns = time.time_ns()
-            self.index.put_many((md5_hex, size, now_ns) for md5_hex, _, size in staged)  # rows first
+            self.index.put_many((s.md5, s.size, now_ns) for s in staged)  # rows first
             added = 0
-            for i, (md5_hex, tmp, size) in enumerate(staged):
+            for s in staged:
                 try:
-                    self._rename_in(md5_hex, tmp)
+                    self._rename_in(s.md5, s.tmp)
                 except BaseException:
-                    for rest, _, _ in staged[i + 1:]:  # their rows would count objects never installed
-                        self.index.remove(rest)
+                    for rest in staged[renamed + 1:]:  # their rows would count objects never installed
+                        self.index.remove(rest.md5)
                     raise
-                added += size
+                renamed += 1
+                added += s.size
             return added
         finally:
-            for _, tmp, _ in staged:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(tmp)  # left only by a failure: renamed ones are gone already
+            self.discard_staged(staged[renamed:])
+
+    @staticmethod
+    def discard_staged(staged: list[Staged]) -> None:
+        """Remove the temp files of ``staged`` still there (renamed ones are gone already)."""
+        for s in staged:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(s.tmp)
 
     def _write_tmp(self, md5_hex: str, data: bytes) -> Path:
         """A read-only temp file holding ``data`` (not fsynced)."""

@@ -26,8 +26,8 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from . import progress, references, settings
-from .atomic import atomic_fd, atomic_write
-from .cache import Cache
+from .atomic import atomic_fd, atomic_write, write_fully
+from .cache import Cache, Staged
 from .errors import (ArtifactFSError, ArtifactNotLoggedError, DigestMismatchError, LocalPathError, NotFoundError,
                      StoreUnavailableError)
 from .hashing import BytesSink, HashingWriter, b64_to_hex, hex_to_b64, is_md5_hex, md5_bytes
@@ -49,9 +49,6 @@ _PROGRESS_BATCH = 1 << 20
 #: errnos of a kernel copy that cannot copy between these two files (another filesystem, an old
 #: kernel, a filesystem without the call): the next, plainer way is used
 _NO_KERNEL_COPY = frozenset({errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL, errno.EPERM})
-#: a downloaded object's mtime is set this far back (the blob is older than its download), so
-#: its verified marker is not "racy" and the next download copies it without hashing it
-_SETTLED_NS = 1_000_000_000
 
 _stores: dict[tuple[str, int, str | None], Store] = {}
 _stores_lock = threading.Lock()
@@ -515,8 +512,8 @@ def _place_bytes(target: Path, data: bytes | bytearray) -> None:
     """Write ``data`` (already verified) to ``target`` atomically in one write.  Not fsynced,
     as cp, rclone and wandb do not: after a crash a file may be short, which the next
     download finds by its md5 and writes again."""
-    with atomic_write(target, mode=0o600, durable=False) as f:
-        f.write(data)
+    with atomic_fd(target, mode=0o600, durable=False) as fd:
+        write_fully(fd, memoryview(data), 0)
 
 
 def _place_copy(src: int, target: str | Path, size: int, md5: str) -> None:
@@ -669,21 +666,62 @@ def _place_object(obj: Path, target: Path, size: int, md5: str) -> None:
         os.close(src)
 
 
-def _cache_bytes(cache: Cache, md5: str, data: bytes | bytearray, failed: list[str]) -> bool:
-    """Put a downloaded body into the cache (hashed as it is written: DigestMismatchError if
-    it is not ``md5``); False when the cache could not take it (it is an optimisation only),
-    noting why in ``failed`` (the caller says it once, not a warning per blob)."""
-    try:
-        cache.evict(len(data))
-        # the blob was written to the store before this download began: its marker holds at once
-        with cache.writer(md5, mtime_ns=time.time_ns() - _SETTLED_NS) as f:
-            f.write(data)
-        return True
-    except DigestMismatchError:
-        raise
-    except (OSError, ArtifactFSError) as exc:
-        failed.append(f"{md5}: {exc}")
-        return False
+class _CacheBatch:
+    """The small blobs of one download, staged into the cache by the pool's threads and
+    installed :data:`CACHE_BATCH` at a time (one eviction and one index transaction each) by
+    whichever thread fills a batch, the rest at :meth:`close` (issue 17: a cache write per
+    file cost more CPU than the GET).  The cache is an optimisation: a blob it could not take
+    is noted in ``failed``, never a failed download."""
+
+    def __init__(self, cache: Cache, failed: list[str]) -> None:
+        self.cache, self.failed = cache, failed
+        self._lock = threading.Lock()
+        self._staged: list[Staged] = []
+        self._bytes = 0
+        self.batches = 0  #: install_staged calls made (tests count transactions with it)
+
+    def add(self, md5: str, data: bytes | bytearray) -> None:
+        """Stage ``data``, already md5-checked by the caller."""
+        try:
+            staged = self.cache.stage_verified(md5, data)
+        except (OSError, ArtifactFSError) as exc:
+            self.failed.append(f"{md5}: {exc}")
+            return
+        with self._lock:
+            self._staged.append(staged)
+            self._bytes += staged.size
+            if len(self._staged) < CACHE_BATCH and self._bytes < CACHE_BATCH_BYTES:
+                return
+            batch, self._staged, self._bytes = self._staged, [], 0
+        self._install(batch)
+
+    def _install(self, batch: list[Staged]) -> None:
+        try:
+            self.cache.evict(sum(s.size for s in batch))
+            self.cache.install_staged(batch)
+        except (OSError, ArtifactFSError) as exc:
+            self.cache.discard_staged(batch)
+            self.failed.extend(f"{s.md5}: {exc}" for s in batch)
+        with self._lock:
+            self.batches += 1
+
+    def __enter__(self) -> _CacheBatch:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Install what is staged (also after a failed download: those bytes were checked)."""
+        with self._lock:
+            batch, self._staged, self._bytes = self._staged, [], 0
+        if batch:
+            self._install(batch)
+
+
+#: small blobs per cache install of a download, and the most bytes staged before one
+CACHE_BATCH = 64
+CACHE_BATCH_BYTES = 64 << 20
 
 
 def download_entries(store: Store, entity: str, entries: list[ManifestEntry], dest: Path, *,
@@ -705,6 +743,7 @@ def download_entries(store: Store, entity: str, entries: list[ManifestEntry], de
     ref_lock = threading.Lock()
     signed: dict[str, threading.Event] = {}  # md5 -> set once its batch is signed (or gave up)
     not_cached: list[str] = []  # blobs the cache could not take: one warning after a download that worked
+    staging: Any = contextlib.nullcontext() if cache is None else _CacheBatch(cache, not_cached)
 
     def one(e: ManifestEntry | _Task) -> int:
         if isinstance(e, _Task):
@@ -760,9 +799,10 @@ def download_entries(store: Store, entity: str, entries: list[ManifestEntry], de
                     data = store.read_blob(blob_entity, md5, 0, size, progress=tick) if size else b""
                     if len(data) != size:
                         raise DigestMismatchError(f"blob {md5} has {len(data)} bytes, the manifest says {size}")
-                    if cache is None or not _cache_bytes(cache, md5, data, not_cached):
-                        if md5_bytes(data) != md5:
-                            raise DigestMismatchError(f"downloaded content of {target} does not match its md5 {md5}")
+                    if md5_bytes(data) != md5:
+                        raise DigestMismatchError(f"downloaded content of {target} does not match its md5 {md5}")
+                    if cache is not None:
+                        staging.add(md5, data)
                     _place_bytes(target, data)
                     del data
             elif cache is None:
@@ -781,15 +821,15 @@ def download_entries(store: Store, entity: str, entries: list[ManifestEntry], de
             files.append(e)
         else:
             links.append((e, link))
-    with meter:
+    with meter, staging:
         written = 0
         if cache is not None:  # what the cache holds is copied first, here; the pool gets the rest
             written, files = _copy_cached(cache, dest, files, meter)
         jobs: Iterable[Any] = files
         if files and isinstance(store, UrlBatching):  # URLs signed in batches, only for what the cache lacks
-            wanted = list(dict.fromkeys(
-                md5 for md5, size in ((b64_to_hex(e.digest), e.size or 0) for e in files if e.ref is None)
-                if is_md5_hex(md5) and (cache is None or cache.lookup(md5, size) is None)))
+            # (``files`` is what _copy_cached did not find in the cache: no second look per file)
+            wanted = list(dict.fromkeys(md5 for md5 in (b64_to_hex(e.digest) for e in files if e.ref is None)
+                                        if is_md5_hex(md5)))
             batches = [wanted[i:i + store.URL_BATCH] for i in range(0, len(wanted), store.URL_BATCH)]
             for batch in batches:
                 ev = threading.Event()

@@ -284,6 +284,40 @@ def test_a_large_cold_blob_is_one_stream_resumed_where_it_broke(world: World, sd
             assert world.proxy.cuts == 1
 
 
+def test_a_cold_download_of_small_files_writes_the_cache_in_batches(world: World, sdk: str, tmp_path: Path) -> None:
+    """200 small blobs into an empty cache: their index rows go in a few transactions (one per
+    CACHE_BATCH blobs; it was an eviction check and a transaction per blob), each object is
+    durable and marked verified (the next download copies it without hashing), and no temp
+    file is left."""
+    import client
+    from client import transfer
+    from client.cache import has_verified_marker
+
+    n = 200
+    files = _files(n, 3000, seed=7)
+    _log(tmp_path, files, name="small")
+    transfer.close_stores()
+    (tmp_path / "cache").rename(tmp_path / "cache-logged")  # cold
+    art = client.Api().artifact(f"{sdk}/proj/small:latest")
+    cache = transfer.get_cache()
+    before = cache.index.queries
+    art.download(str(tmp_path / "out"))
+    statements = cache.index.queries - before
+    assert tree_of(tmp_path / "out") == files
+    assert statements <= 4 * -(-n // transfer.CACHE_BATCH) + 4, statements
+    from client.hashing import md5_bytes
+
+    for data in files.values():
+        obj = cache.path(md5_bytes(data))
+        fd = os.open(obj, os.O_RDONLY)
+        try:
+            assert has_verified_marker(fd, md5_bytes(data)), obj
+        finally:
+            os.close(fd)
+        assert cache.index.has(md5_bytes(data))
+    assert not list(cache.tmp_dir.iterdir())
+
+
 def test_a_large_download_over_a_link_that_keeps_breaking_fails_in_bounded_requests(
         world: World, sdk: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Every connection cut after 512 KiB: each round of the stream's retry policy moves about
