@@ -3,8 +3,9 @@ and downloading entries through the content-addressed cache.
 
 Kept apart from :mod:`client.artifact` so the artifact module is about the W&B surface and
 this one about I/O.  Every write to a user's directory goes to a temp file next to the target
-and is renamed into place after its md5 was checked, so an interrupted download never leaves
-a file that looks complete.
+and is renamed into place after its md5 was checked, or (cached files into a root that did
+not exist) into a staging directory renamed to the root once complete, so an interrupted
+download never leaves a file that looks complete.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from .errors import (ArtifactFSError, ArtifactNotLoggedError, DigestMismatchErro
 from .hashing import BytesSink, HashingWriter, b64_to_hex, hex_to_b64, is_md5_hex, md5_bytes
 from .manifest import Manifest, ManifestEntry
 from .retry import RetryPolicy, is_transport_failure, resume_while_progressing
+from .staging import Staging
 from .store import LocalBlobs, Store, UploadBatching, UrlBatching, open_store
 
 log = logging.getLogger(__name__)
@@ -52,6 +54,8 @@ _NO_KERNEL_COPY = frozenset({errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.
 #: a downloaded object's mtime is set this far back (the blob is older than its download), so
 #: its verified marker is not "racy" and the next download copies it without hashing it
 _SETTLED_NS = 1_000_000_000
+#: a file of a staging directory: new (never one that was there), written, not inherited by a child
+_NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
 
 _stores: dict[tuple[str, int, str | None], Store] = {}
 _stores_lock = threading.Lock()
@@ -528,6 +532,23 @@ def _place_copy(src: int, target: str | Path, size: int, md5: str) -> None:
             raise DigestMismatchError(f"cache object {md5} has {done} bytes, expected {size}")
 
 
+def _write_new(src: int, target: str, size: int, md5: str) -> None:
+    """Copy the verified cache object ``md5`` open at ``src`` into the new file ``target`` (its
+    directory made if missing) with no temp name: only inside a staging directory, whose files
+    are under no real name until it is renamed.  Not fsynced (as :func:`_place_copy`)."""
+    try:
+        out = os.open(target, _NEW_FILE, 0o600)
+    except FileNotFoundError:
+        os.makedirs(target.rpartition("/")[0], exist_ok=True)
+        out = os.open(target, _NEW_FILE, 0o600)
+    try:
+        done = _copy_fd(src, out, size)
+    finally:
+        os.close(out)
+    if done != size:
+        raise DigestMismatchError(f"cache object {md5} has {done} bytes, expected {size}")
+
+
 def _copy_fd(src: int, dst: int, size: int) -> int:
     """Copy the first ``size`` bytes of ``src`` into the empty file ``dst``; returns the bytes
     copied (fewer if ``src`` is shorter).  copy_file_range (a reflink where the filesystem can),
@@ -611,23 +632,32 @@ def _copy_cached(cache: Cache, dest: Path, files: list[ManifestEntry],
     A warm download's whole cost: no thread hand-off, no store call, the progress meter told
     per batch of bytes and once for the files, and the LRU stamps of every object used written
     in one index transaction at the end.  A destination that did not exist holds none of the
-    targets: nothing is listed or stat'ed; into an existing one each directory is listed once
-    (a target the listing lacks is not stat'ed), a file already right is kept (hashed to know)
-    and a different one replaced (and counted), as in the pool.  Each copy is placed by the
-    atomic writer.  The loop runs once per file, so it binds what it calls once.
+    targets: nothing is listed or stat'ed, and the files are written straight into its staging
+    directory (:mod:`client.staging`: no temp name and rename per file), renamed to the root
+    once they are all there (removed if the loop fails).  Into an existing one each directory
+    is listed once (a target the listing lacks is not stat'ed), a file already right is kept
+    (hashed to know) and a different one replaced (and counted), as in the pool, each copy
+    placed by the atomic writer.  The loop runs once per file, so it binds what it calls once.
     """
     rest: list[ManifestEntry] = []
     stamps: list[tuple[str, int, int]] = []
     root = str(dest)
-    existing = _Listing() if os.path.isdir(root) else None
-    open_checked, close, place = cache.open_checked, os.close, _place_copy
+    existing: _Listing | None = None
+    stage: Staging | None = None
+    if os.path.isdir(root):
+        existing = _Listing()
+    elif not (stage := Staging(root)).open():
+        stage = None  # another download is building this root: each file atomically, in place
+    base = stage.path if stage is not None else root
+    open_checked, close = cache.open_checked, os.close
+    place = _place_copy if stage is None else _write_new
     written = pending = moved = 0  # pending: bytes the meter has not been told yet
     try:
         for e in files:
             if (md5 := _cacheable_md5(e)) is None:
                 rest.append(e)
                 continue
-            target, size = f"{root}/{e.path}", e.size or 0  # entry paths are normalised, relative
+            target, size = f"{base}/{e.path}", e.size or 0  # entry paths are normalised, relative
             tick: progress.EntryMeter | None = None
             replaced = None
             if existing is not None and target in existing:
@@ -653,6 +683,15 @@ def _copy_cached(cache: Cache, dest: Path, files: list[ManifestEntry],
             if (pending := pending + size) >= _PROGRESS_BATCH:
                 meter.add(pending)
                 pending = 0
+        if stage is not None:
+            if moved:
+                stage.publish()
+            else:
+                stage.discard()
+    except BaseException:
+        if stage is not None:
+            stage.discard()  # no file of it was under its real name yet
+        raise
     finally:
         cache.save_stamps(stamps)
         meter.file_done(moved=True, count=moved)
