@@ -28,8 +28,8 @@ _LOCK = fcntl.LOCK_EX | fcntl.LOCK_NB
 
 
 def staging_path(root: str) -> str:
-    """The staging directory of the download root ``root`` (an absolute path)."""
-    parent, _, name = root.rstrip("/").rpartition("/")
+    """The staging directory of the download root ``root`` (beside it, in its parent)."""
+    parent, _, name = os.path.abspath(root).rpartition("/")
     return f"{parent}/.{name}{SUFFIX}"
 
 

@@ -766,6 +766,18 @@ def test_cached_download_whose_root_appears_meanwhile_moves_each_file_into_it(sd
     assert not Path(staging.staging_path(str(out))).exists()
 
 
+def test_cached_entry_download_into_a_relative_new_root_stages_beside_it(sdk_env: dict[str, Path]) -> None:
+    """A relative root of one name (an entry's ``download("out")``) is staged in the working
+    directory, its parent (not at ``/``), and renamed there."""
+    from client import staging
+
+    art, files, _ = _logged_and_aged(sdk_env["tmp"], 3)
+    entry = art.get_entry("d1/f001.bin")
+    assert Path(staging.staging_path("out")) == sdk_env["work"] / ".out.artifactfs-staging"
+    assert entry.download("out") == "out/d1/f001.bin"
+    assert tree_of(sdk_env["work"]) == {"out/d1/f001.bin": files["d1/f001.bin"]}
+
+
 def test_fully_cached_download_costs_few_python_calls_and_index_steps_per_file(sdk_env: dict[str, Path]) -> None:
     """The Python a warm download runs per file, and the index work of its LRU stamps, counted
     one by one (the interpreter's profile hook; SQLite steps by a progress handler on the
@@ -804,6 +816,7 @@ def test_fully_cached_download_costs_few_python_calls_and_index_steps_per_file(s
             db.set_progress_handler(None, 1)
     assert tree_of(sdk_env["tmp"] / "out") == files
     assert written == sum(len(v) for v in files.values())
+    print("CALLS", calls[0] / n, steps[0] / n)
     assert calls[0] / n < 50, calls[0] / n
     assert steps[0] / n < 45, steps[0] / n
     with sqlite3.connect(cache.root / "index.sqlite") as check:
