@@ -528,8 +528,7 @@ def _place_copy(src: int, target: str | Path, size: int, md5: str) -> None:
     kernel where it can (:func:`_copy_fd`); not fsynced either.  An object shorter than
     ``size`` (truncated since it was checked) leaves nothing at ``target``."""
     with atomic_fd(target, mode=0o600, durable=False) as out:
-        if (done := _copy_fd(src, out, size)) != size:
-            raise DigestMismatchError(f"cache object {md5} has {done} bytes, expected {size}")
+        _copy_exact(src, out, size, md5)
 
 
 def _write_new(src: int, target: str, size: int, md5: str) -> None:
@@ -542,10 +541,15 @@ def _write_new(src: int, target: str, size: int, md5: str) -> None:
         os.makedirs(target.rpartition("/")[0], exist_ok=True)
         out = os.open(target, _NEW_FILE, 0o600)
     try:
-        done = _copy_fd(src, out, size)
+        _copy_exact(src, out, size, md5)
     finally:
         os.close(out)
-    if done != size:
+
+
+def _copy_exact(src: int, dst: int, size: int, md5: str) -> None:
+    """:func:`_copy_fd` of all ``size`` bytes of the cache object ``md5``: one shorter (truncated
+    since it was checked) is DigestMismatchError, and the caller discards what it wrote."""
+    if (done := _copy_fd(src, dst, size)) != size:
         raise DigestMismatchError(f"cache object {md5} has {done} bytes, expected {size}")
 
 
@@ -647,7 +651,7 @@ def _copy_cached(cache: Cache, dest: Path, files: list[ManifestEntry],
     if os.path.isdir(root):
         existing = _Listing()
     elif not (stage := Staging(root)).open():
-        stage = None  # another download is building this root: each file atomically, in place
+        stage = None  # another download is building this root (or no flock here): each file in place
     base = stage.path if stage is not None else root
     open_checked, close = cache.open_checked, os.close
     place = _place_copy if stage is None else _write_new
