@@ -863,6 +863,41 @@ def test_cached_download_keeps_exec_bits_links_right_files_and_refetches_short_o
     assert not [p for p in dest.rglob("*") if p.name.endswith(".tmp")]
 
 
+def test_cached_download_into_a_new_root_keeps_exec_bits_links_and_fetches_what_the_cache_lacks(
+        sdk_env: dict[str, Path]) -> None:
+    """Into a root that did not exist: the staged files keep the exec bit, a short cache object
+    is dropped and its file fetched by the pool into the renamed root, links come last, and
+    the meter counts every file once; no staging directory or temp file is left."""
+    import dataclasses
+    import stat
+
+    from client import progress, staging, transfer
+
+    files = {"run.sh": b"#!/bin/sh\necho hi\n", "d/a.txt": b"alpha" * 50, "d/c.txt": b"gamma" * 90}
+    art = logged(sdk_env["tmp"], files)
+    entries = [dataclasses.replace(e, extra={"executable": True}) if e.path == "run.sh" else e for e in art.manifest]
+    entries.append(dataclasses.replace(entries[0], path="d/link", digest=b64md5(b"a.txt"), size=5,
+                                       extra={"symlink": "a.txt"}))
+    short = transfer.get_cache().path(md5hex(files["d/c.txt"]))
+    os.chmod(short, 0o644)
+    short.write_bytes(files["d/c.txt"][:-1])
+    dest = sdk_env["tmp"] / "new" / "root"
+
+    with progress.collect() as meters:
+        written = transfer.download_entries(art._store, art._blob_entity, entries, dest)
+
+    assert tree_of(dest) == files | {"d/link": b"alpha" * 50}
+    assert os.readlink(dest / "d/link") == "a.txt"
+    assert stat.S_IMODE((dest / "run.sh").stat().st_mode) & 0o100
+    assert not stat.S_IMODE((dest / "d/a.txt").stat().st_mode) & 0o111
+    (meter,) = meters
+    assert (meter.files_moved, meter.files_present, meter.replaced) == (3, 0, [])
+    assert written == sum(len(v) for v in files.values())
+    assert short.read_bytes() == files["d/c.txt"]
+    assert os.listdir(dest.parent) == ["root"]
+    assert not Path(staging.staging_path(str(dest))).exists()
+
+
 def test_cached_download_to_another_filesystem_copies_by_sendfile(sdk_env: dict[str, Path],
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """A cache on another filesystem than the download (copy_file_range refuses: EXDEV) still
