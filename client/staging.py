@@ -141,10 +141,6 @@ class Staging:
             shutil.rmtree(self.path, ignore_errors=True)
         self._release()
 
-    def empty(self) -> bool:
-        """Whether nothing was written into it."""
-        return not os.listdir(self.path)
-
     def _release(self) -> None:
         if self._fd is not None:
             os.close(self._fd)

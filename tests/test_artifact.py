@@ -785,8 +785,8 @@ def test_fully_cached_download_costs_few_python_calls_and_index_steps_per_file(s
     calls and 70 steps per file; then 43.6 calls (fewer layers: the digest decoded by one match
     and one C call, no listing of a destination that did not exist, the meter told the files
     once, the copy's and the stamp's helpers flattened) and 37 steps (the stamp alone updated,
-    no upsert and no totals trigger per row); now 35.6 calls (a new root's files written
-    straight into its staging directory: no atomic writer, temp name or rename per file)."""
+    no upsert and no totals trigger per row); now fewer calls (a new root's files written
+    straight into its staging directory: no atomic writer, temp name or rename per file): 36.7."""
     import sqlite3
     import sys
 
