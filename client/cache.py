@@ -84,13 +84,13 @@ VERIFIED_XATTR = "user.artifactfs.verified"
 _RACY_NS = 100_000_000
 
 
-#: how far back a staged object's mtime is set: past the racy window, so its marker holds at once
+#: how far back a prepared object's mtime is set: past the racy window, so its marker holds at once
 _SETTLED_NS = 1_000_000_000
 
 
 @dataclass(frozen=True)
-class Staged:
-    """An object written and checked in a temp file, waiting for :meth:`Cache.install_staged`."""
+class Prepared:
+    """An object written and checked in a temp file, waiting for :meth:`Cache.install_prepared`."""
 
     md5: str
     tmp: str
@@ -508,20 +508,20 @@ class Cache:
         no verified marker (as ``writer(fsync=False)``): every reader md5-checks a small object,
         so one that a crash left short or zeroed is caught.  Objects already present are skipped.
         """
-        staged: list[Staged] = []
+        prepared: list[Prepared] = []
         try:
             for md5_hex, data in dict(objects).items():
                 _check_key(md5_hex)
                 if not os.path.exists(self._object_name(md5_hex)):
-                    staged.append(Staged(md5_hex, str(self._write_tmp(md5_hex, data)), len(data)))
+                    prepared.append(Prepared(md5_hex, str(self._write_tmp(md5_hex, data)), len(data)))
         except BaseException:
-            self.discard_staged(staged)
+            self.discard_prepared(prepared)
             raise
-        return self.install_staged(staged)
+        return self.install_prepared(prepared)
 
-    def stage_verified(self, md5_hex: str, data: bytes | bytearray) -> Staged:
+    def prepare_verified(self, md5_hex: str, data: bytes | bytearray) -> Prepared:
         """Write bytes the caller has just md5-checked to a temp file, durable (fdatasync'ed) and
-        marked verified, for :meth:`install_staged` (an object already present is replaced by
+        marked verified, for :meth:`install_prepared` (an object already present is replaced by
         the same bytes: the caller found it missing a moment ago, and asks no stat to know).
 
         The SDK's downloads: many threads stage at once (their fdatasyncs share the file
@@ -544,36 +544,36 @@ class Cache:
             tmp.unlink(missing_ok=True)
             raise
         os.close(fd)
-        return Staged(md5_hex, str(tmp), len(data))
+        return Prepared(md5_hex, str(tmp), len(data))
 
-    def install_staged(self, staged: list[Staged]) -> int:
-        """Rename staged objects into place, all their index rows written first in one
-        transaction; returns the bytes added.  No temp file of ``staged`` is left after, in
+    def install_prepared(self, prepared: list[Prepared]) -> int:
+        """Rename prepared objects into place, all their index rows written first in one
+        transaction; returns the bytes added.  No temp file of ``prepared`` is left after, in
         every case (one that failed to install costs a fetch later, never a wrong byte)."""
         renamed = 0
         try:
-            if not staged:
+            if not prepared:
                 return 0
             now_ns = time.time_ns()
-            self.index.put_many((s.md5, s.size, now_ns) for s in staged)  # rows first
+            self.index.put_many((s.md5, s.size, now_ns) for s in prepared)  # rows first
             added = 0
-            for s in staged:
+            for s in prepared:
                 try:
                     self._rename_in(s.md5, s.tmp)
                 except BaseException:
-                    for rest in staged[renamed + 1:]:  # their rows would count objects never installed
+                    for rest in prepared[renamed + 1:]:  # their rows would count objects never installed
                         self.index.remove(rest.md5)
                     raise
                 renamed += 1
                 added += s.size
             return added
         finally:
-            self.discard_staged(staged[renamed:])
+            self.discard_prepared(prepared[renamed:])
 
     @staticmethod
-    def discard_staged(staged: list[Staged]) -> None:
-        """Remove the temp files of ``staged`` still there (renamed ones are gone already)."""
-        for s in staged:
+    def discard_prepared(prepared: list[Prepared]) -> None:
+        """Remove the temp files of ``prepared`` still there (renamed ones are gone already)."""
+        for s in prepared:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(s.tmp)
 

@@ -3,8 +3,9 @@ and downloading entries through the content-addressed cache.
 
 Kept apart from :mod:`client.artifact` so the artifact module is about the W&B surface and
 this one about I/O.  Every write to a user's directory goes to a temp file next to the target
-and is renamed into place after its md5 was checked, so an interrupted download never leaves
-a file that looks complete.
+and is renamed into place after its md5 was checked, or (cached files into a root that did
+not exist) into a staging directory renamed to the root once complete, so an interrupted
+download never leaves a file that looks complete.
 """
 
 from __future__ import annotations
@@ -27,12 +28,13 @@ from typing import Any, BinaryIO
 
 from . import progress, references, settings
 from .atomic import atomic_fd, atomic_write, write_fully
-from .cache import Cache, Staged
+from .cache import Cache, Prepared
 from .errors import (ArtifactFSError, ArtifactNotLoggedError, DigestMismatchError, LocalPathError, NotFoundError,
                      StoreUnavailableError)
 from .hashing import BytesSink, HashingWriter, b64_to_hex, hex_to_b64, is_md5_hex, md5_bytes
 from .manifest import Manifest, ManifestEntry
 from .retry import RetryPolicy, is_transport_failure, resume_while_progressing
+from .staging import Staging
 from .store import LocalBlobs, Store, UploadBatching, UrlBatching, open_store
 
 log = logging.getLogger(__name__)
@@ -49,6 +51,8 @@ _PROGRESS_BATCH = 1 << 20
 #: errnos of a kernel copy that cannot copy between these two files (another filesystem, an old
 #: kernel, a filesystem without the call): the next, plainer way is used
 _NO_KERNEL_COPY = frozenset({errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL, errno.EPERM})
+#: a file of a staging directory: new (never one that was there), written, not inherited by a child
+_NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
 
 _stores: dict[tuple[str, int, str | None], Store] = {}
 _stores_lock = threading.Lock()
@@ -521,8 +525,29 @@ def _place_copy(src: int, target: str | Path, size: int, md5: str) -> None:
     kernel where it can (:func:`_copy_fd`); not fsynced either.  An object shorter than
     ``size`` (truncated since it was checked) leaves nothing at ``target``."""
     with atomic_fd(target, mode=0o600, durable=False) as out:
-        if (done := _copy_fd(src, out, size)) != size:
-            raise DigestMismatchError(f"cache object {md5} has {done} bytes, expected {size}")
+        _copy_exact(src, out, size, md5)
+
+
+def _write_new(src: int, target: str, size: int, md5: str) -> None:
+    """Copy the verified cache object ``md5`` open at ``src`` into the new file ``target`` (its
+    directory made if missing) with no temp name: only inside a staging directory, whose files
+    are under no real name until it is renamed.  Not fsynced (as :func:`_place_copy`)."""
+    try:
+        out = os.open(target, _NEW_FILE, 0o600)
+    except FileNotFoundError:
+        os.makedirs(target.rpartition("/")[0], exist_ok=True)
+        out = os.open(target, _NEW_FILE, 0o600)
+    try:
+        _copy_exact(src, out, size, md5)
+    finally:
+        os.close(out)
+
+
+def _copy_exact(src: int, dst: int, size: int, md5: str) -> None:
+    """:func:`_copy_fd` of all ``size`` bytes of the cache object ``md5``: one shorter (truncated
+    since it was checked) is DigestMismatchError, and the caller discards what it wrote."""
+    if (done := _copy_fd(src, dst, size)) != size:
+        raise DigestMismatchError(f"cache object {md5} has {done} bytes, expected {size}")
 
 
 def _copy_fd(src: int, dst: int, size: int) -> int:
@@ -608,23 +633,32 @@ def _copy_cached(cache: Cache, dest: Path, files: list[ManifestEntry],
     A warm download's whole cost: no thread hand-off, no store call, the progress meter told
     per batch of bytes and once for the files, and the LRU stamps of every object used written
     in one index transaction at the end.  A destination that did not exist holds none of the
-    targets: nothing is listed or stat'ed; into an existing one each directory is listed once
-    (a target the listing lacks is not stat'ed), a file already right is kept (hashed to know)
-    and a different one replaced (and counted), as in the pool.  Each copy is placed by the
-    atomic writer.  The loop runs once per file, so it binds what it calls once.
+    targets: nothing is listed or stat'ed, and the files are written straight into its staging
+    directory (:mod:`client.staging`: no temp name and rename per file), renamed to the root
+    once they are all there (removed if the loop fails).  Into an existing one each directory
+    is listed once (a target the listing lacks is not stat'ed), a file already right is kept
+    (hashed to know) and a different one replaced (and counted), as in the pool, each copy
+    placed by the atomic writer.  The loop runs once per file, so it binds what it calls once.
     """
     rest: list[ManifestEntry] = []
     stamps: list[tuple[str, int, int]] = []
     root = str(dest)
-    existing = _Listing() if os.path.isdir(root) else None
-    open_checked, close, place = cache.open_checked, os.close, _place_copy
+    existing: _Listing | None = None
+    stage: Staging | None = None
+    if os.path.isdir(root):
+        existing = _Listing()
+    elif not (stage := Staging(root)).open():
+        stage = None  # another download is building this root (or no flock here): each file in place
+    base = stage.path if stage is not None else root
+    open_checked, close = cache.open_checked, os.close
+    place = _place_copy if stage is None else _write_new
     written = pending = moved = 0  # pending: bytes the meter has not been told yet
     try:
         for e in files:
             if (md5 := _cacheable_md5(e)) is None:
                 rest.append(e)
                 continue
-            target, size = f"{root}/{e.path}", e.size or 0  # entry paths are normalised, relative
+            target, size = f"{base}/{e.path}", e.size or 0  # entry paths are normalised, relative
             tick: progress.EntryMeter | None = None
             replaced = None
             if existing is not None and target in existing:
@@ -650,6 +684,15 @@ def _copy_cached(cache: Cache, dest: Path, files: list[ManifestEntry],
             if (pending := pending + size) >= _PROGRESS_BATCH:
                 meter.add(pending)
                 pending = 0
+        if stage is not None:
+            if moved:
+                stage.publish()
+            else:
+                stage.discard()
+    except BaseException:
+        if stage is not None:
+            stage.discard()  # no file of it was under its real name yet
+        raise
     finally:
         cache.save_stamps(stamps)
         meter.file_done(moved=True, count=moved)
@@ -667,7 +710,7 @@ def _place_object(obj: Path, target: Path, size: int, md5: str) -> None:
 
 
 class _CacheBatch:
-    """The small blobs of one download, staged into the cache by the pool's threads and
+    """The small blobs of one download, written for the cache by the pool's threads and
     installed :data:`CACHE_BATCH` at a time (one eviction and one index transaction each) by
     whichever thread fills a batch, the rest at :meth:`close` (issue 17: a cache write per
     file cost more CPU than the GET).  The cache is an optimisation: a blob it could not take
@@ -676,31 +719,31 @@ class _CacheBatch:
     def __init__(self, cache: Cache, failed: list[str]) -> None:
         self.cache, self.failed = cache, failed
         self._lock = threading.Lock()
-        self._staged: list[Staged] = []
+        self._prepared: list[Prepared] = []
         self._bytes = 0
-        self.batches = 0  #: install_staged calls made (tests count transactions with it)
+        self.batches = 0  #: install_prepared calls made (tests count transactions with it)
 
     def add(self, md5: str, data: bytes | bytearray) -> None:
         """Stage ``data``, already md5-checked by the caller."""
         try:
-            staged = self.cache.stage_verified(md5, data)
+            prepared = self.cache.prepare_verified(md5, data)
         except (OSError, ArtifactFSError) as exc:
             self.failed.append(f"{md5}: {exc}")
             return
         with self._lock:
-            self._staged.append(staged)
-            self._bytes += staged.size
-            if len(self._staged) < CACHE_BATCH and self._bytes < CACHE_BATCH_BYTES:
+            self._prepared.append(prepared)
+            self._bytes += prepared.size
+            if len(self._prepared) < CACHE_BATCH and self._bytes < CACHE_BATCH_BYTES:
                 return
-            batch, self._staged, self._bytes = self._staged, [], 0
+            batch, self._prepared, self._bytes = self._prepared, [], 0
         self._install(batch)
 
-    def _install(self, batch: list[Staged]) -> None:
+    def _install(self, batch: list[Prepared]) -> None:
         try:
             self.cache.evict(sum(s.size for s in batch))
-            self.cache.install_staged(batch)
+            self.cache.install_prepared(batch)
         except (OSError, ArtifactFSError) as exc:
-            self.cache.discard_staged(batch)
+            self.cache.discard_prepared(batch)
             self.failed.extend(f"{s.md5}: {exc}" for s in batch)
         with self._lock:
             self.batches += 1
@@ -712,14 +755,14 @@ class _CacheBatch:
         self.close()
 
     def close(self) -> None:
-        """Install what is staged (also after a failed download: those bytes were checked)."""
+        """Install what is prepared (also after a failed download: those bytes were checked)."""
         with self._lock:
-            batch, self._staged, self._bytes = self._staged, [], 0
+            batch, self._prepared, self._bytes = self._prepared, [], 0
         if batch:
             self._install(batch)
 
 
-#: small blobs per cache install of a download, and the most bytes staged before one
+#: small blobs per cache install of a download, and the most bytes prepared before one
 CACHE_BATCH = 64
 CACHE_BATCH_BYTES = 64 << 20
 

@@ -86,6 +86,7 @@ def test_every_writer_replaces_files_through_the_atomic_helper() -> None:
         "mountfs/drafts/manager.py",          # a draft directory made whole, then renamed into place
         "mountfs/drafts/data.py",     # a staged file copied up (or the status file) under the draft's lock
         "client/transfer.py",         # a symbolic link made beside its target, renamed over it
+        "client/staging.py",          # a new download root's staging directory renamed to the root
     }
     users = sorted(str(p.relative_to(root)) for pkg in ("client", "mountfs", "server")
                    for p in (root / pkg).rglob("*.py") if re.search(r"\bos\.(replace|rename)\(", p.read_text()))
