@@ -721,10 +721,9 @@ class _CacheBatch:
         self._lock = threading.Lock()
         self._prepared: list[Prepared] = []
         self._bytes = 0
-        self.batches = 0  #: install_prepared calls made (tests count transactions with it)
 
     def add(self, md5: str, data: bytes | bytearray) -> None:
-        """Stage ``data``, already md5-checked by the caller."""
+        """Write ``data``, already md5-checked by the caller, for the cache."""
         try:
             prepared = self.cache.prepare_verified(md5, data)
         except (OSError, ArtifactFSError) as exc:
@@ -745,8 +744,6 @@ class _CacheBatch:
         except (OSError, ArtifactFSError) as exc:
             self.cache.discard_prepared(batch)
             self.failed.extend(f"{s.md5}: {exc}" for s in batch)
-        with self._lock:
-            self.batches += 1
 
     def __enter__(self) -> _CacheBatch:
         return self
@@ -786,7 +783,7 @@ def download_entries(store: Store, entity: str, entries: list[ManifestEntry], de
     ref_lock = threading.Lock()
     signed: dict[str, threading.Event] = {}  # md5 -> set once its batch is signed (or gave up)
     not_cached: list[str] = []  # blobs the cache could not take: one warning after a download that worked
-    staging: Any = contextlib.nullcontext() if cache is None else _CacheBatch(cache, not_cached)
+    cache_batch: Any = contextlib.nullcontext() if cache is None else _CacheBatch(cache, not_cached)
 
     def one(e: ManifestEntry | _Task) -> int:
         if isinstance(e, _Task):
@@ -845,7 +842,7 @@ def download_entries(store: Store, entity: str, entries: list[ManifestEntry], de
                     if md5_bytes(data) != md5:
                         raise DigestMismatchError(f"downloaded content of {target} does not match its md5 {md5}")
                     if cache is not None:
-                        staging.add(md5, data)
+                        cache_batch.add(md5, data)
                     _place_bytes(target, data)
                     del data
             elif cache is None:
@@ -864,7 +861,7 @@ def download_entries(store: Store, entity: str, entries: list[ManifestEntry], de
             files.append(e)
         else:
             links.append((e, link))
-    with meter, staging:
+    with meter, cache_batch:
         written = 0
         if cache is not None:  # what the cache holds is copied first, here; the pool gets the rest
             written, files = _copy_cached(cache, dest, files, meter)

@@ -29,7 +29,7 @@ import io
 import socket
 import ssl
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, cast
 from urllib.parse import urlsplit
 
@@ -101,7 +101,7 @@ class FastResponse:
         view = memoryview(buf).cast("B")
         if len(view) > self._left:
             view = view[:self._left]
-        n = self._owner.read_body(self, self._conn, view)
+        n = self._owner.read(self, self._conn.file.readinto, view) or 0
         self._left -= n
         if not n:
             self.close()
@@ -113,7 +113,7 @@ class FastResponse:
         if self._conn is None:
             raise self._cut_short()
         want = min(amt, self._left)
-        chunk = self._owner.read_bytes(self, self._conn, want)
+        chunk: bytes = self._owner.read(self, self._conn.file.read, want)
         if len(chunk) < want:
             self._left -= len(chunk)
             self.close()
@@ -187,13 +187,10 @@ class FastGet:
                 conn.sock.settimeout(timeout[1])
                 conn.sock.sendall(request)
                 status_line = conn.file.readline(_MAX_LINE + 1)
-            except (ConnectionResetError, BrokenPipeError) as exc:
-                conn.close()
-                if reused:
-                    continue  # an idle socket the server had closed: send again on a new one
-                raise urllib3.exceptions.ProtocolError("Connection aborted.", exc) from exc
             except BaseException as exc:
                 conn.close()
+                if reused and isinstance(exc, (ConnectionResetError, BrokenPipeError)):
+                    continue  # an idle socket the server had closed: send again on a new one
                 raise self._failure(exc, url) from exc
             if not status_line and reused:
                 conn.close()
@@ -274,18 +271,11 @@ class FastGet:
         reusable = version == b"HTTP/1.1" and "close" not in headers.get("connection", "").lower()
         return FastResponse(self, conn, url, status, headers, int(length), reusable)
 
-    def read_body(self, resp: FastResponse, conn: _Conn, view: memoryview) -> int:
-        """``readinto`` of ``resp``'s socket, its failures as urllib3's."""
+    def read(self, resp: FastResponse, read: Callable[[Any], Any], arg: Any) -> Any:
+        """``read(arg)``, a read of ``resp``'s socket (``readinto``, ``read``), its failures as
+        urllib3's (the socket closed, not reused)."""
         try:
-            return conn.file.readinto(view) or 0
-        except BaseException as exc:
-            resp.close()
-            raise self._failure(exc, resp.url) from exc
-
-    def read_bytes(self, resp: FastResponse, conn: _Conn, n: int) -> bytes:
-        """``read(n)`` of ``resp``'s socket (fewer bytes only at its end), failures as urllib3's."""
-        try:
-            return conn.file.read(n)
+            return read(arg)
         except BaseException as exc:
             resp.close()
             raise self._failure(exc, resp.url) from exc

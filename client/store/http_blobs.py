@@ -105,11 +105,11 @@ class BlobHTTP:
     Thread-safe: urllib3's pools are; the per-host choice of direct or proxied is made once."""
 
     def __init__(self, verify: str | bool, *, explicit: bool, pool_size: int) -> None:
-        self._pool_args: dict[str, Any] = {"num_pools": 16, "maxsize": pool_size, "retries": _RETRIES,
-                                           **tls_arguments(verify, explicit)}
+        tls = tls_arguments(verify, explicit)
+        self._pool_args: dict[str, Any] = {"num_pools": 16, "maxsize": pool_size, "retries": _RETRIES, **tls}
         self._direct = urllib3.PoolManager(**self._pool_args)
         #: direct GETs (every blob read) go through this keep-alive path first
-        self.fast = FastGet(tls_arguments(verify, explicit), pool_size)
+        self.fast = FastGet(tls, pool_size)
         self._managers: dict[tuple[str, str], urllib3.PoolManager] = {}
         self._lock = threading.Lock()
         self.observers: list[Observer] = []
