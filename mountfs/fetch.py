@@ -17,8 +17,10 @@ Layers, bottom up:
   ``HttpStore.stream_blob``), a sequential reader gets ONE stream to the end of the file from
   its first readahead window, or from the second of the kernel's concurrent first reads
   (:class:`_Stream`, at most ``FetchConfig.max_stream``; one per sequential region of the
-  file), the way rclone reads: each block is written, verified
-  and handed to its waiters as it arrives, so memory stays at one block whatever the range.
+  file), the way rclone reads: each block is verified as it arrives and handed to the
+  stream's writer thread, which stores it and wakes its waiters, so the socket reads go on
+  while a block is written (a write into new page-cache pages can cost as much as the
+  network); memory stays at :data:`WRITE_AHEAD` blocks whatever the range.
   The stream is back-pressured: it claims blocks only up to the reader's window, and when it
   is that far ahead it stops reading the socket (TCP holds the sender) until the reader moves
   on; it ends when the file is closed, when it meets a block fetched by someone else, or after
@@ -36,6 +38,7 @@ import contextvars
 import hashlib
 import logging
 import os
+import queue
 import struct
 import threading
 import time
@@ -57,6 +60,10 @@ from client.store.base import Store
 
 log = logging.getLogger(__name__)
 _R = TypeVar("_R")
+
+#: blocks a stream may hold received and not yet written (its writer thread's queue): enough
+#: to keep the socket busy through a slow write, few enough that 16 streams hold 64 MiB at most
+WRITE_AHEAD = 4
 
 #: one ranged request; ``None`` means "confirmed in place" for zero-copy block storage that
 #: reads the bytes itself (an embedded store's blob file, see mountfs.content.BlobBlocks)
@@ -506,13 +513,18 @@ class _Stream:
     (their futures are in the reader's in-flight table) and arrive in order; readers raise
     ``want`` as they go, and the stream claims up to it (never past ``end``)."""
 
-    next: int
+    next: int  #: the first block not yet stored (written by the stream's writer)
     claimed: int
     end: int  #: exclusive; lowered when the stream meets a block another fetch holds
     want: int
+    sent: int = -1  #: the first block not yet handed to the writer (next <= sent <= claimed)
     stop: bool = False  #: claim nothing more
     abort: bool = False  #: and deliver nothing more (nobody is left to read it)
     done: Future[None] = dataclasses.field(default_factory=Future)
+
+    def __post_init__(self) -> None:
+        if self.sent < 0:
+            self.sent = self.next
 
 
 class BlockReader:
@@ -651,7 +663,7 @@ class BlockReader:
             s.claimed += 1
 
     def _await_claim(self, s: _Stream) -> bool:
-        """Before the stream stores block ``s.next``: make sure it is claimed, waiting (the
+        """Before the stream hands block ``s.sent`` to its writer: make sure it is claimed, waiting (the
         back-pressure) while the stream is a whole window ahead of its reader.  False: the
         stream ends here (closed, met another fetch, or its reader stayed away too long)."""
         deadline = time.monotonic() + self.stream_idle
@@ -659,14 +671,14 @@ class BlockReader:
             while True:
                 if s.abort:
                     return False
-                if s.next < s.claimed:
+                if s.sent < s.claimed:
                     return True
-                if s.stop or s.next >= s.end:
+                if s.stop or s.sent >= s.end:
                     return False
                 self._claim_for(s)
-                if s.next < s.claimed:
+                if s.sent < s.claimed:
                     return True
-                if s.next >= s.end:
+                if s.sent >= s.end:
                     return False
                 left = deadline - time.monotonic()
                 if left <= 0:
@@ -675,52 +687,90 @@ class BlockReader:
                 self._moved.wait(left)
 
     def _run_stream(self, s: _Stream) -> None:
-        """The stream's thread: one ranged request [next, end), block by block, in order."""
+        """The stream's thread: one ranged request [next, end), block by block, in order.
+
+        It reads the socket and hands each whole block to a writer thread of its own (a queue
+        of :data:`WRITE_AHEAD`), which stores it (the storage checks it against the block map)
+        and wakes its waiters, so the next blocks are read while one is written.  A block
+        that spans chunks is copied once; one inside a chunk is handed as a view of it.
+        """
         assert self.streamer is not None
         start = s.next * self.block_size
         length = min(s.end * self.block_size, self.size) - start
         with self._lock:
             self.requests += 1
             self.bytes_requested += length
-        buf = bytearray()
+        buf = bytearray()  #: the start of a block that spans chunks
         pos = start
-        failure: list[BaseException] = []
+        failure: list[BaseException] = []  #: the writer's, if a block could not be stored
+        blocks: queue.Queue[tuple[int, bytes | memoryview] | None] = queue.Queue(WRITE_AHEAD)
+
+        def write_loop() -> None:
+            while (item := blocks.get()) is not None:
+                i, data = item
+                if failure or s.abort:
+                    continue  # not stored: failed below with the others the stream left
+                try:
+                    self.blocks.write(i, data)
+                except BaseException as exc:  # noqa: BLE001 - given to the block's waiters
+                    if isinstance(exc, BlockMismatchError):
+                        with self._lock:
+                            self._suspect.add(i)  # fetched again by a ranged request, never a stream
+                    failure.append(exc)
+                    continue
+                with self._lock:
+                    s.next = i + 1
+                self._finish_blocks(i, 1, None)
+
+        writer = threading.Thread(target=contextvars.copy_context().run, args=(write_loop,),
+                                  name="artifactfs-stream-write", daemon=True)
+        writer.start()
+
+        def block_len() -> int:
+            return min(self.block_size, self.size - s.sent * self.block_size)
+
+        def hand(data: bytes | memoryview) -> None:
+            if failure or not self._await_claim(s):
+                raise _StreamAbort()  # not a failure of the stream: see below
+            blocks.put((s.sent, data))
+            with self._lock:
+                s.sent += 1
 
         def deliver(offset: int, chunk: bytes | memoryview) -> None:
             nonlocal pos
             if offset != pos:
                 raise ShortReadError(f"stream chunk at {offset}, expected {pos}")
             pos += len(chunk)
-            buf.extend(chunk)
-            while True:
-                i = s.next
-                want = min(self.block_size, self.size - i * self.block_size)
-                if len(buf) < want:
+            view = memoryview(chunk)
+            if not isinstance(view.obj, bytes):
+                view = memoryview(bytes(view))  # a buffer the store may reuse: the writer gets a copy
+            if buf:
+                need = block_len() - len(buf)
+                buf.extend(view[:need])
+                view = view[need:]
+                if len(buf) < block_len():
                     return
-                if not self._await_claim(s):
-                    raise _StreamAbort()  # not a failure: nothing claimed is left undelivered
-                try:
-                    self.blocks.write(i, memoryview(buf)[:want])
-                except BaseException as exc:  # noqa: BLE001 - given to the block's waiters
-                    if isinstance(exc, BlockMismatchError):
-                        with self._lock:
-                            self._suspect.add(i)  # fetched again by a ranged request, never a stream
-                    failure.append(exc)
-                    raise _StreamAbort() from exc
-                del buf[:want]
-                with self._lock:
-                    s.next = i + 1
-                self._finish_blocks(i, 1, None)
+                hand(bytes(buf))
+                buf.clear()
+            while len(view) and len(view) >= block_len():
+                n = block_len()
+                hand(view[:n])
+                view = view[n:]
+            buf.extend(view)
 
         error: BaseException | None = None
         try:
             self.streamer(start, length, deliver)
-            if s.next * self.block_size < min(s.end * self.block_size, self.size):
+            if s.sent * self.block_size < min(s.end * self.block_size, self.size):
                 raise ShortReadError(f"stream of [{start}, +{length}) ended at {pos}")
         except _StreamAbort:
-            error = failure[0] if failure else None
+            pass
         except BaseException as exc:  # noqa: BLE001 - handed to every waiter
             error = exc
+        blocks.put(None)
+        writer.join()
+        if failure:
+            error = failure[0]
         with self._lock:
             left = s.claimed - s.next
             s.stop = True

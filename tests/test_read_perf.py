@@ -663,3 +663,42 @@ def test_a_cached_object_read_after_a_remount_is_asked_of_the_disk_ahead(local_s
     assert b"".join(rest) == data[8 * MiB:]
     cr.close(h)
     cr.shutdown()
+
+
+def test_a_stream_goes_on_reading_while_a_block_is_written(local_store, tmp_path: Path, monkeypatch) -> None:
+    """Issue 17: the stream's socket reads and its disk writes overlap.  On this kind of machine
+    a write into new page-cache pages costs ~3 ms/MiB, as much as the network and the hash
+    together; done in line it stops the stream for that long per block.  Here one block's write
+    is held: the stream still reads the next blocks meanwhile (a few, bounded), and every byte
+    served is right."""
+    from mountfs import fetch
+    data = _big(64)
+    md5 = upload_bytes(local_store, "ent", data, tmp_path)
+    cr, store = _reader(local_store, tmp_path)
+    held, gate, entered = 20, threading.Event(), threading.Event()
+    real_write = fetch.PartialFile.write
+
+    def write(self, i, block):
+        if i == held:
+            entered.set()
+            assert gate.wait(60), "the held write was never released"
+        return real_write(self, i, block)
+
+    monkeypatch.setattr(fetch.PartialFile, "write", write)
+    h = cr.open(FileRef("ent", md5, len(data), "ent/p/c:v0", "p/c:v0/big"))
+    _read_seq(cr, h, data, 0, 8 * MiB)
+    rest = threading.Thread(target=_read_seq, args=(cr, h, data, 8 * MiB, len(data)), daemon=True)
+    rest.start()
+    try:
+        assert entered.wait(30), "the stream never reached the held block"
+        # before: the stream thread itself sat in the write, its socket read stopped at the held block
+        assert _until(lambda: store.stream_end >= (held + 3) * MiB, 20), store.stream_end
+        moved = _settled(store)
+        assert moved <= (held + 1 + fetch.WRITE_AHEAD + 1) * MiB, moved  # bounded: a few blocks in memory
+    finally:
+        gate.set()
+    rest.join(60)
+    assert not rest.is_alive()
+    cr.close(h)
+    assert store.open_streams == 0
+    cr.shutdown()
