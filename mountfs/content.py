@@ -394,13 +394,13 @@ class ContentReader:
         except PermissionDeniedError as exc:
             log.error("%s: reading the reference %s was refused: %s; answering EACCES", ref.path, src.uri, exc)
             raise
-        raise AssertionError("unreachable")
 
-    def _source_changed(self, ref: FileRef, what: str) -> None:
+    def _source_changed(self, ref: FileRef, what: str, *, counted: bool = False) -> NoReturn:
         src = ref.source
         assert src is not None
-        with self._lock:
-            self.verify_failures += 1
+        if not counted:
+            with self._lock:
+                self.verify_failures += 1
         log.error("%s: the reference %s changed since it was logged (recorded: %s): %s; answering EIO",
                   ref.path, src.uri, src.pinned_to(), what)
         raise FetchError(f"{ref.path}: the reference {src.uri} changed since it was logged")
@@ -670,9 +670,10 @@ class ContentReader:
         actual = partial.md5()
         if actual != obj.ref.md5:
             partial.reset()
-            if obj.ref.source is not None:  # a file:// source rewritten since it was logged
-                self._source_changed(obj.ref, f"its bytes hash to {actual}, the record says {obj.ref.md5}")
-            raise BlockMismatchError(-1, f"the object hashes to {actual}")
+            # A file:// source that fails may have been rewritten under this very check (a
+            # mix of two contents): like a stored blob, it is read once more before EIO.
+            raise BlockMismatchError(-1, f"the object hashes to {actual}" if obj.ref.source is None
+                                     else f"its bytes hash to {actual}, the record says {obj.ref.md5}")
         partial.mark_all_checked()
         obj.whole_pending = False
         self._schedule_promotion(obj)
@@ -697,6 +698,8 @@ class ContentReader:
             log.warning("%s: %s of blob %s failed verification (%s); fetching it again",
                         ref.where, what, ref.md5, obj.source)
             return False
+        if ref.source is not None:
+            self._source_changed(ref, str(exc), counted=True)
         if obj.source == "store":
             obj.bad = True
             path = self._blob_path(ref)

@@ -521,3 +521,61 @@ def test_an_in_place_blob_checked_block_by_block_is_not_hashed_again(local_store
     cr2.close(h2)
     cr2.shutdown()
     assert cr2.stats()["md5_bytes"] == 0
+
+
+def test_a_file_reference_put_back_while_it_is_checked_is_served_after_one_refetch(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A file:// source rewritten and put back while its whole-md5 check reads it: the check
+    sees a mix of both and fails; the file is read once more and, being right again, served
+    (as a stored blob gets a second fetch).  A source that stays changed is still EIO."""
+    from client.store.local import LocalStore
+    from mountfs import ref_source
+
+    big = os.urandom(4 * MiB)
+    changed = bytearray(big)
+    changed[10] ^= 0xFF  # block 0
+    path = tmp_path / "big.bin"
+    path.write_bytes(bytes(changed))
+    src = ref_source.describe(path.as_uri(), md5_bytes(big), len(big), None, "big.bin")
+    assert src is not None and not src.trust_blocks
+    ref = FileRef(entity="ent", md5=src.key, size=len(big), version="ent/p/c:v0", path="big.bin", source=src)
+    real = ref_source.read_reference_range
+    reads: list[int] = []
+    put_back = [True]
+
+    def read_then_put_back(entry, start: int, length: int) -> bytes:
+        data = real(entry, start, length)
+        reads.append(start)
+        if start == 0 and put_back[0]:  # the writer puts the file back after our block 0
+            put_back[0] = False
+            (tmp_path / "restored").write_bytes(big)
+            os.replace(tmp_path / "restored", path)
+        return data
+
+    monkeypatch.setattr(ref_source, "read_reference_range", read_then_put_back)
+    cr = ContentReader(LocalStore(tmp_path / "store"), Cache(tmp_path / "cache"),
+                       FetchConfig(block_size=MiB, max_request=MiB, local_blobs=False))
+    h = cr.open(ref)
+    try:
+        assert cr.read(h, 0, 4096) == big[:4096]
+        assert cr.read(h, 3 * MiB, MiB) == big[3 * MiB:]
+    finally:
+        cr.close(h)
+    assert sorted(reads) == [0, 0, MiB, MiB, 2 * MiB, 2 * MiB, 3 * MiB, 3 * MiB]  # read twice, not more
+    assert cr.verify_failures == 1
+
+    path.write_bytes(bytes(changed))  # changed for good: two whole checks, then EIO
+    put_back[0] = False
+    ref2 = FileRef(entity="ent", md5=src.key, size=len(big), version="ent/p/c:v1", path="big.bin",
+                   source=ref_source.describe(path.as_uri(), md5_bytes(big), len(big), None, "big.bin"))
+    reads.clear()
+    cr2 = ContentReader(LocalStore(tmp_path / "store"), Cache(tmp_path / "cache2"),
+                        FetchConfig(block_size=MiB, max_request=MiB, local_blobs=False))
+    h2 = cr2.open(ref2)
+    try:
+        with pytest.raises(FetchError, match="changed since it was logged"):
+            cr2.read(h2, 0, 4096)
+    finally:
+        cr2.close(h2)
+    assert sorted(reads) == [0, 0, MiB, MiB, 2 * MiB, 2 * MiB, 3 * MiB, 3 * MiB]  # two passes, no third
+    assert cr2.verify_failures == 2
