@@ -17,10 +17,11 @@ Layers, bottom up:
   ``HttpStore.stream_blob``), a sequential reader gets ONE stream to the end of the file from
   its first readahead window, or from the second of the kernel's concurrent first reads
   (:class:`_Stream`, at most ``FetchConfig.max_stream``; one per sequential region of the
-  file), the way rclone reads: each block is verified as it arrives and handed to the
-  stream's writer thread, which stores it and wakes its waiters, so the socket reads go on
-  while a block is written (a write into new page-cache pages can cost as much as the
-  network); memory stays at :data:`WRITE_AHEAD` blocks whatever the range.
+  file), the way rclone reads: each block is handed to the stream's writer thread, which
+  stores it (checking it against the block map) and wakes its waiters, so the socket reads go
+  on while a block is written (a write into new page-cache pages can cost as much as the
+  network); memory stays at a few blocks whatever the range (the :data:`WRITE_AHEAD` queued,
+  the one being written, the one being read).
   The stream is back-pressured: it claims blocks only up to the reader's window, and when it
   is that far ahead it stops reading the socket (TCP holds the sender) until the reader moves
   on; it ends when the file is closed, when it meets a block fetched by someone else, or after

@@ -564,8 +564,8 @@ def test_a_file_reference_put_back_while_it_is_checked_is_served_after_one_refet
     assert sorted(reads) == [0, 0, MiB, MiB, 2 * MiB, 2 * MiB, 3 * MiB, 3 * MiB]  # read twice, not more
     assert cr.verify_failures == 1
 
-    path.write_bytes(bytes(changed))  # changed for good: two whole checks, then EIO
-    put_back[0] = False
+    cr.shutdown()
+    path.write_bytes(bytes(changed))  # changed for good (put_back is spent): two whole checks, then EIO
     ref2 = FileRef(entity="ent", md5=src.key, size=len(big), version="ent/p/c:v1", path="big.bin",
                    source=ref_source.describe(path.as_uri(), md5_bytes(big), len(big), None, "big.bin"))
     reads.clear()
@@ -577,5 +577,6 @@ def test_a_file_reference_put_back_while_it_is_checked_is_served_after_one_refet
             cr2.read(h2, 0, 4096)
     finally:
         cr2.close(h2)
+    cr2.shutdown()
     assert sorted(reads) == [0, 0, MiB, MiB, 2 * MiB, 2 * MiB, 3 * MiB, 3 * MiB]  # two passes, no third
     assert cr2.verify_failures == 2
