@@ -73,6 +73,20 @@ Fetcher = Callable[[int, int], "bytes | None"]
 #: chunk)`` for consecutive chunks covering the range (resuming itself after a failure), or raises
 Streamer = Callable[[int, int, Callable[[int, "bytes | memoryview"], None]], None]
 MiB = 1 << 20
+#: what stays in memory behind the furthest read of a file that drops behind (see
+#: FetchConfig.drop_behind): the kernel's concurrent readahead requests arrive out of order
+#: within its window (4 MiB by default, MountOptions.readahead_kb), so twice that
+DROP_SLACK = 8 * MiB
+#: a read drops behind itself once this much is due (one fadvise per 4 MiB read, not per read)
+DROP_STEP = 4 * MiB
+
+
+def drop_pages(fd: int, start: int, end: int) -> None:
+    """Ask the kernel to drop the page cache of [start, end) of ``fd`` (clean pages only:
+    a dirty page is written back first, never lost); a no-op where it cannot."""
+    if end > start:
+        with contextlib.suppress(OSError):
+            os.posix_fadvise(fd, start, end - start, os.POSIX_FADV_DONTNEED)
 
 
 class FetchError(StoreUnavailableError):
@@ -107,6 +121,10 @@ class FetchConfig:
     watchdog: bool = True
     #: serve an embedded store's blob files in place (``LocalBlobs.blob_path``), see mountfs.content
     local_blobs: bool = True
+    #: objects at least this large keep no second copy in memory of what their sequential
+    #: reader has passed: the reader's file holds it in the kernel's page cache already, so the
+    #: cache object's own pages of it are dropped once on disk (0: keep them)
+    drop_behind: int = 64 * MiB
 
 
 # -- retries -----------------------------------------------------------------------------
@@ -253,7 +271,7 @@ class PartialFile:
     _HEADER = struct.Struct("<QI")
 
     def __init__(self, directory: Path, md5: str, size: int, block_size: int, flush_every: int = 32,
-                 blockmap: BlockMap | None = None) -> None:
+                 blockmap: BlockMap | None = None, drop_behind: bool = False) -> None:
         self.blockmap = blockmap if blockmap is not None and blockmap.block_size == block_size else None
         self.path = directory / f"{md5}.part"
         self.bits_path = directory / f"{md5}.bits"
@@ -274,6 +292,12 @@ class PartialFile:
         self._whole_checked = False  #: mark_all_checked: the whole object matched its md5
         self._hash_lock = threading.Lock()
         self._retired = False
+        #: drop the pages behind the furthest read at each flush (FetchConfig.drop_behind)
+        self._drop_behind = drop_behind
+        self._read_end = 0  #: the end of the furthest read served
+        self._prefix = 0  #: blocks [0, _prefix) were present at the last flush
+        self._synced_end = 0  #: and [0, _synced_end) on disk after it
+        self._dropped = 0  #: pages before this offset were dropped
         self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
         if os.fstat(self.fd).st_size != size:
             os.ftruncate(self.fd, size)
@@ -344,9 +368,28 @@ class PartialFile:
                 return
             self._dirty = 0
             bits = bytes(self._bits)
+            while self._prefix < self.nblocks and self.has(self._prefix):
+                self._prefix += 1
+            prefix = self._prefix  # before the sync: these blocks are on disk after it
         os.fdatasync(self.fd)
         with atomic_write(self.bits_path, durable=False) as f:  # a hint: lost bits are fetched again
             f.write(self._HEADER.pack(self.size, self.block_size) + bits)
+        if self._drop_behind:
+            with self._lock:
+                self._synced_end = max(self._synced_end, prefix * self.block_size)
+            self._drop_passed(0)
+
+    def _drop_passed(self, step: int) -> None:
+        """Drop this file's pages of what the reader has passed (but the last
+        :data:`DROP_SLACK`) and the last fdatasync put on disk, once more than ``step`` bytes
+        are due.  Never a loss: the kernel drops clean pages only, and a dropped page is
+        read from the disk again."""
+        with self._lock:
+            upto = (min(self._synced_end, max(0, self._read_end - DROP_SLACK)) // self.block_size) * self.block_size
+            if upto - self._dropped <= step:
+                return
+            start, self._dropped = self._dropped, upto
+        drop_pages(self.fd, start, upto)
 
     def read(self, off: int, size: int) -> bytes:
         """Bytes of checked blocks; an unchecked block is verified first (BlockMismatchError)."""
@@ -354,6 +397,9 @@ class PartialFile:
         for i in range(off // self.block_size, -(-end // self.block_size)):
             if not self._checked[i]:
                 self._check_block(i)
+        if self._drop_behind and end > self._read_end:
+            self._read_end = end  # unlocked: a race only delays a drop
+            self._drop_passed(DROP_STEP)
         return os.pread(self.fd, size, off)
 
     def _check_block(self, i: int) -> None:

@@ -580,3 +580,64 @@ def test_a_file_reference_put_back_while_it_is_checked_is_served_after_one_refet
     cr2.shutdown()
     assert sorted(reads) == [0, 0, MiB, MiB, 2 * MiB, 2 * MiB, 3 * MiB, 3 * MiB]  # two passes, no third
     assert cr2.verify_failures == 2
+
+
+# -- one copy in memory: the cache object's pages behind a sequential reader ------------------
+
+@pytest.mark.parametrize("drop", [True, False])
+def test_a_partial_file_drops_what_its_reader_passed_once_on_disk(tmp_path: Path, drop: bool) -> None:
+    """What a sequential reader has passed is in the kernel's page cache of the file it read
+    (the FUSE inode): the partial file's own pages of it are a second copy, dropped once an
+    fdatasync put them on disk.  ``drop=False`` is the control: they stay."""
+    from tests.util import resident_bytes
+
+    block = 256 * KiB
+    data, bm = _mapped_bytes(48 * MiB, block)
+    p = PartialFile(tmp_path, "0" * 32, len(data), block, flush_every=16, blockmap=bm, drop_behind=drop)
+    for i in range(len(data) // block):
+        p.write(i, data[i * block:(i + 1) * block])
+    before_sync = resident_bytes(p.path)
+    p.flush()
+    for off in range(0, 40 * MiB, 128 * KiB):
+        assert p.read(off, 128 * KiB) == data[off:off + 128 * KiB]
+    resident = resident_bytes(p.path)
+    p.close()
+    assert before_sync == len(data)  # just written: all of it in memory
+    if drop:  # the 8 MiB behind the reader, at most one step of 4 MiB, and the 8 MiB not read
+        assert resident <= 8 * MiB + 4 * MiB + 8 * MiB + block, resident
+    else:
+        assert resident == len(data), resident
+    assert PartialFile(tmp_path, "0" * 32, len(data), block, blockmap=bm).read(0, len(data)) == data  # on disk
+
+
+@pytest.mark.parametrize("drop_behind", [MiB, 0])
+def test_a_sequential_reader_of_a_cached_object_keeps_one_copy(local_store, tmp_path: Path, drop_behind: int) -> None:
+    """The same rule for a complete cache object read through the mount (a remount's reads, or
+    a cold read once promoted): the pages the reader passed are dropped behind it; with
+    ``drop_behind=0`` (the control) they stay."""
+    from tests.util import resident_bytes
+
+    data = os.urandom(48 * MiB)
+    md5 = upload_bytes(local_store, "ent", data, tmp_path)
+    cache = Cache(tmp_path / "cache")
+    src = tmp_path / "obj"
+    src.write_bytes(data)
+    cache.add_file(md5, src)
+    cached = cache.lookup(md5, len(data))
+    assert cached is not None
+    with open(cached, "rb") as f:
+        f.read()  # in memory, as a just-written object is
+    assert resident_bytes(cached) == len(data)
+    cfg = FetchConfig(block_size=MiB, local_blobs=False, drop_behind=drop_behind)
+    cr = ContentReader(local_store, cache, cfg)
+    h = cr.open(FileRef("ent", md5, len(data), "ent/p/c:v0", "p/c:v0/x"))
+    for off in range(0, len(data), 128 * KiB):
+        assert cr.read(h, off, 128 * KiB) == data[off:off + 128 * KiB]
+    resident = resident_bytes(cached)
+    cr.close(h)
+    cr.shutdown()
+    assert cr.store_requests == 0
+    if drop_behind:
+        assert resident <= 16 * MiB, resident  # the slack behind the last window advised
+    else:
+        assert resident == len(data), resident

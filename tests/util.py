@@ -60,3 +60,34 @@ def run_rule(rule: Callable[..., None], store: Store, tmp_path: Any) -> None:
     """Call a rule of :func:`store_rules` with ``store`` as its ``local_store``."""
     params = inspect.signature(rule).parameters
     rule(**{k: v for k, v in (("local_store", store), ("tmp_path", tmp_path)) if k in params})
+
+
+def resident_bytes(path) -> int:
+    """Bytes of ``path`` that sit in the page cache now (mincore(2) over a mapping of it)."""
+    import ctypes
+    import mmap
+    import os
+
+    size = os.path.getsize(path)
+    if size == 0:
+        return 0
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+    page = mmap.PAGESIZE
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+        if addr in (None, ctypes.c_void_p(-1).value):
+            raise OSError(ctypes.get_errno(), "mmap failed")
+        try:
+            vec = ctypes.create_string_buffer(-(-size // page))
+            if libc.mincore(addr, size, vec) != 0:
+                raise OSError(ctypes.get_errno(), "mincore failed")
+            return sum(b & 1 for b in vec.raw) * page
+        finally:
+            libc.munmap(addr, size)
+    finally:
+        os.close(fd)
