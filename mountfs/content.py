@@ -59,8 +59,8 @@ from client.hashing import md5_fd
 from client.retry import resume_while_progressing
 from client.store.base import LocalBlobs, Store, UrlBatching
 
-from .fetch import (DROP_SLACK, BlockReader, EvictedBlockError, FetchConfig, FetchError, MiB, PartialFile,
-                    ReadaheadWindow, StreamSlots, drop_pages,
+from .fetch import (BlockReader, EvictedBlockError, FetchConfig, FetchError, MiB, PartialFile,
+                    ReadaheadWindow, StreamSlots, drop_pages, passed_end,
                     ShortReadError, StreamBlocks, Streamer, is_temp_failure, retrying)
 from .metrics import FetchMetrics
 from .namespace import SIBLING_BATCH, FileRef
@@ -601,9 +601,8 @@ class ContentReader:
         advice = handle.window.advise(off, size)
         if advice is None:
             return
-        behind = self.config.drop_behind
-        if 0 < behind <= handle.obj.ref.size:  # one copy in memory: see FetchConfig.drop_behind
-            upto = (max(0, off - DROP_SLACK) // self.config.block_size) * self.config.block_size
+        if self.config.drops_behind(handle.obj.ref.size):  # one copy in memory
+            upto = passed_end(off, self.config.block_size)
             if upto > handle.dropped:
                 drop_pages(fd, handle.dropped, upto)
                 handle.dropped = upto
@@ -812,7 +811,7 @@ class ContentReader:
             trusted = ref.source is not None and ref.source.trust_blocks  # pinned reads: see ref_source
             obj.partial = (PinnedPartialFile if trusted else PartialFile)(
                 self.cache.partial_dir, name, ref.size, self.config.block_size, blockmap=bm,
-                drop_behind=0 < self.config.drop_behind <= ref.size)
+                drop_behind=self.config.drops_behind(ref.size))
             obj.source, obj.whole_pending = "partial", bm is None and not trusted
             obj.reader = BlockReader(
                 ref.size, self._fetcher(ref),

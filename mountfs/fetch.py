@@ -81,6 +81,12 @@ DROP_SLACK = 8 * MiB
 DROP_STEP = 4 * MiB
 
 
+def passed_end(read_end: int, block_size: int) -> int:
+    """Where a reader at ``read_end`` lets its pages go: :data:`DROP_SLACK` behind it, on a
+    block boundary (the one rule of drop-behind, for partial and complete objects alike)."""
+    return (max(0, read_end - DROP_SLACK) // block_size) * block_size
+
+
 def drop_pages(fd: int, start: int, end: int) -> None:
     """Ask the kernel to drop the page cache of [start, end) of ``fd`` (clean pages only:
     a dirty page is written back first, never lost); a no-op where it cannot."""
@@ -125,6 +131,10 @@ class FetchConfig:
     #: reader has passed: the reader's file holds it in the kernel's page cache already, so the
     #: cache object's own pages of it are dropped once on disk (0: keep them)
     drop_behind: int = 64 * MiB
+
+    def drops_behind(self, size: int) -> bool:
+        """Whether an object of ``size`` bytes drops its pages behind its reader."""
+        return 0 < self.drop_behind <= size
 
 
 # -- retries -----------------------------------------------------------------------------
@@ -292,7 +302,7 @@ class PartialFile:
         self._whole_checked = False  #: mark_all_checked: the whole object matched its md5
         self._hash_lock = threading.Lock()
         self._retired = False
-        #: drop the pages behind the furthest read at each flush (FetchConfig.drop_behind)
+        #: drop the pages behind the furthest read, once on disk (FetchConfig.drop_behind)
         self._drop_behind = drop_behind
         self._read_end = 0  #: the end of the furthest read served
         self._prefix = 0  #: blocks [0, _prefix) were present at the last flush
@@ -385,7 +395,7 @@ class PartialFile:
         are due.  Never a loss: the kernel drops clean pages only, and a dropped page is
         read from the disk again."""
         with self._lock:
-            upto = (min(self._synced_end, max(0, self._read_end - DROP_SLACK)) // self.block_size) * self.block_size
+            upto = min(passed_end(self._read_end, self.block_size), self._synced_end)
             if upto - self._dropped <= step:
                 return
             start, self._dropped = self._dropped, upto
