@@ -93,8 +93,11 @@ class BlobBlocks:
         self.nblocks = -(-size // block_size)
         self._have = bytearray(b"\x01" * self.nblocks if confirmed else self.nblocks)
         self._checked = bytearray(self.nblocks)
+        self._nchecked = 0
         self._count = self.nblocks if confirmed else 0
         self._lock = threading.Lock()
+        #: called once, by the read that checks the last unchecked block
+        self.on_checked: Callable[[], None] | None = None
 
     def has(self, i: int) -> bool:
         return bool(self._have[i])
@@ -114,7 +117,14 @@ class BlobBlocks:
                 block = os.pread(self.fd, self.block_size, i * self.block_size)
                 if not self.blockmap.check(i, block):
                     raise BlockMismatchError(i, f"block {i} failed verification")
-                self._checked[i] = 1
+                with self._lock:
+                    if self._checked[i]:
+                        continue  # another reader checked it meanwhile
+                    self._checked[i] = 1
+                    self._nchecked += 1
+                    last = self._nchecked == self.nblocks
+                if last and self.on_checked is not None:
+                    self.on_checked()
         return os.pread(self.fd, size, off)
 
     def ready(self, off: int, size: int) -> bool:
@@ -910,8 +920,10 @@ class ContentReader:
             return True
         bm = self.blockmap(ref)
         if bm is not None:  # changed since checked, or never marked: check blocks as they are read
-            obj.blob = BlobBlocks(fd, ref.size, self.config.block_size, bm, confirmed=True)
+            obj.blob, obj.blob_stat = BlobBlocks(fd, ref.size, self.config.block_size, bm, confirmed=True), os.fstat(fd)
             obj.source = "cache"
+            # every block checked: marked then, so the next daemon serves it by fd at once
+            obj.blob.on_checked = lambda: self._schedule_promotion(obj)
             obj.reader = BlockReader(ref.size, lambda start, length: None, obj.blob,
                                      block_size=self.config.block_size, max_request=self.config.max_request,
                                      executor=self._executor)
@@ -1056,13 +1068,23 @@ class ContentReader:
             obj.promoting = False
 
     def _promote_blob(self, obj: _Object) -> None:
-        """Every block of a local blob confirmed: hash it once, then mark and link it."""
+        """Every block of a local blob confirmed: hash it once, then mark and link it.  An
+        unmarked cache object checked block by block is marked, never hashed whole here (a
+        block that fails its check is refetched by the read that finds it)."""
         with obj.lock:
             blob, st = obj.blob, obj.blob_stat
             if blob is None or st is None or obj.promoting or obj.closed or not blob.complete():
                 return
             obj.promoting = True
         try:
+            if obj.source == "cache":
+                if blob.verified() and _same_file(os.fstat(blob.fd), st):
+                    with obj.lock:
+                        if not obj.closed:
+                            self._mark_verified(blob.fd, obj.ref.md5)
+                            obj.fd = blob.fd  # the same open file, now verified
+                            obj.blob = obj.reader = None
+                return
             if blob.verified() and _same_file(os.fstat(blob.fd), st):
                 actual = obj.ref.md5  # every block checked as it was read, the file unchanged since
             else:
@@ -1098,7 +1120,7 @@ class ContentReader:
         try:
             dest = self.cache.add_file(md5, path, keep_mtime=True)
             with open(dest, "rb") as f:  # the copy's pages would push the mount's out of memory
-                os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+                drop_pages(f.fileno(), 0, os.fstat(f.fileno()).st_size)
         except Exception as exc:  # noqa: BLE001 - the cache is an optimisation here
             log.warning("could not cache %s: %s", md5, exc)
 

@@ -523,6 +523,47 @@ def test_an_in_place_blob_checked_block_by_block_is_not_hashed_again(local_store
     assert cr2.stats()["md5_bytes"] == 0
 
 
+def test_an_unmarked_cache_object_checked_block_by_block_is_marked_once(local_store, tmp_path: Path) -> None:
+    """A complete cache object without a verified marker (the SDK stages a logged file so,
+    without an fsync) is served through its block map, each block checked as it is read;
+    once every block was checked it is marked, so the next daemon serves it by fd at once
+    instead of hashing it block by block again (every mount did, before)."""
+    from client.cache import has_verified_marker
+
+    data = os.urandom(4 * MiB + 5)
+    md5 = upload_bytes(local_store, "ent", data, tmp_path)
+    cache = Cache(tmp_path / "cache")
+    staged = tmp_path / "staged"
+    staged.write_bytes(data)
+    cached = cache.adopt(md5, staged, fsync=False)  # as Artifact.add_file stages it: no marker
+    os.utime(cached, (1000, 1000))  # logged a while before the mount (outside the racy window)
+    fd = os.open(cached, os.O_RDONLY)
+    try:
+        assert not has_verified_marker(fd, md5)
+    finally:
+        os.close(fd)
+    cfg = FetchConfig(block_size=MiB, max_request=MiB, local_blobs=False)
+    ref = FileRef("ent", md5, len(data), "v", "p")
+    cr = ContentReader(local_store, cache, cfg)
+    h = cr.open(ref)
+    out = b"".join(cr.read(h, off, 256 * KiB) for off in range(0, len(data), 256 * KiB))
+    assert out == data
+    cr.close(h)
+    cr.shutdown()
+    assert cr.store_requests == 0 and cr.stats()["md5_bytes"] == 0  # checked by the map, not hashed
+    fd = os.open(cached, os.O_RDONLY)
+    try:
+        assert has_verified_marker(fd, md5)
+    finally:
+        os.close(fd)
+    cr2 = ContentReader(local_store, cache, cfg)  # a remount: the marker is trusted
+    h2 = cr2.open(ref)
+    assert cr2.read(h2, MiB, 10) == data[MiB:MiB + 10]
+    assert h2.obj.fd is not None and h2.obj.reader is None  # by fd: no block reader, no md5
+    cr2.close(h2)
+    cr2.shutdown()
+
+
 def test_a_file_reference_put_back_while_it_is_checked_is_served_after_one_refetch(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A file:// source rewritten and put back while its whole-md5 check reads it: the check
