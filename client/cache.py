@@ -52,6 +52,7 @@ import logging
 import os
 import shutil
 import sqlite3
+import stat
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -121,7 +122,19 @@ def set_verified_marker(fd: int, md5_hex: str, *, durable: bool = False) -> bool
     try:
         if not durable:
             os.fdatasync(fd)
-        os.setxattr(fd, VERIFIED_XATTR, f"{_marker(md5_hex, os.fstat(fd))} {time.time_ns()}".encode())
+        value = f"{_marker(md5_hex, os.fstat(fd))} {time.time_ns()}".encode()
+        try:
+            os.setxattr(fd, VERIFIED_XATTR, value)
+        except PermissionError:
+            # A user.* xattr needs write permission, and cache objects are read-only (0444):
+            # only root could mark them.  Their owner lends itself the write bit for the call
+            # (fchmod moves ctime only, which the marker does not name).
+            mode = stat.S_IMODE(os.fstat(fd).st_mode)
+            os.fchmod(fd, mode | stat.S_IWUSR)
+            try:
+                os.setxattr(fd, VERIFIED_XATTR, value)
+            finally:
+                os.fchmod(fd, mode)
         return True
     except OSError as exc:
         log.debug("no verified marker for %s: %s", md5_hex, exc)

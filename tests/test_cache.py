@@ -242,6 +242,55 @@ def test_verified_marker_written_on_install_and_invalidated_by_a_write(tmp_path:
     assert c.checked(md5, len(data)) is None and not p.exists()  # re-hashed, dropped
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="switches to an unprivileged user to run as one")
+def test_a_mount_run_by_an_ordinary_user_marks_its_read_only_objects() -> None:
+    """Cache objects are 0444, and a user.* xattr needs write permission on the file: as any
+    user but root, no marker was ever set, so every daemon re-checked every object.  Run as
+    nobody, in a forked child: an install and a later verify both leave a trusted marker."""
+    import shutil
+    import tempfile
+    import traceback
+
+    from client.cache import has_verified_marker
+
+    top = Path(tempfile.mkdtemp(prefix="afs-nobody-", dir="/tmp"))  # pytest's tmp is root's 0700
+    os.chmod(top, 0o755)
+    root = top / "c"
+    root.mkdir()
+    os.chown(root, 65534, 65534)
+    data = b"mark me as nobody" * 1000
+    md5 = __import__("hashlib").md5(data).hexdigest()
+    pid = os.fork()
+    if pid == 0:  # the child: exit 0 only if both markers hold
+        code = 1
+        try:
+            os.setgroups([])
+            os.setgid(65534)
+            os.setuid(65534)
+            c = Cache(root)
+            with c.writer(md5) as out:
+                out.write(data)
+            p = c.path(md5)
+            ok = []
+            for step in ("install", "verify"):
+                if step == "verify":
+                    os.utime(p, (1000, 1000))  # voids the install's marker
+                    c.verify(md5)
+                fd = os.open(p, os.O_RDONLY)
+                try:
+                    ok.append(has_verified_marker(fd, md5) and not os.fstat(fd).st_mode & 0o222)
+                finally:
+                    os.close(fd)
+            code = 0 if all(ok) else 2 + ok.index(False)
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    shutil.rmtree(top)
+    assert os.waitstatus_to_exitcode(status) == 0, "1: failed (see stderr), 2: no marker after install, 3: none after verify"
+
+
 def test_lookup_touches_atime_not_mtime(tmp_path: Path) -> None:
     c = Cache(tmp_path / "c")
     data = b"lru"
