@@ -1079,6 +1079,7 @@ class ContentReader:
         try:
             if obj.source == "cache":
                 if blob.verified() and _same_file(os.fstat(blob.fd), st):
+                    os.fdatasync(blob.fd)  # a staged object may be unsynced: not under the lock
                     with obj.lock:
                         if not obj.closed:
                             self._mark_verified(blob.fd, obj.ref.md5)
