@@ -829,7 +829,9 @@ class ContentReader:
                 executor=self._executor,
                 on_complete=lambda: None if obj.whole_pending else self._schedule_promotion(obj),
                 streamer=self._streamer(ref), max_stream=self.config.max_stream,
-                stream_idle=self.config.stream_idle, stream_slots=self._stream_slots)
+                stream_idle=self.config.stream_idle, stream_slots=self._stream_slots,
+                # a store on this machine streams file reads: a second one gains nothing there
+                stream_split=0.0 if isinstance(self.store, LocalBlobs) else self.config.stream_split)
             if obj.partial.complete() and not obj.whole_pending:  # resumed a fully fetched partial
                 self._schedule_promotion(obj)
 

@@ -54,6 +54,7 @@ class MountOptions:
     threads: int = 16  #: worker threads for blocking I/O (trio CapacityLimiter)
     block_size: int = 1 << 20
     parallel: int = 8
+    stream_split: float = 0.0  #: FetchConfig.stream_split (0: one stream per sequential reader)
     attempts: int = 4
     backoff: float = 0.1
     timeout: float = dataclasses.field(default_factory=lambda: _request_timeout())  #: bound per request, s
@@ -237,7 +238,8 @@ def run(options: MountOptions) -> int:
     watchdog = not isinstance(store, (LocalStore, HttpStore))
     content = ContentReader(store, cache, FetchConfig(
         block_size=options.block_size, parallel=options.parallel, attempts=options.attempts,
-        backoff=options.backoff, timeout=options.timeout, watchdog=watchdog, local_blobs=options.local_blobs))
+        backoff=options.backoff, timeout=options.timeout, watchdog=watchdog, local_blobs=options.local_blobs,
+        stream_split=options.stream_split))
     indexes = IndexStore(cache.root / "index", content.manifest_path)
     manager: DraftManager | None = None
     drafts: DraftFS | None = None

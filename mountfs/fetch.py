@@ -38,6 +38,7 @@ import contextlib
 import contextvars
 import hashlib
 import logging
+import math
 import os
 import queue
 import struct
@@ -79,6 +80,11 @@ MiB = 1 << 20
 DROP_SLACK = 8 * MiB
 #: a read drops behind itself once this much is due (one fadvise per 4 MiB read, not per read)
 DROP_STEP = 4 * MiB
+#: a stream is split (see BlockReader._split) only once it has delivered this many blocks (its
+#: start-up and rate are measured), each part keeps at least this many, and one region of a
+#: file has at most SPLIT_MAX_STREAMS streams at once
+SPLIT_MIN_BLOCKS = 8
+SPLIT_MAX_STREAMS = 4
 
 
 def passed_end(read_end: int, block_size: int) -> int:
@@ -131,6 +137,15 @@ class FetchConfig:
     #: reader has passed: the reader's file holds it in the kernel's page cache already, so the
     #: cache object's own pages of it are dropped once on disk (0: keep them)
     drop_behind: int = 64 * MiB
+    #: opt-in (``--stream-split``): a sequential reader waiting on its one stream gets a second
+    #: stream ahead of it (which takes over the first one's far end) when the part the first
+    #: keeps takes at least this many times that stream's own start-up (request to first byte)
+    #: to arrive at the rate it was measured at: a second connection only where the endpoint
+    #: starts a request cheaply against what one connection carries (S3, s3rver), never where
+    #: each ranged GET costs a rebuild of the object (moto).  0 (the default, decided
+    #: 2026-12-07 by bench/peers on s3rver: split 179-228 MiB/s, one stream 201-307, on 2
+    #: cores shared with the endpoint): one stream per sequential region
+    stream_split: float = 0.0
 
     def drops_behind(self, size: int) -> bool:
         """Whether an object of ``size`` bytes drops its pages behind its reader."""
@@ -578,6 +593,12 @@ class _Stream:
     stop: bool = False  #: claim nothing more
     abort: bool = False  #: and deliver nothing more (nobody is left to read it)
     done: Future[None] = dataclasses.field(default_factory=Future)
+    #: what it measured (monotonic seconds): its request sent, its first byte, time it waited
+    #: for its reader (back-pressure, not the endpoint's), and blocks handed since the first byte
+    asked: float = 0.0
+    first_byte: float = 0.0
+    waited: float = 0.0
+    handed: int = 0
 
     def __post_init__(self) -> None:
         if self.sent < 0:
@@ -591,7 +612,8 @@ class BlockReader:
                  block_size: int, max_request: int, executor: ThreadPoolExecutor,
                  on_complete: Callable[[], None] | None = None,
                  streamer: Streamer | None = None, max_stream: int = 0, max_ahead: int = 0,
-                 stream_idle: float = 10.0, stream_slots: StreamSlots | None = None) -> None:
+                 stream_idle: float = 10.0, stream_slots: StreamSlots | None = None,
+                 stream_split: float = 0.0) -> None:
         self.size, self.fetcher, self.blocks = size, fetcher, blocks
         self.block_size = block_size
         self.max_blocks = max(1, max_request // block_size)
@@ -604,6 +626,8 @@ class BlockReader:
         self.executor = executor
         self.on_complete = on_complete
         self.stream_idle = stream_idle
+        #: see FetchConfig.stream_split; never with a storage that keeps only a window
+        self.stream_split = stream_split if max_ahead == 0 else 0.0
         self.stream_slots = stream_slots if stream_slots is not None or streamer is None else StreamSlots(1)
         self._lock = threading.Lock()
         self._moved = threading.Condition(self._lock)  #: a reader moved on, or streams must stop
@@ -617,6 +641,7 @@ class BlockReader:
         self._settle_due = False
         self.requests = 0
         self.bytes_requested = 0
+        self.splits = 0  #: streams started ahead of a running one (:meth:`_split`)
 
     def _claim(self, lo: int, hi: int) -> tuple[list[int], list[Future[None]]]:
         """Blocks in [lo, hi] this caller must fetch, and every future it must wait for."""
@@ -737,11 +762,48 @@ class BlockReader:
                     return True
                 if s.sent >= s.end:
                     return False
-                left = deadline - time.monotonic()
+                now = time.monotonic()
+                left = deadline - now
                 if left <= 0:
                     log.debug("stream paused %.0f s without its reader: ended", self.stream_idle)
                     return False
                 self._moved.wait(left)
+                s.waited += time.monotonic() - now  # the reader's time, not the endpoint's
+
+    def _split(self, s: _Stream) -> _Stream | None:
+        """(Lock held; the stream's thread, after it handed a block.)  A second stream ahead of
+        ``s`` when its reader waits on it and a second connection pays; the caller starts it.
+
+        The reader waits on ``s`` when ``s`` has claimed (for the reader's window) far more than
+        it has received.  A second stream pays when the part ``s`` keeps, received at the rate
+        ``s`` was measured at, takes at least ``stream_split`` times the start-up ``s`` had
+        (request to first byte): then the new request's start-up hides behind what ``s`` still
+        carries.  The new stream takes over the claimed blocks past that part and the rest of
+        the range; ``s`` ends where it begins.  No block changes hands twice: the waiters of a
+        claimed block wait on its future, whoever stores it."""
+        if s.handed < SPLIT_MIN_BLOCKS or s.stop or len(self._streams) >= SPLIT_MAX_STREAMS:
+            return None
+        ahead = s.claimed - s.sent
+        if ahead < 2 * SPLIT_MIN_BLOCKS:
+            return None  # the stream keeps up with its reader: one connection is enough
+        busy = time.monotonic() - s.first_byte - s.waited
+        if busy <= 0:
+            return None
+        per_block = busy / s.handed  #: seconds one block takes on this connection
+        keep = max(SPLIT_MIN_BLOCKS, math.ceil(self.stream_split * (s.first_byte - s.asked) / per_block))
+        if ahead < keep + SPLIT_MIN_BLOCKS:
+            return None
+        slots = self.stream_slots
+        if slots is None or not slots.acquire():
+            return None
+        cut = s.sent + keep
+        helper = _Stream(next=cut, claimed=s.claimed, end=s.end, want=s.want)
+        # what the helper carries is counted by its own request, not twice
+        self.bytes_requested -= min(s.end * self.block_size, self.size) - cut * self.block_size
+        s.claimed = s.end = cut
+        self._streams.add(helper)
+        self.splits += 1
+        return helper
 
     def _run_stream(self, s: _Stream) -> None:
         """The stream's thread: one ranged request [next, end), block by block, in order.
@@ -759,6 +821,7 @@ class BlockReader:
             self.bytes_requested += length
         buf = bytearray()  #: the start of a block that spans chunks
         pos = start
+        s.asked = time.monotonic()
         failure: list[BaseException] = []  #: the writer's, if a block could not be stored
         blocks: queue.Queue[tuple[int, bytes | memoryview] | None] = queue.Queue(WRITE_AHEAD)
 
@@ -792,11 +855,18 @@ class BlockReader:
             blocks.put((s.sent, data))
             with self._lock:
                 s.sent += 1
+                s.handed += 1
+                helper = self._split(s) if self.stream_split else None
+            if helper is not None:
+                assert self.stream_slots is not None
+                self.stream_slots.run(lambda: self._run_stream(helper))
 
         def deliver(offset: int, chunk: bytes | memoryview) -> None:
             nonlocal pos
             if offset != pos:
                 raise ShortReadError(f"stream chunk at {offset}, expected {pos}")
+            if not s.first_byte:
+                s.first_byte = time.monotonic()
             pos += len(chunk)
             view = memoryview(chunk)
             if not isinstance(view.obj, bytes):

@@ -682,3 +682,93 @@ def test_a_sequential_reader_of_a_cached_object_keeps_one_copy(local_store, tmp_
         assert resident <= 16 * MiB, resident  # the slack behind the last window advised
     else:
         assert resident == len(data), resident
+
+
+class PacedStreamer:
+    """A streamer over bytes in memory, as a remote endpoint sends them: ``setup`` seconds
+    before the first byte (the endpoint's time to first byte), then 256 KiB chunks paced at
+    ``rate`` bytes/s per connection.  Records every stream and how many ran at once."""
+
+    CHUNK = 256 * KiB
+
+    def __init__(self, data: bytes, setup: float, rate: float) -> None:
+        self.data, self.setup, self.rate = data, setup, rate
+        self.lock = threading.Lock()
+        self.streams: list[tuple[int, int]] = []
+        self.open = self.most_open = 0
+
+    def __call__(self, start: int, length: int, deliver) -> None:
+        import time
+        with self.lock:
+            self.streams.append((start, length))
+            self.open += 1
+            self.most_open = max(self.most_open, self.open)
+        try:
+            time.sleep(self.setup)
+            for off in range(start, start + length, self.CHUNK):
+                time.sleep(self.CHUNK / self.rate)
+                deliver(off, self.data[off:min(off + self.CHUNK, start + length)])
+        finally:
+            with self.lock:
+                self.open -= 1
+
+
+def _paced_read(data: bytes, streamer: PacedStreamer, pool, split: float) -> BlockReader:
+    """A sequential reader of ``data`` (1 MiB reads, the mount's readahead window) through a
+    BlockReader that streams; returns the reader once every byte was read and checked."""
+    from mountfs.fetch import StreamSlots
+    src = CountingSource(data)
+    slots = StreamSlots(4)
+    r = BlockReader(len(data), src, MemoryBlocks(len(data), MiB), block_size=MiB, max_request=8 * MiB,
+                    executor=pool, streamer=streamer, max_stream=1 << 40, stream_slots=slots,
+                    stream_split=split)
+    window = ReadaheadWindow(MiB, 64 * MiB, trigger=MiB)
+    for off in range(0, len(data), MiB):
+        advice = window.advise(off, MiB)
+        if advice is not None:
+            r.prefetch(*advice)
+        assert r.read(off, MiB) == data[off:off + MiB], off
+    assert r.wait_idle(30)
+    slots.shutdown()
+    return r
+
+
+def _paced_data(n_mib: int) -> bytes:
+    base = os.urandom(MiB - 8)
+    return b"".join(i.to_bytes(8, "little") + base for i in range(n_mib))
+
+
+def test_a_stream_bound_reader_gets_a_second_stream_where_the_endpoint_starts_fast(pool) -> None:
+    """Issue 17: one connection of a file-backed endpoint (s3rver) carries ~280 MiB/s and two
+    carry ~450, so a reader that waits on its one stream gets a second one ahead of it, which
+    takes over the stream's far end: both run at once, each block is still fetched once."""
+    data = _paced_data(160)
+    streamer = PacedStreamer(data, setup=0.0, rate=400 * MiB)
+    r = _paced_read(data, streamer, pool, split=10.0)
+    assert len(streamer.streams) >= 2, streamer.streams
+    assert streamer.most_open >= 2, streamer.streams
+    assert len(streamer.streams) <= 160 // 8, streamer.streams  # each stream keeps >= 8 blocks
+    # every byte asked for once: the streams' ranges (cut where the next took over) and the
+    # reader's first ranged request add up to the file
+    starts = sorted(s for s, _ in streamer.streams)
+    assert len(set(starts)) == len(starts)
+    assert r.bytes_requested == len(data), (r.bytes_requested, streamer.streams)
+    assert r.splits == len(streamer.streams) - 1
+
+
+def test_a_stream_stays_one_where_each_request_starts_slowly(pool) -> None:
+    """An endpoint that takes long to start each request (moto assembles the whole object for
+    every ranged GET: ~0.3 s for 256 MiB) keeps one stream: a second would cost more to start
+    than it carries."""
+    data = _paced_data(96)
+    streamer = PacedStreamer(data, setup=0.3, rate=400 * MiB)
+    r = _paced_read(data, streamer, pool, split=10.0)
+    assert len(streamer.streams) == 1, streamer.streams
+    assert r.bytes_requested == len(data)
+
+
+def test_a_stream_is_never_split_when_splitting_is_off(pool) -> None:
+    data = _paced_data(96)
+    streamer = PacedStreamer(data, setup=0.0, rate=400 * MiB)
+    _paced_read(data, streamer, pool, split=0.0)
+    assert len(streamer.streams) == 1, streamer.streams
