@@ -52,6 +52,15 @@ log = logging.getLogger(__name__)
 MULTIPART_THRESHOLD = int(os.environ.get("ARTIFACTFS_S3_MULTIPART_THRESHOLD", 64 << 20))
 MIN_PART_SIZE = int(os.environ.get("ARTIFACTFS_S3_PART_SIZE", 16 << 20))
 MAX_PARTS = 10_000
+#: S3's limit of one CopyObject: a verified staged object up to this size is placed by one copy
+#: request; only a larger one needs a multipart copy (UploadPartCopy, which s3rver and other
+#: emulators lack: boto3's managed copy went multipart from 1 GiB on, and a 1 GiB `log` failed)
+MAX_SINGLE_COPY = 5 << 30
+
+
+def copy_in_one_request(size: int) -> bool:
+    """Whether a staged object of ``size`` bytes is placed by one CopyObject."""
+    return size <= MAX_SINGLE_COPY
 
 
 def part_size_for(size: int) -> int:
@@ -251,23 +260,59 @@ class S3BlobBackend:
         if not staging.startswith(expected_prefix):
             raise DigestMismatchError("multipart upload does not belong to this blob")
         parts = [{"PartNumber": i + 1, "ETag": e} for i, e in enumerate(etags or [])]
-        self._call(self.client.complete_multipart_upload, Bucket=self.bucket, Key=staging,
-                   UploadId=str(upload["upload_id"]), MultipartUpload={"Parts": parts})
+        try:
+            self._call(self.client.complete_multipart_upload, Bucket=self.bucket, Key=staging,
+                       UploadId=str(upload["upload_id"]), MultipartUpload={"Parts": parts})
+        except (botocore.exceptions.ClientError, StoreUnavailableError) as exc:
+            # Sent again after a /complete that completed the upload and then failed (the
+            # endpoint, while the staged object was verified or copied): the upload id is gone,
+            # the staged object was kept for this retry.  Neither there: upload again.
+            if self._staged_size(staging) is None:
+                if isinstance(exc, StoreUnavailableError):
+                    raise
+                raise NotFoundError(f"the multipart upload of blob {md5_hex} is gone (completed and dropped, "
+                                    f"or aborted): upload it again") from None
         self._promote(entity, md5_hex, staging, size, hasher)
+
+    def _staged_size(self, staging: str) -> int | None:
+        try:
+            return int(self.client.head_object(Bucket=self.bucket, Key=staging)["ContentLength"])
+        except Exception:  # noqa: BLE001 - not there, or the endpoint is down: nothing to resume
+            return None
 
     def _promote(self, entity: str, md5_hex: str, staging: str, size: int | None = None,
                  hasher: BlockHasher | None = None) -> None:
-        """Hash a staged object; copy it to its blob key if it matches, delete it either way."""
+        """Hash a staged object and copy it to its blob key if it matches.  Bytes that do not
+        match are deleted at once; a staged object the endpoint failed under (while it was
+        hashed or copied) is kept, so the client's retry of ``/complete`` resumes from it
+        (objects under ``.uploads/`` a client never came back for: see OPERATIONS.md)."""
         try:
             head = self._call(self.client.head_object, Bucket=self.bucket, Key=staging)
-            if size is not None and int(head["ContentLength"]) != size:
+            length = int(head["ContentLength"])
+            if size is not None and length != size:
                 raise DigestMismatchError(f"blob {md5_hex} has {head['ContentLength']} bytes, {size} declared")
             if self._hash_object(staging, hasher) != md5_hex:
                 raise DigestMismatchError(f"uploaded bytes for {md5_hex} have a different md5; upload again")
-            self.client.copy({"Bucket": self.bucket, "Key": staging}, self.bucket, self.key(entity, md5_hex),
-                             Config=TransferConfig(multipart_threshold=1 << 30, multipart_chunksize=256 << 20))
-        finally:
+            self._place(staging, self.key(entity, md5_hex), length)
+        except DigestMismatchError:
+            self._drop_staged(staging)
+            raise
+        self._drop_staged(staging)
+
+    def _place(self, staging: str, key: str, size: int) -> None:
+        """Copy a verified staged object to its blob key, server-side."""
+        source = {"Bucket": self.bucket, "Key": staging}
+        if copy_in_one_request(size):
+            self._call(self.client.copy_object, Bucket=self.bucket, Key=key, CopySource=source)
+        else:
+            self._call(self.client.copy, CopySource=source, Bucket=self.bucket, Key=key,
+                       Config=TransferConfig(multipart_threshold=MAX_SINGLE_COPY + 1, multipart_chunksize=256 << 20))
+
+    def _drop_staged(self, staging: str) -> None:
+        try:
             self.client.delete_object(Bucket=self.bucket, Key=staging)
+        except Exception as exc:  # noqa: BLE001 - the blob is decided; a leftover is swept by lifecycle
+            log.warning("could not delete the staged object %s: %s", staging, exc)
 
     def _hash_object(self, key: str, hasher: BlockHasher | None = None) -> str:
         body = self._call(self.client.get_object, Bucket=self.bucket, Key=key)["Body"]
