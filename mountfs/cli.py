@@ -149,10 +149,10 @@ def check_mountpoint(mp: Path, allow_non_empty: bool) -> None:
 @click.option("--fast-path", is_flag=True,
               help="Serve :vN versions whose files are all in the cache from a read-only tree bound over "
                    "their directory (no FUSE request per file; needs root; see docs/SEMANTICS.md).")
-@click.option("--stream-split", default=0.0, show_default=True, type=click.FloatRange(min=0),
+@click.option("--stream-split", default=10.0, show_default=True, type=click.FloatRange(min=0),
               help="Give a sequential reader that waits on its one stream a second connection ahead when the "
-                   "part the first keeps takes RATIO times a request's start-up to arrive (try 10 on an "
-                   "endpoint far away; 0: one stream per reader).", metavar="RATIO")
+                   "part the first keeps takes RATIO times a request's start-up to arrive, while splits "
+                   "are seen to pay on this store (0: one stream per reader).", metavar="RATIO")
 @click.option("--debug", is_flag=True, hidden=True)
 def mount_command(mountpoint: str, store: str | None, cache_dir: str | None, cache_size: int | None,
                   alias_ttl: float, attr_timeout: float, read_only: bool, fuse_opts: tuple[str, ...],
@@ -160,7 +160,7 @@ def mount_command(mountpoint: str, store: str | None, cache_dir: str | None, cac
                   allow_root: bool, log_file: str | None, log_level: str, auto_unmount: bool, allow_non_empty: bool,
                   lazy_connect: bool, foreground: bool, debug: bool, no_commit: bool = False,
                   metrics_port: int | None = None, metrics_address: str = "127.0.0.1",
-                  metrics_file: str | None = None, fast_path: bool = False, stream_split: float = 0.0) -> None:
+                  metrics_file: str | None = None, fast_path: bool = False, stream_split: float = 10.0) -> None:
     """Mount the artifact store at MOUNTPOINT (an existing, empty directory).
 
     MOUNTPOINT/<entity>/<project>/<name>:<version> is read-only; mkdir <name>:draft in a

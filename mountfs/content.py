@@ -60,7 +60,7 @@ from client.retry import resume_while_progressing
 from client.store.base import LocalBlobs, Store, UrlBatching
 
 from .fetch import (BlockReader, EvictedBlockError, FetchConfig, FetchError, MiB, PartialFile,
-                    ReadaheadWindow, StreamSlots, drop_pages, passed_end,
+                    ReadaheadWindow, SplitGauge, StreamSlots, drop_pages, passed_end,
                     ShortReadError, StreamBlocks, Streamer, is_temp_failure, retrying)
 from .metrics import FetchMetrics
 from .namespace import SIBLING_BATCH, FileRef
@@ -253,6 +253,7 @@ class ContentReader:
         self.config = config or FetchConfig()
         self._executor = ThreadPoolExecutor(self.config.parallel, thread_name_prefix="artifactfs-fetch")
         self._stream_slots = StreamSlots(self.config.streams)
+        self._split_gauge = SplitGauge()  #: whether splitting streams pays on this store, learnt
         self._io = ThreadPoolExecutor(max(4 * self.config.parallel, 16), thread_name_prefix="artifactfs-io")
         self._lock = threading.Lock()
         self._objects: dict[str, _Object] = {}
@@ -288,7 +289,8 @@ class ContentReader:
                     "open_objects": len(self._objects),
                     "blockmap_requests": self.blockmap_requests, "verify_failures": self.verify_failures,
                     "prefetched": self._walker.fetched, "worker_reads": self.worker_reads,
-                    "md5_bytes": self.md5_bytes}
+                    "md5_bytes": self.md5_bytes, "split_trials": len(self._split_gauge.gains),
+                    "splits_pay": int(self._split_gauge.allowed())}
 
     # -- verification ------------------------------------------------------------------
     def blockmap(self, ref: FileRef) -> BlockMap | None:
@@ -831,7 +833,8 @@ class ContentReader:
                 streamer=self._streamer(ref), max_stream=self.config.max_stream,
                 stream_idle=self.config.stream_idle, stream_slots=self._stream_slots,
                 # a store on this machine streams file reads: a second one gains nothing there
-                stream_split=0.0 if isinstance(self.store, LocalBlobs) else self.config.stream_split)
+                stream_split=0.0 if isinstance(self.store, LocalBlobs) else self.config.stream_split,
+                split_gauge=self._split_gauge)
             if obj.partial.complete() and not obj.whole_pending:  # resumed a fully fetched partial
                 self._schedule_promotion(obj)
 

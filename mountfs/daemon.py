@@ -54,7 +54,7 @@ class MountOptions:
     threads: int = 16  #: worker threads for blocking I/O (trio CapacityLimiter)
     block_size: int = 1 << 20
     parallel: int = 8
-    stream_split: float = 0.0  #: FetchConfig.stream_split (0: one stream per sequential reader)
+    stream_split: float = 10.0  #: FetchConfig.stream_split (0: one stream per sequential reader)
     attempts: int = 4
     backoff: float = 0.1
     timeout: float = dataclasses.field(default_factory=lambda: _request_timeout())  #: bound per request, s

@@ -85,6 +85,9 @@ DROP_STEP = 4 * MiB
 #: file has at most SPLIT_MAX_STREAMS streams at once
 SPLIT_MIN_BLOCKS = 8
 SPLIT_MAX_STREAMS = 4
+#: SplitGauge: splits judged before the gauge decides, and the median gain that keeps splitting on
+SPLIT_TRIALS = 2
+SPLIT_PAYS = 1.3
 
 
 def passed_end(read_end: int, block_size: int) -> int:
@@ -137,15 +140,15 @@ class FetchConfig:
     #: reader has passed: the reader's file holds it in the kernel's page cache already, so the
     #: cache object's own pages of it are dropped once on disk (0: keep them)
     drop_behind: int = 64 * MiB
-    #: opt-in (``--stream-split``): a sequential reader waiting on its one stream gets a second
-    #: stream ahead of it (which takes over the first one's far end) when the part the first
-    #: keeps takes at least this many times that stream's own start-up (request to first byte)
-    #: to arrive at the rate it was measured at: a second connection only where the endpoint
-    #: starts a request cheaply against what one connection carries (S3, s3rver), never where
-    #: each ranged GET costs a rebuild of the object (moto).  0 (the default, decided
-    #: 2026-12-07 by bench/peers on s3rver: split 179-228 MiB/s, one stream 201-307, on 2
-    #: cores shared with the endpoint): one stream per sequential region
-    stream_split: float = 0.0
+    #: ``--stream-split``: a sequential reader waiting on its one stream gets a second stream
+    #: ahead of it (which takes over the first one's far end) when the part the first keeps
+    #: takes at least this many times that stream's own start-up (request to first byte) to
+    #: arrive at the rate it was measured at, and while the store's SplitGauge has seen splits
+    #: pay (or has not judged enough yet): a second connection only where the endpoint starts a
+    #: request cheaply against what one connection carries AND two connections carry more than
+    #: one (S3, a far endpoint), never where each ranged GET costs a rebuild of the object
+    #: (moto) nor where connections share one limit.  0: one stream per sequential region
+    stream_split: float = 10.0
 
     def drops_behind(self, size: int) -> bool:
         """Whether an object of ``size`` bytes drops its pages behind its reader."""
@@ -579,6 +582,32 @@ class StreamSlots:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 
+class SplitGauge:
+    """Whether splitting streams pays on this endpoint, learnt from the splits themselves (one
+    per store, shared by all its files).  After each split the two streams' rates while both
+    ran, added up, are compared with the first one's rate alone before (the *gain*).  Splitting
+    goes on while fewer than :data:`SPLIT_TRIALS` gains are known or the median of the last
+    ones is at least :data:`SPLIT_PAYS`: an endpoint that caps each connection (S3, a far one)
+    gains ~2x per split; one whose connections share a limit (the CPU it shares with the
+    daemon, say) gains nothing, and after its trials no stream is split any more."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.gains: list[float] = []  #: the last few, oldest first
+
+    def allowed(self) -> bool:
+        with self._lock:
+            return len(self.gains) < SPLIT_TRIALS or self._median() >= SPLIT_PAYS
+
+    def report(self, gain: float) -> None:
+        with self._lock:
+            self.gains = (self.gains + [gain])[-2 * SPLIT_TRIALS:]
+
+    def _median(self) -> float:
+        g = sorted(self.gains)
+        return (g[(len(g) - 1) // 2] + g[len(g) // 2]) / 2
+
+
 @dataclass(eq=False)
 class _Stream:
     """One long sequential stream of a BlockReader: blocks [next, claimed) are claimed
@@ -599,6 +628,16 @@ class _Stream:
     first_byte: float = 0.0
     waited: float = 0.0
     handed: int = 0
+    #: (time, handed, waited) from which its rate alone is measured: its first byte, or, for a
+    #: stream started by a split, the end of the stream it was split from (before, the two
+    #: shared the endpoint)
+    base: tuple[float, int, float] | None = None
+    #: after it was split: the stream ahead, and (time, handed, waited) at the split and its
+    #: rate alone before it (blocks/s), to judge the split when this stream ends (SplitGauge)
+    helper: "_Stream | None" = None
+    at_split: tuple[float, int, float] = (0.0, 0, 0.0)
+    rate_alone: float = 0.0
+
 
     def __post_init__(self) -> None:
         if self.sent < 0:
@@ -613,7 +652,7 @@ class BlockReader:
                  on_complete: Callable[[], None] | None = None,
                  streamer: Streamer | None = None, max_stream: int = 0, max_ahead: int = 0,
                  stream_idle: float = 10.0, stream_slots: StreamSlots | None = None,
-                 stream_split: float = 0.0) -> None:
+                 stream_split: float = 0.0, split_gauge: SplitGauge | None = None) -> None:
         self.size, self.fetcher, self.blocks = size, fetcher, blocks
         self.block_size = block_size
         self.max_blocks = max(1, max_request // block_size)
@@ -628,6 +667,7 @@ class BlockReader:
         self.stream_idle = stream_idle
         #: see FetchConfig.stream_split; never with a storage that keeps only a window
         self.stream_split = stream_split if max_ahead == 0 else 0.0
+        self.split_gauge = split_gauge or SplitGauge()
         self.stream_slots = stream_slots if stream_slots is not None or streamer is None else StreamSlots(1)
         self._lock = threading.Lock()
         self._moved = threading.Condition(self._lock)  #: a reader moved on, or streams must stop
@@ -781,29 +821,50 @@ class BlockReader:
         carries.  The new stream takes over the claimed blocks past that part and the rest of
         the range; ``s`` ends where it begins.  No block changes hands twice: the waiters of a
         claimed block wait on its future, whoever stores it."""
-        if s.handed < SPLIT_MIN_BLOCKS or s.stop or len(self._streams) >= SPLIT_MAX_STREAMS:
+        if s.base is None or s.stop or s.helper is not None or len(self._streams) >= SPLIT_MAX_STREAMS:
+            return None
+        since, handed, waited = s.base
+        if s.handed - handed < SPLIT_MIN_BLOCKS:
             return None
         ahead = s.claimed - s.sent
         if ahead < 2 * SPLIT_MIN_BLOCKS:
             return None  # the stream keeps up with its reader: one connection is enough
-        busy = time.monotonic() - s.first_byte - s.waited
+        now = time.monotonic()
+        busy = now - since - (s.waited - waited)
         if busy <= 0:
             return None
-        per_block = busy / s.handed  #: seconds one block takes on this connection
+        per_block = busy / (s.handed - handed)  #: seconds one block takes on this connection alone
         keep = max(SPLIT_MIN_BLOCKS, math.ceil(self.stream_split * (s.first_byte - s.asked) / per_block))
         if ahead < keep + SPLIT_MIN_BLOCKS:
             return None
         slots = self.stream_slots
-        if slots is None or not slots.acquire():
+        if not self.split_gauge.allowed() or slots is None or not slots.acquire():
             return None
         cut = s.sent + keep
         helper = _Stream(next=cut, claimed=s.claimed, end=s.end, want=s.want)
         # what the helper carries is counted by its own request, not twice
         self.bytes_requested -= min(s.end * self.block_size, self.size) - cut * self.block_size
         s.claimed = s.end = cut
+        s.helper, s.at_split, s.rate_alone = helper, (now, s.handed, s.waited), 1 / per_block
         self._streams.add(helper)
         self.splits += 1
         return helper
+
+    def _judge_split(self, s: _Stream) -> None:
+        """(Lock held.)  ``s`` was split and has delivered its part: what the split gained, the
+        blocks ``s`` and its helper received since the split, per second of that time (the
+        time ``s`` waited for its reader left out: the reader did not wait on it then), against
+        the rate of ``s`` alone before.  Measured over the same seconds, not per stream: two
+        connections that share one limit each run at half of it."""
+        helper, now = s.helper, time.monotonic()
+        assert helper is not None
+        if not helper.first_byte or s.rate_alone <= 0:
+            return  # the helper never got going (closed meanwhile): nothing learnt
+        at, handed, waited = s.at_split
+        busy = now - at - (s.waited - waited)
+        if busy > 0:
+            both = (s.handed - handed + helper.handed) / busy
+            self.split_gauge.report(both / s.rate_alone)
 
     def _run_stream(self, s: _Stream) -> None:
         """The stream's thread: one ranged request [next, end), block by block, in order.
@@ -867,6 +928,9 @@ class BlockReader:
                 raise ShortReadError(f"stream chunk at {offset}, expected {pos}")
             if not s.first_byte:
                 s.first_byte = time.monotonic()
+                with self._lock:
+                    if s.base is None and not any(o.helper is s for o in self._streams):
+                        s.base = (s.first_byte, 0, 0.0)  # alone from its first byte
             pos += len(chunk)
             view = memoryview(chunk)
             if not isinstance(view.obj, bytes):
@@ -900,6 +964,12 @@ class BlockReader:
             error = failure[0]
         with self._lock:
             left = s.claimed - s.next
+            if s.helper is not None:
+                if error is None and not s.abort and not left:
+                    self._judge_split(s)
+                h = s.helper
+                if h.base is None:
+                    h.base = (time.monotonic(), h.handed, h.waited)  # the helper is alone from here on
             s.stop = True
             self._streams.discard(s)
         if left:

@@ -691,9 +691,13 @@ class PacedStreamer:
 
     CHUNK = 256 * KiB
 
-    def __init__(self, data: bytes, setup: float, rate: float) -> None:
+    def __init__(self, data: bytes, setup: float, rate: float, shared: bool = False) -> None:
         self.data, self.setup, self.rate = data, setup, rate
+        #: ``shared``: all connections share the one rate (an endpoint bound by its CPU), else
+        #: each connection has it (an endpoint that caps each, as S3 does)
+        self.shared = shared
         self.lock = threading.Lock()
+        self.next_free = 0.0  #: shared: when the endpoint can send the next chunk
         self.streams: list[tuple[int, int]] = []
         self.open = self.most_open = 0
 
@@ -705,15 +709,21 @@ class PacedStreamer:
             self.most_open = max(self.most_open, self.open)
         try:
             time.sleep(self.setup)
+            mine = time.monotonic()  #: this connection's schedule
             for off in range(start, start + length, self.CHUNK):
-                time.sleep(self.CHUNK / self.rate)
+                with self.lock:  # the chunk leaves the endpoint at the next free slot of its rate
+                    if self.shared:
+                        self.next_free = mine = max(time.monotonic(), self.next_free) + self.CHUNK / self.rate
+                    else:
+                        mine = max(time.monotonic(), mine) + self.CHUNK / self.rate
+                time.sleep(max(0.0, mine - time.monotonic()))
                 deliver(off, self.data[off:min(off + self.CHUNK, start + length)])
         finally:
             with self.lock:
                 self.open -= 1
 
 
-def _paced_read(data: bytes, streamer: PacedStreamer, pool, split: float) -> BlockReader:
+def _paced_read(data: bytes, streamer: PacedStreamer, pool, split: float, gauge=None) -> BlockReader:
     """A sequential reader of ``data`` (1 MiB reads, the mount's readahead window) through a
     BlockReader that streams; returns the reader once every byte was read and checked."""
     from mountfs.fetch import StreamSlots
@@ -721,7 +731,7 @@ def _paced_read(data: bytes, streamer: PacedStreamer, pool, split: float) -> Blo
     slots = StreamSlots(4)
     r = BlockReader(len(data), src, MemoryBlocks(len(data), MiB), block_size=MiB, max_request=8 * MiB,
                     executor=pool, streamer=streamer, max_stream=1 << 40, stream_slots=slots,
-                    stream_split=split)
+                    stream_split=split, split_gauge=gauge)
     window = ReadaheadWindow(MiB, 64 * MiB, trigger=MiB)
     for off in range(0, len(data), MiB):
         advice = window.advise(off, MiB)
@@ -772,3 +782,32 @@ def test_a_stream_is_never_split_when_splitting_is_off(pool) -> None:
     streamer = PacedStreamer(data, setup=0.0, rate=400 * MiB)
     _paced_read(data, streamer, pool, split=0.0)
     assert len(streamer.streams) == 1, streamer.streams
+
+
+def test_splitting_stops_where_a_second_stream_gains_nothing(pool) -> None:
+    """"Parallel only where the endpoint rewards it": an endpoint whose connections share one
+    rate (s3rver on the 2 cores it shares with the daemon) gains nothing from a split.  The
+    gauge sees it in its trial splits and the next file of the store reads as one stream; an
+    endpoint that caps each connection keeps splitting, file after file."""
+    from mountfs.fetch import SPLIT_PAYS, SPLIT_TRIALS, SplitGauge
+    data = _paced_data(96)  # paced well below what the reader's side can take: the endpoint is the limit
+    shared = SplitGauge()
+    first = PacedStreamer(data, setup=0.0, rate=50 * MiB, shared=True)
+    _paced_read(data, first, pool, split=10.0, gauge=shared)
+    assert len(shared.gains) >= SPLIT_TRIALS and not shared.allowed(), shared.gains
+    assert all(g < SPLIT_PAYS for g in shared.gains), shared.gains
+    tried = len(first.streams)
+    assert 1 + SPLIT_TRIALS <= tried <= 1 + SPLIT_TRIALS + SPLIT_MAX_STREAMS_AT_ONCE, first.streams
+    second = PacedStreamer(data, setup=0.0, rate=50 * MiB, shared=True)
+    _paced_read(data, second, pool, split=10.0, gauge=shared)
+    assert len(second.streams) == 1, second.streams
+
+    capped = SplitGauge()
+    for _ in range(2):
+        each = PacedStreamer(data, setup=0.0, rate=50 * MiB)
+        _paced_read(data, each, pool, split=10.0, gauge=capped)
+        assert len(each.streams) >= 2 and each.most_open >= 2, each.streams
+    assert capped.allowed() and min(capped.gains) >= SPLIT_PAYS, capped.gains
+
+
+SPLIT_MAX_STREAMS_AT_ONCE = 3  #: splits that can be under way before the first judged ones end
