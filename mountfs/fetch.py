@@ -25,7 +25,9 @@ Layers, bottom up:
   The stream is back-pressured: it claims blocks only up to the reader's window, and when it
   is that far ahead it stops reading the socket (TCP holds the sender) until the reader moves
   on; it ends when the file is closed, when it meets a block fetched by someone else, or after
-  ``FetchConfig.stream_idle`` seconds without the reader.
+  ``FetchConfig.stream_idle`` seconds without the reader.  A stream its reader waits on may
+  be split in two where the endpoint starts requests cheaply and the split is seen to pay
+  (``FetchConfig.stream_split``, :class:`SplitGauge`).
 * the content layer (:class:`ContentReader`, which glues these over Store + Cache) lives in
   :mod:`mountfs.content`, together with the zero-copy storage for an embedded store's blobs.
 
