@@ -601,6 +601,12 @@ class SplitGauge:
         with self._lock:
             return len(self.gains) < SPLIT_TRIALS or self._median() >= SPLIT_PAYS
 
+    def proven(self) -> bool:
+        """Whether splits were judged and pay: then a stream split from another may split in
+        turn while that one still runs (more than two connections at once)."""
+        with self._lock:
+            return len(self.gains) >= SPLIT_TRIALS and self._median() >= SPLIT_PAYS
+
     def report(self, gain: float) -> None:
         with self._lock:
             self.gains = (self.gains + [gain])[-2 * SPLIT_TRIALS:]
@@ -823,9 +829,14 @@ class BlockReader:
         carries.  The new stream takes over the claimed blocks past that part and the rest of
         the range; ``s`` ends where it begins.  No block changes hands twice: the waiters of a
         claimed block wait on its future, whoever stores it."""
-        if s.base is None or s.stop or s.helper is not None or len(self._streams) >= SPLIT_MAX_STREAMS:
+        if s.stop or s.helper is not None or len(self._streams) >= SPLIT_MAX_STREAMS or not s.first_byte:
             return None
-        since, handed, waited = s.base
+        base = s.base
+        if base is None:  # split from a stream still running: measured while they share
+            if not self.split_gauge.proven():
+                return None  # its rate alone is not known yet, and splitting may not pay
+            base = (s.first_byte, 0, 0.0)
+        since, handed, waited = base
         if s.handed - handed < SPLIT_MIN_BLOCKS:
             return None
         ahead = s.claimed - s.sent
