@@ -631,7 +631,7 @@ class _Stream:
     abort: bool = False  #: and deliver nothing more (nobody is left to read it)
     done: Future[None] = dataclasses.field(default_factory=Future)
     #: what it measured (monotonic seconds): its request sent, its first byte, time it waited
-    #: for its reader (back-pressure, not the endpoint's), and blocks handed since the first byte
+    #: for its reader (back-pressure, not the endpoint's), and the blocks it handed over
     asked: float = 0.0
     first_byte: float = 0.0
     waited: float = 0.0
@@ -645,7 +645,6 @@ class _Stream:
     helper: "_Stream | None" = None
     at_split: tuple[float, int, float] = (0.0, 0, 0.0)
     rate_alone: float = 0.0
-
 
     def __post_init__(self) -> None:
         if self.sent < 0:
