@@ -96,6 +96,11 @@ class MountCollector(Collector):
         yield GaugeMetricFamily("artifactfs_mount_open_objects", "objects open now", value=stats["open_objects"])
         yield CounterMetricFamily("artifactfs_mount_verify_failures", "blobs that failed verification",
                                   value=stats["verify_failures"])
+        yield GaugeMetricFamily("artifactfs_mount_stream_splits_pay",
+                                "1 while a sequential reader's stream may be split on this store (SplitGauge)",
+                                value=stats["splits_pay"])
+        yield GaugeMetricFamily("artifactfs_mount_stream_split_trials", "splits judged (the last 4 are kept)",
+                                value=stats["split_trials"])
 
 
 def check_address(host: str, port: int) -> None:
