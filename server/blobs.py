@@ -267,35 +267,38 @@ class S3BlobBackend:
             # Sent again after a /complete that completed the upload and then failed (the
             # endpoint, while the staged object was verified or copied): the upload id is gone,
             # the staged object was kept for this retry.  Neither there: upload again.
-            if self._staged_size(staging) is None:
+            if not self._staged(staging):
                 if isinstance(exc, StoreUnavailableError):
                     raise
                 raise NotFoundError(f"the multipart upload of blob {md5_hex} is gone (completed and dropped, "
                                     f"or aborted): upload it again") from None
-        self._promote(entity, md5_hex, staging, size, hasher)
+        self._promote(entity, md5_hex, staging, size, hasher, resumable=True)
 
-    def _staged_size(self, staging: str) -> int | None:
+    def _staged(self, staging: str) -> bool:
         try:
-            return int(self.client.head_object(Bucket=self.bucket, Key=staging)["ContentLength"])
+            self.client.head_object(Bucket=self.bucket, Key=staging)
         except Exception:  # noqa: BLE001 - not there, or the endpoint is down: nothing to resume
-            return None
+            return False
+        return True
 
     def _promote(self, entity: str, md5_hex: str, staging: str, size: int | None = None,
-                 hasher: BlockHasher | None = None) -> None:
-        """Hash a staged object and copy it to its blob key if it matches.  Bytes that do not
-        match are deleted at once; a staged object the endpoint failed under (while it was
-        hashed or copied) is kept, so the client's retry of ``/complete`` resumes from it
-        (objects under ``.uploads/`` a client never came back for: see OPERATIONS.md)."""
+                 hasher: BlockHasher | None = None, resumable: bool = False) -> None:
+        """Hash a staged object and copy it to its blob key if it matches; delete it then, or
+        when its bytes do not match.  ``resumable`` (a client's ``/complete``, which it retries):
+        a staged object the endpoint failed under (while it was hashed or copied) is kept, so the
+        retry resumes from it (one a client never came back for: see OPERATIONS.md); otherwise
+        it is deleted on any failure (nobody would come back for its key)."""
         try:
             head = self._call(self.client.head_object, Bucket=self.bucket, Key=staging)
             length = int(head["ContentLength"])
             if size is not None and length != size:
-                raise DigestMismatchError(f"blob {md5_hex} has {head['ContentLength']} bytes, {size} declared")
+                raise DigestMismatchError(f"blob {md5_hex} has {length} bytes, {size} declared")
             if self._hash_object(staging, hasher) != md5_hex:
                 raise DigestMismatchError(f"uploaded bytes for {md5_hex} have a different md5; upload again")
             self._place(staging, self.key(entity, md5_hex), length)
-        except DigestMismatchError:
-            self._drop_staged(staging)
+        except Exception as exc:
+            if not resumable or isinstance(exc, DigestMismatchError):
+                self._drop_staged(staging)
             raise
         self._drop_staged(staging)
 

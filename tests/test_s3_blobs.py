@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import botocore.exceptions
 import pytest
@@ -102,3 +103,20 @@ def test_a_blob_up_to_five_gib_is_placed_by_one_copy_request(backend) -> None:
     backend.client.meta.events.register("before-call.s3.*", lambda model, **_: ops.append(model.name))
     backend.complete_upload("ent", md5, len(data), upload, etags)
     assert ops.count("CopyObject") == 1 and "UploadPartCopy" not in ops, ops
+
+
+def test_an_upload_through_the_server_leaves_nothing_staged_when_the_endpoint_fails(backend, tmp_path: Path,
+                                                                                  monkeypatch) -> None:
+    """``put_file`` (the admin tooling's upload) stages under a fresh key each time, so nobody
+    resumes it: a failure while placing it deletes the staged object, as it always did."""
+    data = os.urandom(12 * MiB)
+    src = tmp_path / "blob"
+    src.write_bytes(data)
+
+    def failing_copy(**kwargs):
+        raise botocore.exceptions.EndpointConnectionError(endpoint_url=backend.endpoint_url)
+
+    monkeypatch.setattr(backend.client, "copy_object", failing_copy)
+    with pytest.raises(StoreUnavailableError):
+        backend.put_file("ent", md5_bytes(data), src)
+    assert _keys(backend) == []
