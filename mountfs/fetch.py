@@ -636,9 +636,10 @@ class _Stream:
     first_byte: float = 0.0
     waited: float = 0.0
     handed: int = 0
-    #: (time, handed, waited) from which its rate alone is measured: its first byte, or, for a
-    #: stream started by a split, the end of the stream it was split from (before, the two
-    #: shared the endpoint)
+    #: started by a split: it shares the endpoint with the stream it was split from until that
+    #: one ends, so its rate alone is measured from then, not from its first byte
+    shares: bool = False
+    #: (time, handed, waited) from which its rate alone is measured (None: not yet known)
     base: tuple[float, int, float] | None = None
     #: after it was split: the stream ahead, and (time, handed, waited) at the split and its
     #: rate alone before it (blocks/s), to judge the split when this stream ends (SplitGauge)
@@ -853,7 +854,7 @@ class BlockReader:
         if not self.split_gauge.allowed() or slots is None or not slots.acquire():
             return None
         cut = s.sent + keep
-        helper = _Stream(next=cut, claimed=s.claimed, end=s.end, want=s.want)
+        helper = _Stream(next=cut, claimed=s.claimed, end=s.end, want=s.want, shares=True)
         # what the helper carries is counted by its own request, not twice
         self.bytes_requested -= min(s.end * self.block_size, self.size) - cut * self.block_size
         s.claimed = s.end = cut
@@ -941,7 +942,7 @@ class BlockReader:
             if not s.first_byte:
                 s.first_byte = time.monotonic()
                 with self._lock:
-                    if s.base is None and not any(o.helper is s for o in self._streams):
+                    if not s.shares and s.base is None:
                         s.base = (s.first_byte, 0, 0.0)  # alone from its first byte
             pos += len(chunk)
             view = memoryview(chunk)
@@ -980,8 +981,9 @@ class BlockReader:
                 if error is None and not s.abort and not left:
                     self._judge_split(s)
                 h = s.helper
-                if h.base is None:
-                    h.base = (time.monotonic(), h.handed, h.waited)  # the helper is alone from here on
+                h.shares = False  # the helper is alone from here on (from its first byte, if later)
+                if h.first_byte and h.base is None:
+                    h.base = (time.monotonic(), h.handed, h.waited)
             s.stop = True
             self._streams.discard(s)
         if left:
