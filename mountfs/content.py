@@ -60,7 +60,7 @@ from client.retry import resume_while_progressing
 from client.store.base import LocalBlobs, Store, UrlBatching
 
 from .fetch import (BlockReader, EvictedBlockError, FetchConfig, FetchError, MiB, PartialFile,
-                    ReadaheadWindow, SplitGauge, StreamSlots, drop_pages, passed_end,
+                    ReadaheadWindow, SplitGauge, StreamSlots, drop_pages, passed_end, split_state,
                     ShortReadError, StreamBlocks, Streamer, is_temp_failure, retrying)
 from .metrics import FetchMetrics
 from .namespace import SIBLING_BATCH, FileRef
@@ -253,7 +253,9 @@ class ContentReader:
         self.config = config or FetchConfig()
         self._executor = ThreadPoolExecutor(self.config.parallel, thread_name_prefix="artifactfs-fetch")
         self._stream_slots = StreamSlots(self.config.streams)
-        self._split_gauge = SplitGauge()  #: whether splitting streams pays on this store, learnt
+        #: whether splitting streams pays on this store, learnt, and kept in the cache for the
+        #: next daemon (one file per store location)
+        self._split_gauge = SplitGauge(split_state(cache.root, store.location), store.location)
         self._io = ThreadPoolExecutor(max(4 * self.config.parallel, 16), thread_name_prefix="artifactfs-io")
         self._lock = threading.Lock()
         self._objects: dict[str, _Object] = {}

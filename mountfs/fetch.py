@@ -39,6 +39,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import hashlib
+import json
 import logging
 import math
 import os
@@ -90,6 +91,8 @@ SPLIT_MAX_STREAMS = 4
 #: SplitGauge: splits judged before the gauge decides, and the median gain that keeps splitting on
 SPLIT_TRIALS = 2
 SPLIT_PAYS = 1.3
+#: seconds a store's split verdict, kept in the cache, is trusted by a later daemon
+SPLIT_VERDICT_AGE = 24 * 3600.0
 
 
 def passed_end(read_end: int, block_size: int) -> int:
@@ -584,6 +587,15 @@ class StreamSlots:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 
+def _location_key(location: str) -> str:
+    return hashlib.sha256(location.encode()).hexdigest()
+
+
+def split_state(cache_root: Path, location: str) -> Path:
+    """Where a daemon keeps the SplitGauge verdict of the store at ``location``."""
+    return cache_root / "state" / f"stream-split-{_location_key(location)[:16]}.json"
+
+
 class SplitGauge:
     """Whether splitting streams pays on this endpoint, learnt from the splits themselves (one
     per store, shared by all its files).  After each split the two streams' rates while both
@@ -591,11 +603,37 @@ class SplitGauge:
     goes on while fewer than :data:`SPLIT_TRIALS` gains are known or the median of the last
     ones is at least :data:`SPLIT_PAYS`: an endpoint that caps each connection (S3, a far one)
     gains ~2x per split; one whose connections share a limit (the CPU it shares with the
-    daemon, say) gains nothing, and after its trials no stream is split any more."""
+    daemon, say) gains nothing, and after its trials no stream is split any more.
 
-    def __init__(self) -> None:
+    With a ``state`` file the gains outlive the daemon: a later one over the same cache and
+    ``location`` starts from them (no trial splits again after every remount) for
+    :data:`SPLIT_VERDICT_AGE` seconds after they were last written.  The file is a hint: one
+    that is unreadable, stale, for another location or not what this class writes is ignored,
+    and a write that fails leaves the gauge working in memory.
+    """
+
+    def __init__(self, state: Path | None = None, location: str = "", *,
+                 max_age: float = SPLIT_VERDICT_AGE, now: Callable[[], float] = time.time) -> None:
         self._lock = threading.Lock()
-        self.gains: list[float] = []  #: the last few, oldest first
+        #: the file names the store by a digest of its location, never the location itself
+        #: (a URL may carry credentials)
+        self._state, self._location, self._now = state, _location_key(location), now
+        self.gains: list[float] = self._load(max_age)  #: the last few, oldest first
+
+    def _load(self, max_age: float) -> list[float]:
+        if self._state is None:
+            return []
+        try:
+            kept = json.loads(self._state.read_bytes())
+            gains, saved = kept["gains"], float(kept["saved"])
+            if kept["location"] != self._location or not 0 <= self._now() - saved <= max_age:
+                return []
+            if not isinstance(gains, list) or not all(
+                    isinstance(g, (int, float)) and 0 < g < math.inf for g in gains):
+                return []
+            return [float(g) for g in gains][-2 * SPLIT_TRIALS:]
+        except (OSError, ValueError, TypeError, KeyError):
+            return []
 
     def allowed(self) -> bool:
         with self._lock:
@@ -609,7 +647,15 @@ class SplitGauge:
 
     def report(self, gain: float) -> None:
         with self._lock:
-            self.gains = (self.gains + [gain])[-2 * SPLIT_TRIALS:]
+            self.gains = gains = (self.gains + [gain])[-2 * SPLIT_TRIALS:]
+        if self._state is not None:
+            record = {"location": self._location, "saved": self._now(), "gains": gains}
+            try:
+                self._state.parent.mkdir(parents=True, exist_ok=True)
+                with atomic_write(self._state, durable=False) as f:  # a hint: losing it costs a trial
+                    f.write(json.dumps(record).encode())
+            except OSError as exc:
+                log.debug("could not keep the split verdict in %s: %s", self._state, exc)
 
     def _median(self) -> float:
         g = sorted(self.gains)

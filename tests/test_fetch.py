@@ -813,3 +813,61 @@ def test_splitting_stops_where_a_second_stream_gains_nothing(pool) -> None:
 
 
 SPLIT_MAX_STREAMS_AT_ONCE = 3  #: splits that can be under way before the first judged ones end
+
+
+def test_a_later_daemon_starts_from_the_split_verdict_kept_in_the_cache(pool, tmp_path) -> None:
+    """A mount that remounts (a fleet under systemd, a job restarted) asks its store the same
+    question again: the gauge's verdict is kept in the cache, so the next daemon's first large
+    file pays no trial splits where splitting was seen not to pay."""
+    from mountfs.fetch import SPLIT_TRIALS, SplitGauge
+    data = _paced_data(96)
+    state = tmp_path / "state" / "split.json"
+    first = SplitGauge(state, "http://registry.example")
+    _paced_read(data, PacedStreamer(data, setup=0.0, rate=50 * MiB, shared=True), pool, split=10.0, gauge=first)
+    assert len(first.gains) >= SPLIT_TRIALS and not first.allowed(), first.gains
+    assert state.is_file()
+
+    later = SplitGauge(state, "http://registry.example")
+    assert later.gains == first.gains and not later.allowed()
+    again = PacedStreamer(data, setup=0.0, rate=50 * MiB, shared=True)
+    _paced_read(data, again, pool, split=10.0, gauge=later)
+    assert len(again.streams) == 1, again.streams  # no trial split this time
+
+    # the verdict is about one store: another location behind the same cache starts afresh
+    assert SplitGauge(state.with_name("other.json"), "http://other.example").gains == []
+
+
+def test_a_kept_split_verdict_expires_and_a_damaged_one_is_ignored(tmp_path) -> None:
+    """An endpoint changes (moved, upgraded, the machine got cores): a verdict older than its
+    age is not trusted, and a state file that is not one the gauge wrote is ignored, never an
+    error (the file is a hint; deleting it is always safe)."""
+    import time as _time
+    from mountfs.fetch import SPLIT_VERDICT_AGE, SplitGauge
+    state = tmp_path / "split.json"
+    LOC = "https://user:secret@registry.example"
+    gauge = SplitGauge(state, LOC)
+    for g in (1.0, 1.05):
+        gauge.report(g)
+    assert not gauge.allowed()
+    assert SplitGauge(state, LOC).gains == [1.0, 1.05]
+    stale = SplitGauge(state, LOC, now=lambda: _time.time() + SPLIT_VERDICT_AGE + 60)
+    assert stale.gains == [] and stale.allowed()
+    assert SplitGauge(state, "elsewhere").gains == []  # a file written for another store
+    import json as _json
+    written = _json.loads(state.read_bytes())
+    assert "secret" not in state.read_text() and "registry" not in state.read_text()  # the location is kept as a digest (a URL may carry a secret)
+    damaged = [{**written, "gains": ["x"]}, {**written, "gains": [1.0, -1.0]}, {**written, "gains": 2.0},
+               {**written, "saved": _time.time() + 3600}, {k: v for k, v in written.items() if k != "saved"}]
+    for junk in [b"{", b"[]", b"\xff\xfe", _json.dumps(written).replace("1.05", "1e400").encode()] + [
+            _json.dumps(d).encode() for d in damaged]:
+        state.write_bytes(junk)
+        assert SplitGauge(state, LOC).gains == [], junk
+    state.write_text(_json.dumps(written))
+    assert SplitGauge(state, LOC).gains == [1.0, 1.05]  # the control: the file as written is read
+    # a cache it cannot write (full, read-only; here a file where its directory would be):
+    # the gauge works on in memory
+    blocked = tmp_path / "blocked"
+    blocked.write_bytes(b"")
+    g = SplitGauge(blocked / "split.json", LOC)
+    g.report(2.0)
+    assert g.gains == [2.0]
