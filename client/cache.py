@@ -54,11 +54,12 @@ import shutil
 import sqlite3
 import stat
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, BinaryIO
+from typing import IO, Any, BinaryIO, TypeVar
 
 from . import settings
 from .atomic import write_fully
@@ -68,6 +69,7 @@ from .hashing import is_md5_hex, md5_fd, md5_file
 from .cache_index import CacheIndex
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 #: lookup() refreshes an object's LRU stamp only when it is older than this (saves a syscall
 #: per read on hot objects; LRU precision of a few seconds is plenty).
@@ -281,9 +283,33 @@ class Cache:
         for d in (self.objects_dir, self.tmp_dir, self.locks_dir, self.partial_dir):
             d.mkdir(parents=True, exist_ok=True)
         self._shards: set[str] = set()  #: shard dirs known to exist (saves a mkdir per insert)
+        self._layout_lock = threading.Lock()
         self.index = CacheIndex(self.root / "index.sqlite")
         if not self.index.built():  # a new index, or a cache from before the index: one scan
             self.reindex()
+
+    def restore_layout(self) -> None:
+        """Make the cache's directories and index again where they went missing under this
+        process (a user's ``rm -rf`` of the cache while a mount or a notebook runs).  The
+        objects that went with them are fetched again when next read; nothing else is lost, and
+        the index is made to match what is on disk (one scan), so the bound still holds."""
+        with self._layout_lock:
+            objects_gone = not self.objects_dir.is_dir()
+            for d in (self.objects_dir, self.tmp_dir, self.locks_dir, self.partial_dir):
+                d.mkdir(parents=True, exist_ok=True)
+            self._shards.clear()
+            if self.index.reopen_if_replaced() or objects_gone or not self.index.built():
+                log.warning("the cache directory %s was removed or emptied while in use: made again", self.root)
+                self.reindex()
+
+    def in_layout(self, create: Callable[[], _T]) -> _T:
+        """``create()``: a file made in the cache's directories; tried once more after
+        :meth:`restore_layout` when a directory it needed had gone (FileNotFoundError)."""
+        try:
+            return create()
+        except FileNotFoundError:
+            self.restore_layout()
+            return create()
 
     # -- addressing ------------------------------------------------------------------------
     def path(self, md5_hex: str) -> Path:
@@ -361,7 +387,8 @@ class Cache:
         """A new, empty temp file for ``md5_hex``, open for writing.  Written through this very
         descriptor: reopening it with O_TRUNC would make ext4 flush it on close (auto_da_alloc),
         CPU and disk writes on the read path of every cold small file."""
-        fd, name = tempfile.mkstemp(prefix=f"{md5_hex}.", suffix=".incomplete", dir=self.tmp_dir)
+        fd, name = self.in_layout(lambda: tempfile.mkstemp(prefix=f"{md5_hex}.", suffix=".incomplete",
+                                                           dir=self.tmp_dir))
         return fd, Path(name)
 
     # -- reading ---------------------------------------------------------------------------

@@ -63,6 +63,7 @@ class CacheIndex:
         self._lock = threading.Lock()
         self._conn: sqlite3.Connection | None = None
         self._pid = 0
+        self._ino = 0  #: the inode of the file the connection has open
         #: statements run (tests count them; a miss must not depend on the object count)
         self.queries = 0
 
@@ -71,6 +72,7 @@ class CacheIndex:
         with self._lock:
             if self._conn is None or self._pid != os.getpid():  # a forked child opens its own
                 self._conn, self._pid = self._open(), os.getpid()
+                self._ino = os.stat(self.path).st_ino
             self.queries += 1
             yield self._conn
 
@@ -90,6 +92,22 @@ class CacheIndex:
                 if "locked" not in str(exc) or time.monotonic() > deadline:
                     raise
                 time.sleep(0.01)
+
+    def reopen_if_replaced(self) -> bool:
+        """Whether the index file was deleted or replaced since this process opened it (rows
+        written since went to a file nobody else reads); if so, the next query opens the one
+        at the path, made anew if need be."""
+        with self._lock:
+            if self._conn is None:
+                return False
+            try:
+                if os.stat(self.path).st_ino == self._ino:
+                    return False
+            except FileNotFoundError:
+                pass
+            self._conn.close()
+            self._conn = None
+            return True
 
     def built(self) -> bool:
         with self._db() as c:

@@ -209,13 +209,8 @@ def hash_into_staging(src: Path, policy: str, skip_cache: bool, staging_dir: Cal
         return Hashed(hex_to_b64(md5), size, tmp, source, False)
     cache = get_cache()
     tmp = os.path.join(cache.tmp_dir, f"staged-{uuid.uuid4().hex}.incomplete")
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileNotFoundError:  # the cache directory was removed since we opened it
-        _caches.clear()
-        cache = get_cache()
-        tmp = os.path.join(cache.tmp_dir, f"staged-{uuid.uuid4().hex}.incomplete")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    # the cache directory may have been removed since it was opened: made again, once
+    fd = cache.in_layout(lambda: os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
     try:
         with os.fdopen(fd, "wb") as out:
             md5, size = _copy_hashing(src, out, progress.hashed)

@@ -475,7 +475,7 @@ class ContentReader:
 
         def call() -> bytes:
             with self.metrics.fetching():
-                self.store.download_blob(entity, md5, tmp)
+                self.cache.in_layout(lambda: self.store.download_blob(entity, md5, tmp))
             self.metrics.fetched_bytes.inc(tmp.stat().st_size)
             return b""
 
@@ -823,9 +823,9 @@ class ContentReader:
                 return
             obj.partial_hold = hold  # None: no room and no map to stream it verified; cached anyway
             trusted = ref.source is not None and ref.source.trust_blocks  # pinned reads: see ref_source
-            obj.partial = (PinnedPartialFile if trusted else PartialFile)(
+            obj.partial = self.cache.in_layout(lambda: (PinnedPartialFile if trusted else PartialFile)(
                 self.cache.partial_dir, name, ref.size, self.config.block_size, blockmap=bm,
-                drop_behind=self.config.drops_behind(ref.size))
+                drop_behind=self.config.drops_behind(ref.size)))
             obj.source, obj.whole_pending = "partial", bm is None and not trusted
             obj.reader = BlockReader(
                 ref.size, self._fetcher(ref),

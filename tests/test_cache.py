@@ -414,3 +414,38 @@ def test_stamp_many_moves_stamps_and_still_adds_corrects_and_keeps_pins(tmp_path
         rows = dict(db.execute("SELECT key, stamp FROM objects WHERE key IN (?, ?, ?, ?)",
                                (keys[0], keys[1], keys[2], "f" * 32)).fetchall())
     assert rows == {keys[0]: 9, keys[1]: PINNED + 5, keys[2]: 9, "f" * 32: 9}
+
+
+def test_a_cache_directory_deleted_under_a_live_process_is_rebuilt(tmp_path: Path) -> None:
+    """Users free space with ``rm -rf ~/.cache/artifactfs`` while a notebook or a mount runs.
+    That costs the process the objects it had, never its next downloads: the cache's layout
+    and index are made again where they went missing, and what is installed after is on disk
+    and counted, for this process and the next."""
+    import hashlib
+    import shutil
+
+    root = tmp_path / "cache"
+    cache = Cache(root, max_bytes=1 << 30)
+    old = os.urandom(5000)
+    old_md5 = hashlib.md5(old).hexdigest()
+    cache.install_verified([(old_md5, old)])
+    assert cache.lookup(old_md5, len(old)) is not None
+    for gone in (lambda: shutil.rmtree(root), lambda: [shutil.rmtree(p) if p.is_dir() else p.unlink()
+                                                        for p in list(root.iterdir())]):
+        gone()
+        blobs = [os.urandom(3000 + i) for i in range(3)]
+        md5s = [hashlib.md5(b).hexdigest() for b in blobs]
+        cache.install_verified([(md5s[0], blobs[0])])  # the mount's small files
+        cache.install_prepared([cache.prepare_verified(md5s[1], blobs[1])])  # the SDK's downloads
+
+        def fill(f, data=blobs[2]) -> None:
+            f.write(data)
+        cache.fetch(md5s[2], len(blobs[2]), fill)  # a fetched object, under its key's lock
+        for m, b in zip(md5s, blobs):
+            assert cache.lookup(m, len(b)) is not None and cache.path(m).read_bytes() == b
+        assert cache.lookup(old_md5, len(old)) is None  # gone with the directory: fetched again
+        info = cache.info()
+        assert (info.entries, info.bytes) == (3, sum(map(len, blobs))), info
+        later = Cache(root, max_bytes=1 << 30)  # the next process sees the same cache
+        assert (later.info().entries, later.info().bytes) == (3, sum(map(len, blobs)))
+        later.index.close()

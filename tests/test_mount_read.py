@@ -392,3 +392,32 @@ def test_cache_is_shared_with_sdk_download_both_ways(tmp_path: Path, monkeypatch
             assert m.stats()["store_requests"] == 0
     finally:
         restore()
+
+
+def test_a_cache_directory_emptied_under_a_live_mount_costs_fetches_never_eio(tmp_path: Path) -> None:
+    """``rm -rf <cache>/*`` while the drive is mounted (freeing space, a cleanup job) used to
+    turn every later lookup and open of something uncached into EIO until a remount.  Now the
+    daemon makes its cache layout again where it went missing: the next reads fetch again and
+    get the right bytes, and what they fetch is cached again."""
+    from tests.util import commit_files
+    files = {"small.bin": os.urandom(3000), "big.bin": os.urandom(5 << 20), "later/c.bin": os.urandom(70_000)}
+    store = LocalStore(tmp_path / "store")
+    commit_files(store, tmp_path, files)
+    store.close()
+    cache_dir = tmp_path / "cache"
+    with mounted(tmp_path / "store", tmp_path, local_blobs=False) as m:
+        version = m.path / "ent" / "proj" / "ds:v0"
+        assert (version / "small.bin").read_bytes() == files["small.bin"]
+        for p in list(cache_dir.iterdir()):
+            if p.name != "logs":  # the daemon's open log is not the cache's business
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
+        assert (version / "big.bin").read_bytes() == files["big.bin"]
+        assert (version / "later" / "c.bin").read_bytes() == files["later/c.bin"]
+        assert (version / "small.bin").read_bytes() == files["small.bin"]
+        stats = m.stats()
+    cache = Cache(cache_dir, max_bytes=1 << 30)
+    for name in ("big.bin", "later/c.bin"):
+        data = files[name]
+        assert cache.lookup(hashlib.md5(data).hexdigest(), len(data)) is not None, name
+    cache.index.close()
+    assert stats["verify_failures"] == 0
