@@ -292,6 +292,7 @@ class ContentReader:
                     "blockmap_requests": self.blockmap_requests, "verify_failures": self.verify_failures,
                     "prefetched": self._walker.fetched, "worker_reads": self.worker_reads,
                     "md5_bytes": self.md5_bytes, "split_trials": len(self._split_gauge.gains),
+                    "stream_splits": self._split_gauge.splits,
                     "splits_pay": int(self._split_gauge.allowed())}
 
     # -- verification ------------------------------------------------------------------

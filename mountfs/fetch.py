@@ -618,6 +618,7 @@ class SplitGauge:
         #: the file names the store by a digest of its location, never the location itself
         #: (a URL may carry credentials)
         self._state, self._location, self._now = state, _location_key(location), now
+        self.splits = 0  #: streams split on this store by this daemon (the mount's metrics)
         self.gains: list[float] = self._load(max_age)  #: the last few, oldest first
 
     def _load(self, max_age: float) -> list[float]:
@@ -644,6 +645,10 @@ class SplitGauge:
         turn while that one still runs (more than two connections at once)."""
         with self._lock:
             return len(self.gains) >= SPLIT_TRIALS and self._median() >= SPLIT_PAYS
+
+    def count_split(self) -> None:
+        with self._lock:
+            self.splits += 1
 
     def report(self, gain: float) -> None:
         with self._lock:
@@ -907,6 +912,7 @@ class BlockReader:
         s.helper, s.at_split, s.rate_alone = helper, (now, s.handed, s.waited), 1 / per_block
         self._streams.add(helper)
         self.splits += 1
+        self.split_gauge.count_split()
         return helper
 
     def _judge_split(self, s: _Stream) -> None:

@@ -101,6 +101,8 @@ class MountCollector(Collector):
                                 value=stats["splits_pay"])
         yield GaugeMetricFamily("artifactfs_mount_stream_split_trials", "splits judged (the last 4 are kept)",
                                 value=stats["split_trials"])
+        yield CounterMetricFamily("artifactfs_mount_stream_splits", "streams split in two (a second connection for one reader)",
+                                  value=stats["stream_splits"])
 
 
 def check_address(host: str, port: int) -> None:

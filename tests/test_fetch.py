@@ -764,6 +764,7 @@ def test_a_stream_bound_reader_gets_a_second_stream_where_the_endpoint_starts_fa
     assert len(set(starts)) == len(starts)
     assert r.bytes_requested == len(data), (r.bytes_requested, streamer.streams)
     assert r.splits == len(streamer.streams) - 1
+    assert r.split_gauge.splits == r.splits  # what the mount's metrics count, per store
 
 
 def test_a_stream_stays_one_where_each_request_starts_slowly(pool) -> None:

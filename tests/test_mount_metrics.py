@@ -75,6 +75,7 @@ def test_mount_metrics_count_requests_cache_fetches_and_errors(tmp_path: Path) -
     # the split gauge (mountfs/fetch.py SplitGauge): nothing judged yet, so splitting is allowed
     assert after[("artifactfs_mount_stream_splits_pay", ())] == stats_after["splits_pay"] == 1
     assert after[("artifactfs_mount_stream_split_trials", ())] == stats_after["split_trials"] == 0
+    assert after[("artifactfs_mount_stream_splits_total", ())] == stats_after["stream_splits"] == 0  # a local store: none
 
     # Both objects are now in the cache: a second mount (fresh counters) serves them from it,
     # and with --metrics-file writes its counters there when it unmounts.
