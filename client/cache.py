@@ -807,6 +807,8 @@ class Cache:
         Reads the total and the oldest rows from the index: no directory scan.
         """
         limit = self.max_bytes if max_bytes is None else max_bytes
+        if self.index.reopen_if_replaced():  # one stat: the index file was deleted under us
+            self.restore_layout()
         _, total = self.index.totals()
         freed = skipped = 0
         while total + needed > limit:

@@ -449,3 +449,26 @@ def test_a_cache_directory_deleted_under_a_live_process_is_rebuilt(tmp_path: Pat
         later = Cache(root, max_bytes=1 << 30)  # the next process sees the same cache
         assert (later.info().entries, later.info().bytes) == (3, sum(map(len, blobs)))
         later.index.close()
+
+
+def test_an_index_file_deleted_under_a_live_process_is_found_at_its_next_eviction(tmp_path: Path) -> None:
+    """Only ``index.sqlite`` deleted (a user resetting it): a process that kept writing to the
+    file it had open would count objects nobody else sees, and the processes sharing the
+    cache would each hold the bound against a different total.  Each eviction checks that the
+    index it has open is still the one at the path, and rebuilds from the disk if not."""
+    import hashlib
+
+    root = tmp_path / "cache"
+    live = Cache(root, max_bytes=1 << 30)
+    first = os.urandom(4000)
+    live.install_verified([(hashlib.md5(first).hexdigest(), first)])
+    for name in ("index.sqlite", "index.sqlite-wal", "index.sqlite-shm"):
+        (root / name).unlink(missing_ok=True)
+    other = Cache(root, max_bytes=1 << 30)  # the next process: a new index, from one scan
+    assert other.info().entries == 1
+    live.evict(0)
+    second = os.urandom(5000)
+    live.install_verified([(hashlib.md5(second).hexdigest(), second)])
+    assert (other.info().entries, other.info().bytes) == (2, 9000)  # one index again, shared
+    assert (live.info().entries, live.info().bytes) == (2, 9000)
+    other.index.close()
