@@ -820,9 +820,9 @@ def test_a_later_daemon_starts_from_the_split_verdict_kept_in_the_cache(pool, tm
     """A mount that remounts (a fleet under systemd, a job restarted) asks its store the same
     question again: the gauge's verdict is kept in the cache, so the next daemon's first large
     file pays no trial splits where splitting was seen not to pay."""
-    from mountfs.fetch import SPLIT_TRIALS, SplitGauge
+    from mountfs.fetch import SPLIT_TRIALS, SplitGauge, split_state
     data = _paced_data(96)
-    state = tmp_path / "state" / "split.json"
+    state = split_state(tmp_path, "http://registry.example")  # where the daemon keeps it
     first = SplitGauge(state, "http://registry.example")
     _paced_read(data, PacedStreamer(data, setup=0.0, rate=50 * MiB, shared=True), pool, split=10.0, gauge=first)
     assert len(first.gains) >= SPLIT_TRIALS and not first.allowed(), first.gains
@@ -834,8 +834,11 @@ def test_a_later_daemon_starts_from_the_split_verdict_kept_in_the_cache(pool, tm
     _paced_read(data, again, pool, split=10.0, gauge=later)
     assert len(again.streams) == 1, again.streams  # no trial split this time
 
-    # the verdict is about one store: another location behind the same cache starts afresh
-    assert SplitGauge(state.with_name("other.json"), "http://other.example").gains == []
+    # the verdict is about one store: another location behind the same cache has a file of
+    # its own, and starts afresh
+    other = split_state(tmp_path, "http://other.example")
+    assert other != state and other.parent == state.parent
+    assert SplitGauge(other, "http://other.example").gains == []
 
 
 def test_a_kept_split_verdict_expires_and_a_damaged_one_is_ignored(tmp_path) -> None:
