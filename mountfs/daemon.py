@@ -239,7 +239,10 @@ def run(options: MountOptions) -> int:
     content = ContentReader(store, cache, FetchConfig(
         block_size=options.block_size, parallel=options.parallel, attempts=options.attempts,
         backoff=options.backoff, timeout=options.timeout, watchdog=watchdog, local_blobs=options.local_blobs,
-        stream_split=options.stream_split))
+        stream_split=options.stream_split,
+        # With the fast path, a version read to its end is served from its cache objects (the
+        # FUSE copy is dropped when it is bound): keep their pages, not the reader's.
+        **({"drop_behind": 0} if options.fast_path else {})))
     indexes = IndexStore(cache.root / "index", content.manifest_path)
     manager: DraftManager | None = None
     drafts: DraftFS | None = None
@@ -264,7 +267,8 @@ def run(options: MountOptions) -> int:
                                   **({"fastpath": fast.stats()} if fast is not None else {})})
     if options.fast_path:
         fast = FastPath(cache, ns, mount_path(options.mountpoint), sweep=options.fast_path_sweep,
-                        dir_mode=options.dir_mode, file_mode=options.file_mode, uid=options.uid, gid=options.gid)
+                        dir_mode=options.dir_mode, file_mode=options.file_mode, uid=options.uid, gid=options.gid,
+                        drop_pages=lambda inode: pyfuse3.invalidate_inode(inode, attr_only=False))
         ns.on_version = fast.notice
     content.directory_files = ns.directory_files  # batched block maps / URLs of siblings
     if drafts is not None:

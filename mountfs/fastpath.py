@@ -78,6 +78,7 @@ log = logging.getLogger(__name__)
 DIRNAME = "fastpath"  #: ``<cache>/fastpath/``
 RECHECK = 30.0  #: seconds before a version that did not qualify is checked again
 PIN_SHARE = 0.5  #: fraction of the cache bound that fast-path trees may pin together
+CANDIDATES = 64  #: versions found not fully cached that each sweep checks again
 #: objects larger than this get a verified marker once hashed for a tree (smaller ones are
 #: cheaper to hash again than to fdatasync + setxattr; the mount re-checks them on open anyway)
 MARK_OVER = 2 << 20
@@ -239,9 +240,12 @@ class FastPath:
     """The daemon's fast-path trees: background checks, builds, binds, sweeps, teardown."""
 
     def __init__(self, cache: Cache, ns: Namespace, mountpoint: str, *, sweep: float = 60.0,
-                 dir_mode: int = 0o555, file_mode: int = 0o444, uid: int | None = None, gid: int | None = None) -> None:
+                 dir_mode: int = 0o555, file_mode: int = 0o444, uid: int | None = None, gid: int | None = None,
+                 drop_pages: Callable[[int], None] = lambda inode: None) -> None:
         self.cache, self.ns, self.mountpoint = cache, ns, mountpoint
         self.sweep_every = sweep
+        #: drops the kernel's cached pages of a FUSE inode (the daemon's pyfuse3.invalidate_inode)
+        self._drop_pages = drop_pages
         self.dir_mode = dir_mode
         self.owner = owner_name()
         self.dir = cache.root / DIRNAME / self.owner
@@ -249,9 +253,14 @@ class FastPath:
         self._jobs: queue.Queue[_Job | None] = queue.Queue()
         self._trees: dict[str, Tree] = {}  #: by version id
         self._checked: dict[str, float] = {}  #: version id -> when it was last queued
+        #: versions whose last check found objects missing, checked again at each sweep (oldest
+        #: first out past CANDIDATES): a version read to its end through FUSE is bound without
+        #: another lookup, which the kernel's cached dentry would never send
+        self._candidates: dict[str, _Job] = {}
         self._closing = False
         self._thread: threading.Thread | None = None
-        self.counts = {"checks": 0, "not_cached": 0, "not_eligible": 0, "torn_down": 0, "failed": 0}
+        self.counts = {"checks": 0, "not_cached": 0, "not_eligible": 0, "torn_down": 0, "failed": 0,
+                       "rechecks": 0, "pages_dropped": 0}
         # A hard link shares the object's owner and mode: only what the objects carry can be shown.
         st = os.stat(cache.objects_dir)
         self.enabled = (file_mode == 0o444 and uid in (None, st.st_uid) and gid in (None, st.st_gid))
@@ -289,16 +298,34 @@ class FastPath:
                 self._run(job)
             if time.monotonic() >= next_sweep:
                 self.sweep()
+                self._recheck()
                 next_sweep = time.monotonic() + self.sweep_every
+
+    def _recheck(self) -> None:
+        """Check the candidates again (the cheap pass stops at the first object still missing)."""
+        with self._lock:
+            jobs = list(self._candidates.values())
+        for job in jobs:
+            if self._closing:
+                return
+            self._count("rechecks")
+            self._run(job)
 
     def _run(self, job: _Job) -> None:
         with self._lock:
             self.counts["checks"] += 1
+        vid = job.version.id
         try:
             self._serve(job)
         except NotCached as exc:
             self._count("not_cached")
+            with self._lock:
+                self._candidates.pop(vid, None)
+                self._candidates[vid] = job  # the newest last
+                while len(self._candidates) > CANDIDATES:
+                    self._candidates.pop(next(iter(self._candidates)))
             log.debug("%s stays on the FUSE path: %s", job.version.qualified_name, exc)
+            return
         except NotEligible as exc:
             self._count("not_eligible")
             log.info("%s stays on the FUSE path: %s", job.version.qualified_name, exc)
@@ -308,6 +335,8 @@ class FastPath:
             if isinstance(exc, PermissionError):
                 self.enabled = False
                 log.warning("fast path off: binding needs CAP_SYS_ADMIN (root)")
+        with self._lock:
+            self._candidates.pop(vid, None)
 
     def _count(self, what: str) -> None:
         with self._lock:
@@ -377,6 +406,20 @@ class FastPath:
             self._release(tree.keys)
             raise
         log.info("fast path: %s served from %s (%d objects)", tree.name, tree.path, len(tree.keys))
+        self._drop_fuse_copies(job.rel)
+
+    def _drop_fuse_copies(self, rel: str) -> None:
+        """The bind hides the version's FUSE inodes from every new open: drop the pages the
+        kernel cached for them, so what a read through FUSE left in memory is held once, by the
+        cache objects the tree links (the fast path keeps those: no drop-behind, see
+        mountfs.daemon).  A file still open through FUSE reads through the daemon again."""
+        for inode in self.ns.files_below(rel):
+            try:
+                self._drop_pages(inode)
+            except OSError as exc:  # the kernel forgot it meanwhile (ENOENT), or cannot (ENOSYS)
+                log.debug("fast path: pages of inode %d stay: %s", inode, exc)
+            else:
+                self._count("pages_dropped")
 
     def _build(self, tree: Tree, index: ManifestIndex, version: VersionRecord) -> None:
         mtime_ns = int(version.created_at.timestamp() * 1e9)

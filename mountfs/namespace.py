@@ -564,6 +564,13 @@ class Namespace:
                 node = self._nodes.get(node.parent) or self._nodes[ROOT_INODE]
         return "/".join(reversed(parts))
 
+    def files_below(self, rel: str) -> list[int]:
+        """Inodes of the live file nodes below the mount-relative directory ``rel``."""
+        with self._lock:
+            files = [n for n in self._nodes.values() if n.kind is Kind.TREE_FILE]
+        prefix = rel.rstrip("/") + "/"
+        return [n.inode for n in files if self.path_of(n).startswith(prefix)]
+
     # -- attributes ----------------------------------------------------------------------
     def attr(self, node: Node) -> Attr:
         cfg = self.config

@@ -282,3 +282,43 @@ def test_pinned_rows_are_never_offered_for_eviction(tmp_path: Path) -> None:
     assert cache.info().bytes == 2000  # still counted
     cache.index.unpin(keys[:2], time.time_ns())
     assert cache.index.pinned_bytes() == 0 and cache.evict(max_bytes=0) == 2000
+
+
+def test_a_version_read_to_its_end_is_bound_and_held_once_in_memory(tmp_path: Path) -> None:
+    """A version read cold through FUSE keeps its cache objects' pages (no drop-behind with the
+    fast path), a later sweep binds it without another lookup, and the bind drops the pages of
+    the FUSE inodes it hides: what the read left in memory is held once, by the cache objects."""
+    from tests.util import resident_bytes
+
+    big = os.urandom(80 << 20)  # over FetchConfig.drop_behind
+    store = LocalStore(tmp_path / "store")
+    commit_files(store, tmp_path, {"big.bin": big})
+    store.close()
+    cache_dir = tmp_path / "cache"
+    with mounted(tmp_path / "store", tmp_path, cache_dir=cache_dir, fast_path=True, local_blobs=False,
+                 fast_path_sweep=0.3) as m:
+        vdir = m.path / V0
+        fd = os.open(vdir / "big.bin", os.O_RDONLY)  # the lookup queues a check: not cached yet
+        try:
+            wait_for("the first check", lambda: fast_stats(m)["not_cached"] >= 1)
+            got = bytearray()
+            while chunk := os.read(fd, 4 << 20):
+                got += chunk
+            assert got == big
+            obj = Cache(cache_dir).path(md5_bytes(big))
+            wait_for("the cache object", obj.exists)
+            through_fuse = f"/proc/self/fd/{fd}"
+            assert resident_bytes(obj) >= 0.9 * len(big), "the cache object's pages were dropped"
+            # No lookup from here on: the sweep's recheck of the candidate binds it (maybe
+            # already: so the FUSE copy, which keep_cache holds until then, is checked after).
+            wait_for("the bind over v0", lambda: str(vdir) in binds_under(m.path))
+            wait_for("the hidden FUSE inode's pages dropped", lambda: fast_stats(m)["pages_dropped"] >= 1)
+            stats = fast_stats(m)
+            assert stats["rechecks"] >= 1 and stats["pages_dropped"] == 1, stats
+            assert resident_bytes(through_fuse) <= 0.05 * len(big), "the hidden FUSE copy stayed in memory"
+            assert resident_bytes(obj) >= 0.9 * len(big)
+            assert os.pread(fd, 1 << 20, 7 << 20) == big[7 << 20:8 << 20]  # the open file: the daemon again
+            assert os.stat(vdir / "big.bin").st_dev != os.fstat(fd).st_dev  # new opens: the tree
+            assert (vdir / "big.bin").read_bytes() == big
+        finally:
+            os.close(fd)
