@@ -223,7 +223,7 @@ def run(options: MountOptions) -> int:
     from .content import ContentReader
     from .drafts.fs import DraftFS
     from .drafts.manager import DraftManager, staging_root
-    from .fastpath import FastPath, clean_stale
+    from .fastpath import RESTORE_WAIT, FastPath, clean_stale
     from .fetch import FetchConfig
     from .manifest_index import IndexStore
     from .namespace import Namespace, NamespaceConfig
@@ -268,7 +268,8 @@ def run(options: MountOptions) -> int:
     if options.fast_path:
         fast = FastPath(cache, ns, mount_path(options.mountpoint), sweep=options.fast_path_sweep,
                         dir_mode=options.dir_mode, file_mode=options.file_mode, uid=options.uid, gid=options.gid,
-                        drop_pages=lambda inode: pyfuse3.invalidate_inode(inode, attr_only=False))
+                        drop_pages=lambda inode: pyfuse3.invalidate_inode(inode, attr_only=False),
+                        location=store.location)
         ns.on_version = fast.notice
     content.directory_files = ns.directory_files  # batched block maps / URLs of siblings
     if drafts is not None:
@@ -313,7 +314,8 @@ def run(options: MountOptions) -> int:
             async def after_init() -> None:
                 await initialised.wait()
                 if fast is not None:
-                    fast.start()
+                    fast.start()  # the versions of recent mounts first: bound before READY
+                    await trio.to_thread.run_sync(fast.restored.wait, RESTORE_WAIT)
                 notify_ready(f"serving {store.location} at {options.mountpoint}")
 
             initialised = trio.Event()

@@ -60,6 +60,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from client.atomic import atomic_write
 from client.cache import Cache, has_verified_marker, set_verified_marker
 from client.hashing import md5_fd
 from client.manifest import EXECUTABLE_KEY, symlink_target
@@ -79,6 +80,9 @@ DIRNAME = "fastpath"  #: ``<cache>/fastpath/``
 RECHECK = 30.0  #: seconds before a version that did not qualify is checked again
 PIN_SHARE = 0.5  #: fraction of the cache bound that fast-path trees may pin together
 CANDIDATES = 64  #: versions found not fully cached that each sweep checks again
+RECENT = "recent.json"  #: ``<cache>/fastpath/recent.json``: the versions mounts of this cache checked
+RECENT_MAX = 64  #: entries kept in it, newest last
+RESTORE_WAIT = 5.0  #: seconds the daemon's readiness waits for the recent versions' binds
 #: objects larger than this get a verified marker once hashed for a tree (smaller ones are
 #: cheaper to hash again than to fdatasync + setxattr; the mount re-checks them on open anyway)
 MARK_OVER = 2 << 20
@@ -241,15 +245,19 @@ class FastPath:
 
     def __init__(self, cache: Cache, ns: Namespace, mountpoint: str, *, sweep: float = 60.0,
                  dir_mode: int = 0o555, file_mode: int = 0o444, uid: int | None = None, gid: int | None = None,
-                 drop_pages: Callable[[int], None] = lambda inode: None) -> None:
+                 drop_pages: Callable[[int], None] = lambda inode: None, location: str = "") -> None:
         self.cache, self.ns, self.mountpoint = cache, ns, mountpoint
+        self.location = location  #: the store's, to tell its entries in RECENT from other stores'
+        #: set once the versions in RECENT were checked (and bound if they qualify) at start
+        self.restored = threading.Event()
         self.sweep_every = sweep
         #: drops the kernel's cached pages of a FUSE inode (the daemon's pyfuse3.invalidate_inode)
         self._drop_pages = drop_pages
         self.dir_mode = dir_mode
         self.owner = owner_name()
         self.dir = cache.root / DIRNAME / self.owner
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  #: never held across a path walk through the mount
+        self._bind_lock = threading.Lock()  #: held across a bind; never taken on the trio loop
         self._jobs: queue.Queue[_Job | None] = queue.Queue()
         self._trees: dict[str, Tree] = {}  #: by version id
         self._checked: dict[str, float] = {}  #: version id -> when it was last queued
@@ -260,7 +268,7 @@ class FastPath:
         self._closing = False
         self._thread: threading.Thread | None = None
         self.counts = {"checks": 0, "not_cached": 0, "not_eligible": 0, "torn_down": 0, "failed": 0,
-                       "rechecks": 0, "pages_dropped": 0}
+                       "rechecks": 0, "pages_dropped": 0, "restores": 0}
         # A hard link shares the object's owner and mode: only what the objects carry can be shown.
         st = os.stat(cache.objects_dir)
         self.enabled = (file_mode == 0o444 and uid in (None, st.st_uid) and gid in (None, st.st_gid))
@@ -286,6 +294,12 @@ class FastPath:
         self._thread.start()
 
     def _work(self) -> None:
+        try:
+            self._restore()
+        except Exception as exc:  # noqa: BLE001 - a hint only: the FUSE path serves meanwhile
+            log.warning("fast path: the recent versions were not checked: %s", exc)
+        finally:
+            self.restored.set()
         next_sweep = time.monotonic() + self.sweep_every
         while True:
             try:
@@ -295,11 +309,57 @@ class FastPath:
             else:
                 if job is None:
                     return
+                self._remember(job)
                 self._run(job)
             if time.monotonic() >= next_sweep:
                 self.sweep()
                 self._recheck()
                 next_sweep = time.monotonic() + self.sweep_every
+
+    # -- the versions of recent mounts ---------------------------------------------------
+    def _recent(self) -> list[dict[str, str]]:
+        try:
+            entries = json.loads((self.cache.root / DIRNAME / RECENT).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return []
+        ok = isinstance(entries, list) and all(isinstance(e, dict) for e in entries)
+        return [e for e in entries if {"store", "rel", "id"} <= e.keys()] if ok else []
+
+    def _remember(self, job: _Job) -> None:
+        """Note a version this mount was asked for, so the next mount of the cache checks it at
+        its start: a remount binds what it can before its first reader looks (a hint, shared
+        by the mounts of the cache; the last writer wins)."""
+        entry = {"store": self.location, "rel": job.rel, "id": job.version.id}
+        entries = [e for e in self._recent() if (e["store"], e["rel"]) != (entry["store"], entry["rel"])]
+        entries = [*entries, entry][-RECENT_MAX:]
+        try:
+            (self.cache.root / DIRNAME).mkdir(parents=True, exist_ok=True)
+            with atomic_write(self.cache.root / DIRNAME / RECENT, mode=0o644, durable=False) as f:
+                f.write(json.dumps(entries).encode())
+        except OSError as exc:
+            log.debug("fast path: %s not written: %s", RECENT, exc)
+
+    def _restore(self) -> None:
+        """At start: check (and bind) the versions recent mounts of this store were asked for,
+        newest first; one whose name now resolves to another version is skipped."""
+        for entry in reversed(self._recent()):
+            if self._closing or not self.enabled:
+                return
+            if entry["store"] != self.location:
+                continue
+            try:
+                version = self.ns.version_at(entry["rel"])
+            except Exception as exc:  # noqa: BLE001 - gone, renamed, the store unreachable
+                log.debug("fast path: recent %s skipped: %s", entry["rel"], exc)
+                continue
+            if version.id != entry["id"]:
+                continue
+            with self._lock:
+                if version.id in self._trees:
+                    continue
+                self._checked[version.id] = time.monotonic()
+            self._count("restores")
+            self._run(_Job(version, entry["rel"]))
 
     def _recheck(self) -> None:
         """Check the candidates again (the cheap pass stops at the first object still missing)."""
@@ -394,11 +454,15 @@ class FastPath:
         self.cache.index.pin(tree.keys, time.time_ns())  # before linking: eviction skips them from now
         try:
             self._build(tree, index, version)
-            with self._lock:
+            # Not under self._lock: the bind's path walk may send a lookup of the version
+            # directory (its dentry forgotten, or never made: a restore), whose notice() on the
+            # trio loop takes self._lock.  _bind_lock orders binds against detach_all.
+            with self._bind_lock:
                 if self._closing:
                     raise NotEligible("the mount is closing")
                 bind_readonly(tree.path, tree.target)
-                self._trees[version.id] = tree
+                with self._lock:
+                    self._trees[version.id] = tree
         except BaseException:
             _remove_tree(tree.path)
             with contextlib.suppress(OSError):
@@ -527,7 +591,7 @@ class FastPath:
 
     def detach_all(self) -> None:
         """Detach every bind of this daemon (before its FUSE session ends); no new ones after."""
-        with self._lock:
+        with self._bind_lock, self._lock:  # a bind under way ends first
             self._closing = True
             targets = [t.target for t in self._trees.values()]
         ours = self._ours()

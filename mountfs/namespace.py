@@ -548,6 +548,16 @@ class Namespace:
         node.collection = collection
         return node
 
+    def version_at(self, rel: str) -> VersionRecord:
+        """The version that the mount-relative ``<entity>/<project>/<collection>:vN`` names
+        (a store request unless resolved before; no node is made)."""
+        parts = rel.split("/")
+        collection, sep, selector = parts[-1].rpartition(":")
+        if len(parts) != 3 or not sep or not collection or not names.is_version_selector(selector):
+            raise NotFoundError(f"{rel!r} is not <entity>/<project>/<collection>:vN")
+        names.validate_collection(collection)
+        return self._resolve(parts[0], parts[1], collection, selector)
+
     def walk(self, path: str) -> Node:
         """Resolve a mount-relative path by successive lookups (each one counted)."""
         node = self._nodes[ROOT_INODE]

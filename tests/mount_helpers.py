@@ -58,6 +58,9 @@ def wait_for_mount(proc: subprocess.Popen, mountpoint: Path, log: Path, timeout:
 def unmount_and_reap(proc: subprocess.Popen, mountpoint: Path) -> None:
     """Unmount however necessary and make sure the daemon is gone."""
     if is_mounted(mountpoint):
+        from mountfs.fastpath import detach_binds_under
+
+        detach_binds_under(mountpoint)  # as `artifactfs umount` does: fast-path binds make -u EBUSY
         subprocess.run(["fusermount3", "-u", str(mountpoint)], capture_output=True)
     try:
         proc.wait(timeout=15)

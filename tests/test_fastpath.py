@@ -105,8 +105,8 @@ def pinned(cache_dir: Path) -> int:
 
 
 def owners(cache_dir: Path) -> list[str]:
-    root = cache_dir / "fastpath"
-    return sorted(os.listdir(root)) if root.exists() else []
+    root = cache_dir / "fastpath"  # the daemons' tree directories (beside recent.json)
+    return sorted(p.name for p in root.iterdir() if p.is_dir()) if root.exists() else []
 
 
 @pytest.fixture
@@ -322,3 +322,49 @@ def test_a_version_read_to_its_end_is_bound_and_held_once_in_memory(tmp_path: Pa
             assert (vdir / "big.bin").read_bytes() == big
         finally:
             os.close(fd)
+
+
+def test_a_remount_binds_what_recent_mounts_of_its_cache_served_before_it_is_ready(
+        work, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The versions the last mounts of the cache were asked for are checked at start, and the
+    daemon says READY=1 once they are bound: a reader started after it finds v0 on the tree."""
+    import socket
+
+    store_dir, cache_dir = work
+    with mounted(store_dir, tmp_path, cache_dir=cache_dir, fast_path=True, local_blobs=False) as m:
+        bind(m, V0)
+        os.listdir(m.path / V1)  # asked for too, but not fully cached
+        wait_for("the check of v1", lambda: fast_stats(m)["not_cached"] >= 1)
+    sock_path = tmp_path / "notify.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(str(sock_path))
+        sock.settimeout(60)
+        monkeypatch.setenv("NOTIFY_SOCKET", str(sock_path))
+        with mounted(store_dir, tmp_path, cache_dir=cache_dir, fast_path=True, local_blobs=False) as m:
+            assert "READY=1" in sock.recv(4096).decode().split("\n")
+            assert binds_under(m.path) == [str(m.path / V0)]  # at READY, before any lookup of ours
+            stats = fast_stats(m)
+            assert stats["restores"] == 2 and stats["bound"] == [V0] and stats["not_cached"] == 1, stats
+            assert os.stat(m.path / V0 / "README.md").st_dev != os.stat(m.path).st_dev
+            assert (m.path / V0 / "README.md").read_bytes() == FILES["README.md"]
+
+
+def test_artifactfs_mount_returns_once_the_recent_versions_are_bound(work, tmp_path: Path) -> None:
+    """The CLI's background mode waits for the daemon's READY=1, so a script's next command
+    after `artifactfs mount --fast-path` already reads the tree."""
+    store_dir, cache_dir = work
+    with mounted(store_dir, tmp_path, cache_dir=cache_dir, fast_path=True, local_blobs=False) as m:
+        bind(m, V0)
+    exe, mnt = Path(sys.executable).with_name("artifactfs"), tmp_path / "mnt2"
+    mnt.mkdir()
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "NOTIFY_SOCKET")}
+    res = subprocess.run([str(exe), "mount", str(mnt), "--store", str(store_dir), "--cache-dir", str(cache_dir),
+                          "--fast-path"], capture_output=True, text=True, timeout=90, env=env)
+    try:
+        assert res.returncode == 0, res.stderr
+        assert binds_under(mnt) == [str(mnt / V0)], res.stdout  # no lookup of ours yet
+        assert (mnt / V0 / "README.md").read_bytes() == FILES["README.md"]
+    finally:
+        subprocess.run([str(exe), "umount", str(mnt)], capture_output=True, timeout=60)
+    wait_for("the daemon to unmount", lambda: not is_mounted(mnt))
+    assert binds_under(mnt) == []
