@@ -284,6 +284,10 @@ class Cache:
             d.mkdir(parents=True, exist_ok=True)
         self._shards: set[str] = set()  #: shard dirs known to exist (saves a mkdir per insert)
         self._layout_lock = threading.Lock()
+        #: called with the md5 of each object this process installs, once it is in place (the
+        #: mount's fast path: a version waiting for that object is checked at once); must be
+        #: quick and must not block, as the installer may hold locks of its own
+        self.on_installed: Callable[[str], None] | None = None
         self.index = CacheIndex(self.root / "index.sqlite")
         if not self.index.built():  # a new index, or a cache from before the index: one scan
             self.reindex()
@@ -538,6 +542,11 @@ class Cache:
             if not dest.exists():
                 self.index.remove(md5_hex)
             raise
+        if self.on_installed is not None:
+            try:
+                self.on_installed(md5_hex)
+            except Exception:  # noqa: BLE001 - an observer's failure must not fail the install
+                log.exception("cache observer failed for %s", md5_hex)
         return dest
 
     def install_verified(self, objects: list[tuple[str, bytes]]) -> int:

@@ -271,6 +271,7 @@ def run(options: MountOptions) -> int:
                         drop_pages=lambda inode: pyfuse3.invalidate_inode(inode, attr_only=False),
                         location=store.location)
         ns.on_version = fast.notice
+        cache.on_installed = fast.object_cached  # a candidate completed by a read is bound at once
     content.directory_files = ns.directory_files  # batched block maps / URLs of siblings
     if drafts is not None:
         drafts.attach(ns)

@@ -80,6 +80,7 @@ DIRNAME = "fastpath"  #: ``<cache>/fastpath/``
 RECHECK = 30.0  #: seconds before a version that did not qualify is checked again
 PIN_SHARE = 0.5  #: fraction of the cache bound that fast-path trees may pin together
 CANDIDATES = 64  #: versions found not fully cached that each sweep checks again
+MISSING_TRACK = 100_000  #: objects missing from candidates that are waited for by name, all together
 RECENT = "recent.json"  #: ``<cache>/fastpath/recent.json``: the versions mounts of this cache checked
 RECENT_MAX = 64  #: entries kept in it, newest last
 RESTORE_WAIT = 5.0  #: seconds the daemon's readiness waits for the recent versions' binds
@@ -221,6 +222,10 @@ class NotEligible(Exception):
 class NotCached(Exception):
     """Some object of the version is not (or no longer) in the cache."""
 
+    def __init__(self, message: str, missing: set[str] | None = None) -> None:
+        super().__init__(message)
+        self.missing = missing  #: md5 of every object missing, when the check counted them all
+
 
 @dataclass
 class Tree:
@@ -265,10 +270,14 @@ class FastPath:
         #: first out past CANDIDATES): a version read to its end through FUSE is bound without
         #: another lookup, which the kernel's cached dentry would never send
         self._candidates: dict[str, _Job] = {}
+        #: what each candidate still misses, and who waits for each object: the object that
+        #: completes a candidate queues its check at once (Cache.on_installed -> object_cached)
+        self._missing: dict[str, set[str]] = {}
+        self._waiters: dict[str, set[str]] = {}
         self._closing = False
         self._thread: threading.Thread | None = None
         self.counts = {"checks": 0, "not_cached": 0, "not_eligible": 0, "torn_down": 0, "failed": 0,
-                       "rechecks": 0, "pages_dropped": 0, "restores": 0}
+                       "rechecks": 0, "pages_dropped": 0, "restores": 0, "completed": 0}
         # A hard link shares the object's owner and mode: only what the objects carry can be shown.
         st = os.stat(cache.objects_dir)
         self.enabled = (file_mode == 0o444 and uid in (None, st.st_uid) and gid in (None, st.st_gid))
@@ -380,10 +389,15 @@ class FastPath:
         except NotCached as exc:
             self._count("not_cached")
             with self._lock:
-                self._candidates.pop(vid, None)
+                self._untrack(vid)
                 self._candidates[vid] = job  # the newest last
                 while len(self._candidates) > CANDIDATES:
-                    self._candidates.pop(next(iter(self._candidates)))
+                    self._untrack(next(iter(self._candidates)))
+                tracked = sum(len(m) for m in self._missing.values())
+                if exc.missing and tracked + len(exc.missing) <= MISSING_TRACK:
+                    self._missing[vid] = exc.missing
+                    for md5 in exc.missing:
+                        self._waiters.setdefault(md5, set()).add(vid)
             log.debug("%s stays on the FUSE path: %s", job.version.qualified_name, exc)
             return
         except NotEligible as exc:
@@ -396,7 +410,34 @@ class FastPath:
                 self.enabled = False
                 log.warning("fast path off: binding needs CAP_SYS_ADMIN (root)")
         with self._lock:
-            self._candidates.pop(vid, None)
+            self._untrack(vid)
+
+    def _untrack(self, vid: str) -> None:
+        """Forget a candidate (under self._lock)."""
+        self._candidates.pop(vid, None)
+        for md5 in self._missing.pop(vid, ()):
+            waiting = self._waiters.get(md5)
+            if waiting is not None:
+                waiting.discard(vid)
+                if not waiting:
+                    del self._waiters[md5]
+
+    def object_cached(self, md5: str) -> None:
+        """Cache.on_installed: an object is in the cache; a candidate it completes is checked
+        now (on the worker), not at the next sweep.  Any thread; never blocks."""
+        ready = []
+        with self._lock:
+            for vid in self._waiters.pop(md5, ()):
+                missing = self._missing.get(vid)
+                if missing is None:
+                    continue
+                missing.discard(md5)
+                if not missing and vid in self._candidates:
+                    del self._missing[vid]
+                    ready.append(self._candidates[vid])
+        for job in ready:
+            self._count("completed")
+            self._jobs.put(job)
 
     def _count(self, what: str) -> None:
         with self._lock:
@@ -437,15 +478,21 @@ class FastPath:
         index = self.ns.indexes.get(version.blob_entity, version.manifest_md5)
         if index.total_size + self.cache.index.pinned_bytes() > PIN_SHARE * self.cache.max_bytes:
             raise NotEligible(f"{index.total_size} bytes would pin more than {PIN_SHARE:.0%} of the cache bound")
-        keys = []
-        for rel, e in self._walk(index):  # a cheap pass first: most versions fail at once
+        keys, missing = [], set()
+        for rel, e in self._walk(index):  # a cheap pass first (stats): what is missing
             if self._kind(e) == "object":
+                md5 = str(e.md5)
                 try:
-                    if os.stat(self.cache.path(str(e.md5))).st_size != e.size:
-                        raise NotCached(f"{rel}: the cache object has another size")
+                    present = os.stat(self.cache.path(md5)).st_size == e.size
                 except FileNotFoundError:
-                    raise NotCached(f"{rel} is not in the cache") from None
-                keys.append(str(e.md5))
+                    present = False
+                if not present:
+                    missing.add(md5)
+                    if len(missing) > MISSING_TRACK:  # too many to wait for by name: the sweep will do
+                        raise NotCached(f"over {MISSING_TRACK} objects are not in the cache (first: {rel})")
+                keys.append(md5)
+        if missing:
+            raise NotCached(f"{len(missing)} objects are not in the cache", missing)
         tree = Tree(version.qualified_name, os.path.join(self.mountpoint, job.rel),
                     self.dir / re.sub(r"[^A-Za-z0-9_.-]", "_", version.id), sorted(set(keys)))
         self.dir.mkdir(parents=True, exist_ok=True)
