@@ -272,6 +272,7 @@ def run(options: MountOptions) -> int:
                         location=store.location)
         ns.on_version = fast.notice
         cache.on_installed = fast.object_cached  # a candidate completed by a read is bound at once
+        ns.on_unused = fast.unused  # a FUSE inode a bind hid, closed at last: its pages go
     content.directory_files = ns.directory_files  # batched block maps / URLs of siblings
     if drafts is not None:
         drafts.attach(ns)

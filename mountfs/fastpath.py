@@ -263,7 +263,7 @@ class FastPath:
         self.dir = cache.root / DIRNAME / self.owner
         self._lock = threading.Lock()  #: never held across a path walk through the mount
         self._bind_lock = threading.Lock()  #: held across a bind; never taken on the trio loop
-        self._jobs: queue.Queue[_Job | None] = queue.Queue()
+        self._jobs: queue.Queue[_Job | int | None] = queue.Queue()  #: checks; an int: pages to drop
         self._trees: dict[str, Tree] = {}  #: by version id
         self._checked: dict[str, float] = {}  #: version id -> when it was last queued
         #: versions whose last check found objects missing, checked again at each sweep (oldest
@@ -318,8 +318,11 @@ class FastPath:
             else:
                 if job is None:
                     return
-                self._remember(job)
-                self._run(job)
+                if isinstance(job, int):
+                    self._drop_one(job)
+                else:
+                    self._remember(job)
+                    self._run(job)
             if time.monotonic() >= next_sweep:
                 self.sweep()
                 self._recheck()
@@ -523,14 +526,24 @@ class FastPath:
         """The bind hides the version's FUSE inodes from every new open: drop the pages the
         kernel cached for them, so what a read through FUSE left in memory is held once, by the
         cache objects the tree links (the fast path keeps those: no drop-behind, see
-        mountfs.daemon).  A file still open through FUSE reads through the daemon again."""
-        for inode in self.ns.files_below(rel):
-            try:
-                self._drop_pages(inode)
-            except OSError as exc:  # the kernel forgot it meanwhile (ENOENT), or cannot (ENOSYS)
-                log.debug("fast path: pages of inode %d stay: %s", inode, exc)
-            else:
-                self._count("pages_dropped")
+        mountfs.daemon).  A file still open through FUSE keeps them until its last close
+        (Namespace.on_unused): dropping them under a reader would send the rest of its reads
+        to the daemon."""
+        for inode in self.ns.idle_files_below(rel):
+            self._drop_one(inode)
+
+    def _drop_one(self, inode: int) -> None:
+        try:
+            self._drop_pages(inode)
+        except OSError as exc:  # the kernel forgot it meanwhile (ENOENT), or cannot (ENOSYS)
+            log.debug("fast path: pages of inode %d stay: %s", inode, exc)
+        else:
+            self._count("pages_dropped")
+
+    def unused(self, inode: int) -> None:
+        """Namespace.on_unused: a hidden FUSE inode's last handle is closed; its pages go on the
+        worker (never on the trio loop: the kernel may wait there for a read it is serving)."""
+        self._jobs.put(inode)
 
     def _build(self, tree: Tree, index: ManifestIndex, version: VersionRecord) -> None:
         mtime_ns = int(version.created_at.timestamp() * 1e9)

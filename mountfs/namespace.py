@@ -257,6 +257,12 @@ class Namespace:
         self._pages: LRUCache[tuple[int, int, int], list[tuple[int, str, Node]]] = LRUCache(
             _PAGE_CACHE_ENTRIES, getsizeof=lambda page: len(page) + 1)
         self._file_handles: dict[int, FileRef] = {}
+        self._handle_inode: dict[int, int] = {}  #: open file handle -> its inode
+        self._opens: dict[int, int] = {}  #: inode -> handles open on it
+        #: inodes whose kernel pages are to go once no handle holds them (see idle_files_below)
+        self._unused_wanted: set[int] = set()
+        #: called (never under a lock) with such an inode when its last handle is released
+        self.on_unused: Callable[[int], None] | None = None
         self._next_fh = 1
         #: called (never blocking) with each version directory looked up or listed: the fast
         #: path (mountfs/fastpath.py) checks whether that version can be served by a tree
@@ -574,12 +580,17 @@ class Namespace:
                 node = self._nodes.get(node.parent) or self._nodes[ROOT_INODE]
         return "/".join(reversed(parts))
 
-    def files_below(self, rel: str) -> list[int]:
-        """Inodes of the live file nodes below the mount-relative directory ``rel``."""
+    def idle_files_below(self, rel: str) -> list[int]:
+        """Inodes of the live file nodes below the mount-relative directory ``rel`` that no
+        handle holds open; those held are handed to ``on_unused`` at their last release."""
         with self._lock:
             files = [n for n in self._nodes.values() if n.kind is Kind.TREE_FILE]
         prefix = rel.rstrip("/") + "/"
-        return [n.inode for n in files if self.path_of(n).startswith(prefix)]
+        below = [n.inode for n in files if self.path_of(n).startswith(prefix)]
+        with self._lock:
+            busy = {i for i in below if i in self._opens}
+            self._unused_wanted |= busy
+        return [i for i in below if i not in busy]
 
     # -- attributes ----------------------------------------------------------------------
     def attr(self, node: Node) -> Attr:
@@ -732,6 +743,8 @@ class Namespace:
             fh = self._next_fh
             self._next_fh += 1
             self._file_handles[fh] = ref
+            self._handle_inode[fh] = inode
+            self._opens[inode] = self._opens.get(inode, 0) + 1
         return fh, ref
 
     def _pin(self, node: Node) -> FileRef:
@@ -785,8 +798,19 @@ class Namespace:
                 raise BadHandleError("bad file handle") from None
 
     def release(self, fh: int) -> None:
+        unused = None
         with self._lock:
             self._file_handles.pop(fh, None)
+            inode = self._handle_inode.pop(fh, None)
+            if inode is not None:
+                left = self._opens.pop(inode) - 1
+                if left:
+                    self._opens[inode] = left
+                elif inode in self._unused_wanted:
+                    self._unused_wanted.discard(inode)
+                    unused = inode
+        if unused is not None and self.on_unused is not None:
+            self.on_unused(unused)
 
     # -- writes: everything here is read-only ------------------------------------------
     def check_writable(self, inode_p: int, name: str | None = None) -> None:

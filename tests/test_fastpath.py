@@ -286,8 +286,9 @@ def test_pinned_rows_are_never_offered_for_eviction(tmp_path: Path) -> None:
 
 def test_a_version_read_to_its_end_is_bound_and_held_once_in_memory(tmp_path: Path) -> None:
     """A version read cold through FUSE keeps its cache objects' pages (no drop-behind with the
-    fast path), a later sweep binds it without another lookup, and the bind drops the pages of
-    the FUSE inodes it hides: what the read left in memory is held once, by the cache objects."""
+    fast path), the install of its last object binds it without another lookup, and the pages
+    of the FUSE inode the bind hides go at its last close (not under its reader): what the read
+    left in memory is then held once, by the cache objects."""
     from tests.util import resident_bytes
 
     big = os.urandom(80 << 20)  # over FetchConfig.drop_behind
@@ -299,6 +300,8 @@ def test_a_version_read_to_its_end_is_bound_and_held_once_in_memory(tmp_path: Pa
                  fast_path_sweep=600.0) as m:
         vdir = m.path / V0
         fd = os.open(vdir / "big.bin", os.O_RDONLY)  # the lookup queues a check: not cached yet
+        inode = os.open(vdir / "big.bin", os.O_PATH)  # the FUSE inode, with no handle of its own
+        through_fuse = f"/proc/self/fd/{inode}"
         try:
             wait_for("the first check", lambda: fast_stats(m)["not_cached"] >= 1)
             got = bytearray()
@@ -307,21 +310,26 @@ def test_a_version_read_to_its_end_is_bound_and_held_once_in_memory(tmp_path: Pa
             assert got == big
             obj = Cache(cache_dir).path(md5_bytes(big))
             wait_for("the cache object", obj.exists)
-            through_fuse = f"/proc/self/fd/{fd}"
             assert resident_bytes(obj) >= 0.9 * len(big), "the cache object's pages were dropped"
-            # No lookup from here on: the install of its last object binds it (maybe already:
-            # so the FUSE copy, which keep_cache holds until then, is checked after).
+            # No lookup from here on: the install of its last object binds it.
             wait_for("the bind over v0", lambda: str(vdir) in binds_under(m.path))
-            wait_for("the hidden FUSE inode's pages dropped", lambda: fast_stats(m)["pages_dropped"] >= 1)
-            stats = fast_stats(m)
-            assert stats["completed"] == 1 and stats["pages_dropped"] == 1, stats
-            assert resident_bytes(through_fuse) <= 0.05 * len(big), "the hidden FUSE copy stayed in memory"
-            assert resident_bytes(obj) >= 0.9 * len(big)
-            assert os.pread(fd, 1 << 20, 7 << 20) == big[7 << 20:8 << 20]  # the open file: the daemon again
+            wait_for("the bind's bookkeeping", lambda: fast_stats(m)["completed"] == 1)
             assert os.stat(vdir / "big.bin").st_dev != os.fstat(fd).st_dev  # new opens: the tree
-            assert (vdir / "big.bin").read_bytes() == big
+            # the open file keeps its pages: a re-read of it costs no FUSE read
+            assert resident_bytes(through_fuse) >= 0.9 * len(big)
+            ops = requests_during(m, lambda: os.pread(fd, 8 << 20, 7 << 20) == big[7 << 20:15 << 20] or pytest.fail())
+            assert "read" not in ops, ops
+            assert fast_stats(m)["pages_dropped"] == 0
         finally:
             os.close(fd)
+        wait_for("the hidden FUSE inode's pages dropped", lambda: fast_stats(m)["pages_dropped"] >= 1)
+        try:
+            assert resident_bytes(through_fuse) <= 0.05 * len(big), "the hidden FUSE copy stayed in memory"
+        finally:
+            os.close(inode)
+        assert fast_stats(m)["pages_dropped"] == 1
+        assert resident_bytes(obj) >= 0.9 * len(big)
+        assert (vdir / "big.bin").read_bytes() == big
 
 
 def test_a_remount_binds_what_recent_mounts_of_its_cache_served_before_it_is_ready(
