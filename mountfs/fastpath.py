@@ -62,6 +62,7 @@ from typing import TYPE_CHECKING
 
 from client.atomic import atomic_write
 from client.cache import Cache, has_verified_marker, set_verified_marker
+from client.errors import InvalidNameError, NotFoundError
 from client.hashing import md5_fd
 from client.manifest import EXECUTABLE_KEY, symlink_target
 
@@ -361,9 +362,12 @@ class FastPath:
                 continue
             try:
                 version = self.ns.version_at(entry["rel"])
-            except Exception as exc:  # noqa: BLE001 - gone, renamed, the store unreachable
+            except (NotFoundError, InvalidNameError) as exc:  # gone, or never a version's name
                 log.debug("fast path: recent %s skipped: %s", entry["rel"], exc)
                 continue
+            except Exception as exc:  # noqa: BLE001 - the store unreachable: the rest would wait as long
+                log.info("fast path: the recent versions are not checked (%s); lookups still are", exc)
+                return
             if version.id != entry["id"]:
                 continue
             with self._lock:

@@ -9,6 +9,7 @@ SDK ``download()`` sharing the cache would), the FUSE requests are counted by th
 from __future__ import annotations
 
 import errno
+import json
 import os
 import signal
 import stat
@@ -343,6 +344,11 @@ def test_a_remount_binds_what_recent_mounts_of_its_cache_served_before_it_is_rea
         bind(m, V0)
         os.listdir(m.path / V1)  # asked for too, but not fully cached
         wait_for("the check of v1", lambda: fast_stats(m)["not_cached"] >= 1)
+    recent = cache_dir / "fastpath" / "recent.json"
+    entries = json.loads(recent.read_text())
+    assert [e["rel"] for e in entries] == [V0, V1]
+    gone = {**entries[0], "rel": "ent/proj/gone:v7"}  # the newest: a version that is not there
+    recent.write_text(json.dumps([*entries, gone, {**entries[0], "rel": "ent/proj/not a version"}]))
     sock_path = tmp_path / "notify.sock"
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
         sock.bind(str(sock_path))
