@@ -388,9 +388,12 @@ class FastPath:
             self._run(job)
 
     def _run(self, job: _Job) -> None:
-        with self._lock:
-            self.counts["checks"] += 1
         vid = job.version.id
+        with self._lock:
+            if vid in self._trees:  # bound meanwhile (a completion and a sweep both queued it)
+                self._untrack(vid)
+                return
+            self.counts["checks"] += 1
         try:
             self._serve(job)
         except NotCached as exc:
@@ -401,10 +404,17 @@ class FastPath:
                 while len(self._candidates) > CANDIDATES:
                     self._untrack(next(iter(self._candidates)))
                 tracked = sum(len(m) for m in self._missing.values())
-                if exc.missing and tracked + len(exc.missing) <= MISSING_TRACK:
-                    self._missing[vid] = exc.missing
+                waiting = bool(exc.missing) and tracked + len(exc.missing or ()) <= MISSING_TRACK
+                if waiting and exc.missing:
+                    self._missing[vid] = set(exc.missing)
                     for md5 in exc.missing:
                         self._waiters.setdefault(md5, set()).add(vid)
+            if waiting and exc.missing:
+                # An object installed between the pass's stat of it and the waiters above had
+                # no one to tell: look again now that any later install will be seen.
+                for md5 in exc.missing:
+                    if self.cache.path(md5).exists():
+                        self.object_cached(md5)
             log.debug("%s stays on the FUSE path: %s", job.version.qualified_name, exc)
             return
         except NotEligible as exc:
@@ -524,16 +534,16 @@ class FastPath:
             self._release(tree.keys)
             raise
         log.info("fast path: %s served from %s (%d objects)", tree.name, tree.path, len(tree.keys))
-        self._drop_fuse_copies(job.rel)
+        self._drop_fuse_copies(job.rel, version.id)
 
-    def _drop_fuse_copies(self, rel: str) -> None:
+    def _drop_fuse_copies(self, rel: str, version_id: str) -> None:
         """The bind hides the version's FUSE inodes from every new open: drop the pages the
         kernel cached for them, so what a read through FUSE left in memory is held once, by the
         cache objects the tree links (the fast path keeps those: no drop-behind, see
         mountfs.daemon).  A file still open through FUSE keeps them until its last close
         (Namespace.on_unused): dropping them under a reader would send the rest of its reads
         to the daemon."""
-        for inode in self.ns.idle_files_below(rel):
+        for inode in self.ns.idle_files_below(rel, version_id):
             self._drop_one(inode)
 
     def _drop_one(self, inode: int) -> None:

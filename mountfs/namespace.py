@@ -580,11 +580,13 @@ class Namespace:
                 node = self._nodes.get(node.parent) or self._nodes[ROOT_INODE]
         return "/".join(reversed(parts))
 
-    def idle_files_below(self, rel: str) -> list[int]:
-        """Inodes of the live file nodes below the mount-relative directory ``rel`` that no
-        handle holds open; those held are handed to ``on_unused`` at their last release."""
+    def idle_files_below(self, rel: str, version_id: str) -> list[int]:
+        """Inodes of the live file nodes of version ``version_id`` below the mount-relative
+        directory ``rel`` that no handle holds open; those held are handed to ``on_unused`` at
+        their last release."""
         with self._lock:
-            files = [n for n in self._nodes.values() if n.kind is Kind.TREE_FILE]
+            files = [n for n in self._nodes.values() if n.kind is Kind.TREE_FILE
+                     and n.version is not None and n.version.id == version_id]
         prefix = rel.rstrip("/") + "/"
         below = [n.inode for n in files if self.path_of(n).startswith(prefix)]
         with self._lock:
