@@ -356,6 +356,16 @@ class ContentReader:
         log.error("%s (blob %s): %s; answering EIO", ref.where, ref.md5, what)
         raise FetchError(f"{ref.where}: {what}")
 
+    def note_installed(self, md5: str) -> None:
+        """Cache.on_installed: every install of this process puts bytes it checked against
+        their md5 (the cache's rule), so the object is trusted as it is now (by its stat key)."""
+        with contextlib.suppress(OSError):
+            self._verified[_stat_key(md5, os.stat(self.cache.path(md5)))] = True
+
+    def trusted(self, fd: int, md5: str, st: os.stat_result) -> bool:
+        """Whether this open file is known to hash to ``md5`` (this daemon's check or a marker)."""
+        return self._trusted(fd, md5, st)
+
     def _trusted(self, fd: int, md5: str, st: os.stat_result) -> bool:
         """Whether this open file is known to hash to ``md5`` (this daemon's check or a marker)."""
         if _stat_key(md5, st) in self._verified:

@@ -269,9 +269,13 @@ def run(options: MountOptions) -> int:
         fast = FastPath(cache, ns, mount_path(options.mountpoint), sweep=options.fast_path_sweep,
                         dir_mode=options.dir_mode, file_mode=options.file_mode, uid=options.uid, gid=options.gid,
                         drop_pages=lambda inode: pyfuse3.invalidate_inode(inode, attr_only=False),
-                        location=store.location)
+                        location=store.location, trusted=content.trusted)
         ns.on_version = fast.notice
-        cache.on_installed = fast.object_cached  # a candidate completed by a read is bound at once
+        def installed(md5: str) -> None:
+            content.note_installed(md5)  # its bytes were checked: the tree need not hash it again
+            fast.object_cached(md5)  # a candidate completed by a read is bound at once
+
+        cache.on_installed = installed
         ns.on_unused = fast.unused  # a FUSE inode a bind hid, closed at last: its pages go
     content.directory_files = ns.directory_files  # batched block maps / URLs of siblings
     if drafts is not None:

@@ -251,8 +251,12 @@ class FastPath:
 
     def __init__(self, cache: Cache, ns: Namespace, mountpoint: str, *, sweep: float = 60.0,
                  dir_mode: int = 0o555, file_mode: int = 0o444, uid: int | None = None, gid: int | None = None,
-                 drop_pages: Callable[[int], None] = lambda inode: None, location: str = "") -> None:
+                 drop_pages: Callable[[int], None] = lambda inode: None, location: str = "",
+                 trusted: Callable[[int, str, os.stat_result], bool] = has_verified_marker) -> None:
         self.cache, self.ns, self.mountpoint = cache, ns, mountpoint
+        #: whether an open cache object is known to hash to its md5 (its verified marker; the
+        #: daemon's ContentReader.trusted also knows what this daemon checked or installed)
+        self._trusted = trusted
         self.location = location  #: the store's, to tell its entries in RECENT from other stores'
         #: set once the versions in RECENT were checked (and bound if they qualify) at start
         self.restored = threading.Event()
@@ -278,7 +282,7 @@ class FastPath:
         self._closing = False
         self._thread: threading.Thread | None = None
         self.counts = {"checks": 0, "not_cached": 0, "not_eligible": 0, "torn_down": 0, "failed": 0,
-                       "rechecks": 0, "pages_dropped": 0, "restores": 0, "completed": 0}
+                       "rechecks": 0, "pages_dropped": 0, "restores": 0, "completed": 0, "hashed": 0}
         # A hard link shares the object's owner and mode: only what the objects carry can be shown.
         st = os.stat(cache.objects_dir)
         self.enabled = (file_mode == 0o444 and uid in (None, st.st_uid) and gid in (None, st.st_gid))
@@ -591,7 +595,8 @@ class FastPath:
 
     def _link(self, md5: str, size: int, dest: Path, rel: str) -> tuple[str, str, int, int, int]:
         """Link the cache object ``md5`` at ``dest`` once it is verified: by a valid verified
-        marker, else by its whole md5 (a large one is then marked, sparing the next check).
+        marker or this daemon's own check of that very file (``trusted``), else by its whole md5
+        (a large one is then marked, sparing the next check).
         The link is checked to name the very inode that was verified."""
         src = self.cache.path(md5)
         try:
@@ -602,7 +607,8 @@ class FastPath:
             st = os.fstat(fd)
             if st.st_size != size or st.st_mode & 0o222:
                 raise NotCached(f"{rel}: its cache object is not a read-only file of {size} bytes")
-            if not has_verified_marker(fd, md5, st):
+            if not self._trusted(fd, md5, st):
+                self._count("hashed")
                 if md5_fd(fd, size) != md5:
                     log.warning("cache object %s (%s) fails its md5: dropping it", md5, rel)
                     self.cache.drop(md5)
