@@ -8,6 +8,7 @@ SDK ``download()`` sharing the cache would), the FUSE requests are counted by th
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -16,7 +17,7 @@ import stat
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -384,16 +385,23 @@ def test_artifactfs_mount_returns_once_the_recent_versions_are_bound(work, tmp_p
     assert binds_under(mnt) == []
 
 
-def test_the_read_that_completes_a_version_gets_it_bound_without_a_sweep(work, tmp_path: Path) -> None:
-    """v1 misses one object; reading that file through FUSE puts it in the cache, and that
-    install queues v1's check at once: bound long before the (600 s) sweep."""
+@contextlib.contextmanager
+def v1_checked(work: tuple[Path, Path], tmp_path: Path, sweep: float) -> Iterator[tuple[Mount, Path]]:
+    """A fast-path mount where v1 was listed and found not fully cached (a candidate)."""
     store_dir, cache_dir = work
     with mounted(store_dir, tmp_path, cache_dir=cache_dir, fast_path=True, local_blobs=False,
-                 fast_path_sweep=600.0) as m:
+                 fast_path_sweep=sweep) as m:
         vdir = m.path / V1
         os.listdir(vdir)
         wait_for("the check of v1", lambda: fast_stats(m)["not_cached"] >= 1)
         assert binds_under(m.path) == []
+        yield m, vdir
+
+
+def test_the_read_that_completes_a_version_gets_it_bound_without_a_sweep(work, tmp_path: Path) -> None:
+    """v1 misses one object; reading that file through FUSE puts it in the cache, and that
+    install queues v1's check at once: bound long before the (600 s) sweep."""
+    with v1_checked(work, tmp_path, sweep=600.0) as (m, vdir):
         assert (vdir / "later/new.bin").read_bytes() == NOT_CACHED["later/new.bin"]  # the one missing
         wait_for("the bind over v1", lambda: str(vdir) in binds_under(m.path))
         stats = fast_stats(m)
@@ -408,15 +416,10 @@ def test_the_read_that_completes_a_version_gets_it_bound_without_a_sweep(work, t
 def test_a_candidate_filled_by_another_process_is_bound_at_the_next_sweep(work, tmp_path: Path) -> None:
     """The missing object arrives through another process sharing the cache (an SDK get):
     no install is seen by the daemon, so its sweep's recheck binds the version."""
-    store_dir, cache_dir = work
-    with mounted(store_dir, tmp_path, cache_dir=cache_dir, fast_path=True, local_blobs=False,
-                 fast_path_sweep=0.3) as m:
-        vdir = m.path / V1
-        os.listdir(vdir)
-        wait_for("the check of v1", lambda: fast_stats(m)["not_cached"] >= 1)
+    with v1_checked(work, tmp_path, sweep=0.3) as (m, vdir):
         src = tmp_path / "new.bin"
         src.write_bytes(NOT_CACHED["later/new.bin"])
-        Cache(cache_dir).add_file(md5_bytes(src.read_bytes()), src)
+        Cache(work[1]).add_file(md5_bytes(src.read_bytes()), src)
         wait_for("the bind over v1", lambda: str(vdir) in binds_under(m.path))
         stats = fast_stats(m)
         assert stats["rechecks"] >= 1 and stats["completed"] == 0 and stats["bound"] == [V1], stats
