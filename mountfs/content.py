@@ -261,6 +261,7 @@ class ContentReader:
         self._objects: dict[str, _Object] = {}
         #: verifications by this daemon, keyed by _stat_key (a changed file is no longer trusted)
         self._verified: LRUCache[tuple, bool] = LRUCache(maxsize=100_000)
+        self._verified_lock = threading.Lock()  #: an LRUCache is not safe across threads
         #: store blob files that failed verification, by path -> _stat_key (until they change)
         self._bad: LRUCache[str, tuple] = LRUCache(maxsize=10_000)
         self._maps: LRUCache[tuple[str, str], BlockMap | None] = LRUCache(maxsize=10_000)
@@ -360,7 +361,7 @@ class ContentReader:
         """Cache.on_installed: every install of this process puts bytes it checked against
         their md5 (the cache's rule), so the object is trusted as it is now (by its stat key)."""
         with contextlib.suppress(OSError):
-            self._verified[_stat_key(md5, os.stat(self.cache.path(md5)))] = True
+            self._trust(_stat_key(md5, os.stat(self.cache.path(md5))))
 
     def trusted(self, fd: int, md5: str, st: os.stat_result) -> bool:
         """Whether this open file is known to hash to ``md5`` (this daemon's check or a marker)."""
@@ -368,16 +369,21 @@ class ContentReader:
 
     def _trusted(self, fd: int, md5: str, st: os.stat_result) -> bool:
         """Whether this open file is known to hash to ``md5`` (this daemon's check or a marker)."""
-        if _stat_key(md5, st) in self._verified:
-            return True
+        with self._verified_lock:
+            if self._verified.get(_stat_key(md5, st)):
+                return True
         if has_verified_marker(fd, md5, st):
-            self._verified[_stat_key(md5, st)] = True
+            self._trust(_stat_key(md5, st))
             return True
         return False
 
+    def _trust(self, key: tuple[str, int, int, int, int, int]) -> None:
+        with self._verified_lock:
+            self._verified[key] = True
+
     def _mark_verified(self, fd: int, md5: str) -> None:
         set_verified_marker(fd, md5)
-        self._verified[_stat_key(md5, os.fstat(fd))] = True  # after the marker: it moves ctime
+        self._trust(_stat_key(md5, os.fstat(fd)))  # after the marker: it moves ctime
 
     # -- store access with retries ------------------------------------------------------
     def fetch_range(self, entity: str, md5: str, start: int, length: int) -> bytes:
@@ -1075,7 +1081,7 @@ class ContentReader:
                 partial.forget_bitmap()
                 self._fetched_whole(obj.ref, actual)
                 with contextlib.suppress(OSError):
-                    self._verified[_stat_key(actual, os.stat(dest))] = True
+                    self._trust(_stat_key(actual, os.stat(dest)))
                 # The fd now names the complete object (a rename keeps the inode); readers
                 # still holding the block reader keep using the same, still open, fd.
                 obj.fd = partial.fd

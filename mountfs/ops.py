@@ -248,7 +248,11 @@ class Operations(pyfuse3.Operations):
             return pyfuse3.FileInfo(fh=FileHandle(fh), keep_cache=False)
         fh, ref = await self._ns(self.ns.open, inode, flags)
         assert ref is not None  # a version's file is always pinned to content
-        self._handles[fh] = self.content.open(ref)
+        try:
+            self._handles[fh] = self.content.open(ref)
+        except BaseException:
+            self.ns.release(fh)  # the kernel sends no release for an open that failed
+            raise
         # Content under an inode never changes, so the kernel may keep its page cache.
         return pyfuse3.FileInfo(fh=FileHandle(fh), keep_cache=True)
 
