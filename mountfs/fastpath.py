@@ -382,12 +382,17 @@ class FastPath:
             self._run(_Job(version, entry["rel"]))
 
     def _recheck(self) -> None:
-        """Check the candidates again (the cheap pass stops at the first object still missing)."""
+        """Check the candidates again (objects other processes put in the cache are seen only
+        here).  One with a set of what it misses is checked only once none of those is still
+        missing (a stat each, stopping at the first): not a pass over the version per sweep."""
         with self._lock:
-            jobs = list(self._candidates.values())
-        for job in jobs:
+            jobs = [(job, set(self._missing.get(vid, ())) if vid in self._missing else None)
+                    for vid, job in self._candidates.items()]
+        for job, missing in jobs:
             if self._closing:
                 return
+            if missing is not None and any(not self.cache.path(md5).exists() for md5 in missing):
+                continue
             self._count("rechecks")
             self._run(job)
 
