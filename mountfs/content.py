@@ -365,10 +365,6 @@ class ContentReader:
 
     def trusted(self, fd: int, md5: str, st: os.stat_result) -> bool:
         """Whether this open file is known to hash to ``md5`` (this daemon's check or a marker)."""
-        return self._trusted(fd, md5, st)
-
-    def _trusted(self, fd: int, md5: str, st: os.stat_result) -> bool:
-        """Whether this open file is known to hash to ``md5`` (this daemon's check or a marker)."""
         with self._verified_lock:
             if self._verified.get(_stat_key(md5, st)):
                 return True
@@ -914,7 +910,7 @@ class ContentReader:
     def _open_complete(self, obj: _Object, local_only: bool = False) -> bool:
         """Serve a complete cached object: a small one from memory, hashed as it is read (as
         cheap as an open + xattr check); a large one by fd when this very file is trusted
-        (see :meth:`_trusted`), else through its block map, else md5-checked whole first.
+        (see :meth:`trusted`), else through its block map, else md5-checked whole first.
         A corrupt object is dropped: the caller reads the store.
         """
         ref = obj.ref
@@ -939,7 +935,7 @@ class ContentReader:
             fd = os.open(path, os.O_RDONLY)
         except FileNotFoundError:
             return False
-        if self._trusted(fd, ref.md5, os.fstat(fd)):
+        if self.trusted(fd, ref.md5, os.fstat(fd)):
             obj.fd = fd
             return True
         bm = self.blockmap(ref)
@@ -1002,7 +998,7 @@ class ContentReader:
                 self._failed(ref, "the store's blob does not match its md5")
             obj.data = data  # not copied into the cache: the local store is as fast to re-read
             return True      # (pread + md5), and a copy per file halved cold small-file reads
-        if self._trusted(fd, ref.md5, st):  # hashed before (by us, another mount or the store)
+        if self.trusted(fd, ref.md5, st):  # hashed before (by us, another mount or the store)
             obj.fd = fd
             self._copy_in_later(ref.md5, path)
             return True

@@ -413,17 +413,16 @@ class FastPath:
                 while len(self._candidates) > CANDIDATES:
                     self._untrack(next(iter(self._candidates)))
                 tracked = sum(len(m) for m in self._missing.values())
-                waiting = bool(exc.missing) and tracked + len(exc.missing or ()) <= MISSING_TRACK
-                if waiting and exc.missing:
-                    self._missing[vid] = set(exc.missing)
-                    for md5 in exc.missing:
+                missing = exc.missing if exc.missing and tracked + len(exc.missing) <= MISSING_TRACK else set()
+                if missing:
+                    self._missing[vid] = set(missing)
+                    for md5 in missing:
                         self._waiters.setdefault(md5, set()).add(vid)
-            if waiting and exc.missing:
-                # An object installed between the pass's stat of it and the waiters above had
-                # no one to tell: look again now that any later install will be seen.
-                for md5 in exc.missing:
-                    if self.cache.path(md5).exists():
-                        self.object_cached(md5)
+            # An object installed between the pass's stat of it and the waiters above had no
+            # one to tell: look again now that any later install will be seen.
+            for md5 in missing:
+                if self.cache.path(md5).exists():
+                    self.object_cached(md5)
             log.debug("%s stays on the FUSE path: %s", job.version.qualified_name, exc)
             return
         except NotEligible as exc:
