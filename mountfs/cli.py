@@ -7,7 +7,6 @@ with the daemon's own error message when it died first.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
@@ -17,7 +16,7 @@ from pathlib import Path
 
 import click
 
-from .daemon import LOG_LEVELS, MountOptions, is_mounted, mount_path, run, spawn_command
+from .daemon import LOG_LEVELS, MountOptions, ReadyListener, is_mounted, mount_path, run, spawn_command
 
 _START_TIMEOUT = 60.0
 
@@ -37,27 +36,18 @@ def start_background(options: MountOptions, log_path: Path, timeout: float = _ST
     """Start the daemon detached; return its pid once the mount is live and the daemon says it
     is ready (sd_notify READY=1 on a socket of our own, as systemd's ``Type=notify`` waits:
     with ``--fast-path``, after the versions of recent mounts are bound)."""
-    import socket
-    import tempfile
-
     from client.pyexec import safe_env
 
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="artifactfs-notify-") as tmp, \
-            socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-        notify = os.path.join(tmp, "notify")
-        sock.bind(notify)
-        sock.setblocking(False)
+    with ReadyListener() as listener:
         with open(log_path, "ab") as log_file:
             # cwd "/": the daemon outlives the shell and must not pin (or import from) its folder.
             proc = subprocess.Popen(spawn_command(options), stdin=subprocess.DEVNULL, stdout=log_file,
                                     stderr=subprocess.STDOUT, start_new_session=True, close_fds=True,
-                                    cwd="/", env={**safe_env(), "NOTIFY_SOCKET": notify})
-        deadline, ready = time.monotonic() + timeout, False
+                                    cwd="/", env={**safe_env(), "NOTIFY_SOCKET": listener.path})
+        deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            with contextlib.suppress(BlockingIOError):
-                ready = ready or b"READY=1" in sock.recv(4096).split(b"\n")
-            if ready and is_mounted(options.mountpoint):
+            if listener.ready() and is_mounted(options.mountpoint):
                 return proc.pid
             if proc.poll() is not None:
                 tail = log_path.read_text(errors="replace")[-2000:]

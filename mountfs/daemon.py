@@ -185,6 +185,42 @@ def notify_ready(status: str) -> None:
         log.warning("could not notify systemd (%s): %s", path, exc)
 
 
+class ReadyListener:
+    """The other end of :func:`notify_ready`: a datagram socket in a private directory, whose
+    path goes into a child's ``NOTIFY_SOCKET``; :meth:`ready` polls it without blocking."""
+
+    def __init__(self) -> None:
+        import socket
+        import tempfile
+
+        self._dir = tempfile.TemporaryDirectory(prefix="artifactfs-notify-")
+        self.path = os.path.join(self._dir.name, "notify")
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self._sock.bind(self.path)
+        self._sock.setblocking(False)
+        self._ready = False
+
+    def ready(self) -> bool:
+        """Whether READY=1 arrived (once seen, always true)."""
+        while not self._ready:
+            try:
+                message = self._sock.recv(4096)
+            except BlockingIOError:
+                break
+            self._ready = b"READY=1" in message.split(b"\n")
+        return self._ready
+
+    def close(self) -> None:
+        self._sock.close()
+        self._dir.cleanup()
+
+    def __enter__(self) -> ReadyListener:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 def mount_source(location: str) -> str:
     """What findmnt/df show as the mount's source: ``artifactfs:<store>`` (credentials and
     query strings cut from a URL; commas escaped for the FUSE option parser)."""
